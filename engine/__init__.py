@@ -1,0 +1,1 @@
+"""The engine: runtime (Wasm host), control (pages, batcher) and executor (model, sampling)."""

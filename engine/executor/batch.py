@@ -1,0 +1,135 @@
+"""The message protocol between the control layer and the executor: one Batch in, one StepResult out.
+
+Plain Python data only (no tensors), so the executor can run in-process or in another process.
+
+KV placement invariant: a command's context is `page_ids` (physical, any order, no duplicates) filled to
+`context_len = (len(page_ids) - 1) * page_size + last_page_len`. Its `token_ids` are the LAST
+`len(token_ids)` slots of that context: the executor writes their K/V there, then attends each new token to
+the context (causally by default: new token i sees slots [0, context_len - num_tokens + i]).
+RoPE uses `positions`, which need not equal slot indices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from engine.types import PageId, Position, TokenId
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick a token from one output position's logits.
+
+    temperature == 0 means greedy. Penalties follow vLLM/OpenAI: presence and frequency apply to
+    `output_token_ids`; repetition (multiplicative, 1.0 = off) to prompt and output tokens.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[TokenId, float], ...] = ()
+    allowed_token_ids: tuple[TokenId, ...] | None = None  # a logit mask: only these may be sampled
+    prompt_token_ids: tuple[TokenId, ...] = ()
+    output_token_ids: tuple[TokenId, ...] = ()
+    num_logprobs: int | None = None  # None: no logprobs; 0: the sampled token's; N: also the top N
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError("min_p must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if not -2.0 <= self.presence_penalty <= 2.0 or not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if self.num_logprobs is not None and not 0 <= self.num_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"num_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What to return for one input token's output (the next-token prediction after it).
+
+    Exactly one of `sampling` (sample a token) or `distribution_top_k` (return the top-K probabilities).
+    """
+
+    index: int  # into the command's token_ids
+    sampling: SamplingParams | None = None
+    distribution_top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.sampling is None) == (self.distribution_top_k is None):
+            raise ValueError("an output wants exactly one of sampling or distribution_top_k")
+        if self.distribution_top_k is not None and self.distribution_top_k <= 0:
+            raise ValueError("distribution_top_k must be positive")
+
+
+@dataclass(frozen=True)
+class ForwardCommand:
+    """One sequence's part of a step: a prefill chunk or a decode token (see the module invariant)."""
+
+    token_ids: Sequence[TokenId]
+    positions: Sequence[Position]
+    page_ids: Sequence[PageId]
+    last_page_len: int
+    outputs: Sequence[OutputSpec] = ()
+    # Optional custom mask, row-major [num_tokens][context_len]: True = may attend. None = causal.
+    attention_mask: Sequence[Sequence[bool]] | None = None
+
+    def context_len(self, page_size: int) -> int:
+        return (len(self.page_ids) - 1) * page_size + self.last_page_len
+
+
+@dataclass(frozen=True)
+class PageCopy:
+    """Copy `num_slots` KV slots (all layers) from one page to another before the step's forwards."""
+
+    src_page_id: PageId
+    dst_page_id: PageId
+    src_offset: int = 0
+    dst_offset: int = 0
+    num_slots: int | None = None  # None: the whole page
+
+
+@dataclass(frozen=True)
+class Batch:
+    forwards: Sequence[ForwardCommand] = ()
+    page_copies: Sequence[PageCopy] = ()
+    step_id: int = 0
+
+
+@dataclass(frozen=True)
+class OutputResult:
+    token_id: TokenId | None = None  # the sampled token (None for a distribution output)
+    logprob: float | None = None  # of token_id, from the unmodified log-softmax (vLLM's default)
+    top_logprobs: tuple[tuple[TokenId, float], ...] = ()
+    distribution: tuple[tuple[TokenId, float], ...] = ()  # top-K (token, probability), descending
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    outputs: tuple[OutputResult, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepResult:
+    results: tuple[CommandResult, ...] = ()  # one per ForwardCommand, in order
+    step_id: int = 0
+    elapsed_s: float = field(default=0.0, compare=False)

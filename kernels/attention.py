@@ -1,0 +1,126 @@
+"""Paged attention: the per-step metadata and the backend interface, with the torch reference backend.
+
+KV cache layout (shared by every backend, FlashInfer's "NHD" combined layout), one tensor per layer:
+    kv_cache[layer]: [num_pages, 2, page_size, num_kv_heads, head_dim]   (index 0 = K, 1 = V)
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from engine.types import PageId, SlotId
+
+
+@dataclass(frozen=True)
+class AttentionStep:
+    """Host-side metadata for one step over B sequences and T new tokens (built once, used by every layer)."""
+
+    page_size: int
+    qo_indptr: Sequence[int]  # [B+1]: sequence b's new tokens are rows qo_indptr[b]:qo_indptr[b+1]
+    kv_page_indptr: Sequence[int]  # [B+1]: sequence b's pages are kv_page_ids[kv_page_indptr[b]:...[b+1]]
+    kv_page_ids: Sequence[PageId]
+    kv_last_page_lens: Sequence[int]  # [B], in 1..page_size
+    slot_ids: Sequence[SlotId]  # [T]: where each new token's K/V is written
+    # Per sequence a [q_len][kv_len] boolean mask (True = attend), or None for causal; None overall = all causal.
+    custom_masks: Sequence[Sequence[Sequence[bool]] | None] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.qo_indptr) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.qo_indptr[-1]
+
+    def q_len(self, b: int) -> int:
+        return self.qo_indptr[b + 1] - self.qo_indptr[b]
+
+    def kv_len(self, b: int) -> int:
+        num_pages = self.kv_page_indptr[b + 1] - self.kv_page_indptr[b]
+        return (num_pages - 1) * self.page_size + self.kv_last_page_lens[b]
+
+    @property
+    def has_custom_mask(self) -> bool:
+        return self.custom_masks is not None and any(m is not None for m in self.custom_masks)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence adds exactly one token and attends causally (the decode kernel applies)."""
+        return not self.has_custom_mask and all(self.q_len(b) == 1 for b in range(self.num_seqs))
+
+
+class AttentionBackend(ABC):
+    """plan() once per step, then forward() once per layer. forward appends the new K/V, then attends."""
+
+    @abstractmethod
+    def plan(self, step: AttentionStep) -> None: ...
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D], kv_cache [P, 2, S, Hkv, D] -> out [T, Hq, D]."""
+
+
+class TorchAttention(AttentionBackend):
+    """Reference backend: gather each sequence's pages into a padded batch and run SDPA with a mask."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    def plan(self, step: AttentionStep) -> None:
+        num_seqs, page_size = step.num_seqs, step.page_size
+        q_lens = [step.q_len(b) for b in range(num_seqs)]
+        kv_lens = [step.kv_len(b) for b in range(num_seqs)]
+        max_q, max_kv = max(q_lens), max(kv_lens)
+        # Gather indices [B, max_kv] of (page, offset) per context slot; padding points at slot 0 and is masked.
+        page_idx = torch.zeros(num_seqs, max_kv, dtype=torch.long)
+        offset_idx = torch.zeros(num_seqs, max_kv, dtype=torch.long)
+        mask = torch.zeros(num_seqs, max_q, max_kv, dtype=torch.bool)
+        # Scatter map from padded query rows [B * max_q] back to the T packed rows.
+        row_idx = []
+        for b in range(num_seqs):
+            pages = torch.tensor(step.kv_page_ids[step.kv_page_indptr[b]:step.kv_page_indptr[b + 1]],
+                                 dtype=torch.long)
+            slots = torch.arange(kv_lens[b])
+            page_idx[b, :kv_lens[b]] = pages[slots // page_size]
+            offset_idx[b, :kv_lens[b]] = slots % page_size
+            mask[b, :q_lens[b], :kv_lens[b]] = self._mask(step, b, q_lens[b], kv_lens[b])
+            row_idx.extend(b * max_q + i for i in range(q_lens[b]))
+        slot_ids = torch.tensor(step.slot_ids, dtype=torch.long)
+        self._page_idx = page_idx.to(self.device)
+        self._offset_idx = offset_idx.to(self.device)
+        self._mask = mask.unsqueeze(1).to(self.device)  # [B, 1, max_q, max_kv]
+        self._row_idx = torch.tensor(row_idx, dtype=torch.long, device=self.device)
+        self._write_page = (slot_ids // page_size).to(self.device)
+        self._write_offset = (slot_ids % page_size).to(self.device)
+        self._shape = (num_seqs, max_q)
+
+    @staticmethod
+    def _mask(step: AttentionStep, b: int, q_len: int, kv_len: int) -> torch.Tensor:
+        custom = step.custom_masks[b] if step.custom_masks is not None else None
+        if custom is not None:
+            m = torch.tensor(custom, dtype=torch.bool)
+            if m.shape != (q_len, kv_len):
+                raise ValueError(f"attention mask of sequence {b} is {tuple(m.shape)}, want {(q_len, kv_len)}")
+            return m
+        # Causal: new token i sits at slot kv_len - q_len + i and sees every slot up to it.
+        return torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        kv_cache[self._write_page, 0, self._write_offset] = k.to(kv_cache.dtype)
+        kv_cache[self._write_page, 1, self._write_offset] = v.to(kv_cache.dtype)
+        num_seqs, max_q = self._shape
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        keys = kv_cache[self._page_idx, 0, self._offset_idx]  # [B, max_kv, Hkv, D]
+        values = kv_cache[self._page_idx, 1, self._offset_idx]
+        q_padded = q.new_zeros(num_seqs * max_q, num_heads, head_dim)
+        q_padded[self._row_idx] = q
+        q_padded = q_padded.view(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q_padded, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+            attn_mask=self._mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)
+        return out[self._row_idx]
