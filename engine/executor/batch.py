@@ -109,9 +109,21 @@ class PageCopy:
 
 
 @dataclass(frozen=True)
+class PageSwap:
+    """Move one page's KV (all layers) between the device pool and the host swap pool."""
+
+    page_id: PageId
+    swap_slot: int  # 0 <= swap_slot < the executor's num_swap_slots
+
+
+@dataclass(frozen=True)
 class Batch:
+    """One step. Order of effects: swap_outs, swap_ins, page_copies, then the forwards."""
+
     forwards: Sequence[ForwardCommand] = ()
     page_copies: Sequence[PageCopy] = ()
+    swap_outs: Sequence[PageSwap] = ()
+    swap_ins: Sequence[PageSwap] = ()
     step_id: int = 0
 
 

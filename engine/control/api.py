@@ -1,0 +1,96 @@
+"""The control layer's interface, as the runtime (Wasm host) and tests use it.
+
+Instances name pages with their own VirtualPageIds; the control layer maps them to physical pages with
+reference counts. Calls validate their arguments and raise ControlError (returned to the inferlet as an
+error, never a crash). Calls that may wait for pages or for the executor return a Future.
+
+Sharing invariant: a page with more than one reference (fork, export/import, prefix cache) is read-only;
+a forward whose new tokens would be written into such a page fails with ControlError (copy it first).
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from engine.config import EngineInfo
+from engine.executor.batch import CommandResult, OutputSpec
+from engine.types import InstanceId, Position, TokenId, VirtualPageId
+
+
+class ControlError(Exception):
+    """An instance asked for something invalid (bad page id, over quota, bad shapes)."""
+
+
+class InstanceClosed(ControlError):
+    """The instance was closed (finished, killed or its client went away); its pending work is dropped."""
+
+
+@dataclass(frozen=True)
+class VirtualForward:
+    """A forward pass as an instance states it: ForwardCommand with virtual page ids."""
+
+    token_ids: Sequence[TokenId]
+    positions: Sequence[Position]
+    page_ids: Sequence[VirtualPageId]
+    last_page_len: int
+    outputs: Sequence[OutputSpec] = ()
+    attention_mask: Sequence[Sequence[bool]] | None = None
+
+
+@dataclass(frozen=True)
+class ControlStats:
+    num_pages: int
+    num_free_pages: int
+    num_instances: int
+    num_running: int  # instances with a forward in the current or next batch
+    num_waiting: int  # instances waiting for pages
+    num_swapped: int  # instances preempted to host memory
+    num_prefix_queries: int
+    num_prefix_hit_tokens: int
+    num_prefix_query_tokens: int
+
+
+class Control(Protocol):
+    info: EngineInfo
+
+    def open_instance(self, instance_id: InstanceId, max_pages: int | None = None) -> None: ...
+
+    def close_instance(self, instance_id: InstanceId) -> None:
+        """Free every page reference of the instance and fail its pending futures with InstanceClosed."""
+
+    def allocate_pages(self, instance_id: InstanceId, num_pages: int) -> Future[list[VirtualPageId]]:
+        """Resolves once the pages exist; waits (or preempts others) when the pool is full, never fails for that."""
+
+    def free_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId]) -> None: ...
+
+    def copy_slots(self, instance_id: InstanceId, src_page_id: VirtualPageId, dst_page_id: VirtualPageId,
+                   src_offset: int, dst_offset: int, num_slots: int) -> None:
+        """Copy KV slots (ordered before the instance's next forward)."""
+
+    def mask_slots(self, instance_id: InstanceId, page_id: VirtualPageId, slot_mask: Sequence[bool]) -> None:
+        """Hide (False) or show (True) slots of a page from the instance's later forwards."""
+
+    def share_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId]) -> list[VirtualPageId]:
+        """New virtual ids for the same physical pages (fork): refcount + 1 each."""
+
+    def export_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId], name: str) -> None: ...
+
+    def import_pages(self, instance_id: InstanceId, name: str) -> list[VirtualPageId]: ...
+
+    def unexport_pages(self, name: str) -> None: ...
+
+    def list_exports(self) -> list[str]: ...
+
+    def prefix_lookup(self, instance_id: InstanceId, token_ids: Sequence[TokenId]) -> tuple[list[VirtualPageId], int]:
+        """Share into the instance the pages of the longest cached page-aligned prefix of token_ids;
+        returns (pages, number of tokens they hold)."""
+
+    def prefix_publish(self, instance_id: InstanceId, token_ids: Sequence[TokenId],
+                       page_ids: Sequence[VirtualPageId]) -> None:
+        """Offer the full pages holding token_ids (positions 0..len-1, page-aligned) to the prefix cache."""
+
+    def forward(self, instance_id: InstanceId, command: VirtualForward) -> Future[CommandResult]:
+        """Queue a forward pass for the next batch; resolves with its outputs."""
+
+    def stats(self) -> ControlStats: ...
