@@ -87,19 +87,19 @@ class TorchAttention(AttentionBackend):
             slots = torch.arange(kv_lens[b])
             page_idx[b, :kv_lens[b]] = pages[slots // page_size]
             offset_idx[b, :kv_lens[b]] = slots % page_size
-            mask[b, :q_lens[b], :kv_lens[b]] = self._mask(step, b, q_lens[b], kv_lens[b])
+            mask[b, :q_lens[b], :kv_lens[b]] = self._sequence_mask(step, b, q_lens[b], kv_lens[b])
             row_idx.extend(b * max_q + i for i in range(q_lens[b]))
         slot_ids = torch.tensor(step.slot_ids, dtype=torch.long)
         self._page_idx = page_idx.to(self.device)
         self._offset_idx = offset_idx.to(self.device)
-        self._mask = mask.unsqueeze(1).to(self.device)  # [B, 1, max_q, max_kv]
+        self._attn_mask = mask.unsqueeze(1).to(self.device)  # [B, 1, max_q, max_kv]
         self._row_idx = torch.tensor(row_idx, dtype=torch.long, device=self.device)
         self._write_page = (slot_ids // page_size).to(self.device)
         self._write_offset = (slot_ids % page_size).to(self.device)
         self._shape = (num_seqs, max_q)
 
     @staticmethod
-    def _mask(step: AttentionStep, b: int, q_len: int, kv_len: int) -> torch.Tensor:
+    def _sequence_mask(step: AttentionStep, b: int, q_len: int, kv_len: int) -> torch.Tensor:
         custom = step.custom_masks[b] if step.custom_masks is not None else None
         if custom is not None:
             m = torch.tensor(custom, dtype=torch.bool)
@@ -121,6 +121,6 @@ class TorchAttention(AttentionBackend):
         q_padded = q_padded.view(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q_padded, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
-            attn_mask=self._mask, enable_gqa=True)
+            attn_mask=self._attn_mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)
         return out[self._row_idx]

@@ -1,0 +1,85 @@
+"""Drives the executor directly (no control layer, no Wasm): the baseline for benchmarks and the model
+checks in tests. Simple static page management: each sequence owns its pages from a free list.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
+from engine.executor.executor import Executor
+
+
+@dataclass
+class DirectSequence:
+    token_ids: list[int]  # prompt + generated so far
+    num_prompt_tokens: int
+    page_ids: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose KV is in the pages
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+class DirectGenerator:
+    """Greedy-or-sampled generation of many sequences in lockstep batches through Executor.execute."""
+
+    def __init__(self, executor: Executor, scatter_pages: bool = False, seed: int = 0) -> None:
+        self.executor = executor
+        self.page_size = executor.info.page_size
+        self._free_pages = list(range(executor.info.num_pages))
+        if scatter_pages:  # non-contiguous, unordered page ids, to test the paging
+            random.Random(seed).shuffle(self._free_pages)
+
+    def start(self, prompt_ids: Sequence[int]) -> DirectSequence:
+        return DirectSequence(token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids))
+
+    def step(self, seqs: Sequence[DirectSequence], sampling: SamplingParams,
+             max_tokens_per_seq: int | None = None) -> list[int | None]:
+        """One executor call: feed each sequence's uncached tokens (up to max_tokens_per_seq); sample the next
+        token for those whose whole context is then cached. Returns the new token per sequence, or None."""
+        commands, finishing = [], []
+        for seq in seqs:
+            end = len(seq.token_ids) if max_tokens_per_seq is None else \
+                min(len(seq.token_ids), seq.num_cached + max_tokens_per_seq)
+            new_ids = seq.token_ids[seq.num_cached:end]
+            self._reserve(seq, end)
+            done = end == len(seq.token_ids)
+            outputs = [OutputSpec(index=len(new_ids) - 1, sampling=sampling)] if done else []
+            commands.append(ForwardCommand(
+                token_ids=new_ids, positions=list(range(seq.num_cached, end)), page_ids=list(seq.page_ids),
+                last_page_len=end - (len(seq.page_ids) - 1) * self.page_size, outputs=outputs))
+            finishing.append(done)
+            seq.num_cached = end
+        results = self.executor.execute(Batch(forwards=commands)).results
+        new_tokens: list[int | None] = []
+        for seq, done, result in zip(seqs, finishing, results):
+            token = result.outputs[0].token_id if done else None
+            if token is not None:
+                seq.token_ids.append(token)
+            new_tokens.append(token)
+        return new_tokens
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: SamplingParams = SamplingParams()) -> list[list[int]]:
+        seqs = [self.start(p) for p in prompts]
+        while any(len(s.output_ids) < max_new_tokens for s in seqs):
+            self.step([s for s in seqs if len(s.output_ids) < max_new_tokens], sampling)
+        outputs = [s.output_ids for s in seqs]
+        for s in seqs:
+            self.release(s)
+        return outputs
+
+    def release(self, seq: DirectSequence) -> None:
+        self._free_pages.extend(seq.page_ids)
+        seq.page_ids.clear()
+        seq.num_cached = 0
+
+    def _reserve(self, seq: DirectSequence, num_tokens: int) -> None:
+        num_needed = -(-num_tokens // self.page_size) - len(seq.page_ids)
+        if num_needed > len(self._free_pages):
+            raise RuntimeError("out of KV pages")
+        for _ in range(num_needed):
+            seq.page_ids.append(self._free_pages.pop())

@@ -1,0 +1,168 @@
+"""A Llama-family decoder (Llama 2/3/3.1, SmolLM2, Qwen2 with qkv bias) in plain PyTorch over a paged KV cache.
+
+Weights use Hugging Face names on load and are fused here: qkv_proj = [q; k; v], gate_up_proj = [gate; up].
+Shapes: T tokens in the step, H hidden, Hq/Hkv heads, D head_dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+import kernels.ops as torch_ops
+from engine.config import ModelConfig
+from kernels.attention import AttentionBackend
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv_proj: torch.Tensor  # [(Hq + 2 Hkv) D, H]
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor  # [H, Hq D]
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up_proj: torch.Tensor  # [2 I, H]
+    gate_up_bias: torch.Tensor | None
+    down_proj: torch.Tensor  # [H, I]
+    down_bias: torch.Tensor | None
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], device: torch.device,
+                 dtype: torch.dtype, ops: ModuleType = torch_ops) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.ops = ops
+        w = _Weights(weights, device, dtype)
+        self.embed_tokens = w.take("model.embed_tokens.weight")
+        self.layers = [_layer(w, config, i) for i in range(config.num_layers)]
+        self.norm = w.take("model.norm.weight")
+        self.lm_head = self.embed_tokens if config.tie_word_embeddings else w.take("lm_head.weight")
+        self.cos_sin_cache = ops.rope_cos_sin_cache(config.rope, config.head_dim,
+                                                    config.max_position_embeddings, device)
+        self._q_size = config.num_heads * config.head_dim
+        self._kv_size = config.num_kv_heads * config.head_dim
+
+    @classmethod
+    def random(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               ops: ModuleType = torch_ops) -> "LlamaModel":
+        """Random weights of the right shapes (speed does not depend on values)."""
+        return cls(config, random_weights(config, device, dtype, seed), device, dtype, ops)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
+                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """input_ids, positions [T] int64 -> final hidden states [T, H] (attention already planned)."""
+        cfg, ops = self.config, self.ops
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            if residual is None:
+                residual = hidden
+                x = ops.rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
+            else:
+                x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
+            hidden = self._attention(layer, x, positions, attention, kv_cache)
+            x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, cfg.rms_norm_eps)
+            gate_up = F.linear(x, layer.gate_up_proj, layer.gate_up_bias)
+            hidden = F.linear(ops.silu_and_mul(gate_up), layer.down_proj, layer.down_bias)
+        out, _ = ops.add_rms_norm(hidden, residual, self.norm, cfg.rms_norm_eps)
+        return out
+
+    def _attention(self, layer: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
+                   attention: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        num_tokens = x.shape[0]
+        qkv = F.linear(x, layer.qkv_proj, layer.qkv_bias)
+        q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
+        q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        q, k = self.ops.apply_rope(q, k, positions, self.cos_sin_cache)
+        out = attention.forward(q, k, v, kv_cache)
+        return F.linear(out.reshape(num_tokens, self._q_size), layer.o_proj, layer.o_bias)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, V] float32."""
+        return F.linear(hidden, self.lm_head).float()
+
+
+class _Weights:
+    """Takes HF-named tensors, checking presence, moving to device/dtype once."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
+        self._weights = weights
+        self._device, self._dtype = device, dtype
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self._weights:
+            raise KeyError(f"missing weight {name!r}")
+        return self._weights[name].to(device=self._device, dtype=self._dtype)
+
+    def maybe(self, name: str, wanted: bool) -> torch.Tensor | None:
+        return self.take(name) if wanted else None
+
+    def cat(self, names: list[str]) -> torch.Tensor:
+        return torch.cat([self.take(n) for n in names], dim=0)
+
+
+def _layer(w: _Weights, cfg: ModelConfig, i: int) -> LayerWeights:
+    p = f"model.layers.{i}."
+    attn = [p + f"self_attn.{x}_proj" for x in ("q", "k", "v")]
+    mlp = [p + f"mlp.{x}_proj" for x in ("gate", "up")]
+    return LayerWeights(
+        input_norm=w.take(p + "input_layernorm.weight"),
+        qkv_proj=w.cat([n + ".weight" for n in attn]),
+        qkv_bias=w.cat([n + ".bias" for n in attn]) if cfg.qkv_bias else None,
+        o_proj=w.take(p + "self_attn.o_proj.weight"),
+        o_bias=w.maybe(p + "self_attn.o_proj.bias", cfg.o_bias),
+        post_norm=w.take(p + "post_attention_layernorm.weight"),
+        gate_up_proj=w.cat([n + ".weight" for n in mlp]),
+        gate_up_bias=w.cat([n + ".bias" for n in mlp]) if cfg.mlp_bias else None,
+        down_proj=w.take(p + "mlp.down_proj.weight"),
+        down_bias=w.maybe(p + "mlp.down_proj.bias", cfg.mlp_bias),
+    )
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every weight the model loads."""
+    q, kv, h, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, \
+        cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        })
+        if cfg.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if cfg.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if cfg.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
+                           p + "mlp.down_proj.bias": (h,)})
+    return shapes
+
+
+def random_weights(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weights = {}
+    for name, shape in weight_shapes(cfg).items():
+        if name.endswith("norm.weight"):
+            weights[name] = torch.ones(shape, device=device, dtype=dtype)
+        else:
+            weights[name] = (torch.randn(shape, device=device, dtype=torch.float32, generator=gen) * 0.02).to(dtype)
+    return weights
