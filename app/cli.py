@@ -1,0 +1,29 @@
+"""The `pie` command: serve, build, run."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# Each subcommand lives in app/commands/<name>.py with add_arguments(parser) and main(args) -> int.
+SUBCOMMANDS = {
+    "serve": "start the OpenAI-compatible HTTP server",
+    "build": "build an inferlet (a Python file or folder) into a Wasm component",
+    "run": "run an inferlet locally against the engine and print what it sends",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pie", description="A programmable, OpenAI-compatible LLM server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in SUBCOMMANDS.items():
+        module = importlib.import_module(f"app.commands.{name}")
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    module = importlib.import_module(f"app.commands.{args.command}")
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
