@@ -1,0 +1,206 @@
+"""Paged attention on NVIDIA GPUs through FlashInfer, behind kernels/attention.py's AttentionBackend.
+
+plan(step) runs once per step on the host: it builds the int32 page tables, the KV write indices and (when
+a sequence brings its own) the attention mask, then plans FlashInfer's decode wrapper when every sequence
+adds one causal token (AttentionStep.is_decode) and the paged prefill wrapper otherwise. forward() runs
+once per layer: it scatters the new K/V into the layer's cache, then attends; it never synchronises.
+
+Cache layout (FlashInfer "NHD", combined K/V): kv_cache[layer] is [num_pages, 2, page_size, Hkv, D].
+
+CUDA-graph mode (graph_batch_size set): decode only, a fixed batch size, every device-side input in a
+static buffer that plan() overwrites in place, so a graph captured around forward() stays valid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kernels.attention import AttentionBackend, AttentionStep
+
+try:  # FlashInfer exists only on the GPU machine; the helpers below also serve CPU tests.
+    import flashinfer
+except ImportError:  # pragma: no cover - depends on the environment
+    flashinfer = None
+
+WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace (split-k partial results)
+_FI_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def is_available() -> bool:
+    """FlashInfer is importable and a CUDA device is present."""
+    return flashinfer is not None and torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What FlashInfer's plan needs besides the step: head counts, head size, element type."""
+
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if min(self.num_qo_heads, self.num_kv_heads, self.head_dim) <= 0:
+            raise ValueError("head counts and head_dim must be positive")
+        if self.num_qo_heads % self.num_kv_heads:
+            raise ValueError("num_qo_heads must be a multiple of num_kv_heads")
+        if self.dtype not in _FI_DTYPES:
+            raise ValueError(f"FlashInfer attention needs float16 or bfloat16, got {self.dtype}")
+
+
+@dataclass(frozen=True)
+class HostMetadata:
+    """A step's page tables and write targets as host arrays (int32 for FlashInfer, int64 for indexing)."""
+
+    page_size: int
+    qo_indptr: np.ndarray  # [B+1] int32
+    kv_page_indptr: np.ndarray  # [B+1] int32
+    kv_page_ids: np.ndarray  # [num_pages_used] int32
+    kv_last_page_lens: np.ndarray  # [B] int32
+    write_rows: np.ndarray  # [2T] int64 rows of kv_cache.view(-1, Hkv, D): T rows for K, then T for V
+    mask: np.ndarray | None  # flat bool, per sequence its [q_len, kv_len] mask row-major; None = causal
+
+
+def build_host_metadata(step: AttentionStep) -> HostMetadata:
+    """Validates the step against itself and flattens it for FlashInfer."""
+    num_seqs, page_size = step.num_seqs, step.page_size
+    qo_indptr = np.asarray(step.qo_indptr, dtype=np.int32)
+    kv_page_indptr = np.asarray(step.kv_page_indptr, dtype=np.int32)
+    last_lens = np.asarray(step.kv_last_page_lens, dtype=np.int32)
+    if num_seqs < 1 or len(kv_page_indptr) != num_seqs + 1 or len(last_lens) != num_seqs:
+        raise ValueError("qo_indptr, kv_page_indptr and kv_last_page_lens disagree on the number of sequences")
+    q_lens, num_pages = np.diff(qo_indptr), np.diff(kv_page_indptr)
+    if (q_lens < 1).any() or (num_pages < 1).any():
+        raise ValueError("every sequence needs at least one new token and one page")
+    if ((last_lens < 1) | (last_lens > page_size)).any():
+        raise ValueError(f"kv_last_page_lens must lie in [1, {page_size}]")
+    kv_lens = (num_pages - 1) * page_size + last_lens
+    if (q_lens > kv_lens).any():
+        raise ValueError("a sequence has more new tokens than context slots")
+    if len(step.slot_ids) != qo_indptr[-1] or len(step.kv_page_ids) != kv_page_indptr[-1]:
+        raise ValueError("slot_ids must hold one slot per new token and kv_page_ids one id per page")
+    slots = np.asarray(step.slot_ids, dtype=np.int64)
+    k_rows = (slots // page_size) * (2 * page_size) + slots % page_size  # [page, 0, offset]
+    mask = _flat_mask(step, q_lens, kv_lens) if step.has_custom_mask else None
+    return HostMetadata(page_size, qo_indptr, kv_page_indptr, np.asarray(step.kv_page_ids, dtype=np.int32), last_lens,
+                        np.concatenate([k_rows, k_rows + page_size]), mask)
+
+
+def _flat_mask(step: AttentionStep, q_lens: np.ndarray, kv_lens: np.ndarray) -> np.ndarray:
+    """Concatenated per-sequence masks; sequences without one get the causal (bottom-right) mask."""
+    parts = []
+    for b, (q_len, kv_len) in enumerate(zip(q_lens.tolist(), kv_lens.tolist())):
+        custom = step.custom_masks[b] if step.custom_masks is not None else None
+        if custom is None:
+            part = np.tri(q_len, kv_len, kv_len - q_len, dtype=bool)
+        else:
+            part = np.asarray(custom, dtype=bool)
+            if part.shape != (q_len, kv_len):
+                raise ValueError(f"attention mask of sequence {b} is {part.shape}, want {(q_len, kv_len)}")
+        parts.append(part.reshape(-1))
+    return np.concatenate(parts)
+
+
+class FlashInferAttention(AttentionBackend):
+    """FlashInfer paged attention. Give `shape` to plan FlashInfer inside plan(); without it the first
+    forward() of a step plans from q/k's shapes (still once per step)."""
+
+    def __init__(self, device: torch.device | str = "cuda", shape: AttentionShape | None = None, *,
+                 workspace: torch.Tensor | None = None, graph_batch_size: int | None = None,
+                 page_id_buffer: torch.Tensor | None = None) -> None:
+        if flashinfer is None:
+            raise ImportError("FlashInfer is not installed (pip install flashinfer-python)")
+        self.device = torch.device(device)
+        self.shape = shape
+        self.graph_batch_size = graph_batch_size
+        if workspace is None:
+            workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.workspace = workspace
+        self._step: HostMetadata | None = None
+        self._planned_for: AttentionShape | None = None
+        self._is_decode = False
+        self._mask: torch.Tensor | None = None
+        if graph_batch_size is None:
+            self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+            # fa2 everywhere: one compiled module serves causal and custom-mask steps (fa3 has no custom masks).
+            self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+            self._write_rows = torch.empty(0, dtype=torch.long, device=self.device)
+        else:
+            self._init_graph_mode(graph_batch_size, page_id_buffer)
+
+    def _init_graph_mode(self, batch_size: int, page_id_buffer: torch.Tensor | None) -> None:
+        """Static buffers for CUDA graphs: plan() rewrites them in place; page_id_buffer (int32, on the device,
+        at least as long as the most pages a step may use) may be shared by backends that never run at once."""
+        if self.shape is None:
+            raise ValueError("CUDA-graph mode needs the attention shape up front")
+        if batch_size < 1:
+            raise ValueError("graph_batch_size must be >= 1")
+        if page_id_buffer is None or page_id_buffer.dtype != torch.int32 or page_id_buffer.dim() != 1 \
+                or page_id_buffer.numel() < batch_size:
+            raise ValueError("CUDA-graph mode needs a 1-D int32 page_id_buffer of >= graph_batch_size entries")
+        self._indptr_buf = torch.zeros(batch_size + 1, dtype=torch.int32, device=self.device)
+        self._last_len_buf = torch.ones(batch_size, dtype=torch.int32, device=self.device)
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=self._indptr_buf,
+            paged_kv_indices_buffer=page_id_buffer, paged_kv_last_page_len_buffer=self._last_len_buf)
+        self._prefill = None
+        self._write_rows = torch.zeros(2 * batch_size, dtype=torch.long, device=self.device)
+
+    # -- per step ---------------------------------------------------------------------------------------
+
+    def plan(self, step: AttentionStep) -> None:
+        meta = build_host_metadata(step)
+        if self.graph_batch_size is not None:
+            if not step.is_decode or step.num_seqs != self.graph_batch_size:
+                raise ValueError(f"this CUDA-graph backend runs decode steps of exactly "
+                                 f"{self.graph_batch_size} sequences")
+            # In place: a captured graph reads these very buffers.
+            self._write_rows.copy_(torch.from_numpy(meta.write_rows), non_blocking=True)
+        else:
+            self._write_rows = torch.from_numpy(meta.write_rows).to(self.device, non_blocking=True)
+        self._is_decode = step.is_decode
+        self._mask = None if meta.mask is None else torch.from_numpy(meta.mask).to(self.device)
+        self._step, self._planned_for = meta, None
+        if self.shape is not None:
+            self._plan_kernels(self.shape)
+
+    def _plan_kernels(self, shape: AttentionShape) -> None:
+        meta = self._step
+        assert meta is not None
+        indptr, indices = torch.from_numpy(meta.kv_page_indptr), torch.from_numpy(meta.kv_page_ids)
+        last_lens = torch.from_numpy(meta.kv_last_page_lens)
+        heads = (shape.num_qo_heads, shape.num_kv_heads, shape.head_dim)
+        if self._is_decode:
+            self._decode.plan(indptr, indices, last_lens, *heads, meta.page_size,
+                              q_data_type=shape.dtype, kv_data_type=shape.dtype)
+        else:
+            self._prefill.plan(torch.from_numpy(meta.qo_indptr), indptr, indices, last_lens, *heads,
+                               meta.page_size, custom_mask=self._mask, causal=self._mask is None,
+                               q_data_type=shape.dtype, kv_data_type=shape.dtype)
+        self._planned_for = shape
+
+    # -- per layer --------------------------------------------------------------------------------------
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        if self._step is None:
+            raise RuntimeError("plan() must run before forward()")
+        if self._planned_for is None:
+            self._plan_kernels(AttentionShape(q.shape[1], k.shape[1], q.shape[2], q.dtype))
+        append_kv(kv_cache, k, v, self._write_rows)
+        wrapper = self._decode if self._is_decode else self._prefill
+        return wrapper.run(q, kv_cache)
+
+
+def append_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_rows: torch.Tensor) -> torch.Tensor:
+    """Scatter k/v [T, Hkv, D] into kv_cache [P, 2, S, Hkv, D] at write_rows [2T] (K rows, then V rows) of
+    kv_cache.view(-1, Hkv, D). Two index_copy_ kernels; no host synchronisation."""
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+    num_tokens = k.shape[0]
+    rows = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])
+    rows.index_copy_(0, write_rows[:num_tokens], k.to(kv_cache.dtype))
+    rows.index_copy_(0, write_rows[num_tokens:2 * num_tokens], v.to(kv_cache.dtype))
+    return kv_cache

@@ -1,0 +1,44 @@
+"""Elementwise kernels of the decoder on CUDA through FlashInfer: same functions and signatures as
+kernels/ops.py (the torch reference), so LlamaModel takes either module as `ops`.
+
+Decisions:
+- RMSNorm, fused add+RMSNorm, RoPE and SiLU-and-mul are single FlashInfer kernels (the torch versions launch
+  3-8 kernels each and round-trip float32 intermediates through memory).
+- add_rms_norm and apply_rope work IN PLACE: add_rms_norm overwrites `x` with the normed sum and `residual`
+  with the sum; apply_rope rotates q and k where they lie (they may be strided views of one qkv tensor).
+  The decoder passes temporaries it never reads again, so the results equal the reference's.
+- Numerics: sums of squares and rotations are computed in float32, rounded once to the input dtype
+  (the reference rounds the normalised value before multiplying by the weight: one bf16 ulp apart).
+"""
+from __future__ import annotations
+
+import flashinfer
+import torch
+
+from kernels.ops import rope_cos_sin_cache, rope_inv_freq  # noqa: F401  (host-side, shared with the reference)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """[T, H] -> [T, H]."""
+    return flashinfer.norm.rmsnorm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual' = x + residual; returns (rms_norm(residual'), residual'), both written in place."""
+    flashinfer.norm.fused_add_rmsnorm(x, residual, weight, eps)
+    return x, residual
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate then up) -> [T, I]."""
+    return flashinfer.activation.silu_and_mul(gate_up)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX-style rotary embedding in place. q [T, Hq, D], k [T, Hkv, D] (last dim contiguous),
+    positions [T] int32/int64, cos_sin_cache [max_positions, D] float32 (cos | sin)."""
+    flashinfer.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, q.shape[-1], cos_sin_cache,
+                                                          is_neox=True)
+    return q, k
