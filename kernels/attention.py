@@ -75,28 +75,24 @@ class TorchAttention(AttentionBackend):
         q_lens = [step.q_len(b) for b in range(num_seqs)]
         kv_lens = [step.kv_len(b) for b in range(num_seqs)]
         max_q, max_kv = max(q_lens), max(kv_lens)
-        # Gather indices [B, max_kv] of (page, offset) per context slot; padding points at slot 0 and is masked.
-        page_idx = torch.zeros(num_seqs, max_kv, dtype=torch.long)
-        offset_idx = torch.zeros(num_seqs, max_kv, dtype=torch.long)
-        mask = torch.zeros(num_seqs, max_q, max_kv, dtype=torch.bool)
-        # Scatter map from padded query rows [B * max_q] back to the T packed rows.
-        row_idx = []
+        max_pages = -(-max_kv // page_size)
+        # Pages per sequence, padded with page 0 (its slots are masked out): [B * max_pages].
+        page_idx = torch.zeros(num_seqs, max_pages, dtype=torch.long)
+        mask = torch.zeros(num_seqs, max_q, max_pages * page_size, dtype=torch.bool)
+        row_idx = []  # padded query row (b * max_q + i) of each of the T packed rows
         for b in range(num_seqs):
-            pages = torch.tensor(step.kv_page_ids[step.kv_page_indptr[b]:step.kv_page_indptr[b + 1]],
-                                 dtype=torch.long)
-            slots = torch.arange(kv_lens[b])
-            page_idx[b, :kv_lens[b]] = pages[slots // page_size]
-            offset_idx[b, :kv_lens[b]] = slots % page_size
+            pages = step.kv_page_ids[step.kv_page_indptr[b]:step.kv_page_indptr[b + 1]]
+            page_idx[b, :len(pages)] = torch.tensor(pages, dtype=torch.long)
             mask[b, :q_lens[b], :kv_lens[b]] = self._sequence_mask(step, b, q_lens[b], kv_lens[b])
             row_idx.extend(b * max_q + i for i in range(q_lens[b]))
         slot_ids = torch.tensor(step.slot_ids, dtype=torch.long)
-        self._page_idx = page_idx.to(self.device)
-        self._offset_idx = offset_idx.to(self.device)
-        self._attn_mask = mask.unsqueeze(1).to(self.device)  # [B, 1, max_q, max_kv]
+        self._page_idx = page_idx.view(-1).to(self.device)
+        self._attn_mask = mask.unsqueeze(1).to(self.device)  # [B, 1, max_q, max_pages * S]
         self._row_idx = torch.tensor(row_idx, dtype=torch.long, device=self.device)
         self._write_page = (slot_ids // page_size).to(self.device)
         self._write_offset = (slot_ids % page_size).to(self.device)
-        self._shape = (num_seqs, max_q)
+        self._shape = (num_seqs, max_q, max_pages)
+        self._is_packed = max_q == 1 or num_seqs == 1  # no padded query rows to scatter
 
     @staticmethod
     def _sequence_mask(step: AttentionStep, b: int, q_len: int, kv_len: int) -> torch.Tensor:
@@ -112,15 +108,19 @@ class TorchAttention(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         kv_cache[self._write_page, 0, self._write_offset] = k.to(kv_cache.dtype)
         kv_cache[self._write_page, 1, self._write_offset] = v.to(kv_cache.dtype)
-        num_seqs, max_q = self._shape
+        num_seqs, max_q, max_pages = self._shape
         num_heads, head_dim = q.shape[1], q.shape[2]
-        keys = kv_cache[self._page_idx, 0, self._offset_idx]  # [B, max_kv, Hkv, D]
-        values = kv_cache[self._page_idx, 1, self._offset_idx]
-        q_padded = q.new_zeros(num_seqs * max_q, num_heads, head_dim)
-        q_padded[self._row_idx] = q
-        q_padded = q_padded.view(num_seqs, max_q, num_heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q_padded, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
-            attn_mask=self._attn_mask, enable_gqa=True)
+        _, _, page_size, num_kv_heads, _ = kv_cache.shape
+        # [B * max_pages, 2, S, Hkv, D] -> [2, B, Hkv, max_pages * S, D]
+        kv = kv_cache.index_select(0, self._page_idx).view(num_seqs, max_pages, 2, page_size, num_kv_heads, head_dim)
+        kv = kv.permute(2, 0, 4, 1, 3, 5).reshape(2, num_seqs, num_kv_heads, max_pages * page_size, head_dim)
+        if self._is_packed:
+            q_padded = q.view(num_seqs, max_q, num_heads, head_dim)
+        else:
+            q_padded = q.new_zeros(num_seqs * max_q, num_heads, head_dim)
+            q_padded[self._row_idx] = q
+            q_padded = q_padded.view(num_seqs, max_q, num_heads, head_dim)
+        out = F.scaled_dot_product_attention(q_padded.transpose(1, 2), kv[0].to(q.dtype), kv[1].to(q.dtype),
+                                             attn_mask=self._attn_mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)
-        return out[self._row_idx]
+        return out if self._is_packed else out[self._row_idx]
