@@ -1,0 +1,29 @@
+"""pie_sdk: write Pie inferlets in Python.
+
+An inferlet is a module with `def main(args: list[str]) -> None`; `pie build` turns it into a Wasm
+component. Everything here runs inside the sandbox and talks to the engine through the inferlet API
+(pie:inferlet@0.1.0); see docs/sdk.md.
+"""
+from .context import Context, generate_all
+from .entry import export
+from .errors import HostError, PieError, UsageError
+from .generation import Generation, TokenLogprobs
+from .messaging import Broadcast, broadcast, receive, receive_broadcast, send, send_event, subscribe, unsubscribe
+from .model import ModelInfo, list_models, model_info
+from .runtime import ArgumentParser, api_version, args, instance_id
+from .sampling import Greedy, Sampler
+from .services import (Response, fetch, monotonic_ns, now_ns, sleep_ms, store_delete, store_get, store_keys,
+                       store_set)
+from .sharing import export_context, fill_cached, import_context, publish_prefix, unexport_context
+from .stop import StopCondition, StopTracker
+from .tokenizer import Decoder, apply_chat_template, decode, encode, vocabulary
+
+__all__ = [
+    "Context", "generate_all", "export", "HostError", "PieError", "UsageError", "Generation", "TokenLogprobs",
+    "Broadcast", "broadcast", "receive", "receive_broadcast", "send", "send_event", "subscribe", "unsubscribe",
+    "ModelInfo", "list_models", "model_info", "ArgumentParser", "api_version", "args", "instance_id",
+    "Greedy", "Sampler", "Response", "fetch", "monotonic_ns", "now_ns", "sleep_ms", "store_delete", "store_get",
+    "store_keys", "store_set", "export_context", "fill_cached", "import_context", "publish_prefix",
+    "unexport_context", "StopCondition", "StopTracker", "Decoder", "apply_chat_template", "decode", "encode",
+    "vocabulary",
+]

@@ -1,0 +1,54 @@
+"""The `run` export: turns an author's `main(args)` into the component's entry point.
+
+componentize-py looks for a class named `WitWorld` in the app module; `export(main)` makes one.
+`pie build` writes that module for you; building by hand, end your module with
+`WitWorld = pie_sdk.export(main)`.
+
+Outcomes: main returning (or sys.exit(0), or --help) ends the instance normally; any exception ends it
+with err("<Type>: <message>") followed by the traceback, which the host reports to the client.
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Callable
+
+import wit_world
+from componentize_py_types import Err
+
+from .errors import PieError, UsageError
+from .runtime import HelpRequested, args
+
+Main = Callable[[list[str]], object]
+
+
+def export(main: Main) -> type:
+    if not callable(main):
+        raise TypeError(f"the inferlet's main must be callable, got {type(main).__name__}")
+
+    class WitWorld(wit_world.WitWorld):
+        def run(self) -> None:
+            error = run_main(main)
+            if error is not None:
+                raise Err(error)
+
+    return WitWorld
+
+
+def run_main(main: Main) -> str | None:
+    """Runs main with the launch arguments; returns None on success or the error message."""
+    try:
+        main(args())
+    except HelpRequested:
+        return None
+    except SystemExit as exit_:
+        return None if exit_.code in (None, 0) else f"exit status {exit_.code}"
+    except (UsageError, PieError) as error:
+        return str(error) if isinstance(error, UsageError) else _describe(error)
+    except BaseException as error:  # the instance must end with err(...), never trap
+        return _describe(error)
+    return None
+
+
+def _describe(error: BaseException) -> str:
+    frames = traceback.format_exception(type(error), error, error.__traceback__)
+    return f"{type(error).__name__}: {error}\n" + "".join(frames).rstrip()

@@ -1,0 +1,47 @@
+"""Who this instance is and what it was launched with."""
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+from wit_world.imports import runtime
+
+from .errors import UsageError
+from .messaging import send
+
+
+def args() -> list[str]:
+    """The launch arguments (argv without a program name)."""
+    return list(runtime.arguments())
+
+
+def instance_id() -> str:
+    return runtime.instance_id()
+
+
+def api_version() -> str:
+    """The inferlet API version the host implements, e.g. "0.1.0"."""
+    return runtime.version()
+
+
+class HelpRequested(Exception):
+    """--help was given: the help text went to the client; the inferlet should end normally."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for inferlets: bad arguments raise UsageError (the launch fails with the usage text)
+    instead of exiting the process, and --help sends the help text to the client."""
+
+    def __init__(self, prog: str = "inferlet", **kwargs: object) -> None:
+        super().__init__(prog=prog, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.format_usage().strip()}\n{self.prog}: error: {message}")
+
+    def print_help(self, file: object = None) -> None:
+        send(self.format_help())
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if status:
+            raise UsageError(message or f"{self.prog}: exit status {status}")
+        raise HelpRequested()
