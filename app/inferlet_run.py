@@ -1,0 +1,124 @@
+"""One request's instance of the default inferlet, seen as typed protocol events.
+
+The protocol (documented in inferlets/builtin/default/README.md): the instance is launched with one
+argument, the request as JSON. It answers with
+  1. a JSON event {"type": "prompt", "prompt_tokens": [...], "cached_tokens": [...]} once the prompts are
+     tokenized and accepted, or {"type": "error", "status", "message", "param", "code"} if not;
+  2. text chunks, on channel i for choice i, as the choices are decoded;
+  3. a JSON event {"type": "result", "choices": [...]} with finish reasons, token counts and logprobs.
+The runtime then sends its own Terminated message (ok, or the error that ended the instance).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Protocol
+
+from app.errors import ApiError
+from engine.runtime.messages import Event, Message, Terminated, Text
+
+
+class InstanceHandle(Protocol):
+    id: str
+
+    async def next_message(self) -> Message: ...
+
+    def kill(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    prompt_tokens: tuple[int, ...]  # per prompt
+    cached_tokens: tuple[int, ...]  # per prompt: tokens whose KV came from the prefix cache
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(self.prompt_tokens)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return sum(self.cached_tokens)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    index: int  # the choice
+    text: str
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    index: int
+    text: str
+    finish_reason: str  # "stop" or "length"
+    num_tokens: int
+    # Per generated token: (token id, logprob, ((alternative id, logprob), ...)); None when not asked.
+    logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] | None
+
+
+class InferletRun:
+    """Reads one instance's messages in protocol order; kill() ends it (pages freed by the runtime)."""
+
+    def __init__(self, handle: InstanceHandle) -> None:
+        self.handle = handle
+        self.finished = False
+
+    async def start(self) -> PromptInfo:
+        """Wait for the prompt event; an error event or an early end raises ApiError."""
+        message = await self._next()
+        payload = self._event(message, "prompt")
+        return PromptInfo(prompt_tokens=tuple(payload["prompt_tokens"]),
+                          cached_tokens=tuple(payload.get("cached_tokens") or [0] * len(payload["prompt_tokens"])))
+
+    async def outputs(self) -> AsyncIterator[TextDelta | list[ChoiceResult]]:
+        """Text deltas as they come, then the list of choice results (last)."""
+        while True:
+            message = await self._next()
+            if isinstance(message, Text):
+                if message.text:
+                    yield TextDelta(message.channel, message.text)
+                continue
+            payload = self._event(message, "result")
+            yield [_choice(c) for c in payload["choices"]]
+            await self._drain_termination()
+            return
+
+    def kill(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.handle.kill()
+
+    async def _next(self) -> Message:
+        message = await self.handle.next_message()
+        if isinstance(message, Terminated):
+            self.finished = True
+        return message
+
+    def _event(self, message: Message, expected: str) -> dict[str, Any]:
+        if isinstance(message, Terminated):
+            detail = message.error or "it ended without answering"
+            raise ApiError(f"the default inferlet failed: {detail}", 500)
+        if not isinstance(message, Event):
+            raise ApiError(f"the default inferlet sent text before its {expected!r} event", 500)
+        payload = json.loads(message.json)
+        if payload.get("type") == "error":
+            raise ApiError(str(payload.get("message", "error")), int(payload.get("status", 400)),
+                           param=payload.get("param"), code=payload.get("code"))
+        if payload.get("type") != expected:
+            raise ApiError(f"the default inferlet sent {payload.get('type')!r}, expected {expected!r}", 500)
+        return payload
+
+    async def _drain_termination(self) -> None:
+        while not self.finished:
+            message = await self._next()
+            if isinstance(message, Terminated) and not message.ok:
+                raise ApiError(f"the default inferlet failed: {message.error}", 500)
+
+
+def _choice(raw: dict[str, Any]) -> ChoiceResult:
+    logprobs = raw.get("logprobs")
+    return ChoiceResult(
+        index=int(raw["index"]), text=str(raw["text"]), finish_reason=str(raw["finish_reason"]),
+        num_tokens=int(raw["num_tokens"]),
+        logprobs=None if logprobs is None else tuple(
+            (int(t), float(lp), tuple((int(a), float(alp)) for a, alp in top)) for t, lp, top in logprobs))

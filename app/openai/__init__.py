@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API: request parsing/validation, response and SSE builders."""

@@ -1,0 +1,32 @@
+"""Requests -> the default inferlet's launch argument (one JSON object; format in
+inferlets/builtin/default/README.md)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.openai.chat_request import ChatRequest
+from app.openai.completion_request import CompletionRequest
+from app.openai.params import GenerationParams
+
+ARGS_VERSION = 1
+
+
+def _common(params: GenerationParams) -> dict[str, Any]:
+    return {"version": ARGS_VERSION, "n": params.n, "max_tokens": params.max_tokens,
+            "sampling": params.sampling.to_json(), "stop": list(params.stop),
+            "stop_token_ids": list(params.stop_token_ids), "ignore_eos": params.ignore_eos,
+            "constraint": params.constraint}
+
+
+def chat_arguments(request: ChatRequest) -> str:
+    prompt: dict[str, Any] = {"messages": list(request.messages),
+                              "add_generation_prompt": request.add_generation_prompt}
+    if request.tools is not None:
+        prompt["tools"] = list(request.tools.tools)
+    return json.dumps({**_common(request.params), "prompts": [prompt]})
+
+
+def completion_arguments(request: CompletionRequest) -> str:
+    prompts = [{"text": p} if isinstance(p, str) else {"token_ids": p} for p in request.prompts]
+    return json.dumps({**_common(request.params), "prompts": prompts})

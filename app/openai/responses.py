@@ -1,0 +1,120 @@
+"""Response bodies in OpenAI's shapes: chat.completion(.chunk), text_completion, usage, logprobs, SSE."""
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from app.inferlet_run import ChoiceResult, PromptInfo
+
+DONE = "data: [DONE]\n\n"
+TokenText = Callable[[int], str]  # token id -> its text
+
+# vLLM's stand-in for -inf (JSON has no infinities).
+_MIN_LOGPROB = -9999.0
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """What every response/chunk of one request repeats."""
+
+    id: str
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, prefix: str, model: str) -> "ResponseMeta":
+        return cls(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model)
+
+
+def usage(prompt: PromptInfo, num_completion_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt.num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": prompt.num_prompt_tokens + num_completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": prompt.num_cached_tokens}}
+
+
+def _logprob(value: float) -> float:
+    return value if math.isfinite(value) else _MIN_LOGPROB
+
+
+def _token_entry(token_id: int, logprob: float, token_text: TokenText) -> dict[str, Any]:
+    text = token_text(token_id)
+    return {"token": text, "logprob": _logprob(logprob), "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(choice: ChoiceResult, token_text: TokenText) -> dict[str, Any] | None:
+    if choice.logprobs is None:
+        return None
+    content = []
+    for token_id, logprob, top in choice.logprobs:
+        entry = _token_entry(token_id, logprob, token_text)
+        entry["top_logprobs"] = [_token_entry(t, lp, token_text) for t, lp in top]
+        content.append(entry)
+    return {"content": content}
+
+
+def completion_logprobs(choice: ChoiceResult, token_text: TokenText, text_offset: int = 0) -> dict[str, Any] | None:
+    if choice.logprobs is None:
+        return None
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    offset = text_offset
+    for token_id, logprob, top in choice.logprobs:
+        text = token_text(token_id)
+        tokens.append(text)
+        token_logprobs.append(_logprob(logprob))
+        tops.append({token_text(t): _logprob(lp) for t, lp in top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_message(content: str | None, tool_calls: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = list(tool_calls)
+    return message
+
+
+def chat_completion(meta: ResponseMeta, choices: list[dict[str, Any]], usage_body: dict[str, Any]) -> dict[str, Any]:
+    return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+            "choices": choices, "usage": usage_body, "system_fingerprint": None}
+
+
+def chat_choice(index: int, message: dict[str, Any], finish_reason: str | None,
+                logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_chunk(meta: ResponseMeta, choices: list[dict[str, Any]],
+               usage_body: dict[str, Any] | None = None) -> dict[str, Any]:
+    chunk = {"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
+             "choices": choices, "system_fingerprint": None}
+    if usage_body is not None:
+        chunk["usage"] = usage_body
+    return chunk
+
+
+def chat_chunk_choice(index: int, delta: dict[str, Any], finish_reason: str | None = None,
+                      logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion(meta: ResponseMeta, choices: list[dict[str, Any]], usage_body: dict[str, Any] | None,
+               chunk: bool = False) -> dict[str, Any]:
+    body = {"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+            "choices": choices, "system_fingerprint": None}
+    if usage_body is not None or not chunk:
+        body["usage"] = usage_body
+    return body
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None,
+                      logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}

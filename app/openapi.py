@@ -1,0 +1,88 @@
+"""The OpenAPI 3.1 description of the HTTP API, served at GET /openapi.json."""
+from __future__ import annotations
+
+from typing import Any
+
+_NUM = {"type": "number"}
+_INT = {"type": "integer"}
+_BOOL = {"type": "boolean"}
+_STR = {"type": "string"}
+_STOP = {"oneOf": [_STR, {"type": "array", "items": _STR}]}
+
+_SAMPLING: dict[str, Any] = {
+    "model": _STR, "n": {**_INT, "minimum": 1}, "stream": _BOOL,
+    "stream_options": {"type": "object", "properties": {"include_usage": _BOOL}},
+    "max_tokens": {**_INT, "minimum": 1}, "temperature": {**_NUM, "minimum": 0},
+    "top_p": {**_NUM, "exclusiveMinimum": 0, "maximum": 1}, "top_k": {**_INT, "minimum": -1},
+    "min_p": {**_NUM, "minimum": 0, "maximum": 1}, "seed": _INT,
+    "presence_penalty": {**_NUM, "minimum": -2, "maximum": 2},
+    "frequency_penalty": {**_NUM, "minimum": -2, "maximum": 2},
+    "repetition_penalty": {**_NUM, "exclusiveMinimum": 0},
+    "logit_bias": {"type": "object", "additionalProperties": {**_NUM, "minimum": -100, "maximum": 100}},
+    "stop": _STOP, "stop_token_ids": {"type": "array", "items": _INT}, "ignore_eos": _BOOL, "user": _STR,
+    "response_format": {"type": "object", "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]}, "json_schema": {"type": "object"}}},
+}
+
+_CHAT = {"type": "object", "required": ["messages"], "properties": {
+    **_SAMPLING,
+    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {"oneOf": [_STR, {"type": "array"}, {"type": "null"}]}, "name": _STR,
+        "tool_calls": {"type": "array"}, "tool_call_id": _STR}}},
+    "max_completion_tokens": {**_INT, "minimum": 1}, "logprobs": _BOOL,
+    "top_logprobs": {**_INT, "minimum": 0, "maximum": 20},
+    "tools": {"type": "array", "items": {"type": "object"}},
+    "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]},
+}}
+
+_COMPLETION = {"type": "object", "required": ["prompt"], "properties": {
+    **_SAMPLING,
+    "prompt": {"oneOf": [_STR, {"type": "array", "items": _STR}, {"type": "array", "items": _INT},
+                         {"type": "array", "items": {"type": "array", "items": _INT}}]},
+    "echo": _BOOL, "logprobs": {**_INT, "minimum": 0, "maximum": 20},
+}}
+
+_ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+    "message": _STR, "type": _STR, "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _post(summary: str, schema: dict[str, Any], stream: bool = False) -> dict[str, Any]:
+    ok: dict[str, Any] = {"description": "OK", **_json({"type": "object"})}
+    if stream:
+        ok["content"]["text/event-stream"] = {"schema": _STR}
+    return {"post": {"summary": summary, "requestBody": {"required": True, **_json(schema)},
+                     "responses": {"200": ok, "400": {"description": "invalid request", **_json(_ERROR)},
+                                   "401": {"description": "missing or wrong API key", **_json(_ERROR)},
+                                   "404": {"description": "unknown model", **_json(_ERROR)},
+                                   "503": {"description": "not ready", **_json(_ERROR)}}}}
+
+
+def _get(summary: str, media: str = "application/json") -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": {"200": {"description": "OK", "content": {media: {}}}}}}
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pie-server", "version": version,
+                 "description": "OpenAI-compatible API; chat and completions run the built-in default inferlet."},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/chat/completions": _post("Chat completion (stream with SSE)", _CHAT, stream=True),
+            "/v1/completions": _post("Text completion (stream with SSE)", _COMPLETION, stream=True),
+            "/v1/models": _get("The served models"),
+            "/tokenize": _post("Tokenize a prompt or chat", {"type": "object", "properties": {
+                "prompt": _STR, "messages": {"type": "array"}, "add_special_tokens": _BOOL}}),
+            "/detokenize": _post("Token ids to text", {"type": "object", "required": ["tokens"],
+                                                       "properties": {"tokens": {"type": "array", "items": _INT}}}),
+            "/health": _get("200 when ready, 503 while loading or after a failure"),
+            "/version": _get("The server version"),
+            "/metrics": _get("Prometheus metrics", "text/plain"),
+        },
+    }

@@ -1,0 +1,134 @@
+"""Relaying an inferlet run to an HTTP client: disconnect detection, the SSE response, and timings.
+
+A client that goes away cancels the work it waits for; cancellation unwinds AppState.run, which kills the
+instance so the runtime frees its pages at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+import anyio
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+from app.errors import ApiError
+from app.inferlet_run import ChoiceResult, InferletRun, TextDelta
+from app.metrics import Metrics
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await work, or cancel it (and raise ClientGone) as soon as the client disconnects."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientGone()
+    finally:
+        for pending in (task, watch):
+            pending.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)  # let the task's cleanup run now
+
+
+class SSEResponse:
+    """text/event-stream of pre-framed SSE strings. Cleanup (killing the instance) runs however the stream
+    ends: finished, failed, or cancelled because the client disconnected."""
+
+    def __init__(self, events: AsyncIterator[str], cleanup: contextlib.AsyncExitStack) -> None:
+        self.events = events
+        self.cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no")]})
+            async with anyio.create_task_group() as group:
+                async def stream() -> None:
+                    async for chunk in self.events:
+                        await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    group.cancel_scope.cancel()
+
+                async def watch() -> None:
+                    await _disconnected(receive)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                group.start_soon(watch)
+        except OSError:
+            pass  # the client went away mid-send
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _aclose(self.events)
+                await self.cleanup.aclose()
+
+
+async def _aclose(events: AsyncIterator[Any]) -> None:
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        await close()
+
+
+class TimedRelay:
+    """Reads a run's outputs while recording TTFT, inter-token latency and end-to-end latency."""
+
+    def __init__(self, run: InferletRun, metrics: Metrics, arrival: float) -> None:
+        self.run = run
+        self.metrics = metrics
+        self.arrival = arrival
+        self._last: float | None = None
+
+    async def outputs(self) -> AsyncIterator[TextDelta | list[ChoiceResult]]:
+        async for item in self.run.outputs():
+            if isinstance(item, TextDelta):
+                now = time.monotonic()
+                if self._last is None:
+                    self.metrics.observe_ttft(now - self.arrival)
+                else:
+                    self.metrics.observe_itl(now - self._last)
+                self._last = now
+            yield item
+
+    def finish(self, num_prompt_tokens: int, results: list[ChoiceResult]) -> None:
+        self.metrics.observe_request(num_prompt_tokens, sum(c.num_tokens for c in results),
+                                     [c.finish_reason for c in results], time.monotonic() - self.arrival)
+
+
+async def collect(relay: TimedRelay) -> tuple[dict[int, str], list[ChoiceResult]]:
+    """Run to the end: streamed text per choice (for checking) and the results."""
+    texts: dict[int, str] = {}
+    async for item in relay.outputs():
+        if isinstance(item, TextDelta):
+            texts[item.index] = texts.get(item.index, "") + item.text
+        else:
+            return texts, sorted(item, key=lambda c: c.index)
+    raise ApiError("the default inferlet ended without a result", 500)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    import json
+
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(f"the request body is not valid JSON: {exc}", 400) from None
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object", 400)
+    return body

@@ -1,0 +1,104 @@
+"""POST /v1/chat/completions."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from app.errors import ApiError
+from app.inferlet_run import ChoiceResult, PromptInfo, TextDelta
+from app.openai import responses as R
+from app.openai.chat_request import ChatRequest, parse_chat_request
+from app.openai.inferlet_args import chat_arguments
+from app.openai.tools import extract_tool_calls
+from app.relay import ClientGone, SSEResponse, TimedRelay, collect, read_json, until_disconnected
+from app.state import AppState
+
+
+async def chat_completions(request: Request) -> Response:
+    arrival = time.monotonic()
+    state: AppState = request.state.pie
+    view, limits = state.ready()
+    chat = parse_chat_request(await read_json(request), limits)
+    meta = R.ResponseMeta.new("chatcmpl", chat.model)
+    stack = contextlib.AsyncExitStack()
+    try:
+        run, prompt = await until_disconnected(request, state.enter_run(stack, chat_arguments(chat)))
+        relay = TimedRelay(run, state.metrics, arrival)
+        if chat.params.stream:
+            response = SSEResponse(_stream(chat, meta, prompt, relay, view.token_text), stack)
+            stack = contextlib.AsyncExitStack()  # the response owns the instance now
+            return response  # type: ignore[return-value]
+        _texts, results = await until_disconnected(request, collect(relay))
+        relay.finish(prompt.num_prompt_tokens, results)
+        return JSONResponse(_completion(chat, meta, prompt, results, view.token_text))
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        await stack.aclose()
+
+
+def _choice_message(chat: ChatRequest, result: ChoiceResult) -> tuple[dict[str, Any], str]:
+    """The assistant message and finish reason of one choice (tool calls parsed when tools were given)."""
+    if chat.tools is not None:
+        calls, content = extract_tool_calls(chat.tools, result.text)
+        if calls:
+            return R.chat_message(content, [c.to_json() for c in calls]), "tool_calls"
+    return R.chat_message(result.text), result.finish_reason
+
+
+def _completion(chat: ChatRequest, meta: R.ResponseMeta, prompt: PromptInfo, results: list[ChoiceResult],
+                token_text: R.TokenText) -> dict[str, Any]:
+    choices = []
+    for result in results:
+        message, finish_reason = _choice_message(chat, result)
+        choices.append(R.chat_choice(result.index, message, finish_reason,
+                                     R.chat_logprobs(result, token_text) if chat.logprobs else None))
+    usage = R.usage(prompt, sum(r.num_tokens for r in results))
+    return R.chat_completion(meta, choices, usage)
+
+
+async def _stream(chat: ChatRequest, meta: R.ResponseMeta, prompt: PromptInfo, relay: TimedRelay,
+                  token_text: R.TokenText) -> AsyncIterator[str]:
+    """Role chunk per choice, content deltas (buffered when tools may be called: a call is only known at
+    the end), a last chunk per choice with its finish reason (and logprobs), the usage chunk, [DONE]."""
+    usage_field = {"usage": None} if chat.params.include_usage else {}
+
+    def chunk(choices: list[dict[str, Any]]) -> str:
+        return R.sse({**R.chat_chunk(meta, choices), **usage_field})
+
+    try:
+        for index in range(chat.params.n):
+            yield chunk([R.chat_chunk_choice(index, {"role": "assistant", "content": ""})])
+        results: list[ChoiceResult] = []
+        async for item in relay.outputs():
+            if isinstance(item, TextDelta):
+                if chat.tools is None:
+                    yield chunk([R.chat_chunk_choice(item.index, {"content": item.text})])
+            else:
+                results = sorted(item, key=lambda c: c.index)
+        for result in results:
+            yield chunk([_final_choice(chat, result, token_text)])
+        relay.finish(prompt.num_prompt_tokens, results)
+        if chat.params.include_usage:
+            usage = R.usage(prompt, sum(r.num_tokens for r in results))
+            yield R.sse(R.chat_chunk(meta, [], usage))
+    except ApiError as exc:
+        yield exc.sse_line()
+    yield R.DONE
+
+
+def _final_choice(chat: ChatRequest, result: ChoiceResult, token_text: R.TokenText) -> dict[str, Any]:
+    logprobs = R.chat_logprobs(result, token_text) if chat.logprobs else None
+    if chat.tools is None:
+        return R.chat_chunk_choice(result.index, {}, result.finish_reason, logprobs)
+    message, finish_reason = _choice_message(chat, result)
+    delta: dict[str, Any] = {}
+    if message.get("content"):
+        delta["content"] = message["content"]
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
+    return R.chat_chunk_choice(result.index, delta, finish_reason, logprobs)

@@ -1,0 +1,84 @@
+"""POST /v1/completions."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from app.engine_view import EngineView
+from app.errors import ApiError
+from app.inferlet_run import ChoiceResult, PromptInfo, TextDelta
+from app.openai import responses as R
+from app.openai.completion_request import CompletionRequest, parse_completion_request
+from app.openai.inferlet_args import completion_arguments
+from app.relay import ClientGone, SSEResponse, TimedRelay, collect, read_json, until_disconnected
+from app.state import AppState
+
+
+async def completions(request: Request) -> Response:
+    arrival = time.monotonic()
+    state: AppState = request.state.pie
+    view, limits = state.ready()
+    completion = parse_completion_request(await read_json(request), limits)
+    meta = R.ResponseMeta.new("cmpl", completion.model)
+    echoes = _echo_texts(completion, view)
+    stack = contextlib.AsyncExitStack()
+    try:
+        run, prompt = await until_disconnected(request, state.enter_run(stack, completion_arguments(completion)))
+        relay = TimedRelay(run, state.metrics, arrival)
+        if completion.params.stream:
+            response = SSEResponse(_stream(completion, meta, prompt, relay, view.token_text, echoes), stack)
+            stack = contextlib.AsyncExitStack()  # the response owns the instance now
+            return response  # type: ignore[return-value]
+        _texts, results = await until_disconnected(request, collect(relay))
+        relay.finish(prompt.num_prompt_tokens, results)
+        choices = [R.completion_choice(r.index, echoes[r.index] + r.text, r.finish_reason,
+                                       R.completion_logprobs(r, view.token_text, len(echoes[r.index])))
+                   for r in results]
+        return JSONResponse(R.completion(meta, choices, R.usage(prompt, sum(r.num_tokens for r in results))))
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        await stack.aclose()
+
+
+def _echo_texts(completion: CompletionRequest, view: EngineView) -> list[str]:
+    """Per choice: the prompt text to put before the output (empty unless echo)."""
+    texts = []
+    for prompt in completion.prompts:
+        text = "" if not completion.echo else prompt if isinstance(prompt, str) else view.decode(prompt)
+        texts.extend([text] * completion.params.n)
+    return texts
+
+
+async def _stream(completion: CompletionRequest, meta: R.ResponseMeta, prompt: PromptInfo,
+                  relay: TimedRelay, token_text: R.TokenText, echoes: list[str]) -> AsyncIterator[str]:
+    params = completion.params
+
+    def chunk(choices: list[dict[str, Any]]) -> str:
+        body = R.completion(meta, choices, None, chunk=True)
+        return R.sse({**body, "usage": None} if params.include_usage else body)
+
+    try:
+        for index, echo in enumerate(echoes):
+            if echo:
+                yield chunk([R.completion_choice(index, echo, None, None)])
+        results: list[ChoiceResult] = []
+        async for item in relay.outputs():
+            if isinstance(item, TextDelta):
+                yield chunk([R.completion_choice(item.index, item.text, None, None)])
+            else:
+                results = sorted(item, key=lambda c: c.index)
+        for r in results:
+            logprobs = R.completion_logprobs(r, token_text, len(echoes[r.index]))
+            yield chunk([R.completion_choice(r.index, "", r.finish_reason, logprobs)])
+        relay.finish(prompt.num_prompt_tokens, results)
+        if params.include_usage:
+            usage = R.usage(prompt, sum(r.num_tokens for r in results))
+            yield R.sse(R.completion(meta, [], usage, chunk=True))
+    except ApiError as exc:
+        yield exc.sse_line()
+    yield R.DONE

@@ -1,0 +1,53 @@
+"""The Starlette app factory. The engine comes from `engine_factory` (called once, in a thread, at
+start-up); everything per server lives in the lifespan state, so several apps can coexist (tests)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app.auth import ApiKeyMiddleware
+from app.config import ServerConfig
+from app.errors import EXCEPTION_HANDLERS
+from app.openapi import openapi_document
+from app.routes import misc
+from app.routes.chat import chat_completions
+from app.routes.completions import completions
+from app.state import AppState, EngineFactory
+
+
+def create_app(engine_factory: EngineFactory, config: ServerConfig = ServerConfig()) -> Starlette:
+    state = AppState(engine_factory, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        await state.start()
+        try:
+            yield {"pie": state}
+        finally:
+            await state.stop()
+
+    async def openapi(_request: Request) -> Response:
+        return JSONResponse(openapi_document(config.version))
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", misc.models, methods=["GET"]),
+        Route("/health", misc.health, methods=["GET"]),
+        Route("/ping", misc.health, methods=["GET"]),
+        Route("/version", misc.version, methods=["GET"]),
+        Route("/metrics", misc.metrics, methods=["GET"]),
+        Route("/tokenize", misc.tokenize, methods=["POST"]),
+        Route("/detokenize", misc.detokenize, methods=["POST"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+                    middleware=[Middleware(ApiKeyMiddleware, api_key=config.api_key)])
+    app.state.pie = state  # for tests and embedding; handlers use the lifespan state
+    return app

@@ -1,0 +1,129 @@
+"""The server's state, kept in the Starlette app's lifespan state (no globals): the engine, loaded in the
+background so /health can answer 503 while it loads; the default inferlet's program; metrics; and the
+slots that bound how many inferlet instances run at once (the rest queue)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from app.config import ServerConfig
+from app.engine_view import EngineView
+from app.errors import ApiError
+from app.inferlet_run import InferletRun, PromptInfo
+from app.metrics import EngineGauges, Metrics
+from app.openai.params import ModelLimits
+
+log = logging.getLogger("pie.app")
+
+EngineFactory = Callable[[], Any]
+
+
+class AppState:
+    def __init__(self, engine_factory: EngineFactory, config: ServerConfig) -> None:
+        self.config = config
+        self._engine_factory = engine_factory
+        self.status = "loading"  # loading | ready | failed | stopped
+        self.error: str | None = None
+        self.view: EngineView | None = None
+        self.limits: ModelLimits | None = None
+        self.metrics = Metrics(config.served_model_names[0] if config.served_model_names else "")
+        self.program_hash = ""
+        self.num_running = 0
+        self.num_queued = 0
+        self._slots: asyncio.Semaphore | None = None
+        self._loader: asyncio.Task[None] | None = None
+
+    # lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start loading in the background; the server answers (503) meanwhile."""
+        self._slots = asyncio.Semaphore(self.config.max_running_requests)
+        self._loader = asyncio.create_task(self._load())
+
+    async def wait_ready(self) -> None:
+        if self._loader is not None:
+            await asyncio.shield(self._loader)
+
+    async def stop(self) -> None:
+        if self._loader is not None and not self._loader.done():
+            await asyncio.wait([self._loader])  # a load in a thread cannot be interrupted
+        if self.view is not None:
+            await asyncio.to_thread(self.view.close)
+        self.status = "stopped"
+
+    async def _load(self) -> None:
+        try:
+            view = await asyncio.to_thread(self._load_engine)
+        except Exception as exc:  # reported by /health and every request
+            log.exception("the engine failed to start")
+            self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            return
+        names = self.config.served_model_names or (view.model_name,)
+        self.limits = ModelLimits(model_names=names, vocab_size=view.vocab_size,
+                                  max_context_len=view.max_context_len)
+        self.metrics.model_name = names[0]
+        self.view, self.status = view, "ready"
+
+    def _load_engine(self) -> EngineView:
+        view = EngineView(self._engine_factory())
+        try:
+            self.program_hash = view.load_program(self._default_inferlet_wasm())
+        except Exception:
+            view.close()
+            raise
+        return view
+
+    def _default_inferlet_wasm(self) -> bytes:
+        if self.config.inferlet_wasm is not None:
+            return Path(self.config.inferlet_wasm).read_bytes()
+        from app.inferlet_build import build_inferlet  # componentize-py, cached by content hash
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "default.wasm"
+            build_inferlet(self.config.inferlet_source, out)
+            return out.read_bytes()
+
+    # requests ------------------------------------------------------------------------------------
+    def ready(self) -> tuple[EngineView, ModelLimits]:
+        if self.status == "loading":
+            raise ApiError("the model is still loading", 503)
+        if self.view is None or self.limits is None or self.status != "ready":
+            raise ApiError(f"the engine is not available: {self.error or self.status}", 503)
+        if not self.view.alive():
+            raise ApiError("the engine has stopped", 503)
+        return self.view, self.limits
+
+    @contextlib.asynccontextmanager
+    async def run(self, arguments: str) -> AsyncIterator[InferletRun]:
+        """Launch the default inferlet once a slot is free; it is killed (pages freed) on the way out
+        unless it already ended, e.g. when the client went away (this task is then cancelled)."""
+        view, _ = self.ready()
+        assert self._slots is not None
+        self.num_queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.num_queued -= 1
+        try:
+            run = InferletRun(view.launch(self.program_hash, [arguments], self.config.tenant))
+            self.num_running += 1
+            try:
+                yield run
+            finally:
+                self.num_running -= 1
+                run.kill()
+        finally:
+            self._slots.release()
+
+    async def enter_run(self, stack: contextlib.AsyncExitStack, arguments: str) -> tuple[InferletRun, PromptInfo]:
+        """Launch into stack (which then owns the instance) and wait for the prompt event."""
+        run = await stack.enter_async_context(self.run(arguments))
+        return run, await run.start()
+
+    def gauges(self) -> EngineGauges:
+        if self.view is None:
+            return EngineGauges(num_requests_waiting=self.num_queued)
+        return self.view.gauges(self.num_running, self.num_queued)

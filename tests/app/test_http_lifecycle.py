@@ -1,0 +1,137 @@
+"""Loading/failed health, API keys, client disconnects killing instances, and queueing under load."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import openai
+import pytest
+
+from app.config import ServerConfig
+from app.server import create_app
+from tests.app import raw_http
+from tests.app.conftest import client_for
+from tests.app.fake_engine import REPLY, FakeEngine
+from tests.app.server_thread import ServerThread
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def wait_until(predicate, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_health_is_503_while_loading_then_200(dummy_wasm) -> None:
+    release = threading.Event()
+
+    def factory() -> FakeEngine:
+        release.wait(10)
+        return FakeEngine()
+
+    with ServerThread(create_app(factory, ServerConfig(inferlet_wasm=dummy_wasm))) as server:
+        status, body, _ = raw_http.request(server.url + "/health")
+        assert status == 503 and body["status"] == "loading"
+        status, body, _ = raw_http.request(server.url + "/v1/chat/completions", "POST", {"messages": MESSAGES})
+        assert status == 503 and body["error"]["type"] == "service_unavailable"
+        release.set()
+        assert wait_until(lambda: raw_http.request(server.url + "/health")[0] == 200)
+
+
+def test_health_is_503_when_the_engine_failed(dummy_wasm) -> None:
+    def factory() -> FakeEngine:
+        raise RuntimeError("no weights here")
+
+    with ServerThread(create_app(factory, ServerConfig(inferlet_wasm=dummy_wasm))) as server:
+        assert wait_until(lambda: raw_http.request(server.url + "/health")[1].get("status") == "failed")
+        status, body, _ = raw_http.request(server.url + "/health")
+        assert status == 503 and "no weights here" in body["detail"]
+
+
+def test_api_key_enforced(make_fake_server) -> None:
+    server = make_fake_server(api_key="sekrit")
+    with pytest.raises(openai.AuthenticationError):
+        client_for(server).chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=1)
+    with pytest.raises(openai.AuthenticationError):
+        client_for(server, api_key="wrong").models.list()
+    out = client_for(server, api_key="sekrit").chat.completions.create(model="fake-model", messages=MESSAGES,
+                                                                         max_tokens=2)
+    assert out.choices[0].message.content == REPLY[:2]
+    status, body, _ = raw_http.request(server.url + "/tokenize", "POST", {"prompt": "x"})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert raw_http.request(server.url + "/tokenize", "POST", {"prompt": "x"}, {"x-api-key": "sekrit"})[0] == 200
+    for open_path in ("/health", "/metrics", "/version"):
+        assert raw_http.request(server.url + open_path)[0] == 200, open_path
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_kills_the_instance(make_fake_server, stream: bool) -> None:
+    engine = FakeEngine(token_delay_s=0.05)  # 100 tokens take 5 s
+    server = make_fake_server(engine)
+    client = client_for(server, timeout=0.3)
+    if stream:  # a stream's timeout is per read: the client hangs up after a few chunks instead
+        response = client.chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=100,
+                                                  stream=True)
+        assert [next(response) for _ in range(3)]
+        response.close()
+    else:
+        with pytest.raises(openai.APITimeoutError):
+            client.chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=100)
+    assert wait_until(lambda: engine.runtime.num_live == 0, 3.0), "the instance outlived its client"
+    assert engine.runtime.launched[-1].killed.is_set()
+    assert wait_until(lambda: server.state.num_running == 0, 3.0)
+
+
+def test_many_timed_out_requests_then_one_completes(make_fake_server) -> None:
+    engine = FakeEngine(token_delay_s=0.02)
+    server = make_fake_server(engine, max_running_requests=16)
+
+    async def main() -> float:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=0.2)
+        results = await asyncio.gather(*[client.chat.completions.create(
+            model="fake-model", messages=MESSAGES, max_tokens=200) for _ in range(60)], return_exceptions=True)
+        assert all(isinstance(r, openai.APITimeoutError) for r in results)
+        await client.close()
+        patient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=10)
+        start = time.monotonic()
+        out = await patient.chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=3)
+        await patient.close()
+        assert out.choices[0].message.content == REPLY[:3]
+        return time.monotonic() - start
+
+    assert asyncio.run(main()) < 2.0
+    assert wait_until(lambda: engine.runtime.num_live == 0 and server.state.num_queued == 0, 5.0)
+
+
+def test_requests_beyond_the_running_limit_queue_and_complete(make_fake_server) -> None:
+    engine = FakeEngine(token_delay_s=0.005)
+    server = make_fake_server(engine, max_running_requests=3)
+    peak = {"running": 0, "waiting": 0}
+
+    def watch() -> None:
+        while not done.is_set():
+            peak["running"] = max(peak["running"], server.state.num_running)
+            peak["waiting"] = max(peak["waiting"], server.state.num_queued)
+            time.sleep(0.002)
+
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        outs = await asyncio.gather(*[client.chat.completions.create(
+            model="fake-model", messages=MESSAGES, max_tokens=10) for _ in range(24)])
+        await client.close()
+        return [o.choices[0].message.content for o in outs]
+
+    done = threading.Event()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert asyncio.run(main()) == [REPLY[:10]] * 24
+    finally:
+        done.set()
+        watcher.join()
+    assert peak["running"] == 3 and peak["waiting"] > 0
