@@ -1,0 +1,147 @@
+"""A fake executor for control-layer tests and runtime benchmarks: the Executor interface (info,
+num_swap_slots, execute) with no model.
+
+It checks every batch against the protocol of engine/executor/batch.py and, with simulate_kv, keeps the
+token id written into every KV slot (device pages and host swap slots), applying swaps, copies and writes
+in the protocol's order. An output's token is next_token(input token, visible context), where the visible
+context is the list of token ids in the slots its row may attend to (causal, or the command's mask); so a
+test can tell whether a command saw the right KV after swaps, copies, chunking and remapping.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from engine.config import EngineInfo
+from engine.executor.batch import Batch, CommandResult, ForwardCommand, OutputResult, StepResult
+
+NextToken = Callable[[int, list[int]], int]
+
+
+class FakeExecutor:
+    def __init__(self, num_pages: int = 64, page_size: int = 4, num_swap_slots: int = 16,
+                 vocab_size: int = 1000, max_context_len: int | None = None,
+                 next_token: NextToken | None = None, simulate_kv: bool = True, record: bool = True,
+                 step_delay_s: float = 0.0) -> None:
+        self.info = EngineInfo(num_pages=num_pages, page_size=page_size,
+                               max_context_len=max_context_len or num_pages * page_size, kv_bytes_per_page=1)
+        self.num_swap_slots = num_swap_slots
+        self.vocab_size = vocab_size
+        self.next_token: NextToken = next_token or (lambda token, context: token + 1)
+        self.simulate_kv, self.record, self.step_delay_s = simulate_kv, record, step_delay_s
+        self.batches: list[Batch] = []  # every executed batch (when record)
+        self.contexts: list[list[int]] = []  # per output, in execution order: its visible context (simulate_kv)
+        self.before_execute: Callable[[Batch], None] | None = None  # a test hook, runs inside execute
+        self.fail_next: Exception | None = None  # raised (once) by the next execute
+        self.num_steps = self.num_commands = self.num_tokens = 0
+        self._pages: list[list[int | None]] = [[None] * page_size for _ in range(num_pages)]
+        self._host: dict[int, list[int | None]] = {}
+
+    def execute(self, batch: Batch) -> StepResult:
+        if self.before_execute is not None:
+            self.before_execute(batch)
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+        self._check(batch)
+        if self.record:
+            self.batches.append(batch)
+        if self.simulate_kv:
+            self._move_kv(batch)
+        results = tuple(self._run(command) for command in batch.forwards)
+        self.num_steps += 1
+        self.num_commands += len(batch.forwards)
+        self.num_tokens += sum(len(c.token_ids) for c in batch.forwards)
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        return StepResult(results=results, step_id=batch.step_id)
+
+    def page_tokens(self, page_id: int) -> list[int | None]:
+        return list(self._pages[page_id])
+
+    # -- checks -------------------------------------------------------------------------------------------
+    def _check(self, batch: Batch) -> None:
+        page_size, num_pages = self.info.page_size, self.info.num_pages
+        for swap in (*batch.swap_outs, *batch.swap_ins):
+            _require(0 <= swap.page_id < num_pages, f"swap page {swap.page_id} out of range")
+            _require(0 <= swap.swap_slot < self.num_swap_slots, f"swap slot {swap.swap_slot} out of range")
+        for copy in batch.page_copies:
+            n = page_size - copy.src_offset if copy.num_slots is None else copy.num_slots
+            _require(0 <= copy.src_page_id < num_pages and 0 <= copy.dst_page_id < num_pages, "copy page range")
+            _require(n > 0 and min(copy.src_offset, copy.dst_offset) >= 0
+                     and max(copy.src_offset, copy.dst_offset) + n <= page_size, f"copy out of range: {copy}")
+        written: set[tuple[int, int]] = set()
+        for b, command in enumerate(batch.forwards):
+            for slot in self._check_command(b, command):
+                _require(slot not in written, f"command {b} writes slot {slot} that another command writes")
+                written.add(slot)
+
+    def _check_command(self, b: int, cmd: ForwardCommand) -> list[tuple[int, int]]:
+        page_size, n = self.info.page_size, len(cmd.token_ids)
+        _require(n > 0 and len(cmd.positions) == n, f"command {b}: tokens/positions")
+        _require(bool(cmd.page_ids) and 1 <= cmd.last_page_len <= page_size, f"command {b}: last_page_len")
+        _require(len(set(cmd.page_ids)) == len(cmd.page_ids), f"command {b}: duplicate pages")
+        _require(all(0 <= p < self.info.num_pages for p in cmd.page_ids), f"command {b}: page out of range")
+        _require(all(0 <= t < self.vocab_size for t in cmd.token_ids), f"command {b}: token out of range")
+        context_len = cmd.context_len(page_size)
+        _require(n <= context_len <= self.info.max_context_len, f"command {b}: context {context_len}")
+        _require(all(0 <= o.index < n for o in cmd.outputs), f"command {b}: output index")
+        if cmd.attention_mask is not None:
+            _require(len(cmd.attention_mask) == n and all(len(r) == context_len for r in cmd.attention_mask),
+                     f"command {b}: mask shape")
+            _require(all(any(r) for r in cmd.attention_mask), f"command {b}: an all-false mask row")
+        return [self._slot(cmd, s) for s in range(context_len - n, context_len)]
+
+    # -- simulation ---------------------------------------------------------------------------------------
+    def _move_kv(self, batch: Batch) -> None:
+        for swap in batch.swap_outs:
+            self._host[swap.swap_slot] = list(self._pages[swap.page_id])
+        for swap in batch.swap_ins:
+            _require(swap.swap_slot in self._host, f"swap-in from slot {swap.swap_slot} that was never written")
+            self._pages[swap.page_id] = list(self._host[swap.swap_slot])
+        for copy in batch.page_copies:
+            n = self.info.page_size - copy.src_offset if copy.num_slots is None else copy.num_slots
+            src = self._pages[copy.src_page_id][copy.src_offset:copy.src_offset + n]
+            self._pages[copy.dst_page_id][copy.dst_offset:copy.dst_offset + n] = src
+        for cmd in batch.forwards:
+            context_len = cmd.context_len(self.info.page_size)
+            for i, token in enumerate(cmd.token_ids):
+                page, offset = self._slot(cmd, context_len - len(cmd.token_ids) + i)
+                self._pages[page][offset] = token
+
+    def _run(self, cmd: ForwardCommand) -> CommandResult:
+        outputs = []
+        for spec in cmd.outputs:
+            token = cmd.token_ids[spec.index]
+            context = self._visible_context(cmd, spec.index) if self.simulate_kv else []
+            if self.simulate_kv:
+                self.contexts.append(context)
+            next_id = self.next_token(token, context) % self.vocab_size
+            if spec.sampling is not None:
+                outputs.append(OutputResult(token_id=next_id, logprob=0.0))
+            else:
+                outputs.append(OutputResult(distribution=((next_id, 1.0),)))
+        return CommandResult(outputs=tuple(outputs))
+
+    def _visible_context(self, cmd: ForwardCommand, row: int) -> list[int]:
+        context_len = cmd.context_len(self.info.page_size)
+        own_slot = context_len - len(cmd.token_ids) + row
+        if cmd.attention_mask is None:
+            visible = range(own_slot + 1)
+        else:
+            visible = [j for j, allowed in enumerate(cmd.attention_mask[row]) if allowed]
+        context = []
+        for j in visible:
+            page, offset = self._slot(cmd, j)
+            token = self._pages[page][offset]
+            _require(token is not None, f"a command reads slot {j} (page {page}) that was never written")
+            context.append(token)
+        return context
+
+    def _slot(self, cmd: ForwardCommand, j: int) -> tuple[int, int]:
+        return cmd.page_ids[j // self.info.page_size], j % self.info.page_size
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid batch: {message}")

@@ -1,0 +1,132 @@
+"""The batcher's policy: which queued commands form the next step.
+
+Everything queued when the executor finishes a step is a candidate (Pie's adaptive policy). Under a token
+budget and a command budget, decodes (forwards with few remaining tokens) are taken first, then prefills,
+the last of which may be cut into a chunk that fits the remaining budget. Per instance, commands are taken
+strictly in submission order: copies only before the instance's first forward of the step (page copies run
+before every forward of a step), and a further forward only if it is independent of the ones already taken
+(it neither writes a page they use nor uses a page they write). This module only decides; the controller
+applies the plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from engine.control.config import ControlConfig
+from engine.control.instance import InstanceState
+from engine.control.work import CopyItem, ForwardItem
+from engine.types import VirtualPageId
+
+
+@dataclass(frozen=True)
+class Chunk:
+    instance: InstanceState
+    item: ForwardItem
+    start: int  # token range [start, end) of the item
+    end: int
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.item.num_tokens
+
+
+@dataclass
+class StepPlan:
+    copies: list[tuple[InstanceState, CopyItem]] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
+    # Per instance, how many queue items (from the head) are fully taken; a chunked item stays queued.
+    num_consumed: dict[InstanceState, int] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.end - c.start for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.copies and not self.chunks
+
+
+@dataclass
+class _Cursor:
+    position: int = 0  # next queue index to consider
+    done: bool = False
+    took_forward: bool = False
+    read_ids: set[VirtualPageId] = field(default_factory=set)
+    write_ids: set[VirtualPageId] = field(default_factory=set)
+
+
+class _Planner:
+    def __init__(self, config: ControlConfig) -> None:
+        self.config = config
+        self.plan = StepPlan()
+        self.budget = config.max_batch_tokens
+        self.seats = config.max_batch_size
+        self.prefill_taken = False  # whether the prefill pass has taken anything yet
+
+    def advance(self, instance: InstanceState, cursor: _Cursor, decodes_only: bool) -> None:
+        queue = instance.queue
+        while not cursor.done and cursor.position < len(queue):
+            item = queue[cursor.position]
+            if isinstance(item, CopyItem):
+                if cursor.took_forward:
+                    cursor.done = True  # a copy must wait for the next step, and so must all after it
+                    return
+                self.plan.copies.append((instance, item))
+                cursor.position += 1
+                continue
+            if decodes_only and item.num_remaining > self.config.decode_max_tokens:
+                return  # the prefill pass takes it (and maybe chunks it)
+            if not self._take_forward(instance, cursor, item, decodes_only):
+                return
+
+    def _take_forward(self, instance: InstanceState, cursor: _Cursor, item: ForwardItem,
+                      decodes_only: bool) -> bool:
+        """Takes item whole (True: look further) or as a last chunk, or stops (False)."""
+        if self.seats == 0 or self._conflicts(cursor, item):
+            cursor.done = True
+            return False
+        start, remaining = item.num_scheduled, item.num_remaining
+        if remaining <= self.budget:
+            self._add(instance, cursor, item, start, item.num_tokens, decodes_only)
+            cursor.position += 1
+            return True
+        if decodes_only:
+            return False
+        if item.chunkable and self.budget > 0:
+            self._add(instance, cursor, item, start, start + self.budget, decodes_only)
+        elif not item.chunkable and not self.prefill_taken:
+            # A look-ahead mask needs all its tokens in one command: it may exceed the budget as the first
+            # prefill of a step (so it cannot starve behind decodes).
+            self._add(instance, cursor, item, start, item.num_tokens, decodes_only)
+            cursor.position += 1
+        cursor.done = True
+        return False
+
+    def _add(self, instance: InstanceState, cursor: _Cursor, item: ForwardItem, start: int, end: int,
+             decodes_only: bool) -> None:
+        self.plan.chunks.append(Chunk(instance, item, start, end))
+        self.prefill_taken = self.prefill_taken or not decodes_only
+        self.budget = max(0, self.budget - (end - start))
+        self.seats -= 1
+        cursor.took_forward = True
+        cursor.read_ids.update(item.page_ids)
+        cursor.write_ids.update(item.written_page_ids(start, end))
+
+    @staticmethod
+    def _conflicts(cursor: _Cursor, item: ForwardItem) -> bool:
+        if not cursor.took_forward:
+            return False
+        writes = item.written_page_ids(item.num_scheduled)
+        return any(p in cursor.read_ids for p in writes) or any(p in cursor.write_ids for p in item.page_ids)
+
+
+def plan_step(instances: Iterable[InstanceState], config: ControlConfig) -> StepPlan:
+    """instances: those with queued work that may run now (resident, not failed), oldest work first."""
+    planner = _Planner(config)
+    cursors = {instance: _Cursor() for instance in instances}
+    for decodes_only in (True, False):
+        for instance, cursor in cursors.items():
+            planner.advance(instance, cursor, decodes_only)
+    planner.plan.num_consumed = {inst: c.position for inst, c in cursors.items() if c.position}
+    return planner.plan

@@ -1,0 +1,40 @@
+"""How the control layer schedules: the per-step budget of the batcher and the limits it checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.config import EngineConfig, ModelConfig
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    max_batch_tokens: int = 4096  # new tokens per step (decodes + prefill chunks)
+    max_batch_size: int = 256  # forward commands per step
+    # A forward with at most this many (remaining) tokens counts as a decode: decodes join a step before
+    # prefill chunks do, and are never the ones split to fit the budget unless nothing else is left.
+    decode_max_tokens: int = 8
+    default_max_pages: int | None = None  # per-instance quota of virtual pages when open_instance gives none
+    # Bounds checked on every forward so one bad command cannot fail a whole batch in the executor.
+    # None: taken from the executor's model_config when it has one, else unchecked.
+    vocab_size: int | None = None
+    max_position: int | None = None  # positions must be < this
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "max_batch_size", "decode_max_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("default_max_pages", "vocab_size", "max_position"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value}")
+
+    @classmethod
+    def for_engine(cls, engine: EngineConfig, model: ModelConfig | None = None, **overrides: int | None
+                   ) -> "ControlConfig":
+        """The batch budget of an EngineConfig and the token/position bounds of a ModelConfig."""
+        values: dict[str, int | None] = dict(max_batch_tokens=engine.max_batch_tokens,
+                                             max_batch_size=engine.max_batch_size)
+        if model is not None:
+            values.update(vocab_size=model.vocab_size, max_position=model.max_position_embeddings)
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]

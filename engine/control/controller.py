@@ -1,0 +1,351 @@
+"""The control layer (engine/control/api.py's Control) over one executor.
+
+Threading: every public method may be called from any thread; state is guarded by one lock. Futures are
+settled after the lock is released (their callbacks may call back in). The executor runs one step at a
+time, WITHOUT the lock: `start()` runs steps on a thread of its own whenever there is work (everything
+queued when a step ends forms the next one); tests may call `step()` instead.
+
+Out of pages: allocations wait in FIFO order (a queue of page demands, together with preempted instances
+waiting to swap back in). When the head demand cannot be met and nothing can run, the newest instance with
+exclusively owned pages is preempted: its pages go to host swap slots in the next batch and its work pauses
+until pages are free to bring them back (to any pages: its blocks are remapped). Only when no swap slot is
+left is a victim failed instead (the last resort: its futures get ControlError saying it was preempted, and
+every later call for it too, until it is closed). A demand fails only when every instance holding pages is
+itself waiting (a true deadlock) or when it asks for more pages than the pool has.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from contextlib import contextmanager
+from typing import Any, Iterator, Protocol, Sequence
+
+from engine.config import EngineInfo
+from engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
+from engine.control.batcher import Chunk
+from engine.control.config import ControlConfig
+from engine.control.instance import Allocation, Demand, InstanceState
+from engine.control.page_table import PageTable
+from engine.control.resources import Resources
+from engine.control.scheduling import StepBuilder
+from engine.control.swap import nonresident_blocks
+from engine.control.work import ForwardItem, Limits, check_copy, prepare_forward
+from engine.executor.batch import Batch, CommandResult, StepResult
+from engine.types import InstanceId, TokenId, VirtualPageId
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    info: EngineInfo
+    num_swap_slots: int
+
+    def execute(self, batch: Batch) -> StepResult: ...
+
+
+class Controller:
+    def __init__(self, executor: Executor, config: ControlConfig | None = None) -> None:
+        self.config = config = config or ControlConfig()
+        self.info: EngineInfo = executor.info
+        self._executor = executor
+        model = getattr(executor, "model_config", None)
+        self._limits = Limits(
+            page_size=self.info.page_size, max_context_len=self.info.max_context_len,
+            vocab_size=config.vocab_size or getattr(model, "vocab_size", None),
+            max_position=config.max_position or getattr(model, "max_position_embeddings", None))
+        self._res = Resources(self.info.num_pages, self.info.page_size, executor.num_swap_slots)
+        self._instances: dict[InstanceId, InstanceState] = {}
+        self._active: dict[InstanceState, None] = {}  # instances with queued work, oldest first
+        self._demands: deque[Demand] = deque()
+        self._inflight: list[tuple[Chunk, list[int]]] = []  # the running step's chunks and their outputs
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._generation = 0  # bumped by every call that may create work
+        self._idle_generation = -1  # the generation at which a step found nothing to do
+        self._outbox: list[tuple[Future[Any], Any, BaseException | None]] = []
+        self._num_instances_opened = 0
+        self._num_forwards = 0
+        self._step_id = 0
+        self._step_lock = threading.Lock()  # one step at a time
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- instances ----------------------------------------------------------------------------------------
+    def open_instance(self, instance_id: InstanceId, max_pages: int | None = None) -> None:
+        with self._locked(mutating=False):
+            if instance_id in self._instances:
+                raise ControlError(f"instance {instance_id!r} is already open")
+            table = PageTable(self.info.page_size, self.config.default_max_pages if max_pages is None
+                              else max_pages)
+            self._num_instances_opened += 1
+            self._instances[instance_id] = InstanceState(instance_id, self._num_instances_opened, table)
+
+    def close_instance(self, instance_id: InstanceId) -> None:
+        with self._locked():
+            instance = self._instances.pop(instance_id, None)
+            if instance is None:
+                raise ControlError(f"unknown instance {instance_id!r}")
+            self._drop_instance(instance, InstanceClosed(f"instance {instance_id!r} was closed"))
+            instance.closed = True
+            self._serve_demands()
+
+    # -- pages --------------------------------------------------------------------------------------------
+    def allocate_pages(self, instance_id: InstanceId, num_pages: int) -> Future[list[VirtualPageId]]:
+        future: Future[list[VirtualPageId]] = Future()
+        with self._locked():
+            instance = self._get(instance_id)
+            if not isinstance(num_pages, int) or num_pages < 0:
+                raise ControlError(f"num_pages must be a non-negative int, got {num_pages!r}")
+            if num_pages > self.info.num_pages:
+                raise ControlError(f"cannot allocate {num_pages} pages: the pool has {self.info.num_pages}")
+            instance.table.check_quota(num_pages, instance.num_pages_requested)
+            block_ids = self._res.try_allocate(num_pages) if not self._demands else None
+            if block_ids is not None:
+                self._settle(future, instance.table.add(block_ids))
+            else:
+                instance.num_pages_requested += num_pages
+                self._demands.append(Allocation(instance, num_pages, future))
+        return future
+
+    def free_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId]) -> None:
+        with self._locked():
+            instance = self._get(instance_id)
+            self._res.drop(instance.table.remove(list(page_ids)))
+            self._serve_demands()
+
+    def copy_slots(self, instance_id: InstanceId, src_page_id: VirtualPageId, dst_page_id: VirtualPageId,
+                   src_offset: int, dst_offset: int, num_slots: int) -> None:
+        with self._locked():
+            instance = self._get(instance_id)
+            item = check_copy(instance.table, src_page_id, dst_page_id, src_offset, dst_offset, num_slots)
+            self._check_writable(instance, [dst_page_id])
+            self._enqueue(instance, item)
+
+    def mask_slots(self, instance_id: InstanceId, page_id: VirtualPageId, slot_mask: Sequence[bool]) -> None:
+        with self._locked(mutating=False):
+            self._get(instance_id).table.set_visibility(page_id, slot_mask)
+
+    def share_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId]) -> list[VirtualPageId]:
+        with self._locked(mutating=False):
+            table = self._get(instance_id).table
+            page_ids = list(page_ids)
+            block_ids = table.blocks(page_ids, distinct=True)
+            table.check_quota(len(block_ids))
+            table.check_not_write_pinned(page_ids)
+            new_ids = self._res.share_into(table, block_ids)
+            table.copy_visibility(page_ids, new_ids)
+            return new_ids
+
+    def export_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId], name: str) -> None:
+        with self._locked(mutating=False):
+            self._res.export(self._get(instance_id).table, list(page_ids), name)
+
+    def import_pages(self, instance_id: InstanceId, name: str) -> list[VirtualPageId]:
+        with self._locked(mutating=False):
+            return self._res.import_(self._get(instance_id).table, name)
+
+    def unexport_pages(self, name: str) -> None:
+        with self._locked():
+            self._res.unexport(name)
+            self._serve_demands()
+
+    def list_exports(self) -> list[str]:
+        with self._locked(mutating=False):
+            return sorted(self._res.exports)
+
+    # -- prefix cache -------------------------------------------------------------------------------------
+    def prefix_lookup(self, instance_id: InstanceId, token_ids: Sequence[TokenId]
+                      ) -> tuple[list[VirtualPageId], int]:
+        """The hit may cover all of token_ids; to get logits, look up token_ids[:-1] (or recompute a token)."""
+        with self._locked(mutating=False):
+            return self._res.prefix_lookup(self._get(instance_id).table, list(token_ids))
+
+    def prefix_publish(self, instance_id: InstanceId, token_ids: Sequence[TokenId],
+                       page_ids: Sequence[VirtualPageId]) -> None:
+        with self._locked(mutating=False):
+            self._res.prefix_publish(self._get(instance_id).table, list(token_ids), list(page_ids))
+
+    def clear_prefix_cache(self) -> None:
+        """Drops the cache's references (pages held by nobody else go free)."""
+        with self._locked():
+            self._res.clear_prefix_cache()
+            self._serve_demands()
+
+    @property
+    def num_cached_pages(self) -> int:
+        with self._lock:
+            return self._res.cache.num_blocks
+
+    # -- forwards -----------------------------------------------------------------------------------------
+    def forward(self, instance_id: InstanceId, command: VirtualForward) -> Future[CommandResult]:
+        if not isinstance(command, VirtualForward):
+            raise ControlError(f"forward takes a VirtualForward, got {type(command).__name__}")
+        future: Future[CommandResult] = Future()
+        with self._locked():
+            instance = self._get(instance_id)
+            self._num_forwards += 1
+            item = prepare_forward(command, instance.table, self._limits, self._num_forwards, future)
+            self._check_writable(instance, item.written_page_ids())
+            self._enqueue(instance, item)
+        return future
+
+    def stats(self) -> ControlStats:
+        """num_free_pages counts free pages plus cached pages that only the prefix cache holds (an
+        allocation evicts those on demand)."""
+        with self._lock:
+            pool, cache = self._res.pool, self._res.cache
+            swapped = {id(i) for i in self._instances.values() if nonresident_blocks(i, pool)}
+            running = {id(chunk.instance) for chunk, _ in self._inflight}
+            running.update(id(i) for i in self._active if id(i) not in swapped and i.num_queued_forwards)
+            return ControlStats(
+                num_pages=self.info.num_pages, num_free_pages=self._res.num_available_pages(),
+                num_instances=len(self._instances), num_running=len(running),
+                num_waiting=len({id(d.instance) for d in self._demands}), num_swapped=len(swapped),
+                num_prefix_queries=cache.num_queries, num_prefix_hit_tokens=cache.num_hit_tokens,
+                num_prefix_query_tokens=cache.num_query_tokens)
+
+    # -- stepping -----------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Forms and runs one batch; False when there was nothing to do."""
+        with self._step_lock:
+            with self._locked(mutating=False):
+                formed = StepBuilder(self).form()
+                if formed is None:
+                    self._idle_generation = self._generation
+                    return False
+                batch, self._inflight = formed
+            try:
+                result = self._executor.execute(batch)
+            except Exception as exc:  # the step's commands fail; the engine keeps going
+                log.exception("executor step %d failed", batch.step_id)
+                with self._locked(mutating=False):
+                    StepBuilder(self).fail_inflight(ControlError(f"the executor failed this step: {exc!r}"))
+                return True
+            with self._locked(mutating=False):
+                StepBuilder(self).deliver(result)
+            return True
+
+    def start(self) -> None:
+        """Runs steps on a background thread until stop()."""
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError("the controller is already running")
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="control-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._stopping = True
+            self._changed.notify_all()
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and self._generation == self._idle_generation:
+                    self._changed.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # a bug in the control layer itself: log, and wait for new work
+                log.exception("control loop step failed")
+                with self._lock:
+                    self._idle_generation = self._generation
+
+    # -- internals (called with the lock held) -------------------------------------------------------------
+    @contextmanager
+    def _locked(self, mutating: bool = True) -> Iterator[None]:
+        try:
+            with self._lock:
+                try:
+                    yield
+                finally:
+                    if mutating:
+                        self._generation += 1
+                        self._changed.notify()
+                    outbox, self._outbox = self._outbox, []
+        finally:
+            for future, value, error in outbox:
+                _settle_now(future, value, error)
+
+    def _get(self, instance_id: InstanceId) -> InstanceState:
+        instance = self._instances.get(instance_id)
+        if instance is None:
+            raise ControlError(f"unknown instance {instance_id!r}")
+        if instance.failure is not None:
+            raise ControlError(instance.failure)
+        return instance
+
+    def _settle(self, future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
+        self._outbox.append((future, value, error))
+
+    def _check_writable(self, instance: InstanceState, page_ids: Sequence[VirtualPageId]) -> None:
+        """The sharing invariant: pages with more than one reference are read-only."""
+        for page_id in page_ids:
+            refcount = self._res.pool.refcount(instance.table.block(page_id))
+            if refcount > 1:
+                raise ControlError(f"page {page_id} is shared ({refcount} references) and so read-only; copy "
+                                   "its slots to a private page before writing")
+
+    def _enqueue(self, instance: InstanceState, item: Any) -> None:
+        instance.table.pin(*item.pinned())
+        instance.queue.append(item)
+        self._active.setdefault(instance, None)
+
+    def _serve_demands(self, builder: StepBuilder | None = None) -> None:
+        """Meets waiting demands in FIFO order while pages allow; swap-ins only while forming a batch."""
+        while self._demands:
+            demand = self._demands[0]
+            if isinstance(demand, Allocation):
+                if demand.future.cancelled():
+                    demand.instance.num_pages_requested -= demand.num_pages
+                    self._demands.popleft()
+                    continue
+                block_ids = self._res.try_allocate(demand.num_pages)
+                if block_ids is None:
+                    return
+                self._demands.popleft()
+                demand.instance.num_pages_requested -= demand.num_pages
+                self._settle(demand.future, demand.instance.table.add(block_ids))
+            elif builder is None or not builder.swap_in(demand):
+                return
+            else:
+                self._demands.popleft()
+
+    def _drop_instance(self, instance: InstanceState, error: ControlError) -> None:
+        """Fails all of the instance's pending work with error and drops all its page references."""
+        for item in instance.queue:
+            self._cancel(item, error)
+        instance.queue.clear()
+        for chunk, _ in self._inflight:
+            if chunk.instance is instance:
+                self._cancel(chunk.item, error)
+        for demand in [d for d in self._demands if d.instance is instance]:
+            self._demands.remove(demand)
+            if isinstance(demand, Allocation):
+                self._settle(demand.future, error=error)
+        instance.num_pages_requested = 0
+        instance.swap_in_queued = False
+        self._active.pop(instance, None)
+        self._res.drop(instance.table.remove_all())
+
+    def _cancel(self, item: Any, error: ControlError) -> None:
+        if isinstance(item, ForwardItem) and not item.cancelled:
+            item.cancelled = True
+            self._settle(item.future, error=error)
+
+
+def _settle_now(future: Future[Any], value: Any, error: BaseException | None) -> None:
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:  # the caller cancelled it
+        pass

@@ -1,0 +1,153 @@
+"""One instance's view of its KV pages: virtual page ids -> blocks, slot visibility, quota, pins.
+
+Virtual ids are small ints handed out in increasing order and never reused, so a freed id stays invalid.
+Several virtual ids may name the same block (share_pages); the block's refcount counts each of them.
+Pins count the instance's queued (not yet scheduled) commands that read or write a page. Freeing a pinned
+page unmaps its id at once (new commands cannot name it) but keeps its block, as a *retired* page, until the
+last queued command using it is scheduled; a write-pinned page may not be shared, so a queued command never
+finds its page gone or turned read-only.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable, Iterator, Sequence
+
+from engine.control.api import ControlError
+from engine.control.pages import BlockId
+from engine.types import VirtualPageId
+
+
+class PageTable:
+    def __init__(self, page_size: int, max_pages: int | None) -> None:
+        if max_pages is not None and max_pages <= 0:
+            raise ControlError(f"max_pages must be positive, got {max_pages}")
+        self.page_size = page_size
+        self.max_pages = max_pages
+        self._blocks: dict[VirtualPageId, BlockId] = {}
+        self._retired: dict[VirtualPageId, BlockId] = {}  # freed while pinned; still referenced
+        # Hidden slots per page: a list of page_size bools (False = hidden); absent = all visible.
+        self._visibility: dict[VirtualPageId, list[bool]] = {}
+        self._read_pins: Counter[VirtualPageId] = Counter()
+        self._write_pins: Counter[VirtualPageId] = Counter()
+        self._next_id: VirtualPageId = 0
+
+    @property
+    def num_pages(self) -> int:
+        return len(self._blocks)
+
+    def check_quota(self, num_new: int, num_reserved: int = 0) -> None:
+        """Raises unless num_new more pages (beyond num_reserved already promised) fit the quota."""
+        if self.max_pages is not None and self.num_pages + num_reserved + num_new > self.max_pages:
+            raise ControlError(
+                f"page quota exceeded: the instance holds {self.num_pages} pages"
+                + (f" (+{num_reserved} being allocated)" if num_reserved else "")
+                + f", asked for {num_new} more, its limit is {self.max_pages}")
+
+    def add(self, block_ids: Iterable[BlockId]) -> list[VirtualPageId]:
+        """Maps fresh virtual ids to the blocks (the caller has taken a reference for each)."""
+        page_ids = []
+        for block_id in block_ids:
+            self._blocks[self._next_id] = block_id
+            page_ids.append(self._next_id)
+            self._next_id += 1
+        return page_ids
+
+    def block(self, page_id: VirtualPageId) -> BlockId:
+        block_id = self._blocks.get(page_id)
+        if block_id is None:
+            raise ControlError(self._unknown(page_id))
+        return block_id
+
+    def blocks(self, page_ids: Sequence[VirtualPageId], distinct: bool = False) -> list[BlockId]:
+        """Validates every id (and, if distinct, that none repeats) before returning their blocks."""
+        if distinct and len(set(page_ids)) != len(page_ids):
+            raise ControlError(f"duplicate page ids in {list(page_ids)}")
+        return [self.block(page_id) for page_id in page_ids]
+
+    def remove(self, page_ids: Sequence[VirtualPageId]) -> list[BlockId]:
+        """Unmaps the pages (all or none); returns the blocks to drop now (not those still pinned)."""
+        self.blocks(page_ids, distinct=True)
+        dropped = []
+        for page_id in page_ids:
+            block_id = self._blocks.pop(page_id)
+            self._visibility.pop(page_id, None)
+            if page_id in self._read_pins or page_id in self._write_pins:
+                self._retired[page_id] = block_id
+            else:
+                dropped.append(block_id)
+        return dropped
+
+    def remove_all(self) -> list[BlockId]:
+        block_ids = [*self._blocks.values(), *self._retired.values()]
+        self._blocks.clear()
+        self._retired.clear()
+        self._visibility.clear()
+        self._read_pins.clear()
+        self._write_pins.clear()
+        return block_ids
+
+    def pinned_block(self, page_id: VirtualPageId) -> BlockId:
+        """The block of a page a queued command uses (mapped, or freed and retired)."""
+        block_id = self._blocks.get(page_id)
+        return self._retired[page_id] if block_id is None else block_id
+
+    def items(self) -> Iterator[tuple[VirtualPageId, BlockId]]:
+        """Every reference the table holds, retired pages included."""
+        yield from self._blocks.items()
+        yield from self._retired.items()
+
+    def block_counts(self) -> Counter[BlockId]:
+        """How many references of this table name each block."""
+        return Counter(block_id for _, block_id in self.items())
+
+    # -- slot visibility ----------------------------------------------------------------------------------
+    def set_visibility(self, page_id: VirtualPageId, slot_mask: Sequence[bool]) -> None:
+        self.block(page_id)
+        if len(slot_mask) != self.page_size:
+            raise ControlError(f"slot mask has {len(slot_mask)} entries, the page size is {self.page_size}")
+        visible = [bool(v) for v in slot_mask]
+        if all(visible):
+            self._visibility.pop(page_id, None)
+        else:
+            self._visibility[page_id] = visible
+
+    def visibility(self, page_id: VirtualPageId) -> list[bool] | None:
+        """The page's slot visibility, or None when every slot is visible."""
+        return self._visibility.get(page_id)
+
+    def copy_visibility(self, src_ids: Sequence[VirtualPageId], dst_ids: Sequence[VirtualPageId]) -> None:
+        for src, dst in zip(src_ids, dst_ids):
+            if src in self._visibility:
+                self._visibility[dst] = list(self._visibility[src])
+
+    def has_hidden_slots(self, page_ids: Iterable[VirtualPageId]) -> bool:
+        return bool(self._visibility) and any(p in self._visibility for p in page_ids)
+
+    # -- pins of queued commands --------------------------------------------------------------------------
+    def pin(self, read_ids: Iterable[VirtualPageId], write_ids: Iterable[VirtualPageId]) -> None:
+        self._read_pins.update(read_ids)
+        self._write_pins.update(write_ids)
+
+    def unpin(self, read_ids: Iterable[VirtualPageId], write_ids: Iterable[VirtualPageId]) -> list[BlockId]:
+        """Returns the blocks of retired pages no queued command uses any more, for the caller to drop."""
+        released = []
+        for pins, page_ids in ((self._read_pins, read_ids), (self._write_pins, write_ids)):
+            for page_id in page_ids:
+                pins[page_id] -= 1
+                if pins[page_id] <= 0:
+                    del pins[page_id]
+                    if page_id in self._retired and page_id not in self._read_pins \
+                            and page_id not in self._write_pins:
+                        released.append(self._retired.pop(page_id))
+        return released
+
+    def check_not_write_pinned(self, page_ids: Iterable[VirtualPageId]) -> None:
+        for page_id in page_ids:
+            if self._write_pins[page_id] > 0:
+                raise ControlError(f"page {page_id} is being written by a queued forward or copy; wait for it "
+                                   "before sharing the page")
+
+    def _unknown(self, page_id: object) -> str:
+        if isinstance(page_id, int) and 0 <= page_id < self._next_id:
+            return f"page {page_id} was already freed"
+        return f"unknown page id {page_id!r}"

@@ -1,0 +1,189 @@
+"""Forming one step from the controller's state, and taking its results back. Runs under the controller's lock.
+
+Forming a step, in order:
+1. admission: meet page demands (allocations, swap-ins) FIFO; while the head demand cannot be met and no
+   instance can run, preempt (swap out, or as the last resort fail, a victim) or, in a true deadlock, fail
+   the head demand;
+2. batching: plan_step picks the copies and forward chunks of the runnable instances;
+3. translation: virtual pages -> blocks -> physical pages, at this moment (blocks may have moved since the
+   command was queued). The batch carries this round's swap-outs and swap-ins, which run before its copies
+   and forwards.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from engine.control.api import ControlError
+from engine.control.batcher import Chunk, StepPlan, plan_step
+from engine.control.instance import Allocation, InstanceState, SwapIn
+from engine.control.pages import BlockId
+from engine.control.swap import choose_victim, nonresident_blocks
+from engine.executor.batch import Batch, ForwardCommand, PageCopy, PageSwap, StepResult
+
+if TYPE_CHECKING:
+    from engine.control.controller import Controller
+
+Sources = list[tuple[Chunk, list[int]]]  # per forward command: its chunk and the output indices it carries
+
+
+class StepBuilder:
+    def __init__(self, controller: "Controller") -> None:
+        self.c = controller
+        self.pool = controller._res.pool
+        self.swap_outs: list[PageSwap] = []
+        self.swap_ins: list[PageSwap] = []
+        self.swapped_in: set[BlockId] = set()
+
+    # -- forming ------------------------------------------------------------------------------------------
+    def form(self) -> tuple[Batch, Sources] | None:
+        plan = plan_step(self._admit(), self.c.config)
+        copies, forwards, sources = self._apply(plan)
+        self.pool.end_batch()
+        if not (forwards or copies or self.swap_outs or self.swap_ins):
+            return None
+        self.c._step_id += 1
+        batch = Batch(forwards=forwards, page_copies=copies, swap_outs=self.swap_outs, swap_ins=self.swap_ins,
+                      step_id=self.c._step_id)
+        return batch, sources
+
+    def swap_in(self, demand: SwapIn) -> bool:
+        """Brings the instance's blocks back to the device if pages allow (evicting cache-only pages)."""
+        block_ids = nonresident_blocks(demand.instance, self.pool)
+        if block_ids and not self.c._res.make_free(len(block_ids)):
+            return False
+        self.swap_ins.extend(self.pool.swap_in(block_id) for block_id in block_ids)
+        self.swapped_in.update(block_ids)
+        demand.instance.swap_in_queued = False
+        return True
+
+    def _admit(self) -> list[InstanceState]:
+        c = self.c
+        while True:
+            c._serve_demands(self)
+            runnable = self._runnable()
+            if runnable or not c._demands:
+                return runnable
+            num_demands = len(c._demands)
+            c._serve_demands(self)  # _runnable may have queued swap-ins that fit now
+            if len(c._demands) < num_demands or self._preempt():
+                continue
+            if not self._deadlocked():
+                return runnable  # wait: an instance that is not waiting may still free pages
+            self._fail_head()
+
+    def _runnable(self) -> list[InstanceState]:
+        """Instances with queued work whose blocks are all resident; the others get a swap-in demand."""
+        runnable = []
+        for instance in self.c._active:
+            if not nonresident_blocks(instance, self.pool):
+                runnable.append(instance)
+            elif not instance.swap_in_queued:
+                instance.swap_in_queued = True
+                self.c._demands.append(SwapIn(instance))
+        return runnable
+
+    def _preempt(self) -> bool:
+        """Frees pages for the head demand by preempting a victim; False if there is none."""
+        choice = choose_victim(self.c._instances.values(), self.c._demands[0].instance, self.pool,
+                               self.swapped_in)
+        if choice is None:
+            return False
+        victim, block_ids = choice
+        num_slots = min(len(block_ids), self.pool.num_free_swap_slots)
+        if num_slots == 0:
+            self._fail_instance(victim, f"instance {victim.instance_id!r} was preempted: out of KV pages and "
+                                        "of host swap space (the last resort; its pages were dropped)")
+        else:
+            self.swap_outs.extend(self.pool.swap_out(block_id) for block_id in block_ids[:num_slots])
+        return True
+
+    def _deadlocked(self) -> bool:
+        """True when every instance holding device pages is itself waiting for pages."""
+        waiting = {id(d.instance) for d in self.c._demands}
+        for instance in self.c._instances.values():
+            if instance.failure is None and id(instance) not in waiting and any(
+                    self.pool.is_resident(block_id) for _, block_id in instance.table.items()):
+                return False
+        return True
+
+    def _fail_head(self) -> None:
+        demand = self.c._demands.popleft()
+        instance = demand.instance
+        reason = (f"out of KV pages: {self.pool.num_free_pages} of {self.pool.num_pages} are free, the rest are "
+                  "held by exports or by instances that are all waiting for pages, and none can be preempted")
+        if isinstance(demand, Allocation):
+            instance.num_pages_requested -= demand.num_pages
+            self.c._settle(demand.future, error=ControlError(f"cannot allocate {demand.num_pages} pages: {reason}"))
+        else:
+            self._fail_instance(instance, f"instance {instance.instance_id!r} was preempted and cannot be "
+                                          f"swapped back in: {reason}")
+
+    def _fail_instance(self, instance: InstanceState, reason: str) -> None:
+        instance.failure = reason
+        self.c._drop_instance(instance, ControlError(reason))
+
+    def _apply(self, plan: StepPlan) -> tuple[list[PageCopy], list[ForwardCommand], Sources]:
+        """Translates the plan to physical pages and takes its commands off the queues."""
+        copies = []
+        for instance, copy in plan.copies:
+            table = instance.table
+            copies.append(PageCopy(self.pool.page(table.pinned_block(copy.src_page_id)),
+                                   self.pool.page(table.pinned_block(copy.dst_page_id)),
+                                   copy.src_offset, copy.dst_offset, copy.num_slots))
+        forwards, sources = [], []
+        for chunk in plan.chunks:
+            item, table = chunk.item, chunk.instance.table
+            pages = [self.pool.page(table.pinned_block(page_id)) for page_id in item.page_ids]
+            command, output_ids = item.command(chunk.start, chunk.end, pages)
+            item.num_scheduled = chunk.end
+            forwards.append(command)
+            sources.append((chunk, output_ids))
+        active = self.c._active
+        for instance, num_consumed in plan.num_consumed.items():
+            for _ in range(num_consumed):
+                self._unqueue(instance)
+        for instance in {chunk.instance: None for chunk in plan.chunks} | plan.num_consumed:
+            active.pop(instance, None)
+            if instance.queue:
+                active[instance] = None  # round robin: served instances go to the back
+        return copies, forwards, sources
+
+    # -- results ------------------------------------------------------------------------------------------
+    def deliver(self, result: StepResult) -> None:
+        sources, self.c._inflight = self.c._inflight, []
+        if len(result.results) != len(sources):
+            self._fail_sources(sources, ControlError(
+                f"the executor returned {len(result.results)} results for {len(sources)} commands"))
+            return
+        for (chunk, output_ids), command_result in zip(sources, result.results):
+            item = chunk.item
+            if item.cancelled:
+                continue  # closed while running: drop the outputs
+            if len(command_result.outputs) != len(output_ids):
+                self._fail_chunk(chunk, ControlError(f"the executor returned {len(command_result.outputs)} "
+                                                     f"outputs for {len(output_ids)} requested"))
+                continue
+            item.results.update(zip(output_ids, command_result.outputs))
+            if chunk.is_last:
+                self.c._settle(item.future, item.result())
+
+    def fail_inflight(self, error: ControlError) -> None:
+        sources, self.c._inflight = self.c._inflight, []
+        self._fail_sources(sources, error)
+
+    def _fail_sources(self, sources: Sources, error: ControlError) -> None:
+        for chunk, _ in sources:
+            self._fail_chunk(chunk, error)
+
+    def _fail_chunk(self, chunk: Chunk, error: ControlError) -> None:
+        """Fails the chunk's forward; a partly scheduled one leaves its instance's queue."""
+        self.c._cancel(chunk.item, error)
+        instance = chunk.instance
+        if instance.queue and instance.queue[0] is chunk.item:
+            self._unqueue(instance)
+            if not instance.queue:
+                self.c._active.pop(instance, None)
+
+    def _unqueue(self, instance: InstanceState) -> None:
+        """Takes the head command off the queue; pages freed while it was queued go now."""
+        self.c._res.drop(instance.table.unpin(*instance.queue.popleft().pinned()))

@@ -1,0 +1,187 @@
+"""Queued commands of an instance: forwards (validated, maybe split into chunks) and slot copies.
+
+A forward's context is its pages filled to context_len; its tokens are the last num_tokens slots (see
+engine/executor/batch.py). A chunk [start, end) of the tokens is itself a valid command over the first
+`base + end` slots (base = context_len - num_tokens): the earlier tokens' KV was written by earlier chunks.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+from engine.control.api import ControlError, VirtualForward
+from engine.control.page_table import PageTable
+from engine.executor.batch import CommandResult, ForwardCommand, OutputResult, OutputSpec
+from engine.types import PageId, VirtualPageId
+
+
+@dataclass(frozen=True)
+class Limits:
+    page_size: int
+    max_context_len: int
+    vocab_size: int | None = None
+    max_position: int | None = None
+
+
+@dataclass(eq=False)
+class CopyItem:
+    src_page_id: VirtualPageId
+    dst_page_id: VirtualPageId
+    src_offset: int
+    dst_offset: int
+    num_slots: int
+
+    def pinned(self) -> tuple[list[VirtualPageId], list[VirtualPageId]]:
+        return [self.src_page_id], [self.dst_page_id]
+
+
+@dataclass(eq=False)
+class ForwardItem:
+    seq: int  # global submission order
+    token_ids: list[int]
+    positions: list[int]
+    page_ids: list[VirtualPageId]
+    context_len: int
+    page_size: int
+    outputs: list[OutputSpec]
+    # The effective mask [num_tokens][context_len] (user mask or causal, AND slot visibility), or None.
+    mask: list[list[bool]] | None
+    chunkable: bool  # False when a mask row looks ahead of its token (all tokens must run in one chunk)
+    future: Future[CommandResult]
+    num_scheduled: int = 0  # tokens already handed to a batch
+    num_inflight_chunks: int = 0
+    results: dict[int, OutputResult] = field(default_factory=dict)  # by index into outputs
+    cancelled: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        return len(self.token_ids) - self.num_scheduled
+
+    @property
+    def base(self) -> int:
+        return self.context_len - len(self.token_ids)
+
+    def written_page_ids(self, start: int = 0, end: int | None = None) -> list[VirtualPageId]:
+        """The pages receiving the KV of tokens [start, end)."""
+        end = len(self.token_ids) if end is None else end
+        first, last = (self.base + start) // self.page_size, (self.base + end - 1) // self.page_size
+        return self.page_ids[first:last + 1]
+
+    def pinned(self) -> tuple[list[VirtualPageId], list[VirtualPageId]]:
+        return self.page_ids, self.written_page_ids()
+
+    def command(self, start: int, end: int, pages: Sequence[PageId]) -> tuple[ForwardCommand, list[int]]:
+        """The command for tokens [start, end) over the physical pages of the whole context; also the
+        indices (into outputs) of the outputs it carries, in its order."""
+        chunk_context, page_size = self.base + end, self.page_size
+        num_pages = -(-chunk_context // page_size)
+        whole = start == 0 and end == len(self.token_ids)
+        output_ids = list(range(len(self.outputs))) if whole else \
+            [k for k, o in enumerate(self.outputs) if start <= o.index < end]
+        outputs = self.outputs if whole else [replace(self.outputs[k], index=self.outputs[k].index - start)
+                                              for k in output_ids]
+        mask = None
+        if self.mask is not None:
+            mask = self.mask if whole else [row[:chunk_context] for row in self.mask[start:end]]
+        return ForwardCommand(
+            token_ids=self.token_ids[start:end], positions=self.positions[start:end],
+            page_ids=list(pages[:num_pages]), last_page_len=chunk_context - (num_pages - 1) * page_size,
+            outputs=outputs, attention_mask=mask), output_ids
+
+    def result(self) -> CommandResult:
+        return CommandResult(outputs=tuple(self.results[k] for k in range(len(self.outputs))))
+
+
+def prepare_forward(command: VirtualForward, table: PageTable, limits: Limits, seq: int,
+                    future: Future[CommandResult]) -> ForwardItem:
+    """Validates a forward against the instance's table (raises ControlError) and builds its queue item."""
+    token_ids, positions = list(command.token_ids), list(command.positions)
+    num_tokens = len(token_ids)
+    if num_tokens == 0 or len(positions) != num_tokens:
+        raise ControlError(f"a forward needs >= 1 token and one position per token; got {num_tokens} tokens "
+                           f"and {len(positions)} positions")
+    _check_values(token_ids, positions, limits)
+    page_ids = list(command.page_ids)
+    if not page_ids:
+        raise ControlError("a forward needs at least one page")
+    table.blocks(page_ids, distinct=True)
+    page_size = limits.page_size
+    if not 1 <= command.last_page_len <= page_size:
+        raise ControlError(f"last_page_len must be in [1, {page_size}], got {command.last_page_len}")
+    context_len = (len(page_ids) - 1) * page_size + command.last_page_len
+    if context_len < num_tokens:
+        raise ControlError(f"{num_tokens} new tokens do not fit a context of {context_len} slots "
+                           f"({len(page_ids)} pages, last page holds {command.last_page_len})")
+    if context_len > limits.max_context_len:
+        raise ControlError(f"context of {context_len} slots exceeds the maximum {limits.max_context_len}")
+    outputs = list(command.outputs)
+    for output in outputs:
+        if not isinstance(output, OutputSpec):
+            raise ControlError(f"outputs must be OutputSpec, got {type(output).__name__}")
+        if not 0 <= output.index < num_tokens:
+            raise ControlError(f"output index {output.index} out of range [0, {num_tokens})")
+    mask = _effective_mask(command.attention_mask, page_ids, table, num_tokens, context_len)
+    item = ForwardItem(seq=seq, token_ids=token_ids, positions=positions, page_ids=page_ids,
+                       context_len=context_len, page_size=page_size, outputs=outputs, mask=mask,
+                       chunkable=command.attention_mask is None or _is_causal_bounded(mask, context_len),
+                       future=future)
+    return item
+
+
+def check_copy(table: PageTable, src_page_id: VirtualPageId, dst_page_id: VirtualPageId, src_offset: int,
+               dst_offset: int, num_slots: int) -> CopyItem:
+    table.block(src_page_id)
+    table.block(dst_page_id)
+    page_size = table.page_size
+    if num_slots <= 0:
+        raise ControlError(f"num_slots must be positive, got {num_slots}")
+    for name, offset in (("src_offset", src_offset), ("dst_offset", dst_offset)):
+        if offset < 0 or offset + num_slots > page_size:
+            raise ControlError(f"{name} {offset} + num_slots {num_slots} is outside the page [0, {page_size})")
+    return CopyItem(src_page_id, dst_page_id, src_offset, dst_offset, num_slots)
+
+
+def _check_values(token_ids: list[int], positions: list[int], limits: Limits) -> None:
+    if min(token_ids) < 0 or (limits.vocab_size is not None and max(token_ids) >= limits.vocab_size):
+        bad = next(t for t in token_ids if t < 0 or (limits.vocab_size is not None and t >= limits.vocab_size))
+        raise ControlError(f"token id {bad} out of range [0, {limits.vocab_size})")
+    if min(positions) < 0 or (limits.max_position is not None and max(positions) >= limits.max_position):
+        bad = next(p for p in positions if p < 0 or (limits.max_position is not None and p >= limits.max_position))
+        raise ControlError(f"position {bad} out of range [0, {limits.max_position})")
+
+
+def _effective_mask(user_mask: Sequence[Sequence[bool]] | None, page_ids: list[VirtualPageId],
+                    table: PageTable, num_tokens: int, context_len: int) -> list[list[bool]] | None:
+    """user mask (or causal) AND slot visibility; None when that is plain causal."""
+    hidden = table.has_hidden_slots(page_ids)
+    if user_mask is None and not hidden:
+        return None
+    page_size = table.page_size
+    visible: list[bool] = []
+    for page_id in page_ids:
+        visible.extend(table.visibility(page_id) or [True] * page_size)
+    del visible[context_len:]
+    base = context_len - num_tokens
+    if user_mask is None:
+        rows = [[v and j <= base + i for j, v in enumerate(visible)] for i in range(num_tokens)]
+    else:
+        if len(user_mask) != num_tokens or any(len(row) != context_len for row in user_mask):
+            raise ControlError(f"attention_mask must be [num_tokens={num_tokens}][context_len={context_len}]")
+        rows = [[bool(m) and v for m, v in zip(row, visible)] for row in user_mask]
+    for i, row in enumerate(rows):
+        if not any(row):
+            raise ControlError(f"attention mask row {i} hides every slot (after masked slots are removed)")
+    return rows
+
+
+def _is_causal_bounded(mask: list[list[bool]] | None, context_len: int) -> bool:
+    """True when no row i attends past its own slot (so the tokens can run in chunks)."""
+    if mask is None:
+        return True
+    base = context_len - len(mask)
+    return not any(any(row[base + i + 1:]) for i, row in enumerate(mask))

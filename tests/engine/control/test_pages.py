@@ -1,0 +1,143 @@
+"""The building blocks: the refcounted page pool, per-instance page tables, the prefix cache."""
+from __future__ import annotations
+
+import pytest
+
+from engine.control.api import ControlError
+from engine.control.page_table import PageTable
+from engine.control.pages import PagePool
+from engine.control.prefix_cache import PrefixCache
+
+
+def test_refcount_lifecycle_returns_page_exactly_at_zero() -> None:
+    pool = PagePool(num_pages=4)
+    [block] = pool.allocate(1)
+    page = pool.page(block)
+    assert pool.num_free_pages == 3
+    pool.incref(block)
+    pool.incref(block)
+    assert pool.refcount(block) == 3
+    assert pool.decref(block) is False and pool.decref(block) is False
+    assert pool.num_free_pages == 3  # still referenced once
+    assert pool.decref(block) is True
+    assert pool.num_free_pages == 4 and pool.num_blocks == 0
+    with pytest.raises(KeyError):
+        pool.incref(block)  # a freed block is gone
+    [again] = pool.allocate(1)
+    assert pool.page(again) == page and again != block  # LIFO page reuse, fresh block id
+
+
+def test_allocate_more_than_free_changes_nothing() -> None:
+    pool = PagePool(num_pages=2)
+    with pytest.raises(RuntimeError):
+        pool.allocate(3)
+    assert pool.num_free_pages == 2 and pool.num_blocks == 0
+
+
+def test_swap_out_frees_page_and_swap_in_remaps() -> None:
+    pool = PagePool(num_pages=2, num_swap_slots=1)
+    [block] = pool.allocate(1)
+    old_page = pool.page(block)
+    out = pool.swap_out(block)
+    assert out.page_id == old_page and not pool.is_resident(block)
+    assert pool.num_free_pages == 2 and pool.num_free_swap_slots == 0 and pool.num_swapped_blocks == 1
+    with pytest.raises(RuntimeError):
+        pool.page(block)
+    [other] = pool.allocate(1)  # takes the page the swap-out freed
+    back = pool.swap_in(block)
+    assert back.swap_slot == out.swap_slot and back.page_id != pool.page(other)
+    assert pool.page(block) == back.page_id and pool.num_free_pages == 0
+    assert pool.num_free_swap_slots == 0  # the slot is reusable only once the batch is formed
+    pool.end_batch()
+    assert pool.num_free_swap_slots == 1
+    pool.decref(block)
+    pool.decref(other)
+    assert pool.num_free_pages == 2
+
+
+def test_freeing_a_swapped_block_frees_its_slot() -> None:
+    pool = PagePool(num_pages=1, num_swap_slots=1)
+    [block] = pool.allocate(1)
+    pool.swap_out(block)
+    pool.decref(block)
+    assert pool.num_free_swap_slots == 1 and pool.num_free_pages == 1 and pool.num_swapped_blocks == 0
+
+
+def test_page_table_ids_validation_quota_and_pins() -> None:
+    table = PageTable(page_size=4, max_pages=3)
+    ids = table.add([10, 11])
+    assert ids == [0, 1] and table.blocks(ids) == [10, 11]
+    table.check_quota(1)
+    with pytest.raises(ControlError, match="quota"):
+        table.check_quota(2)
+    with pytest.raises(ControlError, match="quota"):
+        table.check_quota(1, num_reserved=1)
+    with pytest.raises(ControlError, match="unknown page id 7"):
+        table.block(7)
+    with pytest.raises(ControlError, match="duplicate"):
+        table.remove([0, 0])
+    with pytest.raises(ControlError, match="unknown page id 5"):
+        table.remove([0, 5])
+    assert table.num_pages == 2  # all or nothing
+    table.pin([0, 1], [0])
+    with pytest.raises(ControlError, match="being written"):
+        table.check_not_write_pinned([0])
+    assert table.remove([0, 1]) == []  # both retired: queued commands use them
+    with pytest.raises(ControlError, match="already freed"):
+        table.block(0)
+    assert table.pinned_block(0) == 10 and sorted(table.block_counts()) == [10, 11]
+    assert table.unpin([0], []) == []  # still write-pinned
+    assert table.unpin([1], [0]) == [11, 10]
+    assert table.num_pages == 0 and not table.block_counts()
+    assert table.add([12]) == [2]  # ids are never reused
+
+
+def test_page_table_visibility() -> None:
+    table = PageTable(page_size=4, max_pages=None)
+    [page] = table.add([5])
+    with pytest.raises(ControlError, match="page size is 4"):
+        table.set_visibility(page, [True, False])
+    table.set_visibility(page, [True, False, True, True])
+    assert table.visibility(page) == [True, False, True, True] and table.has_hidden_slots([page])
+    table.set_visibility(page, [True] * 4)
+    assert table.visibility(page) is None and not table.has_hidden_slots([page])
+    with pytest.raises(ControlError, match="must be positive"):
+        PageTable(page_size=4, max_pages=0)
+
+
+def test_prefix_cache_hit_miss_and_stats() -> None:
+    cache = PrefixCache(page_size=2)
+    assert cache.publish([1, 2, 3, 4, 5], [100, 101]) == [100, 101]
+    assert cache.lookup([1, 2, 3, 4, 9, 9]) == [100, 101]
+    assert cache.lookup([1, 2, 3, 9]) == [100]
+    assert cache.lookup([9, 2, 3, 4]) == []  # block 1 alone is no prefix
+    assert cache.lookup([1, 2, 3, 4], max_blocks=1) == [100]
+    assert (cache.num_queries, cache.num_query_tokens, cache.num_hit_tokens) == (4, 18, 8)
+    # Same content again (another block): nothing new is cached; a longer chain extends the old one.
+    assert cache.publish([1, 2, 3, 4, 5, 6], [200, 201, 202]) == [202]
+    assert cache.lookup([1, 2, 3, 4, 5, 6]) == [100, 101, 202]
+    assert cache.publish([7, 8], [100]) == []  # one entry per block
+
+
+def test_prefix_cache_evicts_lru_leaves_first() -> None:
+    cache = PrefixCache(page_size=1)
+    cache.publish([1, 2, 3], [10, 11, 12])
+    cache.publish([5], [20])
+    cache.lookup([5])  # 20 is now the most recently used
+    evictable = {10, 11, 12, 20}
+    assert cache.count_evictable(evictable.__contains__) == 4
+    assert cache.count_evictable({10, 11, 20}.__contains__) == 1  # 12 pinned keeps its chain
+    assert cache.evict(evictable.__contains__, 2) == [12, 11]  # the chain's leaf first, then its new leaf
+    assert cache.lookup([1, 2, 3]) == [10]
+    assert cache.evict(lambda b: b != 10, 5) == [20]
+    assert sorted(cache.clear()) == [10] and cache.num_blocks == 0
+
+
+def test_prefix_cache_colliding_keys_are_misses(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.control.prefix_cache as module
+    cache = PrefixCache(page_size=1)
+    monkeypatch.setattr(module, "hash", lambda value: 42, raising=False)  # every key collides
+    assert cache.publish([1], [10]) == [10]
+    assert cache.lookup([2]) == []  # same key, other tokens: a miss, never block 10
+    assert cache.publish([2], [11]) == []
+    assert cache.lookup([1]) == [10]
