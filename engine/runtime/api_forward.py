@@ -1,0 +1,115 @@
+"""Host functions of `forward`, and the conversions between WIT records and the batch protocol."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from engine.control.api import ControlError, VirtualForward
+from engine.executor.batch import CommandResult, OutputResult, OutputSpec, SamplingParams
+from engine.runtime.api_kv import check_token_ids
+from engine.runtime.host import Host
+from engine.runtime.hostfn import GuestError, HostFunction, expect
+from engine.runtime.instance import HostTaskGen, InstanceState
+
+TOKEN_LOGPROB = ("record", ("token-id", "u32"), ("logprob", "f32"))
+TOKEN_PROB = ("record", ("token-id", "u32"), ("prob", "f32"))
+OUTPUT = ("record", ("token-id", ("option", "u32")), ("logprob", ("option", "f32")),
+          ("top-logprobs", ("list", TOKEN_LOGPROB)), ("distribution", ("list", TOKEN_PROB)))
+OUTPUTS_RESULT = ("result", ("list", OUTPUT), "string")
+MAX_DISTRIBUTION_TOP_K = 1024
+
+
+def sampling_params(record: dict[str, Any], vocab_size: int) -> SamplingParams:
+    """WIT sampling-params -> SamplingParams; raises GuestError/ValueError on bad values."""
+    for name in ("temperature", "top-p", "min-p", "presence-penalty", "frequency-penalty", "repetition-penalty"):
+        expect(math.isfinite(record[name]), f"{name} must be finite")
+    bias = record["logit-bias"]
+    allowed = record["allowed-token-ids"]
+    check_token_ids([t for t, _ in bias], vocab_size)
+    expect(all(math.isfinite(b) for _, b in bias), "logit-bias values must be finite")
+    if allowed is not None:
+        check_token_ids(allowed, vocab_size)
+    check_token_ids(record["prompt-token-ids"], vocab_size)
+    check_token_ids(record["output-token-ids"], vocab_size)
+    return SamplingParams(
+        temperature=record["temperature"], top_k=record["top-k"], top_p=record["top-p"], min_p=record["min-p"],
+        seed=record["seed"], presence_penalty=record["presence-penalty"],
+        frequency_penalty=record["frequency-penalty"], repetition_penalty=record["repetition-penalty"],
+        logit_bias=tuple((t, float(b)) for t, b in bias),
+        allowed_token_ids=None if allowed is None else tuple(allowed),
+        prompt_token_ids=tuple(record["prompt-token-ids"]), output_token_ids=tuple(record["output-token-ids"]),
+        num_logprobs=record["num-logprobs"])
+
+
+def virtual_forward(request: dict[str, Any], host: Host) -> VirtualForward:
+    """WIT forward-request -> VirtualForward, checking the shapes the control layer cannot see."""
+    token_ids, positions, page_ids = request["token-ids"], request["positions"], request["page-ids"]
+    last_page_len = request["last-page-len"]
+    page_size, vocab_size = host.model.page_size, host.model.vocab_size
+    expect(len(token_ids) > 0, "a forward needs at least one token")
+    expect(len(positions) == len(token_ids), "positions and token-ids must have the same length")
+    expect(len(page_ids) > 0, "a forward needs at least one page")
+    expect(0 < last_page_len <= page_size, f"last-page-len must be in [1, {page_size}]")
+    context_len = (len(page_ids) - 1) * page_size + last_page_len
+    expect(len(token_ids) <= context_len, "the pages (up to last-page-len) must hold all token-ids")
+    expect(context_len <= host.model.max_context_len, f"context exceeds {host.model.max_context_len} tokens")
+    check_token_ids(token_ids, vocab_size)
+    expect(max(positions) < host.model.max_context_len, "a position exceeds the model's max context")
+    mask = request["attention-mask"]
+    if mask is not None:
+        expect(len(mask) == len(token_ids), "attention-mask needs one row per token")
+        expect(all(len(row) == context_len for row in mask), f"each attention-mask row needs {context_len} entries")
+    outputs = [_output_spec(o, len(token_ids), vocab_size) for o in request["outputs"]]
+    return VirtualForward(token_ids=token_ids, positions=positions, page_ids=page_ids,
+                          last_page_len=last_page_len, outputs=outputs, attention_mask=mask)
+
+
+def _output_spec(request: dict[str, Any], num_tokens: int, vocab_size: int) -> OutputSpec:
+    index = request["index"]
+    expect(index < num_tokens, f"output index {index} is not among the {num_tokens} tokens")
+    case, payload = request["kind"]
+    if case == "sample":
+        return OutputSpec(index=index, sampling=sampling_params(payload, vocab_size))
+    expect(0 < payload <= MAX_DISTRIBUTION_TOP_K, f"distribution top-k must be in [1, {MAX_DISTRIBUTION_TOP_K}]")
+    return OutputSpec(index=index, distribution_top_k=payload)
+
+
+def output_record(result: OutputResult) -> dict[str, Any]:
+    return {"token-id": result.token_id, "logprob": result.logprob,
+            "top-logprobs": [{"token-id": t, "logprob": lp} for t, lp in result.top_logprobs],
+            "distribution": [{"token-id": t, "prob": p} for t, p in result.distribution]}
+
+
+def command_outputs(result: CommandResult) -> list[dict[str, Any]]:
+    return [output_record(o) for o in result.outputs]
+
+
+def functions(host: Host) -> list[HostFunction]:
+    control = host.control
+
+    def forward(inst: InstanceState, request: dict[str, Any]) -> HostTaskGen:
+        command = virtual_forward(request, host)
+        result = yield control.forward(inst.id, command)
+        return ("ok", command_outputs(result))
+
+    def forward_all(inst: InstanceState, requests: list[dict[str, Any]]) -> HostTaskGen:
+        if len(requests) > host.config.max_generate_batch:
+            message = f"at most {host.config.max_generate_batch} requests per forward-all"
+            return [("err", message)] * len(requests)
+        answers: list[Any] = [None] * len(requests)
+        futures, slots = [], []
+        for i, request in enumerate(requests):
+            try:
+                futures.append(control.forward(inst.id, virtual_forward(request, host)))
+                slots.append(i)
+            except (GuestError, ControlError, ValueError) as error:  # each request fails alone
+                answers[i] = ("err", str(error))
+        outcomes = (yield futures) if futures else []
+        for i, outcome in zip(slots, outcomes):
+            answers[i] = ("err", str(outcome)) if isinstance(outcome, BaseException) else ("ok", command_outputs(outcome))
+        return answers
+
+    return [
+        HostFunction("forward", "forward", forward, OUTPUTS_RESULT),
+        HostFunction("forward", "forward-all", forward_all, ("list", OUTPUTS_RESULT)),
+    ]

@@ -1,0 +1,210 @@
+"""Host functions of `generate`: the decode loop in the host.
+
+Per step, every unfinished sequence of the call issues one forward (its pending tokens, one sampled output)
+and the call waits for all of them, so `generate-all` sequences share batches. Pages grow on demand.
+Sequence layout invariant: `pages` hold `context_len` tokens (the last page holds `last_page_len`), and
+`pending` tokens follow them at positions `position, position + 1, ...`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.control.api import ControlError, VirtualForward
+from engine.executor.batch import OutputSpec, SamplingParams
+from engine.runtime.api_forward import sampling_params
+from engine.runtime.api_kv import check_token_ids
+from engine.runtime.host import Host
+from engine.runtime.hostfn import GuestError, HostFunction, expect
+from engine.runtime.instance import HostTaskGen, InstanceState
+from engine.runtime.messages import Text
+from engine.runtime.stop_strings import StopMatcher
+from engine.runtime.tokenizer import StreamDecoder
+
+TOKEN_LOGPROB = ("record", ("token-id", "u32"), ("logprob", "f32"))
+POSITION_LOGPROBS = ("record", ("token-id", "u32"), ("logprob", "f32"), ("top-logprobs", ("list", TOKEN_LOGPROB)))
+GENERATION = ("record", ("token-ids", ("list", "u32")), ("text", "string"), ("finish-reason", ("enum",)),
+              ("logprobs", ("list", POSITION_LOGPROBS)), ("page-ids", ("list", "u32")), ("last-page-len", "u32"),
+              ("pending-token-ids", ("list", "u32")), ("next-position", "u32"))
+GENERATION_RESULT = ("result", GENERATION, "string")
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+
+
+@dataclass
+class Sequence:
+    pages: list[int]
+    context_len: int  # tokens whose KV is in pages (pages cover exactly this, rounded up to a page)
+    pending: list[int]
+    position: int
+    params: SamplingParams
+    max_tokens: int
+    stop_token_ids: frozenset[int]
+    stop: StopMatcher
+    decoder: StreamDecoder
+    stream_channel: int | None
+    penalized: bool  # penalties need the output so far in every step's params
+    page_size: int
+    allocated: list[int] = field(default_factory=list)  # pages this call added (freed again on error)
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.finish_reason is None and self.error is None
+
+
+def _sequence(request: dict[str, Any], host: Host) -> Sequence:
+    model = host.model
+    pages, last_page_len, tokens = request["page-ids"], request["last-page-len"], request["input-token-ids"]
+    expect(len(tokens) > 0, "input-token-ids must hold at least one token (the last one is what is sampled after)")
+    expect(request["max-tokens"] > 0, "max-tokens must be at least 1")
+    expect((not pages and last_page_len == 0) or (pages and 0 < last_page_len <= model.page_size),
+           f"last-page-len must be 0 without pages, else in [1, {model.page_size}]")
+    check_token_ids(tokens, model.vocab_size)
+    check_token_ids(request["stop-token-ids"], model.vocab_size)
+    stop_strings = request["stop-strings"]
+    expect(len(stop_strings) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings")
+    expect(all(len(s) <= MAX_STOP_STRING_CHARS for s in stop_strings),
+           f"a stop string has at most {MAX_STOP_STRING_CHARS} characters")
+    params = sampling_params(request["sampling"], model.vocab_size)
+    if request["constraint"] is not None:
+        _, allowed = request["constraint"]  # the only case today: allowed-tokens
+        expect(len(allowed) > 0, "allowed-tokens must not be empty")
+        check_token_ids(allowed, model.vocab_size)
+        expect(params.allowed_token_ids is None, "give allowed tokens in sampling or in constraint, not both")
+        params = dataclasses.replace(params, allowed_token_ids=tuple(allowed))
+    if not params.prompt_token_ids:
+        params = dataclasses.replace(params, prompt_token_ids=tuple(tokens))
+    stops = set(request["stop-token-ids"]) | (set() if request["ignore-eos"] else set(model.eos_token_ids))
+    context_len = (len(pages) - 1) * model.page_size + last_page_len if pages else 0
+    expect(context_len + len(tokens) < model.max_context_len, f"the prompt fills the model's context "
+           f"({model.max_context_len} tokens)")
+    return Sequence(pages=list(pages), context_len=context_len, pending=list(tokens),
+                    position=request["position"], params=params, max_tokens=request["max-tokens"],
+                    stop_token_ids=frozenset(stops), stop=StopMatcher(stop_strings), decoder=host.tokenizer.new_decoder(),
+                    stream_channel=request["stream-channel"], page_size=model.page_size,
+                    penalized=params.presence_penalty != 0 or params.frequency_penalty != 0
+                    or params.repetition_penalty != 1.0)
+
+
+def _pages_needed(seq: Sequence, page_size: int) -> int:
+    return max(0, -(-(seq.context_len + len(seq.pending)) // page_size) - len(seq.pages))
+
+
+def _last_page_len(num_tokens: int, num_pages: int, page_size: int) -> int:
+    return num_tokens - (num_pages - 1) * page_size if num_pages else 0
+
+
+def _command(seq: Sequence, page_size: int) -> VirtualForward:
+    params = seq.params
+    if seq.penalized:
+        params = dataclasses.replace(params, output_token_ids=tuple(seq.generated))
+    return VirtualForward(token_ids=list(seq.pending),
+                          positions=list(range(seq.position, seq.position + len(seq.pending))),
+                          page_ids=list(seq.pages),
+                          last_page_len=_last_page_len(seq.context_len + len(seq.pending), len(seq.pages), page_size),
+                          outputs=[OutputSpec(index=len(seq.pending) - 1, sampling=params)])
+
+
+def _emit(seq: Sequence, inst: InstanceState, text: str) -> None:
+    if text and seq.stream_channel is not None:
+        inst.outbox.put(Text(text, seq.stream_channel))
+
+
+def _accept(seq: Sequence, inst: InstanceState, token_id: int, output: Any, max_context_len: int) -> None:
+    """Take one sampled token: stop conditions, detokenization, streaming."""
+    seq.position += len(seq.pending)
+    seq.context_len += len(seq.pending)
+    seq.pending = [token_id]
+    seq.generated.append(token_id)
+    if seq.params.num_logprobs is not None:
+        seq.logprobs.append({"token-id": token_id, "logprob": output.logprob if output.logprob is not None else 0.0,
+                             "top-logprobs": [{"token-id": t, "logprob": lp} for t, lp in output.top_logprobs]})
+    if token_id in seq.stop_token_ids:
+        seq.finish_reason = "stop"
+    else:
+        _emit(seq, inst, seq.stop.add(seq.decoder.add([token_id])))
+        if seq.stop.stopped:
+            seq.finish_reason = "stop"
+    if seq.finish_reason is None and (len(seq.generated) >= seq.max_tokens or seq.position + 1 >= max_context_len):
+        seq.finish_reason = "length"
+    if seq.finish_reason is not None and not seq.stop.stopped:
+        _emit(seq, inst, seq.stop.add(seq.decoder.flush()))
+        _emit(seq, inst, seq.stop.finish())
+
+
+def _result(seq: Sequence) -> tuple[str, Any]:
+    if seq.error is not None:
+        return ("err", seq.error)
+    return ("ok", {"token-ids": seq.generated, "text": seq.stop.text, "finish-reason": seq.finish_reason,
+                   "logprobs": seq.logprobs, "page-ids": seq.pages,
+                   "last-page-len": _last_page_len(seq.context_len, len(seq.pages), seq.page_size),
+                   "pending-token-ids": seq.pending, "next-position": seq.position})
+
+
+def run_sequences(host: Host, inst: InstanceState, seqs: list[Sequence]) -> HostTaskGen:
+    control, page_size = host.control, host.model.page_size
+    while any(s.active for s in seqs):
+        active = [s for s in seqs if s.active]
+        need = [_pages_needed(s, page_size) for s in active]
+        wanted = [(s, n, control.allocate_pages(inst.id, n)) for s, n in zip(active, need) if n]
+        if wanted:
+            outcomes = yield [f for _, _, f in wanted]
+            for (seq, _, _), pages in zip(wanted, outcomes):
+                if isinstance(pages, BaseException):
+                    seq.error = f"allocating pages failed: {pages}"
+                else:
+                    seq.pages.extend(pages)
+                    seq.allocated.extend(pages)
+        stepping = [s for s in active if s.active]
+        futures = []
+        for seq in stepping:
+            futures.append(control.forward(inst.id, _command(seq, page_size)))
+        outcomes = yield futures
+        for seq, outcome in zip(stepping, outcomes):
+            if isinstance(outcome, BaseException):
+                seq.error = f"forward failed: {outcome}"
+                continue
+            output = outcome.outputs[0]
+            _accept(seq, inst, output.token_id, output, host.model.max_context_len)
+    for seq in seqs:
+        if seq.error is not None and seq.allocated:
+            try:
+                control.free_pages(inst.id, seq.allocated)
+            except ControlError:
+                pass  # the instance is closing: its pages go anyway
+    return [_result(s) for s in seqs]
+
+
+def functions(host: Host) -> list[HostFunction]:
+    def generate(inst: InstanceState, request: dict[str, Any]) -> HostTaskGen:
+        seq = _sequence(request, host)
+        results = yield from run_sequences(host, inst, [seq])
+        return results[0]
+
+    def generate_all(inst: InstanceState, requests: list[dict[str, Any]]) -> HostTaskGen:
+        limit = host.config.max_generate_batch
+        if len(requests) > limit:
+            return [("err", f"at most {limit} requests per generate-all")] * len(requests)
+        seqs: list[Sequence | None] = []
+        errors: dict[int, str] = {}
+        for i, request in enumerate(requests):
+            try:
+                seqs.append(_sequence(request, host))
+            except (GuestError, ControlError, ValueError) as error:
+                seqs.append(None)
+                errors[i] = str(error)
+        results = yield from run_sequences(host, inst, [s for s in seqs if s is not None])
+        answers, it = [], iter(results)
+        for i, seq in enumerate(seqs):
+            answers.append(("err", errors[i]) if seq is None else next(it))
+        return answers
+
+    return [
+        HostFunction("generate", "generate", generate, GENERATION_RESULT),
+        HostFunction("generate", "generate-all", generate_all, ("list", GENERATION_RESULT)),
+    ]

@@ -1,0 +1,81 @@
+"""Host function of `http`: one request/response per call, only to allow-listed hosts.
+
+Decision (docs/decisions/execution-model.md): a single `fetch` call instead of wasi:http. wasi:http's
+resources and streams would need the wasmtime-internal HTTP stack (its own allow-list hooks are not exposed to
+Python) and cost many host calls per request; `fetch` is one call and the check below is ours.
+Redirects are not followed (a redirect could lead off the allow-list): a 3xx comes back as a response.
+"""
+from __future__ import annotations
+
+import http.client
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from engine.runtime.host import Host
+from engine.runtime.hostfn import GuestError, HostFunction, expect
+from engine.runtime.instance import HostTaskGen, InstanceState
+
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
+RESPONSE = ("record", ("status", "u16"), ("headers", ("list", ("tuple", "string", "string"))), ("body", ("list", "u8")))
+MAX_REQUEST_BODY_BYTES = 8 << 20
+
+
+def host_allowed(host_name: str, allowed: tuple[str, ...]) -> bool:
+    host_name = host_name.lower().rstrip(".")
+    for pattern in allowed:
+        pattern = pattern.lower()
+        if pattern == host_name or (pattern.startswith("*.") and host_name.endswith(pattern[1:])):
+            return True
+    return False
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _fetch(method: str, url: str, headers: list[tuple[str, str]], body: bytes, timeout_s: float,
+           max_bytes: int) -> dict[str, Any]:
+    try:
+        request = urllib.request.Request(url, data=body or None, method=method, headers=dict(headers))
+        try:
+            response = _OPENER.open(request, timeout=timeout_s)
+        except urllib.error.HTTPError as error:  # an HTTP error status is a normal response
+            response = error
+        return _read(response, max_bytes)
+    except GuestError:
+        raise
+    except (OSError, ValueError, http.client.HTTPException) as error:  # URLError, timeouts, bad URLs
+        raise GuestError(f"fetch failed: {error}") from None
+
+
+def _read(response: Any, max_bytes: int) -> dict[str, Any]:
+    with response:
+        data = response.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise GuestError(f"the response body exceeds {max_bytes} bytes")
+        return {"status": response.status, "headers": list(response.headers.items()), "body": data}
+
+
+def functions(host: Host) -> list[HostFunction]:
+    config = host.config
+
+    def fetch(inst: InstanceState, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> HostTaskGen:
+        method = method.upper()
+        expect(method in METHODS, f"method must be one of {', '.join(METHODS)}")
+        parsed = urllib.parse.urlsplit(url)
+        expect(parsed.scheme in ("http", "https") and bool(parsed.hostname), "url must be http:// or https:// with a host")
+        expect(host_allowed(parsed.hostname or "", config.http_allowed_hosts),
+               f"host {parsed.hostname!r} is not on the server's HTTP allow-list")
+        expect(len(body) <= MAX_REQUEST_BODY_BYTES, f"request body exceeds {MAX_REQUEST_BODY_BYTES} bytes")
+        expect(all("\n" not in k + v and "\r" not in k + v for k, v in headers), "header names/values must not contain newlines")
+        outcome = yield host.run_blocking(lambda: _fetch(method, url, headers, bytes(body), config.http_timeout_s,
+                                                         config.http_max_response_bytes))
+        return ("ok", outcome)
+
+    return [HostFunction("http", "fetch", fetch, ("result", RESPONSE, "string"))]

@@ -1,0 +1,94 @@
+"""Host functions of `kv` (pages, sharing) and `prefix-cache`: thin, validated calls into api.Control."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from engine.runtime.host import Host
+from engine.runtime.hostfn import HostFunction, expect
+from engine.runtime.instance import HostTaskGen, InstanceState
+
+PAGES_RESULT = ("result", ("list", "u32"), "string")
+UNIT_RESULT = ("result", None, "string")
+PREFIX_MATCH = ("record", ("page-ids", ("list", "u32")), ("num-tokens", "u32"))
+MAX_PAGES_PER_CALL = 1 << 16
+MAX_EXPORT_NAME_BYTES = 256
+
+
+def check_token_ids(token_ids: Sequence[int], vocab_size: int) -> None:
+    for token_id in token_ids:
+        expect(token_id < vocab_size, f"token id {token_id} is outside the vocabulary (size {vocab_size})")
+
+
+def functions(host: Host) -> list[HostFunction]:
+    control = host.control
+    page_size = host.model.page_size
+
+    def allocate_pages(inst: InstanceState, num_pages: int) -> HostTaskGen:
+        expect(0 < num_pages <= MAX_PAGES_PER_CALL, f"num-pages must be in [1, {MAX_PAGES_PER_CALL}]")
+        page_ids = yield control.allocate_pages(inst.id, num_pages)
+        return ("ok", list(page_ids))
+
+    def free_pages(inst: InstanceState, page_ids: list[int]) -> tuple[str, None]:
+        control.free_pages(inst.id, page_ids)
+        return ("ok", None)
+
+    def copy_slots(inst: InstanceState, src: int, dst: int, src_offset: int, dst_offset: int,
+                   num_slots: int) -> tuple[str, None]:
+        expect(num_slots > 0, "num-slots must be positive")
+        expect(src_offset + num_slots <= page_size and dst_offset + num_slots <= page_size,
+               f"slot ranges must lie within a page of {page_size} slots")
+        control.copy_slots(inst.id, src, dst, src_offset, dst_offset, num_slots)
+        return ("ok", None)
+
+    def mask_slots(inst: InstanceState, page_id: int, slot_mask: list[bool]) -> tuple[str, None]:
+        expect(len(slot_mask) == page_size, f"slot-mask needs {page_size} entries, got {len(slot_mask)}")
+        control.mask_slots(inst.id, page_id, slot_mask)
+        return ("ok", None)
+
+    def share_pages(inst: InstanceState, page_ids: list[int]) -> tuple[str, list[int]]:
+        return ("ok", list(control.share_pages(inst.id, page_ids)))
+
+    def check_name(name: str) -> None:
+        expect(0 < len(name.encode()) <= MAX_EXPORT_NAME_BYTES,
+               f"an export name is 1 to {MAX_EXPORT_NAME_BYTES} bytes")
+
+    def export_pages(inst: InstanceState, page_ids: list[int], name: str) -> tuple[str, None]:
+        check_name(name)
+        expect(len(page_ids) > 0, "export at least one page")
+        control.export_pages(inst.id, page_ids, name)
+        return ("ok", None)
+
+    def import_pages(inst: InstanceState, name: str) -> tuple[str, list[int]]:
+        check_name(name)
+        return ("ok", list(control.import_pages(inst.id, name)))
+
+    def unexport_pages(inst: InstanceState, name: str) -> tuple[str, None]:
+        check_name(name)
+        control.unexport_pages(name)
+        return ("ok", None)
+
+    def lookup(inst: InstanceState, token_ids: list[int]) -> tuple[str, dict]:
+        check_token_ids(token_ids, host.model.vocab_size)
+        page_ids, num_tokens = control.prefix_lookup(inst.id, token_ids)
+        return ("ok", {"page-ids": list(page_ids), "num-tokens": num_tokens})
+
+    def publish(inst: InstanceState, token_ids: list[int], page_ids: list[int]) -> tuple[str, None]:
+        check_token_ids(token_ids, host.model.vocab_size)
+        expect(len(page_ids) * page_size <= len(token_ids),
+               "publish only full pages: len(page-ids) * page-size must be <= len(token-ids)")
+        control.prefix_publish(inst.id, token_ids, page_ids)
+        return ("ok", None)
+
+    return [
+        HostFunction("kv", "allocate-pages", allocate_pages, PAGES_RESULT),
+        HostFunction("kv", "free-pages", free_pages, UNIT_RESULT),
+        HostFunction("kv", "copy-slots", copy_slots, UNIT_RESULT),
+        HostFunction("kv", "mask-slots", mask_slots, UNIT_RESULT),
+        HostFunction("kv", "share-pages", share_pages, PAGES_RESULT),
+        HostFunction("kv", "export-pages", export_pages, UNIT_RESULT),
+        HostFunction("kv", "import-pages", import_pages, PAGES_RESULT),
+        HostFunction("kv", "unexport-pages", unexport_pages, UNIT_RESULT),
+        HostFunction("kv", "list-exports", lambda inst: list(control.list_exports()), ("list", "string")),
+        HostFunction("prefix-cache", "lookup", lookup, ("result", PREFIX_MATCH, "string")),
+        HostFunction("prefix-cache", "publish", publish, UNIT_RESULT),
+    ]

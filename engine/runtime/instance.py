@@ -1,0 +1,56 @@
+"""Per-instance state kept by the host, and the host-call task it may be suspended in."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator
+
+from engine.runtime.messages import Mailbox, Message
+from engine.types import InstanceId
+
+HostTaskGen = Generator[Any, Any, Any]
+"""A host call that waits: yields a Future (or a list of them), receives its result (or a list of results,
+exceptions in place of failed ones), returns the WIT result value."""
+
+_slots = itertools.count(1)
+
+
+@dataclass
+class HostTask:
+    gen: HostTaskGen
+    name: str
+    schema: Any
+    results_ptr: Any  # where the continuation writes the result (None for functions without results)
+    done: bool = False
+    value: Any = None
+    internal_error: str | None = None
+
+
+@dataclass(eq=False)
+class InstanceState:
+    id: InstanceId
+    program_hash: str
+    arguments: tuple[str, ...]
+    tenant: str
+    deadline: float  # time.monotonic() after which the instance is stopped
+    slot: int = field(default_factory=lambda: next(_slots))  # the C continuation's env
+    outbox: Mailbox[Message] = field(default_factory=Mailbox)
+    inbox: Mailbox[str] = field(default_factory=Mailbox)
+    broadcasts: Mailbox[tuple[str, str]] = field(default_factory=Mailbox)
+    topics: set[str] = field(default_factory=set)
+    decoder_reps: set[int] = field(default_factory=set)
+    log_path: str | None = None
+    # wasmtime objects, owned by the scheduler thread
+    store: Any = None
+    component_instance: Any = None
+    call: Any = None  # ffi_async.CallFuture of instantiation, then of run()
+    call_outcome: Callable[[], Any] | None = None
+    phase: str = "starting"  # starting | instantiating | running | finished
+    task: HostTask | None = None
+    context_ptr: Any = None  # the store context of the host call being served
+    kill_reason: str | None = None  # set to stop the instance after the current poll
+    on_exit: list[Callable[["InstanceState"], None]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase == "finished"

@@ -1,0 +1,102 @@
+"""Messages an instance sends to its client, and the mailbox that carries them (and client input).
+
+A Mailbox is filled by any thread and drained either by a blocking `get` (tests, CLI) or by
+`await aget()` from one asyncio loop (the HTTP layer); the producer never blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from dataclasses import dataclass
+from typing import Generic, TypeVar, Union
+
+
+@dataclass(frozen=True)
+class Text:
+    """A text chunk for the client (channel 0: the main stream; others e.g. one per choice)."""
+
+    text: str
+    channel: int = 0
+
+
+@dataclass(frozen=True)
+class Event:
+    """A JSON event for the client (the JSON text, validated by the host)."""
+
+    json: str
+
+
+@dataclass(frozen=True)
+class Terminated:
+    """The last message of every instance: ok, or the error that ended it."""
+
+    ok: bool
+    error: str | None = None
+
+
+Message = Union[Text, Event, Terminated]
+T = TypeVar("T")
+
+
+class Mailbox(Generic[T]):
+    def __init__(self) -> None:
+        self._items: collections.deque[T] = collections.deque()
+        self._cond = threading.Condition()
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        self._listeners: list = []
+
+    def put(self, item: T) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify()
+            waiter, self._waiter = self._waiter, None
+            listeners, self._listeners = self._listeners, []
+        if waiter is not None:
+            loop, future = waiter
+            loop.call_soon_threadsafe(_wake, future)
+        for listener in listeners:
+            listener()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def try_get(self) -> T | None:
+        with self._cond:
+            return self._items.popleft() if self._items else None
+
+    def get(self, timeout: float | None = None) -> T:
+        """Block until an item comes; raises TimeoutError after timeout seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items, timeout):
+                raise TimeoutError("no message within the timeout")
+            return self._items.popleft()
+
+    async def aget(self) -> T:
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._items:
+                    return self._items.popleft()
+                future: asyncio.Future[None] = loop.create_future()
+                self._waiter = (loop, future)
+            await future
+
+    def notify_once(self, listener) -> bool:  # type: ignore[no-untyped-def]
+        """Call listener() (from the producer's thread) at the next put; False (and no call) if items are
+        already waiting."""
+        with self._cond:
+            if self._items:
+                return False
+            self._listeners.append(listener)
+            return True
+
+    def cancel_listener(self, listener) -> None:  # type: ignore[no-untyped-def]
+        with self._cond:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

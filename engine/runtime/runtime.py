@@ -1,0 +1,186 @@
+"""The inferlet runtime: load components, launch instances, talk to them.
+
+Public API (for the HTTP layer and the CLI):
+    runtime = Runtime(control, tokenizer, model_info, RuntimeConfig())
+    program_hash = runtime.load(wasm_bytes)
+    handle = runtime.launch(program_hash, ["--prompt", "hi"], tenant="alice")
+    await handle.next_message()   # Text | Event | ..., finally Terminated(ok, error)
+    handle.get_message(timeout)   # the blocking variant (thread-safe)
+    handle.send("client input"); handle.kill()
+    runtime.close()
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import wasmtime
+
+from engine.control.api import Control
+from engine.runtime import api_tokenize, ffi_async
+from engine.runtime.config import ModelInfo, RuntimeConfig
+from engine.runtime.host import Host, TenantStore
+from engine.runtime.instance import InstanceState
+from engine.runtime.linker import build_linker
+from engine.runtime.messages import Message, Terminated
+from engine.runtime.programs import ProgramCache
+from engine.runtime.scheduler import Scheduler
+from engine.runtime.tokenizer import RuntimeTokenizer
+from engine.types import InstanceId
+
+log = logging.getLogger(__name__)
+MAX_ARGUMENTS_BYTES = 1 << 20
+
+
+class InstanceHandle:
+    """The client's side of one instance. Thread-safe; next_message() is for one asyncio consumer."""
+
+    def __init__(self, state: InstanceState, runtime: "Runtime") -> None:
+        self._state = state
+        self._runtime = runtime
+
+    @property
+    def id(self) -> InstanceId:
+        return self._state.id
+
+    @property
+    def log_path(self) -> str | None:
+        """The file holding the instance's WASI stdout and stderr."""
+        return self._state.log_path
+
+    async def next_message(self) -> Message:
+        return await self._state.outbox.aget()
+
+    def get_message(self, timeout: float | None = None) -> Message:
+        """Blocking variant of next_message; raises TimeoutError."""
+        return self._state.outbox.get(timeout)
+
+    def messages(self, timeout: float | None = None) -> list[Message]:
+        """Block until the instance ends; all its messages, Terminated last."""
+        collected: list[Message] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not collected or not isinstance(collected[-1], Terminated):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            collected.append(self.get_message(remaining))
+        return collected
+
+    def send(self, message: str) -> None:
+        """A message from the client (the inferlet reads it with messaging.receive)."""
+        limit = self._runtime.config.max_message_bytes
+        if len(message.encode()) > limit:
+            raise ValueError(f"message larger than {limit} bytes")
+        if len(self._state.inbox) >= self._runtime.config.mailbox_capacity:
+            raise ValueError("the instance's inbox is full")
+        self._state.inbox.put(message)
+
+    def kill(self, reason: str = "killed by the client") -> None:
+        self._runtime._scheduler.post(lambda: self._runtime._scheduler.kill(self._state, reason))
+
+
+class Runtime:
+    def __init__(self, control: Control, tokenizer: RuntimeTokenizer, model_info: ModelInfo,
+                 config: RuntimeConfig | None = None) -> None:
+        ffi_async.check_wasmtime_version()
+        self.config = config or RuntimeConfig()
+        self.control = control
+        self._tmp = tempfile.TemporaryDirectory(prefix="inferlet-runtime-")
+        self._log_dir = Path(self.config.log_dir or Path(self._tmp.name) / "logs")
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = wasmtime.Engine(self._engine_config())
+        self.programs = ProgramCache(self.engine, Path(self.config.cache_dir or Path(self._tmp.name) / "cache"),
+                                     engine_key=f"wasmtime-{ffi_async.PINNED_WASMTIME}-epoch")
+        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="inferlet-io")
+        self._scheduler = Scheduler(self.engine, self.config.epoch_tick_s, self._on_stop)
+        self._host = Host(control=control, tokenizer=tokenizer, model=model_info, config=self.config,
+                          call_later=self._scheduler.call_later, run_blocking=self._io.submit,
+                          store=TenantStore(self.config.max_store_bytes_per_tenant))
+        self._linker, self._callbacks = build_linker(self.engine, self._host, self._scheduler.make_callback)
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    def _engine_config(self) -> wasmtime.Config:
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        config.memory_reservation = self.config.memory_limit_bytes
+        return config
+
+    # ------------------------------------------------------------------------------------------ API
+    def load(self, wasm: bytes) -> str:
+        """Compile (or find in the cache) a component; returns its program hash. ValueError if invalid."""
+        return self.programs.load(wasm)
+
+    def launch(self, program_hash: str, args: Sequence[str] = (), tenant: str = "default",
+               on_exit: Callable[[InstanceState], None] | None = None) -> InstanceHandle:
+        if self._closed:
+            raise RuntimeError("the runtime is closed")
+        component = self.programs.get(program_hash)  # KeyError for an unknown program
+        arguments = tuple(str(a) for a in args)
+        if sum(len(a.encode()) for a in arguments) > MAX_ARGUMENTS_BYTES:
+            raise ValueError(f"arguments exceed {MAX_ARGUMENTS_BYTES} bytes")
+        instance_id = InstanceId(f"inst-{next(self._ids)}-{uuid.uuid4().hex[:8]}")
+        state = InstanceState(id=instance_id, program_hash=program_hash, arguments=arguments, tenant=tenant,
+                              deadline=time.monotonic() + self.config.time_budget_s,
+                              log_path=str(self._log_dir / f"{instance_id}.log"))
+        if on_exit is not None:
+            state.on_exit.append(on_exit)
+        self._scheduler.post(lambda: self._scheduler.add(state, lambda s: self._start(s, component)))
+        return InstanceHandle(state, self)
+
+    @property
+    def num_instances(self) -> int:
+        return self._scheduler.num_instances
+
+    @property
+    def num_polls(self) -> int:
+        return self._scheduler.num_polls
+
+    def close(self) -> None:
+        """Stop every instance (their pages are freed) and the scheduler."""
+        if self._closed:
+            return
+        self._closed = True
+        self._scheduler.shutdown()
+        self._io.shutdown(wait=False, cancel_futures=True)
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------- scheduler thread
+    def _start(self, state: InstanceState, component: Any) -> None:
+        self.control.open_instance(state.id, self.config.max_pages_per_instance)
+        store = wasmtime.Store(self.engine)
+        store.set_limits(memory_size=self.config.memory_limit_bytes)
+        store.set_epoch_deadline(1)
+        ffi_async.epoch_yield_every(store, 1)
+        wasi = wasmtime.WasiConfig()  # no preopens: no filesystem; sockets: no address is allowed
+        wasi.stdout_file = state.log_path
+        wasi.stderr_file = state.log_path + ".stderr"
+        wasi.env = [list(pair) for pair in self.config.extra_wasi_env]
+        store.set_wasi(wasi)
+        state.store = store
+        state.call, state.call_outcome = ffi_async.instantiate_async(self._linker, store, component)
+        state.phase = "instantiating"
+
+    def _on_stop(self, state: InstanceState, ok: bool, error: str | None) -> None:
+        try:
+            self.control.close_instance(state.id)
+        except Exception:  # never let cleanup of one instance disturb the others
+            log.exception("close_instance(%s) failed", state.id)
+        self._host.bus.drop(state)
+        api_tokenize.drop_instance_decoders(self._host, state)
+        state.outbox.put(Terminated(ok=ok, error=error))
+        for callback in state.on_exit:
+            try:
+                callback(state)
+            except Exception:
+                log.exception("on_exit callback of %s failed", state.id)
