@@ -16,6 +16,15 @@ TOKEN_PROB = ("record", ("token-id", "u32"), ("prob", "f32"))
 OUTPUT = ("record", ("token-id", ("option", "u32")), ("logprob", ("option", "f32")),
           ("top-logprobs", ("list", TOKEN_LOGPROB)), ("distribution", ("list", TOKEN_PROB)))
 OUTPUTS_RESULT = ("result", ("list", OUTPUT), "string")
+SAMPLING_PARAMS = ("record", ("temperature", "f32"), ("top-k", "u32"), ("top-p", "f32"), ("min-p", "f32"),
+                   ("seed", ("option", "u64")), ("presence-penalty", "f32"), ("frequency-penalty", "f32"),
+                   ("repetition-penalty", "f32"), ("prompt-token-ids", ("list", "u32")),
+                   ("output-token-ids", ("list", "u32")), ("logit-bias", ("list", ("tuple", "u32", "f32"))),
+                   ("allowed-token-ids", ("option", ("list", "u32"))), ("num-logprobs", ("option", "u32")))
+OUTPUT_REQUEST = ("record", ("index", "u32"), ("kind", ("variant", {"sample": SAMPLING_PARAMS, "distribution": "u32"})))
+FORWARD_REQUEST = ("record", ("token-ids", ("list", "u32")), ("positions", ("list", "u32")),
+                   ("page-ids", ("list", "u32")), ("last-page-len", "u32"),
+                   ("attention-mask", ("option", ("list", ("list", "bool")))), ("outputs", ("list", OUTPUT_REQUEST)))
 MAX_DISTRIBUTION_TOP_K = 1024
 
 
@@ -110,6 +119,6 @@ def functions(host: Host) -> list[HostFunction]:
         return answers
 
     return [
-        HostFunction("forward", "forward", forward, OUTPUTS_RESULT),
-        HostFunction("forward", "forward-all", forward_all, ("list", OUTPUTS_RESULT)),
+        HostFunction("forward", "forward", forward, OUTPUTS_RESULT, (FORWARD_REQUEST,)),
+        HostFunction("forward", "forward-all", forward_all, ("list", OUTPUTS_RESULT), (("list", FORWARD_REQUEST),)),
     ]

@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.control.api import ControlError, VirtualForward
 from engine.executor.batch import OutputSpec, SamplingParams
-from engine.runtime.api_forward import sampling_params
+from engine.runtime.api_forward import SAMPLING_PARAMS, sampling_params
 from engine.runtime.api_kv import check_token_ids
 from engine.runtime.host import Host
 from engine.runtime.hostfn import GuestError, HostFunction, expect
@@ -28,6 +28,11 @@ GENERATION = ("record", ("token-ids", ("list", "u32")), ("text", "string"), ("fi
               ("logprobs", ("list", POSITION_LOGPROBS)), ("page-ids", ("list", "u32")), ("last-page-len", "u32"),
               ("pending-token-ids", ("list", "u32")), ("next-position", "u32"))
 GENERATION_RESULT = ("result", GENERATION, "string")
+GENERATE_REQUEST = ("record", ("page-ids", ("list", "u32")), ("last-page-len", "u32"),
+                    ("input-token-ids", ("list", "u32")), ("position", "u32"), ("sampling", SAMPLING_PARAMS),
+                    ("max-tokens", "u32"), ("stop-token-ids", ("list", "u32")), ("stop-strings", ("list", "string")),
+                    ("ignore-eos", "bool"), ("constraint", ("option", ("variant", {"allowed-tokens": ("list", "u32")}))),
+                    ("stream-channel", ("option", "u32")))
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 
@@ -205,6 +210,7 @@ def functions(host: Host) -> list[HostFunction]:
         return answers
 
     return [
-        HostFunction("generate", "generate", generate, GENERATION_RESULT),
-        HostFunction("generate", "generate-all", generate_all, ("list", GENERATION_RESULT)),
+        HostFunction("generate", "generate", generate, GENERATION_RESULT, (GENERATE_REQUEST,)),
+        HostFunction("generate", "generate-all", generate_all, ("list", GENERATION_RESULT),
+                     (("list", GENERATE_REQUEST),)),
     ]

@@ -23,6 +23,7 @@ class HostFunction:
     name: str  # e.g. "allocate-pages", "[method]decoder.add"
     impl: Callable[..., Any]
     schema: Any  # values.Schema of the result, None for a function without result
+    params: tuple[Any, ...] | None = None  # schemas of the parameters: compiled decoding for hot calls
 
     @property
     def instance_name(self) -> str:

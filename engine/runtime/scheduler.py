@@ -98,13 +98,17 @@ class Scheduler:
 
     def make_callback(self, fn: HostFunction) -> Any:
         """The C callback serving one WIT import for every instance."""
+        decoders = None if fn.params is None else [values.compile_decoder(p) for p in fn.params]
+
         def callback(_data: Any, context: Any, _functype: Any, args: Any, num_args: int, results: Any,
                      num_results: int, error_out: Any, continuation: Any) -> None:
             inst = self._current
             try:
                 assert inst is not None, "host call outside of a poll"
                 inst.context_ptr = context
-                outcome = _call_impl(fn, inst, values.decode_args(args, num_args))
+                arguments = (values.decode_args(args, num_args) if decoders is None
+                             else values.decode_args_with(decoders, args, num_args))
+                outcome = _call_impl(fn, inst, arguments)
                 if isinstance(outcome, types.GeneratorType):
                     task = HostTask(outcome, fn.name, fn.schema, results if num_results else None)
                     inst.task = task

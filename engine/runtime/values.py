@@ -128,58 +128,96 @@ Schema = Union[str, tuple]
 """'u32', 'string', ... | ('list', T) | ('option', T) | ('result', OkT|None, ErrT|None) | ('tuple', T, ...)
 | ('record', (name, T), ...) | ('variant', {case: T|None}) | ('enum',) | ('own',) (value: ResourceRef)."""
 
+_val_clone = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(("wasmtime_component_val_clone", ffi.dll))
+_Q = struct.Struct("<Q")
+_HEAD = struct.Struct("<B7xQQ")  # kind, then two words of payload (size, ptr)
+_static_names: dict[bytes, tuple[int, Any]] = {}  # interned names: never freed, read (cloned) by wasmtime
+
+
+def _name(name: str) -> int:
+    """The address of a permanent copy of name (field, case and enum names: a small fixed set)."""
+    data = name.encode()
+    entry = _static_names.get(data)
+    if entry is None:
+        buffer = ctypes.create_string_buffer(data, max(1, len(data)))
+        entry = _static_names[data] = (ctypes.addressof(buffer), buffer)
+    return entry[0]
+
+
+class _Arena:
+    """A value tree built in one Python buffer with relative pointers; wasmtime deep-clones it in one call.
+
+    Invariant: every pointer slot to arena memory is listed in `fixups` and holds an offset until
+    `address()` rebases it; pointers to interned names are absolute already.
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray(VAL_SIZE)  # the root val at offset 0
+        self.fixups: list[int] = []
+
+    def alloc(self, size: int) -> int:
+        offset = len(self.buf)
+        self.buf.extend(bytes(size + (-size) % 8))
+        return offset
+
+    def pointer(self, slot: int, offset: int) -> None:
+        _Q.pack_into(self.buf, slot, offset)
+        self.fixups.append(slot)
+
+    def address(self) -> tuple[int, Any]:
+        view = (ctypes.c_char * len(self.buf)).from_buffer(self.buf)
+        base = ctypes.addressof(view)
+        for slot in self.fixups:
+            _Q.pack_into(self.buf, slot, base + _Q.unpack_from(self.buf, slot)[0])
+        return base, view
+
 
 def encode_into(schema: Schema, value: Any, out_ptr: Any) -> None:
     """Encode `value` as the single result at `out_ptr` (a `wasmtime_component_val_t *`)."""
-    image = encode(schema, value)
-    ctypes.memmove(out_ptr, image, VAL_SIZE)
+    if isinstance(schema, tuple) and schema[0] == "own":
+        ctypes.memmove(out_ptr, struct.pack("<B7xQ16x", RESOURCE, value.address), VAL_SIZE)
+        return
+    arena = _Arena()
+    _encode(schema, value, arena, 0)
+    base, view = arena.address()
+    _val_clone(base, ctypes.cast(out_ptr, ctypes.c_void_p).value)
+    del view
 
 
-def encode(schema: Schema, value: Any) -> bytes:
-    """The 32-byte image of a val; nested data is allocated with wasmtime's allocators."""
+def _encode(schema: Schema, value: Any, arena: _Arena, at: int) -> None:
     if isinstance(schema, str):
-        return _ENCODERS[schema](value)
-    return _COMPOSITE[schema[0]](schema, value)
+        if schema == "string":
+            _encode_bytes(STRING, value.encode("utf-8"), arena, at)
+            return
+        kind = _PRIM_NAMES[schema]
+        arena.buf[at] = kind
+        struct.pack_into("<" + _PRIM_FMT[kind], arena.buf, at + _OF, value)
+        return
+    _COMPOSITE[schema[0]](schema, value, arena, at)
 
 
-def _prim(kind: int, fmt: str) -> Callable[[Any], bytes]:
-    packer = struct.Struct("<B7x" + fmt)
-
-    def enc(value: Any) -> bytes:
-        return packer.pack(kind, value).ljust(VAL_SIZE, b"\0")
-    return enc
-
-
-def _byte_vec(data: bytes) -> tuple[int, int]:
-    """A wasmtime-allocated copy of data: (size, ptr)."""
-    vec = ffi.wasm_byte_vec_t()
+def _encode_bytes(kind: int, data: bytes, arena: _Arena, at: int) -> None:
+    arena.buf[at] = kind
     if data:
-        ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), ctypes.cast(ctypes.c_char_p(data),
-                                                                         ctypes.POINTER(ffi.wasm_byte_t)))
+        offset = arena.alloc(len(data))
+        arena.buf[offset:offset + len(data)] = data
+        _Q.pack_into(arena.buf, at + _OF, len(data))
+        arena.pointer(at + 16, offset)
+
+
+def _enc_list(schema: tuple, value: Sequence[Any], arena: _Arena, at: int) -> None:
+    element, count = schema[1], len(value)
+    arena.buf[at] = LIST
+    if not count:
+        return  # size 0 and a null pointer: an empty list
+    offset = arena.alloc(VAL_SIZE * count)
+    if isinstance(element, str) and element in _PRIM_NAMES:
+        arena.buf[offset:offset + VAL_SIZE * count] = _prim_list_image(_PRIM_NAMES[element], value)
     else:
-        ffi.wasm_byte_vec_new_empty(ctypes.byref(vec))
-    return vec.size, ctypes.cast(vec.data, ctypes.c_void_p).value or 0
-
-
-def _enc_string(value: str) -> bytes:
-    if not isinstance(value, str):
-        raise TypeError(f"expected str, got {type(value).__name__}")
-    size, ptr = _byte_vec(value.encode("utf-8"))
-    return struct.pack("<B7xQQ8x", STRING, size, ptr)
-
-
-_ENCODERS: dict[str, Callable[[Any], bytes]] = {
-    name: _prim(kind, _PRIM_FMT[kind]) for name, kind in _PRIM_NAMES.items()}
-_ENCODERS["string"] = _enc_string
-
-
-def _new_vals(images: Sequence[bytes] | bytes, count: int) -> int:
-    raw = ffi.wasmtime_component_vallist_t()
-    ffi.wasmtime_component_vallist_new_uninit(ctypes.byref(raw), count)
-    ptr = ctypes.cast(raw.data, ctypes.c_void_p).value or 0
-    if count:
-        ctypes.memmove(ptr, images if isinstance(images, bytes) else b"".join(images), VAL_SIZE * count)
-    return ptr
+        for i, item in enumerate(value):
+            _encode(element, item, arena, offset + VAL_SIZE * i)
+    _Q.pack_into(arena.buf, at + _OF, count)
+    arena.pointer(at + 16, offset)
 
 
 def _prim_list_image(kind: int, values: Sequence[Any]) -> bytes:
@@ -188,92 +226,145 @@ def _prim_list_image(kind: int, values: Sequence[Any]) -> bytes:
     buf = bytearray(VAL_SIZE * count)
     buf[0::VAL_SIZE] = bytes([kind]) * count
     if kind in (U32, S32, F32):
-        words = memoryview(buf).cast({U32: "I", S32: "i", F32: "f"}[kind])
-        words[2::8] = array({U32: "I", S32: "i", F32: "f"}[kind], values)
+        code = {U32: "I", S32: "i", F32: "f"}[kind]
+        memoryview(buf).cast(code)[2::8] = array(code, values)
     elif kind in (U64, S64, F64):
-        words = memoryview(buf).cast({U64: "Q", S64: "q", F64: "d"}[kind])
-        words[1::4] = array({U64: "Q", S64: "q", F64: "d"}[kind], values)
+        code = {U64: "Q", S64: "q", F64: "d"}[kind]
+        memoryview(buf).cast(code)[1::4] = array(code, values)
     elif kind in (U8, BOOL):
         buf[_OF::VAL_SIZE] = bytes(values)
     else:
-        return b"".join(_prim(kind, _PRIM_FMT[kind])(v) for v in values)
+        for i, v in enumerate(values):
+            struct.pack_into("<" + _PRIM_FMT[kind], buf, i * VAL_SIZE + _OF, v)
     return bytes(buf)
 
 
-def _enc_list(schema: tuple, value: Sequence[Any]) -> bytes:
-    element = schema[1]
-    count = len(value)
-    if isinstance(element, str) and element in _PRIM_NAMES:
-        ptr = _new_vals(_prim_list_image(_PRIM_NAMES[element], value), count)
-    else:
-        ptr = _new_vals([encode(element, v) for v in value], count)
-    return struct.pack("<B7xQQ8x", LIST, count, ptr)
-
-
-def _enc_tuple(schema: tuple, value: Sequence[Any]) -> bytes:
+def _enc_tuple(schema: tuple, value: Sequence[Any], arena: _Arena, at: int) -> None:
     elements = schema[1:]
     if len(value) != len(elements):
         raise TypeError(f"expected a {len(elements)}-tuple")
-    ptr = _new_vals([encode(t, v) for t, v in zip(elements, value)], len(elements))
-    return struct.pack("<B7xQQ8x", TUPLE, len(elements), ptr)
+    offset = arena.alloc(VAL_SIZE * len(elements))
+    for i, (element, item) in enumerate(zip(elements, value)):
+        _encode(element, item, arena, offset + VAL_SIZE * i)
+    arena.buf[at] = TUPLE
+    _Q.pack_into(arena.buf, at + _OF, len(elements))
+    arena.pointer(at + 16, offset)
 
 
-def _enc_record(schema: tuple, value: Any) -> bytes:
+def _enc_record(schema: tuple, value: Any, arena: _Arena, at: int) -> None:
     fields = schema[1:]
-    raw = ffi.wasmtime_component_valrecord_t()
-    ffi.wasmtime_component_valrecord_new_uninit(ctypes.byref(raw), len(fields))
-    ptr = ctypes.cast(raw.data, ctypes.c_void_p).value or 0
-    parts = []
-    for name, field_schema in fields:
-        name_size, name_ptr = _byte_vec(name.encode())
-        parts.append(struct.pack("<QQ", name_size, name_ptr) + encode(field_schema, value[name]))
-    if fields:
-        ctypes.memmove(ptr, b"".join(parts), ENTRY_SIZE * len(fields))
-    return struct.pack("<B7xQQ8x", RECORD, len(fields), ptr)
+    offset = arena.alloc(ENTRY_SIZE * len(fields))
+    for i, (name, field_schema) in enumerate(fields):
+        entry = offset + ENTRY_SIZE * i
+        _PAIR.pack_into(arena.buf, entry, len(name), _name(name))
+        _encode(field_schema, value[name], arena, entry + 16)
+    arena.buf[at] = RECORD
+    _Q.pack_into(arena.buf, at + _OF, len(fields))
+    arena.pointer(at + 16, offset)
 
 
-def _boxed(schema: Schema | None, value: Any) -> int:
-    if schema is None:
-        return 0
-    image = ctypes.create_string_buffer(encode(schema, value), VAL_SIZE)
-    boxed = ffi.wasmtime_component_val_new(ctypes.cast(image, ctypes.POINTER(ffi.wasmtime_component_val_t)))
-    return ctypes.cast(boxed, ctypes.c_void_p).value or 0
+def _boxed(schema: Schema | None, value: Any, arena: _Arena, slot: int) -> None:
+    if schema is not None:
+        offset = arena.alloc(VAL_SIZE)
+        _encode(schema, value, arena, offset)
+        arena.pointer(slot, offset)
 
 
-def _enc_option(schema: tuple, value: Any) -> bytes:
-    return struct.pack("<B7xQ16x", OPTION, 0 if value is None else _boxed(schema[1], value))
+def _enc_option(schema: tuple, value: Any, arena: _Arena, at: int) -> None:
+    arena.buf[at] = OPTION
+    if value is not None:
+        _boxed(schema[1], value, arena, at + _OF)
 
 
-def _enc_result(schema: tuple, value: tuple[str, Any]) -> bytes:
+def _enc_result(schema: tuple, value: tuple[str, Any], arena: _Arena, at: int) -> None:
     tag, payload = value
     if tag not in ("ok", "err"):
         raise TypeError(f"a result is ('ok', v) or ('err', v), got tag {tag!r}")
-    payload_schema = schema[1] if tag == "ok" else schema[2]
-    return struct.pack("<B7x?7xQ8x", RESULT, tag == "ok", _boxed(payload_schema, payload))
+    arena.buf[at] = RESULT
+    arena.buf[at + _OF] = tag == "ok"
+    _boxed(schema[1] if tag == "ok" else schema[2], payload, arena, at + 16)
 
 
-def _enc_variant(schema: tuple, value: tuple[str, Any]) -> bytes:
+def _enc_variant(schema: tuple, value: tuple[str, Any], arena: _Arena, at: int) -> None:
     case, payload = value
     cases: dict[str, Schema | None] = schema[1]
     if case not in cases:
         raise TypeError(f"unknown variant case {case!r}")
-    name_size, name_ptr = _byte_vec(case.encode())
-    return struct.pack("<B7xQQQ", VARIANT, name_size, name_ptr, _boxed(cases[case], payload))
+    arena.buf[at] = VARIANT
+    _PAIR.pack_into(arena.buf, at + _OF, len(case), _name(case))
+    _boxed(cases[case], payload, arena, at + 24)
 
 
-def _enc_enum(schema: tuple, value: str) -> bytes:
-    name_size, name_ptr = _byte_vec(value.encode())
-    return struct.pack("<B7xQQ8x", ENUM, name_size, name_ptr)
+def _enc_enum(schema: tuple, value: str, arena: _Arena, at: int) -> None:
+    arena.buf[at] = ENUM
+    _PAIR.pack_into(arena.buf, at + _OF, len(value), _name(value))
 
 
-def _enc_own(schema: tuple, value: ResourceRef) -> bytes:
-    return struct.pack("<B7xQ16x", RESOURCE, value.address)
-
-
-_COMPOSITE: dict[str, Callable[[tuple, Any], bytes]] = {
+_COMPOSITE: dict[str, Callable[[tuple, Any, _Arena, int], None]] = {
     "list": _enc_list, "tuple": _enc_tuple, "record": _enc_record, "option": _enc_option,
-    "result": _enc_result, "variant": _enc_variant, "enum": _enc_enum, "own": _enc_own,
+    "result": _enc_result, "variant": _enc_variant, "enum": _enc_enum,
 }
+
+
+# ---------------------------------------------------------------------------------- compiled decoding
+
+Decoder = Callable[[bytes, int], Any]
+
+
+def compile_decoder(schema: Schema) -> Decoder:
+    """A decoder for a known type: records are read positionally (field names are not read back)."""
+    if isinstance(schema, str):
+        if schema == "string":
+            return _decode
+        fmt = struct.Struct("<" + _PRIM_FMT[_PRIM_NAMES[schema]])
+        return lambda buf, at: fmt.unpack_from(buf, at + _OF)[0]
+    kind = schema[0]
+    if kind == "record":
+        names = [name for name, _ in schema[1:]]
+        decoders = [compile_decoder(t) for _, t in schema[1:]]
+        count = len(names)
+
+        def record(buf: bytes, at: int) -> dict[str, Any]:
+            size, ptr = _PAIR.unpack_from(buf, at + _OF)
+            if size != count:
+                raise TypeError(f"record with {size} fields, expected {count}")
+            entries = _string_at(ptr, ENTRY_SIZE * count)
+            return {name: dec(entries, ENTRY_SIZE * i + 16) for i, (name, dec) in enumerate(zip(names, decoders))}
+        return record
+    if kind == "list" and not (isinstance(schema[1], str) and schema[1] in _PRIM_NAMES):
+        element = compile_decoder(schema[1])
+
+        def list_of(buf: bytes, at: int) -> list[Any]:
+            size, ptr = _PAIR.unpack_from(buf, at + _OF)
+            items = _string_at(ptr, VAL_SIZE * size) if size else b""
+            return [element(items, VAL_SIZE * i) for i in range(size)]
+        return list_of
+    if kind == "option":
+        inner = compile_decoder(schema[1])
+
+        def option(buf: bytes, at: int) -> Any:
+            ptr = _Q.unpack_from(buf, at + _OF)[0]
+            return inner(_string_at(ptr, VAL_SIZE), 0) if ptr else None
+        return option
+    if kind == "variant":
+        cases = {name: (None if t is None else compile_decoder(t)) for name, t in schema[1].items()}
+
+        def variant(buf: bytes, at: int) -> tuple[str, Any]:
+            size, ptr, payload = struct.unpack_from("<QQQ", buf, at + _OF)
+            case = _string_at(ptr, size).decode()
+            dec = cases[case]
+            return (case, dec(_string_at(payload, VAL_SIZE), 0) if dec is not None and payload else None)
+        return variant
+    return _decode  # prim lists, tuples, enums, results: the generic reader is as fast
+
+
+def decode_args_with(decoders: Sequence[Decoder], args_ptr: Any, num_args: int) -> list[Any]:
+    if num_args != len(decoders):
+        raise TypeError(f"{num_args} arguments, expected {len(decoders)}")
+    if not num_args:
+        return []
+    buf = _string_at(ctypes.cast(args_ptr, ctypes.c_void_p).value or 0, VAL_SIZE * num_args)
+    return [dec(buf, VAL_SIZE * i) for i, dec in enumerate(decoders)]
 
 
 def decode_raw_val(val: Any) -> Any:
