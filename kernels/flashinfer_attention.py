@@ -8,10 +8,13 @@ once per layer: it scatters the new K/V into the layer's cache, then attends; it
 Cache layout (FlashInfer "NHD", combined K/V): kv_cache[layer] is [num_pages, 2, page_size, Hkv, D].
 
 CUDA-graph mode (graph_batch_size set): decode only, a fixed batch size, every device-side input in a
-static buffer that plan() overwrites in place, so a graph captured around forward() stays valid.
+static buffer that plan() overwrites in place, so a graph captured around forward() stays valid. A graph's
+batch is padded with copies of row 0 (same slot, same page): rows that write one slot all write the K/V of
+the first of them, so the result does not depend on the order of the writes.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +22,8 @@ import torch
 
 from kernels.attention import AttentionBackend, AttentionStep
 
+# FlashInfer's CUDA norm kernels (one nvcc-compiled module, cacheable) rather than its CuTe-DSL ones.
+os.environ.setdefault("FLASHINFER_USE_CUDA_NORM", "1")
 try:  # FlashInfer exists only on the GPU machine; the helpers below also serve CPU tests.
     import flashinfer
 except ImportError:  # pragma: no cover - depends on the environment
@@ -61,6 +66,7 @@ class HostMetadata:
     kv_page_ids: np.ndarray  # [num_pages_used] int32
     kv_last_page_lens: np.ndarray  # [B] int32
     write_rows: np.ndarray  # [2T] int64 rows of kv_cache.view(-1, Hkv, D): T rows for K, then T for V
+    source_rows: np.ndarray  # [T] int64: the first new token that writes the same slot (itself if unique)
     mask: np.ndarray | None  # flat bool, per sequence its [q_len, kv_len] mask row-major; None = causal
 
 
@@ -85,8 +91,10 @@ def build_host_metadata(step: AttentionStep) -> HostMetadata:
     slots = np.asarray(step.slot_ids, dtype=np.int64)
     k_rows = (slots // page_size) * (2 * page_size) + slots % page_size  # [page, 0, offset]
     mask = _flat_mask(step, q_lens, kv_lens) if step.has_custom_mask else None
-    return HostMetadata(page_size, qo_indptr, kv_page_indptr, np.asarray(step.kv_page_ids, dtype=np.int32), last_lens,
-                        np.concatenate([k_rows, k_rows + page_size]), mask)
+    _, first, inverse = np.unique(slots, return_index=True, return_inverse=True)
+    return HostMetadata(page_size, qo_indptr, kv_page_indptr, np.asarray(step.kv_page_ids, dtype=np.int32),
+                        last_lens, np.concatenate([k_rows, k_rows + page_size]), first[inverse].astype(np.int64),
+                        mask)
 
 
 def _flat_mask(step: AttentionStep, q_lens: np.ndarray, kv_lens: np.ndarray) -> np.ndarray:
@@ -148,6 +156,7 @@ class FlashInferAttention(AttentionBackend):
             paged_kv_indices_buffer=page_id_buffer, paged_kv_last_page_len_buffer=self._last_len_buf)
         self._prefill = None
         self._write_rows = torch.zeros(2 * batch_size, dtype=torch.long, device=self.device)
+        self._source_rows = torch.arange(batch_size, dtype=torch.long, device=self.device)
 
     # -- per step ---------------------------------------------------------------------------------------
 
@@ -159,6 +168,7 @@ class FlashInferAttention(AttentionBackend):
                                  f"{self.graph_batch_size} sequences")
             # In place: a captured graph reads these very buffers.
             self._write_rows.copy_(torch.from_numpy(meta.write_rows), non_blocking=True)
+            self._source_rows.copy_(torch.from_numpy(meta.source_rows), non_blocking=True)
         else:
             self._write_rows = torch.from_numpy(meta.write_rows).to(self.device, non_blocking=True)
         self._is_decode = step.is_decode
@@ -189,6 +199,8 @@ class FlashInferAttention(AttentionBackend):
             raise RuntimeError("plan() must run before forward()")
         if self._planned_for is None:
             self._plan_kernels(AttentionShape(q.shape[1], k.shape[1], q.shape[2], q.dtype))
+        if self.graph_batch_size is not None:  # padding rows repeat the K/V of the row they copy
+            k, v = k.index_select(0, self._source_rows), v.index_select(0, self._source_rows)
         append_kv(kv_cache, k, v, self._write_rows)
         wrapper = self._decode if self._is_decode else self._prefill
         return wrapper.run(q, kv_cache)

@@ -12,8 +12,12 @@ Decisions:
 """
 from __future__ import annotations
 
-import flashinfer
+import os
+
 import torch
+
+os.environ.setdefault("FLASHINFER_USE_CUDA_NORM", "1")  # nvcc-built norm kernels, not the CuTe-DSL ones
+import flashinfer  # noqa: E402
 
 from kernels.ops import rope_cos_sin_cache, rope_inv_freq  # noqa: F401  (host-side, shared with the reference)
 

@@ -1,0 +1,171 @@
+"""Decode steps replayed from CUDA graphs, one graph per bucketed batch size.
+
+Per-step host work (Python, ~15 kernel launches per layer) costs tens of milliseconds on an H100, more than
+the GPU needs to read an 8B model's weights: graphs turn a decode step into one launch.
+
+How it works:
+- At start-up, for each bucket size S (largest first, sharing one memory pool): a FlashInferAttention in
+  CUDA-graph mode (static page-table and write-index buffers), planned for a dummy step, then the decoder's
+  forward over static input buffers is captured. Outputs stay in the pool; a replay overwrites them.
+- A decode step of B <= max bucket sequences is padded to the smallest bucket S >= B with copies of row 0
+  (its token, position, slot and last page): the copies write row 0's own K/V into row 0's slot (see
+  FlashInferAttention's graph mode), so padding never changes live KV and needs no reserved page. Then:
+  copy token ids/positions into the static inputs, plan (host work plus small host-to-device copies into
+  the static buffers), replay. Nothing in the graph synchronises with the host.
+- Capture runs the decoder (warm-up) on page 0 of every layer: that page is saved before and restored
+  after, so capturing never changes the pool.
+- Steps with prefill tokens, custom masks, more sequences than the largest bucket or more pages than the
+  static page buffer go to the eager path (supports() says which).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from kernels.attention import AttentionBackend, AttentionStep
+from kernels.flashinfer_attention import WORKSPACE_BYTES, AttentionShape, FlashInferAttention
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+
+
+class Decoder(Protocol):
+    """What the runner needs of the model (engine/model/llama.py's LlamaModel)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    config: object
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
+                kv_caches: list[torch.Tensor]) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    max_batch_size: int
+    max_pages_per_step: int  # capacity of the static page-id buffer shared by all buckets
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_pages_per_step < 1:
+            raise ValueError("max_batch_size and max_pages_per_step must be positive")
+        if not self.buckets or any(b < 1 for b in self.buckets) or list(self.buckets) != sorted(set(self.buckets)):
+            raise ValueError("buckets must be distinct positive sizes in increasing order")
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The bucket sizes to capture: those below max_batch_size, plus max_batch_size itself."""
+        return tuple(sorted({b for b in self.buckets if b < self.max_batch_size} | {self.max_batch_size}))
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    attention: FlashInferAttention
+    hidden: torch.Tensor  # [S, H], written by each replay
+
+
+class CudaGraphDecoder:
+    """Replays captured decode steps; supports() says which steps it takes, forward() runs one."""
+
+    def __init__(self, model: Decoder, kv_caches: list[torch.Tensor], shape: AttentionShape, page_size: int,
+                 config: GraphConfig) -> None:
+        self.model, self.kv_caches, self.shape, self.config = model, kv_caches, shape, config
+        self.page_size = page_size
+        device = model.device
+        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self._page_ids = torch.zeros(config.max_pages_per_step, dtype=torch.int32, device=device)
+        max_size = config.sizes[-1]
+        self._input_ids = torch.zeros(max_size, dtype=torch.long, device=device)
+        self._positions = torch.zeros(max_size, dtype=torch.long, device=device)
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[int, _Graph] = {}
+        self.num_replays = 0
+        saved = [cache[0].clone() for cache in kv_caches]
+        for size in reversed(config.sizes):  # largest first: later captures reuse its memory
+            self._graphs[size] = self._capture(size)
+        for cache, page in zip(kv_caches, saved):
+            cache[0].copy_(page)
+        torch.cuda.synchronize(device)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(sorted(self._graphs))
+
+    def supports(self, step: AttentionStep) -> bool:
+        num_pages = step.kv_page_indptr[-1] + self.config.sizes[-1] - step.num_seqs
+        return step.is_decode and 1 <= step.num_seqs <= self.config.sizes[-1] and \
+            num_pages <= self.config.max_pages_per_step and step.page_size == self.page_size
+
+    def bucket(self, num_seqs: int) -> int:
+        for size in self.config.sizes:
+            if size >= num_seqs:
+                return size
+        raise ValueError(f"{num_seqs} sequences exceed the largest captured batch {self.config.sizes[-1]}")
+
+    def forward(self, token_ids: Sequence[int], positions: Sequence[int], step: AttentionStep) -> torch.Tensor:
+        """One decode step: returns the final hidden states [B, H] (a view the next replay overwrites)."""
+        if not self.supports(step):
+            raise ValueError("not a decode step this runner can replay (see supports())")
+        num_seqs = step.num_seqs
+        size = self.bucket(num_seqs)
+        entry = self._graphs[size]
+        entry.attention.plan(self._padded(step, size))
+        num_pad = size - num_seqs
+        self._input_ids[:size].copy_(torch.tensor([*token_ids, *[token_ids[0]] * num_pad], dtype=torch.long),
+                                     non_blocking=True)
+        self._positions[:size].copy_(torch.tensor([*positions, *[positions[0]] * num_pad], dtype=torch.long),
+                                     non_blocking=True)
+        entry.graph.replay()
+        self.num_replays += 1
+        return entry.hidden[:num_seqs]
+
+    # -- capture ----------------------------------------------------------------------------------------
+
+    def _capture(self, size: int) -> _Graph:
+        # Buckets share the workspace and the page-id buffer: only one of them runs at a time.
+        attention = FlashInferAttention(self.model.device, self.shape, workspace=self._workspace,
+                                        graph_batch_size=size, page_id_buffer=self._page_ids)
+        attention.plan(self._padded(_one_token_step(self.page_size), size))
+        input_ids, positions = self._input_ids[:size], self._positions[:size]
+        stream = torch.cuda.Stream(self.model.device)
+        stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, allocator growth
+            for _ in range(2):
+                self.model.forward(input_ids, positions, attention, self.kv_caches)
+        torch.cuda.current_stream(self.model.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            hidden = self.model.forward(input_ids, positions, attention, self.kv_caches)
+        return _Graph(graph, attention, hidden)
+
+    @staticmethod
+    def _padded(step: AttentionStep, size: int) -> AttentionStep:
+        """The step plus (size - B) copies of sequence 0's new token, attending to one slot of its last page."""
+        num_pad = size - step.num_seqs
+        qo_end, pages_end = step.qo_indptr[-1], step.kv_page_indptr[-1]
+        return AttentionStep(
+            page_size=step.page_size,
+            qo_indptr=[*step.qo_indptr, *range(qo_end + 1, qo_end + num_pad + 1)],
+            kv_page_indptr=[*step.kv_page_indptr, *range(pages_end + 1, pages_end + num_pad + 1)],
+            kv_page_ids=[*step.kv_page_ids, *[step.kv_page_ids[step.kv_page_indptr[1] - 1]] * num_pad],
+            kv_last_page_lens=[*step.kv_last_page_lens, *[1] * num_pad],
+            slot_ids=[*step.slot_ids, *[step.slot_ids[0]] * num_pad])
+
+
+def build_decode_graphs(model: Decoder, kv_caches: list[torch.Tensor], page_size: int,
+                        max_batch_size: int) -> CudaGraphDecoder:
+    """Captures decode graphs for a LlamaModel over its KV pool, buckets up to max_batch_size sequences.
+    Safe at any time: capture saves and restores the one page it touches."""
+    cfg = model.config
+    shape = AttentionShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.dtype)  # type: ignore[attr-defined]
+    num_pages = kv_caches[0].shape[0]
+    config = GraphConfig(max_batch_size=max_batch_size, max_pages_per_step=num_pages + max_batch_size)
+    return CudaGraphDecoder(model, kv_caches, shape, page_size, config)
+
+
+def _one_token_step(page_size: int) -> AttentionStep:
+    """The capture step's real row: one token in slot 0 of page 0 (saved and restored around capture)."""
+    return AttentionStep(page_size=page_size, qo_indptr=[0, 1], kv_page_indptr=[0, 1], kv_page_ids=[0],
+                         kv_last_page_lens=[1], slot_ids=[0])
