@@ -38,6 +38,7 @@ class Executor:
         num_pages = plan_num_pages(model_config, engine_config, self.dtype, self.device)
         self.kv = KVPool(model_config, num_pages, engine_config.page_size, self.dtype, self.device)
         self.sampler = Sampler(seed=engine_config.seed)
+        self.decode_graphs = _decode_graphs(self.model, self.kv, self.attention, engine_config)
         self.info = EngineInfo(
             num_pages=num_pages, page_size=engine_config.page_size,
             max_context_len=min(model_config.max_position_embeddings, num_pages * engine_config.page_size),
@@ -73,10 +74,14 @@ class Executor:
                                               self.kv.num_pages))
 
     def _logits(self, inputs: StepInputs) -> torch.Tensor:
-        self.attention.plan(inputs.attention)
-        input_ids = torch.tensor(inputs.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        positions = torch.tensor(inputs.positions, dtype=torch.long).to(self.device, non_blocking=True)
-        hidden = self.model.forward(input_ids, positions, self.attention, self.kv.layers)
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.supports(inputs.attention):
+            hidden = graphs.forward(inputs.token_ids, inputs.positions, inputs.attention)
+        else:
+            self.attention.plan(inputs.attention)
+            input_ids = torch.tensor(inputs.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
+            positions = torch.tensor(inputs.positions, dtype=torch.long).to(self.device, non_blocking=True)
+            hidden = self.model.forward(input_ids, positions, self.attention, self.kv.layers)
         rows = torch.tensor(inputs.output_rows, dtype=torch.long).to(self.device, non_blocking=True)
         return self.model.logits(hidden.index_select(0, rows))
 
@@ -87,6 +92,14 @@ def _split(outputs: list[OutputResult], counts: list[int]) -> tuple[CommandResul
         results.append(CommandResult(outputs=tuple(outputs[start:start + n])))
         start += n
     return tuple(results)
+
+
+def _decode_graphs(model: LlamaModel, kv: KVPool, attention: AttentionBackend, engine: EngineConfig):
+    """CUDA-graph decode (engine/executor/cuda_graphs.py) when on CUDA with FlashInfer and enabled."""
+    if model.device.type != "cuda" or not engine.cuda_graphs or type(attention).__name__ != "FlashInferAttention":
+        return None
+    from engine.executor.cuda_graphs import build_decode_graphs
+    return build_decode_graphs(model, kv.layers, kv.page_size, engine.max_batch_size)
 
 
 def _kernels_for(device: torch.device) -> tuple[ModuleType, AttentionBackend]:
