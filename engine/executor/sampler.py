@@ -1,17 +1,18 @@
 """Token sampling for one step: logits [N, V] and one OutputSpec per row -> one OutputResult per row.
 
-Pipeline (vLLM's order), all on the logits' device and vectorised over rows:
+Pipeline (vLLM's order), on the logits' device and vectorised over rows:
 
-    raw --log_softmax--> logprob, top_logprobs          (raw logprobs, vLLM's default)
-    raw --softmax--> top-K distribution                 (distribution rows)
+    raw --(x - logsumexp, topk)--> logprob, top_logprobs  (raw logprobs, vLLM's default)
+    raw --(topk, exp(x - logsumexp))--> top-K distribution (distribution rows)
     raw --repetition--> frequency/presence --> logit_bias --> allowed-token mask   = processed
     processed --argmax--> greedy tokens
-    processed / T --top-k, top-p (one sort, only rows that ask)--> min-p --> argmax(x - log E), E ~ Exp(1)
+    exp(processed / T - max) --top-k--> top-p --> min-p --> inverse-CDF draw with one uniform per row
 
-The last line is the exponential race: argmax(p_i / E_i) draws i with probability p_i. Seeded rows draw E
-from their own generator seeded by (seed, len(output_token_ids)), so a row's token depends only on its
-logits and params, never on the rest of the batch. Host inputs travel with one copy per dtype; every
-result the host needs comes back packed in one float64 tensor (one device-to-host transfer).
+Penalties, bias and masks touch only the listed token ids (gather, compute, scatter back), never a dense
+[R, V] pass. One uniform per row makes seeds cheap: a seeded row's uniform is a hash of (seed,
+len(output_token_ids)), so its token depends only on its own logits and params, never on the batch;
+unseeded rows take theirs from the sampler's generator. Host inputs travel with one copy per dtype, and
+every result the host needs comes back packed in one float64 tensor (one device-to-host transfer).
 """
 from __future__ import annotations
 
@@ -26,20 +27,26 @@ from engine.executor.batch import OutputResult, OutputSpec, SamplingParams
 
 # Temperatures below this are clamped (x / T would overflow); such rows are argmax in all but name.
 MIN_TEMPERATURE = 1e-5
+# Top-p on CPU looks for its cut-off among the largest weights first (topk is ~20x cheaper than a full
+# sort there); rows whose cut-off lies further out try the next size, then the full sort. CUDA sorts
+# directly, since the "found it?" test would cost a device sync.
+TOP_P_CANDIDATES = (256, 2048)
 _MASK64 = (1 << 64) - 1
 _T = TypeVar("_T")
 
 
 def seed_key(seed: int, step: int) -> int:
-    """The generator seed for step `step` of a request seeded with `seed` (splitmix64 mix, 64 bits)."""
+    """A 64-bit hash of (seed, step) (splitmix64): the source of a seeded row's uniform at that step."""
     z = ((seed & _MASK64) ^ ((step + 1) * 0x9E3779B97F4A7C15)) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
 
 
-def _flat_token_ids(rows_of_ids: Sequence[Sequence[int]], vocab_size: int, what: str) -> torch.Tensor:
-    """Host int64 [sum of lengths]: r * V + t for every token t of row r (repeats kept). Validates ids."""
+def _flat_token_ids(
+    rows_of_ids: Sequence[Sequence[int]], vocab_size: int, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host int64 (r * V + t, r) for every token t of every row r (repeats kept). Validates the ids."""
     ids = torch.tensor(list(chain.from_iterable(rows_of_ids)), dtype=torch.int64)
     lengths = torch.tensor([len(r) for r in rows_of_ids], dtype=torch.int64)
     rows = torch.repeat_interleave(torch.arange(len(rows_of_ids)), lengths)
@@ -50,7 +57,7 @@ def _flat_token_ids(rows_of_ids: Sequence[Sequence[int]], vocab_size: int, what:
             f"{what}: token id {int(ids[first])} (sampling row {int(rows[first])}) "
             f"is outside the vocabulary [0, {vocab_size})"
         )
-    return rows * vocab_size + ids
+    return rows * vocab_size + ids, rows
 
 
 def ship(items: Sequence[_T], device: torch.device) -> list[_T]:
@@ -71,45 +78,52 @@ def ship(items: Sequence[_T], device: torch.device) -> list[_T]:
 
 @dataclass(frozen=True)
 class Penalties:
-    """Penalties, logit bias and allowed-token masks of R sampling rows (flat ids are r * V + t).
+    """Penalties, logit bias and allowed tokens of R sampling rows, as flat ids r * V + t.
 
-    A field is None when no row uses it; rows that do not use a feature carry its neutral value.
+    Per-id parameter tensors are aligned with their ids. A group is None when no row uses it.
     """
 
-    repetition: torch.Tensor | None = None  # [R] f32
     seen_flat_ids: torch.Tensor | None = None  # prompt + output tokens of rows with repetition != 1
-    frequency: torch.Tensor | None = None  # [R] f32
-    presence: torch.Tensor | None = None  # [R] f32
-    output_flat_ids: torch.Tensor | None = None  # output tokens (repeats counted) of rows with freq/pres
+    seen_repetition: torch.Tensor | None = None  # f32
+    output_flat_ids: torch.Tensor | None = None  # output tokens (repeats kept) of rows with freq/presence
+    output_frequency: torch.Tensor | None = None  # f32
+    output_presence: torch.Tensor | None = None  # f32
     bias_flat_ids: torch.Tensor | None = None  # unique
-    bias_values: torch.Tensor | None = None  # f32, aligned with bias_flat_ids
+    bias_values: torch.Tensor | None = None  # f32
     allowed_flat_ids: torch.Tensor | None = None
-    unrestricted: torch.Tensor | None = None  # [R] bool: rows without an allowed-token list
+    restricted_rows: torch.Tensor | None = None  # rows with an allowed-token list
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], vocab_size: int) -> Penalties:
         """Host tensors for `params` (one per row); raises ValueError on out-of-vocabulary ids."""
-        fields_: dict[str, torch.Tensor] = {}
+        groups: dict[str, torch.Tensor] = {}
         if any(p.repetition_penalty != 1.0 for p in params):
-            fields_["repetition"] = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
             seen = [p.prompt_token_ids + p.output_token_ids if p.repetition_penalty != 1.0 else () for p in params]
-            fields_["seen_flat_ids"] = _flat_token_ids(seen, vocab_size, "prompt/output token ids")
+            ids, rows = _flat_token_ids(seen, vocab_size, "prompt/output token ids")
+            groups["seen_flat_ids"] = ids
+            groups["seen_repetition"] = _per_row([p.repetition_penalty for p in params])[rows]
         if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
-            fields_["frequency"] = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32)
-            fields_["presence"] = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32)
             outputs = [p.output_token_ids if p.frequency_penalty or p.presence_penalty else () for p in params]
-            fields_["output_flat_ids"] = _flat_token_ids(outputs, vocab_size, "output token ids")
+            ids, rows = _flat_token_ids(outputs, vocab_size, "output token ids")
+            groups["output_flat_ids"] = ids
+            groups["output_frequency"] = _per_row([p.frequency_penalty for p in params])[rows]
+            groups["output_presence"] = _per_row([p.presence_penalty for p in params])[rows]
         if any(p.logit_bias for p in params):
-            fields_.update(_bias_tensors(params, vocab_size))
+            groups.update(_bias_tensors(params, vocab_size))
         if any(p.allowed_token_ids is not None for p in params):
             allowed = [p.allowed_token_ids or () for p in params]
-            fields_["allowed_flat_ids"] = _flat_token_ids(allowed, vocab_size, "allowed_token_ids")
-            fields_["unrestricted"] = torch.tensor([p.allowed_token_ids is None for p in params])
-        return cls(**fields_)
+            groups["allowed_flat_ids"] = _flat_token_ids(allowed, vocab_size, "allowed_token_ids")[0]
+            restricted = [r for r, p in enumerate(params) if p.allowed_token_ids is not None]
+            groups["restricted_rows"] = torch.tensor(restricted, dtype=torch.int64)
+        return cls(**groups)
 
     @property
     def is_empty(self) -> bool:
         return all(getattr(self, f.name) is None for f in fields(self))
+
+
+def _per_row(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def _bias_tensors(params: Sequence[SamplingParams], vocab_size: int) -> dict[str, torch.Tensor]:
@@ -119,104 +133,152 @@ def _bias_tensors(params: Sequence[SamplingParams], vocab_size: int) -> dict[str
     if any(math.isnan(v) or v == math.inf for v in values):
         raise ValueError("logit_bias values must be finite or -inf")
     return {
-        "bias_flat_ids": _flat_token_ids([tuple(b) for b in biases], vocab_size, "logit_bias"),
+        "bias_flat_ids": _flat_token_ids([tuple(b) for b in biases], vocab_size, "logit_bias")[0],
         "bias_values": torch.tensor(values, dtype=torch.float32),
     }
 
 
 def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
-    """float32 [R, V]: repetition, frequency/presence, logit bias, allowed-token mask (in this order).
+    """A float32 copy of logits [R, V] with repetition, frequency/presence, logit bias and the
+    allowed-token mask applied (in this order).
 
-    Never modifies `logits`. Repetition divides positive logits of seen tokens and multiplies negative ones;
-    frequency/presence subtract freq * count + presence * (count > 0) over output tokens.
+    Repetition divides positive logits of seen tokens by the penalty and multiplies the others;
+    frequency/presence subtract freq * count + presence from tokens that occur in the output.
+    Only the listed ids are touched: gather them, compute, scatter back (repeated ids write equal values).
     """
-    x = logits.float()
-    num_rows, vocab_size = x.shape
+    x = logits.to(torch.float32, copy=True)
+    flat = x.view(-1)
     p = penalties
-    if p.repetition is not None and p.seen_flat_ids is not None:
-        seen = torch.zeros(num_rows * vocab_size, dtype=torch.bool, device=x.device)
-        seen = seen.index_fill_(0, p.seen_flat_ids, True).view(num_rows, vocab_size)
-        rep = p.repetition[:, None]
-        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-    if p.frequency is not None and p.presence is not None and p.output_flat_ids is not None:
-        counts = torch.zeros(num_rows * vocab_size, dtype=torch.float32, device=x.device)
-        ones = torch.ones(p.output_flat_ids.shape, dtype=torch.float32, device=x.device)
-        counts = counts.scatter_add_(0, p.output_flat_ids, ones).view(num_rows, vocab_size)
-        x = x - (p.frequency[:, None] * counts + p.presence[:, None] * (counts > 0))
+    if p.seen_flat_ids is not None and p.seen_repetition is not None:
+        values = flat.index_select(0, p.seen_flat_ids)
+        rep = p.seen_repetition
+        flat.index_copy_(0, p.seen_flat_ids, torch.where(values > 0, values / rep, values * rep))
+    if p.output_flat_ids is not None and p.output_frequency is not None and p.output_presence is not None:
+        ids = p.output_flat_ids
+        # counts[i] = occurrences of ids[i] among ids (same row and token), without a dense [R, V] buffer.
+        ordered = ids.sort().values
+        counts = (torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(ordered, ids)).float()
+        values = flat.index_select(0, ids)
+        flat.index_copy_(0, ids, values - (p.output_frequency * counts + p.output_presence))
     if p.bias_flat_ids is not None and p.bias_values is not None:
-        x = x.reshape(-1).scatter_add(0, p.bias_flat_ids, p.bias_values).view(num_rows, vocab_size)
-    if p.allowed_flat_ids is not None and p.unrestricted is not None:
-        allowed = p.unrestricted[:, None].repeat(1, vocab_size).view(-1)
-        allowed = allowed.index_fill_(0, p.allowed_flat_ids, True).view(num_rows, vocab_size)
-        x = x.masked_fill(~allowed, -math.inf)
+        flat.index_add_(0, p.bias_flat_ids, p.bias_values)
+    if p.allowed_flat_ids is not None and p.restricted_rows is not None:
+        values = flat.index_select(0, p.allowed_flat_ids)
+        x.index_fill_(0, p.restricted_rows, -math.inf)
+        flat.index_copy_(0, p.allowed_flat_ids, values)
     return x
 
 
 @dataclass(frozen=True)
-class Filters:
-    """Temperature and top-k / top-p / min-p of Q random (non-greedy) rows.
-
-    Rows with top_p < 1 are sorted once (top-k applied inside the sort); rows with only top-k use topk.
-    """
+class Draws:
+    """Temperature, top-k / top-p / min-p and the uniform of Q random (non-greedy) rows."""
 
     temperature: torch.Tensor  # [Q] f32, >= MIN_TEMPERATURE
-    sort_rows: torch.Tensor | None = None  # [S] i64 into the Q rows
-    sort_top_k: torch.Tensor | None = None  # [S] i64, V where off
-    sort_top_p: torch.Tensor | None = None  # [S] f32
-    topk_rows: torch.Tensor | None = None  # [K] i64 into the Q rows
-    topk_k: torch.Tensor | None = None  # [K] i64, in 1..max_top_k
+    uniforms: torch.Tensor  # [Q] f32 in [0, 1 - 2^-20): where each row's draw falls in its CDF
+    top_k_rows: torch.Tensor | None = None  # [K] i64 into the Q rows
+    top_k: torch.Tensor | None = None  # [K] i64, in 1..max_top_k
     max_top_k: int = 0
-    log_min_p: torch.Tensor | None = None  # [Q] f32, -inf where off
+    top_p_rows: torch.Tensor | None = None  # [P] i64 into the Q rows
+    top_p: torch.Tensor | None = None  # [P] f32
+    min_p: torch.Tensor | None = None  # [Q] f32, 0 where off
 
     @classmethod
-    def build(cls, params: Sequence[SamplingParams], vocab_size: int) -> Filters:
-        temperature = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], dtype=torch.float32)
-        fields_: dict[str, torch.Tensor | int] = {}
-        top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-        sort_rows = [r for r, p in enumerate(params) if p.top_p < 1.0]
-        if sort_rows:
-            fields_["sort_rows"] = torch.tensor(sort_rows, dtype=torch.int64)
-            fields_["sort_top_k"] = torch.tensor([top_k[r] for r in sort_rows], dtype=torch.int64)
-            fields_["sort_top_p"] = torch.tensor([params[r].top_p for r in sort_rows], dtype=torch.float32)
-        topk_rows = [r for r, p in enumerate(params) if p.top_p >= 1.0 and top_k[r] < vocab_size]
-        if topk_rows:
-            fields_["topk_rows"] = torch.tensor(topk_rows, dtype=torch.int64)
-            fields_["topk_k"] = torch.tensor([top_k[r] for r in topk_rows], dtype=torch.int64)
-            fields_["max_top_k"] = max(top_k[r] for r in topk_rows)
+    def build(cls, params: Sequence[SamplingParams], vocab_size: int, generator: torch.Generator) -> Draws:
+        """Host tensors; seeded rows take their uniform from (seed, step), the others from `generator`."""
+        groups: dict[str, torch.Tensor | int] = {}
+        top_k_rows = [r for r, p in enumerate(params) if 0 < p.top_k < vocab_size]
+        if top_k_rows:
+            groups["top_k_rows"] = torch.tensor(top_k_rows, dtype=torch.int64)
+            groups["top_k"] = torch.tensor([params[r].top_k for r in top_k_rows], dtype=torch.int64)
+            groups["max_top_k"] = max(params[r].top_k for r in top_k_rows)
+        top_p_rows = [r for r, p in enumerate(params) if p.top_p < 1.0]
+        if top_p_rows:
+            groups["top_p_rows"] = torch.tensor(top_p_rows, dtype=torch.int64)
+            groups["top_p"] = _per_row([params[r].top_p for r in top_p_rows])
         if any(p.min_p > 0.0 for p in params):
-            log_min_p = [math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params]
-            fields_["log_min_p"] = torch.tensor(log_min_p, dtype=torch.float32)
-        return cls(temperature=temperature, **fields_)  # type: ignore[arg-type]
+            groups["min_p"] = _per_row([p.min_p for p in params])
+        temperature = _per_row([max(p.temperature, MIN_TEMPERATURE) for p in params])
+        return cls(temperature=temperature, uniforms=_uniforms(params, generator), **groups)  # type: ignore[arg-type]
+
+    @property
+    def has_filters(self) -> bool:
+        return self.top_k_rows is not None or self.top_p_rows is not None or self.min_p is not None
 
 
-def _top_k_top_p_threshold(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """[S] the smallest logit kept by top-k then top-p (renormalised after top-k), via one full sort."""
-    sorted_x = x.sort(dim=-1, descending=True).values
-    positions = torch.arange(x.shape[1], device=x.device)
-    sorted_x = sorted_x.masked_fill(positions >= top_k[:, None], -math.inf)
-    probs = sorted_x.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    # Keep the shortest prefix whose mass reaches top_p (at least one token, at most top_k).
-    num_kept = (mass_before < top_p[:, None]).sum(dim=-1)
-    num_kept = torch.minimum(num_kept.clamp_(min=1), top_k)
-    return sorted_x.gather(1, (num_kept - 1)[:, None]).squeeze(1)
+def _uniforms(params: Sequence[SamplingParams], generator: torch.Generator) -> torch.Tensor:
+    """[Q] f32 uniforms, scaled by (1 - 2^-20) so that u * total stays below the CDF's last value."""
+    uniforms = torch.rand(len(params), generator=generator, dtype=torch.float64)
+    for r, p in enumerate(params):
+        if p.seed is not None:
+            uniforms[r] = (seed_key(p.seed, len(p.output_token_ids)) >> 11) * 2.0**-53
+    return (uniforms * (1.0 - 2.0**-20)).float()
 
 
-def apply_filters(x: torch.Tensor, filters: Filters) -> torch.Tensor:
-    """float32 [Q, V]: x / T with tokens excluded by top-k, top-p or min-p set to -inf."""
-    x = x / filters.temperature[:, None]
-    f = filters
-    threshold = torch.full((x.shape[0],), -math.inf, device=x.device)
-    if f.sort_rows is not None and f.sort_top_k is not None and f.sort_top_p is not None:
-        kept = _top_k_top_p_threshold(x.index_select(0, f.sort_rows), f.sort_top_k, f.sort_top_p)
-        threshold = threshold.index_copy(0, f.sort_rows, kept)
-    if f.topk_rows is not None and f.topk_k is not None:
-        best = x.index_select(0, f.topk_rows).topk(f.max_top_k, dim=-1).values
-        threshold = threshold.index_copy(0, f.topk_rows, best.gather(1, (f.topk_k - 1)[:, None]).squeeze(1))
-    if f.log_min_p is not None:
-        # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p); filtering above never removes the max.
-        threshold = torch.maximum(threshold, x.amax(dim=-1) + f.log_min_p)
-    return x.masked_fill(x < threshold[:, None], -math.inf)
+def filtered_weights(x: torch.Tensor, draws: Draws) -> torch.Tensor:
+    """float32 [Q, V]: exp(x / T - max), zero where top-k, then top-p, then min-p exclude the token.
+
+    Unnormalised probabilities whose max is exactly 1. Cut-offs are values, so tokens tied with the last
+    kept one stay. Top-p keeps the shortest prefix (by probability, after top-k) whose mass reaches top_p.
+    Masks are float 0/1 products: on CPU torch.where / masked_fill cost ~30x a multiply.
+    """
+    weights = torch.div(x, draws.temperature[:, None])
+    weights = weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
+    if not draws.has_filters:
+        return weights
+    d = draws
+    threshold = torch.zeros(weights.shape[0], device=x.device)
+    if d.top_k_rows is not None and d.top_k is not None:
+        best = weights.index_select(0, d.top_k_rows).topk(d.max_top_k, dim=-1).values
+        threshold.index_copy_(0, d.top_k_rows, best.gather(1, d.top_k[:, None] - 1)[:, 0])
+    if d.top_p_rows is not None and d.top_p is not None:
+        top_k_cut = threshold.index_select(0, d.top_p_rows)
+        candidates = _keep_at_least(weights.index_select(0, d.top_p_rows), top_k_cut)
+        top_p_cut = _top_p_threshold(candidates, d.top_p)
+        threshold.index_copy_(0, d.top_p_rows, torch.maximum(top_k_cut, top_p_cut))
+    if d.min_p is not None:
+        threshold = torch.maximum(threshold, d.min_p)  # p_i >= min_p * p_max, and p_max is 1 here
+    return _keep_at_least(weights, threshold)
+
+
+def _keep_at_least(weights: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """weights (modified in place) with entries below their row's threshold [Q] set to 0."""
+    return weights.mul_(torch.ge(weights, threshold[:, None], out=torch.empty_like(weights)))
+
+
+def _top_p_threshold(weights: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[P] the smallest weight top-p keeps in each row of weights [P, V] (>= 0, unnormalised)."""
+    vocab_size = weights.shape[1]
+    target = top_p * weights.sum(dim=-1)
+    if weights.is_cuda:
+        return _prefix_threshold(weights.sort(dim=-1, descending=True).values, target)[0]
+    thresholds = torch.zeros_like(top_p)
+    rows: torch.Tensor | None = None  # the rows still looking; None = all
+    for num_candidates in (*[c for c in TOP_P_CANDIDATES if c < vocab_size], vocab_size):
+        candidates = _take(weights, rows).topk(num_candidates, dim=-1).values  # == a full sort at V
+        found, complete = _prefix_threshold(candidates, _take(target, rows))
+        thresholds = found if rows is None else thresholds.index_copy_(0, rows, found)
+        if bool(complete.all()):
+            break
+        rows = (~complete).nonzero()[:, 0] if rows is None else rows[~complete]
+    return thresholds
+
+
+def _prefix_threshold(descending: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut-off weight of the shortest prefix whose mass reaches target, and whether it ended in the prefix."""
+    mass_before = descending.cumsum(dim=-1) - descending
+    num_kept = (mass_before < target[:, None]).sum(dim=-1)
+    complete = num_kept < descending.shape[1]
+    return descending.gather(1, num_kept.clamp(min=1)[:, None] - 1)[:, 0], complete
+
+
+def draw_tokens(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """[Q] int64 inverse-CDF draws (weights is consumed: it becomes the CDF in place).
+
+    Token i comes with probability weights[i] / sum. uniforms < 1 - 2^-20 keep u * total below the CDF's
+    last value, so the first CDF entry above it exists and belongs to a token of positive weight.
+    """
+    cdf = weights.cumsum_(dim=-1)
+    return torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True)[:, 0]
 
 
 @dataclass(frozen=True)
@@ -230,7 +292,6 @@ class _Plan:
     logprob_rows: list[int]
     num_logprobs: list[int]  # per logprob row
     distribution_top_ks: list[int]  # per distribution row
-    seeded: list[tuple[int, int]]  # (random row, generator seed)
 
     @classmethod
     def build(cls, specs: Sequence[OutputSpec]) -> _Plan:
@@ -247,26 +308,18 @@ class _Plan:
             logprob_rows=logprob_rows,
             num_logprobs=[params[r].num_logprobs or 0 for r in logprob_rows],
             distribution_top_ks=[specs[i].distribution_top_k or 0 for i in distribution_rows],
-            seeded=[
-                (q, seed_key(p.seed, len(p.output_token_ids)))
-                for q, p in enumerate(params[r] for r in random_rows)
-                if p.seed is not None
-            ],
         )
-
-    @property
-    def has_unseeded(self) -> bool:
-        return len(self.seeded) < len(self.random_rows)
 
 
 @dataclass(frozen=True)
 class _RowIndex:
     """Row subsets as index tensors; None where the subset is the whole set (no copy needed)."""
 
-    sampling: torch.Tensor | None
-    distribution: torch.Tensor | None
-    random: torch.Tensor | None
-    logprob: torch.Tensor | None
+    sampling: torch.Tensor | None  # into the N rows
+    distribution: torch.Tensor | None  # into the N rows
+    random: torch.Tensor | None  # into the sampling rows
+    greedy: torch.Tensor | None  # into the sampling rows
+    logprob: torch.Tensor | None  # into the sampling rows
 
     @classmethod
     def build(cls, plan: _Plan) -> _RowIndex:
@@ -275,6 +328,7 @@ class _RowIndex:
             sampling=_subset(plan.sampling_rows, plan.num_rows),
             distribution=_subset(plan.distribution_rows, plan.num_rows),
             random=_subset(plan.random_rows, num_sampling),
+            greedy=_subset(sorted(set(range(num_sampling)) - set(plan.random_rows)), num_sampling),
             logprob=_subset(plan.logprob_rows, num_sampling),
         )
 
@@ -317,12 +371,14 @@ def _check_inputs(logits: torch.Tensor, specs: Sequence[OutputSpec]) -> None:
 
 
 class Sampler:
-    """Samples one step's outputs. Unseeded rows draw from this sampler's generator (one per device)."""
+    """Samples one step's outputs. Unseeded rows draw their uniforms from this sampler's (CPU) generator."""
 
     def __init__(self, seed: int | None = None) -> None:
-        self._seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._seeded_generators: dict[torch.device, torch.Generator] = {}
+        self._generator = torch.Generator()
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(seed)
 
     def sample(self, logits: torch.Tensor, specs: Sequence[OutputSpec]) -> list[OutputResult]:
         """One OutputResult per row of logits [N, V] (row i answers specs[i]); ValueError on bad input."""
@@ -335,12 +391,12 @@ class Sampler:
         vocab_size = logits.shape[1]
         params = [_params(specs[i]) for i in plan.sampling_rows]
         penalties = Penalties.build(params, vocab_size)
-        filters = Filters.build([params[r] for r in plan.random_rows], vocab_size)
-        rows, penalties, filters = ship([_RowIndex.build(plan), penalties, filters], logits.device)
+        draws = Draws.build([params[r] for r in plan.random_rows], vocab_size, self._generator)
+        rows, penalties, draws = ship([_RowIndex.build(plan), penalties, draws], logits.device)
         parts: list[torch.Tensor] = []
         if plan.sampling_rows:
             raw = _take(logits, rows.sampling)
-            tokens = self._tokens(raw, penalties, filters, plan, rows)
+            tokens = _tokens(raw, penalties, draws, plan, rows)
             parts.append(tokens)
             if plan.logprob_rows:
                 parts.extend(_logprobs(_take(raw, rows.logprob), _take(tokens, rows.logprob), plan))
@@ -350,62 +406,41 @@ class Sampler:
         values = torch.cat([p.reshape(-1).to(torch.float64) for p in parts]).tolist()
         return _unpack(values, plan, vocab_size)
 
-    def _tokens(
-        self, raw: torch.Tensor, penalties: Penalties, filters: Filters, plan: _Plan, rows: _RowIndex
-    ) -> torch.Tensor:
-        """[R] int64 tokens of the sampling rows: argmax for greedy rows, the exponential race otherwise."""
-        x = raw.float() if penalties.is_empty else apply_penalties(raw, penalties)
-        if not plan.random_rows:
-            return x.argmax(dim=-1)
-        filtered = apply_filters(_take(x, rows.random), filters)
-        drawn = (filtered - self._exponential_noise(filtered, plan).log_()).argmax(dim=-1)
-        if rows.random is None:
-            return drawn
-        return x.argmax(dim=-1).index_copy_(0, rows.random, drawn)
 
-    def _exponential_noise(self, like: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        """Exp(1) noise [Q, V], > 0. Seeded rows get their own stream, so the batch never affects them."""
-        noise = torch.empty_like(like)
-        if plan.has_unseeded:
-            noise.exponential_(generator=self._generator(like.device))
-        if plan.seeded:
-            generator = self._seeded_generators.setdefault(like.device, torch.Generator(device=like.device))
-            for row, key in plan.seeded:
-                generator.manual_seed(key)
-                noise[row].exponential_(generator=generator)
-        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = torch.Generator(device=device)
-            if self._seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(self._seed)
-            self._generators[device] = generator
-        return generator
+def _tokens(raw: torch.Tensor, penalties: Penalties, draws: Draws, plan: _Plan, rows: _RowIndex) -> torch.Tensor:
+    """[R] int64 tokens of the sampling rows: argmax for greedy rows, an inverse-CDF draw for the others."""
+    x = raw.float() if penalties.is_empty else apply_penalties(raw, penalties)
+    if not plan.random_rows:
+        return x.argmax(dim=-1)
+    drawn = draw_tokens(filtered_weights(_take(x, rows.random), draws), draws.uniforms)
+    if rows.random is None:
+        return drawn
+    tokens = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    tokens.index_copy_(0, rows.random, drawn)
+    return tokens.index_copy_(0, rows.greedy, _take(x, rows.greedy).argmax(dim=-1))
 
 
 def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
-    """[L] logprob of each token, then [L, n] top values and ids (n = the largest num_logprobs asked)."""
-    logprobs = raw.float().log_softmax(dim=-1)
-    parts = [logprobs.gather(1, tokens[:, None]).squeeze(1)]
-    num_top = min(max(plan.num_logprobs), raw.shape[1])
+    """[L] logprob of each token, then [L, n] top logprobs and ids (n = the largest num_logprobs asked)."""
+    x = raw.float()
+    log_total = x.logsumexp(dim=-1)
+    parts = [x.gather(1, tokens[:, None])[:, 0] - log_total]
+    num_top = min(max(plan.num_logprobs), x.shape[1])
     if num_top > 0:
-        top = logprobs.topk(num_top, dim=-1)
-        parts.extend([top.values, top.indices])
+        top = x.topk(num_top, dim=-1)
+        parts.extend([top.values - log_total[:, None], top.indices])
     return parts
 
 
 def _distributions(raw: torch.Tensor, top_k: int) -> list[torch.Tensor]:
     """[D, k] probabilities and ids of the k most probable tokens of softmax(raw), descending."""
-    top = raw.float().softmax(dim=-1).topk(min(top_k, raw.shape[1]), dim=-1)
-    return [top.values, top.indices]
+    x = raw.float()
+    top = x.topk(min(top_k, x.shape[1]), dim=-1)
+    return [(top.values - x.logsumexp(dim=-1, keepdim=True)).exp_(), top.indices]
 
 
 def _unpack(values: list[float], plan: _Plan, vocab_size: int) -> list[OutputResult]:
-    """Reads the packed results back in the order _Sampler.sample wrote them."""
+    """Reads the packed results back in the order Sampler.sample wrote them."""
     cursor = 0
 
     def take(count: int) -> list[float]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.executor.batch import OutputResult, OutputSpec, SamplingParams
-from engine.executor.sampler import Penalties, Sampler, apply_penalties
+from engine.executor.sampler import Draws, Penalties, Sampler, apply_penalties, filtered_weights
 
 # Hand-made distribution with known top-k / top-p / min-p sets; tokens are scattered over the vocabulary
 # by a fixed permutation so that no rule can pass by favouring small ids.
@@ -114,18 +114,42 @@ def test_filters_never_emit_excluded_tokens(filters: dict[str, float], kept_rank
     assert drawn == kept  # nothing excluded, and (400 draws) every kept token shows up
 
 
-def test_filters_on_random_logits_match_a_reference() -> None:
+@pytest.mark.parametrize("scale", [3.0, 0.01])  # peaked, and so flat that top-p keeps thousands of tokens
+def test_filters_on_random_logits_match_a_reference(scale: float) -> None:
     g = torch.Generator().manual_seed(7)
-    logits = torch.randn(64, 1000, generator=g) * 3
+    logits = torch.randn(64, 5000, generator=g) * scale
     specs = [sampling(temperature=1.0, top_k=5, seed=r) for r in range(32)]
-    specs += [sampling(temperature=1.0, top_p=0.3, seed=r) for r in range(32)]
+    specs += [sampling(temperature=1.0, top_p=0.3 + r / 50, seed=r) for r in range(32)]
     drawn = tokens_of(Sampler(seed=0).sample(logits, specs))
     for r in range(32):
         assert drawn[r] in logits[r].topk(5).indices.tolist()
     for r in range(32, 64):
         probs, ids = logits[r].softmax(-1).sort(descending=True)
-        num_kept = int(((probs.cumsum(0) - probs) < 0.3).sum())
+        num_kept = int(((probs.cumsum(0) - probs) < 0.3 + (r - 32) / 50).sum())
         assert drawn[r] in ids[:num_kept].tolist()
+        if scale < 1:
+            assert num_kept > 256  # the CPU path had to look past its first candidates
+
+
+def reference_kept(logits: torch.Tensor, p: SamplingParams) -> set[int]:
+    """Tokens that top-k, then top-p (renormalised), then min-p keep, by sorting."""
+    probs, ids = (logits / p.temperature).softmax(-1).sort(descending=True)
+    num_kept = p.top_k or len(ids)
+    probs = probs[:num_kept] / probs[:num_kept].sum()
+    num_kept = int(((probs.cumsum(0) - probs) < p.top_p).sum())
+    return {int(t) for t, q in zip(ids[:num_kept], probs[:num_kept]) if q >= p.min_p * probs[0]}
+
+
+def test_filtered_weights_keep_exactly_the_reference_sets() -> None:
+    g = torch.Generator().manual_seed(12)
+    logits = torch.cat([torch.randn(4, 5000, generator=g) * 3, torch.randn(4, 5000, generator=g) * 0.01])
+    params = [SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=0.7, top_k=40, top_p=0.8),
+              SamplingParams(temperature=1.3, min_p=0.05), SamplingParams(temperature=1.0, top_k=3000, top_p=0.9)]
+    params += params
+    weights = filtered_weights(logits, Draws.build(params, 5000, torch.Generator()))
+    for r, p in enumerate(params):
+        assert set(weights[r].nonzero()[:, 0].tolist()) == reference_kept(logits[r], p), (r, p)
+    torch.testing.assert_close(weights.amax(dim=-1), torch.ones(8))
 
 
 # --- seeds ----------------------------------------------------------------------------------------------
