@@ -45,3 +45,21 @@ class ArgumentParser(argparse.ArgumentParser):
         if status:
             raise UsageError(message or f"{self.prog}: exit status {status}")
         raise HelpRequested()
+
+
+def _warm_up_argparse() -> None:
+    """componentize-py bundles only the modules imported while it builds (it snapshots the interpreter);
+    argparse imports several lazily (gettext, locale, shutil, ...). Exercising it at import time, with no
+    host call, makes them part of the component."""
+    parser = ArgumentParser(prog="warm-up", description="warm-up")
+    parser.add_argument("--count", type=int, default=0, help="a number")
+    parser.add_argument("--flag", action="store_true")
+    parser.parse_args(["--count", "1", "--flag"])
+    parser.format_help()
+    try:
+        parser.parse_args(["--count", "x"])
+    except UsageError:
+        pass
+
+
+_warm_up_argparse()
