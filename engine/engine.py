@@ -1,0 +1,73 @@
+"""The composition root: model files -> tokenizer + executor -> control layer -> Wasm runtime.
+
+The HTTP app and the CLI reach all of it through one Engine object (held in Starlette's lifespan state).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import EngineConfig, EngineInfo, ModelConfig
+from engine.control.config import ControlConfig
+from engine.control.controller import Controller
+from engine.executor.executor import Executor
+from engine.model.default_model import DEFAULT_MODEL_NAME
+from engine.model.loader import load_model_config, load_weights, resolve_model_dir
+from engine.runtime.config import ModelInfo, RuntimeConfig
+from engine.runtime.runtime import Runtime
+from engine.runtime.tokenizer import EngineTokenizerAdapter
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engine:
+    model_name: str
+    model_dir: Path
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    executor: Executor
+    control: Controller
+    runtime: Runtime
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.executor.info
+
+    @classmethod
+    def start(cls, model: str | Path | None = None, config: EngineConfig | None = None,
+              runtime_config: RuntimeConfig | None = None, model_name: str | None = None,
+              progress: bool = True) -> "Engine":
+        """Loads the model (None: the embedded default), starts the batcher thread and the Wasm runtime."""
+        config = config or EngineConfig()
+        model_dir = resolve_model_dir(model)
+        model_config = load_model_config(model_dir)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        executor = Executor(model_config, config, load_weights(model_dir, _torch_dtype(config), progress=progress))
+        control = Controller(executor, ControlConfig.for_engine(config, model_config))
+        control.start()
+        name = model_name or (DEFAULT_MODEL_NAME if model is None else Path(model).name)
+        runtime = Runtime(control, EngineTokenizerAdapter(tokenizer), _model_info(name, tokenizer, executor),
+                          runtime_config)
+        log.info("engine ready: %s, %d KV pages of %d tokens", name, executor.info.num_pages,
+                 executor.info.page_size)
+        return cls(name, model_dir, model_config, tokenizer, executor, control, runtime)
+
+    def close(self) -> None:
+        self.runtime.close()
+        self.control.stop()
+
+
+def _torch_dtype(config: EngineConfig):  # -> torch.dtype, imported lazily to keep start-up imports light
+    import torch
+
+    return getattr(torch, config.resolved_dtype)
+
+
+def _model_info(name: str, tokenizer: Tokenizer, executor: Executor) -> ModelInfo:
+    eos = tuple(sorted(tokenizer.eos_token_ids))
+    return ModelInfo(name=name, vocab_size=executor.model_config.vocab_size, page_size=executor.info.page_size,
+                     max_context_len=executor.info.max_context_len, chat_template=tokenizer.chat_template or "",
+                     bos_token_id=tokenizer.bos_token_id, eos_token_ids=eos, stop_token_ids=eos)
