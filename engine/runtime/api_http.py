@@ -78,4 +78,5 @@ def functions(host: Host) -> list[HostFunction]:
                                                          config.http_max_response_bytes))
         return ("ok", outcome)
 
-    return [HostFunction("http", "fetch", fetch, ("result", RESPONSE, "string"))]
+    params = ("string", "string", ("list", ("tuple", "string", "string")), ("list", "u8"))
+    return [HostFunction("http", "fetch", fetch, ("result", RESPONSE, "string"), params)]

@@ -116,16 +116,21 @@ class Runtime:
         return self.programs.load(wasm)
 
     def launch(self, program_hash: str, args: Sequence[str] = (), tenant: str = "default",
-               on_exit: Callable[[InstanceState], None] | None = None) -> InstanceHandle:
+               on_exit: Callable[[InstanceState], None] | None = None,
+               time_budget_s: float | None = None) -> InstanceHandle:
+        """Start an instance of a loaded program. time_budget_s: this instance's wall-clock budget
+        (default: the config's). on_exit runs in the scheduler thread when it ended."""
         if self._closed:
             raise RuntimeError("the runtime is closed")
         component = self.programs.get(program_hash)  # KeyError for an unknown program
         arguments = tuple(str(a) for a in args)
+        if time_budget_s is not None and time_budget_s <= 0:
+            raise ValueError("time_budget_s must be positive")
         if sum(len(a.encode()) for a in arguments) > MAX_ARGUMENTS_BYTES:
             raise ValueError(f"arguments exceed {MAX_ARGUMENTS_BYTES} bytes")
         instance_id = InstanceId(f"inst-{next(self._ids)}-{uuid.uuid4().hex[:8]}")
         state = InstanceState(id=instance_id, program_hash=program_hash, arguments=arguments, tenant=tenant,
-                              deadline=time.monotonic() + self.config.time_budget_s,
+                              deadline=time.monotonic() + (time_budget_s or self.config.time_budget_s),
                               log_path=str(self._log_dir / f"{instance_id}.log"))
         if on_exit is not None:
             state.on_exit.append(on_exit)

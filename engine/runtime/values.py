@@ -331,6 +331,8 @@ def compile_decoder(schema: Schema) -> Decoder:
             entries = _string_at(ptr, ENTRY_SIZE * count)
             return {name: dec(entries, ENTRY_SIZE * i + 16) for i, (name, dec) in enumerate(zip(names, decoders))}
         return record
+    if kind == "list" and schema[1] == "u8":
+        return lambda buf, at: bytes(_decode(buf, at))
     if kind == "list" and not (isinstance(schema[1], str) and schema[1] in _PRIM_NAMES):
         element = compile_decoder(schema[1])
 

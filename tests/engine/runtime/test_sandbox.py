@@ -10,11 +10,12 @@ from tests.engine.runtime.conftest import make_runtime, wat
 from tests.engine.runtime.fakes import FakeControl
 
 
-def _run_next_to_good(control: FakeControl, tmp_path: Path, bad_wasm: bytes, **config: object) -> Terminated:
+def _run_next_to_good(control: FakeControl, tmp_path: Path, bad_wasm: bytes, bad_budget_s: float | None = None,
+                      **config: object) -> Terminated:
     runtime = make_runtime(control, tmp_path, **config)
     try:
         good = runtime.launch(runtime.load(wat("forward_loop.wat", NUM_STEPS=50)))
-        bad = runtime.launch(runtime.load(bad_wasm))
+        bad = runtime.launch(runtime.load(bad_wasm), time_budget_s=bad_budget_s)
         bad_end = bad.messages(timeout=30)[-1]
         good_messages = good.messages(timeout=30)
         assert good_messages == [Text("done"), Terminated(ok=True)], "the good instance must not notice"
@@ -33,7 +34,7 @@ def test_trap_ends_only_its_instance(control: FakeControl, tmp_path: Path) -> No
 
 
 def test_infinite_loop_is_stopped_at_its_time_budget(control: FakeControl, tmp_path: Path) -> None:
-    end = _run_next_to_good(control, tmp_path, wat("infinite_loop.wat"), time_budget_s=1.5)
+    end = _run_next_to_good(control, tmp_path, wat("infinite_loop.wat"), bad_budget_s=1.0)
     assert end.error is not None and "time budget" in end.error
 
 

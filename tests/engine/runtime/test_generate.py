@@ -1,0 +1,115 @@
+"""The host-side decode loop (generate / generate-all), driven directly against the fake control."""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Iterator
+
+import pytest
+
+from engine.runtime import api_generate
+from engine.runtime.config import RuntimeConfig
+from engine.runtime.host import Host
+from engine.runtime.instance import InstanceState
+from engine.runtime.messages import Text
+from engine.types import InstanceId
+from tests.engine.runtime.conftest import MODEL, PAGE_SIZE
+from tests.engine.runtime.fakes import ByteTokenizer, FakeControl
+
+GREEDY = {"temperature": 0.0, "top-k": 0, "top-p": 1.0, "min-p": 0.0, "seed": None, "presence-penalty": 0.0,
+          "frequency-penalty": 0.0, "repetition-penalty": 1.0, "prompt-token-ids": [], "output-token-ids": [],
+          "logit-bias": [], "allowed-token-ids": None, "num-logprobs": None}
+
+
+def request(**fields: Any) -> dict[str, Any]:
+    base = {"page-ids": [], "last-page-len": 0, "input-token-ids": list(b"ab"), "position": 0, "sampling": GREEDY,
+            "max-tokens": 5, "stop-token-ids": [], "stop-strings": [], "ignore-eos": False, "constraint": None,
+            "stream-channel": None}
+    base.update(fields)
+    return base
+
+
+def drive(task: Any) -> Any:
+    """Run a host task to completion, blocking on the futures it waits for."""
+    value: Any = None
+    while True:
+        try:
+            waited = task.send(value)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(waited, list):
+            value = [f.exception() or f.result() for f in waited]
+        else:
+            value = waited.result(timeout=10)
+
+
+@pytest.fixture
+def setup() -> Iterator[tuple[Host, InstanceState, FakeControl, dict[str, Any]]]:
+    control = FakeControl(num_pages=64, page_size=PAGE_SIZE)
+    host = Host(control=control, tokenizer=ByteTokenizer(), model=MODEL, config=RuntimeConfig(),
+                call_later=lambda delay, fn: None, run_blocking=lambda fn: Future())
+    inst = InstanceState(id=InstanceId("gen"), program_hash="", arguments=(), tenant="t", deadline=1e18)
+    control.open_instance(inst.id)
+    functions = {f.name: f.impl for f in api_generate.functions(host)}
+    yield host, inst, control, functions
+    control.close_instance(inst.id)
+    assert control.num_free_pages == control.info.num_pages
+    control.stop()
+
+
+def test_generate_runs_until_max_tokens_and_reports_pages(setup: Any) -> None:
+    _, inst, control, fns = setup
+    tag, gen = drive(fns["generate"](inst, request(**{"stream-channel": 3})))
+    assert tag == "ok"
+    assert gen["token-ids"] == list(b"cdefg") and gen["text"] == "cdefg" and gen["finish-reason"] == "length"
+    # 2 prompt tokens + 4 generated tokens have KV; the last sampled token is pending
+    assert gen["pending-token-ids"] == [ord("g")] and gen["next-position"] == 6
+    assert len(gen["page-ids"]) == 2 and gen["last-page-len"] == 2
+    assert "".join(m.text for m in iter(inst.outbox.try_get, None) if isinstance(m, Text)) == "cdefg"
+    commands = [c for i, c in control.commands if i == inst.id]
+    assert [list(c.token_ids) for c in commands] == [list(b"ab"), [ord("c")], [ord("d")], [ord("e")], [ord("f")]]
+    assert [c.last_page_len for c in commands] == [2, 3, 4, 1, 2]
+
+
+def test_stop_string_across_tokens_is_cut_and_never_streamed(setup: Any) -> None:
+    _, inst, _, fns = setup
+    tag, gen = drive(fns["generate"](inst, request(**{"stop-strings": ["de"], "stream-channel": 0, "max-tokens": 10})))
+    assert tag == "ok" and gen["finish-reason"] == "stop" and gen["text"] == "c"
+    streamed = "".join(m.text for m in iter(inst.outbox.try_get, None) if isinstance(m, Text))
+    assert streamed == "c"
+
+
+def test_eos_stops_unless_ignored(setup: Any) -> None:
+    host, inst, control, fns = setup
+    eos = MODEL.eos_token_ids[0]
+    prompt = [MODEL.vocab_size - 2]  # the fake samples 255, then 0 (= eos)
+    tag, gen = drive(fns["generate"](inst, request(**{"input-token-ids": prompt, "max-tokens": 5})))
+    assert gen["token-ids"] == [255, eos] and gen["finish-reason"] == "stop" and gen["text"] == "\ufffd"
+    tag, gen = drive(fns["generate"](inst, request(**{"input-token-ids": prompt, "max-tokens": 3, "ignore-eos": True})))
+    assert gen["token-ids"] == [255, eos, 1] and gen["finish-reason"] == "length"
+
+
+def test_continuing_from_a_previous_generation(setup: Any) -> None:
+    _, inst, _, fns = setup
+    _, first = drive(fns["generate"](inst, request(**{"max-tokens": 3})))
+    follow = request(**{"page-ids": first["page-ids"], "last-page-len": first["last-page-len"],
+                        "input-token-ids": first["pending-token-ids"], "position": first["next-position"]})
+    _, second = drive(fns["generate"](inst, follow))
+    assert second["token-ids"] == list(b"fghij")
+    assert second["page-ids"][:len(first["page-ids"])] == first["page-ids"]
+
+
+def test_generate_all_batches_sequences_and_isolates_bad_requests(setup: Any) -> None:
+    _, inst, control, fns = setup
+    results = drive(fns["generate-all"](inst, [request(), request(**{"max-tokens": 0}), request(**{"max-tokens": 2})]))
+    assert results[0][0] == "ok" and results[2][0] == "ok"
+    assert results[1] == ("err", "max-tokens must be at least 1")
+    assert results[2][1]["token-ids"] == list(b"cd")
+
+
+def test_bad_inputs_are_errors(setup: Any) -> None:
+    _, inst, _, fns = setup
+    from engine.runtime.hostfn import GuestError
+    with pytest.raises(GuestError, match="outside the vocabulary"):
+        drive(fns["generate"](inst, request(**{"input-token-ids": [MODEL.vocab_size]})))
+    with pytest.raises(GuestError, match="last-page-len"):
+        drive(fns["generate"](inst, request(**{"page-ids": [0], "last-page-len": 0})))
