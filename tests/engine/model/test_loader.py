@@ -46,7 +46,8 @@ def test_missing_default_model_package_says_how_to_install(monkeypatch: pytest.M
 def test_converted_default_model_has_a_complete_hf_directory(default_model_dir: Path) -> None:
     names = {p.name for p in default_model_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
-    assert "chat_template.jinja" in names or "chat_template" in (default_model_dir / "tokenizer_config.json").read_text()
+    tokenizer_config = (default_model_dir / "tokenizer_config.json").read_text()
+    assert "chat_template.jinja" in names or "chat_template" in tokenizer_config
     config = load_model_config(default_model_dir)
     assert (config.hidden_size, config.num_layers, config.num_heads, config.num_kv_heads) == (576, 30, 9, 3)
     assert config.tie_word_embeddings and config.vocab_size == 49152 and config.rope.theta == 100000.0
