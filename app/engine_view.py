@@ -23,6 +23,7 @@ class EngineView:
         self.vocab_size: int = _vocab_size(engine)
         # token id -> text, for logprobs (decoding one token at a time is the slow part of them)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
+        self.special_prefix_ids: list[int] = self._special_prefix_ids()
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if add_special_tokens:
@@ -31,6 +32,13 @@ class EngineView:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids)))
+
+    def _special_prefix_ids(self) -> list[int]:
+        """What the tokenizer puts in front of a plain prompt (e.g. BOS): completions prompts get it, as
+        with vLLM; chat templates write their own."""
+        plain, special = self.encode("a"), self.encode("a", add_special_tokens=True)
+        cut = len(special) - len(plain)
+        return special[:cut] if cut > 0 and special[cut:] == plain else []
 
     def _token_text(self, token_id: int) -> str:
         return self.decode([token_id])

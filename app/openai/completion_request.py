@@ -10,6 +10,7 @@ from app.openai.params import (MAX_TOP_LOGPROBS, GenerationParams, ModelLimits, 
                                parse_generation, parse_response_format)
 
 MAX_PROMPTS = 64
+MAX_CHOICES = 64  # sequences one generate-all call runs in lockstep
 
 Prompt = Union[str, list[int]]  # text, or token ids
 
@@ -33,6 +34,8 @@ def parse_completion_request(body: Mapping[str, Any], limits: ModelLimits) -> Co
     if get_str(body, "suffix", ""):
         raise invalid("'suffix' is not supported", "suffix")
     params = parse_generation(body, limits, logprobs)
+    if len(prompts) * params.n > MAX_CHOICES:
+        raise invalid(f"at most {MAX_CHOICES} choices per request (prompts x n)", "n")
     if body.get("max_tokens") is None:
         params = replace(params, max_tokens=16)  # OpenAI's default for completions
     return CompletionRequest(model=model, prompts=prompts,

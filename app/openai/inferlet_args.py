@@ -27,6 +27,8 @@ def chat_arguments(request: ChatRequest) -> str:
     return json.dumps({**_common(request.params), "prompts": [prompt]})
 
 
-def completion_arguments(request: CompletionRequest) -> str:
-    prompts = [{"text": p} if isinstance(p, str) else {"token_ids": p} for p in request.prompts]
+def completion_arguments(request: CompletionRequest, special_prefix_ids: list[int]) -> str:
+    """special_prefix_ids: what the tokenizer adds in front of a text prompt (e.g. BOS)."""
+    prompts = [{"text": p, "prefix_token_ids": special_prefix_ids} if isinstance(p, str) else {"token_ids": p}
+               for p in request.prompts]
     return json.dumps({**_common(request.params), "prompts": prompts})

@@ -15,6 +15,7 @@ from app.openai.fields import (get_bool, get_float, get_int, get_list, get_objec
 MAX_N = 64
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 300
 
 
@@ -99,6 +100,9 @@ def _max_tokens(body: Mapping[str, Any], limits: ModelLimits, names: tuple[str, 
     for name in names:
         value = get_int(body, name, None, lo=1)
         if value is not None:
+            if value >= limits.max_context_len:
+                raise invalid(f"'{name}' must be below the model's context length ({limits.max_context_len})",
+                              name, "context_length_exceeded")
             return value
     return None
 
@@ -148,6 +152,8 @@ def _stop_strings(body: Mapping[str, Any]) -> tuple[str, ...]:
         raise invalid("'stop' must be a string or an array of strings", "stop")
     if len(items) > MAX_STOP_STRINGS:
         raise invalid(f"'stop' may hold at most {MAX_STOP_STRINGS} strings", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in items):
+        raise invalid(f"a stop string may have at most {MAX_STOP_CHARS} characters", "stop")
     return tuple(s for s in items if s)  # an empty stop string would end every generation at once
 
 

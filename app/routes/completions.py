@@ -27,7 +27,7 @@ async def completions(request: Request) -> Response:
     echoes = _echo_texts(completion, view)
     stack = contextlib.AsyncExitStack()
     try:
-        run, prompt = await until_disconnected(request, state.enter_run(stack, completion_arguments(completion)))
+        run, prompt = await until_disconnected(request, state.enter_run(stack, completion_arguments(completion, view.special_prefix_ids)))
         relay = TimedRelay(run, state.metrics, arrival)
         if completion.params.stream:
             response = SSEResponse(_stream(completion, meta, prompt, relay, view.token_text, echoes), stack)

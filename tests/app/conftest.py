@@ -65,3 +65,52 @@ def wait_ready(server: ServerThread, timeout_s: float = 60.0) -> None:
 def client_for(server: ServerThread, **kwargs: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0,
                          **kwargs)
+
+
+# -- the real engine (default model) and the default inferlet built from source -------------------------
+
+@pytest.fixture(scope="session")
+def default_inferlet_wasm(pie_cache_dir: Path) -> Path:
+    """inferlets/builtin/default built once per session (componentize-py, ~10-30 s)."""
+    from app.config import DEFAULT_INFERLET_SOURCE
+    from app.inferlet_build import build_inferlet
+
+    return build_inferlet(DEFAULT_INFERLET_SOURCE, pie_cache_dir / "default-inferlet.wasm")
+
+
+def start_real(model_dir: Path, wasm: Path, cache_dir: Path, num_pages: int, **config: Any) -> ServerThread:
+    from engine.config import EngineConfig
+    from tests.app.local_engine import LocalEngine
+
+    engines: list[LocalEngine] = []
+
+    def factory() -> LocalEngine:
+        engines.append(LocalEngine(model_dir, EngineConfig(num_pages=num_pages),
+                                   runtime_cache_dir=cache_dir / "compiled"))
+        return engines[-1]
+
+    app = create_app(factory, ServerConfig(inferlet_wasm=wasm, **config))
+    server = ServerThread(app).__enter__()
+    wait_ready(server, timeout_s=600)
+    server.engine = engines[0]  # type: ignore[attr-defined]
+    server.state = app.state.pie  # type: ignore[attr-defined]
+    return server
+
+
+@pytest.fixture(scope="session")
+def real_server(default_model_dir: Path, default_inferlet_wasm: Path, pie_cache_dir: Path) -> Iterator[ServerThread]:
+    """The app over SmolLM2-135M-Instruct and the Wasm default inferlet (256 pages of 16 tokens)."""
+    server = start_real(default_model_dir, default_inferlet_wasm, pie_cache_dir, num_pages=256)
+    yield server
+    server.__exit__(None, None, None)
+
+
+def all_pages_free(server: ServerThread, timeout_s: float = 10.0) -> bool:
+    """Every KV page free (or held only by the prefix cache) and no instance left, within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = server.engine.control.stats()  # type: ignore[attr-defined]
+        if stats.num_free_pages == stats.num_pages and stats.num_instances == 0:
+            return True
+        time.sleep(0.02)
+    return False
