@@ -1,0 +1,107 @@
+"""Decode TPOT on the GPU next to the memory-bandwidth floor, random bf16 weights of real model shapes.
+
+    python -m bench.gpu_decode [--shapes llama-3.1-8b smollm2-135m] [--batches 1 64] [--context 1024]
+
+For each shape and batch size: prefill `batch` random prompts of `context` tokens, warm up, then time
+`steps` greedy decode steps through Executor.execute (the whole step: host inputs, FlashInfer plan, graph
+replay, logits, sampling, the token back on the host). TPOT is the median step. Also reported: the GPU time
+of the captured forward alone (CUDA events over back-to-back replays) and the eager (no-graph) TPOT.
+Floor = (weights + K/V of every context token) / device-to-device copy bandwidth, measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+from bench.common_gpu import MODEL_SHAPES, copy_bandwidth, decode_floor_s, format_table, save_result
+from engine.config import EngineConfig
+from engine.executor.batch import SamplingParams
+from engine.executor.direct import DirectGenerator
+from engine.executor.executor import Executor
+
+GREEDY = SamplingParams()
+
+
+def _median_step_s(gen: DirectGenerator, seqs: list, num_steps: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(num_steps):
+        started = time.perf_counter()
+        gen.step(seqs, GREEDY)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), times
+
+
+def _replay_gpu_s(executor: Executor, batch: int, iters: int = 50) -> float:
+    """GPU time of one captured forward (the graph as last planned), back to back."""
+    graphs = executor.decode_graphs
+    entry = graphs._graphs[graphs.bucket(batch)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        entry.graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def bench_shape(name: str, batches: list[int], context: int, steps: int, bandwidth: float) -> list[dict]:
+    cfg = MODEL_SHAPES[name]
+    pages_per_seq = -(-(context + steps + 16) // 16) + 1
+    engine = EngineConfig(device="cuda", dtype="bfloat16", num_pages=max(batches) * pages_per_seq + 8,
+                          max_batch_size=max(batches), cuda_graphs=True, max_batch_tokens=65536)
+    started = time.perf_counter()
+    executor = Executor(cfg, engine)
+    setup_s = time.perf_counter() - started
+    rows = []
+    for batch in batches:
+        gen = DirectGenerator(executor, scatter_pages=True)
+        prompts = torch.randint(0, cfg.vocab_size, (batch, context), generator=torch.Generator().manual_seed(batch))
+        seqs = [gen.start(p) for p in prompts.tolist()]
+        gen.step(seqs, GREEDY)  # prefill
+        _median_step_s(gen, seqs, 8)  # warm-up
+        mean_context = len(seqs[0].token_ids) + steps // 2  # slots read by the middle timed step
+        tpot, times = _median_step_s(gen, seqs, steps)
+        replay = _replay_gpu_s(executor, batch)
+        graphs, executor.decode_graphs = executor.decode_graphs, None
+        eager, _ = _median_step_s(gen, seqs, max(8, steps // 4))
+        executor.decode_graphs = graphs
+        floor = decode_floor_s(cfg, 2, [mean_context] * batch, bandwidth)
+        rows.append({"shape": name, "batch": batch, "context": context, "steps": steps,
+                     "tpot_ms": tpot * 1e3, "p90_ms": sorted(times)[int(0.9 * len(times))] * 1e3,
+                     "graph_replay_ms": replay * 1e3, "eager_tpot_ms": eager * 1e3, "floor_ms": floor * 1e3,
+                     "tpot_over_floor": tpot / floor, "setup_s": setup_s})
+        for s in seqs:
+            gen.release(s)
+    del executor, graphs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(MODEL_SHAPES), choices=list(MODEL_SHAPES))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=64)
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    rows = []
+    for name in args.shapes:
+        rows.extend(bench_shape(name, args.batches, args.context, args.steps, bandwidth))
+    table = format_table(
+        ["shape", "batch", "TPOT ms", "floor ms", "TPOT/floor", "graph GPU ms", "eager TPOT ms"],
+        [[r["shape"], r["batch"], r["tpot_ms"], r["floor_ms"], r["tpot_over_floor"], r["graph_replay_ms"],
+          r["eager_tpot_ms"]] for r in rows])
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)\n{table}")
+    path = save_result("gpu_decode", {"copy_bandwidth_tb_s": bandwidth / 1e12, "context": args.context,
+                                      "rows": rows, "table": table})
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Offline throughput on the GPU: N requests of random prompts, fixed output length, ignore_eos, through the
+executor with continuous batching, next to Hugging Face transformers on the same GPU and weights.
+
+    python -m bench.gpu_throughput [--shapes llama-3.1-8b smollm2-135m] [--requests 512] [--prompt 512]
+                                   [--output 256] [--token-budget 8192] [--hf-requests 64] [--hf-output 128]
+
+The loop here is a minimal scheduler driving Executor.execute directly (no control layer): each step feeds
+one token to every decoding sequence, then fills the rest of the token budget with prompt chunks, admitting
+waiting requests while their pages (prompt + output, reserved up front) fit. Decode-only steps replay CUDA
+graphs. Output tok/s = requests * output / wall time from the first step to the last token.
+transformers runs `generate` (greedy, min_new_tokens = max_new_tokens) in batches of --hf-batch, bf16, SDPA
+attention, on fewer requests and output tokens to keep the run short (its tok/s would only fall with longer
+outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from bench.common_gpu import MODEL_SHAPES, format_table, save_result
+from engine.config import EngineConfig, ModelConfig
+from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
+from engine.executor.executor import Executor
+from engine.model.llama import random_weights
+
+GREEDY = (OutputSpec(index=0, sampling=SamplingParams()),)
+SEED = 0
+
+
+@dataclass
+class _Request:
+    token_ids: list[int]  # prompt, then outputs as they come
+    num_prompt: int
+    num_output: int
+    page_ids: list[int] = field(default_factory=list)
+    num_cached: int = 0
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.num_cached >= self.num_prompt
+
+    @property
+    def is_done(self) -> bool:
+        return len(self.token_ids) - self.num_prompt >= self.num_output
+
+
+def _command(req: _Request, num_tokens: int, page_size: int) -> ForwardCommand:
+    end = req.num_cached + num_tokens
+    num_pages = -(-end // page_size)
+    wants_token = end == len(req.token_ids)
+    outputs = (OutputSpec(index=num_tokens - 1, sampling=GREEDY[0].sampling),) if wants_token else ()
+    return ForwardCommand(token_ids=req.token_ids[req.num_cached:end], positions=range(req.num_cached, end),
+                          page_ids=req.page_ids[:num_pages], last_page_len=end - (num_pages - 1) * page_size,
+                          outputs=outputs)
+
+
+def run_engine(executor: Executor, prompts: list[list[int]], num_output: int, token_budget: int,
+               max_running: int) -> tuple[dict, list[list[int]]]:
+    """Runs every request to completion; returns the stats and each request's output tokens."""
+    page_size = executor.info.page_size
+    pages_per_request = -(-(len(prompts[0]) + num_output) // page_size)
+    free_pages = list(range(executor.info.num_pages))
+    max_running = min(max_running, len(free_pages) // pages_per_request)
+    requests = [_Request(list(p), len(p), num_output) for p in prompts]
+    waiting = deque(requests)
+    running: list[_Request] = []
+    num_steps = num_decode_steps = 0
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    while waiting or running:
+        commands, owners, budget = [], [], token_budget
+        for req in running:
+            if req.is_decoding:
+                commands.append(_command(req, 1, page_size))
+                owners.append(req)
+                budget -= 1
+        for req in [r for r in running if not r.is_decoding]:
+            if budget <= 0:
+                break
+            chunk = min(budget, req.num_prompt - req.num_cached)
+            commands.append(_command(req, chunk, page_size))
+            owners.append(req)
+            budget -= chunk
+        while waiting and budget > 0 and len(running) < max_running:
+            req = waiting.popleft()
+            req.page_ids = [free_pages.pop() for _ in range(pages_per_request)]
+            running.append(req)
+            chunk = min(budget, req.num_prompt)
+            commands.append(_command(req, chunk, page_size))
+            owners.append(req)
+            budget -= chunk
+        results = executor.execute(Batch(forwards=commands, step_id=num_steps)).results
+        num_steps += 1
+        num_decode_steps += all(len(c.token_ids) == 1 for c in commands)
+        for req, command, result in zip(owners, commands, results):
+            req.num_cached += len(command.token_ids)
+            if result.outputs:
+                req.token_ids.append(result.outputs[0].token_id)
+        for req in [r for r in running if r.is_done]:
+            free_pages.extend(req.page_ids)
+            running.remove(req)
+    wall = time.perf_counter() - started
+    num_out = len(prompts) * num_output
+    graphs = executor.decode_graphs
+    stats = {"requests": len(prompts), "prompt": len(prompts[0]), "output": num_output, "wall_s": wall,
+            "output_tok_s": num_out / wall, "total_tok_s": (num_out + sum(map(len, prompts))) / wall,
+            "steps": num_steps, "decode_only_steps": num_decode_steps,
+            "graph_replays": graphs.num_replays if graphs is not None else 0, "max_running": max_running,
+            "token_budget": token_budget, "num_pages": executor.info.num_pages}
+    return stats, [r.token_ids[r.num_prompt:] for r in requests]
+
+
+def hf_config(cfg: ModelConfig):
+    from transformers import LlamaConfig
+    rope = {"rope_type": cfg.rope.rope_type, "rope_theta": cfg.rope.theta}
+    if cfg.rope.rope_type == "llama3":
+        rope.update(factor=cfg.rope.factor, low_freq_factor=cfg.rope.low_freq_factor,
+                    high_freq_factor=cfg.rope.high_freq_factor,
+                    original_max_position_embeddings=cfg.rope.original_max_position_embeddings)
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                       rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+                       rope_parameters=rope, tie_word_embeddings=cfg.tie_word_embeddings)
+
+
+def run_hf(cfg: ModelConfig, prompts: list[list[int]], num_output: int, batch: int) -> dict:
+    from transformers import LlamaForCausalLM
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(hf_config(cfg)).eval()
+    torch.set_default_dtype(previous)
+    missing, unexpected = model.load_state_dict(random_weights(cfg, torch.device("cuda"), torch.bfloat16, SEED),
+                                                strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.generation_config.eos_token_id = None
+    kwargs = dict(max_new_tokens=num_output, min_new_tokens=num_output, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(torch.tensor(prompts[:1], device="cuda"), **{**kwargs, "max_new_tokens": 4,
+                                                                     "min_new_tokens": 4})  # warm-up
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            ids = torch.tensor(prompts[i:i + batch], device="cuda")
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+            assert out.shape[1] == ids.shape[1] + num_output
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    stats = {"requests": len(prompts), "prompt": len(prompts[0]), "output": num_output, "batch": batch,
+            "wall_s": wall, "output_tok_s": len(prompts) * num_output / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(MODEL_SHAPES), choices=list(MODEL_SHAPES))
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--output", type=int, default=256)
+    parser.add_argument("--token-budget", type=int, default=8192)
+    parser.add_argument("--max-running", type=int, default=512)
+    parser.add_argument("--hf-requests", type=int, default=64)
+    parser.add_argument("--hf-output", type=int, default=128)
+    parser.add_argument("--hf-batch", type=int, default=64)
+    args = parser.parse_args()
+    rows = []
+    for name in args.shapes:
+        cfg = MODEL_SHAPES[name]
+        gen = torch.Generator().manual_seed(SEED)
+        prompts = torch.randint(0, cfg.vocab_size, (args.requests, args.prompt), generator=gen).tolist()
+        engine = EngineConfig(device="cuda", dtype="bfloat16", max_batch_size=args.max_running,
+                              max_batch_tokens=args.token_budget, cuda_graphs=True, seed=SEED)
+        started = time.perf_counter()
+        executor = Executor(cfg, engine)  # random_weights(cfg, seed=SEED), as transformers gets below
+        setup_s = time.perf_counter() - started
+        warm, _ = run_engine(executor, prompts[:8], 8, args.token_budget, args.max_running)  # first-use costs
+        ours, _ = run_engine(executor, prompts, args.output, args.token_budget, args.max_running)
+        ours["setup_s"], ours["warmup_s"] = setup_s, warm["wall_s"]
+        del executor
+        gc.collect()
+        torch.cuda.empty_cache()
+        hf = run_hf(cfg, prompts[:args.hf_requests], args.hf_output, args.hf_batch) if args.hf_requests else None
+        rows.append({"shape": name, "engine": ours, "transformers": hf})
+        print(name, ours, hf, flush=True)
+    table = format_table(
+        ["shape", "engine out tok/s", "requests x (prompt+output)", "wall s", "transformers out tok/s",
+         "HF requests x (prompt+output), batch"],
+        [[r["shape"], r["engine"]["output_tok_s"],
+          f'{r["engine"]["requests"]} x ({r["engine"]["prompt"]}+{r["engine"]["output"]})', r["engine"]["wall_s"],
+          r["transformers"]["output_tok_s"] if r["transformers"] else "-",
+          f'{r["transformers"]["requests"]} x ({r["transformers"]["prompt"]}+{r["transformers"]["output"]}), '
+          f'{r["transformers"]["batch"]}' if r["transformers"] else "-"] for r in rows])
+    print(table)
+    print("wrote", save_result("gpu_throughput", {"rows": rows, "table": table}))
+
+
+if __name__ == "__main__":
+    main()
