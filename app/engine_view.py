@@ -71,8 +71,9 @@ class EngineView:
 
 
 def _vocab_size(engine: Any) -> int:
-    for holder, name in ((engine, "vocab_size"), (engine.tokenizer, "vocab_size"),
-                         (getattr(engine, "model_config", None), "vocab_size")):
+    # The model's vocabulary (what the sampler and the host check ids against) before the tokenizer's.
+    for holder, name in ((engine, "vocab_size"), (getattr(engine, "model_config", None), "vocab_size"),
+                         (engine.tokenizer, "vocab_size")):
         value = getattr(holder, name, None)
         if isinstance(value, int) and value > 0:
             return value

@@ -78,15 +78,20 @@ def default_inferlet_wasm(pie_cache_dir: Path) -> Path:
     return build_inferlet(DEFAULT_INFERLET_SOURCE, pie_cache_dir / "default-inferlet.wasm")
 
 
+MODEL_NAME = "default"
+
+
 def start_real(model_dir: Path, wasm: Path, cache_dir: Path, num_pages: int, **config: Any) -> ServerThread:
     from engine.config import EngineConfig
-    from tests.app.local_engine import LocalEngine
+    from engine.engine import Engine
+    from engine.runtime.config import RuntimeConfig
 
-    engines: list[LocalEngine] = []
+    engines: list[Engine] = []
 
-    def factory() -> LocalEngine:
-        engines.append(LocalEngine(model_dir, EngineConfig(num_pages=num_pages),
-                                   runtime_cache_dir=cache_dir / "compiled"))
+    def factory() -> Engine:
+        engines.append(Engine.start(model_dir, EngineConfig(num_pages=num_pages), model_name=MODEL_NAME,
+                                    runtime_config=RuntimeConfig(cache_dir=str(cache_dir / "compiled")),
+                                    progress=False))
         return engines[-1]
 
     app = create_app(factory, ServerConfig(inferlet_wasm=wasm, **config))

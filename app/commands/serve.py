@@ -1,0 +1,83 @@
+"""`pie serve`: the OpenAI-compatible HTTP server (uvicorn) over the engine and the default inferlet.
+
+The server answers at once; /health says 503 until the model is loaded and the default inferlet is built
+(componentize-py, cached) and compiled (wasmtime, cached).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from app.config import ServerConfig
+
+DEFAULT_PORT = 8000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="a Hugging Face model folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--served-model-name", action="append", default=None,
+                        help="the name(s) clients use in 'model' (default: the model's name); repeatable")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' (health, metrics and version stay open)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="weights and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--page-size", type=int, default=16, help="KV slots per page (a power of two)")
+    parser.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
+    parser.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens per engine step")
+    parser.add_argument("--max-batch-size", type=int, default=256, help="sequences per engine step")
+    parser.add_argument("--max-running-requests", type=int, default=256,
+                        help="requests whose inferlet runs at once; later ones queue")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps without CUDA graphs")
+    parser.add_argument("--default-inferlet", type=Path, default=None,
+                        help="a prebuilt default inferlet (.wasm) instead of building inferlets/builtin/default")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.server import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine_config = _engine_config(args)
+        config = ServerConfig(api_key=args.api_key, served_model_names=tuple(args.served_model_name or ()),
+                              max_running_requests=args.max_running_requests, inferlet_wasm=args.default_inferlet)
+    except ValueError as error:
+        print(f"pie serve: error: {error}")
+        return 2
+    if args.default_inferlet is not None and not args.default_inferlet.is_file():
+        print(f"pie serve: error: {args.default_inferlet}: no such file")
+        return 2
+
+    def engine_factory():  # type: ignore[no-untyped-def]
+        from engine.engine import Engine
+        from engine.runtime.config import RuntimeConfig
+
+        runtime_config = RuntimeConfig(cache_dir=str(_cache_root() / "compiled"))
+        return Engine.start(args.model, engine_config, runtime_config=runtime_config)
+
+    app = create_app(engine_factory, config)
+    print(f"pie serve: listening on http://{args.host}:{args.port} (GET /health is 200 once the model is loaded)",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+    return 0
+
+
+def _engine_config(args: argparse.Namespace):  # -> EngineConfig
+    from engine.config import EngineConfig
+
+    return EngineConfig(device=args.device, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
+                        max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
+                        cuda_graphs=not args.no_cuda_graphs)
+
+
+def _cache_root() -> Path:
+    from app.inferlet_build import default_cache_dir
+
+    return default_cache_dir().parent  # $PIE_CACHE_DIR, else ~/.cache/pie
