@@ -60,6 +60,7 @@ class Controller:
         self._active: dict[InstanceState, None] = {}  # instances with queued work, oldest first
         self._demands: deque[Demand] = deque()
         self._inflight: list[tuple[Chunk, list[int]]] = []  # the running step's chunks and their outputs
+        self._inflight_moved: list[InstanceState] = []  # instances whose KV the running step swaps or copies
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._generation = 0  # bumped by every call that may create work

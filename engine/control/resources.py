@@ -38,6 +38,13 @@ class Resources:
         self.drop(self.cache.evict(self._cache_only, missing))
         return True
 
+    def reclaim_swap_slots(self, num_slots: int) -> None:
+        """Evicts swapped-out pages that only the prefix cache holds, until num_slots slots are free."""
+        missing = num_slots - self.pool.num_free_swap_slots
+        if missing > 0:
+            pool = self.pool
+            self.drop(self.cache.evict(lambda b: pool.refcount(b) == 1 and not pool.is_resident(b), missing))
+
     def try_allocate(self, num_pages: int) -> list[BlockId] | None:
         return self.pool.allocate(num_pages) if self.make_free(num_pages) else None
 

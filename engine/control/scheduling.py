@@ -33,6 +33,7 @@ class StepBuilder:
         self.swap_outs: list[PageSwap] = []
         self.swap_ins: list[PageSwap] = []
         self.swapped_in: set[BlockId] = set()
+        self.moved: list[InstanceState] = []  # instances whose KV this batch swaps or copies
 
     # -- forming ------------------------------------------------------------------------------------------
     def form(self) -> tuple[Batch, Sources] | None:
@@ -42,6 +43,7 @@ class StepBuilder:
         if not (forwards or copies or self.swap_outs or self.swap_ins):
             return None
         self.c._step_id += 1
+        self.c._inflight_moved = self.moved
         batch = Batch(forwards=forwards, page_copies=copies, swap_outs=self.swap_outs, swap_ins=self.swap_ins,
                       step_id=self.c._step_id)
         return batch, sources
@@ -53,6 +55,7 @@ class StepBuilder:
             return False
         self.swap_ins.extend(self.pool.swap_in(block_id) for block_id in block_ids)
         self.swapped_in.update(block_ids)
+        self.moved.append(demand.instance)
         demand.instance.swap_in_queued = False
         return True
 
@@ -89,12 +92,14 @@ class StepBuilder:
         if choice is None:
             return False
         victim, block_ids = choice
+        self.c._res.reclaim_swap_slots(len(block_ids))
         num_slots = min(len(block_ids), self.pool.num_free_swap_slots)
         if num_slots == 0:
             self._fail_instance(victim, f"instance {victim.instance_id!r} was preempted: out of KV pages and "
                                         "of host swap space (the last resort; its pages were dropped)")
         else:
             self.swap_outs.extend(self.pool.swap_out(block_id) for block_id in block_ids[:num_slots])
+            self.moved.append(victim)
         return True
 
     def _deadlocked(self) -> bool:
@@ -126,6 +131,7 @@ class StepBuilder:
         """Translates the plan to physical pages and takes its commands off the queues."""
         copies = []
         for instance, copy in plan.copies:
+            self.moved.append(instance)
             table = instance.table
             copies.append(PageCopy(self.pool.page(table.pinned_block(copy.src_page_id)),
                                    self.pool.page(table.pinned_block(copy.dst_page_id)),
@@ -142,15 +148,20 @@ class StepBuilder:
         for instance, num_consumed in plan.num_consumed.items():
             for _ in range(num_consumed):
                 self._unqueue(instance)
+        # Round robin: an instance whose commands were all taken goes to the back; one in the middle of a
+        # chunked prefill keeps its place (prefills finish in arrival order).
+        chunked = {chunk.instance for chunk in plan.chunks if not chunk.is_last}
         for instance in {chunk.instance: None for chunk in plan.chunks} | plan.num_consumed:
-            active.pop(instance, None)
-            if instance.queue:
-                active[instance] = None  # round robin: served instances go to the back
+            if instance not in chunked:
+                active.pop(instance, None)
+                if instance.queue:
+                    active[instance] = None
         return copies, forwards, sources
 
     # -- results ------------------------------------------------------------------------------------------
     def deliver(self, result: StepResult) -> None:
         sources, self.c._inflight = self.c._inflight, []
+        self.c._inflight_moved = []
         if len(result.results) != len(sources):
             self._fail_sources(sources, ControlError(
                 f"the executor returned {len(result.results)} results for {len(sources)} commands"))
@@ -168,8 +179,14 @@ class StepBuilder:
                 self.c._settle(item.future, item.result())
 
     def fail_inflight(self, error: ControlError) -> None:
+        """The executor failed the step: its forwards fail, and so do the instances whose KV it was to swap
+        or copy (their KV is unknown now)."""
         sources, self.c._inflight = self.c._inflight, []
         self._fail_sources(sources, error)
+        for instance in self.c._inflight_moved:
+            if not instance.closed and instance.failure is None:
+                self._fail_instance(instance, f"instance {instance.instance_id!r} lost its KV cache: {error}")
+        self.c._inflight_moved = []
 
     def _fail_sources(self, sources: Sources, error: ControlError) -> None:
         for chunk, _ in sources:

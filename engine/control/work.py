@@ -44,7 +44,7 @@ class ForwardItem:
     page_ids: list[VirtualPageId]
     context_len: int
     page_size: int
-    outputs: list[OutputSpec]
+    outputs: tuple[OutputSpec, ...]
     # The effective mask [num_tokens][context_len] (user mask or causal, AND slot visibility), or None.
     mask: list[list[bool]] | None
     chunkable: bool  # False when a mask row looks ahead of its token (all tokens must run in one chunk)
@@ -83,8 +83,8 @@ class ForwardItem:
         whole = start == 0 and end == len(self.token_ids)
         output_ids = list(range(len(self.outputs))) if whole else \
             [k for k, o in enumerate(self.outputs) if start <= o.index < end]
-        outputs = self.outputs if whole else [replace(self.outputs[k], index=self.outputs[k].index - start)
-                                              for k in output_ids]
+        outputs = self.outputs if whole else tuple(replace(self.outputs[k], index=self.outputs[k].index - start)
+                                                   for k in output_ids)
         mask = None
         if self.mask is not None:
             mask = self.mask if whole else [row[:chunk_context] for row in self.mask[start:end]]
@@ -119,7 +119,7 @@ def prepare_forward(command: VirtualForward, table: PageTable, limits: Limits, s
                            f"({len(page_ids)} pages, last page holds {command.last_page_len})")
     if context_len > limits.max_context_len:
         raise ControlError(f"context of {context_len} slots exceeds the maximum {limits.max_context_len}")
-    outputs = list(command.outputs)
+    outputs = tuple(command.outputs)
     for output in outputs:
         if not isinstance(output, OutputSpec):
             raise ControlError(f"outputs must be OutputSpec, got {type(output).__name__}")

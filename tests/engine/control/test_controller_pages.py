@@ -50,7 +50,7 @@ def prefill(controller: Controller, instance: InstanceId, tokens: list[int], pag
         tokens, list(range(len(tokens))), pages, last, [OutputSpec(len(tokens) - 1, GREEDY)]))
     while not future.done():
         assert controller.step()
-    return future.result().outputs[0].token_id
+    return future.result(timeout=0).outputs[0].token_id
 
 
 def test_allocate_free_and_counts(make: Make) -> None:
@@ -184,7 +184,7 @@ def test_fork_shares_pages_and_shared_pages_are_read_only(make: Make) -> None:
     future = controller.forward(A, VirtualForward([7], [6], [forked[0], private], 3, [OutputSpec(0, GREEDY)]))
     while controller.step():
         pass
-    assert future.result().outputs[0].token_id == 8
+    assert future.result(timeout=0).outputs[0].token_id == 8
     assert executor.contexts[-1] == [1, 2, 3, 4, 5, 6, 7]
     controller.free_pages(A, pages)  # the fork's first page survives the original's free
     assert controller.stats().num_free_pages == 16 - 2
@@ -208,7 +208,7 @@ def test_export_import_unexport(make: Make) -> None:
     future = controller.forward(B, VirtualForward([9], [8], imported + [own], 1, [OutputSpec(0, GREEDY)]))
     while controller.step():
         pass
-    assert future.result().outputs[0].token_id == 10
+    assert future.result(timeout=0).outputs[0].token_id == 10
     assert executor.contexts[-1] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     controller.unexport_pages("prompt")
     assert controller.list_exports() == [] and controller.stats().num_free_pages == 13  # B still holds them
@@ -226,7 +226,7 @@ def test_mask_slots_becomes_attention_mask(make: Make) -> None:
     controller.mask_slots(A, pages[0], [True] * 4)  # later masks do not change a queued forward
     while controller.step():
         pass
-    assert [o.token_id for o in future.result().outputs] == [7, 8]
+    assert [o.token_id for o in future.result(timeout=0).outputs] == [7, 8]
     command = executor.batches[-1].forwards[0]
     assert command.attention_mask == [[True, False, True, False, True, True, False],
                                       [True, False, True, False, True, True, True]]
@@ -271,7 +271,7 @@ def test_pages_used_by_queued_commands(make: Make) -> None:
         controller.forward(A, VirtualForward([3], [2], pages[:1], 3))
     assert controller.stats().num_free_pages == 15  # the queued forward still holds its page
     assert controller.step()
-    assert future.result().outputs[0].token_id == 3 and executor.contexts[-1] == [1, 2]
+    assert future.result(timeout=0).outputs[0].token_id == 3 and executor.contexts[-1] == [1, 2]
     assert controller.stats().num_free_pages == 16
     controller.close_instance(A)
 
@@ -296,7 +296,7 @@ def test_prefix_cache_lookup_publish_and_stats(make: Make) -> None:
                                                   [OutputSpec(2, GREEDY)]))
     while controller.step():
         pass
-    assert future.result().outputs[0].token_id == 12
+    assert future.result(timeout=0).outputs[0].token_id == 12
     assert executor.contexts[-1] == prompt + [11]
     stats = controller.stats()
     assert (stats.num_prefix_queries, stats.num_prefix_hit_tokens, stats.num_prefix_query_tokens) == (2, 8, 15)
