@@ -6,6 +6,7 @@ from typing import Any
 
 from engine.control.api import ControlError, VirtualForward
 from engine.executor.batch import CommandResult, OutputResult, OutputSpec, SamplingParams
+from engine.runtime import values
 from engine.runtime.api_kv import check_token_ids
 from engine.runtime.host import Host
 from engine.runtime.hostfn import GuestError, HostFunction, expect
@@ -21,6 +22,41 @@ SAMPLING_PARAMS = ("record", ("temperature", "f32"), ("top-k", "u32"), ("top-p",
                    ("repetition-penalty", "f32"), ("prompt-token-ids", ("list", "u32")),
                    ("output-token-ids", ("list", "u32")), ("logit-bias", ("list", ("tuple", "u32", "f32"))),
                    ("allowed-token-ids", ("option", ("list", "u32"))), ("num-logprobs", ("option", "u32")))
+
+
+class _Invalid:
+    """A memoized conversion failure: re-raised at each use."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _convert_sampling(record: dict[str, Any], vocab_size: int) -> SamplingParams | _Invalid:
+    try:
+        return sampling_params(record, vocab_size)
+    except (GuestError, ValueError) as error:
+        return _Invalid(str(error))
+
+
+def sampling_params_schema(vocab_size: int) -> tuple:
+    """SAMPLING_PARAMS decoded straight to SamplingParams, memoized (the same params come on every step)."""
+    return ("memo", SAMPLING_PARAMS, lambda record: _convert_sampling(record, vocab_size))
+
+
+def as_sampling(value: Any, vocab_size: int) -> SamplingParams:
+    if isinstance(value, SamplingParams):
+        return value
+    if isinstance(value, _Invalid):
+        raise GuestError(value.message)
+    return sampling_params(value, vocab_size)
+
+
+def forward_request_schema(vocab_size: int) -> tuple:
+    output_request = ("record", ("index", "u32"),
+                      ("kind", ("variant", {"sample": sampling_params_schema(vocab_size), "distribution": "u32"})))
+    return ("record", *FORWARD_REQUEST[1:-1], ("outputs", ("list", output_request)))
+
+
 OUTPUT_REQUEST = ("record", ("index", "u32"), ("kind", ("variant", {"sample": SAMPLING_PARAMS, "distribution": "u32"})))
 FORWARD_REQUEST = ("record", ("token-ids", ("list", "u32")), ("positions", ("list", "u32")),
                    ("page-ids", ("list", "u32")), ("last-page-len", "u32"),
@@ -78,7 +114,7 @@ def _output_spec(request: dict[str, Any], num_tokens: int, vocab_size: int) -> O
     expect(index < num_tokens, f"output index {index} is not among the {num_tokens} tokens")
     case, payload = request["kind"]
     if case == "sample":
-        return OutputSpec(index=index, sampling=sampling_params(payload, vocab_size))
+        return OutputSpec(index=index, sampling=as_sampling(payload, vocab_size))
     expect(0 < payload <= MAX_DISTRIBUTION_TOP_K, f"distribution top-k must be in [1, {MAX_DISTRIBUTION_TOP_K}]")
     return OutputSpec(index=index, distribution_top_k=payload)
 
@@ -93,13 +129,33 @@ def command_outputs(result: CommandResult) -> list[dict[str, Any]]:
     return [output_record(o) for o in result.outputs]
 
 
+_SAMPLED_TEMPLATES: dict[int, values.Template] = {}
+
+
+def forward_result(result: CommandResult) -> Any:
+    """("ok", outputs); outputs that are plain sampled tokens go through a prebuilt template (the hot path)."""
+    outputs = result.outputs
+    if not all(o.token_id is not None and o.logprob is not None and not o.top_logprobs and not o.distribution
+               for o in outputs):
+        return ("ok", command_outputs(result))
+    template = _SAMPLED_TEMPLATES.get(len(outputs))
+    if template is None:
+        example = {"token-id": 0, "logprob": 0.0, "top-logprobs": [], "distribution": []}
+        template = _SAMPLED_TEMPLATES[len(outputs)] = values.Template(OUTPUTS_RESULT, ("ok", [example] * len(outputs)))
+    primitives: list[Any] = []
+    for output in outputs:
+        primitives += (output.token_id, output.logprob)
+    return values.Prepared(template, primitives)
+
+
 def functions(host: Host) -> list[HostFunction]:
     control = host.control
+    request_schema = forward_request_schema(host.model.vocab_size)
 
     def forward(inst: InstanceState, request: dict[str, Any]) -> HostTaskGen:
         command = virtual_forward(request, host)
         result = yield control.forward(inst.id, command)
-        return ("ok", command_outputs(result))
+        return forward_result(result)
 
     def forward_all(inst: InstanceState, requests: list[dict[str, Any]]) -> HostTaskGen:
         if len(requests) > host.config.max_generate_batch:
@@ -119,6 +175,6 @@ def functions(host: Host) -> list[HostFunction]:
         return answers
 
     return [
-        HostFunction("forward", "forward", forward, OUTPUTS_RESULT, (FORWARD_REQUEST,)),
-        HostFunction("forward", "forward-all", forward_all, ("list", OUTPUTS_RESULT), (("list", FORWARD_REQUEST),)),
+        HostFunction("forward", "forward", forward, OUTPUTS_RESULT, (request_schema,)),
+        HostFunction("forward", "forward-all", forward_all, ("list", OUTPUTS_RESULT), (("list", request_schema),)),
     ]

@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.control.api import ControlError, VirtualForward
 from engine.executor.batch import OutputSpec, SamplingParams
-from engine.runtime.api_forward import SAMPLING_PARAMS, sampling_params
+from engine.runtime.api_forward import SAMPLING_PARAMS, as_sampling
 from engine.runtime.api_kv import check_token_ids
 from engine.runtime.host import Host
 from engine.runtime.hostfn import GuestError, HostFunction, expect
@@ -75,7 +75,7 @@ def _sequence(request: dict[str, Any], host: Host) -> Sequence:
     expect(len(stop_strings) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings")
     expect(all(len(s) <= MAX_STOP_STRING_CHARS for s in stop_strings),
            f"a stop string has at most {MAX_STOP_STRING_CHARS} characters")
-    params = sampling_params(request["sampling"], model.vocab_size)
+    params = as_sampling(request["sampling"], model.vocab_size)
     if request["constraint"] is not None:
         _, allowed = request["constraint"]  # the only case today: allowed-tokens
         expect(len(allowed) > 0, "allowed-tokens must not be empty")

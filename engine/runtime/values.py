@@ -154,6 +154,7 @@ class _Arena:
     def __init__(self) -> None:
         self.buf = bytearray(VAL_SIZE)  # the root val at offset 0
         self.fixups: list[int] = []
+        self.prim_slots: list[tuple[int, str]] = []  # (offset, struct format) of every primitive written
 
     def alloc(self, size: int) -> int:
         offset = len(self.buf)
@@ -174,6 +175,9 @@ class _Arena:
 
 def encode_into(schema: Schema, value: Any, out_ptr: Any) -> None:
     """Encode `value` as the single result at `out_ptr` (a `wasmtime_component_val_t *`)."""
+    if isinstance(value, Prepared):
+        value.template.encode_into(value.primitives, out_ptr)
+        return
     if isinstance(schema, tuple) and schema[0] == "own":
         ctypes.memmove(out_ptr, struct.pack("<B7xQ16x", RESOURCE, value.address), VAL_SIZE)
         return
@@ -192,6 +196,7 @@ def _encode(schema: Schema, value: Any, arena: _Arena, at: int) -> None:
         kind = _PRIM_NAMES[schema]
         arena.buf[at] = kind
         struct.pack_into("<" + _PRIM_FMT[kind], arena.buf, at + _OF, value)
+        arena.prim_slots.append((at + _OF, "<" + _PRIM_FMT[kind]))
         return
     _COMPOSITE[schema[0]](schema, value, arena, at)
 
@@ -306,6 +311,38 @@ _COMPOSITE: dict[str, Callable[[tuple, Any, _Arena, int], None]] = {
 }
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A host function's result already bound to a Template (encode_into uses the template)."""
+
+    template: "Template"
+    primitives: Sequence[Any]
+
+
+class Template:
+    """Encodes values of one fixed shape (same list lengths, same options present) by patching the primitives
+    of a pre-built arena: for results sent on every forward. `primitives` are given in encoding order
+    (depth first, record fields in schema order); lists of primitives count as one opaque blob."""
+
+    def __init__(self, schema: Schema, example: Any) -> None:
+        arena = _Arena()
+        _encode(schema, example, arena, 0)
+        self._image = bytes(arena.buf)
+        self._fixups = tuple(arena.fixups)
+        self._offsets = tuple(offset for offset, _ in arena.prim_slots)
+        self._formats = tuple(struct.Struct(fmt) for _, fmt in arena.prim_slots)
+
+    def encode_into(self, primitives: Sequence[Any], out_ptr: Any) -> None:
+        arena = _Arena.__new__(_Arena)
+        arena.buf = bytearray(self._image)
+        arena.fixups = list(self._fixups)
+        for offset, fmt, value in zip(self._offsets, self._formats, primitives):
+            fmt.pack_into(arena.buf, offset, value)
+        base, view = arena.address()
+        _val_clone(base, ctypes.cast(out_ptr, ctypes.c_void_p).value)
+        del view
+
+
 # ---------------------------------------------------------------------------------- compiled decoding
 
 Decoder = Callable[[bytes, int], Any]
@@ -319,6 +356,8 @@ def compile_decoder(schema: Schema) -> Decoder:
         fmt = struct.Struct("<" + _PRIM_FMT[_PRIM_NAMES[schema]])
         return lambda buf, at: fmt.unpack_from(buf, at + _OF)[0]
     kind = schema[0]
+    if kind == "memo":
+        return _memo_decoder(schema[1], schema[2])
     if kind == "record":
         names = [name for name, _ in schema[1:]]
         decoders = [compile_decoder(t) for _, t in schema[1:]]
@@ -358,6 +397,58 @@ def compile_decoder(schema: Schema) -> Decoder:
             return (case, dec(_string_at(payload, VAL_SIZE), 0) if dec is not None and payload else None)
         return variant
     return _decode  # prim lists, tuples, enums, results: the generic reader is as fast
+
+
+_PRIM_SIZE = {kind: struct.calcsize("<" + fmt) for kind, fmt in _PRIM_FMT.items()}
+MEMO_CAPACITY = 1024
+
+
+def _memo_masks(record_schema: tuple) -> tuple[int, int] | None:
+    """(key mask, nested-data mask) over a record's entries array, as little-endian integers: the key keeps
+    each field's kind byte and value bytes (a val's other bytes are arbitrary: padding, unused union space,
+    an empty list's dangling pointer); nested data (a non-empty list, a some(...)) shows in the second mask.
+    None if a field's type cannot be keyed this way (strings, records, variants, ...)."""
+    key_mask = nested_mask = 0
+    for i, (_, field) in enumerate(record_schema[1:]):
+        at = i * ENTRY_SIZE + 16
+        key_mask |= 0xFF << (8 * at)
+        if isinstance(field, str) and field in _PRIM_NAMES:
+            width = _PRIM_SIZE[_PRIM_NAMES[field]]
+            key_mask |= ((1 << (8 * width)) - 1) << (8 * (at + _OF))
+        elif isinstance(field, tuple) and field[0] in ("list", "option"):
+            nested_mask |= ((1 << 64) - 1) << (8 * (at + _OF))  # the list's size, or the option's pointer
+        else:
+            return None
+    return key_mask, nested_mask
+
+
+def _memo_decoder(record_schema: tuple, convert: Callable[[dict[str, Any]], Any]) -> Decoder:
+    """("memo", record_schema, convert): decode a record and convert it, remembering the conversion for
+    records without nested data (every list empty, every option none), which are equal exactly when their
+    masked bytes are. For the sampling params that come with every forward."""
+    decode = compile_decoder(record_schema)
+    count = len(record_schema) - 1
+    masks = _memo_masks(record_schema)
+    if masks is None:
+        raise TypeError("memo needs a record of primitives, lists and options")
+    key_mask, nested_mask = masks
+    cache: dict[int, Any] = {}
+
+    def memo(buf: bytes, at: int) -> Any:
+        size, ptr = _PAIR.unpack_from(buf, at + _OF)
+        if size != count:
+            raise TypeError(f"record with {size} fields, expected {count}")
+        raw = int.from_bytes(_string_at(ptr, ENTRY_SIZE * count), "little")
+        if raw & nested_mask:
+            return convert(decode(buf, at))
+        key = raw & key_mask
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) >= MEMO_CAPACITY:
+                cache.clear()
+            hit = cache[key] = convert(decode(buf, at))
+        return hit
+    return memo
 
 
 def decode_args_with(decoders: Sequence[Decoder], args_ptr: Any, num_args: int) -> list[Any]:

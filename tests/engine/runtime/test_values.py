@@ -61,3 +61,37 @@ def test_encoding_rejects_wrong_shapes() -> None:
         values.encode_into(("result", None, "string"), ("maybe", None), slot)
     with pytest.raises(TypeError):
         values.encode_into(("variant", {"a": None}), ("b", None), slot)
+
+
+def test_memo_decoder_caches_only_pointer_free_records() -> None:
+    from engine.runtime.api_forward import SAMPLING_PARAMS
+    conversions: list[dict] = []
+
+    def convert(record: dict) -> tuple:
+        conversions.append(record)
+        return tuple(sorted((k, str(v)) for k, v in record.items()))
+    decoder = [values.compile_decoder(("memo", SAMPLING_PARAMS, convert))]
+    plain = dict(SAMPLE, **{"prompt-token-ids": [], "logit-bias": [], "allowed-token-ids": None, "seed": None, "num-logprobs": None})
+    other = dict(plain, temperature=0.25)
+    slot = ctypes.create_string_buffer(values.VAL_SIZE)
+    seen = []
+    for record in (plain, plain, other, SAMPLE, SAMPLE):
+        values.encode_into(SAMPLING_PARAMS, record, slot)
+        seen.append(values.decode_args_with(decoder, slot, 1)[0])
+    assert seen[0] == seen[1] != seen[2] and seen[3] == seen[4]
+    assert seen[3] == convert(SAMPLE)
+    # plain once, other once, SAMPLE (has lists) converted each time, + the call above
+    assert len(conversions) == 2 + 2 + 1
+
+
+def test_template_encoding_matches_generic_encoding() -> None:
+    from engine.executor.batch import CommandResult, OutputResult
+    from engine.runtime.api_forward import forward_result
+    result = CommandResult(outputs=(OutputResult(token_id=7, logprob=-0.25), OutputResult(token_id=9, logprob=-2.0)))
+    prepared = forward_result(result)
+    assert isinstance(prepared, values.Prepared)
+    expected = ("ok", [{"token-id": 7, "logprob": -0.25, "top-logprobs": [], "distribution": []},
+                       {"token-id": 9, "logprob": -2.0, "top-logprobs": [], "distribution": []}])
+    assert _roundtrip(OUTPUTS_RESULT, prepared, False) == expected
+    with_top = CommandResult(outputs=(OutputResult(token_id=1, logprob=-1.0, top_logprobs=((1, -1.0),)),))
+    assert forward_result(with_top)[1][0]["top-logprobs"] == [{"token-id": 1, "logprob": -1.0}]
