@@ -40,7 +40,8 @@ class RuntimeConfig:
     max_pages_per_instance: int | None = None  # KV page quota (None: the control layer's default)
     epoch_tick_s: float = 0.005  # a running guest yields to the scheduler at least this often
     cache_dir: str | None = None  # compiled components (None: a temporary directory)
-    log_dir: str | None = None  # per-instance WASI stdout/stderr (None: a temporary directory)
+    log_dir: str | None = None  # if set, each instance's WASI stdout/stderr is written here when it ends
+    max_log_bytes: int = 64 << 10  # per instance, kept in memory
     http_allowed_hosts: tuple[str, ...] = ()  # exact host names, or "*.example.com" for subdomains
     http_timeout_s: float = 30.0
     http_max_response_bytes: int = 8 << 20
@@ -60,7 +61,7 @@ class RuntimeConfig:
         if self.max_pages_per_instance is not None and self.max_pages_per_instance <= 0:
             raise ValueError("max_pages_per_instance must be positive")
         for name in ("http_max_response_bytes", "max_message_bytes", "max_store_key_bytes",
-                     "max_store_value_bytes", "max_store_bytes_per_tenant", "max_generate_batch",
+                     "max_store_value_bytes", "max_store_bytes_per_tenant", "max_generate_batch", "max_log_bytes",
                      "mailbox_capacity"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -39,7 +39,8 @@ class InstanceState:
     broadcasts: Mailbox[tuple[str, str]] = field(default_factory=Mailbox)
     topics: set[str] = field(default_factory=set)
     decoder_reps: set[int] = field(default_factory=set)
-    log_path: str | None = None
+    log: bytearray = field(default_factory=bytearray)  # WASI stdout+stderr, first `max_log_bytes` kept
+    log_path: str | None = None  # where the log is written when the instance ends (if a log_dir is set)
     # wasmtime objects, owned by the scheduler thread
     store: Any = None
     component_instance: Any = None

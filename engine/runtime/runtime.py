@@ -51,8 +51,12 @@ class InstanceHandle:
 
     @property
     def log_path(self) -> str | None:
-        """The file holding the instance's WASI stdout and stderr."""
+        """The file the instance's WASI stdout and stderr go to when it ends (None without a log_dir)."""
         return self._state.log_path
+
+    def log_text(self) -> str:
+        """What the instance wrote to WASI stdout/stderr so far (the first max_log_bytes)."""
+        return bytes(self._state.log).decode("utf-8", errors="replace")
 
     async def next_message(self) -> Message:
         return await self._state.outbox.aget()
@@ -90,8 +94,9 @@ class Runtime:
         self.config = config or RuntimeConfig()
         self.control = control
         self._tmp = tempfile.TemporaryDirectory(prefix="inferlet-runtime-")
-        self._log_dir = Path(self.config.log_dir or Path(self._tmp.name) / "logs")
-        self._log_dir.mkdir(parents=True, exist_ok=True)
+        self._log_dir = None if self.config.log_dir is None else Path(self.config.log_dir)
+        if self._log_dir is not None:
+            self._log_dir.mkdir(parents=True, exist_ok=True)
         self.engine = wasmtime.Engine(self._engine_config())
         self.programs = ProgramCache(self.engine, Path(self.config.cache_dir or Path(self._tmp.name) / "cache"),
                                      engine_key=f"wasmtime-{ffi_async.PINNED_WASMTIME}-epoch")
@@ -131,7 +136,7 @@ class Runtime:
         instance_id = InstanceId(f"inst-{next(self._ids)}-{uuid.uuid4().hex[:8]}")
         state = InstanceState(id=instance_id, program_hash=program_hash, arguments=arguments, tenant=tenant,
                               deadline=time.monotonic() + (time_budget_s or self.config.time_budget_s),
-                              log_path=str(self._log_dir / f"{instance_id}.log"))
+                              log_path=None if self._log_dir is None else str(self._log_dir / f"{instance_id}.log"))
         if on_exit is not None:
             state.on_exit.append(on_exit)
         self._scheduler.post(lambda: self._scheduler.add(state, lambda s: self._start(s, component)))
@@ -168,8 +173,9 @@ class Runtime:
         store.set_epoch_deadline(1)
         ffi_async.epoch_yield_every(store, 1)
         wasi = wasmtime.WasiConfig()  # no preopens: no filesystem; sockets: no address is allowed
-        wasi.stdout_file = state.log_path
-        wasi.stderr_file = state.log_path + ".stderr"
+        capture = _log_writer(state, self.config.max_log_bytes)
+        wasi.stdout_custom = capture
+        wasi.stderr_custom = capture
         wasi.env = [list(pair) for pair in self.config.extra_wasi_env]
         store.set_wasi(wasi)
         state.store = store
@@ -183,9 +189,24 @@ class Runtime:
             log.exception("close_instance(%s) failed", state.id)
         self._host.bus.drop(state)
         api_tokenize.drop_instance_decoders(self._host, state)
+        if state.log_path is not None:
+            try:
+                Path(state.log_path).write_bytes(bytes(state.log))
+            except OSError:
+                log.exception("writing the log of %s failed", state.id)
         state.outbox.put(Terminated(ok=ok, error=error))
         for callback in state.on_exit:
             try:
                 callback(state)
             except Exception:
                 log.exception("on_exit callback of %s failed", state.id)
+
+
+def _log_writer(state: InstanceState, limit: int) -> Callable[[bytes], int]:
+    """WASI output capture: keeps the first `limit` bytes, reports everything as written."""
+    def write(data: bytes) -> int:
+        room = limit - len(state.log)
+        if room > 0:
+            state.log += data[:room]
+        return len(data)
+    return write
