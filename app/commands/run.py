@@ -1,7 +1,7 @@
 """`pie run INFERLET -- ARGS...`: run one inferlet locally against the engine and print what it sends.
 
 INFERLET is a built component (.wasm) or a Python inferlet (a .py file or a folder with main.py), which is
-built first (cached). The engine starts in this process on the default model (or --model). Text the
+built first (cached). The engine (engine/engine.py) starts in this process on the default model (or --model). Text the
 inferlet sends goes to stdout as it comes (channel 0 as is, other channels prefixed), JSON events as
 `[event] ...` lines; progress and the inferlet's own stdout/stderr (print) go to stderr. The exit status is
 0 when the inferlet ended normally and 1 with its error otherwise (2 for bad arguments of pie run itself).
@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.inferlet_build import BuildError, build_inferlet, default_cache_dir
 from engine.runtime.messages import Event, Message, Terminated, Text
+
+if TYPE_CHECKING:  # torch and the engine load only when pie run starts one
+    from engine.engine import Engine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -55,29 +57,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.runtime.config import RuntimeConfig
+
     try:
-        config = LocalEngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                   page_size=args.page_size, num_pages=args.num_pages, time_budget_s=args.timeout)
+        device = args.device or _default_device()
+        engine_config = EngineConfig(device=device, dtype=args.dtype, page_size=args.page_size,
+                                     num_pages=args.num_pages)
+        runtime_config = RuntimeConfig(time_budget_s=args.timeout,
+                                       cache_dir=str(default_cache_dir().parent / "compiled"))
         wasm = _component_bytes(args.inferlet)
     except (BuildError, ValueError, OSError) as error:
         print(f"pie run: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    _progress("starting the engine" + (f" on {args.model}" if args.model else " on the default model"))
+    _progress("starting the engine on " + (args.model or "the default model"))
     try:
-        engine = LocalEngine.start(config)
+        engine = Engine.start(args.model, engine_config, runtime_config=runtime_config, progress=False)
     except (ValueError, OSError) as error:
         print(f"pie run: error: cannot start the engine: {error}", file=sys.stderr)
         return EXIT_FAILED
-    with engine:
+    try:
         try:
             program_hash = engine.runtime.load(wasm)
         except ValueError as error:
             print(f"pie run: error: {args.inferlet} is not a valid inferlet component: {error}", file=sys.stderr)
             return EXIT_USAGE
         return run_instance(engine, program_hash, list(args.args), list(args.send), args.timeout + 30.0)
+    finally:
+        engine.close()
 
 
-def run_instance(engine: LocalEngine, program_hash: str, arguments: list[str], inputs: list[str],
+def run_instance(engine: "Engine", program_hash: str, arguments: list[str], inputs: list[str],
                  timeout_s: float, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Launch, print messages as they come, return the exit status."""
     handle = engine.runtime.launch(program_hash, arguments)
@@ -154,80 +165,12 @@ def _print_guest_output(log_path: str | None, err: TextIO) -> None:
             print(f"--- inferlet {label} ---\n{text.rstrip()}", file=err)
 
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _progress(text: str) -> None:
     print(f"pie run: {text}", file=sys.stderr, flush=True)
 
-
-# -- the engine in this process ----------------------------------------------------------------------------
-# Until the composition root (engine/engine.py) lands, pie run assembles model, executor, control layer and
-# runtime itself. Imports are local: `pie build` and `pie --help` must not pay for torch.
-
-@dataclass(frozen=True)
-class LocalEngineConfig:
-    model: str | None = None  # None: the embedded default model
-    device: str | None = None  # None: cuda when available, else cpu
-    dtype: str | None = None
-    page_size: int = 16
-    num_pages: int | None = None
-    time_budget_s: float = 600.0
-
-    def __post_init__(self) -> None:
-        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
-            raise ValueError(f"--page-size must be a positive power of two, got {self.page_size}")
-        if self.num_pages is not None and self.num_pages <= 0:
-            raise ValueError(f"--num-pages must be positive, got {self.num_pages}")
-        if self.time_budget_s <= 0:
-            raise ValueError(f"--timeout must be positive, got {self.time_budget_s}")
-
-
-class LocalEngine:
-    """Executor + control layer (stepping on its own thread) + inferlet runtime over one model."""
-
-    def __init__(self, executor: Any, control: Any, tokenizer: Any, runtime: Any) -> None:
-        self.executor, self.control, self.tokenizer, self.runtime = executor, control, tokenizer, runtime
-
-    @classmethod
-    def start(cls, config: LocalEngineConfig, model_dir: Path | None = None) -> "LocalEngine":
-        import torch
-
-        from engine.config import EngineConfig
-        from engine.control.config import ControlConfig
-        from engine.control.controller import Controller
-        from engine.executor.executor import Executor
-        from engine.model.loader import load_model_config, load_weights, resolve_model_dir
-        from engine.runtime.config import ModelInfo, RuntimeConfig
-        from engine.runtime.runtime import Runtime
-        from engine.runtime.tokenizer import EngineTokenizerAdapter
-        from engine.tokenizer import Tokenizer
-
-        model_dir = model_dir or resolve_model_dir(config.model)
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        engine_config = EngineConfig(device=device, dtype=config.dtype, page_size=config.page_size,
-                                     num_pages=config.num_pages)
-        model_config = load_model_config(model_dir)
-        weights = load_weights(model_dir, getattr(torch, engine_config.resolved_dtype), device, progress=False)
-        executor = Executor(model_config, engine_config, weights)
-        control = Controller(executor, ControlConfig.for_engine(engine_config, model_config))
-        tokenizer = Tokenizer.from_dir(model_dir)
-        info = ModelInfo(name=model_dir.name, vocab_size=model_config.vocab_size, page_size=executor.info.page_size,
-                         max_context_len=executor.info.max_context_len, chat_template=tokenizer.chat_template or "",
-                         bos_token_id=tokenizer.bos_token_id, eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)))
-        runtime_config = RuntimeConfig(time_budget_s=config.time_budget_s,
-                                       cache_dir=str(default_cache_dir().parent / "compiled"))
-        control.start()
-        try:
-            runtime = Runtime(control, EngineTokenizerAdapter(tokenizer), info, runtime_config)
-        except BaseException:
-            control.stop()
-            raise
-        return cls(executor, control, tokenizer, runtime)
-
-    def close(self) -> None:
-        self.runtime.close()
-        self.control.stop()
-
-    def __enter__(self) -> "LocalEngine":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -12,12 +12,14 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from app.commands.run import LocalEngine, LocalEngineConfig, run_instance
-from app.inferlet_build import build_inferlet
+from app.commands.run import run_instance
+from app.inferlet_build import build_inferlet, default_cache_dir
 from engine.config import EngineConfig
+from engine.engine import Engine
 from engine.executor.direct import DirectGenerator
 from engine.executor.executor import Executor
 from engine.model.loader import load_model_config, load_weights
+from engine.runtime.config import RuntimeConfig
 from engine.runtime.messages import Event, Message, Terminated, Text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,14 +45,16 @@ def components(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama_dir: Path) -> Iterator[LocalEngine]:
-    config = LocalEngineConfig(device="cpu", dtype="float32", page_size=PAGE_SIZE, num_pages=NUM_PAGES)
-    with LocalEngine.start(config, model_dir=tiny_llama_dir) as started:
-        yield started
+def engine(tiny_llama_dir: Path) -> Iterator[Engine]:
+    config = EngineConfig(device="cpu", dtype="float32", page_size=PAGE_SIZE, num_pages=NUM_PAGES)
+    runtime_config = RuntimeConfig(cache_dir=str(default_cache_dir().parent / "compiled"))  # shared per session
+    started = Engine.start(tiny_llama_dir, config, runtime_config=runtime_config, progress=False)
+    yield started
+    started.close()
 
 
 @pytest.fixture(scope="module")
-def programs(engine: LocalEngine, components: dict[str, bytes]) -> dict[str, str]:
+def programs(engine: Engine, components: dict[str, bytes]) -> dict[str, str]:
     return {name: engine.runtime.load(wasm) for name, wasm in components.items()}
 
 
@@ -66,17 +70,17 @@ def reference(tiny_llama_dir: Path) -> DirectGenerator:
 def all_pages_free_after(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if "engine" in request.fixturenames:
-        engine: LocalEngine = request.getfixturevalue("engine")
+        engine: Engine = request.getfixturevalue("engine")
         engine.control.clear_prefix_cache()
         stats = engine.control.stats()
         assert (stats.num_free_pages, stats.num_instances) == (stats.num_pages, 0)
 
 
-def _greedy(reference: DirectGenerator, engine: LocalEngine, prompt: str, num_tokens: int) -> list[int]:
+def _greedy(reference: DirectGenerator, engine: Engine, prompt: str, num_tokens: int) -> list[int]:
     return reference.generate([engine.tokenizer.encode(prompt)], num_tokens)[0]
 
 
-def _messages(engine: LocalEngine, program: str, args: list[str], inputs: tuple[str, ...] = ()) -> list[Message]:
+def _messages(engine: Engine, program: str, args: list[str], inputs: tuple[str, ...] = ()) -> list[Message]:
     handle = engine.runtime.launch(program, args)
     for message in inputs:
         handle.send(message)
@@ -92,7 +96,7 @@ def _ok(messages: list[Message]) -> None:
     assert isinstance(end, Terminated) and end.ok, end
 
 
-def test_text_completion_equals_the_executors_greedy_output(engine: LocalEngine, programs: dict[str, str],
+def test_text_completion_equals_the_executors_greedy_output(engine: Engine, programs: dict[str, str],
                                                              reference: DirectGenerator) -> None:
     messages = _messages(engine, programs["text-completion"], ["--prompt", PROMPT, "--max-tokens", "16"])
     _ok(messages)
@@ -104,7 +108,7 @@ def test_text_completion_equals_the_executors_greedy_output(engine: LocalEngine,
     assert "".join(streamed) == engine.tokenizer.decode(expected)
 
 
-def test_every_sdk_decode_path_gives_the_same_tokens(engine: LocalEngine, programs: dict[str, str],
+def test_every_sdk_decode_path_gives_the_same_tokens(engine: Engine, programs: dict[str, str],
                                                      reference: DirectGenerator) -> None:
     messages = _messages(engine, programs["probe"], ["paths", "--prompt", PROMPT, "--max-tokens", "10"])
     _ok(messages)
@@ -115,7 +119,7 @@ def test_every_sdk_decode_path_gives_the_same_tokens(engine: LocalEngine, progra
     assert report["text"] == report["stepwise_text"] == engine.tokenizer.decode(expected)
 
 
-def test_fork_shares_full_pages(engine: LocalEngine, programs: dict[str, str], reference: DirectGenerator) -> None:
+def test_fork_shares_full_pages(engine: Engine, programs: dict[str, str], reference: DirectGenerator) -> None:
     num_forks = 3
     handle = engine.runtime.launch(programs["probe"], ["fork", "--prompt", LONG_PROMPT, "--max-tokens", "6",
                                                        "--forks", str(num_forks)])
@@ -139,7 +143,7 @@ def test_fork_shares_full_pages(engine: LocalEngine, programs: dict[str, str], r
     assert generated["token_ids"] == [expected] * (num_forks + 1)
 
 
-def test_prefix_cache_reuse_gives_the_same_text(engine: LocalEngine, programs: dict[str, str]) -> None:
+def test_prefix_cache_reuse_gives_the_same_text(engine: Engine, programs: dict[str, str]) -> None:
     messages = _messages(engine, programs["probe"], ["prefix", "--prompt", LONG_PROMPT, "--max-tokens", "5"])
     _ok(messages)
     [report] = _events(messages)
@@ -150,7 +154,7 @@ def test_prefix_cache_reuse_gives_the_same_text(engine: LocalEngine, programs: d
 
 
 def test_an_imported_context_continues_like_one_that_prefilled_itself(
-        engine: LocalEngine, programs: dict[str, str], reference: DirectGenerator) -> None:
+        engine: Engine, programs: dict[str, str], reference: DirectGenerator) -> None:
     exporter = engine.runtime.launch(programs["probe"], ["export", "--prompt", LONG_PROMPT, "--name", "story"])
     first = exporter.get_message(TIMEOUT_S)
     assert isinstance(first, Event), first
@@ -164,7 +168,7 @@ def test_an_imported_context_continues_like_one_that_prefilled_itself(
     assert report["text"] == engine.tokenizer.decode(_greedy(reference, engine, LONG_PROMPT, 6))
 
 
-def test_errors_end_only_with_a_clear_message(engine: LocalEngine, programs: dict[str, str]) -> None:
+def test_errors_end_only_with_a_clear_message(engine: Engine, programs: dict[str, str]) -> None:
     failed = _messages(engine, programs["probe"], ["fail"])
     end = failed[-1]
     assert isinstance(end, Terminated) and not end.ok and "ValueError: probe failure" in (end.error or "")
@@ -178,7 +182,7 @@ def test_errors_end_only_with_a_clear_message(engine: LocalEngine, programs: dic
     assert "out of range" in report["value_error"] and report["text"]
 
 
-def test_pie_run_prints_the_stream_and_reports_failures(engine: LocalEngine, programs: dict[str, str],
+def test_pie_run_prints_the_stream_and_reports_failures(engine: Engine, programs: dict[str, str],
                                                         reference: DirectGenerator) -> None:
     out, err = io.StringIO(), io.StringIO()
     status = run_instance(engine, programs["text-completion"], ["--prompt", PROMPT, "--max-tokens", "8"], [],
