@@ -108,7 +108,7 @@ def run_instance(engine: "Engine", program_hash: str, arguments: list[str], inpu
         print(f"pie run: {'timed out' if isinstance(stop, TimeoutError) else 'interrupted'}", file=err)
         return EXIT_FAILED
     printer.end_line()
-    _print_guest_output(handle.log_path, err)
+    _print_guest_output(handle, err)
     if not message.ok:
         print(f"pie run: the inferlet failed: {message.error}", file=err)
         return EXIT_FAILED
@@ -155,14 +155,11 @@ class MessagePrinter:
             self.at_line_start = text.endswith("\n")
 
 
-def _print_guest_output(log_path: str | None, err: TextIO) -> None:
-    """The inferlet's own stdout and stderr (print, tracebacks), which the runtime writes to files."""
-    if log_path is None:
-        return
-    for path, label in ((Path(log_path), "stdout"), (Path(log_path + ".stderr"), "stderr")):
-        text = path.read_text(errors="replace") if path.is_file() else ""
-        if text.strip():
-            print(f"--- inferlet {label} ---\n{text.rstrip()}", file=err)
+def _print_guest_output(handle: Any, err: TextIO) -> None:
+    """The inferlet's own stdout and stderr (print, tracebacks), which the runtime captures."""
+    text = handle.log_text()
+    if text.strip():
+        print(f"--- inferlet output ---\n{text.rstrip()}\n---", file=err)
 
 
 def _default_device() -> str:

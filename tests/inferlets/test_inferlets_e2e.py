@@ -192,3 +192,4 @@ def test_pie_run_prints_the_stream_and_reports_failures(engine: Engine, programs
     out, err = io.StringIO(), io.StringIO()
     assert run_instance(engine, programs["probe"], ["fail"], [], TIMEOUT_S, out, err) == 1
     assert "the inferlet failed" in err.getvalue() and "probe failure" in err.getvalue()
+    assert "--- inferlet output ---\nprobe: about to fail" in err.getvalue()  # the guest's print()

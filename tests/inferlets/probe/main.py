@@ -104,6 +104,7 @@ def bad_page(opts) -> None:
 
 
 def fail(opts) -> None:
+    print("probe: about to fail")
     raise ValueError("probe failure")
 
 
