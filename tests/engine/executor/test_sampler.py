@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.executor.batch import OutputResult, OutputSpec, SamplingParams
-from engine.executor.sampler import Draws, Penalties, Sampler, apply_penalties, filtered_weights
+from engine.executor.sampler import Draws, Penalties, Sampler, apply_penalties, filtered_weights, ship
 
 # Hand-made distribution with known top-k / top-p / min-p sets; tokens are scattered over the vocabulary
 # by a fixed permutation so that no rule can pass by favouring small ids.
@@ -15,6 +15,12 @@ PROBS = [0.40, 0.30, 0.15, 0.08, 0.04, 0.02, 0.01]
 ORDER = [4, 0, 6, 2, 5, 1, 3]  # ORDER[j] is the token holding PROBS[j]
 HAND_LOGITS = torch.empty(len(PROBS))
 HAND_LOGITS[ORDER] = torch.tensor(PROBS).log()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Every behavioural test runs on CPU in CI and on CUDA too under `-m gpu`."""
+    return torch.device(request.param)
 
 
 def sampling(**kwargs: object) -> OutputSpec:
@@ -53,14 +59,14 @@ def reference_penalties(logits: torch.Tensor, params: list[SamplingParams]) -> t
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_is_argmax(dtype: torch.dtype) -> None:
+def test_greedy_is_argmax(dtype: torch.dtype, device: torch.device) -> None:
     logits = torch.randn(16, 500, generator=torch.Generator().manual_seed(0)).to(dtype)
-    results = Sampler(seed=0).sample(logits, [sampling() for _ in range(16)])
+    results = Sampler(seed=0).sample(logits.to(device), [sampling() for _ in range(16)])
     assert tokens_of(results) == logits.argmax(dim=-1).tolist()
     assert all(r.logprob is None and r.top_logprobs == () and r.distribution == () for r in results)
 
 
-def test_greedy_ignores_filters_and_follows_penalties_and_bias() -> None:
+def test_greedy_ignores_filters_and_follows_penalties_and_bias(device: torch.device) -> None:
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
     best = logits.argmax(dim=-1).tolist()
     params = [
@@ -69,14 +75,14 @@ def test_greedy_ignores_filters_and_follows_penalties_and_bias() -> None:
                        output_token_ids=(best[1], best[1])),
         SamplingParams(logit_bias=((best[2], -math.inf), (7, 0.25))),
     ]
-    results = Sampler(seed=0).sample(logits, [OutputSpec(index=0, sampling=p) for p in params])
+    results = Sampler(seed=0).sample(logits.to(device), [OutputSpec(index=0, sampling=p) for p in params])
     expected = reference_penalties(logits, params).argmax(dim=-1).tolist()
     assert tokens_of(results) == expected
     assert expected[0] == best[0] and expected[2] != best[2]
 
 
-def test_input_logits_are_not_modified() -> None:
-    logits = torch.randn(2, 30)
+def test_input_logits_are_not_modified(device: torch.device) -> None:
+    logits = torch.randn(2, 30, device=device)
     before = logits.clone()
     specs = [sampling(temperature=0.8, top_p=0.5, repetition_penalty=1.5, prompt_token_ids=(1, 2),
                       logit_bias=((3, 4.0),), allowed_token_ids=(1, 2, 3)), sampling(frequency_penalty=1.0,
@@ -99,28 +105,28 @@ def test_input_logits_are_not_modified() -> None:
         ({"top_k": 3, "top_p": 0.5}, 2),  # renormalised over the top 3: 0.47 then 0.82
         ({"top_k": 2, "top_p": 0.55}, 1),  # renormalised over the top 2: 0.57 (0.40 without renormalising)
         ({"top_k": 5, "top_p": 0.95, "min_p": 0.25}, 3),  # min-p is the tightest: p >= 0.10
-        ({"temperature": 0.5, "min_p": 0.5}, 2),
-        ({"top_k": 2, "top_p": 0.9999999}, 2),  # top-p near 1 must not undo top-k  # p ~ PROBS^2: 0.3^2 / 0.4^2 = 0.56 kept, 0.14 not
+        ({"temperature": 0.5, "min_p": 0.5}, 2),  # p ~ PROBS^2: 0.3^2 / 0.4^2 = 0.56 kept, 0.14 not
+        ({"top_k": 2, "top_p": 0.9999999}, 2),  # top-p near 1 must not undo top-k
     ],
 )
-def test_filters_never_emit_excluded_tokens(filters: dict[str, float], kept_ranks: int) -> None:
+def test_filters_never_emit_excluded_tokens(filters: dict[str, float], kept_ranks: int, device: torch.device) -> None:
     num_rows = 400
     logits = HAND_LOGITS.repeat(num_rows, 1)
     params = {"temperature": 1.0, **filters}
     # Half the rows seeded (each its own seed), half drawing from the sampler's generator.
     specs = [sampling(**params, seed=r if r % 2 else None) for r in range(num_rows)]
-    drawn = set(tokens_of(Sampler(seed=3).sample(logits, specs)))
+    drawn = set(tokens_of(Sampler(seed=3).sample(logits.to(device), specs)))
     kept = set(ORDER[:kept_ranks])
     assert drawn == kept  # nothing excluded, and (400 draws) every kept token shows up
 
 
 @pytest.mark.parametrize("scale", [3.0, 0.01])  # peaked, and so flat that top-p keeps thousands of tokens
-def test_filters_on_random_logits_match_a_reference(scale: float) -> None:
+def test_filters_on_random_logits_match_a_reference(scale: float, device: torch.device) -> None:
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(64, 5000, generator=g) * scale
     specs = [sampling(temperature=1.0, top_k=5, seed=r) for r in range(32)]
     specs += [sampling(temperature=1.0, top_p=0.3 + r / 50, seed=r) for r in range(32)]
-    drawn = tokens_of(Sampler(seed=0).sample(logits, specs))
+    drawn = tokens_of(Sampler(seed=0).sample(logits.to(device), specs))
     for r in range(32):
         assert drawn[r] in logits[r].topk(5).indices.tolist()
     for r in range(32, 64):
@@ -137,42 +143,47 @@ def reference_kept(logits: torch.Tensor, p: SamplingParams) -> set[int]:
     num_kept = p.top_k or len(ids)
     probs = probs[:num_kept] / probs[:num_kept].sum()
     num_kept = int(((probs.cumsum(0) - probs) < p.top_p).sum())
-    return {int(t) for t, q in zip(ids[:num_kept], probs[:num_kept]) if q >= p.min_p * probs[0]}
+    ids, probs = ids[:num_kept], probs[:num_kept]
+    return set(ids[probs >= p.min_p * probs[0]].tolist())
 
 
-def test_filtered_weights_keep_exactly_the_reference_sets() -> None:
+def test_filtered_weights_keep_exactly_the_reference_sets(device: torch.device) -> None:
     g = torch.Generator().manual_seed(12)
     logits = torch.cat([torch.randn(4, 5000, generator=g) * 3, torch.randn(4, 5000, generator=g) * 0.01])
     params = [SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=0.7, top_k=40, top_p=0.8),
               SamplingParams(temperature=1.3, min_p=0.05), SamplingParams(temperature=1.0, top_k=3000, top_p=0.9)]
     params += params
-    weights = filtered_weights(logits, Draws.build(params, 5000, torch.Generator()))
+    draws = ship([Draws.build(params, 5000, torch.Generator())], device)[0]
+    weights = filtered_weights(logits.to(device), draws).cpu()
     for r, p in enumerate(params):
         assert set(weights[r].nonzero()[:, 0].tolist()) == reference_kept(logits[r], p), (r, p)
-    torch.testing.assert_close(weights.amax(dim=-1), torch.ones(8))
+    for r, p in enumerate(params):  # kept tokens keep their softmax(x / T) probability
+        expected = (logits[r] / p.temperature).softmax(dim=-1)
+        torch.testing.assert_close(weights[r], expected * (weights[r] > 0))
 
 
 # --- seeds ----------------------------------------------------------------------------------------------
 
 
-def test_same_seed_same_token_whatever_the_batch() -> None:
+def test_same_seed_same_token_whatever_the_batch(device: torch.device) -> None:
     g = torch.Generator().manual_seed(11)
     row = torch.randn(1, 2000, generator=g)
     others = torch.randn(5, 2000, generator=g)
     spec = sampling(temperature=1.0, top_p=0.99, seed=1234, output_token_ids=(5, 6))
     sampler = Sampler(seed=0)
-    alone = tokens_of(sampler.sample(row, [spec]))[0]
+    alone = tokens_of(sampler.sample(row.to(device), [spec]))[0]
     batch = torch.cat([others[:3], row, others[3:]])
     other_specs = [sampling(temperature=0.7), sampling(), distribution(4)]
-    mixed = Sampler(seed=99).sample(batch, other_specs + [spec] + [sampling(temperature=2.0, seed=1)] * 2)
+    mixed_specs = other_specs + [spec] + [sampling(temperature=2.0, seed=1)] * 2
+    mixed = Sampler(seed=99).sample(batch.to(device), mixed_specs)
     assert mixed[3].token_id == alone
     for _ in range(3):  # the sampler's own generators have moved on; the seeded row must not notice
-        sampler.sample(others, [sampling(temperature=1.0, seed=7)] * 5)
-        assert tokens_of(sampler.sample(row, [spec]))[0] == alone
+        sampler.sample(others.to(device), [sampling(temperature=1.0, seed=7)] * 5)
+        assert tokens_of(sampler.sample(row.to(device), [spec]))[0] == alone
 
 
-def test_different_seeds_and_steps_differ() -> None:
-    logits = torch.zeros(1, 1000)  # uniform: any draw is equally likely
+def test_different_seeds_and_steps_differ(device: torch.device) -> None:
+    logits = torch.zeros(1, 1000, device=device)  # uniform: any draw is equally likely
     by_seed = {tokens_of(Sampler(seed=0).sample(logits, [sampling(temperature=1.0, seed=s)]))[0] for s in range(10)}
     assert len(by_seed) > 1
     steps = [sampling(temperature=1.0, seed=42, output_token_ids=(0,) * n) for n in range(10)]
@@ -180,30 +191,30 @@ def test_different_seeds_and_steps_differ() -> None:
     assert len(set(by_step)) > 1
 
 
-def test_unseeded_rows_follow_the_sampler_generator() -> None:
+def test_unseeded_rows_follow_the_sampler_generator(device: torch.device) -> None:
     logits = torch.zeros(20, 1000)
     specs = [sampling(temperature=1.0) for _ in range(20)]
-    first = tokens_of(Sampler(seed=8).sample(logits, specs))
-    assert first == tokens_of(Sampler(seed=8).sample(logits, specs))
+    first = tokens_of(Sampler(seed=8).sample(logits.to(device), specs))
+    assert first == tokens_of(Sampler(seed=8).sample(logits.to(device), specs))
     assert len(set(first)) > 1
-    assert first != tokens_of(Sampler(seed=9).sample(logits, specs))
+    assert first != tokens_of(Sampler(seed=9).sample(logits.to(device), specs))
 
 
 # --- masks and bias -------------------------------------------------------------------------------------
 
 
-def test_positive_bias_forces_a_token() -> None:
+def test_positive_bias_forces_a_token(device: torch.device) -> None:
     logits = torch.randn(50, 300, generator=torch.Generator().manual_seed(2))
     specs = [sampling(temperature=1.0, logit_bias=((123, 100.0),), seed=s) for s in range(50)]
-    assert set(tokens_of(Sampler(seed=0).sample(logits, specs))) == {123}
+    assert set(tokens_of(Sampler(seed=0).sample(logits.to(device), specs))) == {123}
 
 
-def test_allowed_tokens_are_respected() -> None:
+def test_allowed_tokens_are_respected(device: torch.device) -> None:
     allowed = (3, 17, 250, 299)
     logits = torch.zeros(200, 300)
     logits[:, 0] = 50.0  # by far the best token, but not allowed
     specs = [sampling(temperature=1.0, allowed_token_ids=allowed) for _ in range(200)]
-    drawn = tokens_of(Sampler(seed=0).sample(logits, specs))
+    drawn = tokens_of(Sampler(seed=0).sample(logits.to(device), specs))
     assert set(drawn) == set(allowed)
     logits[0, 250] = 1.0
     greedy = Sampler(seed=0).sample(logits[:1], [sampling(allowed_token_ids=allowed)])
@@ -213,7 +224,7 @@ def test_allowed_tokens_are_respected() -> None:
 # --- penalties ------------------------------------------------------------------------------------------
 
 
-def test_penalties_follow_the_formulas_exactly() -> None:
+def test_penalties_follow_the_formulas_exactly(device: torch.device) -> None:
     logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(4)) * 4
     params = [
         SamplingParams(repetition_penalty=1.3, prompt_token_ids=(1, 2, 3, 3), output_token_ids=(4, 1)),
@@ -223,7 +234,8 @@ def test_penalties_follow_the_formulas_exactly() -> None:
                        logit_bias=((11, 2.0), (12, -3.0), (11, 0.5)), allowed_token_ids=(10, 11, 12, 13)),
         SamplingParams(prompt_token_ids=(1, 2), output_token_ids=(3,)),  # no penalties: unchanged
     ]
-    processed = apply_penalties(logits, Penalties.build(params, vocab_size=40))
+    penalties = ship([Penalties.build(params, vocab_size=40)], device)[0]
+    processed = apply_penalties(logits.to(device), penalties).cpu()
     expected = reference_penalties(logits, params)
     assert processed.dtype == torch.float32
     torch.testing.assert_close(processed, expected, rtol=0, atol=1e-6)
@@ -235,7 +247,7 @@ def test_penalties_follow_the_formulas_exactly() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logprobs_are_raw_log_softmax(dtype: torch.dtype) -> None:
+def test_logprobs_are_raw_log_softmax(dtype: torch.dtype, device: torch.device) -> None:
     logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(5)).to(dtype)
     specs = [
         sampling(temperature=0.5, top_k=10, repetition_penalty=2.0, prompt_token_ids=(1,), num_logprobs=5,
@@ -243,7 +255,7 @@ def test_logprobs_are_raw_log_softmax(dtype: torch.dtype) -> None:
         sampling(num_logprobs=0),
         sampling(temperature=1.0, num_logprobs=20, logit_bias=((3, 5.0),), seed=2),
     ]
-    results = Sampler(seed=0).sample(logits, specs)
+    results = Sampler(seed=0).sample(logits.to(device), specs)
     reference = logits.float().log_softmax(dim=-1)
     for r, (result, n) in enumerate(zip(results, [5, 0, 20])):
         assert result.token_id is not None and result.logprob is not None
@@ -251,15 +263,15 @@ def test_logprobs_are_raw_log_softmax(dtype: torch.dtype) -> None:
         assert len(result.top_logprobs) == n
         values = [v for _, v in result.top_logprobs]
         assert values == sorted(values, reverse=True)
-        top = reference[r].topk(n) if n else None
-        if top is not None:
-            assert [t for t, _ in result.top_logprobs] == top.indices.tolist()
-            assert values == pytest.approx(top.values.tolist(), abs=1e-5)
+        # The best n values, each the logprob of its token (bf16 ties may order equal tokens either way).
+        assert values == pytest.approx(reference[r].topk(n).values.tolist(), abs=1e-5)
+        assert values == pytest.approx([reference[r, t].item() for t, _ in result.top_logprobs], abs=1e-5)
+        assert len({t for t, _ in result.top_logprobs}) == n
 
 
-def test_distribution_is_the_top_of_the_raw_softmax() -> None:
+def test_distribution_is_the_top_of_the_raw_softmax(device: torch.device) -> None:
     logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(6))
-    results = Sampler(seed=0).sample(logits, [distribution(5), distribution(100)])
+    results = Sampler(seed=0).sample(logits.to(device), [distribution(5), distribution(100)])
     probs = logits.softmax(dim=-1)
     for r, (result, k) in enumerate(zip(results, [5, 64])):
         assert result.token_id is None and result.logprob is None
@@ -271,11 +283,11 @@ def test_distribution_is_the_top_of_the_raw_softmax() -> None:
     assert sum(p for _, p in results[1].distribution) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_mixed_batch_returns_each_kind_in_order() -> None:
+def test_mixed_batch_returns_each_kind_in_order(device: torch.device) -> None:
     logits = torch.randn(5, 80, generator=torch.Generator().manual_seed(8))
     specs = [distribution(3), sampling(), sampling(temperature=0.9, seed=3, num_logprobs=2), distribution(1),
              sampling(temperature=1.0)]
-    results = Sampler(seed=0).sample(logits, specs)
+    results = Sampler(seed=0).sample(logits.to(device), specs)
     assert [r.token_id is None for r in results] == [True, False, False, True, False]
     assert results[1].token_id == logits[1].argmax().item() and results[1].logprob is None
     assert len(results[2].top_logprobs) == 2 and results[2].logprob is not None
@@ -295,11 +307,13 @@ def test_empty_batch() -> None:
     [({"temperature": 1.0}, False, 5), ({"temperature": 1.0}, True, 5), ({"temperature": 2.0}, False, 5),
      ({"temperature": 1.0, "top_k": 3}, False, 3), ({"temperature": 1.0, "top_p": 0.6}, True, 2)],
 )
-def test_empirical_frequencies_match_softmax(params: dict[str, float], seeded: bool, num_kept: int) -> None:
+def test_empirical_frequencies_match_softmax(
+    params: dict[str, float], seeded: bool, num_kept: int, device: torch.device
+) -> None:
     num_draws = 20000
     logits = torch.tensor([2.0, 1.5, 0.5, 0.0, -1.0])
     specs = [sampling(**params, seed=s if seeded else None) for s in range(num_draws)]
-    drawn = torch.tensor(tokens_of(Sampler(seed=0).sample(logits.repeat(num_draws, 1), specs)))
+    drawn = torch.tensor(tokens_of(Sampler(seed=0).sample(logits.repeat(num_draws, 1).to(device), specs)))
     expected = (logits / params["temperature"]).softmax(dim=-1)
     expected[num_kept:] = 0.0  # the logits are in descending order; softmax: .50 .30 .11 .07 .02
     expected /= expected.sum()
@@ -322,10 +336,10 @@ def test_empirical_frequencies_match_softmax(params: dict[str, float], seeded: b
         {"logit_bias": ((2, float("nan")),)},
     ],
 )
-def test_bad_token_ids_raise_value_error(params: dict[str, object]) -> None:
+def test_bad_token_ids_raise_value_error(params: dict[str, object], device: torch.device) -> None:
     logits = torch.zeros(2, 50)
     with pytest.raises(ValueError, match="token id|logit_bias"):
-        Sampler().sample(logits, [sampling(), sampling(temperature=1.0, **params)])  # type: ignore[arg-type]
+        Sampler().sample(logits.to(device), [sampling(), sampling(temperature=1.0, **params)])  # type: ignore[arg-type]
 
 
 def test_bad_shapes_raise_value_error() -> None:
