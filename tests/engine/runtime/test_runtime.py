@@ -92,3 +92,9 @@ def test_many_concurrent_instances_share_batches(runtime: Runtime, control: Fake
     assert sum(control.batch_sizes) == 200
     assert max(control.batch_sizes) > 1
     assert control.num_free_pages == control.info.num_pages
+
+
+def test_decoder_resource_lifecycle(runtime: Runtime) -> None:
+    handle = runtime.launch(runtime.load(wat("decoder.wat")))
+    assert handle.messages(timeout=10) == [Text(""), Text("\u00e9"), Text(""), Terminated(ok=True)]
+    assert runtime._host.decoders == {}  # the guest's drop reached the host destructor
