@@ -16,10 +16,13 @@ class ServerConfig:
     tenant: str = "openai"  # the runtime tenant of the default inferlet's instances
     inferlet_source: Path = DEFAULT_INFERLET_SOURCE
     inferlet_wasm: Path | None = None  # a prebuilt default inferlet (None: build inferlet_source)
+    # Output tokens per choice reserved in the KV budget (app/kv_budget.py); longer outputs rely on the
+    # engine's preemption.
+    max_output_reserve: int = 1024
     version: str = "0.1.0"
 
     def __post_init__(self) -> None:
-        if self.max_running_requests <= 0:
-            raise ValueError("max_running_requests must be positive")
+        if self.max_running_requests <= 0 or self.max_output_reserve <= 0:
+            raise ValueError("max_running_requests and max_output_reserve must be positive")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (use None for no key)")

@@ -20,6 +20,7 @@ class EngineView:
         self.model_name: str = engine.model_name
         self.max_context_len: int = engine.info.max_context_len
         self.num_pages: int = engine.info.num_pages
+        self.page_size: int = engine.info.page_size
         self.vocab_size: int = _vocab_size(engine)
         # token id -> text, for logprobs (decoding one token at a time is the slow part of them)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)

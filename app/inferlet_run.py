@@ -2,10 +2,12 @@
 
 The protocol (documented in inferlets/builtin/default/README.md): the instance is launched with one
 argument, the request as JSON. It answers with
-  1. a JSON event {"type": "prompt", "prompt_tokens": [...], "cached_tokens": [...]} once the prompts are
+  1. a JSON event {"type": "prompt", "prompt_tokens": [...], "max_tokens": [...]} once the prompts are
      tokenized and accepted, or {"type": "error", "status", "message", "param", "code"} if not;
+     it then waits for the message "go" (sent once its KV pages are reserved, see app/kv_budget.py);
   2. text chunks, on channel i for choice i, as the choices are decoded;
-  3. a JSON event {"type": "result", "choices": [...]} with finish reasons, token counts and logprobs.
+  3. a JSON event {"type": "result", "choices": [...], "cached_tokens": [...]} with finish reasons, token
+     counts, logprobs, and the prompt tokens per prompt that came from the prefix cache.
 The runtime then sends its own Terminated message (ok, or the error that ended the instance).
 """
 from __future__ import annotations
@@ -23,21 +25,19 @@ class InstanceHandle(Protocol):
 
     async def next_message(self) -> Message: ...
 
+    def send(self, message: str) -> None: ...
+
     def kill(self) -> None: ...
 
 
 @dataclass(frozen=True)
 class PromptInfo:
     prompt_tokens: tuple[int, ...]  # per prompt
-    cached_tokens: tuple[int, ...]  # per prompt: tokens whose KV came from the prefix cache
+    max_tokens: tuple[int, ...]  # per prompt: the most tokens each of its choices may generate
 
     @property
     def num_prompt_tokens(self) -> int:
         return sum(self.prompt_tokens)
-
-    @property
-    def num_cached_tokens(self) -> int:
-        return sum(self.cached_tokens)
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,16 @@ class ChoiceResult:
     logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] | None
 
 
+@dataclass(frozen=True)
+class RunResult:
+    choices: list[ChoiceResult]  # sorted by index
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices)
+
+
 class InferletRun:
     """Reads one instance's messages in protocol order; kill() ends it (pages freed by the runtime)."""
 
@@ -67,11 +77,14 @@ class InferletRun:
         """Wait for the prompt event; an error event or an early end raises ApiError."""
         message = await self._next()
         payload = self._event(message, "prompt")
-        return PromptInfo(prompt_tokens=tuple(payload["prompt_tokens"]),
-                          cached_tokens=tuple(payload.get("cached_tokens") or [0] * len(payload["prompt_tokens"])))
+        return PromptInfo(prompt_tokens=tuple(payload["prompt_tokens"]), max_tokens=tuple(payload["max_tokens"]))
 
-    async def outputs(self) -> AsyncIterator[TextDelta | list[ChoiceResult]]:
-        """Text deltas as they come, then the list of choice results (last)."""
+    def proceed(self) -> None:
+        """Let the instance generate (its pages are reserved)."""
+        self.handle.send("go")
+
+    async def outputs(self) -> AsyncIterator[TextDelta | RunResult]:
+        """Text deltas as they come, then the RunResult (last)."""
         while True:
             message = await self._next()
             if isinstance(message, Text):
@@ -79,7 +92,8 @@ class InferletRun:
                     yield TextDelta(message.channel, message.text)
                 continue
             payload = self._event(message, "result")
-            yield [_choice(c) for c in payload["choices"]]
+            yield RunResult(choices=sorted((_choice(c) for c in payload["choices"]), key=lambda c: c.index),
+                            cached_tokens=sum(payload.get("cached_tokens", [])))
             await self._drain_termination()
             return
 

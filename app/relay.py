@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from app.errors import ApiError
-from app.inferlet_run import ChoiceResult, InferletRun, TextDelta
+from app.inferlet_run import InferletRun, RunResult, TextDelta
 from app.metrics import Metrics
 
 T = TypeVar("T")
@@ -94,7 +94,7 @@ class TimedRelay:
         self.arrival = arrival
         self._last: float | None = None
 
-    async def outputs(self) -> AsyncIterator[TextDelta | list[ChoiceResult]]:
+    async def outputs(self) -> AsyncIterator[TextDelta | RunResult]:
         async for item in self.run.outputs():
             if isinstance(item, TextDelta):
                 now = time.monotonic()
@@ -105,19 +105,16 @@ class TimedRelay:
                 self._last = now
             yield item
 
-    def finish(self, num_prompt_tokens: int, results: list[ChoiceResult]) -> None:
-        self.metrics.observe_request(num_prompt_tokens, sum(c.num_tokens for c in results),
-                                     [c.finish_reason for c in results], time.monotonic() - self.arrival)
+    def finish(self, num_prompt_tokens: int, result: RunResult) -> None:
+        self.metrics.observe_request(num_prompt_tokens, result.num_completion_tokens,
+                                     [c.finish_reason for c in result.choices], time.monotonic() - self.arrival)
 
 
-async def collect(relay: TimedRelay) -> tuple[dict[int, str], list[ChoiceResult]]:
-    """Run to the end: streamed text per choice (for checking) and the results."""
-    texts: dict[int, str] = {}
+async def collect(relay: TimedRelay) -> RunResult:
+    """Run to the end (the streamed deltas are only timed: the result holds the whole texts)."""
     async for item in relay.outputs():
-        if isinstance(item, TextDelta):
-            texts[item.index] = texts.get(item.index, "") + item.text
-        else:
-            return texts, sorted(item, key=lambda c: c.index)
+        if isinstance(item, RunResult):
+            return item
     raise ApiError("the default inferlet ended without a result", 500)
 
 

@@ -14,6 +14,7 @@ from app.config import ServerConfig
 from app.engine_view import EngineView
 from app.errors import ApiError
 from app.inferlet_run import InferletRun, PromptInfo
+from app.kv_budget import KVBudget, KVPolicy
 from app.metrics import EngineGauges, Metrics
 from app.openai.params import ModelLimits
 
@@ -35,6 +36,8 @@ class AppState:
         self.num_running = 0
         self.num_queued = 0
         self._slots: asyncio.Semaphore | None = None
+        self.kv_policy: KVPolicy | None = None
+        self.kv_budget: KVBudget | None = None
         self._loader: asyncio.Task[None] | None = None
 
     # lifecycle -----------------------------------------------------------------------------------
@@ -65,6 +68,10 @@ class AppState:
         self.limits = ModelLimits(model_names=names, vocab_size=view.vocab_size,
                                   max_context_len=view.max_context_len)
         self.metrics.model_name = names[0]
+        # A few pages stay outside the budget: instances may also hold pages the budget does not see.
+        self.kv_policy = KVPolicy(num_pages=max(1, view.num_pages - view.num_pages // 32), page_size=view.page_size,
+                                  max_output_reserve=self.config.max_output_reserve)
+        self.kv_budget = KVBudget(self.kv_policy.num_pages)
         self.view, self.status = view, "ready"
 
     def _load_engine(self) -> EngineView:
@@ -118,10 +125,21 @@ class AppState:
         finally:
             self._slots.release()
 
-    async def enter_run(self, stack: contextlib.AsyncExitStack, arguments: str) -> tuple[InferletRun, PromptInfo]:
-        """Launch into stack (which then owns the instance) and wait for the prompt event."""
+    async def enter_run(self, stack: contextlib.AsyncExitStack, arguments: str, n: int) -> tuple[InferletRun, PromptInfo]:
+        """Launch into stack (which then owns the instance and its page reservation), wait for the prompt
+        event, reserve the pages the request may need (queueing while the KV cache is committed), go."""
         run = await stack.enter_async_context(self.run(arguments))
-        return run, await run.start()
+        prompt = await run.start()
+        assert self.kv_policy is not None and self.kv_budget is not None
+        num_pages = self.kv_policy.pages_for(list(prompt.prompt_tokens), list(prompt.max_tokens), n)
+        self.num_queued += 1
+        try:
+            await self.kv_budget.acquire(num_pages)
+        finally:
+            self.num_queued -= 1
+        stack.callback(self.kv_budget.release, num_pages)
+        run.proceed()
+        return run, prompt
 
     def gauges(self) -> EngineGauges:
         if self.view is None:

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from app.inferlet_run import ChoiceResult, PromptInfo
+from app.inferlet_run import ChoiceResult, PromptInfo, RunResult
 
 DONE = "data: [DONE]\n\n"
 TokenText = Callable[[int], str]  # token id -> its text
@@ -34,10 +34,11 @@ class ResponseMeta:
         return cls(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model)
 
 
-def usage(prompt: PromptInfo, num_completion_tokens: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt.num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": prompt.num_prompt_tokens + num_completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": prompt.num_cached_tokens}}
+def usage(prompt: PromptInfo, result: RunResult) -> dict[str, Any]:
+    completion_tokens = result.num_completion_tokens
+    return {"prompt_tokens": prompt.num_prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt.num_prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
 
 
 def _logprob(value: float) -> float:

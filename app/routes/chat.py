@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from app.errors import ApiError
-from app.inferlet_run import ChoiceResult, PromptInfo, TextDelta
+from app.inferlet_run import ChoiceResult, PromptInfo, RunResult, TextDelta
 from app.openai import responses as R
 from app.openai.chat_request import ChatRequest, parse_chat_request
 from app.openai.inferlet_args import chat_arguments
@@ -26,15 +26,15 @@ async def chat_completions(request: Request) -> Response:
     meta = R.ResponseMeta.new("chatcmpl", chat.model)
     stack = contextlib.AsyncExitStack()
     try:
-        run, prompt = await until_disconnected(request, state.enter_run(stack, chat_arguments(chat)))
+        run, prompt = await until_disconnected(request, state.enter_run(stack, chat_arguments(chat), chat.params.n))
         relay = TimedRelay(run, state.metrics, arrival)
         if chat.params.stream:
             response = SSEResponse(_stream(chat, meta, prompt, relay, view.token_text), stack)
             stack = contextlib.AsyncExitStack()  # the response owns the instance now
             return response  # type: ignore[return-value]
-        _texts, results = await until_disconnected(request, collect(relay))
-        relay.finish(prompt.num_prompt_tokens, results)
-        return JSONResponse(_completion(chat, meta, prompt, results, view.token_text))
+        result = await until_disconnected(request, collect(relay))
+        relay.finish(prompt.num_prompt_tokens, result)
+        return JSONResponse(_completion(chat, meta, prompt, result, view.token_text))
     except ClientGone:
         return Response(status_code=499)
     finally:
@@ -50,15 +50,14 @@ def _choice_message(chat: ChatRequest, result: ChoiceResult) -> tuple[dict[str, 
     return R.chat_message(result.text), result.finish_reason
 
 
-def _completion(chat: ChatRequest, meta: R.ResponseMeta, prompt: PromptInfo, results: list[ChoiceResult],
+def _completion(chat: ChatRequest, meta: R.ResponseMeta, prompt: PromptInfo, result: RunResult,
                 token_text: R.TokenText) -> dict[str, Any]:
     choices = []
-    for result in results:
-        message, finish_reason = _choice_message(chat, result)
-        choices.append(R.chat_choice(result.index, message, finish_reason,
-                                     R.chat_logprobs(result, token_text) if chat.logprobs else None))
-    usage = R.usage(prompt, sum(r.num_tokens for r in results))
-    return R.chat_completion(meta, choices, usage)
+    for choice in result.choices:
+        message, finish_reason = _choice_message(chat, choice)
+        choices.append(R.chat_choice(choice.index, message, finish_reason,
+                                     R.chat_logprobs(choice, token_text) if chat.logprobs else None))
+    return R.chat_completion(meta, choices, R.usage(prompt, result))
 
 
 async def _stream(chat: ChatRequest, meta: R.ResponseMeta, prompt: PromptInfo, relay: TimedRelay,
@@ -73,19 +72,20 @@ async def _stream(chat: ChatRequest, meta: R.ResponseMeta, prompt: PromptInfo, r
     try:
         for index in range(chat.params.n):
             yield chunk([R.chat_chunk_choice(index, {"role": "assistant", "content": ""})])
-        results: list[ChoiceResult] = []
+        result: RunResult | None = None
         async for item in relay.outputs():
             if isinstance(item, TextDelta):
                 if chat.tools is None:
                     yield chunk([R.chat_chunk_choice(item.index, {"content": item.text})])
             else:
-                results = sorted(item, key=lambda c: c.index)
-        for result in results:
-            yield chunk([_final_choice(chat, result, token_text)])
-        relay.finish(prompt.num_prompt_tokens, results)
+                result = item
+        if result is None:
+            raise ApiError("the default inferlet ended without a result", 500)
+        for choice in result.choices:
+            yield chunk([_final_choice(chat, choice, token_text)])
+        relay.finish(prompt.num_prompt_tokens, result)
         if chat.params.include_usage:
-            usage = R.usage(prompt, sum(r.num_tokens for r in results))
-            yield R.sse(R.chat_chunk(meta, [], usage))
+            yield R.sse(R.chat_chunk(meta, [], R.usage(prompt, result)))
     except ApiError as exc:
         yield exc.sse_line()
     yield R.DONE

@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from app.engine_view import EngineView
 from app.errors import ApiError
-from app.inferlet_run import ChoiceResult, PromptInfo, TextDelta
+from app.inferlet_run import PromptInfo, RunResult, TextDelta
 from app.openai import responses as R
 from app.openai.completion_request import CompletionRequest, parse_completion_request
 from app.openai.inferlet_args import completion_arguments
@@ -27,18 +27,19 @@ async def completions(request: Request) -> Response:
     echoes = _echo_texts(completion, view)
     stack = contextlib.AsyncExitStack()
     try:
-        run, prompt = await until_disconnected(request, state.enter_run(stack, completion_arguments(completion, view.special_prefix_ids)))
+        run, prompt = await until_disconnected(request, state.enter_run(stack, completion_arguments(completion, view.special_prefix_ids),
+                                                                   completion.params.n))
         relay = TimedRelay(run, state.metrics, arrival)
         if completion.params.stream:
             response = SSEResponse(_stream(completion, meta, prompt, relay, view.token_text, echoes), stack)
             stack = contextlib.AsyncExitStack()  # the response owns the instance now
             return response  # type: ignore[return-value]
-        _texts, results = await until_disconnected(request, collect(relay))
-        relay.finish(prompt.num_prompt_tokens, results)
-        choices = [R.completion_choice(r.index, echoes[r.index] + r.text, r.finish_reason,
-                                       R.completion_logprobs(r, view.token_text, len(echoes[r.index])))
-                   for r in results]
-        return JSONResponse(R.completion(meta, choices, R.usage(prompt, sum(r.num_tokens for r in results))))
+        result = await until_disconnected(request, collect(relay))
+        relay.finish(prompt.num_prompt_tokens, result)
+        choices = [R.completion_choice(c.index, echoes[c.index] + c.text, c.finish_reason,
+                                       R.completion_logprobs(c, view.token_text, len(echoes[c.index])))
+                   for c in result.choices]
+        return JSONResponse(R.completion(meta, choices, R.usage(prompt, result)))
     except ClientGone:
         return Response(status_code=499)
     finally:
@@ -66,19 +67,20 @@ async def _stream(completion: CompletionRequest, meta: R.ResponseMeta, prompt: P
         for index, echo in enumerate(echoes):
             if echo:
                 yield chunk([R.completion_choice(index, echo, None, None)])
-        results: list[ChoiceResult] = []
+        result: RunResult | None = None
         async for item in relay.outputs():
             if isinstance(item, TextDelta):
                 yield chunk([R.completion_choice(item.index, item.text, None, None)])
             else:
-                results = sorted(item, key=lambda c: c.index)
-        for r in results:
-            logprobs = R.completion_logprobs(r, token_text, len(echoes[r.index]))
-            yield chunk([R.completion_choice(r.index, "", r.finish_reason, logprobs)])
-        relay.finish(prompt.num_prompt_tokens, results)
+                result = item
+        if result is None:
+            raise ApiError("the default inferlet ended without a result", 500)
+        for c in result.choices:
+            logprobs = R.completion_logprobs(c, token_text, len(echoes[c.index]))
+            yield chunk([R.completion_choice(c.index, "", c.finish_reason, logprobs)])
+        relay.finish(prompt.num_prompt_tokens, result)
         if params.include_usage:
-            usage = R.usage(prompt, sum(r.num_tokens for r in results))
-            yield R.sse(R.completion(meta, [], usage, chunk=True))
+            yield R.sse(R.completion(meta, [], R.usage(prompt, result), chunk=True))
     except ApiError as exc:
         yield exc.sse_line()
     yield R.DONE

@@ -41,6 +41,10 @@ class FakeHandle:
         self.id = instance_id
         self.outbox: Mailbox[Message] = Mailbox()
         self.killed = threading.Event()
+        self.inbox: Mailbox[str] = Mailbox()
+
+    def send(self, message: str) -> None:
+        self.inbox.put(message)
 
     async def next_message(self) -> Message:
         return await self.outbox.aget()
@@ -100,13 +104,20 @@ def _fake_inferlet(handle: FakeHandle, request: dict[str, Any], tokenizer: FakeT
                 "type": "error", "status": 400, "code": "context_length_exceeded", "param": "messages",
                 "message": f"This model's maximum context length is {max_context_len} tokens."})))
             return True
+    max_tokens = request["max_tokens"] or 64
     handle.outbox.put(Event(json.dumps({"type": "prompt", "prompt_tokens": [len(p) for p in prompt_ids],
-                                        "cached_tokens": [0] * len(prompt_ids)})))
+                                        "max_tokens": [max_tokens] * len(prompt_ids)})))
+    while True:  # wait for "go" (the server reserves KV pages first)
+        try:
+            if handle.inbox.get(timeout=0.05) == "go":
+                break
+        except TimeoutError:
+            if handle.killed.is_set():
+                return False
     choices = []
     n = request["n"]
     for index in range(len(prompt_ids) * n):
         reply = REPLY * 20
-        max_tokens = request["max_tokens"] or 64
         tokens = tokenizer.encode(reply)[:max_tokens]
         text = tokenizer.decode(tokens)
         finish = "length"
@@ -126,7 +137,8 @@ def _fake_inferlet(handle: FakeHandle, request: dict[str, Any], tokenizer: FakeT
             for t in tokens]
         choices.append({"index": index, "text": text, "finish_reason": finish, "num_tokens": len(tokens),
                         "logprobs": logprobs})
-    handle.outbox.put(Event(json.dumps({"type": "result", "choices": choices})))
+    handle.outbox.put(Event(json.dumps({"type": "result", "choices": choices,
+                                        "cached_tokens": [0] * len(prompt_ids)})))
     return True
 
 

@@ -135,3 +135,24 @@ def test_requests_beyond_the_running_limit_queue_and_complete(make_fake_server) 
         done.set()
         watcher.join()
     assert peak["running"] == 3 and peak["waiting"] > 0
+
+
+def test_requests_queue_for_kv_pages(make_fake_server) -> None:
+    engine = FakeEngine(token_delay_s=0.002, num_pages=33)  # the budget keeps 32 pages: 2 requests at a time
+    server = make_fake_server(engine)
+    assert server.state.kv_budget.num_pages == 32
+    peak = {"waiting": 0}
+
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        tasks = [asyncio.create_task(client.chat.completions.create(
+            model="fake-model", messages=MESSAGES, max_tokens=200)) for _ in range(6)]
+        while not all(t.done() for t in tasks):
+            peak["waiting"] = max(peak["waiting"], server.state.kv_budget.num_waiting)
+            await asyncio.sleep(0.002)
+        await client.close()
+        return [t.result().choices[0].message.content for t in tasks]
+
+    assert asyncio.run(main()) == [(REPLY * 20)[:200]] * 6  # prompt 2 pages + output 13 + 1 = 16 pages each
+    assert peak["waiting"] >= 1
+    assert server.state.kv_budget.num_free == 32

@@ -36,9 +36,10 @@ def main(args):
         _send({"type": "error", "status": 400, "message": str(error), "param": error.param, "code": error.code})
         return
     n = request["n"]
+    _send({"type": "prompt", "prompt_tokens": [len(ids) for ids in prompts], "max_tokens": max_tokens})
+    if messaging.receive(None) != "go":  # the server reserves our KV pages first (it may queue us)
+        return
     prefixes = [_shared_prefix(ids, n, info.page_size) for ids in prompts]
-    _send({"type": "prompt", "prompt_tokens": [len(ids) for ids in prompts],
-           "cached_tokens": [num for _, num in prefixes]})
     requests, owners = [], []
     for p, (ids, (pages, num_cached)) in enumerate(zip(prompts, prefixes)):
         for j in range(n):
@@ -49,7 +50,8 @@ def main(args):
     generations = _generate(requests)
     for p, ids in enumerate(prompts):
         _publish(ids, generations[p * n], info.page_size)
-    _send({"type": "result", "choices": [_choice(i, g, request) for i, g in enumerate(generations)]})
+    _send({"type": "result", "choices": [_choice(i, g, request) for i, g in enumerate(generations)],
+           "cached_tokens": [num for _, num in prefixes]})
 
 
 def _prompt_ids(prompt, info):

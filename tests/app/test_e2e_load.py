@@ -1,0 +1,68 @@
+"""Load through the real stack: abandoned requests free their instances and pages at once, and more
+concurrent requests than the KV cache holds queue up and all complete."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Iterator
+
+import openai
+import pytest
+
+from tests.app.conftest import all_pages_free, start_real
+from tests.app.server_thread import ServerThread
+
+MODEL = "default"
+
+
+def test_200_abandoned_requests_then_one_completes_promptly(real_server) -> None:
+    async def main() -> float:
+        impatient = openai.AsyncOpenAI(base_url=real_server.url + "/v1", api_key="x", max_retries=0, timeout=0.5)
+        outcomes = await asyncio.gather(*[impatient.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Write a long poem about the number {i}."}],
+            max_tokens=64, extra_body={"ignore_eos": True}) for i in range(200)], return_exceptions=True)
+        await impatient.close()
+        timeouts = sum(isinstance(o, openai.APITimeoutError) for o in outcomes)
+        assert timeouts >= 150, [type(o).__name__ for o in outcomes if not isinstance(o, openai.APITimeoutError)][:5]
+        assert all(isinstance(o, (openai.APITimeoutError, openai.types.chat.ChatCompletion)) for o in outcomes)
+        patient = openai.AsyncOpenAI(base_url=real_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        started = time.monotonic()
+        out = await patient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                    max_tokens=4, temperature=0)
+        elapsed = time.monotonic() - started
+        await patient.close()
+        assert out.choices[0].message.content
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert elapsed < 20.0, f"the request after the abandoned ones took {elapsed:.1f} s"
+    assert all_pages_free(real_server, timeout_s=20)
+    assert real_server.state.num_running == 0 and real_server.state.num_queued == 0
+
+
+@pytest.fixture(scope="module")
+def small_kv_server(tiny_llama_dir: Path, default_inferlet_wasm: Path, pie_cache_dir: Path) -> Iterator[ServerThread]:
+    """The tiny random model with only 24 KV pages (384 tokens) in the whole pool."""
+    server = start_real(tiny_llama_dir, default_inferlet_wasm, pie_cache_dir, num_pages=24)
+    yield server
+    server.__exit__(None, None, None)
+
+
+def test_more_requests_than_the_kv_cache_holds_queue_and_complete(small_kv_server) -> None:
+    pool_tokens = small_kv_server.engine.info.num_pages * small_kv_server.engine.info.page_size
+    num_requests, max_tokens = 12, 40
+
+    async def main() -> list:
+        client = openai.AsyncOpenAI(base_url=small_kv_server.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        outs = await asyncio.gather(*[client.completions.create(
+            model=MODEL, prompt=f"Request number {i}: " + "tell me more " * 8, max_tokens=max_tokens,
+            temperature=0, extra_body={"ignore_eos": True}) for i in range(num_requests)])
+        await client.close()
+        return outs
+
+    outs = asyncio.run(main())
+    needed = sum(o.usage.total_tokens for o in outs)
+    assert needed > 2 * pool_tokens  # the requests together need far more KV than there is
+    assert all(o.usage.completion_tokens == max_tokens and o.choices[0].finish_reason == "length" for o in outs)
+    assert all_pages_free(small_kv_server)
