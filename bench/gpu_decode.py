@@ -82,13 +82,46 @@ def bench_shape(name: str, batches: list[int], context: int, steps: int, bandwid
     return rows
 
 
+def probe_gemm(name: str, batches: list[int], iters: int = 50) -> list[list]:
+    """Effective bandwidth of each decoder matmul (weight bytes read per second) under cuBLAS and cuBLASLt."""
+    cfg = MODEL_SHAPES[name]
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"qkv": (q + 2 * kv, cfg.hidden_size), "o": (cfg.hidden_size, q),
+              "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size), "down": (cfg.hidden_size, cfg.intermediate_size),
+              "lm_head": (cfg.vocab_size, cfg.hidden_size)}
+    rows = []
+    for library in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(library)
+        for matrix, (n, k) in shapes.items():
+            weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            for batch in batches:
+                x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+                for _ in range(5):
+                    torch.nn.functional.linear(x, weight)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    torch.nn.functional.linear(x, weight)
+                end.record()
+                end.synchronize()
+                seconds = start.elapsed_time(end) / 1e3 / iters
+                rows.append([library, matrix, batch, seconds * 1e6, weight.numel() * 2 / seconds / 1e12])
+    torch.backends.cuda.preferred_blas_library("cublas")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(MODEL_SHAPES), choices=list(MODEL_SHAPES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--probe-gemm", action="store_true", help="only time the matmuls (cuBLAS vs cuBLASLt)")
     args = parser.parse_args()
+    if args.probe_gemm:
+        for name in args.shapes:
+            print(format_table(["library", "matmul", "batch", "us", "weight TB/s"], probe_gemm(name, args.batches)))
+        return
     bandwidth = copy_bandwidth()
     rows = []
     for name in args.shapes:

@@ -15,7 +15,9 @@ outputs).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import pstats
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,8 +30,15 @@ from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingPar
 from engine.executor.executor import Executor
 from engine.model.llama import random_weights
 
-GREEDY = (OutputSpec(index=0, sampling=SamplingParams()),)
 SEED = 0
+_GREEDY = SamplingParams()
+_OUTPUTS: dict[int, tuple[OutputSpec, ...]] = {}  # one greedy output at index i, built once per index
+
+
+def _greedy_output(index: int) -> tuple[OutputSpec, ...]:
+    if index not in _OUTPUTS:
+        _OUTPUTS[index] = (OutputSpec(index=index, sampling=_GREEDY),)
+    return _OUTPUTS[index]
 
 
 @dataclass
@@ -53,7 +62,7 @@ def _command(req: _Request, num_tokens: int, page_size: int) -> ForwardCommand:
     end = req.num_cached + num_tokens
     num_pages = -(-end // page_size)
     wants_token = end == len(req.token_ids)
-    outputs = (OutputSpec(index=num_tokens - 1, sampling=GREEDY[0].sampling),) if wants_token else ()
+    outputs = _greedy_output(num_tokens - 1) if wants_token else ()
     return ForwardCommand(token_ids=req.token_ids[req.num_cached:end], positions=range(req.num_cached, end),
                           page_ids=req.page_ids[:num_pages], last_page_len=end - (num_pages - 1) * page_size,
                           outputs=outputs)
@@ -108,10 +117,10 @@ def run_engine(executor: Executor, prompts: list[list[int]], num_output: int, to
     num_out = len(prompts) * num_output
     graphs = executor.decode_graphs
     stats = {"requests": len(prompts), "prompt": len(prompts[0]), "output": num_output, "wall_s": wall,
-            "output_tok_s": num_out / wall, "total_tok_s": (num_out + sum(map(len, prompts))) / wall,
-            "steps": num_steps, "decode_only_steps": num_decode_steps,
-            "graph_replays": graphs.num_replays if graphs is not None else 0, "max_running": max_running,
-            "token_budget": token_budget, "num_pages": executor.info.num_pages}
+             "output_tok_s": num_out / wall, "total_tok_s": (num_out + sum(map(len, prompts))) / wall,
+             "steps": num_steps, "decode_only_steps": num_decode_steps,
+             "graph_replays": graphs.num_replays if graphs is not None else 0, "max_running": max_running,
+             "token_budget": token_budget, "num_pages": executor.info.num_pages}
     return stats, [r.token_ids[r.num_prompt:] for r in requests]
 
 
@@ -155,7 +164,7 @@ def run_hf(cfg: ModelConfig, prompts: list[list[int]], num_output: int, batch: i
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    stats = {"requests": len(prompts), "prompt": len(prompts[0]), "output": num_output, "batch": batch,
+    return {"requests": len(prompts), "prompt": len(prompts[0]), "output": num_output, "batch": batch,
             "wall_s": wall, "output_tok_s": len(prompts) * num_output / wall}
 
 
@@ -170,6 +179,7 @@ def main() -> None:
     parser.add_argument("--hf-requests", type=int, default=64)
     parser.add_argument("--hf-output", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="cProfile the engine run (host hot spots)")
     args = parser.parse_args()
     rows = []
     for name in args.shapes:
@@ -182,7 +192,13 @@ def main() -> None:
         executor = Executor(cfg, engine)  # random_weights(cfg, seed=SEED), as transformers gets below
         setup_s = time.perf_counter() - started
         warm, _ = run_engine(executor, prompts[:8], 8, args.token_budget, args.max_running)  # first-use costs
+        profiler = cProfile.Profile() if args.profile else None
+        if profiler is not None:
+            profiler.enable()
         ours, _ = run_engine(executor, prompts, args.output, args.token_budget, args.max_running)
+        if profiler is not None:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         ours["setup_s"], ours["warmup_s"] = setup_s, warm["wall_s"]
         del executor
         gc.collect()

@@ -65,7 +65,7 @@ class HostMetadata:
     kv_page_indptr: np.ndarray  # [B+1] int32
     kv_page_ids: np.ndarray  # [num_pages_used] int32
     kv_last_page_lens: np.ndarray  # [B] int32
-    write_rows: np.ndarray  # [2T] int64 rows of kv_cache.view(-1, Hkv, D): T rows for K, then T for V
+    write_index: np.ndarray  # [2T] int64: each new token's page, then each one's offset in its page
     source_rows: np.ndarray  # [T] int64: the first new token that writes the same slot (itself if unique)
     mask: np.ndarray | None  # flat bool, per sequence its [q_len, kv_len] mask row-major; None = causal
 
@@ -89,12 +89,11 @@ def build_host_metadata(step: AttentionStep) -> HostMetadata:
     if len(step.slot_ids) != qo_indptr[-1] or len(step.kv_page_ids) != kv_page_indptr[-1]:
         raise ValueError("slot_ids must hold one slot per new token and kv_page_ids one id per page")
     slots = np.asarray(step.slot_ids, dtype=np.int64)
-    k_rows = (slots // page_size) * (2 * page_size) + slots % page_size  # [page, 0, offset]
     mask = _flat_mask(step, q_lens, kv_lens) if step.has_custom_mask else None
     _, first, inverse = np.unique(slots, return_index=True, return_inverse=True)
     return HostMetadata(page_size, qo_indptr, kv_page_indptr, np.asarray(step.kv_page_ids, dtype=np.int32),
-                        last_lens, np.concatenate([k_rows, k_rows + page_size]), first[inverse].astype(np.int64),
-                        mask)
+                        last_lens, np.concatenate([slots // page_size, slots % page_size]),
+                        first[inverse].astype(np.int64), mask)
 
 
 def _flat_mask(step: AttentionStep, q_lens: np.ndarray, kv_lens: np.ndarray) -> np.ndarray:
@@ -135,7 +134,7 @@ class FlashInferAttention(AttentionBackend):
             self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
             # fa2 everywhere: one compiled module serves causal and custom-mask steps (fa3 has no custom masks).
             self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
-            self._write_rows = torch.empty(0, dtype=torch.long, device=self.device)
+            self._write_index = torch.empty(0, dtype=torch.long, device=self.device)
         else:
             self._init_graph_mode(graph_batch_size, page_id_buffer)
 
@@ -155,7 +154,7 @@ class FlashInferAttention(AttentionBackend):
             self.workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=self._indptr_buf,
             paged_kv_indices_buffer=page_id_buffer, paged_kv_last_page_len_buffer=self._last_len_buf)
         self._prefill = None
-        self._write_rows = torch.zeros(2 * batch_size, dtype=torch.long, device=self.device)
+        self._write_index = torch.zeros(2 * batch_size, dtype=torch.long, device=self.device)
         self._source_rows = torch.arange(batch_size, dtype=torch.long, device=self.device)
 
     # -- per step ---------------------------------------------------------------------------------------
@@ -167,10 +166,10 @@ class FlashInferAttention(AttentionBackend):
                 raise ValueError(f"this CUDA-graph backend runs decode steps of exactly "
                                  f"{self.graph_batch_size} sequences")
             # In place: a captured graph reads these very buffers.
-            self._write_rows.copy_(torch.from_numpy(meta.write_rows), non_blocking=True)
+            self._write_index.copy_(torch.from_numpy(meta.write_index), non_blocking=True)
             self._source_rows.copy_(torch.from_numpy(meta.source_rows), non_blocking=True)
         else:
-            self._write_rows = torch.from_numpy(meta.write_rows).to(self.device, non_blocking=True)
+            self._write_index = torch.from_numpy(meta.write_index).to(self.device, non_blocking=True)
         self._is_decode = step.is_decode
         self._mask = None if meta.mask is None else torch.from_numpy(meta.mask).to(self.device)
         self._step, self._planned_for = meta, None
@@ -199,20 +198,30 @@ class FlashInferAttention(AttentionBackend):
             raise RuntimeError("plan() must run before forward()")
         if self._planned_for is None:
             self._plan_kernels(AttentionShape(q.shape[1], k.shape[1], q.shape[2], q.dtype))
-        if self.graph_batch_size is not None:  # padding rows repeat the K/V of the row they copy
-            k, v = k.index_select(0, self._source_rows), v.index_select(0, self._source_rows)
-        append_kv(kv_cache, k, v, self._write_rows)
+        # Graph mode: padding rows repeat the K/V of the row they copy.
+        append_kv(kv_cache, k, v, self._write_index, self._source_rows if self.graph_batch_size else None)
         wrapper = self._decode if self._is_decode else self._prefill
         return wrapper.run(q, kv_cache)
 
 
-def append_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_rows: torch.Tensor) -> torch.Tensor:
-    """Scatter k/v [T, Hkv, D] into kv_cache [P, 2, S, Hkv, D] at write_rows [2T] (K rows, then V rows) of
-    kv_cache.view(-1, Hkv, D). Two index_copy_ kernels; no host synchronisation."""
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous")
+def append_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_index: torch.Tensor,
+              source_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Scatter k/v [T, Hkv, D] into kv_cache [P, 2, S, Hkv, D]: token t's K/V (or, given source_rows, token
+    source_rows[t]'s) go to page write_index[t], offset write_index[T + t]. One indexed-copy kernel (two
+    with source_rows) when v directly follows k in memory, as in the decoder's qkv output; no host sync."""
     num_tokens = k.shape[0]
-    rows = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])
-    rows.index_copy_(0, write_rows[:num_tokens], k.to(kv_cache.dtype))
-    rows.index_copy_(0, write_rows[num_tokens:2 * num_tokens], v.to(kv_cache.dtype))
+    pair = _kv_pair(k, v)  # [T, 2, Hkv, D]
+    if source_rows is not None:
+        pair = pair.index_select(0, source_rows)
+    kv_cache[write_index[:num_tokens], :, write_index[num_tokens:2 * num_tokens]] = pair.to(kv_cache.dtype)
     return kv_cache
+
+
+def _kv_pair(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[T, 2, Hkv, D]: a view when each token's v row starts where its k row ends, else a stacked copy."""
+    num_kv, dim = k.shape[1], k.shape[2]
+    adjacent = k.stride() == v.stride() and k.stride()[1:] == (dim, 1) and k.dtype == v.dtype and \
+        v.data_ptr() == k.data_ptr() + num_kv * dim * k.element_size()
+    if adjacent:
+        return k.as_strided((k.shape[0], 2, num_kv, dim), (k.stride(0), num_kv * dim, dim, 1))
+    return torch.stack((k, v), dim=1)

@@ -43,28 +43,35 @@ def _step(new_lens: list[int], context_lens: list[int], num_pages: int, rng: ran
 # -- host metadata (CPU) --------------------------------------------------------------------------------
 
 
-def test_write_rows_address_k_then_v_of_each_slot() -> None:
+def test_write_index_holds_pages_then_offsets() -> None:
     step = _step([2, 1], [18, 5], num_pages=8, rng=random.Random(0))
     meta = build_host_metadata(step)
-    cache = torch.zeros(8, 2, PAGE_SIZE, 1, 1)
-    rows = cache.view(-1, 1, 1)
-    k_rows, v_rows = torch.from_numpy(meta.write_rows).chunk(2)
-    rows[k_rows] = 1.0
-    rows[v_rows] = 2.0
-    for slot in step.slot_ids:
-        page, offset = divmod(slot, PAGE_SIZE)
-        assert cache[page, 0, offset].item() == 1.0 and cache[page, 1, offset].item() == 2.0
-    assert int((cache != 0).sum()) == 2 * len(step.slot_ids)
+    pages, offsets = meta.write_index.reshape(2, -1)
+    assert [p * PAGE_SIZE + o for p, o in zip(pages, offsets)] == list(step.slot_ids)
+    assert meta.source_rows.tolist() == [0, 1, 2]
 
 
-def test_append_kv_matches_reference_scatter() -> None:
+@pytest.mark.parametrize("layout", ["qkv_views", "separate"])
+def test_append_kv_matches_reference_scatter(layout: str) -> None:
     step = _step([3, 1, 4], [3, 20, 40], num_pages=12, rng=random.Random(1))
-    k, v = torch.randn(8, 2, 4), torch.randn(8, 2, 4)
+    if layout == "qkv_views":  # k and v as the decoder makes them: adjacent column blocks of one qkv tensor
+        _, k, v = torch.randn(8, 8, 4).split([4, 2, 2], dim=1)
+    else:
+        k, v = torch.randn(8, 2, 4), torch.randn(8, 2, 4)
     cache = append_kv(torch.zeros(12, 2, PAGE_SIZE, 2, 4), k, v,
-                      torch.from_numpy(build_host_metadata(step).write_rows))
+                      torch.from_numpy(build_host_metadata(step).write_index))
     slots = torch.tensor(step.slot_ids)
     torch.testing.assert_close(cache[slots // PAGE_SIZE, 0, slots % PAGE_SIZE], k, rtol=0, atol=0)
     torch.testing.assert_close(cache[slots // PAGE_SIZE, 1, slots % PAGE_SIZE], v, rtol=0, atol=0)
+    assert int((cache != 0).any(-1).any(-1).sum()) == 2 * len(step.slot_ids), "nothing else is written"
+
+
+def test_append_kv_with_source_rows_writes_the_sources_kv() -> None:
+    write_index = torch.tensor([3, 5, 3, 3, 7, 2, 7, 7])  # rows 2, 3 repeat row 0's slot (page 3, offset 7)
+    k, v = torch.randn(4, 1, 2), torch.randn(4, 1, 2)
+    cache = append_kv(torch.zeros(6, 2, PAGE_SIZE, 1, 2), k, v, write_index, torch.tensor([0, 1, 0, 0]))
+    assert torch.equal(cache[3, 0, 7], k[0]) and torch.equal(cache[3, 1, 7], v[0])
+    assert torch.equal(cache[5, 0, 2], k[1]) and torch.equal(cache[5, 1, 2], v[1])
 
 
 def test_mask_is_causal_bottom_right_except_where_given() -> None:

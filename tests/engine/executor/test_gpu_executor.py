@@ -34,8 +34,8 @@ def test_padding_rows_copy_row_zero_and_write_its_kv() -> None:
     assert padded.kv_page_ids[3:] == [3, 3, 3] and padded.kv_last_page_lens[2:] == [1, 1, 1]
     meta = build_host_metadata(padded)
     assert meta.source_rows.tolist() == [0, 1, 0, 0, 0]
-    k_rows = meta.write_rows[:5]
-    assert k_rows[2:].tolist() == [k_rows[0]] * 3 and k_rows[1] != k_rows[0]
+    pages, offsets = meta.write_index.reshape(2, 5)
+    assert pages.tolist() == [3, 5, 3, 3, 3] and offsets.tolist() == [3, 15, 3, 3, 3]
 
 
 def test_graph_config_buckets() -> None:
@@ -129,13 +129,13 @@ def test_greedy_tokens_match_hf(hf_model: torch.nn.Module) -> None:
     outputs = _generate(executor, prompts)
     assert executor.decode_graphs is not None and executor.decode_graphs.num_replays >= NUM_NEW - 1
     exact = 0
-    for prompt, output in zip(prompts, outputs):
+    for prompt, output in zip(prompts, outputs):  # teacher-forced: HF predicts each of our tokens' positions
         logits = _hf_logits(hf_model, prompt + output)[len(prompt) - 1:-1]  # predictions of output tokens
         best = logits.max(-1).values
         chosen = logits.gather(1, torch.tensor(output, device="cuda")[:, None]).squeeze(1)
         assert (best - chosen).max().item() < TIE_TOL, "every greedy token is the reference's argmax or a tie"
-        exact += int((logits.argmax(-1).tolist() == output))
-    assert exact >= len(prompts) - 1
+        exact += sum(a == b for a, b in zip(logits.argmax(-1).tolist(), output))
+    assert exact >= 0.9 * len(prompts) * NUM_NEW, "near-ties are the exception"
 
 
 @pytest.mark.gpu
