@@ -25,7 +25,7 @@ WIT_DIR = REPO_ROOT / "inferlets" / "wit"
 PAGE_SIZE = 4
 VOCAB_SIZE = 128  # ASCII: encode is ord(), decode is chr()
 EOS = 10  # "\n"
-MAX_CONTEXT = 96
+MAX_CONTEXT = 512
 
 
 def load_sdk(bindings_dir: Path) -> ModuleType:
@@ -46,8 +46,9 @@ def next_token(visible: list[int]) -> int:
 
 @dataclass
 class FakeHost:
-    num_pages: int = 64
+    num_pages: int = 256
     arguments: list[str] = field(default_factory=list)
+    inbox: list[str] = field(default_factory=list)  # messages from the client, oldest first
     slots: dict[int, list[int | None]] = field(default_factory=dict)  # physical page -> token per slot
     refcounts: dict[int, int] = field(default_factory=dict)
     table: dict[int, int] = field(default_factory=dict)  # virtual -> physical
@@ -87,13 +88,15 @@ class FakeHost:
                        import_pages=self.import_pages, unexport_pages=self.unexport_pages),
             "forward": dict(forward=self.forward),
             "generate": dict(generate=self.generate, generate_all=self.generate_all),
-            "tokenize": dict(encode=lambda text: [ord(c) for c in text], decode=self.decode, Decoder=Decoder),
+            "tokenize": dict(encode=lambda text: [ord(c) for c in text], decode=self.decode, Decoder=Decoder,
+                             apply_chat_template=self.apply_chat_template),
             "model": dict(info=self.info, list_models=lambda: ["fake"]),
             "runtime": dict(arguments=lambda: list(host.arguments), instance_id=lambda: "fake-1",
                             version=lambda: "0.1.0"),
             "messaging": dict(send=lambda text: host.sent.append((0, text)),
                               send_on=lambda ch, text: host.sent.append((ch, text)),
-                              send_event=lambda js: host.events.append(js)),
+                              send_event=lambda js: host.events.append(js),
+                              receive=lambda timeout_ms: host.inbox.pop(0) if host.inbox else None),
             "prefix_cache": dict(lookup=self.prefix_lookup, publish=self.prefix_publish),
             "store": dict(get=self.store.get, set=self.store.__setitem__,
                           delete=lambda k: host.store.pop(k, None) is not None,
@@ -248,6 +251,11 @@ class FakeHost:
             except Err as error:
                 results.append(error)
         return results
+
+    def apply_chat_template(self, messages_json: str, tools_json: str | None, add_generation_prompt: bool) -> str:
+        import json
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in json.loads(messages_json))
+        return text + ("<assistant>" if add_generation_prompt else "")
 
     def decode(self, token_ids: list[int]) -> str:
         if any(not 0 <= t < VOCAB_SIZE for t in token_ids):
