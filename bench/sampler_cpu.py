@@ -1,7 +1,11 @@
 """Micro-benchmark of the sampler: median ms per Sampler.sample call, greedy vs mixed parameters.
 
     python bench/sampler_cpu.py                      # N=16, V=49152 on CPU (the default model's shape)
-    python bench/sampler_cpu.py --device cuda --rows 256 --vocab 128256
+    OMP_NUM_THREADS=1 python bench/sampler_cpu.py    # steadier on a busy 2-core machine
+    PYTHONPATH=. python3 bench/sampler_cpu.py --device cuda --rows 256 --vocab 128256   # Llama-3 vocab
+
+Logits are randn * 3 (a fairly peaked distribution); "mixed" is a quarter each of greedy, top-p, top-k with
+penalties over a 286-token history, and seeded min-p with logprobs and a logit bias.
 """
 from __future__ import annotations
 

@@ -215,11 +215,12 @@ class Draws:
 
 def _uniforms(params: Sequence[SamplingParams], generator: torch.Generator) -> torch.Tensor:
     """[Q] f32 uniforms, scaled by (1 - 2^-20) so that u * total stays below the CDF's last value."""
-    uniforms = torch.rand(len(params), generator=generator, dtype=torch.float64)
-    for r, p in enumerate(params):
-        if p.seed is not None:
-            uniforms[r] = (seed_key(p.seed, len(p.output_token_ids)) >> 11) * 2.0**-53
-    return (uniforms * (1.0 - 2.0**-20)).float()
+    drawn = torch.rand(len(params), generator=generator, dtype=torch.float64).tolist()
+    uniforms = [
+        drawn[r] if p.seed is None else (seed_key(p.seed, len(p.output_token_ids)) >> 11) * 2.0**-53
+        for r, p in enumerate(params)
+    ]
+    return torch.tensor(uniforms, dtype=torch.float64).mul_(1.0 - 2.0**-20).float()
 
 
 def filtered_weights(x: torch.Tensor, draws: Draws) -> torch.Tensor:
@@ -235,17 +236,24 @@ def filtered_weights(x: torch.Tensor, draws: Draws) -> torch.Tensor:
     d = draws
     threshold = torch.zeros(weights.shape[0], device=x.device)
     if d.top_k_rows is not None and d.top_k is not None:
-        best = weights.index_select(0, d.top_k_rows).topk(d.max_top_k, dim=-1).values
+        best = _rows_of(weights, d.top_k_rows).topk(d.max_top_k, dim=-1).values
         threshold.index_copy_(0, d.top_k_rows, best.gather(1, d.top_k[:, None] - 1)[:, 0])
     if d.top_p_rows is not None and d.top_p is not None:
         top_k_cut = threshold.index_select(0, d.top_p_rows)
-        candidates = _keep_at_least(weights.index_select(0, d.top_p_rows), top_k_cut)
+        candidates = _rows_of(weights, d.top_p_rows)  # may alias weights: zeroing below top-k is harmless
+        if d.top_k_rows is not None:
+            candidates = _keep_at_least(candidates, top_k_cut)
         top_p_cut = _top_p_threshold(candidates, d.top_p)
         threshold.index_copy_(0, d.top_p_rows, torch.maximum(top_k_cut, top_p_cut))
     if d.min_p is not None:
         # p_i >= min_p * p_max; the filters above never remove the most probable token.
         threshold = torch.maximum(threshold, d.min_p * weights.amax(dim=-1))
     return _keep_at_least(weights, threshold)
+
+
+def _rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[rows], without a copy when rows lists every row (in order, as the builders make them)."""
+    return x if rows.numel() == x.shape[0] else x.index_select(0, rows)
 
 
 def _keep_at_least(weights: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -272,11 +280,14 @@ def _top_p_threshold(weights: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor
 
 
 def _prefix_threshold(descending: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut-off weight of the shortest prefix whose mass reaches target, and whether it ended in the prefix."""
-    mass_before = descending.cumsum(dim=-1) - descending
-    num_kept = (mass_before < target[:, None]).sum(dim=-1)
-    complete = num_kept < descending.shape[1]
-    return descending.gather(1, num_kept.clamp(min=1)[:, None] - 1)[:, 0], complete
+    """Cut-off weight of the shortest prefix whose mass reaches target, and whether it ended in the prefix.
+
+    Entry j is kept iff the mass before it, cdf[j - 1], is below target: 1 + (#cdf entries < target).
+    """
+    num_candidates = descending.shape[1]
+    cdf = descending.cumsum(dim=-1)
+    num_kept = torch.searchsorted(cdf, target[:, None])[:, 0].add_(1).clamp_(max=num_candidates)
+    return descending.gather(1, num_kept[:, None] - 1)[:, 0], num_kept < num_candidates
 
 
 def draw_tokens(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
