@@ -69,6 +69,11 @@ class HostMetadata:
     source_rows: np.ndarray  # [T] int64: the first new token that writes the same slot (itself if unique)
     mask: np.ndarray | None  # flat bool, per sequence its [q_len, kv_len] mask row-major; None = causal
 
+    @property
+    def is_decode(self) -> bool:
+        """One causal token per sequence (AttentionStep.is_decode, from the arrays)."""
+        return self.mask is None and int(self.qo_indptr[-1]) == len(self.qo_indptr) - 1
+
 
 def build_host_metadata(step: AttentionStep) -> HostMetadata:
     """Validates the step against itself and flattens it for FlashInfer."""
@@ -162,7 +167,7 @@ class FlashInferAttention(AttentionBackend):
     def plan(self, step: AttentionStep) -> None:
         meta = build_host_metadata(step)
         if self.graph_batch_size is not None:
-            if not step.is_decode or step.num_seqs != self.graph_batch_size:
+            if not meta.is_decode or step.num_seqs != self.graph_batch_size:
                 raise ValueError(f"this CUDA-graph backend runs decode steps of exactly "
                                  f"{self.graph_batch_size} sequences")
             # In place: a captured graph reads these very buffers.
@@ -170,7 +175,7 @@ class FlashInferAttention(AttentionBackend):
             self._source_rows.copy_(torch.from_numpy(meta.source_rows), non_blocking=True)
         else:
             self._write_index = torch.from_numpy(meta.write_index).to(self.device, non_blocking=True)
-        self._is_decode = step.is_decode
+        self._is_decode = meta.is_decode
         self._mask = None if meta.mask is None else torch.from_numpy(meta.mask).to(self.device)
         self._step, self._planned_for = meta, None
         if self.shape is not None:

@@ -94,8 +94,11 @@ class CudaGraphDecoder:
         return tuple(sorted(self._graphs))
 
     def supports(self, step: AttentionStep) -> bool:
-        num_pages = step.kv_page_indptr[-1] + self.config.sizes[-1] - step.num_seqs
-        return step.is_decode and 1 <= step.num_seqs <= self.config.sizes[-1] and \
+        num_seqs = step.num_seqs
+        # Every sequence has >= 1 new token, so one token per sequence <=> as many tokens as sequences.
+        is_decode = step.num_tokens == num_seqs and not step.has_custom_mask
+        num_pages = step.kv_page_indptr[-1] + self.config.sizes[-1] - num_seqs
+        return is_decode and 1 <= num_seqs <= self.config.sizes[-1] and \
             num_pages <= self.config.max_pages_per_step and step.page_size == self.page_size
 
     def bucket(self, num_seqs: int) -> int:
