@@ -294,10 +294,12 @@ def draw_tokens(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """[Q] int64 inverse-CDF draws (weights is consumed: it becomes the CDF in place).
 
     Token i comes with probability weights[i] / sum. uniforms < 1 - 2^-20 keep u * total below the CDF's
-    last value, so the first CDF entry above it exists and belongs to a token of positive weight.
+    last value, so the first CDF entry above it exists and belongs to a token of positive weight. A row
+    with no finite logit (NaN weights) still gets a valid, arbitrary id from the clamp.
     """
     cdf = weights.cumsum_(dim=-1)
-    return torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True)[:, 0]
+    drawn = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True)[:, 0]
+    return drawn.clamp_(max=weights.shape[1] - 1)
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,13 @@ def test_allowed_tokens_are_respected(device: torch.device) -> None:
     assert greedy[0].token_id == 250
 
 
+def test_a_row_with_every_token_banned_still_gets_a_valid_id(device: torch.device) -> None:
+    logits = torch.randn(2, 50, device=device)
+    banned = {"allowed_token_ids": (3,), "logit_bias": ((3, -math.inf),)}
+    results = Sampler(seed=0).sample(logits, [sampling(temperature=1.0, **banned), sampling(**banned)])
+    assert all(0 <= t < 50 for t in tokens_of(results))
+
+
 # --- penalties ------------------------------------------------------------------------------------------
 
 
