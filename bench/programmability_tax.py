@@ -1,0 +1,129 @@
+"""The programmability tax: the same greedy generations through the default inferlet (Wasm instances on the
+runtime + control layer, the path every OpenAI request takes, minus HTTP) vs. the executor driven directly
+(DirectGenerator: lockstep batches, no control layer, no Wasm). Target: tax < 3% of TPOT.
+
+    .venv/bin/python bench/programmability_tax.py [--model PATH] [--batch 1 8 32] [--prompt-tokens 64]
+        [--max-tokens 64] [--repeats 3] [--json bench/results/programmability_tax.json]
+
+TPOT(direct) = wall time of the decode steps / (max_tokens - 1), prefill excluded. TPOT(inferlet) = per
+instance (last text message - first text message) / (max_tokens - 1), median over instances. The baseline
+runs on its own executor with the same weights; the two paths alternate (never at the same time) so that
+drifting machine load hits both alike. Distinct prompts, so the prefix cache cannot skip work the baseline
+does.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.config import EngineConfig  # noqa: E402
+from engine.executor.batch import SamplingParams  # noqa: E402
+from engine.executor.direct import DirectGenerator  # noqa: E402
+from engine.executor.executor import Executor  # noqa: E402
+from engine.model.loader import load_model_config, load_weights, resolve_model_dir  # noqa: E402
+from engine.runtime.messages import Event, Terminated, Text  # noqa: E402
+
+
+def prompts_for(batch: int, prompt_tokens: int, vocab_size: int, repeat: int) -> list[list[int]]:
+    """Distinct token sequences (ids from the ordinary part of the vocabulary)."""
+    return [[1000 + (7 * i + 13 * j + 101 * repeat) % (vocab_size - 2000) for j in range(prompt_tokens)]
+            for i in range(batch)]
+
+
+def direct_tpot(executor: Executor, prompts: list[list[int]], max_tokens: int) -> float:
+    gen = DirectGenerator(executor)
+    seqs = [gen.start(p) for p in prompts]
+    greedy = SamplingParams()
+    gen.step(seqs, greedy)  # prefill, first token
+    started = time.perf_counter()
+    for _ in range(max_tokens - 1):
+        gen.step(seqs, greedy)
+    elapsed = time.perf_counter() - started
+    for seq in seqs:
+        gen.release(seq)
+    return elapsed / (max_tokens - 1)
+
+
+async def inferlet_tpot(engine, program_hash: str, prompts: list[list[int]], max_tokens: int) -> float:  # noqa: ANN001
+    async def one(prompt: list[int]) -> float:
+        args = {"version": 1, "prompts": [{"token_ids": prompt}], "n": 1, "max_tokens": max_tokens,
+                "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": None,
+                             "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                             "logit_bias": [], "num_logprobs": None},
+                "stop": [], "stop_token_ids": [], "ignore_eos": True, "constraint": None}
+        handle = engine.runtime.launch(program_hash, [json.dumps(args)], "bench")
+        stamps: list[float] = []
+        while True:
+            message = await handle.next_message()
+            if isinstance(message, Event) and json.loads(message.json)["type"] == "prompt":
+                handle.send("go")
+            elif isinstance(message, Text) and message.text:
+                stamps.append(time.perf_counter())
+            elif isinstance(message, Terminated):
+                if not message.ok:
+                    raise RuntimeError(message.error)
+                break
+        return (stamps[-1] - stamps[0]) / (max_tokens - 1)
+
+    return statistics.median(await asyncio.gather(*[one(p) for p in prompts]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-pages", type=int, default=512, help="per KV pool (the baseline has its own)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    model_dir = resolve_model_dir(args.model)
+    config = EngineConfig(num_pages=args.num_pages, device=args.device)
+    model_config = load_model_config(model_dir)
+
+    from app.config import DEFAULT_INFERLET_SOURCE
+    from app.inferlet_build import build_inferlet
+    from engine.engine import Engine
+
+    executor = Executor(model_config, config, load_weights(model_dir, getattr(torch, config.resolved_dtype),
+                                                           progress=False))
+    engine = Engine.start(args.model, config, progress=False)
+    rows = []
+    try:
+        wasm = build_inferlet(DEFAULT_INFERLET_SOURCE, Path("/tmp/pie-default-inferlet.wasm"))
+        program_hash = engine.runtime.load(wasm.read_bytes())
+        vocab = model_config.vocab_size
+        for batch in args.batch:
+            direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, 99), 4)  # warm-ups
+            asyncio.run(inferlet_tpot(engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 98), 4))
+            directs, inferlets = [], []
+            for r in range(args.repeats):
+                directs.append(direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, r), args.max_tokens))
+                inferlets.append(asyncio.run(inferlet_tpot(
+                    engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 10 + r), args.max_tokens)))
+            direct, inferlet = statistics.median(directs), statistics.median(inferlets)
+            tax = inferlet / direct - 1
+            rows.append({"batch": batch, "tpot_direct_ms": 1000 * direct, "tpot_inferlet_ms": 1000 * inferlet,
+                         "tax_percent": 100 * tax})
+            print(f"batch {batch:>3}: TPOT direct {1000 * direct:7.2f} ms   default inferlet "
+                  f"{1000 * inferlet:7.2f} ms   tax {100 * tax:+6.1f}%", flush=True)
+    finally:
+        engine.close()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+                                              "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
