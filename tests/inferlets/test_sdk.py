@@ -195,6 +195,23 @@ def test_sampler_sends_history_only_when_a_penalty_needs_it(sdk: ModuleType) -> 
     assert penalised.logit_bias == [(7, -1.0)]
 
 
+def test_generate_all_gives_each_context_its_own_seed(sdk: ModuleType, host: FakeHost,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    seeds: list[int | None] = []
+    real_generate = host.generate
+
+    def recording(request: Any) -> Any:
+        seeds.append(request.sampling.seed)
+        return real_generate(request)
+
+    monkeypatch.setattr(host, "generate", recording)
+    parent = sdk.Context()
+    parent.fill(PROMPT)
+    sdk.generate_all([parent.fork() for _ in range(3)], 4, sampler=sdk.Sampler(seed=2 ** 64 - 2))
+    sdk.generate_all([parent.fork(), parent.fork()], 4, sampler=sdk.Greedy())
+    assert seeds == [2 ** 64 - 2, 2 ** 64 - 1, 0, None, None]
+
+
 def _run(sdk: ModuleType, main: Any) -> str | None:
     from componentize_py_types import Err
     try:

@@ -13,6 +13,7 @@ all of them are freed when the instance ends, so `release` only matters for long
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 from componentize_py_types import Ok
@@ -259,11 +260,12 @@ def generate_all(contexts: Sequence[Context], max_tokens: int = 256, *, sampler:
                  stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
                  stream_channels: Sequence[int] | None = None) -> list[Generation]:
     """Generate for several contexts (e.g. forks) in lockstep: their steps share the engine's batches.
-    stream_channels: one client channel per context, or None to stream nothing."""
+    stream_channels: one client channel per context, or None to stream nothing. With a seeded sampler,
+    context i samples with seed + i: forks differ, and the whole call is reproducible."""
     if stream_channels is not None and len(stream_channels) != len(contexts):
         raise ValueError("give one stream channel per context")
     condition = StopCondition.of(max_tokens, stop, stop_token_ids, ignore_eos)
-    requests = [ctx.generate_request(condition, sampler, None,
+    requests = [ctx.generate_request(condition, _nth_seed(sampler, i), None,
                                      False if stream_channels is None else stream_channels[i])
                 for i, ctx in enumerate(contexts)]
     results = generate.generate_all(requests)
@@ -277,6 +279,10 @@ def generate_all(contexts: Sequence[Context], max_tokens: int = 256, *, sampler:
     if errors:
         raise PieError("generate_all failed for " + "; ".join(errors))
     return generations
+
+
+def _nth_seed(sampler: Sampler, i: int) -> Sampler:
+    return sampler if sampler.seed is None else replace(sampler, seed=(sampler.seed + i) % 2 ** 64)
 
 
 def _channel(stream: bool | int) -> int | None:
