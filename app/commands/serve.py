@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' (health, metrics and version stay open)")
+                        help="require 'Authorization: Bearer KEY' (health, metrics and version stay open; empty: no key)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weights and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine_config = _engine_config(args)
-        config = ServerConfig(api_key=args.api_key, served_model_names=tuple(args.served_model_name or ()),
+        config = ServerConfig(api_key=args.api_key or None, served_model_names=tuple(args.served_model_name or ()),
                               max_running_requests=args.max_running_requests, inferlet_wasm=args.default_inferlet)
     except ValueError as error:
         print(f"pie serve: error: {error}")
