@@ -237,6 +237,11 @@ def test_entry_turns_main_outcomes_into_run_results(sdk: ModuleType, host: FakeH
             raise SystemExit(code)
         return main
 
+    def raw_call_fails(args: list[str]) -> None:
+        from componentize_py_types import Err
+        raise Err("unknown page ids [7]")
+
+    assert _run(sdk, raw_call_fails).startswith("HostError: unknown page ids [7]\nTraceback")
     assert _run(sdk, exits(0)) is None
     assert _run(sdk, exits(3)) == "exit status 3"
 

@@ -15,7 +15,7 @@ from typing import Callable
 import wit_world
 from componentize_py_types import Err
 
-from .errors import PieError, UsageError
+from .errors import HostError, UsageError
 from .runtime import HelpRequested, args
 
 Main = Callable[[list[str]], object]
@@ -42,13 +42,15 @@ def run_main(main: Main) -> str | None:
         return None
     except SystemExit as exit_:
         return None if exit_.code in (None, 0) else f"exit status {exit_.code}"
-    except (UsageError, PieError) as error:
-        return str(error) if isinstance(error, UsageError) else _describe(error)
+    except UsageError as error:  # the usage text says it all; no traceback
+        return str(error)
     except BaseException as error:  # the instance must end with err(...), never trap
         return _describe(error)
     return None
 
 
 def _describe(error: BaseException) -> str:
+    if isinstance(error, Err):  # a raw binding's error that nobody caught
+        error = HostError(str(error.value)).with_traceback(error.__traceback__)
     frames = traceback.format_exception(type(error), error, error.__traceback__)
     return f"{type(error).__name__}: {error}\n" + "".join(frames).rstrip()
