@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def build_inferlet(source: Path, out: Path, cache_dir: Path | None = None, use_c
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.resolve() != cached.resolve():
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp = _temp_sibling(out)
         shutil.copyfile(cached, tmp)
         os.replace(tmp, out)
     return out
@@ -124,7 +125,7 @@ def _componentize(src: InferletSource, out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="pie-build-") as tmp:
         stage = Path(tmp) / "app"
         _stage(src, stage)
-        partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        partial = _temp_sibling(out)
         command = [sys.executable, "-c", _COMPONENTIZE, "-q", "-d", str(WIT_DIR), "-w", WORLD, "componentize",
                    ENTRY_MODULE, "-p", str(stage), "-o", str(partial)]
         # Without VIRTUAL_ENV, componentize-py does not add the server's site-packages to the guest's path.
@@ -153,6 +154,12 @@ def _stage(src: InferletSource, stage: Path) -> None:
         (sdk_target / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(SDK_DIR / SDK_PACKAGE / rel, sdk_target / rel)
     (stage / f"{ENTRY_MODULE}.py").write_text(_ENTRY_TEMPLATE.format(module=src.module))
+
+
+def _temp_sibling(path: Path) -> Path:
+    """A unique temporary name next to path (concurrent builds of one source, from threads or processes,
+    each write their own file and os.replace it into place)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def _check_entry(path: Path) -> None:
