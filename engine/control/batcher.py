@@ -16,7 +16,6 @@ from typing import Iterable
 from engine.control.config import ControlConfig
 from engine.control.instance import InstanceState
 from engine.control.work import CopyItem, ForwardItem
-from engine.types import VirtualPageId
 
 
 @dataclass(frozen=True)
@@ -51,9 +50,7 @@ class StepPlan:
 class _Cursor:
     position: int = 0  # next queue index to consider
     done: bool = False
-    took_forward: bool = False
-    read_ids: set[VirtualPageId] = field(default_factory=set)
-    write_ids: set[VirtualPageId] = field(default_factory=set)
+    taken: list[ForwardItem] = field(default_factory=list)  # forwards of the instance taken this step
 
 
 class _Planner:
@@ -69,7 +66,7 @@ class _Planner:
         while not cursor.done and cursor.position < len(queue):
             item = queue[cursor.position]
             if isinstance(item, CopyItem):
-                if cursor.took_forward:
+                if cursor.taken:
                     cursor.done = True  # a copy must wait for the next step, and so must all after it
                     return
                 self.plan.copies.append((instance, item))
@@ -109,16 +106,16 @@ class _Planner:
         self.prefill_taken = self.prefill_taken or not decodes_only
         self.budget = max(0, self.budget - (end - start))
         self.seats -= 1
-        cursor.took_forward = True
-        cursor.read_ids.update(item.page_ids)
-        cursor.write_ids.update(item.written_page_ids(start, end))
+        cursor.taken.append(item)
 
     @staticmethod
     def _conflicts(cursor: _Cursor, item: ForwardItem) -> bool:
-        if not cursor.took_forward:
+        """Whether item writes a page an earlier forward of the step uses, or uses one it writes."""
+        if not cursor.taken:
             return False
-        writes = item.written_page_ids(item.num_scheduled)
-        return any(p in cursor.read_ids for p in writes) or any(p in cursor.write_ids for p in item.page_ids)
+        read_ids = {p for taken in cursor.taken for p in taken.page_ids}
+        write_ids = {p for taken in cursor.taken for p in taken.written_ids}
+        return any(p in read_ids for p in item.written_ids) or any(p in write_ids for p in item.page_ids)
 
 
 def plan_step(instances: Iterable[InstanceState], config: ControlConfig) -> StepPlan:

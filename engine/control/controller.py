@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from contextlib import contextmanager
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 from engine.config import EngineInfo
 from engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
 from engine.control.batcher import Chunk
 from engine.control.config import ControlConfig
-from engine.control.instance import Allocation, Demand, InstanceState
+from engine.control.instance import Allocation, DemandQueue, InstanceState
 from engine.control.page_table import PageTable
 from engine.control.resources import Resources
 from engine.control.scheduling import StepBuilder
 from engine.control.swap import nonresident_blocks
-from engine.control.work import ForwardItem, Limits, check_copy, prepare_forward
+from engine.control.pages import BlockId
+from engine.control.work import CopyItem, ForwardItem, Limits, check_copy, prepare_forward, queued_page_ids
 from engine.executor.batch import Batch, CommandResult, StepResult
 from engine.types import InstanceId, TokenId, VirtualPageId
 
@@ -58,16 +57,16 @@ class Controller:
         self._res = Resources(self.info.num_pages, self.info.page_size, executor.num_swap_slots)
         self._instances: dict[InstanceId, InstanceState] = {}
         self._active: dict[InstanceState, None] = {}  # instances with queued work, oldest first
-        self._demands: deque[Demand] = deque()
+        self._demands = DemandQueue()
         self._inflight: list[tuple[Chunk, list[int]]] = []  # the running step's chunks and their outputs
         self._inflight_moved: list[InstanceState] = []  # instances whose KV the running step swaps or copies
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._generation = 0  # bumped by every call that may create work
         self._idle_generation = -1  # the generation at which a step found nothing to do
+        self._loop_waiting = False  # the run loop sleeps on _changed
         self._outbox: list[tuple[Future[Any], Any, BaseException | None]] = []
         self._num_instances_opened = 0
-        self._num_forwards = 0
         self._step_id = 0
         self._step_lock = threading.Lock()  # one step at a time
         self._thread: threading.Thread | None = None
@@ -102,18 +101,16 @@ class Controller:
             if num_pages > self.info.num_pages:
                 raise ControlError(f"cannot allocate {num_pages} pages: the pool has {self.info.num_pages}")
             instance.table.check_quota(num_pages, instance.num_pages_requested)
-            block_ids = self._res.try_allocate(num_pages) if not self._demands else None
-            if block_ids is not None:
-                self._settle(future, instance.table.add(block_ids))
-            else:
-                instance.num_pages_requested += num_pages
-                self._demands.append(Allocation(instance, num_pages, future))
+            instance.num_pages_requested += num_pages
+            self._demands.push(Allocation(instance, num_pages, future))
+            self._serve_demands()
         return future
 
     def free_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId]) -> None:
         with self._locked():
             instance = self._get(instance_id)
-            self._res.drop(instance.table.remove(list(page_ids)))
+            in_use = queued_page_ids(instance.queue) if instance.queue else frozenset()
+            self._res.drop(instance.table.remove(list(page_ids), in_use))
             self._serve_demands()
 
     def copy_slots(self, instance_id: InstanceId, src_page_id: VirtualPageId, dst_page_id: VirtualPageId,
@@ -121,7 +118,7 @@ class Controller:
         with self._locked():
             instance = self._get(instance_id)
             item = check_copy(instance.table, src_page_id, dst_page_id, src_offset, dst_offset, num_slots)
-            self._check_writable(instance, [dst_page_id])
+            self._check_writable(item.written_ids, [item.dst_block_id])
             self._enqueue(instance, item)
 
     def mask_slots(self, instance_id: InstanceId, page_id: VirtualPageId, slot_mask: Sequence[bool]) -> None:
@@ -130,18 +127,20 @@ class Controller:
 
     def share_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId]) -> list[VirtualPageId]:
         with self._locked(mutating=False):
-            table = self._get(instance_id).table
-            page_ids = list(page_ids)
+            instance = self._get(instance_id)
+            table, page_ids = instance.table, list(page_ids)
             block_ids = table.blocks(page_ids, distinct=True)
             table.check_quota(len(block_ids))
-            table.check_not_write_pinned(page_ids)
+            self._check_not_being_written(instance, page_ids)
             new_ids = self._res.share_into(table, block_ids)
             table.copy_visibility(page_ids, new_ids)
             return new_ids
 
     def export_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId], name: str) -> None:
         with self._locked(mutating=False):
-            self._res.export(self._get(instance_id).table, list(page_ids), name)
+            instance = self._get(instance_id)
+            self._check_not_being_written(instance, page_ids)
+            self._res.export(instance.table, list(page_ids), name)
 
     def import_pages(self, instance_id: InstanceId, name: str) -> list[VirtualPageId]:
         with self._locked(mutating=False):
@@ -166,7 +165,9 @@ class Controller:
     def prefix_publish(self, instance_id: InstanceId, token_ids: Sequence[TokenId],
                        page_ids: Sequence[VirtualPageId]) -> None:
         with self._locked(mutating=False):
-            self._res.prefix_publish(self._get(instance_id).table, list(token_ids), list(page_ids))
+            instance = self._get(instance_id)
+            self._check_not_being_written(instance, page_ids)
+            self._res.prefix_publish(instance.table, list(token_ids), list(page_ids))
 
     def clear_prefix_cache(self) -> None:
         """Drops the cache's references (pages held by nobody else go free)."""
@@ -186,9 +187,8 @@ class Controller:
         future: Future[CommandResult] = Future()
         with self._locked():
             instance = self._get(instance_id)
-            self._num_forwards += 1
-            item = prepare_forward(command, instance.table, self._limits, self._num_forwards, future)
-            self._check_writable(instance, item.written_page_ids())
+            item = prepare_forward(command, instance.table, self._limits, future)
+            self._check_writable(item.written_ids, item.written_block_ids)
             self._enqueue(instance, item)
         return future
 
@@ -203,7 +203,7 @@ class Controller:
             return ControlStats(
                 num_pages=self.info.num_pages, num_free_pages=self._res.num_available_pages(),
                 num_instances=len(self._instances), num_running=len(running),
-                num_waiting=len({id(d.instance) for d in self._demands}), num_swapped=len(swapped),
+                num_waiting=len(self._demands.waiting_instances()), num_swapped=len(swapped),
                 num_prefix_queries=cache.num_queries, num_prefix_hit_tokens=cache.num_hit_tokens,
                 num_prefix_query_tokens=cache.num_query_tokens)
 
@@ -249,7 +249,9 @@ class Controller:
         while True:
             with self._lock:
                 while not self._stopping and self._generation == self._idle_generation:
+                    self._loop_waiting = True
                     self._changed.wait()
+                    self._loop_waiting = False
                 if self._stopping:
                     return
             try:
@@ -260,20 +262,10 @@ class Controller:
                     self._idle_generation = self._generation
 
     # -- internals (called with the lock held) -------------------------------------------------------------
-    @contextmanager
-    def _locked(self, mutating: bool = True) -> Iterator[None]:
-        try:
-            with self._lock:
-                try:
-                    yield
-                finally:
-                    if mutating:
-                        self._generation += 1
-                        self._changed.notify()
-                    outbox, self._outbox = self._outbox, []
-        finally:
-            for future, value, error in outbox:
-                _settle_now(future, value, error)
+    def _locked(self, mutating: bool = True) -> "_Locked":
+        """`with self._locked():` holds the lock; on exit, wakes the run loop (if mutating: the call may
+        have created work) and settles the futures the call resolved, after releasing the lock."""
+        return _Locked(self, mutating)
 
     def _get(self, instance_id: InstanceId) -> InstanceState:
         instance = self._instances.get(instance_id)
@@ -286,38 +278,52 @@ class Controller:
     def _settle(self, future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
         self._outbox.append((future, value, error))
 
-    def _check_writable(self, instance: InstanceState, page_ids: Sequence[VirtualPageId]) -> None:
+    def _check_writable(self, page_ids: Sequence[VirtualPageId], block_ids: Sequence[BlockId]) -> None:
         """The sharing invariant: pages with more than one reference are read-only."""
-        for page_id in page_ids:
-            refcount = self._res.pool.refcount(instance.table.block(page_id))
+        for page_id, block_id in zip(page_ids, block_ids):
+            refcount = self._res.pool.refcount(block_id)
             if refcount > 1:
                 raise ControlError(f"page {page_id} is shared ({refcount} references) and so read-only; copy "
                                    "its slots to a private page before writing")
 
-    def _enqueue(self, instance: InstanceState, item: Any) -> None:
-        instance.table.pin(*item.pinned())
+    def _check_not_being_written(self, instance: InstanceState, page_ids: Sequence[VirtualPageId]) -> None:
+        """Sharing a page a queued command will write would break the sharing invariant for that command."""
+        if instance.queue:
+            written = queued_page_ids(instance.queue, written=True)
+            for page_id in page_ids:
+                if page_id in written:
+                    raise ControlError(f"page {page_id} is being written by a queued forward or copy; wait "
+                                       "for it before sharing the page")
+
+    def _enqueue(self, instance: InstanceState, item: ForwardItem | CopyItem) -> None:
         instance.queue.append(item)
-        self._active.setdefault(instance, None)
+        if instance not in self._active:
+            self._active[instance] = None
 
     def _serve_demands(self, builder: StepBuilder | None = None) -> None:
-        """Meets waiting demands in FIFO order while pages allow; swap-ins only while forming a batch."""
+        """Meets waiting demands in order while pages allow. A demand of an instance with swapped-out
+        blocks brings them back first, which only a step being formed (builder) can do."""
         while self._demands:
-            demand = self._demands[0]
-            if isinstance(demand, Allocation):
-                if demand.future.cancelled():
-                    demand.instance.num_pages_requested -= demand.num_pages
-                    self._demands.popleft()
-                    continue
-                block_ids = self._res.try_allocate(demand.num_pages)
-                if block_ids is None:
-                    return
-                self._demands.popleft()
-                demand.instance.num_pages_requested -= demand.num_pages
-                self._settle(demand.future, demand.instance.table.add(block_ids))
-            elif builder is None or not builder.swap_in(demand):
+            demand = self._demands.head
+            instance = demand.instance
+            if isinstance(demand, Allocation) and demand.future.cancelled():
+                self._demands.pop_head()
+                instance.num_pages_requested -= demand.num_pages
+                continue
+            num_new = demand.num_pages if isinstance(demand, Allocation) else 0
+            missing = nonresident_blocks(instance, self._res.pool)
+            if missing and builder is None:
                 return
+            if not self._res.make_free(len(missing) + num_new):
+                return
+            self._demands.pop_head()
+            if missing:
+                builder.swap_in(instance, missing)  # type: ignore[union-attr]
+            if isinstance(demand, Allocation):
+                instance.num_pages_requested -= demand.num_pages
+                self._settle(demand.future, instance.table.add(self._res.pool.allocate(num_new)))
             else:
-                self._demands.popleft()
+                instance.swap_in_queued = False
 
     def _drop_instance(self, instance: InstanceState, error: ControlError) -> None:
         """Fails all of the instance's pending work with error and drops all its page references."""
@@ -327,8 +333,7 @@ class Controller:
         for chunk, _ in self._inflight:
             if chunk.instance is instance:
                 self._cancel(chunk.item, error)
-        for demand in [d for d in self._demands if d.instance is instance]:
-            self._demands.remove(demand)
+        for demand in self._demands.remove_instance(instance):
             if isinstance(demand, Allocation):
                 self._settle(demand.future, error=error)
         instance.num_pages_requested = 0
@@ -340,6 +345,29 @@ class Controller:
         if isinstance(item, ForwardItem) and not item.cancelled:
             item.cancelled = True
             self._settle(item.future, error=error)
+
+
+class _Locked:
+    __slots__ = ("controller", "mutating", "outbox")
+
+    def __init__(self, controller: Controller, mutating: bool) -> None:
+        self.controller, self.mutating = controller, mutating
+
+    def __enter__(self) -> None:
+        self.controller._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        c = self.controller
+        try:
+            if self.mutating:
+                c._generation += 1
+                if c._loop_waiting:
+                    c._changed.notify()
+            outbox, c._outbox = c._outbox, []
+        finally:
+            c._lock.release()
+        for future, value, error in outbox:
+            _settle_now(future, value, error)
 
 
 def _settle_now(future: Future[Any], value: Any, error: BaseException | None) -> None:

@@ -1,6 +1,8 @@
 """The control layer's record of one instance, and the page demands that wait for free pages."""
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -8,6 +10,8 @@ from dataclasses import dataclass, field
 from engine.control.page_table import PageTable
 from engine.control.work import CopyItem, ForwardItem
 from engine.types import InstanceId, VirtualPageId
+
+_arrivals = itertools.count()
 
 
 @dataclass(eq=False)
@@ -34,6 +38,7 @@ class Allocation:
     instance: InstanceState
     num_pages: int
     future: Future[list[VirtualPageId]]
+    arrival: int = field(default_factory=lambda: next(_arrivals))
 
 
 @dataclass(eq=False)
@@ -41,6 +46,45 @@ class SwapIn:
     """A preempted instance with queued work waiting for pages to bring its blocks back."""
 
     instance: InstanceState
+    arrival: int = field(default_factory=lambda: next(_arrivals))
 
 
 Demand = Allocation | SwapIn
+
+
+class DemandQueue:
+    """Waiting demands, oldest instance first, then in arrival order (FIFO per instance).
+
+    Ordering by instance age rather than by request time is a decision: it is first-come-first-served per
+    instance (as vLLM serves requests), and it makes preemption one-directional (the head demand may only take
+    pages from newer instances), so instances do not swap each other out in turn, and the oldest
+    instance always gets what it needs and finishes.
+    """
+
+    def __init__(self) -> None:
+        self._demands: list[Demand] = []
+
+    def __len__(self) -> int:
+        return len(self._demands)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._demands))
+
+    @property
+    def head(self) -> Demand:
+        return self._demands[0]
+
+    def push(self, demand: Demand) -> None:
+        bisect.insort(self._demands, demand, key=lambda d: (d.instance.seq, d.arrival))
+
+    def pop_head(self) -> Demand:
+        return self._demands.pop(0)
+
+    def remove_instance(self, instance: InstanceState) -> list[Demand]:
+        removed = [d for d in self._demands if d.instance is instance]
+        self._demands = [d for d in self._demands if d.instance is not instance]
+        return removed
+
+    def waiting_instances(self) -> set[int]:
+        """ids of the instances with a waiting demand."""
+        return {id(d.instance) for d in self._demands}

@@ -1,16 +1,15 @@
-"""One instance's view of its KV pages: virtual page ids -> blocks, slot visibility, quota, pins.
+"""One instance's view of its KV pages: virtual page ids -> blocks, slot visibility, quota.
 
 Virtual ids are small ints handed out in increasing order and never reused, so a freed id stays invalid.
 Several virtual ids may name the same block (share_pages); the block's refcount counts each of them.
-Pins count the instance's queued (not yet scheduled) commands that read or write a page. Freeing a pinned
-page unmaps its id at once (new commands cannot name it) but keeps its block, as a *retired* page, until the
-last queued command using it is scheduled; a write-pinned page may not be shared, so a queued command never
-finds its page gone or turned read-only.
+Freeing a page that a queued (not yet scheduled) command uses unmaps its id at once (new commands cannot
+name it) but keeps its block, as a *retired* page, until no queued command uses it; the caller says which
+ids are in use (it knows the queue), so forwards pay nothing for this.
 """
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Iterator, Sequence
+from typing import AbstractSet, Iterable, Iterator, Sequence
 
 from engine.control.api import ControlError
 from engine.control.pages import BlockId
@@ -24,11 +23,9 @@ class PageTable:
         self.page_size = page_size
         self.max_pages = max_pages
         self._blocks: dict[VirtualPageId, BlockId] = {}
-        self._retired: dict[VirtualPageId, BlockId] = {}  # freed while pinned; still referenced
+        self._retired: dict[VirtualPageId, BlockId] = {}  # freed while queued commands use them
         # Hidden slots per page: a list of page_size bools (False = hidden); absent = all visible.
         self._visibility: dict[VirtualPageId, list[bool]] = {}
-        self._read_pins: Counter[VirtualPageId] = Counter()
-        self._write_pins: Counter[VirtualPageId] = Counter()
         self._next_id: VirtualPageId = 0
 
     @property
@@ -60,36 +57,44 @@ class PageTable:
 
     def blocks(self, page_ids: Sequence[VirtualPageId], distinct: bool = False) -> list[BlockId]:
         """Validates every id (and, if distinct, that none repeats) before returning their blocks."""
+        get = self._blocks.get
+        block_ids = [get(page_id) for page_id in page_ids]
+        if None in block_ids:
+            raise ControlError(self._unknown(page_ids[block_ids.index(None)]))
         if distinct and len(set(page_ids)) != len(page_ids):
             raise ControlError(f"duplicate page ids in {list(page_ids)}")
-        return [self.block(page_id) for page_id in page_ids]
+        return block_ids  # type: ignore[return-value]
 
-    def remove(self, page_ids: Sequence[VirtualPageId]) -> list[BlockId]:
-        """Unmaps the pages (all or none); returns the blocks to drop now (not those still pinned)."""
+    def remove(self, page_ids: Sequence[VirtualPageId], in_use: AbstractSet[VirtualPageId] = frozenset()
+               ) -> list[BlockId]:
+        """Unmaps the pages (all or none); returns the blocks to drop now. Pages in in_use (used by queued
+        commands) are retired instead: see release_retired."""
         self.blocks(page_ids, distinct=True)
         dropped = []
         for page_id in page_ids:
             block_id = self._blocks.pop(page_id)
             self._visibility.pop(page_id, None)
-            if page_id in self._read_pins or page_id in self._write_pins:
+            if page_id in in_use:
                 self._retired[page_id] = block_id
             else:
                 dropped.append(block_id)
         return dropped
+
+    @property
+    def has_retired(self) -> bool:
+        return bool(self._retired)
+
+    def release_retired(self, in_use: AbstractSet[VirtualPageId]) -> list[BlockId]:
+        """Forgets the retired pages outside in_use; returns their blocks for the caller to drop."""
+        released = [page_id for page_id in self._retired if page_id not in in_use]
+        return [self._retired.pop(page_id) for page_id in released]
 
     def remove_all(self) -> list[BlockId]:
         block_ids = [*self._blocks.values(), *self._retired.values()]
         self._blocks.clear()
         self._retired.clear()
         self._visibility.clear()
-        self._read_pins.clear()
-        self._write_pins.clear()
         return block_ids
-
-    def pinned_block(self, page_id: VirtualPageId) -> BlockId:
-        """The block of a page a queued command uses (mapped, or freed and retired)."""
-        block_id = self._blocks.get(page_id)
-        return self._retired[page_id] if block_id is None else block_id
 
     def items(self) -> Iterator[tuple[VirtualPageId, BlockId]]:
         """Every reference the table holds, retired pages included."""
@@ -122,30 +127,6 @@ class PageTable:
 
     def has_hidden_slots(self, page_ids: Iterable[VirtualPageId]) -> bool:
         return bool(self._visibility) and any(p in self._visibility for p in page_ids)
-
-    # -- pins of queued commands --------------------------------------------------------------------------
-    def pin(self, read_ids: Iterable[VirtualPageId], write_ids: Iterable[VirtualPageId]) -> None:
-        self._read_pins.update(read_ids)
-        self._write_pins.update(write_ids)
-
-    def unpin(self, read_ids: Iterable[VirtualPageId], write_ids: Iterable[VirtualPageId]) -> list[BlockId]:
-        """Returns the blocks of retired pages no queued command uses any more, for the caller to drop."""
-        released = []
-        for pins, page_ids in ((self._read_pins, read_ids), (self._write_pins, write_ids)):
-            for page_id in page_ids:
-                pins[page_id] -= 1
-                if pins[page_id] <= 0:
-                    del pins[page_id]
-                    if page_id in self._retired and page_id not in self._read_pins \
-                            and page_id not in self._write_pins:
-                        released.append(self._retired.pop(page_id))
-        return released
-
-    def check_not_write_pinned(self, page_ids: Iterable[VirtualPageId]) -> None:
-        for page_id in page_ids:
-            if self._write_pins[page_id] > 0:
-                raise ControlError(f"page {page_id} is being written by a queued forward or copy; wait for it "
-                                   "before sharing the page")
 
     def _unknown(self, page_id: object) -> str:
         if isinstance(page_id, int) and 0 <= page_id < self._next_id:

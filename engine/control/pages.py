@@ -69,6 +69,14 @@ class PagePool:
             raise RuntimeError(f"block {block_id} is swapped out; swap it in before using its page")
         return page
 
+    def pages(self, block_ids: list[BlockId]) -> list[PageId]:
+        """The physical pages of resident blocks (the hot path of batch formation)."""
+        blocks = self._blocks
+        pages = [blocks[block_id].page for block_id in block_ids]
+        if None in pages:
+            raise RuntimeError("a block is swapped out; swap it in before using its page")
+        return pages  # type: ignore[return-value]
+
     # -- lifecycle ----------------------------------------------------------------------------------------
     def allocate(self, num_blocks: int) -> list[BlockId]:
         """New blocks with refcount 1, each on a free page. The caller checks num_free_pages first."""

@@ -67,7 +67,6 @@ class Resources:
         block_ids = table.blocks(page_ids)
         if not block_ids:
             raise ControlError("export at least one page")
-        table.check_not_write_pinned(page_ids)
         for block_id in block_ids:
             self.pool.incref(block_id)
         self.exports[name] = block_ids
@@ -99,7 +98,6 @@ class Resources:
             raise ControlError(f"{len(token_ids)} tokens fill {num_full} pages (the last of {num_holding} "
                                f"partly); got {len(page_ids)} pages")
         block_ids = table.blocks(page_ids[:num_full], distinct=True)
-        table.check_not_write_pinned(page_ids[:num_full])
         for block_id in self.cache.publish(token_ids, block_ids):
             self.pool.incref(block_id)
 

@@ -18,12 +18,14 @@ from engine.control.batcher import Chunk, StepPlan, plan_step
 from engine.control.instance import Allocation, InstanceState, SwapIn
 from engine.control.pages import BlockId
 from engine.control.swap import choose_victim, nonresident_blocks
+from engine.control.work import queued_page_ids
 from engine.executor.batch import Batch, ForwardCommand, PageCopy, PageSwap, StepResult
 
 if TYPE_CHECKING:
     from engine.control.controller import Controller
 
-Sources = list[tuple[Chunk, list[int]]]  # per forward command: its chunk and the output indices it carries
+# Per forward command: its chunk and the output indices it carries (None: all, in order).
+Sources = list[tuple[Chunk, list[int] | None]]
 
 
 class StepBuilder:
@@ -48,16 +50,11 @@ class StepBuilder:
                       step_id=self.c._step_id)
         return batch, sources
 
-    def swap_in(self, demand: SwapIn) -> bool:
-        """Brings the instance's blocks back to the device if pages allow (evicting cache-only pages)."""
-        block_ids = nonresident_blocks(demand.instance, self.pool)
-        if block_ids and not self.c._res.make_free(len(block_ids)):
-            return False
+    def swap_in(self, instance: InstanceState, block_ids: list[BlockId]) -> None:
+        """Brings the blocks back to the device (the caller has made the pages free)."""
         self.swap_ins.extend(self.pool.swap_in(block_id) for block_id in block_ids)
         self.swapped_in.update(block_ids)
-        self.moved.append(demand.instance)
-        demand.instance.swap_in_queued = False
-        return True
+        self.moved.append(instance)
 
     def _admit(self) -> list[InstanceState]:
         c = self.c
@@ -82,12 +79,12 @@ class StepBuilder:
                 runnable.append(instance)
             elif not instance.swap_in_queued:
                 instance.swap_in_queued = True
-                self.c._demands.append(SwapIn(instance))
+                self.c._demands.push(SwapIn(instance))
         return runnable
 
     def _preempt(self) -> bool:
         """Frees pages for the head demand by preempting a victim; False if there is none."""
-        choice = choose_victim(self.c._instances.values(), self.c._demands[0].instance, self.pool,
+        choice = choose_victim(self.c._instances.values(), self.c._demands.head.instance, self.pool,
                                self.swapped_in)
         if choice is None:
             return False
@@ -104,7 +101,7 @@ class StepBuilder:
 
     def _deadlocked(self) -> bool:
         """True when every instance holding device pages is itself waiting for pages."""
-        waiting = {id(d.instance) for d in self.c._demands}
+        waiting = self.c._demands.waiting_instances()
         for instance in self.c._instances.values():
             if instance.failure is None and id(instance) not in waiting and any(
                     self.pool.is_resident(block_id) for _, block_id in instance.table.items()):
@@ -112,7 +109,7 @@ class StepBuilder:
         return True
 
     def _fail_head(self) -> None:
-        demand = self.c._demands.popleft()
+        demand = self.c._demands.pop_head()
         instance = demand.instance
         reason = (f"out of KV pages: {self.pool.num_free_pages} of {self.pool.num_pages} are free, the rest are "
                   "held by exports or by instances that are all waiting for pages, and none can be preempted")
@@ -130,17 +127,15 @@ class StepBuilder:
     def _apply(self, plan: StepPlan) -> tuple[list[PageCopy], list[ForwardCommand], Sources]:
         """Translates the plan to physical pages and takes its commands off the queues."""
         copies = []
+        page = self.pool.page
         for instance, copy in plan.copies:
             self.moved.append(instance)
-            table = instance.table
-            copies.append(PageCopy(self.pool.page(table.pinned_block(copy.src_page_id)),
-                                   self.pool.page(table.pinned_block(copy.dst_page_id)),
-                                   copy.src_offset, copy.dst_offset, copy.num_slots))
+            copies.append(PageCopy(page(copy.src_block_id), page(copy.dst_block_id), copy.src_offset,
+                                   copy.dst_offset, copy.num_slots))
         forwards, sources = [], []
         for chunk in plan.chunks:
-            item, table = chunk.item, chunk.instance.table
-            pages = [self.pool.page(table.pinned_block(page_id)) for page_id in item.page_ids]
-            command, output_ids = item.command(chunk.start, chunk.end, pages)
+            item = chunk.item
+            command, output_ids = item.command(chunk.start, chunk.end, self.pool.pages(item.block_ids))
             item.num_scheduled = chunk.end
             forwards.append(command)
             sources.append((chunk, output_ids))
@@ -170,11 +165,15 @@ class StepBuilder:
             item = chunk.item
             if item.cancelled:
                 continue  # closed while running: drop the outputs
-            if len(command_result.outputs) != len(output_ids):
+            num_wanted = len(item.outputs) if output_ids is None else len(output_ids)
+            if len(command_result.outputs) != num_wanted:
                 self._fail_chunk(chunk, ControlError(f"the executor returned {len(command_result.outputs)} "
-                                                     f"outputs for {len(output_ids)} requested"))
+                                                     f"outputs for {num_wanted} requested"))
                 continue
-            item.results.update(zip(output_ids, command_result.outputs))
+            if output_ids is None:  # the whole forward in one command: its result as it is
+                self.c._settle(item.future, command_result)
+                continue
+            item.add_results(output_ids, command_result.outputs)
             if chunk.is_last:
                 self.c._settle(item.future, item.result())
 
@@ -203,4 +202,6 @@ class StepBuilder:
 
     def _unqueue(self, instance: InstanceState) -> None:
         """Takes the head command off the queue; pages freed while it was queued go now."""
-        self.c._res.drop(instance.table.unpin(*instance.queue.popleft().pinned()))
+        instance.queue.popleft()
+        if instance.table.has_retired:
+            self.c._res.drop(instance.table.release_retired(queued_page_ids(instance.queue)))

@@ -3,7 +3,7 @@
 Only blocks an instance owns exclusively (every reference comes from its own page table) and that are
 resident are swapped out: a block shared with another instance, an export or the prefix cache stays on the
 device, so nobody else ever waits for a swap-in they did not cause. The victim is the newest instance that
-has such blocks (the oldest work keeps running, as in vLLM and Pie).
+has such blocks among those the head demand may preempt (see choose_victim).
 """
 from __future__ import annotations
 
@@ -26,14 +26,15 @@ def nonresident_blocks(instance: InstanceState, pool: PagePool) -> list[BlockId]
     return [block_id for block_id in instance.table.block_counts() if not pool.is_resident(block_id)]
 
 
-def choose_victim(instances: Iterable[InstanceState], spare: InstanceState | None, pool: PagePool,
+def choose_victim(instances: Iterable[InstanceState], head: InstanceState, pool: PagePool,
                   keep: Set[BlockId] = frozenset()) -> tuple[InstanceState, list[BlockId]] | None:
-    """The newest live instance other than spare with swappable blocks (outside keep), and those blocks.
-    keep: blocks swapped in while forming this batch; a batch runs its swap-outs first, so swapping them
-    out again in the same batch would save pages that do not hold their KV yet."""
-    for instance in sorted(instances, key=lambda i: i.seq, reverse=True):
-        if instance is spare or instance.failure is not None or instance.closed:
-            continue
+    """The newest instance newer than head with swappable blocks (outside keep), and those blocks.
+
+    Only newer instances: the oldest waiting instance is always served first and never loses its pages to
+    a newer one, so preemption cannot go round in circles. keep: blocks swapped in while forming this batch
+    (a batch runs its swap-outs first, so swapping them out again would save pages without their KV yet)."""
+    candidates = [i for i in instances if i.seq > head.seq and i.failure is None and not i.closed]
+    for instance in sorted(candidates, key=lambda i: -i.seq):
         block_ids = swappable_blocks(instance, pool, keep)
         if block_ids:
             return instance, block_ids

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from engine.control.api import ControlError, VirtualForward
 from engine.control.page_table import PageTable
+from engine.control.pages import BlockId
 from engine.executor.batch import CommandResult, ForwardCommand, OutputResult, OutputSpec
 from engine.types import PageId, VirtualPageId
 
@@ -28,20 +29,30 @@ class Limits:
 class CopyItem:
     src_page_id: VirtualPageId
     dst_page_id: VirtualPageId
+    src_block_id: BlockId
+    dst_block_id: BlockId
     src_offset: int
     dst_offset: int
     num_slots: int
 
-    def pinned(self) -> tuple[list[VirtualPageId], list[VirtualPageId]]:
-        return [self.src_page_id], [self.dst_page_id]
+    @property
+    def page_ids(self) -> tuple[VirtualPageId, VirtualPageId]:
+        return self.src_page_id, self.dst_page_id
+
+    @property
+    def written_ids(self) -> tuple[VirtualPageId]:
+        return (self.dst_page_id,)
 
 
 @dataclass(eq=False)
 class ForwardItem:
-    seq: int  # global submission order
+    """A validated forward. Its blocks are resolved at submission: a virtual id names the same block for as
+    long as a queued command uses it (see PageTable), while the block's physical page may change."""
+
     token_ids: list[int]
     positions: list[int]
     page_ids: list[VirtualPageId]
+    block_ids: list[BlockId]
     context_len: int
     page_size: int
     outputs: tuple[OutputSpec, ...]
@@ -49,55 +60,68 @@ class ForwardItem:
     mask: list[list[bool]] | None
     chunkable: bool  # False when a mask row looks ahead of its token (all tokens must run in one chunk)
     future: Future[CommandResult]
+    num_tokens: int = 0
+    base: int = 0  # context_len - num_tokens: slots before the first new token
+    write_start: int = 0  # the new tokens' KV goes into page_ids[write_start:] (the context ends there)
     num_scheduled: int = 0  # tokens already handed to a batch
-    num_inflight_chunks: int = 0
-    results: dict[int, OutputResult] = field(default_factory=dict)  # by index into outputs
+    results: dict[int, OutputResult] | None = None  # by index into outputs, while chunks come back
     cancelled: bool = False
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+    def __post_init__(self) -> None:
+        self.num_tokens = len(self.token_ids)
+        self.base = self.context_len - self.num_tokens
+        self.write_start = self.base // self.page_size
 
     @property
     def num_remaining(self) -> int:
-        return len(self.token_ids) - self.num_scheduled
+        return self.num_tokens - self.num_scheduled
 
     @property
-    def base(self) -> int:
-        return self.context_len - len(self.token_ids)
+    def written_ids(self) -> list[VirtualPageId]:
+        return self.page_ids[self.write_start:]
 
-    def written_page_ids(self, start: int = 0, end: int | None = None) -> list[VirtualPageId]:
-        """The pages receiving the KV of tokens [start, end)."""
-        end = len(self.token_ids) if end is None else end
-        first, last = (self.base + start) // self.page_size, (self.base + end - 1) // self.page_size
-        return self.page_ids[first:last + 1]
+    @property
+    def written_block_ids(self) -> list[BlockId]:
+        return self.block_ids[self.write_start:]
 
-    def pinned(self) -> tuple[list[VirtualPageId], list[VirtualPageId]]:
-        return self.page_ids, self.written_page_ids()
-
-    def command(self, start: int, end: int, pages: Sequence[PageId]) -> tuple[ForwardCommand, list[int]]:
+    def command(self, start: int, end: int, pages: Sequence[PageId]) -> tuple[ForwardCommand, list[int] | None]:
         """The command for tokens [start, end) over the physical pages of the whole context; also the
-        indices (into outputs) of the outputs it carries, in its order."""
-        chunk_context, page_size = self.base + end, self.page_size
+        indices (into outputs) of the outputs it carries, in its order (None: all of them, as they are)."""
+        page_size = self.page_size
+        if start == 0 and end == self.num_tokens:
+            return ForwardCommand(
+                token_ids=self.token_ids, positions=self.positions, page_ids=pages,
+                last_page_len=self.context_len - (len(pages) - 1) * page_size, outputs=self.outputs,
+                attention_mask=self.mask), None
+        chunk_context = self.base + end
         num_pages = -(-chunk_context // page_size)
-        whole = start == 0 and end == len(self.token_ids)
-        output_ids = list(range(len(self.outputs))) if whole else \
-            [k for k, o in enumerate(self.outputs) if start <= o.index < end]
-        outputs = self.outputs if whole else tuple(replace(self.outputs[k], index=self.outputs[k].index - start)
-                                                   for k in output_ids)
-        mask = None
-        if self.mask is not None:
-            mask = self.mask if whole else [row[:chunk_context] for row in self.mask[start:end]]
+        output_ids = [k for k, o in enumerate(self.outputs) if start <= o.index < end]
+        outputs = tuple(replace(self.outputs[k], index=self.outputs[k].index - start) for k in output_ids)
+        mask = None if self.mask is None else [row[:chunk_context] for row in self.mask[start:end]]
         return ForwardCommand(
             token_ids=self.token_ids[start:end], positions=self.positions[start:end],
             page_ids=list(pages[:num_pages]), last_page_len=chunk_context - (num_pages - 1) * page_size,
             outputs=outputs, attention_mask=mask), output_ids
 
+    def add_results(self, output_ids: list[int], outputs: Sequence[OutputResult]) -> None:
+        if self.results is None:
+            self.results = {}
+        self.results.update(zip(output_ids, outputs))
+
     def result(self) -> CommandResult:
-        return CommandResult(outputs=tuple(self.results[k] for k in range(len(self.outputs))))
+        results = self.results or {}
+        return CommandResult(outputs=tuple(results[k] for k in range(len(self.outputs))))
 
 
-def prepare_forward(command: VirtualForward, table: PageTable, limits: Limits, seq: int,
+def queued_page_ids(queue: Iterable[ForwardItem | CopyItem], written: bool = False) -> set[VirtualPageId]:
+    """The pages that queued commands use (or, if written, write)."""
+    page_ids: set[VirtualPageId] = set()
+    for item in queue:
+        page_ids.update(item.written_ids if written else item.page_ids)
+    return page_ids
+
+
+def prepare_forward(command: VirtualForward, table: PageTable, limits: Limits,
                     future: Future[CommandResult]) -> ForwardItem:
     """Validates a forward against the instance's table (raises ControlError) and builds its queue item."""
     token_ids, positions = list(command.token_ids), list(command.positions)
@@ -109,7 +133,7 @@ def prepare_forward(command: VirtualForward, table: PageTable, limits: Limits, s
     page_ids = list(command.page_ids)
     if not page_ids:
         raise ControlError("a forward needs at least one page")
-    table.blocks(page_ids, distinct=True)
+    block_ids = table.blocks(page_ids, distinct=True)
     page_size = limits.page_size
     if not 1 <= command.last_page_len <= page_size:
         raise ControlError(f"last_page_len must be in [1, {page_size}], got {command.last_page_len}")
@@ -126,24 +150,22 @@ def prepare_forward(command: VirtualForward, table: PageTable, limits: Limits, s
         if not 0 <= output.index < num_tokens:
             raise ControlError(f"output index {output.index} out of range [0, {num_tokens})")
     mask = _effective_mask(command.attention_mask, page_ids, table, num_tokens, context_len)
-    item = ForwardItem(seq=seq, token_ids=token_ids, positions=positions, page_ids=page_ids,
+    return ForwardItem(token_ids=token_ids, positions=positions, page_ids=page_ids, block_ids=block_ids,
                        context_len=context_len, page_size=page_size, outputs=outputs, mask=mask,
                        chunkable=command.attention_mask is None or _is_causal_bounded(mask, context_len),
                        future=future)
-    return item
 
 
 def check_copy(table: PageTable, src_page_id: VirtualPageId, dst_page_id: VirtualPageId, src_offset: int,
                dst_offset: int, num_slots: int) -> CopyItem:
-    table.block(src_page_id)
-    table.block(dst_page_id)
+    src_block_id, dst_block_id = table.block(src_page_id), table.block(dst_page_id)
     page_size = table.page_size
     if num_slots <= 0:
         raise ControlError(f"num_slots must be positive, got {num_slots}")
     for name, offset in (("src_offset", src_offset), ("dst_offset", dst_offset)):
         if offset < 0 or offset + num_slots > page_size:
             raise ControlError(f"{name} {offset} + num_slots {num_slots} is outside the page [0, {page_size})")
-    return CopyItem(src_page_id, dst_page_id, src_offset, dst_offset, num_slots)
+    return CopyItem(src_page_id, dst_page_id, src_block_id, dst_block_id, src_offset, dst_offset, num_slots)
 
 
 def _check_values(token_ids: list[int], positions: list[int], limits: Limits) -> None:

@@ -63,7 +63,7 @@ def test_freeing_a_swapped_block_frees_its_slot() -> None:
     assert pool.num_free_swap_slots == 1 and pool.num_free_pages == 1 and pool.num_swapped_blocks == 0
 
 
-def test_page_table_ids_validation_quota_and_pins() -> None:
+def test_page_table_ids_validation_quota_and_retired_pages() -> None:
     table = PageTable(page_size=4, max_pages=3)
     ids = table.add([10, 11])
     assert ids == [0, 1] and table.blocks(ids) == [10, 11]
@@ -79,16 +79,13 @@ def test_page_table_ids_validation_quota_and_pins() -> None:
     with pytest.raises(ControlError, match="unknown page id 5"):
         table.remove([0, 5])
     assert table.num_pages == 2  # all or nothing
-    table.pin([0, 1], [0])
-    with pytest.raises(ControlError, match="being written"):
-        table.check_not_write_pinned([0])
-    assert table.remove([0, 1]) == []  # both retired: queued commands use them
+    assert table.remove([0, 1], in_use={0, 1}) == []  # both retired: queued commands use them
     with pytest.raises(ControlError, match="already freed"):
         table.block(0)
-    assert table.pinned_block(0) == 10 and sorted(table.block_counts()) == [10, 11]
-    assert table.unpin([0], []) == []  # still write-pinned
-    assert table.unpin([1], [0]) == [11, 10]
-    assert table.num_pages == 0 and not table.block_counts()
+    assert table.has_retired and sorted(table.block_counts()) == [10, 11]
+    assert table.release_retired(in_use={0}) == [11]
+    assert table.release_retired(in_use=set()) == [10]
+    assert table.num_pages == 0 and not table.block_counts() and not table.has_retired
     assert table.add([12]) == [2]  # ids are never reused
 
 

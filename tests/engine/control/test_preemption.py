@@ -121,20 +121,23 @@ def test_waiting_victim_is_swapped_and_resumes_after_its_allocation(make: Make) 
     b_pages = controller.allocate_pages(B, 2).result(timeout=0)
     run(controller, controller.forward(A, fwd([1, 2, 3], 0, a_pages)))
     run(controller, controller.forward(B, fwd([5, 6, 7, 8, 9, 10], 0, b_pages)))
-    a_more = controller.allocate_pages(A, 2)  # the head: 1 page is free
-    b_more = controller.allocate_pages(B, 1)  # behind it
+    b_more = controller.allocate_pages(B, 2)  # B asks first (1 page is free: it waits)...
+    a_more = controller.allocate_pages(A, 2)  # ...but A, the older instance, is served first
     assert controller.stats().num_waiting == 2
-    assert controller.step()  # nothing can run: B is swapped out, then both requests are met
+    assert controller.step()  # nothing can run: B is swapped out for A
     assert len(executor.batches[-1].swap_outs) == 2
     a_pages += a_more.result(timeout=0)
-    b_pages += b_more.result(timeout=0)
-    b_next = controller.forward(B, fwd([11, 12, 13], 6, b_pages))  # needs its swapped pages back
+    assert not b_more.done()  # B's pages must come back with its new ones: 4 pages, 1 is free
     a_next = controller.forward(A, fwd([4, 5], 3, a_pages))
-    assert controller.step()
-    assert a_next.result(timeout=0).outputs[0].token_id == 15 and not b_next.done()
+    assert controller.step()  # A runs; B (newer) cannot preempt it
+    assert a_next.result(timeout=0).outputs[0].token_id == 15 and not b_more.done()
     stats = controller.stats()
-    assert (stats.num_swapped, stats.num_waiting, stats.num_free_pages) == (1, 1, 0)
+    assert (stats.num_swapped, stats.num_waiting, stats.num_free_pages) == (1, 1, 1)
     controller.close_instance(A)
+    assert controller.step()  # B comes back and gets its page in the same batch
+    assert len(executor.batches[-1].swap_ins) == 2
+    b_pages += b_more.result(timeout=0)
+    b_next = controller.forward(B, fwd([11, 12, 13], 6, b_pages[:2] + b_pages[3:]))
     assert run(controller, b_next).outputs[0].token_id == sum(range(5, 14))
     assert executor.contexts[-1] == list(range(5, 14))
     controller.close_instance(B)
@@ -287,7 +290,7 @@ def test_executor_failure_during_a_swap_fails_the_moved_instance(make: Make) -> 
 def test_swapped_pages_can_be_exported_and_imported(make: Make) -> None:
     """Blocks, not pages, are shared: an importer of swapped-out pages brings them back itself."""
     controller, executor = make(num_pages=4)
-    for instance in (A, B):
+    for instance in (C, A, B):  # C is the oldest: it may preempt A later
         controller.open_instance(instance)
     a_pages = controller.allocate_pages(A, 2).result(timeout=0)
     b_pages = controller.allocate_pages(B, 2).result(timeout=0)
@@ -299,9 +302,8 @@ def test_swapped_pages_can_be_exported_and_imported(make: Make) -> None:
     assert controller.stats().num_swapped == 1
     controller.export_pages(B, b_pages, "x")  # B's pages are in host memory: fine
     controller.close_instance(B)
-    controller.open_instance(C)
-    imported = controller.import_pages(C, "x")
     [own] = controller.allocate_pages(C, 1).result(timeout=0)
+    imported = controller.import_pages(C, "x")
     future = controller.forward(C, fwd([7], 8, imported + [own]))
     assert run(controller, future).outputs[0].token_id == sum(b_tokens) + 7  # A was swapped out for it
     assert executor.contexts[-1] == b_tokens + [7]
@@ -313,7 +315,7 @@ def test_swapped_pages_can_be_exported_and_imported(make: Make) -> None:
 
 def test_cache_only_swapped_pages_give_their_slots_back(make: Make) -> None:
     controller, _ = make(num_pages=4, num_swap_slots=1)
-    for instance in (A, B):
+    for instance in (C, A, B):  # C is the oldest: it may preempt A later
         controller.open_instance(instance)
     controller.allocate_pages(A, 1).result(timeout=0)
     b_pages = controller.allocate_pages(B, 1).result(timeout=0)
@@ -324,7 +326,6 @@ def test_cache_only_swapped_pages_give_their_slots_back(make: Make) -> None:
     controller.prefix_publish(B, [1, 2, 3, 4], b_pages)  # the cache now holds the swapped page
     controller.close_instance(B)
     assert controller.num_cached_pages == 1
-    controller.open_instance(C)
     wanted = controller.allocate_pages(C, 1)
     controller.step()  # to swap out one of A's pages, the cache gives up its slot
     assert len(wanted.result(timeout=0)) == 1 and controller.num_cached_pages == 0
