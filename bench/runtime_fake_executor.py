@@ -146,3 +146,54 @@ class FakeExecutor:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(f"invalid batch: {message}")
+
+
+def measure_control_overhead(num_instances: int = 1000, num_forwards: int = 20, pages_per_seq: int = 4,
+                             page_size: int = 16) -> dict[str, float]:
+    """The control layer's own cost with this executor (no checks, no KV): every instance submits one decode
+    per round, then one step runs them all. Returns microseconds per forward() call and per command of a
+    step (batch formation + translation + delivery, the fake's few us included)."""
+    from engine.control.api import VirtualForward
+    from engine.control.config import ControlConfig
+    from engine.control.controller import Controller
+    from engine.executor.batch import OutputSpec, SamplingParams
+    from engine.types import InstanceId
+
+    executor = FakeExecutor(num_pages=num_instances * pages_per_seq, page_size=page_size, vocab_size=32000,
+                            max_context_len=pages_per_seq * page_size, simulate_kv=False, record=False,
+                            check=False)
+    controller = Controller(executor, ControlConfig(max_batch_size=num_instances, vocab_size=32000,
+                                                    max_position=1 << 20))
+    instance_ids = [InstanceId(f"i{i}") for i in range(num_instances)]
+    pages = {}
+    for instance in instance_ids:
+        controller.open_instance(instance)
+        pages[instance] = controller.allocate_pages(instance, pages_per_seq).result(timeout=0)
+    outputs = (OutputSpec(0, SamplingParams()),)
+    submit_s = step_s = 0.0
+    for k in range(num_forwards):
+        last_page_len = k % page_size + 1
+        position = (pages_per_seq - 1) * page_size + k
+        started = time.perf_counter()
+        futures = [controller.forward(i, VirtualForward([k], [position], pages[i], last_page_len, outputs))
+                   for i in instance_ids]
+        submitted = time.perf_counter()
+        controller.step()
+        step_s += time.perf_counter() - submitted
+        submit_s += submitted - started
+        assert all(f.done() for f in futures)
+    for instance in instance_ids:
+        controller.close_instance(instance)
+    num_calls = num_instances * num_forwards
+    return {"forward_call_us": submit_s / num_calls * 1e6, "step_us_per_command": step_s / num_calls * 1e6,
+            "mean_batch_size": executor.num_commands / executor.num_steps}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    for pages_per_seq in (1, 4, 64):
+        result = measure_control_overhead(pages_per_seq=pages_per_seq)
+        print(json.dumps({"pages_per_seq": pages_per_seq, **{k: round(v, 2) for k, v in result.items()}}))
+        sys.stdout.flush()

@@ -16,9 +16,10 @@ from typing import Iterable
 from engine.control.config import ControlConfig
 from engine.control.instance import InstanceState
 from engine.control.work import CopyItem, ForwardItem
+from engine.types import VirtualPageId
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, slots=True)
 class Chunk:
     instance: InstanceState
     item: ForwardItem
@@ -46,11 +47,13 @@ class StepPlan:
         return not self.copies and not self.chunks
 
 
-@dataclass
+@dataclass(slots=True)
 class _Cursor:
     position: int = 0  # next queue index to consider
     done: bool = False
-    taken: list[ForwardItem] = field(default_factory=list)  # forwards of the instance taken this step
+    took_forward: bool = False
+    read_ids: set[VirtualPageId] = field(default_factory=set)  # pages of the forwards taken this step
+    write_ids: set[VirtualPageId] = field(default_factory=set)  # pages they write
 
 
 class _Planner:
@@ -66,7 +69,7 @@ class _Planner:
         while not cursor.done and cursor.position < len(queue):
             item = queue[cursor.position]
             if isinstance(item, CopyItem):
-                if cursor.taken:
+                if cursor.took_forward:
                     cursor.done = True  # a copy must wait for the next step, and so must all after it
                     return
                 self.plan.copies.append((instance, item))
@@ -106,15 +109,17 @@ class _Planner:
         self.prefill_taken = self.prefill_taken or not decodes_only
         self.budget = max(0, self.budget - (end - start))
         self.seats -= 1
-        cursor.taken.append(item)
+        cursor.took_forward = True
+        if cursor.position + 1 < len(instance.queue):  # only needed if a further forward is considered
+            cursor.read_ids.update(item.page_ids)
+            cursor.write_ids.update(item.written_ids)
 
     @staticmethod
     def _conflicts(cursor: _Cursor, item: ForwardItem) -> bool:
         """Whether item writes a page an earlier forward of the step uses, or uses one it writes."""
-        if not cursor.taken:
+        if not cursor.took_forward:
             return False
-        read_ids = {p for taken in cursor.taken for p in taken.page_ids}
-        write_ids = {p for taken in cursor.taken for p in taken.written_ids}
+        read_ids, write_ids = cursor.read_ids, cursor.write_ids
         return any(p in read_ids for p in item.written_ids) or any(p in write_ids for p in item.page_ids)
 
 

@@ -5,13 +5,14 @@ settled after the lock is released (their callbacks may call back in). The execu
 time, WITHOUT the lock: `start()` runs steps on a thread of its own whenever there is work (everything
 queued when a step ends forms the next one); tests may call `step()` instead.
 
-Out of pages: allocations wait in FIFO order (a queue of page demands, together with preempted instances
-waiting to swap back in). When the head demand cannot be met and nothing can run, the newest instance with
-exclusively owned pages is preempted: its pages go to host swap slots in the next batch and its work pauses
-until pages are free to bring them back (to any pages: its blocks are remapped). Only when no swap slot is
-left is a victim failed instead (the last resort: its futures get ControlError saying it was preempted, and
-every later call for it too, until it is closed). A demand fails only when every instance holding pages is
-itself waiting (a true deadlock) or when it asks for more pages than the pool has.
+Out of pages: allocations wait in a queue of page demands (together with preempted instances waiting to
+swap back in), served oldest instance first and FIFO per instance (see DemandQueue). When the head demand
+cannot be met and nothing can run, the newest instance newer than the head's with exclusively owned pages
+is preempted: its pages go to host swap slots in the next batch and its work pauses until pages are free
+to bring them back (to any pages: its blocks are remapped). Only when no swap slot is left is a victim
+failed instead (the last resort: its futures get ControlError saying it was preempted, and so does every
+later call for it, until it is closed). A demand fails only when every instance holding pages is itself
+waiting (a true deadlock) or when it asks for more pages than the pool has.
 """
 from __future__ import annotations
 
@@ -98,8 +99,10 @@ class Controller:
             instance = self._get(instance_id)
             if not isinstance(num_pages, int) or num_pages < 0:
                 raise ControlError(f"num_pages must be a non-negative int, got {num_pages!r}")
-            if num_pages > self.info.num_pages:
-                raise ControlError(f"cannot allocate {num_pages} pages: the pool has {self.info.num_pages}")
+            num_held = len(instance.table.block_counts()) + instance.num_pages_requested
+            if num_held + num_pages > self.info.num_pages:  # it could never run: all must be resident
+                raise ControlError(f"cannot allocate {num_pages} pages: the instance would hold "
+                                   f"{num_held + num_pages}, the pool has {self.info.num_pages}")
             instance.table.check_quota(num_pages, instance.num_pages_requested)
             instance.num_pages_requested += num_pages
             self._demands.push(Allocation(instance, num_pages, future))

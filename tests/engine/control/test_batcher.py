@@ -133,20 +133,22 @@ def test_forwards_of_one_instance_run_in_order(make: Make) -> None:
 
 def test_independent_forwards_of_one_instance_share_a_step(make: Make) -> None:
     controller, executor = make()
-    instance, pages = open_with_pages(controller, "a", 4)
-    controller.forward(instance, fwd([1, 2, 3, 4], 0, pages)).result  # prompt in page 0
+    instance, pages = open_with_pages(controller, "a", 9)
+    prompt_future = controller.forward(instance, fwd([1, 2, 3, 4], 0, pages))  # the prompt fills page 0
     drain(controller)
-    # Two forks: shared page 0 (read only), each writes its own page.
-    [fork_page] = controller.share_pages(instance, pages[:1])
-    beams = [controller.forward(instance, fwd([5], 4, [pages[0], pages[1]])),
-             controller.forward(instance, fwd([6], 4, [fork_page, pages[2]]))]
-    dependent = controller.forward(instance, fwd([7], 5, [pages[0], pages[1]]))  # writes beam 0's page
+    assert prompt_future.result(timeout=0).outputs[0].token_id == 5
+    # Eight beams: each reads the prompt page (beam 0 through a forked id) and writes a page of its own.
+    [fork] = controller.share_pages(instance, pages[:1])
+    prompt_ids = [fork] + [pages[0]] * 7
+    beams = [controller.forward(instance, fwd([10 + i], 4, [prompt_ids[i], pages[1 + i]])) for i in range(8)]
+    dependent = controller.forward(instance, fwd([7], 5, [fork, pages[1]]))  # writes beam 0's page
     assert controller.step()
-    assert sizes(executor) == [1, 1]
+    assert sizes(executor) == [1] * 8
     assert controller.step()
     assert sizes(executor) == [1]
-    assert [b.result(timeout=0).outputs[0].token_id for b in beams] == [6, 7] and dependent.result(timeout=0).outputs[0].token_id == 8
-    assert executor.contexts[-3:] == [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [1, 2, 3, 4, 5, 7]]
+    assert [b.result(timeout=0).outputs[0].token_id for b in beams] == [11 + i for i in range(8)]
+    assert dependent.result(timeout=0).outputs[0].token_id == 8
+    assert executor.contexts[-9:] == [[1, 2, 3, 4, 10 + i] for i in range(8)] + [[1, 2, 3, 4, 10, 7]]
     controller.close_instance(instance)
 
 

@@ -6,7 +6,7 @@ from typing import Callable, Iterator
 import pytest
 
 from bench.runtime_fake_executor import FakeExecutor
-from engine.config import ModelConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.control.api import ControlError, VirtualForward
 from engine.control.config import ControlConfig
 from engine.control.controller import Controller
@@ -14,7 +14,7 @@ from engine.executor.batch import OutputSpec, SamplingParams
 from engine.types import InstanceId
 
 GREEDY = SamplingParams()
-A, B = InstanceId("a"), InstanceId("b")
+A, B, C = InstanceId("a"), InstanceId("b"), InstanceId("c")
 Make = Callable[..., tuple[Controller, FakeExecutor]]
 
 
@@ -96,7 +96,7 @@ def test_invalid_arguments(make: Make) -> None:
     bad_calls = {
         "unknown instance": lambda: controller.allocate_pages(B, 1),
         "non-negative": lambda: controller.allocate_pages(A, -1),
-        "the pool has 4": lambda: controller.allocate_pages(A, 5),
+        "would hold 5, the pool has 4": lambda: controller.allocate_pages(A, 2),
         "unknown page id 9": lambda: controller.free_pages(A, [page, 9]),
         "duplicate": lambda: controller.free_pages(A, [page, page]),
         "page size is 4": lambda: controller.mask_slots(A, page, [True]),
@@ -109,6 +109,13 @@ def test_invalid_arguments(make: Make) -> None:
         "fill 2 pages": lambda: controller.prefix_publish(A, [1, 2, 3, 4, 5, 6, 7, 8, 9], [page]),
         "takes a VirtualForward": lambda: controller.forward(A, "tokens"),  # type: ignore[arg-type]
         "unknown instance 'b'": lambda: controller.close_instance(B),
+        "unknown instance 'b' ": lambda: controller.prefix_lookup(B, [1, 2, 3, 4]),
+        "unknown page id 8": lambda: controller.copy_slots(A, page, 8, 0, 0, 1),
+        "unknown page id 6": lambda: controller.mask_slots(A, 6, [True] * 4),
+        "unknown page id 5 ": lambda: controller.export_pages(A, [page, 5], "y"),
+        "export at least one page": lambda: controller.export_pages(A, [], "y"),
+        "max_pages must be positive": lambda: controller.open_instance(C, max_pages=0),
+        "duplicate page ids": lambda: controller.share_pages(A, [page, page]),
     }
     forward_errors = {
         "one position per token": VirtualForward([1, 2], [0], [page], 2),
@@ -151,8 +158,9 @@ def test_token_and_position_bounds(make: Make) -> None:
     controller.close_instance(A)
     # Without a config, the bounds come from the executor's model_config (as the real Executor has).
     executor = FakeExecutor(num_pages=4)
-    executor.model_config = ModelConfig(vocab_size=50, hidden_size=8, intermediate_size=8, num_layers=1,  # type: ignore[attr-defined]
-                                        num_heads=1, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+    model = ModelConfig(vocab_size=50, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
+                        num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+    executor.model_config = model  # type: ignore[attr-defined]
     controller = Controller(executor)
     controller.open_instance(A)
     [page] = alloc(controller, A, 1)
@@ -329,3 +337,48 @@ def test_prefix_lookup_respects_quota(make: Make) -> None:
     assert controller.prefix_lookup(B, list(range(8)))[1] == 4
     controller.close_instance(A)
     controller.close_instance(B)
+
+
+def test_cancelled_allocation_is_skipped(make: Make) -> None:
+    controller, _ = make(num_pages=2)
+    controller.open_instance(A)
+    controller.open_instance(B)
+    held = alloc(controller, A, 1)
+    alloc(controller, B, 1)
+    cancelled = controller.allocate_pages(A, 1)
+    waiting = controller.allocate_pages(B, 1)
+    assert cancelled.cancel()
+    controller.free_pages(A, held)
+    assert waiting.result(timeout=0) == [1] and controller.stats().num_free_pages == 0
+    controller.close_instance(A)
+    controller.close_instance(B)
+
+
+def test_stats_counts_instances_running_and_waiting(make: Make) -> None:
+    controller, _ = make(num_pages=2)
+    controller.open_instance(A)
+    controller.open_instance(B)
+    pages = alloc(controller, A, 2)
+    controller.forward(A, VirtualForward([1], [0], pages[:1], 1))
+    controller.allocate_pages(B, 1)
+    stats = controller.stats()
+    assert (stats.num_instances, stats.num_running, stats.num_waiting, stats.num_swapped) == (2, 1, 1, 0)
+    controller.step()
+    assert controller.stats().num_running == 0
+    controller.close_instance(A)
+    controller.close_instance(B)
+    assert not controller.step()
+    controller.stop()  # never started: fine
+
+
+def test_control_config_validation() -> None:
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        ControlConfig(max_batch_tokens=0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        ControlConfig(vocab_size=0)
+    model = ModelConfig(vocab_size=50, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1,
+                        num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+    config = ControlConfig.for_engine(EngineConfig(max_batch_tokens=512, max_batch_size=8), model,
+                                      decode_max_tokens=2)
+    assert (config.max_batch_tokens, config.max_batch_size, config.vocab_size, config.max_position,
+            config.decode_max_tokens) == (512, 8, 50, 64, 2)

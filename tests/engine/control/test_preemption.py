@@ -162,15 +162,23 @@ def test_last_resort_fails_the_victim_when_no_swap_space(make: Make) -> None:
     controller.close_instance(A)
 
 
-def test_true_deadlock_fails_the_request(make: Make) -> None:
+def test_true_deadlock_fails_the_head_request(make: Make) -> None:
     controller, _ = make()
     controller.open_instance(A)
-    controller.allocate_pages(A, 4).result(timeout=0)
-    more = controller.allocate_pages(A, 1)  # nobody else holds pages: this can never be met
-    controller.step()
+    controller.open_instance(B)
+    controller.allocate_pages(A, 2).result(timeout=0)
+    b_pages = controller.allocate_pages(B, 2).result(timeout=0)
+    controller.export_pages(B, b_pages, "x")  # B's pages cannot be swapped out: the export holds them
+    a_more = controller.allocate_pages(A, 1)
+    b_more = controller.allocate_pages(B, 1)
+    assert controller.step() is False  # everyone holding pages waits for pages, nobody can be preempted
     with pytest.raises(ControlError, match="cannot allocate 1 pages: out of KV pages"):
-        more.result(timeout=0)
+        a_more.result(timeout=0)
+    assert not b_more.done()  # A may still free its pages: B waits
     controller.close_instance(A)
+    assert len(b_more.result(timeout=0)) == 1
+    controller.unexport_pages("x")
+    controller.close_instance(B)
 
 
 def test_waits_while_an_idle_instance_holds_unswappable_pages(make: Make) -> None:
