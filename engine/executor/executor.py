@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from types import ModuleType
-from typing import Mapping
+from typing import MutableMapping
 
 import torch
 
@@ -23,7 +23,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 class Executor:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig,
-                 weights: Mapping[str, torch.Tensor] | None = None,
+                 weights: MutableMapping[str, torch.Tensor] | None = None,
                  attention: AttentionBackend | None = None, ops: ModuleType | None = None) -> None:
         self.model_config, self.engine_config = model_config, engine_config
         self.device = torch.device(engine_config.device)
@@ -34,6 +34,9 @@ class Executor:
             self.model = LlamaModel.random(model_config, self.device, self.dtype, engine_config.seed, ops)
         else:
             self.model = LlamaModel(model_config, weights, self.device, self.dtype, ops)
+            weights.clear()  # consumed: the unfused copies must be gone before the KV pool is sized
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         self.attention = attention or default_attention
         num_pages = plan_num_pages(model_config, engine_config, self.dtype, self.device)
         self.kv = KVPool(model_config, num_pages, engine_config.page_size, self.dtype, self.device)
@@ -65,7 +68,7 @@ class Executor:
 
     def _forward(self, inputs: StepInputs) -> tuple[CommandResult, ...]:
         logits = self._logits(inputs)
-        outputs = self.sampler.sample(logits, inputs.output_specs) if inputs.output_rows else []
+        outputs = self.sampler.sample(logits, inputs.output_specs) if len(inputs.output_rows) else []
         return _split(outputs, inputs.num_outputs_per_command)
 
     def logits(self, batch: Batch) -> torch.Tensor:
@@ -79,10 +82,10 @@ class Executor:
             hidden = graphs.forward(inputs.token_ids, inputs.positions, inputs.attention)
         else:
             self.attention.plan(inputs.attention)
-            input_ids = torch.tensor(inputs.token_ids, dtype=torch.long).to(self.device, non_blocking=True)
-            positions = torch.tensor(inputs.positions, dtype=torch.long).to(self.device, non_blocking=True)
+            input_ids = torch.from_numpy(inputs.token_ids).to(self.device, non_blocking=True)
+            positions = torch.from_numpy(inputs.positions).to(self.device, non_blocking=True)
             hidden = self.model.forward(input_ids, positions, self.attention, self.kv.layers)
-        rows = torch.tensor(inputs.output_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        rows = torch.from_numpy(inputs.output_rows).to(self.device, non_blocking=True)
         return self.model.logits(hidden.index_select(0, rows))
 
 
@@ -110,6 +113,6 @@ def _kernels_for(device: torch.device) -> tuple[ModuleType, AttentionBackend]:
     try:
         import kernels.gpu_ops as gpu_ops
         from kernels.flashinfer_attention import FlashInferAttention
+        return gpu_ops, FlashInferAttention(device)
     except ImportError:
         return torch_ops, TorchAttention(device)
-    return gpu_ops, FlashInferAttention(device)

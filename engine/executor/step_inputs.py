@@ -1,9 +1,15 @@
-"""Turns a Batch's forward commands into the step's inputs: token/position tensors, the attention
-metadata, and the rows whose logits are wanted. Validates everything before any state changes."""
+"""Turns a Batch's forward commands into the step's inputs: token/position arrays, the attention
+metadata, and the rows whose logits are wanted. Validates everything before any state changes.
+
+Host work here runs in series with the GPU, once per step over up to hundreds of commands: one Python pass
+gathers the commands' fields column-wise, and every check and index computation after it is numpy.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
+
+import numpy as np
 
 from engine.config import ModelConfig
 from engine.executor.batch import ForwardCommand, OutputSpec
@@ -12,74 +18,123 @@ from kernels.attention import AttentionStep
 
 @dataclass(frozen=True)
 class StepInputs:
-    token_ids: list[int]  # [T]
-    positions: list[int]  # [T]
+    token_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
     attention: AttentionStep
-    output_rows: list[int]  # [N] rows of the T tokens whose logits are wanted
+    output_rows: np.ndarray  # [N] int64 rows of the T tokens whose logits are wanted
     output_specs: list[OutputSpec]  # [N]
     num_outputs_per_command: list[int]  # [B]
 
 
 def build_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, page_size: int,
                       num_pages: int) -> StepInputs:
-    token_ids: list[int] = []
-    positions: list[int] = []
-    qo_indptr, kv_page_indptr = [0], [0]
-    kv_page_ids: list[int] = []
-    last_page_lens: list[int] = []
-    slot_ids: list[int] = []
-    masks: list = []
-    output_rows: list[int] = []
-    output_specs: list[OutputSpec] = []
-    num_outputs: list[int] = []
-    for b, cmd in enumerate(commands):
-        context_len = _validate(b, cmd, model, page_size, num_pages)
-        first_row = len(token_ids)
-        token_ids.extend(cmd.token_ids)
-        positions.extend(cmd.positions)
-        qo_indptr.append(len(token_ids))
-        kv_page_ids.extend(cmd.page_ids)
-        kv_page_indptr.append(len(kv_page_ids))
-        last_page_lens.append(cmd.last_page_len)
-        for slot in range(context_len - len(cmd.token_ids), context_len):
-            slot_ids.append(cmd.page_ids[slot // page_size] * page_size + slot % page_size)
-        masks.append(cmd.attention_mask)
-        output_rows.extend(first_row + o.index for o in cmd.outputs)
-        output_specs.extend(cmd.outputs)
-        num_outputs.append(len(cmd.outputs))
-    if len(set(slot_ids)) != len(slot_ids):
-        raise ValueError("two forward commands in one batch write the same KV slot")
+    cols = _Columns.gather(commands)
+    cmd_ids = np.arange(len(commands))
+    num_tokens = np.asarray(cols.num_tokens, np.int64)
+    num_cmd_pages = np.asarray(cols.num_pages, np.int64)
+    last_lens = np.asarray(cols.last_page_lens, np.int64)
+    _check(num_tokens == 0, "needs at least one token")
+    _check(np.asarray(cols.num_positions) != num_tokens, "needs one position per token")
+    _check(num_cmd_pages == 0, "needs at least one page")
+    _check((last_lens < 1) | (last_lens > page_size), f"needs 1 <= last_page_len <= {page_size}")
+    context_lens = (num_cmd_pages - 1) * page_size + last_lens
+    _check(context_lens < num_tokens, "has more tokens than context slots")
+
+    token_ids = np.asarray(cols.token_ids, np.int64)
+    positions = np.asarray(cols.positions, np.int64)
+    page_ids = np.asarray(cols.page_ids, np.int64)
+    token_cmd = np.repeat(cmd_ids, num_tokens)
+    page_cmd = np.repeat(cmd_ids, num_cmd_pages)
+    _check_range(token_ids, model.vocab_size, token_cmd, "token id")
+    _check_range(positions, model.max_position_embeddings, token_cmd, "position")
+    _check_range(page_ids, num_pages, page_cmd, "page id")
+    _check_unique(page_cmd * num_pages + page_ids, page_cmd, "lists a page twice")
+
+    qo_indptr = _indptr(num_tokens)
+    kv_page_indptr = _indptr(num_cmd_pages)
+    # New token i of command b fills context slot context_len - num_tokens + i.
+    slots = np.repeat(context_lens - num_tokens - qo_indptr[:-1], num_tokens) + np.arange(len(token_ids))
+    slot_ids = page_ids[np.repeat(kv_page_indptr[:-1], num_tokens) + slots // page_size] * page_size \
+        + slots % page_size
+    _check_unique(slot_ids, token_cmd, "writes a KV slot that another command of the batch writes too")
+
+    for b, mask in enumerate(cols.masks):
+        if mask is not None:
+            _check_mask(b, mask, int(num_tokens[b]), int(context_lens[b]))
+    output_index = np.asarray(cols.output_indices, np.int64)
+    output_cmd = np.repeat(cmd_ids, cols.num_outputs)
+    _check_range(output_index, num_tokens[output_cmd], output_cmd, "output index")
     step = AttentionStep(page_size=page_size, qo_indptr=qo_indptr, kv_page_indptr=kv_page_indptr,
-                         kv_page_ids=kv_page_ids, kv_last_page_lens=last_page_lens, slot_ids=slot_ids,
-                         custom_masks=masks if any(m is not None for m in masks) else None)
-    return StepInputs(token_ids, positions, step, output_rows, output_specs, num_outputs)
+                         kv_page_ids=page_ids, kv_last_page_lens=last_lens, slot_ids=slot_ids,
+                         custom_masks=cols.masks if cols.has_mask else None)
+    return StepInputs(token_ids, positions, step, output_index + qo_indptr[output_cmd], cols.output_specs,
+                      cols.num_outputs)
 
 
-def _validate(b: int, cmd: ForwardCommand, model: ModelConfig, page_size: int, num_pages: int) -> int:
-    """Checks command b; returns its context length."""
-    num_tokens = len(cmd.token_ids)
-    where = f"forward command {b}"
-    if num_tokens == 0 or len(cmd.positions) != num_tokens:
-        raise ValueError(f"{where}: needs >= 1 token and one position per token")
-    if not cmd.page_ids or not 1 <= cmd.last_page_len <= page_size:
-        raise ValueError(f"{where}: needs pages and 1 <= last_page_len <= {page_size}")
-    if len(set(cmd.page_ids)) != len(cmd.page_ids):
-        raise ValueError(f"{where}: duplicate page ids")
-    if min(cmd.page_ids) < 0 or max(cmd.page_ids) >= num_pages:
-        raise ValueError(f"{where}: page id out of range [0, {num_pages})")
-    if min(cmd.token_ids) < 0 or max(cmd.token_ids) >= model.vocab_size:
-        raise ValueError(f"{where}: token id out of range [0, {model.vocab_size})")
-    if min(cmd.positions) < 0 or max(cmd.positions) >= model.max_position_embeddings:
-        raise ValueError(f"{where}: position out of range [0, {model.max_position_embeddings})")
-    context_len = cmd.context_len(page_size)
-    if context_len < num_tokens:
-        raise ValueError(f"{where}: {num_tokens} tokens do not fit a context of {context_len} slots")
-    for o in cmd.outputs:
-        if not 0 <= o.index < num_tokens:
-            raise ValueError(f"{where}: output index {o.index} out of range [0, {num_tokens})")
-    if cmd.attention_mask is not None:
-        if len(cmd.attention_mask) != num_tokens or any(len(r) != context_len for r in cmd.attention_mask):
-            raise ValueError(f"{where}: attention mask must be [{num_tokens}][{context_len}]")
-        if not all(any(r) for r in cmd.attention_mask):
-            raise ValueError(f"{where}: every attention mask row must allow at least one slot")
-    return context_len
+@dataclass
+class _Columns:
+    """The commands' fields gathered column-wise in ONE pass over the commands (the per-command cost)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    page_ids: list[int] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    num_positions: list[int] = field(default_factory=list)
+    num_pages: list[int] = field(default_factory=list)
+    last_page_lens: list[int] = field(default_factory=list)
+    masks: list = field(default_factory=list)
+    has_mask: bool = False
+    output_indices: list[int] = field(default_factory=list)
+    output_specs: list[OutputSpec] = field(default_factory=list)
+    num_outputs: list[int] = field(default_factory=list)
+
+    @classmethod
+    def gather(cls, commands: Sequence[ForwardCommand]) -> "_Columns":
+        cols = cls()
+        for c in commands:
+            cols.token_ids.extend(c.token_ids)
+            cols.num_tokens.append(len(c.token_ids))
+            cols.positions.extend(c.positions)
+            cols.num_positions.append(len(c.positions))
+            cols.page_ids.extend(c.page_ids)
+            cols.num_pages.append(len(c.page_ids))
+            cols.last_page_lens.append(c.last_page_len)
+            cols.masks.append(c.attention_mask)
+            cols.has_mask = cols.has_mask or c.attention_mask is not None
+            cols.output_specs.extend(c.outputs)
+            cols.output_indices.extend(o.index for o in c.outputs)
+            cols.num_outputs.append(len(c.outputs))
+        return cols
+
+
+def _indptr(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)])
+
+
+def _check(bad: np.ndarray, what: str) -> None:
+    """bad: [B] bool per command."""
+    if bad.any():
+        raise ValueError(f"forward command {int(np.argmax(bad))} {what}")
+
+
+def _check_range(values: np.ndarray, limit: int | np.ndarray, owner: np.ndarray, what: str) -> None:
+    """limit: one bound for all values, or one per value."""
+    bad = (values < 0) | (values >= limit)
+    if bad.any():
+        i = int(np.argmax(bad))
+        bound = limit if np.isscalar(limit) else int(limit[i])
+        raise ValueError(f"forward command {int(owner[i])}: {what} {int(values[i])} out of range [0, {bound})")
+
+
+def _check_unique(keys: np.ndarray, owner: np.ndarray, what: str) -> None:
+    order = np.argsort(keys, kind="stable")
+    repeats = keys[order[1:]] == keys[order[:-1]]
+    if repeats.any():
+        raise ValueError(f"forward command {int(owner[order[1:][np.argmax(repeats)]])} {what}")
+
+
+def _check_mask(b: int, mask: Sequence[Sequence[bool]], num_tokens: int, context_len: int) -> None:
+    if len(mask) != num_tokens or any(len(row) != context_len for row in mask):
+        raise ValueError(f"forward command {b}: attention mask must be [{num_tokens}][{context_len}]")
+    if not all(any(row) for row in mask):
+        raise ValueError(f"forward command {b}: every attention mask row must allow at least one slot")
