@@ -18,6 +18,7 @@ from engine.runtime.api_kv import check_token_ids
 from engine.runtime.host import Host
 from engine.runtime.hostfn import GuestError, HostFunction, expect
 from engine.runtime.instance import HostTaskGen, InstanceState
+from engine.runtime.grammar import GrammarError, GrammarMatcher, compiler_for
 from engine.runtime.messages import Text
 from engine.runtime.stop_strings import StopMatcher
 from engine.runtime.tokenizer import StreamDecoder
@@ -31,7 +32,8 @@ GENERATION_RESULT = ("result", GENERATION, "string")
 GENERATE_REQUEST = ("record", ("page-ids", ("list", "u32")), ("last-page-len", "u32"),
                     ("input-token-ids", ("list", "u32")), ("position", "u32"), ("sampling", SAMPLING_PARAMS),
                     ("max-tokens", "u32"), ("stop-token-ids", ("list", "u32")), ("stop-strings", ("list", "string")),
-                    ("ignore-eos", "bool"), ("constraint", ("option", ("variant", {"allowed-tokens": ("list", "u32")}))),
+                    ("ignore-eos", "bool"), ("constraint", ("option", ("variant", {
+                        "allowed-tokens": ("list", "u32"), "json-schema": "string", "regex": "string"}))),
                     ("stream-channel", ("option", "u32")))
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -56,6 +58,7 @@ class Sequence:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    grammar: GrammarMatcher | None = None  # a json-schema or regex constraint
 
     @property
     def active(self) -> bool:
@@ -76,8 +79,11 @@ def _sequence(request: dict[str, Any], host: Host) -> Sequence:
     expect(all(len(s) <= MAX_STOP_STRING_CHARS for s in stop_strings),
            f"a stop string has at most {MAX_STOP_STRING_CHARS} characters")
     params = as_sampling(request["sampling"], model.vocab_size)
-    if request["constraint"] is not None:
-        _, allowed = request["constraint"]  # the only case today: allowed-tokens
+    grammar = None
+    if request["constraint"] is not None and request["constraint"][0] != "allowed-tokens":
+        grammar = _grammar(request["constraint"], host)
+    elif request["constraint"] is not None:
+        _, allowed = request["constraint"]
         expect(len(allowed) > 0, "allowed-tokens must not be empty")
         check_token_ids(allowed, model.vocab_size)
         expect(params.allowed_token_ids is None, "give allowed tokens in sampling or in constraint, not both")
@@ -93,7 +99,16 @@ def _sequence(request: dict[str, Any], host: Host) -> Sequence:
                     stop_token_ids=frozenset(stops), stop=StopMatcher(stop_strings), decoder=host.tokenizer.new_decoder(),
                     stream_channel=request["stream-channel"], page_size=model.page_size,
                     penalized=params.presence_penalty != 0 or params.frequency_penalty != 0
-                    or params.repetition_penalty != 1.0)
+                    or params.repetition_penalty != 1.0, grammar=grammar)
+
+
+def _grammar(constraint: tuple[str, Any], host: Host) -> GrammarMatcher:
+    case, spec = constraint
+    try:
+        compiler = compiler_for(host)
+        return compiler.json_schema(spec) if case == "json-schema" else compiler.regex(spec)
+    except GrammarError as error:
+        raise GuestError(str(error)) from None
 
 
 def _pages_needed(seq: Sequence, page_size: int) -> int:
@@ -108,6 +123,8 @@ def _command(seq: Sequence, page_size: int) -> VirtualForward:
     params = seq.params
     if seq.penalized:
         params = dataclasses.replace(params, output_token_ids=tuple(seq.generated))
+    if seq.grammar is not None:  # raises GrammarError
+        params = dataclasses.replace(params, allowed_token_ids=seq.grammar.allowed_token_ids())
     return VirtualForward(token_ids=list(seq.pending),
                           positions=list(range(seq.position, seq.position + len(seq.pending))),
                           page_ids=list(seq.pages),
@@ -135,6 +152,14 @@ def _accept(seq: Sequence, inst: InstanceState, token_id: int, output: Any, max_
         _emit(seq, inst, seq.stop.add(seq.decoder.add([token_id])))
         if seq.stop.stopped:
             seq.finish_reason = "stop"
+        elif seq.grammar is not None:
+            try:
+                seq.grammar.accept(token_id)
+            except GrammarError as error:
+                seq.error = str(error)
+                return
+            if seq.grammar.stopped:  # the grammar allows nothing more
+                seq.finish_reason = "stop"
     if seq.finish_reason is None and (len(seq.generated) >= seq.max_tokens or seq.position + 1 >= max_context_len):
         seq.finish_reason = "length"
     if seq.finish_reason is not None and not seq.stop.stopped:
@@ -165,10 +190,15 @@ def run_sequences(host: Host, inst: InstanceState, seqs: list[Sequence]) -> Host
                 else:
                     seq.pages.extend(pages)
                     seq.allocated.extend(pages)
-        stepping = [s for s in active if s.active]
-        futures = []
-        for seq in stepping:
-            futures.append(control.forward(inst.id, _command(seq, page_size)))
+        stepping, futures = [], []
+        for seq in (s for s in active if s.active):
+            try:
+                command = _command(seq, page_size)
+            except GrammarError as error:
+                seq.error = str(error)
+                continue
+            stepping.append(seq)
+            futures.append(control.forward(inst.id, command))
         outcomes = yield futures
         for seq, outcome in zip(stepping, outcomes):
             if isinstance(outcome, BaseException):

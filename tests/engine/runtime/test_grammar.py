@@ -1,0 +1,75 @@
+"""Grammar constraints (llguidance): masks only allow what the JSON schema / regex accepts, and a grammar
+that is complete stops. Driven by a seeded random walk over the allowed tokens (no model needed)."""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from engine.runtime.grammar import GrammarCompiler, GrammarError, json_schema_problem
+from engine.tokenizer import Tokenizer
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]},
+                                           "size": {"type": "integer", "minimum": 0, "maximum": 9}},
+          "required": ["ok", "color", "size"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def compiler(tiny_llama_dir: Path) -> tuple[GrammarCompiler, Tokenizer, list[int]]:
+    tokenizer = Tokenizer.from_dir(tiny_llama_dir)
+    eos = sorted(tokenizer.eos_token_ids)
+    return GrammarCompiler(tokenizer.token_bytes(), tokenizer.vocab_size, eos, tokenizer.bos_token_id,
+                           tokenizer.encode), tokenizer, eos
+
+
+def walk(matcher, tokenizer: Tokenizer, eos: list[int], seed: int, max_steps: int = 200) -> str:  # noqa: ANN001
+    rng = random.Random(seed)
+    tokens: list[int] = []
+    for _ in range(max_steps):
+        allowed = matcher.allowed_token_ids()
+        choices = [t for t in allowed if t not in eos] or list(allowed)
+        token = rng.choice(choices)
+        if token in eos:
+            break
+        matcher.accept(token)
+        tokens.append(token)
+        if matcher.stopped:
+            break
+    return tokenizer.decode(tokens)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_json_schema_walk_yields_valid_json(compiler, seed: int) -> None:
+    grammars, tokenizer, eos = compiler
+    text = walk(grammars.json_schema(json.dumps(SCHEMA)), tokenizer, eos, seed)
+    value = json.loads(text)
+    assert set(value) == {"ok", "color", "size"}
+    assert isinstance(value["ok"], bool) and value["color"] in ("red", "green") and 0 <= value["size"] <= 9
+
+
+def test_regex_walk_matches(compiler) -> None:
+    grammars, tokenizer, eos = compiler
+    for seed in range(3):
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", walk(grammars.regex(r"[0-9]{3}-[a-z]{2}"), tokenizer, eos, seed))
+
+
+def test_eos_only_when_the_value_may_end(compiler) -> None:
+    grammars, tokenizer, eos = compiler
+    matcher = grammars.json_schema(json.dumps({"type": "integer"}))
+    assert not set(eos) & set(matcher.allowed_token_ids())  # nothing written yet: cannot end
+    for token in tokenizer.encode("42"):
+        matcher.accept(token)
+    assert set(eos) <= set(matcher.allowed_token_ids())
+
+
+def test_bad_schemas_are_reported(compiler) -> None:
+    grammars, _, _ = compiler
+    assert json_schema_problem(SCHEMA) is None
+    assert "nonsense" in json_schema_problem({"type": "nonsense"})
+    with pytest.raises(GrammarError):
+        grammars.json_schema("{not json")
+    with pytest.raises(GrammarError):
+        grammars.json_schema(json.dumps({"type": "nonsense"}))
