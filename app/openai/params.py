@@ -179,6 +179,9 @@ def parse_response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
         schema = spec.get("schema", {})
         if not isinstance(schema, dict):
             raise invalid("'response_format.json_schema.schema' must be an object", "response_format")
+        from app.openai.schema_check import check_json_schema
+
+        check_json_schema(schema, "response_format")
         return {"type": "json_schema", "schema": schema}
     raise invalid("'response_format.type' must be one of 'text', 'json_object', 'json_schema'",
                   "response_format")

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from app.errors import invalid
 from app.openai.fields import get_list
+from app.openai.schema_check import check_json_schema
 
 _TOOL_CALL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -58,12 +59,15 @@ def parse_tools(body: Mapping[str, Any]) -> ToolSpec | None:
     if choice == "none":
         return None
     if choice == "required":
-        return ToolSpec(definitions, "required", forced_schema=_any_call_schema(definitions))
+        schema = _any_call_schema(definitions)
+        check_json_schema(schema, "tools")
+        return ToolSpec(definitions, "required", forced_schema=schema)
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         if name not in names:
             raise invalid(f"'tool_choice' names {name!r}, which is not in 'tools'", "tool_choice")
         parameters = definitions[names.index(name)]["function"]["parameters"]
+        check_json_schema(parameters, "tools")
         return ToolSpec(definitions, "function", function_name=name, forced_schema=parameters)
     raise invalid("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", "
                   "\"function\": {\"name\": ...}}", "tool_choice")

@@ -4,6 +4,7 @@ package (sync and async) and raw HTTP."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import openai
 import pytest
@@ -139,3 +140,55 @@ def test_stream_disconnect_frees_pages(real_server, client) -> None:
     assert [next(stream) for _ in range(3)]
     stream.close()
     assert all_pages_free(real_server)
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+          "required": ["name", "age"], "additionalProperties": False}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+def test_json_schema_output_validates(real_server, client) -> None:
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=60,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    value = json.loads(out.choices[0].message.content)
+    assert set(value) == {"name", "age"} and isinstance(value["name"], str) and len(value["name"]) <= 20
+    assert isinstance(value["age"], int) and 0 <= value["age"] <= 150
+    assert out.choices[0].finish_reason == "stop"
+    anything = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON please"}],
+                                              max_tokens=40, temperature=0, response_format={"type": "json_object"})
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    else:
+        assert anything.choices[0].message.content.startswith("{")
+    status, body, _ = raw_http.request(real_server.url + "/v1/chat/completions", "POST", {
+        "model": MODEL, "messages": QUESTION,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}})
+    assert status == 400 and body["error"]["param"] == "response_format"
+    assert all_pages_free(real_server)
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
+def test_forced_tool_call(client, tool_choice) -> None:
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=40,
+        temperature=0, tools=[WEATHER_TOOL], tool_choice=tool_choice)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+def test_forced_tool_call_streamed(client) -> None:
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Rome?"}], max_tokens=40, temperature=0,
+        tools=[WEATHER_TOOL], tool_choice="required", stream=True))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].index == 0
+    assert json.loads(calls[0].function.arguments)["city"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
