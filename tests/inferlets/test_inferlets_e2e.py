@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,11 +37,12 @@ pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="session")
-def components(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+def components(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[Path]]]:
+    """The builds start here and run in the background (componentize-py subprocesses) while the engine
+    loads; `programs` waits for them."""
     out_dir = tmp_path_factory.mktemp("components")
     with ThreadPoolExecutor(max_workers=len(SOURCES)) as pool:
-        futures = {name: pool.submit(build_inferlet, src, out_dir / f"{name}.wasm") for name, src in SOURCES.items()}
-        return {name: future.result().read_bytes() for name, future in futures.items()}
+        yield {name: pool.submit(build_inferlet, src, out_dir / f"{name}.wasm") for name, src in SOURCES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,8 @@ def engine(tiny_llama_dir: Path) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="module")
-def programs(engine: Engine, components: dict[str, bytes]) -> dict[str, str]:
-    return {name: engine.runtime.load(wasm) for name, wasm in components.items()}
+def programs(components: dict[str, Future[Path]], engine: Engine) -> dict[str, str]:
+    return {name: engine.runtime.load(built.result().read_bytes()) for name, built in components.items()}
 
 
 @pytest.fixture(scope="module")
