@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -194,3 +196,17 @@ def test_pie_run_prints_the_stream_and_reports_failures(engine: Engine, programs
     assert run_instance(engine, programs["probe"], ["fail"], [], TIMEOUT_S, out, err) == 1
     assert "the inferlet failed" in err.getvalue() and "probe failure" in err.getvalue()
     assert "--- inferlet output ---\nprobe: about to fail" in err.getvalue()  # the guest's print()
+
+
+def test_pie_run_command_end_to_end(engine: Engine, programs: dict[str, str], components: dict[str, Future[Path]],
+                                    tiny_llama_dir: Path, reference: DirectGenerator) -> None:
+    """`pie run` in a subprocess (its own engine; the compiled component comes from the session's cache)."""
+    wasm = components["text-completion"].result()
+    command = [sys.executable, "-m", "app.cli", "run", str(wasm), "--model", str(tiny_llama_dir), "--device", "cpu",
+               "--num-pages", "32", "--", "--prompt", PROMPT, "--max-tokens", "6"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == engine.tokenizer.decode(_greedy(reference, engine, PROMPT, 6)) + "\n"
+    failed = subprocess.run(command[:-2] + ["--max-tokens", "0"], cwd=REPO, capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert failed.returncode == 1 and "--max-tokens must be at least 1" in failed.stderr
