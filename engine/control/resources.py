@@ -33,7 +33,7 @@ class Resources:
         missing = num_pages - self.pool.num_free_pages
         if missing <= 0:
             return True
-        if self.cache.count_evictable(self._cache_only) < missing:
+        if self.cache.num_blocks < missing or self.cache.count_evictable(self._cache_only) < missing:
             return False
         self.drop(self.cache.evict(self._cache_only, missing))
         return True

@@ -7,7 +7,7 @@ engine/executor/batch.py). A chunk [start, end) of the tokens is itself a valid 
 from __future__ import annotations
 
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 from engine.control.api import ControlError, VirtualForward
