@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -169,6 +170,14 @@ def test_an_imported_context_continues_like_one_that_prefilled_itself(
     [report] = _events(messages)
     assert report["reused"] == exported >= PAGE_SIZE
     assert report["text"] == engine.tokenizer.decode(_greedy(reference, engine, LONG_PROMPT, 6))
+
+
+def test_grammar_constraints_shape_the_output(engine: Engine, programs: dict[str, str]) -> None:
+    messages = _messages(engine, programs["probe"], ["constrained", "--prompt", PROMPT])
+    _ok(messages)
+    [report] = _events(messages)
+    assert re.fullmatch(r"[0-9]{3}", report["number"]) and report["number_finish"] == "stop"
+    assert json.loads(report["json"]) in ({"ok": True}, {"ok": False}), report
 
 
 def test_errors_end_only_with_a_clear_message(engine: Engine, programs: dict[str, str]) -> None:

@@ -212,6 +212,28 @@ def test_generate_all_gives_each_context_its_own_seed(sdk: ModuleType, host: Fak
     assert seeds == [2 ** 64 - 2, 2 ** 64 - 1, 0, None, None]
 
 
+def test_constraints_reach_the_host_as_wit_variants(sdk: ModuleType, host: FakeHost,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from wit_world.imports import generate
+    seen: list[Any] = []
+    monkeypatch.setattr(generate, "generate", lambda request: seen.append(request.constraint) or host.generate(request))
+    for constraint in (sdk.JsonSchema({"type": "object"}), sdk.Regex("[0-9]+"), sdk.AllowedTokens((97, 98)), None):
+        ctx = sdk.Context()
+        ctx.fill(PROMPT)
+        ctx.generate(2, constraint=constraint, stream=False)
+    assert seen == [generate.Constraint_JsonSchema('{"type": "object"}'), generate.Constraint_Regex("[0-9]+"),
+                    generate.Constraint_AllowedTokens([97, 98]), None]
+    with pytest.raises(ValueError):
+        sdk.JsonSchema("{not json")
+    with pytest.raises(ValueError, match="at least one"):
+        sdk.AllowedTokens(())
+    ctx = sdk.Context()
+    ctx.fill(PROMPT)
+    with pytest.raises(TypeError, match="not a constraint"):
+        ctx.generate(2, constraint="[0-9]+")  # type: ignore[arg-type]
+    assert ctx.pending_ids == [ord(c) for c in PROMPT]  # nothing happened
+
+
 def _run(sdk: ModuleType, main: Any) -> str | None:
     from componentize_py_types import Err
     try:

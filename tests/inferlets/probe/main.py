@@ -8,6 +8,7 @@
     probe prefix   --prompt P --max-tokens N   generate and publish, then reuse the prefix in a new context
     probe export   --prompt P --name X         export the prompt's pages, wait for a client message
     probe import   --name X --max-tokens N     continue the exported context
+    probe constrained --prompt P               a regex and a JSON schema constraint on generate
     probe bad-page                             a call with a page id it does not own: a clear error, and the
                                                instance goes on
     probe fail                                 raises ValueError
@@ -20,7 +21,8 @@ from pie_sdk import ArgumentParser, Context, generate_all, receive, send_event
 
 def main(args: list[str]) -> None:
     parser = ArgumentParser(prog="probe")
-    parser.add_argument("scenario", choices=["paths", "fork", "prefix", "export", "import", "bad-page", "fail"])
+    parser.add_argument("scenario", choices=["paths", "fork", "prefix", "export", "import", "constrained", "bad-page",
+                                                 "fail"])
     parser.add_argument("--prompt", default="Hello")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--forks", type=int, default=2)
@@ -87,6 +89,19 @@ def import_(opts) -> None:
     send_event({"reused": reused, "text": text})
 
 
+def constrained(opts) -> None:
+    digits = Context()
+    digits.fill(opts.prompt)
+    number = digits.generate_detailed(16, constraint=pie_sdk.Regex("[0-9]{3}"), ignore_eos=True, stream=False)
+    flag = Context()
+    flag.fill(opts.prompt)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    value = flag.generate_detailed(32, constraint=pie_sdk.JsonSchema(schema), stream=False)
+    send_event({"number": number.text, "number_finish": number.finish_reason, "json": value.text,
+                "json_finish": value.finish_reason})
+
+
 def bad_page(opts) -> None:
     try:
         kv.free_pages([987654])
@@ -109,4 +124,4 @@ def fail(opts) -> None:
 
 
 SCENARIOS = {"paths": paths, "fork": fork, "prefix": prefix, "export": export, "import": import_,
-             "bad-page": bad_page, "fail": fail}
+             "constrained": constrained, "bad-page": bad_page, "fail": fail}

@@ -4,6 +4,7 @@ An inferlet is a module with `def main(args: list[str]) -> None`; `pie build` tu
 component. Everything here runs inside the sandbox and talks to the engine through the inferlet API
 (pie:inferlet@0.1.0); see docs/sdk.md.
 """
+from .constraints import AllowedTokens, JsonSchema, Regex
 from .context import Context, generate_all
 from .entry import export
 from .errors import HostError, PieError, UsageError
@@ -19,7 +20,7 @@ from .stop import StopCondition, StopTracker
 from .tokenizer import Decoder, apply_chat_template, decode, encode, vocabulary
 
 __all__ = [
-    "Context", "generate_all", "export", "HostError", "PieError", "UsageError", "Generation", "TokenLogprobs",
+    "AllowedTokens", "JsonSchema", "Regex", "Context", "generate_all", "export", "HostError", "PieError", "UsageError", "Generation", "TokenLogprobs",
     "Broadcast", "broadcast", "receive", "receive_broadcast", "send", "send_event", "subscribe", "unsubscribe",
     "ModelInfo", "list_models", "model_info", "ArgumentParser", "api_version", "args", "instance_id",
     "Greedy", "Sampler", "Response", "fetch", "monotonic_ns", "now_ns", "sleep_ms", "store_delete", "store_get",

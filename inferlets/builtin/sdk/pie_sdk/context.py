@@ -19,6 +19,7 @@ from typing import Sequence
 from componentize_py_types import Ok
 from wit_world.imports import forward, generate, kv
 
+from .constraints import Constraint
 from .errors import PieError, call
 from .generation import Generation, from_wit, request_for
 from .model import ModelInfo, model_info
@@ -72,28 +73,28 @@ class Context:
     # -- coarse generation (the decode loop runs in the host) -----------------------------------------
 
     def generate(self, max_tokens: int = 256, *, sampler: Sampler = GREEDY, stop: str | Sequence[str] = (),
-                 stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                 allowed_token_ids: Sequence[int] | None = None, stream: bool | int = True) -> str:
+                 stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, constraint: Constraint | None = None,
+                 stream: bool | int = True) -> str:
         """Generate up to max_tokens after the sequence; returns the text (without the stop string/token).
 
+        constraint: AllowedTokens, JsonSchema or Regex, enforced by the host at every step.
         stream: True sends text deltas to the client on channel 0 as they are decoded, an int on that
         channel, False not at all. One host call, whatever the number of tokens.
         """
         return self.generate_detailed(max_tokens, sampler=sampler, stop=stop, stop_token_ids=stop_token_ids,
-                                      ignore_eos=ignore_eos, allowed_token_ids=allowed_token_ids,
-                                      stream=stream).text
+                                      ignore_eos=ignore_eos, constraint=constraint, stream=stream).text
 
     def generate_detailed(self, max_tokens: int = 256, *, sampler: Sampler = GREEDY,
                           stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (),
-                          ignore_eos: bool = False, allowed_token_ids: Sequence[int] | None = None,
+                          ignore_eos: bool = False, constraint: Constraint | None = None,
                           stream: bool | int = True) -> Generation:
         """Like generate, but returns the tokens, finish reason and logprobs too."""
         condition = StopCondition.of(max_tokens, stop, stop_token_ids, ignore_eos)
-        request = self.generate_request(condition, sampler, allowed_token_ids, stream)
+        request = self.generate_request(condition, sampler, constraint, stream)
         return self.absorb(call(generate.generate, request))
 
-    def generate_request(self, condition: StopCondition, sampler: Sampler,
-                         allowed_token_ids: Sequence[int] | None, stream: bool | int) -> generate.GenerateRequest:
+    def generate_request(self, condition: StopCondition, sampler: Sampler, constraint: Constraint | None,
+                         stream: bool | int) -> generate.GenerateRequest:
         """The host request that continues this context (used by generate and generate_all)."""
         self._require_pending()
         self._check_room(len(self.pending_ids))
@@ -101,8 +102,8 @@ class Context:
         return request_for(
             page_ids=self.page_ids[:num_used], last_page_len=self._last_page_len(self.kv_len, num_used),
             input_ids=self.pending_ids, position=self.next_position, condition=condition,
-            sampling=sampler.to_wit(self.prompt_ids, self.output_ids),
-            allowed_token_ids=allowed_token_ids, stream_channel=_channel(stream))
+            sampling=sampler.to_wit(self.prompt_ids, self.output_ids), constraint=constraint,
+            stream_channel=_channel(stream))
 
     def absorb(self, raw: generate.Generation) -> Generation:
         """Take over the pages and tokens of a finished host generation of this context."""
@@ -258,6 +259,7 @@ class Context:
 
 def generate_all(contexts: Sequence[Context], max_tokens: int = 256, *, sampler: Sampler = GREEDY,
                  stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
+                 constraint: Constraint | None = None,
                  stream_channels: Sequence[int] | None = None) -> list[Generation]:
     """Generate for several contexts (e.g. forks) in lockstep: their steps share the engine's batches.
     stream_channels: one client channel per context, or None to stream nothing. With a seeded sampler,
@@ -265,7 +267,7 @@ def generate_all(contexts: Sequence[Context], max_tokens: int = 256, *, sampler:
     if stream_channels is not None and len(stream_channels) != len(contexts):
         raise ValueError("give one stream channel per context")
     condition = StopCondition.of(max_tokens, stop, stop_token_ids, ignore_eos)
-    requests = [ctx.generate_request(condition, _nth_seed(sampler, i), None,
+    requests = [ctx.generate_request(condition, _nth_seed(sampler, i), constraint,
                                      False if stream_channels is None else stream_channels[i])
                 for i, ctx in enumerate(contexts)]
     results = generate.generate_all(requests)

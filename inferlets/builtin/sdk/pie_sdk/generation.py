@@ -6,6 +6,7 @@ from typing import Sequence
 
 from wit_world.imports import generate, types
 
+from .constraints import Constraint, to_wit as constraint_to_wit
 from .stop import FINISH_LENGTH, FINISH_STOP, StopCondition
 
 _FINISH_REASONS = {types.FinishReason.STOP: FINISH_STOP, types.FinishReason.LENGTH: FINISH_LENGTH}
@@ -36,15 +37,11 @@ def from_wit(raw: generate.Generation) -> Generation:
 
 
 def request_for(page_ids: Sequence[int], last_page_len: int, input_ids: Sequence[int], position: int,
-                condition: StopCondition, sampling: types.SamplingParams,
-                allowed_token_ids: Sequence[int] | None, stream_channel: int | None) -> generate.GenerateRequest:
-    constraint = None
-    if allowed_token_ids is not None:
-        if not allowed_token_ids:
-            raise ValueError("allowed_token_ids must not be empty")
-        constraint = generate.Constraint_AllowedTokens([int(t) for t in allowed_token_ids])
+                condition: StopCondition, sampling: types.SamplingParams, constraint: Constraint | None,
+                stream_channel: int | None) -> generate.GenerateRequest:
     return generate.GenerateRequest(
         page_ids=list(page_ids), last_page_len=last_page_len, input_token_ids=list(input_ids), position=position,
         sampling=sampling, max_tokens=condition.max_tokens, stop_token_ids=list(condition.stop_token_ids),
-        stop_strings=list(condition.stop_strings), ignore_eos=condition.ignore_eos, constraint=constraint,
+        stop_strings=list(condition.stop_strings), ignore_eos=condition.ignore_eos,
+        constraint=constraint_to_wit(constraint),
         stream_channel=stream_channel)
