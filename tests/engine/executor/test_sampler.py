@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from engine.executor.batch import OutputResult, OutputSpec, SamplingParams
-from engine.executor.sampler import Draws, Penalties, Sampler, apply_penalties, filtered_weights, ship
+from engine.executor.sampler import Sampler
+from engine.executor.sampling_filters import Draws, filtered_weights
+from engine.executor.sampling_penalties import Penalties, apply_penalties, ship
 
 # Hand-made distribution with known top-k / top-p / min-p sets; tokens are scattered over the vocabulary
 # by a fixed permutation so that no rule can pass by favouring small ids.

@@ -1,0 +1,148 @@
+"""Penalties, logit bias and allowed-token masks, applied sparsely: only the listed token ids are gathered,
+changed and scattered back (never a dense [R, V] pass). Also the host-to-device shipping of row inputs."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from itertools import chain
+from typing import Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from engine.executor.batch import SamplingParams
+
+_T = TypeVar("_T")
+
+
+def _flat_token_ids(
+    rows_of_ids: Sequence[Sequence[int]], vocab_size: int, what: str
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Host (int64 tensor of r * V + t, numpy row r) for every token t of every row r (repeats kept).
+
+    Built with numpy: at 256 rows of long histories, torch.tensor / repeat_interleave cost milliseconds.
+    """
+    lengths = np.fromiter((len(ids) for ids in rows_of_ids), dtype=np.int64, count=len(rows_of_ids))
+    try:
+        ids = np.fromiter(chain.from_iterable(rows_of_ids), dtype=np.int64, count=int(lengths.sum()))
+    except OverflowError as error:
+        raise ValueError(f"{what}: a token id is outside the vocabulary [0, {vocab_size})") from error
+    rows = np.repeat(np.arange(len(rows_of_ids), dtype=np.int64), lengths)
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        raise ValueError(
+            f"{what}: token id {int(ids[bad[0]])} (sampling row {int(rows[bad[0]])}) "
+            f"is outside the vocabulary [0, {vocab_size})"
+        )
+    return torch.from_numpy(rows * vocab_size + ids), rows
+
+
+def ship(items: Sequence[_T], device: torch.device) -> list[_T]:
+    """The dataclasses `items` with every tensor field moved to `device`: one copy per dtype."""
+    if device.type == "cpu":
+        return list(items)
+    found = [(i, f.name, getattr(item, f.name)) for i, item in enumerate(items) for f in fields(item)]
+    found = [(i, name, value) for i, name, value in found if isinstance(value, torch.Tensor)]
+    updates: list[dict[str, torch.Tensor]] = [{} for _ in items]
+    for dtype in {value.dtype for _, _, value in found}:
+        group = [(i, name, value) for i, name, value in found if value.dtype == dtype]
+        flat = torch.cat([value.reshape(-1) for _, _, value in group])
+        moved = flat.pin_memory().to(device, non_blocking=True)
+        for (i, name, value), part in zip(group, moved.split([v.numel() for _, _, v in group])):
+            updates[i][name] = part.view(value.shape)
+    return [replace(item, **update) for item, update in zip(items, updates)]
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """Penalties, logit bias and allowed tokens of R sampling rows, as flat ids r * V + t.
+
+    Per-id parameter tensors are aligned with their ids. A group is None when no row uses it.
+    """
+
+    seen_flat_ids: torch.Tensor | None = None  # prompt + output tokens of rows with repetition != 1
+    seen_repetition: torch.Tensor | None = None  # f32
+    output_flat_ids: torch.Tensor | None = None  # output tokens (repeats kept) of rows with freq/presence
+    output_frequency: torch.Tensor | None = None  # f32
+    output_presence: torch.Tensor | None = None  # f32
+    bias_flat_ids: torch.Tensor | None = None  # unique
+    bias_values: torch.Tensor | None = None  # f32
+    allowed_flat_ids: torch.Tensor | None = None
+    restricted_rows: torch.Tensor | None = None  # rows with an allowed-token list
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], vocab_size: int) -> Penalties:
+        """Host tensors for `params` (one per row); raises ValueError on out-of-vocabulary ids."""
+        groups: dict[str, torch.Tensor] = {}
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen = [p.prompt_token_ids + p.output_token_ids if p.repetition_penalty != 1.0 else () for p in params]
+            ids, rows = _flat_token_ids(seen, vocab_size, "prompt/output token ids")
+            groups["seen_flat_ids"] = ids
+            groups["seen_repetition"] = per_row([p.repetition_penalty for p in params], rows)
+        if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
+            outputs = [p.output_token_ids if p.frequency_penalty or p.presence_penalty else () for p in params]
+            ids, rows = _flat_token_ids(outputs, vocab_size, "output token ids")
+            groups["output_flat_ids"] = ids
+            groups["output_frequency"] = per_row([p.frequency_penalty for p in params], rows)
+            groups["output_presence"] = per_row([p.presence_penalty for p in params], rows)
+        if any(p.logit_bias for p in params):
+            groups.update(_bias_tensors(params, vocab_size))
+        if any(p.allowed_token_ids is not None for p in params):
+            allowed = [p.allowed_token_ids or () for p in params]
+            groups["allowed_flat_ids"] = _flat_token_ids(allowed, vocab_size, "allowed_token_ids")[0]
+            restricted = [r for r, p in enumerate(params) if p.allowed_token_ids is not None]
+            groups["restricted_rows"] = torch.tensor(restricted, dtype=torch.int64)
+        return cls(**groups)
+
+    @property
+    def is_empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+
+def per_row(values: list[float], rows: np.ndarray | None = None) -> torch.Tensor:
+    """float32 tensor of one value per row, or per entry of `rows` (a row index per flat id)."""
+    per_row = np.asarray(values, dtype=np.float32)
+    return torch.from_numpy(per_row if rows is None else per_row[rows])
+
+
+def _bias_tensors(params: Sequence[SamplingParams], vocab_size: int) -> dict[str, torch.Tensor]:
+    """logit_bias as unique flat ids and values; a token listed twice in one row keeps its last bias."""
+    biases = [dict(p.logit_bias) for p in params]
+    values = list(chain.from_iterable(b.values() for b in biases))
+    if any(math.isnan(v) or v == math.inf for v in values):
+        raise ValueError("logit_bias values must be finite or -inf")
+    return {
+        "bias_flat_ids": _flat_token_ids([tuple(b) for b in biases], vocab_size, "logit_bias")[0],
+        "bias_values": torch.tensor(values, dtype=torch.float32),
+    }
+
+
+def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
+    """A float32 copy of logits [R, V] with repetition, frequency/presence, logit bias and the
+    allowed-token mask applied (in this order).
+
+    Repetition divides positive logits of seen tokens by the penalty and multiplies the others;
+    frequency/presence subtract freq * count + presence from tokens that occur in the output.
+    Only the listed ids are touched: gather them, compute, scatter back (repeated ids write equal values).
+    """
+    x = logits.to(torch.float32, copy=True)
+    flat = x.view(-1)
+    p = penalties
+    if p.seen_flat_ids is not None and p.seen_repetition is not None:
+        values = flat.index_select(0, p.seen_flat_ids)
+        rep = p.seen_repetition
+        flat.index_copy_(0, p.seen_flat_ids, torch.where(values > 0, values / rep, values * rep))
+    if p.output_flat_ids is not None and p.output_frequency is not None and p.output_presence is not None:
+        ids = p.output_flat_ids
+        # counts[i] = occurrences of ids[i] among ids (same row and token), without a dense [R, V] buffer.
+        ordered = ids.sort().values
+        counts = (torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(ordered, ids)).float()
+        values = flat.index_select(0, ids)
+        flat.index_copy_(0, ids, values - (p.output_frequency * counts + p.output_presence))
+    if p.bias_flat_ids is not None and p.bias_values is not None:
+        flat.index_add_(0, p.bias_flat_ids, p.bias_values)
+    if p.allowed_flat_ids is not None and p.restricted_rows is not None:
+        values = flat.index_select(0, p.allowed_flat_ids)
+        x.index_fill_(0, p.restricted_rows, -math.inf)
+        flat.index_copy_(0, p.allowed_flat_ids, values)
+    return x
