@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any, AsyncIterator
 
@@ -16,6 +17,8 @@ from app.openai.inferlet_args import chat_arguments
 from app.openai.tools import extract_tool_calls
 from app.relay import ClientGone, SSEResponse, TimedRelay, collect, read_json, until_disconnected
 from app.state import AppState
+
+log = logging.getLogger("pie.app")
 
 
 async def chat_completions(request: Request) -> Response:
@@ -88,6 +91,9 @@ async def _stream(chat: ChatRequest, meta: R.ResponseMeta, prompt: PromptInfo, r
             yield R.sse(R.chat_chunk(meta, [], R.usage(prompt, result)))
     except ApiError as exc:
         yield exc.sse_line()
+    except Exception as exc:  # the stream has started: report in-band, never drop the connection silently
+        log.exception("stream failed")
+        yield ApiError(f"internal error: {type(exc).__name__}: {exc}", 500).sse_line()
     yield R.DONE
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any, AsyncIterator
 
@@ -16,6 +17,8 @@ from app.openai.completion_request import CompletionRequest, parse_completion_re
 from app.openai.inferlet_args import completion_arguments
 from app.relay import ClientGone, SSEResponse, TimedRelay, collect, read_json, until_disconnected
 from app.state import AppState
+
+log = logging.getLogger("pie.app")
 
 
 async def completions(request: Request) -> Response:
@@ -83,4 +86,7 @@ async def _stream(completion: CompletionRequest, meta: R.ResponseMeta, prompt: P
             yield R.sse(R.completion(meta, [], R.usage(prompt, result), chunk=True))
     except ApiError as exc:
         yield exc.sse_line()
+    except Exception as exc:  # the stream has started: report in-band, never drop the connection silently
+        log.exception("stream failed")
+        yield ApiError(f"internal error: {type(exc).__name__}: {exc}", 500).sse_line()
     yield R.DONE

@@ -58,6 +58,7 @@ class FakeRuntime:
     tokenizer: FakeTokenizer
     max_context_len: int
     token_delay_s: float = 0.0
+    fail_after_tokens: int | None = None  # then the instance ends with an error, mid-stream
 
     def __post_init__(self) -> None:
         self.loaded: list[bytes] = []
@@ -83,15 +84,22 @@ class FakeRuntime:
 
     def _run(self, handle: FakeHandle, request: dict[str, Any]) -> None:
         try:
-            ok = _fake_inferlet(handle, request, self.tokenizer, self.max_context_len, self.token_delay_s)
+            ok = _fake_inferlet(handle, request, self.tokenizer, self.max_context_len, self.token_delay_s,
+                                self.fail_after_tokens)
             handle.outbox.put(Terminated(ok=True) if ok else Terminated(ok=False, error="killed"))
+        except _Crash as crash:
+            handle.outbox.put(Terminated(ok=False, error=str(crash)))
         finally:
             with self._lock:
                 self.num_live -= 1
 
 
+class _Crash(Exception):
+    pass
+
+
 def _fake_inferlet(handle: FakeHandle, request: dict[str, Any], tokenizer: FakeTokenizer,
-                   max_context_len: int, delay_s: float) -> bool:
+                   max_context_len: int, delay_s: float, fail_after_tokens: int | None) -> bool:
     prompt_ids = []
     for prompt in request["prompts"]:
         if "messages" in prompt:
@@ -125,9 +133,11 @@ def _fake_inferlet(handle: FakeHandle, request: dict[str, Any], tokenizer: FakeT
             if stop in text:
                 text, finish = text[:text.index(stop)], "stop"
                 tokens = tokenizer.encode(text) + [EOS]
-        for token in tokens:
+        for position, token in enumerate(tokens):
             if handle.killed.is_set():
                 return False
+            if position == fail_after_tokens:
+                raise _Crash("RuntimeError: generate: the executor failed this step")
             time.sleep(delay_s)
             if token < 256:
                 handle.outbox.put(Text(tokenizer.decode([token]), channel=index))
@@ -158,11 +168,12 @@ class FakeControl:
 class FakeEngine:
     model_name = "fake-model"
 
-    def __init__(self, max_context_len: int = 512, token_delay_s: float = 0.0, num_pages: int = 1024) -> None:
+    def __init__(self, max_context_len: int = 512, token_delay_s: float = 0.0, num_pages: int = 1024,
+                 fail_after_tokens: int | None = None) -> None:
         self.tokenizer = FakeTokenizer()
         self.info = EngineInfo(num_pages=num_pages, page_size=16, max_context_len=max_context_len,
                                kv_bytes_per_page=1024)
-        self.runtime = FakeRuntime(self.tokenizer, max_context_len, token_delay_s)
+        self.runtime = FakeRuntime(self.tokenizer, max_context_len, token_delay_s, fail_after_tokens)
         self.control = FakeControl(self.runtime, num_pages)
         self.closed = False
 

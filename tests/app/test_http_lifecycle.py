@@ -156,3 +156,16 @@ def test_requests_queue_for_kv_pages(make_fake_server) -> None:
     assert asyncio.run(main()) == [(REPLY * 20)[:200]] * 6  # prompt 2 pages + output 13 + 1 = 16 pages each
     assert peak["waiting"] >= 1
     assert server.state.kv_budget.num_free == 32
+
+
+def test_an_error_mid_stream_is_an_sse_data_line(make_fake_server) -> None:
+    server = make_fake_server(FakeEngine(fail_after_tokens=3))
+    events = raw_http.sse_events(server.url + "/v1/chat/completions",
+                                 {"messages": MESSAGES, "max_tokens": 10, "stream": True})
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2] if e.get("choices")) == REPLY[:3]
+    assert events[-2]["error"]["type"] == "internal_server_error"
+    assert "executor failed" in events[-2]["error"]["message"]
+    status, body, _ = raw_http.request(server.url + "/v1/chat/completions", "POST",
+                                       {"messages": MESSAGES, "max_tokens": 10})
+    assert status == 500 and "executor failed" in body["error"]["message"]
