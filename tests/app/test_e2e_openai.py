@@ -192,3 +192,35 @@ def test_forced_tool_call_streamed(client) -> None:
     assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].index == 0
     assert json.loads(calls[0].function.arguments)["city"]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_n3_forks_share_the_prompt_pages(real_server, client) -> None:
+    """Peak page use proves the prompt is held once: 3 private copies would need ~30 more pages."""
+    import threading
+    import time
+
+    control = real_server.engine.control
+    base = control.stats().num_pages - control.stats().num_free_pages
+    peak = {"used": 0}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            stats = control.stats()
+            peak["used"] = max(peak["used"], stats.num_pages - stats.num_free_pages - base)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        prompt = " ".join(f"word{i}" for i in range(120))  # ~240 tokens: 15 pages of 16
+        out = client.completions.create(model=MODEL, prompt=prompt, n=3, max_tokens=24, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    finally:
+        done.set()
+        watcher.join()
+    num_prompt_pages = out.usage.prompt_tokens // 16
+    assert num_prompt_pages >= 12 and out.usage.completion_tokens == 72
+    # shared: prompt pages once + per choice (tail page + 2 output pages); private copies: 3x the prompt
+    assert 0 < peak["used"] <= num_prompt_pages + 3 * 4 + 2, (peak, num_prompt_pages)
+    assert all_pages_free(real_server)
