@@ -9,7 +9,8 @@ TPOT(direct) = wall time of the decode steps / (max_tokens - 1), prefill exclude
 instance (last text message - first text message) / (max_tokens - 1), median over instances. The baseline
 runs on its own executor with the same weights; the two paths alternate (never at the same time) so that
 drifting machine load hits both alike. Distinct prompts, so the prefix cache cannot skip work the baseline
-does.
+does. steps/token: the engine's executor steps per generated token of the batch, prefill included (about
+1.0 when every decode step holds the whole batch; 2.0 when the batcher splits it in two).
 """
 from __future__ import annotations
 
@@ -76,6 +77,19 @@ async def inferlet_tpot(engine, program_hash: str, prompts: list[list[int]], max
     return statistics.median(await asyncio.gather(*[one(p) for p in prompts]))
 
 
+def _count_steps(engine) -> list[int]:  # noqa: ANN001
+    """Wraps the engine's executor to count its steps (a one-element list, reset by the caller)."""
+    count = [0]
+    execute = engine.executor.execute
+
+    def counted(batch):  # noqa: ANN001, ANN202
+        count[0] += 1
+        return execute(batch)
+
+    engine.executor.execute = counted
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None)
@@ -98,6 +112,7 @@ def main() -> None:
     executor = Executor(model_config, config, load_weights(model_dir, getattr(torch, config.resolved_dtype),
                                                            progress=False))
     engine = Engine.start(args.model, config, progress=False)
+    steps = _count_steps(engine)
     rows = []
     try:
         wasm = build_inferlet(DEFAULT_INFERLET_SOURCE, Path("/tmp/pie-default-inferlet.wasm"))
@@ -107,16 +122,19 @@ def main() -> None:
             direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, 99), 4)  # warm-ups
             asyncio.run(inferlet_tpot(engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 98), 4))
             directs, inferlets = [], []
+            steps[0] = 0
             for r in range(args.repeats):
                 directs.append(direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, r), args.max_tokens))
                 inferlets.append(asyncio.run(inferlet_tpot(
                     engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 10 + r), args.max_tokens)))
             direct, inferlet = statistics.median(directs), statistics.median(inferlets)
             tax = inferlet / direct - 1
+            steps_per_token = steps[0] / (args.repeats * args.max_tokens)
             rows.append({"batch": batch, "tpot_direct_ms": 1000 * direct, "tpot_inferlet_ms": 1000 * inferlet,
-                         "tax_percent": 100 * tax})
+                         "tax_percent": 100 * tax, "engine_steps_per_token": steps_per_token})
             print(f"batch {batch:>3}: TPOT direct {1000 * direct:7.2f} ms   default inferlet "
-                  f"{1000 * inferlet:7.2f} ms   tax {100 * tax:+6.1f}%", flush=True)
+                  f"{1000 * inferlet:7.2f} ms   tax {100 * tax:+6.1f}%   steps/token {steps_per_token:.2f}",
+                  flush=True)
     finally:
         engine.close()
     if args.json:
