@@ -1,0 +1,53 @@
+"""Write random bf16 weights of a model folder's shape as its model.safetensors (for GPU speed runs: weights of
+real shapes cannot be carried to the GPU machine, and speed does not depend on their values).
+
+    python3 bench/make_random_model.py .gpu-model [--device cuda] [--seed 0]
+
+The folder must hold config.json (and, to be served, the tokenizer files). Norms are 1, every other weight
+N(0, 0.02), as engine.model.llama.random_weights makes them; the text such a model writes is garbage, so load
+generators must use ignore_eos. An existing model.safetensors is replaced.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.model.llama import random_weights  # noqa: E402
+from engine.model.loader import load_model_config  # noqa: E402
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def write_random_model(model_dir: Path, device: str = "cpu", seed: int = 0) -> Path:
+    """Writes model_dir/model.safetensors (bf16, contiguous, on the host) and returns its path."""
+    cfg = load_model_config(model_dir)
+    weights = random_weights(cfg, torch.device(device), torch.bfloat16, seed)
+    on_host = {name: tensor.contiguous().cpu() for name, tensor in weights.items()}
+    out = model_dir / WEIGHTS_FILE
+    partial = model_dir / f".{WEIGHTS_FILE}.partial"
+    save_file(on_host, str(partial), metadata={"format": "pt"})
+    partial.replace(out)  # never leaves a half-written model.safetensors behind
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", type=Path, help="a folder with config.json")
+    parser.add_argument("--device", default="cpu", help="where to draw the numbers (cuda is faster for 8B shapes)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not (args.model_dir / "config.json").is_file():
+        parser.error(f"{args.model_dir} has no config.json")
+    started = time.perf_counter()
+    out = write_random_model(args.model_dir, args.device, args.seed)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
