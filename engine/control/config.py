@@ -18,11 +18,20 @@ class ControlConfig:
     # None: taken from the executor's model_config when it has one, else unchecked.
     vocab_size: int | None = None
     max_position: int | None = None  # positions must be < this
+    # Gathering (see Controller._gather): after a step, wait for the instances whose forwards it resolved to
+    # submit their next ones, so one logical batch is not split into alternating halves. The wait ends when
+    # all have submitted, when none arrived for gather_idle_s, or at min(gather_max_s, gather_fraction * the
+    # step's duration). gather_max_s = 0 turns it off (Pie's plain adaptive policy).
+    gather_max_s: float = 0.005
+    gather_idle_s: float = 0.001
+    gather_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_size", "decode_max_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.gather_max_s < 0 or self.gather_idle_s < 0 or not 0 <= self.gather_fraction <= 1:
+            raise ValueError("gather_max_s and gather_idle_s must be >= 0 and gather_fraction in [0, 1]")
         for name in ("default_max_pages", "vocab_size", "max_position"):
             value = getattr(self, name)
             if value is not None and value <= 0:

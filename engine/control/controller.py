@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Protocol, Sequence
 
@@ -72,6 +73,10 @@ class Controller:
         self._step_lock = threading.Lock()  # one step at a time
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._awaited: set[InstanceState] = set()  # resolved by the last step, next forward not yet submitted
+        self._step_end = 0.0  # monotonic
+        self._last_arrival: float | None = None  # of an awaited submission since the last step's end
+        self._last_step_s = 0.0
 
     # -- instances ----------------------------------------------------------------------------------------
     def open_instance(self, instance_id: InstanceId, max_pages: int | None = None) -> None:
@@ -90,6 +95,7 @@ class Controller:
                 raise ControlError(f"unknown instance {instance_id!r}")
             self._drop_instance(instance, InstanceClosed(f"instance {instance_id!r} was closed"))
             instance.closed = True
+            self._awaited.discard(instance)
             self._serve_demands()
 
     # -- pages --------------------------------------------------------------------------------------------
@@ -193,6 +199,9 @@ class Controller:
             item = prepare_forward(command, instance.table, self._limits, future)
             self._check_writable(item.written_ids, item.written_block_ids)
             self._enqueue(instance, item)
+            if instance in self._awaited:
+                self._awaited.discard(instance)
+                self._last_arrival = time.monotonic()
         return future
 
     def stats(self) -> ControlStats:
@@ -220,6 +229,8 @@ class Controller:
                     self._idle_generation = self._generation
                     return False
                 batch, self._inflight = formed
+                resolving = [chunk.instance for chunk, _ in self._inflight if chunk.is_last]
+            started = time.monotonic()
             try:
                 result = self._executor.execute(batch)
             except Exception as exc:  # the step's commands fail; the engine keeps going
@@ -229,6 +240,10 @@ class Controller:
                 return True
             with self._locked(mutating=False):
                 StepBuilder(self).deliver(result)
+                self._step_end, self._last_arrival = time.monotonic(), None
+                self._last_step_s = self._step_end - started
+                self._awaited = {i for i in resolving if not i.closed and i.failure is None
+                                 and not i.num_queued_forwards}
             return True
 
     def start(self) -> None:
@@ -258,11 +273,32 @@ class Controller:
                 if self._stopping:
                     return
             try:
-                self.step()
+                if self.step():
+                    self._gather()
             except Exception:  # a bug in the control layer itself: log, and wait for new work
                 log.exception("control loop step failed")
                 with self._lock:
                     self._idle_generation = self._generation
+
+    def _gather(self) -> None:
+        """Pie's adaptive policy starts a step as soon as the last one ends. But the instances whose forwards
+        that step resolved need a moment (their guest and host code) to submit the next ones; a step formed
+        without them runs half a batch, and the two halves then alternate, doubling the steps per token.
+        So wait for them, briefly: see ControlConfig's gather_* fields."""
+        cfg = self.config
+        with self._lock:
+            hard_deadline = self._step_end + min(cfg.gather_max_s, cfg.gather_fraction * self._last_step_s)
+            while self._awaited and not self._stopping:
+                deadline = hard_deadline
+                if self._last_arrival is not None:  # once they come, a pause in arrivals ends the wait
+                    deadline = min(deadline, self._last_arrival + cfg.gather_idle_s)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._loop_waiting = True
+                self._changed.wait(remaining)
+                self._loop_waiting = False
+            self._awaited = set()
 
     # -- internals (called with the lock held) -------------------------------------------------------------
     def _locked(self, mutating: bool = True) -> "_Locked":

@@ -1,0 +1,70 @@
+"""Gathering: instances that resubmit a moment after their result (guest/host work between tokens) still
+share one step per token, instead of splitting the batch into alternating halves."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from bench.runtime_fake_executor import FakeExecutor
+from engine.control.api import VirtualForward
+from engine.control.config import ControlConfig
+from engine.control.controller import Controller
+from engine.executor.batch import OutputSpec, SamplingParams
+from engine.types import InstanceId
+
+pytestmark = pytest.mark.timeout(60)
+NUM_INSTANCES, NUM_TOKENS, PAGE_SIZE = 8, 12, 4
+STEP_S, THINK_S = 0.01, 0.0005  # executor step, and each instance's work between a result and its next forward
+
+
+def _decode_loop(controller: Controller, name: str, start: threading.Barrier) -> None:
+    instance = InstanceId(name)
+    controller.open_instance(instance)
+    pages = controller.allocate_pages(instance, -(-(NUM_TOKENS + 1) // PAGE_SIZE)).result(timeout=10)
+    start.wait()
+    token = 1
+    for pos in range(NUM_TOKENS):
+        num_pages = pos // PAGE_SIZE + 1
+        result = controller.forward(instance, VirtualForward(
+            [token], [pos], pages[:num_pages], pos - (num_pages - 1) * PAGE_SIZE + 1,
+            [OutputSpec(0, SamplingParams())])).result(timeout=10)
+        token = result.outputs[0].token_id
+        time.sleep(THINK_S)
+    controller.close_instance(instance)
+
+
+def _steps_per_token(config: ControlConfig) -> float:
+    executor = FakeExecutor(num_pages=64, page_size=PAGE_SIZE, step_delay_s=STEP_S)
+    controller = Controller(executor, config)
+    controller.start()
+    start = threading.Barrier(NUM_INSTANCES)
+    threads = [threading.Thread(target=_decode_loop, args=(controller, f"i{i}", start))
+               for i in range(NUM_INSTANCES)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        controller.stop()
+    assert controller.stats().num_free_pages == 64
+    num_steps = sum(1 for b in executor.batches if b.forwards)
+    return num_steps / NUM_TOKENS
+
+
+def test_gathering_keeps_one_step_per_token() -> None:
+    assert _steps_per_token(ControlConfig(gather_max_s=0.005)) <= 1.35
+
+
+def test_without_gathering_the_batch_splits() -> None:
+    """The failure the gather fixes, shown with it off (so the test above can fail)."""
+    assert _steps_per_token(ControlConfig(gather_max_s=0.0)) >= 1.5
+
+
+def test_gather_settings_are_validated() -> None:
+    with pytest.raises(ValueError):
+        ControlConfig(gather_fraction=1.5)
+    with pytest.raises(ValueError):
+        ControlConfig(gather_max_s=-1.0)
