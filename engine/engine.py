@@ -55,6 +55,10 @@ class Engine:
                  executor.info.page_size)
         return cls(name, model_dir, model_config, tokenizer, executor, control, runtime)
 
+    def alive(self) -> bool:
+        """False once the batcher thread has died (or the engine was closed): /health then answers 503."""
+        return self.control.is_running
+
     def close(self) -> None:
         self.runtime.close()
         self.control.stop()

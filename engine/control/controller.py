@@ -255,6 +255,12 @@ class Controller:
             self._thread = threading.Thread(target=self._run, name="control-loop", daemon=True)
         self._thread.start()
 
+    @property
+    def is_running(self) -> bool:
+        """The run thread is alive (start() was called and neither stop() nor a crash ended it)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def stop(self) -> None:
         with self._lock:
             thread, self._thread = self._thread, None

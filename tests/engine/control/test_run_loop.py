@@ -1,5 +1,5 @@
-"""Gathering: instances that resubmit a moment after their result (guest/host work between tokens) still
-share one step per token, instead of splitting the batch into alternating halves."""
+"""The run loop: gathering (instances that resubmit a moment after their result (guest/host work between tokens)
+still share one step per token instead of splitting the batch into alternating halves) and its lifecycle."""
 from __future__ import annotations
 
 import threading
@@ -68,3 +68,12 @@ def test_gather_settings_are_validated() -> None:
         ControlConfig(gather_fraction=1.5)
     with pytest.raises(ValueError):
         ControlConfig(gather_max_s=-1.0)
+
+
+def test_is_running_follows_the_run_thread() -> None:
+    controller = Controller(FakeExecutor(num_pages=8, page_size=PAGE_SIZE))
+    assert not controller.is_running
+    controller.start()
+    assert controller.is_running
+    controller.stop()
+    assert not controller.is_running
