@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 from typing import Any
 
 from engine.control.api import ControlError, VirtualForward
@@ -152,10 +153,8 @@ def functions(host: Host) -> list[HostFunction]:
     control = host.control
     request_schema = forward_request_schema(host.model.vocab_size)
 
-    def forward(inst: InstanceState, request: dict[str, Any]) -> HostTaskGen:
-        command = virtual_forward(request, host)
-        result = yield control.forward(inst.id, command)
-        return forward_result(result)
+    def forward(inst: InstanceState, request: dict[str, Any]) -> Future:
+        return control.forward(inst.id, virtual_forward(request, host))  # a lean wait: forward_result()
 
     def forward_all(inst: InstanceState, requests: list[dict[str, Any]]) -> HostTaskGen:
         if len(requests) > host.config.max_generate_batch:
@@ -175,6 +174,9 @@ def functions(host: Host) -> list[HostFunction]:
         return answers
 
     return [
-        HostFunction("forward", "forward", forward, OUTPUTS_RESULT, (request_schema,)),
-        HostFunction("forward", "forward-all", forward_all, ("list", OUTPUTS_RESULT), (("list", request_schema),)),
+        HostFunction("forward", "forward", forward, OUTPUTS_RESULT, (request_schema,), needs_context=False,
+                     finish=forward_result),
+        HostFunction("forward", "forward-all", forward_all, ("list", OUTPUTS_RESULT), (("list", request_schema),),
+                     needs_context=False),
     ]
+

@@ -1,7 +1,8 @@
 """How host functions are declared: a WIT name, a Python implementation and the result's schema.
 
 An implementation is called as `impl(instance_state, *decoded_args)` in the scheduler thread and returns
-either the result value or a generator (a HostTask) that yields Futures while it waits. It reports a bad
+either the result value, or a generator (a HostTask) that yields Futures while it waits, or (the lean path
+of hot calls, with `finish` set) one Future: the call's value is then `finish(future.result())`. It reports a bad
 argument by raising GuestError (or letting ControlError through): for a `result<...>` function the message
 becomes the `err` value; any other exception is a host bug and stops the instance with that message.
 """
@@ -24,6 +25,11 @@ class HostFunction:
     impl: Callable[..., Any]
     schema: Any  # values.Schema of the result, None for a function without result
     params: tuple[Any, ...] | None = None  # schemas of the parameters: compiled decoding for hot calls
+    # whether impl reads InstanceState.context_ptr (the store context, e.g. to make resources); building it
+    # costs a ctypes cast per call, so hot functions that never need it say False
+    needs_context: bool = True
+    # for an impl that returns a Future: its result -> the call's value (raises like impl; see above)
+    finish: Callable[[Any], Any] | None = None
 
     @property
     def instance_name(self) -> str:

@@ -8,13 +8,15 @@ from typing import Any, Callable, Iterable
 import wasmtime
 from wasmtime.component import Linker, ResourceType
 
-from engine.runtime import api_basic, api_forward, api_generate, api_http, api_kv, api_tokenize, ffi_async
+from engine.runtime import (
+    api_basic, api_forward, api_forward_lean, api_generate, api_http, api_kv, api_tokenize, ffi_async,
+)
 from engine.runtime.host import Host
 from engine.runtime.hostfn import HostFunction
 
 
 def host_functions(host: Host) -> list[HostFunction]:
-    modules = (api_basic, api_kv, api_forward, api_generate, api_tokenize, api_http)
+    modules = (api_basic, api_kv, api_forward, api_forward_lean, api_generate, api_tokenize, api_http)
     return [fn for module in modules for fn in module.functions(host)]
 
 
