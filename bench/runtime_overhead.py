@@ -1,25 +1,34 @@
 """Host overhead of the inferlet runtime: N concurrent instances x K forward calls against a fake control.
 
-Two execution models, same guest (tests/engine/runtime/wat/forward_loop.wat: one token, one greedy sampled
-output per forward) and the same fake executor:
+Guests (raw component ABI, tests/engine/runtime/wat/), one token and one greedy sampled output per call:
+- --api forward-tokens (default): the lean path: register-sampler once, then forward-tokens with flat lists;
+- --api forward: the full forward-request record (13-field sampling params per output) on every call.
+Execution models (--model), same guest and fake executor:
 - async:  engine.runtime (one scheduler thread over wasmtime's async C API);
 - thread: one OS thread per instance over wasmtime-py's public, blocking API (a minimal host for the three
-          imports the guest uses), for comparison.
+          imports the forward guest uses), for comparison.
 
-The fake executor follows the adaptive policy: when a step ends, everything pending forms the next batch;
-a step takes --step-ms (the "GPU"). Reported:
-- host CPU per call: CPU time of the process (all threads) per forward call, minus nothing: an upper bound
-  of the host's cost (the fake executor's own work is a few us per batch);
-- async scheduler CPU per call: CPU time of the scheduler thread alone (wasm + host functions);
-- batch fullness: mean over batches of batch size / instances alive when it formed.
+The fake executor follows the control's adaptive policy: when a step ends, everything pending forms the next
+batch; a step takes --step-ms (the "GPU"). Reported (medians over --repeat runs, each run listed too):
+- scheduler CPU per call: CPU time of the scheduler thread alone (wasm, host functions, the fake control's
+  forward() it calls): the host overhead, the least sensitive to other load on the machine;
+- process CPU per call: all threads (adds the fake executor delivering results, the epoch ticker);
+- wall per call, batch fullness (mean over batches of batch size / instances alive when it formed).
+Under the adaptive policy the instances settle into cohorts that alternate steps (a cohort re-submits while
+the other one's step runs), so fullness tends to 1/2 once a round of all instances is shorter than a step,
+and to step / (instances x per-call time) while it is longer. --linger-ms tries another policy (wait before
+a step until every live instance has a forward pending); docs/decisions/execution-model.md has numbers.
+OPENBLAS_NUM_THREADS is set to 1 (numpy comes in through engine.runtime; its idle BLAS pool is no part of
+what is measured here).
 
-    python bench/runtime_overhead.py --instances 1000 --calls 100 --model async
+    python bench/runtime_overhead.py --instances 1000 --calls 100 --step-ms 20 --repeat 3
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -29,6 +38,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy is imported (see the docstring)
 
 import wasmtime  # noqa: E402
 
@@ -38,16 +48,19 @@ from engine.executor.batch import CommandResult, OutputResult  # noqa: E402
 from engine.runtime.config import ModelInfo, RuntimeConfig  # noqa: E402
 from engine.types import InstanceId  # noqa: E402
 
-GUEST = ROOT / "tests" / "engine" / "runtime" / "wat" / "forward_loop.wat"
+WAT_DIR = ROOT / "tests" / "engine" / "runtime" / "wat"
+GUESTS = {"forward": WAT_DIR / "forward_loop.wat", "forward-tokens": WAT_DIR / "forward_tokens_loop.wat"}
+GUEST_SETTINGS = {"TEMPERATURE": "0.0", "SAMPLER_OFFSET": "0", "NUM_LOGPROBS_CASE": "0"}
 VOCAB = 32000
 
 
 class BatchingControl:
     """Just enough of api.Control: pages are counters; forwards go through an adaptive fake executor."""
 
-    def __init__(self, step_s: float) -> None:
+    def __init__(self, step_s: float, linger_s: float = 0.0) -> None:
         self.info = EngineInfo(num_pages=1 << 20, page_size=16, max_context_len=4096, kv_bytes_per_page=1)
         self._step_s = step_s
+        self._linger_s = linger_s
         self._cond = threading.Condition()
         self._pending: list[tuple[VirtualForward, Future]] = []
         self._alive = 0
@@ -82,6 +95,8 @@ class BatchingControl:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending or self._stop)
+                if self._linger_s:  # a policy experiment, not the control's: wait for every live instance
+                    self._cond.wait_for(lambda: len(self._pending) >= self._alive or self._stop, self._linger_s)
                 if self._stop:
                     return
                 batch, self._pending = self._pending, []
@@ -183,24 +198,16 @@ def run_threads(wasm: bytes, control: BatchingControl, instances: int, calls: in
     return {"wall_s": wall, "process_cpu_s": process_cpu}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--instances", type=int, default=1000)
-    parser.add_argument("--calls", type=int, default=100)
-    parser.add_argument("--model", choices=("async", "thread"), default="async")
-    parser.add_argument("--step-ms", type=float, default=0.0, help="fake executor time per step")
-    parser.add_argument("--json", type=Path, help="also write the result here")
-    args = parser.parse_args()
-    wasm = wasmtime.wat2wasm(GUEST.read_text().replace("NUM_STEPS", str(args.calls)))
-    control = BatchingControl(args.step_ms / 1000.0)
+def measure(args: argparse.Namespace, wasm: bytes) -> dict[str, Any]:
+    control = BatchingControl(args.step_ms / 1000.0, args.linger_ms / 1000.0)
     runner = run_async if args.model == "async" else run_threads
+    load_before = os.getloadavg()[0]
     measured = runner(wasm, control, args.instances, args.calls)
     control.stop()
     total_calls = args.instances * args.calls
     batches = [(size, alive) for size, alive in control.batches if alive]
     result = {
-        "model": args.model, "instances": args.instances, "calls_per_instance": args.calls, "step_ms": args.step_ms,
-        "load_average_1m": os.getloadavg()[0], "cpus": os.cpu_count(),
+        "load_average_1m": [load_before, os.getloadavg()[0]],
         "wall_us_per_call": measured["wall_s"] / total_calls * 1e6,
         "process_cpu_us_per_call": measured["process_cpu_s"] / total_calls * 1e6,
         "num_batches": len(batches), "max_batch": max(s for s, _ in batches),
@@ -209,6 +216,39 @@ def main() -> None:
     }
     if "scheduler_cpu_s" in measured:
         result["scheduler_cpu_us_per_call"] = measured["scheduler_cpu_s"] / total_calls * 1e6
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--model", choices=("async", "thread"), default="async")
+    parser.add_argument("--api", choices=tuple(GUESTS), default="forward-tokens",
+                        help="forward: a forward-request record per call; forward-tokens: flat lists and a "
+                             "registered sampler")
+    parser.add_argument("--step-ms", type=float, default=0.0, help="fake executor time per step")
+    parser.add_argument("--linger-ms", type=float, default=0.0,
+                        help="policy experiment: before a step, wait up to this long for every live instance "
+                             "to have a forward pending (0: the control's adaptive policy)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs (a fresh runtime each); medians reported")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    if args.model == "thread" and args.api != "forward":
+        parser.error("the thread-per-instance host implements --api forward only")
+    text = GUESTS[args.api].read_text().replace("NUM_STEPS", str(args.calls))
+    for key, value in GUEST_SETTINGS.items():
+        text = text.replace(key, value)
+    wasm = wasmtime.wat2wasm(text)
+    runs = [measure(args, wasm) for _ in range(args.repeat)]
+    result: dict[str, Any] = {
+        "model": args.model, "api": args.api, "instances": args.instances, "calls_per_instance": args.calls,
+        "step_ms": args.step_ms, "linger_ms": args.linger_ms, "cpus": os.cpu_count(), "repeat": args.repeat,
+    }
+    for key in runs[0]:
+        if key != "load_average_1m":
+            result[key] = statistics.median(run[key] for run in runs)
+    result["runs"] = runs
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -130,13 +130,15 @@ class CallFuture:
     def poll(self, epoch_deadline: int | None = None) -> bool:
         """Run the call until it finishes (True) or suspends (False); epoch_deadline: first set the store's
         deadline to that many epochs from now (a fresh time slice)."""
-        if self._address is None:
+        address = self._address
+        if address is None:
             raise RuntimeError("poll on a deleted call future")
         if epoch_deadline is not None:
             _set_epoch_deadline(self._context, epoch_deadline)
-        if _poll(self._address):
+        if _poll(address):
             self.finished = True
-        return self.finished
+            return True
+        return False
 
     def delete(self) -> None:
         """Free the future; an unfinished call is cancelled."""

@@ -193,29 +193,28 @@ def _memo_decoder(record_schema: tuple, convert: Callable[[dict[str, Any]], Any]
 
 
 MAX_CACHED_LIST = 1024
-_u32_readers: dict[int, tuple[bytes, struct.Struct]] = {}  # size -> (expected kind bytes, unpacker)
+_u32_unpackers: dict[int, struct.Struct] = {}  # size -> the unpacker of `size` u32 vals
 
 
-def _u32_reader(size: int) -> tuple[bytes, struct.Struct]:
-    reader = _u32_readers.get(size)
-    if reader is None:
-        reader = (bytes([U32]) * size, struct.Struct("<" + "8xI20x" * size))
+def _u32_unpacker(size: int) -> struct.Struct:
+    unpacker = _u32_unpackers.get(size)
+    if unpacker is None:
+        unpacker = struct.Struct("<" + "8xI20x" * size)
         if size <= MAX_CACHED_LIST:
-            _u32_readers[size] = reader
-    return reader
+            _u32_unpackers[size] = unpacker
+    return unpacker
 
 
 def read_u32_list(size: int, ptr: int) -> tuple[int, ...]:
-    """The elements of a list val's (size, ptr) payload, checked to be u32 vals. A tuple: once the GC has
-    seen that it holds only ints it stops tracking it (lists of pending forwards would be traversed by every
-    collection until the step ran)."""
+    """The elements of a list val's (size, ptr) payload, checked to be u32 vals (a list's elements share
+    one type, so the first one's kind tells). A tuple: once the GC has seen that it holds only ints it stops
+    tracking it (lists of pending forwards would be traversed by every collection until the step ran)."""
     if not size:
         return ()
-    kinds, unpack = _u32_readers.get(size) or _u32_reader(size)
     items = string_at(ptr, VAL_SIZE * size)
-    if items[0::VAL_SIZE] != kinds:
+    if items[0] != U32:
         raise TypeError("a list<u32> argument holds other values (the guest's import type differs from the API)")
-    return unpack.unpack(items)
+    return (_u32_unpackers.get(size) or _u32_unpacker(size)).unpack(items)
 
 
 def compile_args(params: Sequence[Any]) -> ArgsDecoder:
@@ -232,7 +231,7 @@ def compile_args(params: Sequence[Any]) -> ArgsDecoder:
     # where each argument's head starts among the unpacked fields: a list has (size, ptr), a u32 one value
     starts = [sum(2 if listed else 1 for listed in is_list[:i]) for i in range(count)]
     plan = list(zip(starts, is_list))
-    readers = _u32_readers
+    unpackers = _u32_unpackers
 
     def flat(args: int, num_args: int) -> list[Any]:
         if num_args != count:
@@ -249,11 +248,10 @@ def compile_args(params: Sequence[Any]) -> ArgsDecoder:
             elif not size:
                 arguments.append(())
             else:
-                kinds, unpack = readers.get(size) or _u32_reader(size)
                 items = string_at(fields[start + 1], VAL_SIZE * size)
-                if items[0::VAL_SIZE] != kinds:
+                if items[0] != U32:
                     raise TypeError("a list<u32> argument holds other values (the guest's import type differs)")
-                arguments.append(unpack.unpack(items))
+                arguments.append((unpackers.get(size) or _u32_unpacker(size)).unpack(items))
         return arguments
     return flat
 
