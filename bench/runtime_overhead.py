@@ -116,6 +116,29 @@ class BatchingControl:
         raise NotImplementedError(name)
 
 
+class RealControl:
+    """The engine's own Controller (validation, page tables, batcher with gathering) over the fake executor
+    of bench/runtime_fake_executor.py, which sleeps step_s per step."""
+
+    def __init__(self, step_s: float, instances: int) -> None:
+        from bench.runtime_fake_executor import FakeExecutor
+        from engine.control.config import ControlConfig
+        from engine.control.controller import Controller
+        self.executor = FakeExecutor(num_pages=2 * instances, page_size=16, vocab_size=VOCAB, step_delay_s=step_s,
+                                     simulate_kv=False, check=False)
+        self.controller = Controller(self.executor, ControlConfig(max_batch_size=instances,
+                                                                  max_batch_tokens=max(instances, 4096)))
+        self.controller.start()
+
+    @property
+    def batches(self) -> list[tuple[int, int]]:
+        """(batch size, instances) per step: fullness here is against all instances of the run."""
+        return [(len(b.forwards), self.executor.info.num_pages // 2) for b in self.executor.batches if b.forwards]
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
 class NullTokenizer:
     def new_decoder(self) -> Any:
         raise NotImplementedError
@@ -124,7 +147,8 @@ class NullTokenizer:
 def run_async(wasm: bytes, control: BatchingControl, instances: int, calls: int) -> dict[str, float]:
     from engine.runtime.runtime import Runtime
     model = ModelInfo(name="bench", vocab_size=VOCAB, page_size=16, max_context_len=4096)
-    runtime = Runtime(control, NullTokenizer(), model, RuntimeConfig(time_budget_s=600))  # type: ignore[arg-type]
+    runtime = Runtime(getattr(control, "controller", control), NullTokenizer(), model,  # type: ignore[arg-type]
+                      RuntimeConfig(time_budget_s=600))
     program = runtime.load(wasm)
     cpu: list[float] = []
     runtime._scheduler.post(lambda: cpu.append(time.thread_time()))
@@ -199,7 +223,10 @@ def run_threads(wasm: bytes, control: BatchingControl, instances: int, calls: in
 
 
 def measure(args: argparse.Namespace, wasm: bytes) -> dict[str, Any]:
-    control = BatchingControl(args.step_ms / 1000.0, args.linger_ms / 1000.0)
+    if args.control == "real":
+        control = RealControl(args.step_ms / 1000.0, args.instances)
+    else:
+        control = BatchingControl(args.step_ms / 1000.0, args.linger_ms / 1000.0)
     runner = run_async if args.model == "async" else run_threads
     load_before = os.getloadavg()[0]
     measured = runner(wasm, control, args.instances, args.calls)
@@ -231,6 +258,9 @@ def main() -> None:
     parser.add_argument("--linger-ms", type=float, default=0.0,
                         help="policy experiment: before a step, wait up to this long for every live instance "
                              "to have a forward pending (0: the control's adaptive policy)")
+    parser.add_argument("--control", choices=("fake", "real"), default="fake",
+                        help="fake: a minimal adaptive batcher (the host alone); real: the engine's Controller "
+                             "(validation, page tables, gathering batcher) over a fake executor")
     parser.add_argument("--repeat", type=int, default=1, help="runs (a fresh runtime each); medians reported")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
@@ -243,7 +273,7 @@ def main() -> None:
     runs = [measure(args, wasm) for _ in range(args.repeat)]
     result: dict[str, Any] = {
         "model": args.model, "api": args.api, "instances": args.instances, "calls_per_instance": args.calls,
-        "step_ms": args.step_ms, "linger_ms": args.linger_ms, "cpus": os.cpu_count(), "repeat": args.repeat,
+        "control": args.control, "step_ms": args.step_ms, "linger_ms": args.linger_ms, "cpus": os.cpu_count(), "repeat": args.repeat,
     }
     for key in runs[0]:
         if key != "load_average_1m":
