@@ -4,6 +4,7 @@ The HTTP app and the CLI reach all of it through one Engine object (held in Star
 """
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,10 @@ class Engine:
                           runtime_config)
         log.info("engine ready: %s, %d KV pages of %d tokens", name, executor.info.num_pages,
                  executor.info.page_size)
+        # Start-up leaves a large long-lived heap (torch, transformers, wasmtime, the model): freezing it keeps
+        # the per-token garbage of the decode loop from triggering full collections that walk all of it.
+        gc.collect()
+        gc.freeze()
         return cls(name, model_dir, model_config, tokenizer, executor, control, runtime)
 
     def alive(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Generic, TypeVar, Union
 
@@ -54,7 +55,7 @@ class Mailbox(Generic[T]):
             listeners, self._listeners = self._listeners, []
         if waiter is not None:
             loop, future = waiter
-            loop.call_soon_threadsafe(_wake, future)
+            _waker(loop).wake(future)
         for listener in listeners:
             listener()
 
@@ -95,6 +96,48 @@ class Mailbox(Generic[T]):
         with self._cond:
             if listener in self._listeners:
                 self._listeners.remove(listener)
+
+
+class _LoopWaker:
+    """Wakes futures of one asyncio loop from other threads, one self-pipe write per burst: a decode step
+    puts one message into each of many mailboxes, and each call_soon_threadsafe costs a syscall and a
+    loop iteration. Invariant: `_futures` is non-empty exactly while one flush is scheduled on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._futures: list[asyncio.Future[None]] = []
+
+    def wake(self, future: asyncio.Future[None]) -> None:
+        with self._lock:
+            first = not self._futures
+            self._futures.append(future)
+        if first:
+            try:
+                self._loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                with self._lock:
+                    self._futures.clear()
+                raise
+
+    def _flush(self) -> None:
+        with self._lock:
+            futures, self._futures = self._futures, []
+        for future in futures:
+            _wake(future)
+
+
+# One waker per live loop (a cache keyed weakly, so a closed loop's waker goes with it).
+_wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = weakref.WeakKeyDictionary()
+_wakers_lock = threading.Lock()
+
+
+def _waker(loop: asyncio.AbstractEventLoop) -> _LoopWaker:
+    with _wakers_lock:
+        waker = _wakers.get(loop)
+        if waker is None:
+            waker = _wakers[loop] = _LoopWaker(loop)
+        return waker
 
 
 def _wake(future: asyncio.Future[None]) -> None:

@@ -26,6 +26,10 @@ class StopMatcher:
         """Feed decoded text; returns the part that is now safe to emit. Sets `stopped` on a match."""
         if self.stopped or not delta:
             return ""
+        if not self._stops:  # nothing to match or hold back: all of it is safe (the common case)
+            self._text += delta
+            self._emitted = len(self._text)
+            return delta
         search_from = max(0, len(self._text) - self._longest + 1)
         self._text += delta
         cut = self._first_match(search_from)
