@@ -3,7 +3,7 @@ copies before forwards, and many instances through the run loop."""
 from __future__ import annotations
 
 import threading
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
@@ -11,6 +11,7 @@ from bench.runtime_fake_executor import FakeExecutor
 from engine.control.api import VirtualForward
 from engine.control.config import ControlConfig
 from engine.control.controller import Controller
+from tests.engine.control.conftest import Controllers
 from engine.executor.batch import CommandResult, OutputSpec, SamplingParams
 from engine.types import InstanceId
 
@@ -20,20 +21,12 @@ Make = Callable[..., tuple[Controller, FakeExecutor]]
 
 
 @pytest.fixture
-def make() -> Iterator[Make]:
-    made: list[Controller] = []
-
+def make(controllers: Controllers) -> Make:
     def factory(num_pages: int = 64, page_size: int = 4, **config: int) -> tuple[Controller, FakeExecutor]:
         executor = FakeExecutor(num_pages=num_pages, page_size=page_size, vocab_size=1000)
-        controller = Controller(executor, ControlConfig(**config))
-        made.append(controller)
-        return controller, executor
+        return controllers.make(executor, ControlConfig(**config)), executor
 
-    yield factory
-    for controller in made:
-        controller.stop()
-        stats = controller.stats()
-        assert stats.num_instances == 0 and stats.num_free_pages == stats.num_pages
+    return factory
 
 
 def open_with_pages(controller: Controller, name: str, num_pages: int) -> tuple[InstanceId, list[int]]:

@@ -1,7 +1,7 @@
 """The controller's page API: allocation, quotas, argument validation, sharing, masks, the prefix cache."""
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
@@ -10,6 +10,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.control.api import ControlError, VirtualForward
 from engine.control.config import ControlConfig
 from engine.control.controller import Controller
+from tests.engine.control.conftest import Controllers
 from engine.executor.batch import OutputSpec, SamplingParams
 from engine.types import InstanceId
 
@@ -19,23 +20,14 @@ Make = Callable[..., tuple[Controller, FakeExecutor]]
 
 
 @pytest.fixture
-def make() -> Iterator[Make]:
-    made: list[Controller] = []
-
+def make(controllers: Controllers) -> Make:  # every test closes its instances and unexports its names
     def factory(num_pages: int = 16, page_size: int = 4, max_context_len: int | None = None,
                 **config: int) -> tuple[Controller, FakeExecutor]:
         executor = FakeExecutor(num_pages=num_pages, page_size=page_size, vocab_size=100,
                                 max_context_len=max_context_len)
-        controller = Controller(executor, ControlConfig(**{"vocab_size": 100, **config}))
-        made.append(controller)
-        return controller, executor
+        return controllers.make(executor, ControlConfig(**{"vocab_size": 100, **config})), executor
 
-    yield factory
-    for controller in made:  # every test closes its instances and unexports its names
-        stats = controller.stats()
-        assert stats.num_instances == 0 and stats.num_free_pages == stats.num_pages
-        controller.clear_prefix_cache()
-        assert controller._res.pool.num_free_pages == stats.num_pages and controller._res.pool.num_blocks == 0
+    return factory
 
 
 def alloc(controller: Controller, instance: InstanceId, n: int) -> list[int]:

@@ -3,7 +3,7 @@ resort, deadlock; closing instances mid-flight; executor failures; the run loop.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
@@ -11,6 +11,7 @@ from bench.runtime_fake_executor import FakeExecutor
 from engine.control.api import ControlError, InstanceClosed, VirtualForward
 from engine.control.config import ControlConfig
 from engine.control.controller import Controller
+from tests.engine.control.conftest import Controllers
 from engine.executor.batch import Batch, OutputSpec, SamplingParams
 from engine.types import InstanceId
 
@@ -21,23 +22,14 @@ Make = Callable[..., tuple[Controller, FakeExecutor]]
 
 
 @pytest.fixture
-def make() -> Iterator[Make]:
-    made: list[Controller] = []
-
+def make(controllers: Controllers) -> Make:
     def factory(num_pages: int = 4, num_swap_slots: int = 8, **config: int) -> tuple[Controller, FakeExecutor]:
         # Each output is the sum of the context it saw: wrong KV after a swap shows in the tokens.
         executor = FakeExecutor(num_pages=num_pages, page_size=4, num_swap_slots=num_swap_slots,
                                 vocab_size=100_000, next_token=lambda token, context: sum(context))
-        controller = Controller(executor, ControlConfig(**config))
-        made.append(controller)
-        return controller, executor
+        return controllers.make(executor, ControlConfig(**config)), executor
 
-    yield factory
-    for controller in made:
-        controller.stop()
-        stats = controller.stats()
-        assert stats.num_instances == 0 and stats.num_free_pages == stats.num_pages
-        assert controller._res.pool.num_free_swap_slots == controller._res.pool.num_swap_slots
+    return factory
 
 
 def fwd(tokens: list[int], start: int, pages: list[int]) -> VirtualForward:
