@@ -1,13 +1,12 @@
 """POST /v1/chat/completions."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from app.errors import ApiError
 from app.inferlet_run import ChoiceResult, PromptInfo, RunResult, TextDelta
@@ -15,7 +14,8 @@ from app.openai import responses as R
 from app.openai.chat_request import ChatRequest, parse_chat_request
 from app.openai.inferlet_args import chat_arguments
 from app.openai.tools import extract_tool_calls
-from app.relay import ClientGone, SSEResponse, TimedRelay, collect, read_json, until_disconnected
+from app.relay import TimedRelay, read_json
+from app.routes.run_response import run_and_respond
 from app.state import AppState
 
 log = logging.getLogger("pie.app")
@@ -27,21 +27,10 @@ async def chat_completions(request: Request) -> Response:
     view, limits = state.ready()
     chat = parse_chat_request(await read_json(request), limits)
     meta = R.ResponseMeta.new("chatcmpl", chat.model)
-    stack = contextlib.AsyncExitStack()
-    try:
-        run, prompt = await until_disconnected(request, state.enter_run(stack, chat_arguments(chat), chat.params.n))
-        relay = TimedRelay(run, state.metrics, arrival)
-        if chat.params.stream:
-            response = SSEResponse(_stream(chat, meta, prompt, relay, view.token_text), stack)
-            stack = contextlib.AsyncExitStack()  # the response owns the instance now
-            return response  # type: ignore[return-value]
-        result = await until_disconnected(request, collect(relay))
-        relay.finish(prompt.num_prompt_tokens, result)
-        return JSONResponse(_completion(chat, meta, prompt, result, view.token_text))
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        await stack.aclose()
+    stream = (lambda prompt, relay: _stream(chat, meta, prompt, relay, view.token_text)) if chat.params.stream \
+        else None
+    return await run_and_respond(request, state, arrival, chat_arguments(chat), chat.params.n, stream,
+                                 lambda prompt, result: _completion(chat, meta, prompt, result, view.token_text))
 
 
 def _choice_message(chat: ChatRequest, result: ChoiceResult) -> tuple[dict[str, Any], str]:

@@ -1,13 +1,12 @@
 """POST /v1/completions."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any, AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from app.engine_view import EngineView
 from app.errors import ApiError
@@ -15,7 +14,8 @@ from app.inferlet_run import PromptInfo, RunResult, TextDelta
 from app.openai import responses as R
 from app.openai.completion_request import CompletionRequest, parse_completion_request
 from app.openai.inferlet_args import completion_arguments
-from app.relay import ClientGone, SSEResponse, TimedRelay, collect, read_json, until_disconnected
+from app.relay import TimedRelay, read_json
+from app.routes.run_response import run_and_respond
 from app.state import AppState
 
 log = logging.getLogger("pie.app")
@@ -28,25 +28,17 @@ async def completions(request: Request) -> Response:
     completion = parse_completion_request(await read_json(request), limits)
     meta = R.ResponseMeta.new("cmpl", completion.model)
     echoes = _echo_texts(completion, view)
-    stack = contextlib.AsyncExitStack()
-    try:
-        run, prompt = await until_disconnected(request, state.enter_run(stack, completion_arguments(completion, view.special_prefix_ids),
-                                                                   completion.params.n))
-        relay = TimedRelay(run, state.metrics, arrival)
-        if completion.params.stream:
-            response = SSEResponse(_stream(completion, meta, prompt, relay, view.token_text, echoes), stack)
-            stack = contextlib.AsyncExitStack()  # the response owns the instance now
-            return response  # type: ignore[return-value]
-        result = await until_disconnected(request, collect(relay))
-        relay.finish(prompt.num_prompt_tokens, result)
+    arguments = completion_arguments(completion, view.special_prefix_ids)
+
+    def body(prompt: PromptInfo, result: RunResult) -> dict[str, Any]:
         choices = [R.completion_choice(c.index, echoes[c.index] + c.text, c.finish_reason,
                                        R.completion_logprobs(c, view.token_text, len(echoes[c.index])))
                    for c in result.choices]
-        return JSONResponse(R.completion(meta, choices, R.usage(prompt, result)))
-    except ClientGone:
-        return Response(status_code=499)
-    finally:
-        await stack.aclose()
+        return R.completion(meta, choices, R.usage(prompt, result))
+
+    stream = (lambda prompt, relay: _stream(completion, meta, prompt, relay, view.token_text, echoes)) \
+        if completion.params.stream else None
+    return await run_and_respond(request, state, arrival, arguments, completion.params.n, stream, body)
 
 
 def _echo_texts(completion: CompletionRequest, view: EngineView) -> list[str]:
