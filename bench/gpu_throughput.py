@@ -3,11 +3,13 @@ executor with continuous batching, next to Hugging Face transformers on the same
 
     python -m bench.gpu_throughput [--shapes llama-3.1-8b smollm2-135m] [--requests 512] [--prompt 512]
                                    [--output 256] [--token-budget 8192] [--hf-requests 64] [--hf-output 128]
+                                   [--sync-baseline] [--profile]
 
-The loop here is a minimal scheduler driving Executor.execute directly (no control layer): each step feeds
+The loop here is a minimal scheduler driving the executor directly (no control layer): each step feeds
 one token to every decoding sequence, then fills the rest of the token budget with prompt chunks, admitting
 waiting requests while their pages (prompt + output, reserved up front) fit. Decode-only steps replay CUDA
-graphs. Output tok/s = requests * output / wall time from the first step to the last token.
+graphs. Steps overlap: step N + 1 is submitted (its decodes take step N's tokens on the device, TokenRef)
+before the host waits for step N's results; --sync-baseline also runs the loop without overlap. Output tok/s = requests * output / wall time from the first step to the last token.
 transformers runs `generate` (greedy, min_new_tokens = max_new_tokens) in batches of --hf-batch, bf16, SDPA
 attention, on fewer requests and output tokens to keep the run short (its tok/s would only fall with longer
 outputs).
@@ -26,8 +28,9 @@ import torch
 
 from bench.common_gpu import MODEL_SHAPES, format_table, save_result
 from engine.config import EngineConfig, ModelConfig
-from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
+from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
 from engine.executor.executor import Executor
+from engine.executor.pending import PendingStep
 from engine.model.llama import random_weights
 
 SEED = 0
@@ -43,85 +46,133 @@ def _greedy_output(index: int) -> tuple[OutputSpec, ...]:
 
 @dataclass
 class _Request:
-    token_ids: list[int]  # prompt, then outputs as they come
+    token_ids: list[int]  # prompt, then outputs as they reach the host
     num_prompt: int
     num_output: int
     page_ids: list[int] = field(default_factory=list)
-    num_cached: int = 0
+    num_cached: int = 0  # tokens fed to a submitted step
+    num_scheduled: int = 0  # outputs asked of submitted steps
+    ref: TokenRef | None = None  # where the last scheduled output lies in the step just submitted
 
     @property
     def is_decoding(self) -> bool:
         return self.num_cached >= self.num_prompt
 
     @property
+    def is_scheduled(self) -> bool:
+        return self.num_scheduled >= self.num_output
+
+    @property
     def is_done(self) -> bool:
         return len(self.token_ids) - self.num_prompt >= self.num_output
 
 
-def _command(req: _Request, num_tokens: int, page_size: int) -> ForwardCommand:
+def _command(req: _Request, num_tokens: int, page_size: int, fed: TokenRef | None) -> ForwardCommand:
+    """The next num_tokens of req; fed: its last token is still on the device (the previous step's)."""
     end = req.num_cached + num_tokens
     num_pages = -(-end // page_size)
-    wants_token = end == len(req.token_ids)
-    outputs = _greedy_output(num_tokens - 1) if wants_token else ()
-    return ForwardCommand(token_ids=req.token_ids[req.num_cached:end], positions=range(req.num_cached, end),
+    wants_token = end >= req.num_prompt
+    token_ids = [0] if fed is not None else req.token_ids[req.num_cached:end]
+    return ForwardCommand(token_ids=token_ids, positions=range(req.num_cached, end),
                           page_ids=req.page_ids[:num_pages], last_page_len=end - (num_pages - 1) * page_size,
-                          outputs=outputs)
+                          outputs=_greedy_output(num_tokens - 1) if wants_token else (), fed_token=fed)
 
 
-def run_engine(executor: Executor, prompts: list[list[int]], num_output: int, token_budget: int,
-               max_running: int) -> tuple[dict, list[list[int]]]:
-    """Runs every request to completion; returns the stats and each request's output tokens."""
-    page_size = executor.info.page_size
-    pages_per_request = -(-(len(prompts[0]) + num_output) // page_size)
-    free_pages = list(range(executor.info.num_pages))
-    max_running = min(max_running, len(free_pages) // pages_per_request)
-    requests = [_Request(list(p), len(p), num_output) for p in prompts]
-    waiting = deque(requests)
-    running: list[_Request] = []
-    num_steps = num_decode_steps = 0
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    while waiting or running:
-        commands, owners, budget = [], [], token_budget
-        for req in running:
-            if req.is_decoding:
-                commands.append(_command(req, 1, page_size))
+class _Loop:
+    """The minimal continuous-batching scheduler: decodes first, then prompt chunks, then admissions."""
+
+    def __init__(self, executor: Executor, prompts: list[list[int]], num_output: int, token_budget: int,
+                 max_running: int) -> None:
+        self.executor, self.page_size, self.token_budget = executor, executor.info.page_size, token_budget
+        pages_per_request = -(-(len(prompts[0]) + num_output) // self.page_size)
+        self.pages_per_request = pages_per_request
+        self.free_pages = list(range(executor.info.num_pages))
+        self.max_running = min(max_running, len(self.free_pages) // pages_per_request)
+        self.requests = [_Request(list(p), len(p), num_output) for p in prompts]
+        self.waiting = deque(self.requests)
+        self.running: list[_Request] = []
+        self.num_steps = self.num_decode_steps = 0
+
+    def next_batch(self, overlap: bool) -> tuple[Batch, list[_Request]] | None:
+        """The next step over what is known now; with overlap, decodes take the last step's tokens on the
+        device (TokenRef) instead of waiting for them."""
+        commands, owners, budget = [], [], self.token_budget
+        refs: list[TokenRef | None] = []
+        for req in self.running:
+            if req.is_decoding and not req.is_scheduled:
+                known = len(req.token_ids) > req.num_cached
+                if not known and not overlap:
+                    continue
+                commands.append(_command(req, 1, self.page_size, None if known else req.ref))
                 owners.append(req)
                 budget -= 1
-        for req in [r for r in running if not r.is_decoding]:
+        for req in [r for r in self.running if not r.is_decoding]:
             if budget <= 0:
                 break
             chunk = min(budget, req.num_prompt - req.num_cached)
-            commands.append(_command(req, chunk, page_size))
+            commands.append(_command(req, chunk, self.page_size, None))
             owners.append(req)
             budget -= chunk
-        while waiting and budget > 0 and len(running) < max_running:
-            req = waiting.popleft()
-            req.page_ids = [free_pages.pop() for _ in range(pages_per_request)]
-            running.append(req)
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            req = self.waiting.popleft()
+            req.page_ids = [self.free_pages.pop() for _ in range(self.pages_per_request)]
+            self.running.append(req)
             chunk = min(budget, req.num_prompt)
-            commands.append(_command(req, chunk, page_size))
+            commands.append(_command(req, chunk, self.page_size, None))
             owners.append(req)
             budget -= chunk
-        results = executor.execute(Batch(forwards=commands, step_id=num_steps)).results
-        num_steps += 1
-        num_decode_steps += all(len(c.token_ids) == 1 for c in commands)
-        for req, command, result in zip(owners, commands, results):
-            req.num_cached += len(command.token_ids)
+        if not commands:
+            return None
+        for b, (req, command) in enumerate(zip(owners, commands)):
+            req.num_cached += len(command.token_ids) if command.fed_token is None else 1
+            if command.outputs:
+                req.num_scheduled += 1
+                req.ref = TokenRef(b)
+        self.num_steps += 1
+        self.num_decode_steps += all(len(c.token_ids) == 1 for c in commands)
+        return Batch(forwards=commands, step_id=self.num_steps), owners
+
+    def deliver(self, pending: PendingStep, owners: list[_Request], batch: Batch) -> None:
+        for req, command, result in zip(owners, batch.forwards, pending.result().results):
             if result.outputs:
                 req.token_ids.append(result.outputs[0].token_id)
-        for req in [r for r in running if r.is_done]:
-            free_pages.extend(req.page_ids)
-            running.remove(req)
+        for req in [r for r in self.running if r.is_done]:
+            self.free_pages.extend(req.page_ids)
+            self.running.remove(req)
+
+    def run(self, overlap: bool) -> None:
+        """Steps until every request is done; with overlap, step N + 1 is submitted before N's results."""
+        in_flight: tuple[PendingStep, list[_Request], Batch] | None = None
+        while self.waiting or self.running:
+            planned = self.next_batch(overlap)
+            submitted = None
+            if planned is not None:
+                submitted = (self.executor.submit(planned[0]), planned[1], planned[0])
+            if in_flight is not None:
+                self.deliver(*in_flight)
+            in_flight = submitted
+            if in_flight is not None and not overlap:
+                self.deliver(*in_flight)
+                in_flight = None
+        assert in_flight is None
+
+
+def run_engine(executor: Executor, prompts: list[list[int]], num_output: int, token_budget: int,
+               max_running: int, overlap: bool = True) -> tuple[dict, list[list[int]]]:
+    """Runs every request to completion; returns the stats and each request's output tokens."""
+    loop = _Loop(executor, prompts, num_output, token_budget, max_running)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    loop.run(overlap)
     wall = time.perf_counter() - started
     num_out = len(prompts) * num_output
     graphs = executor.decode_graphs
     stats = {"requests": len(prompts), "prompt": len(prompts[0]), "output": num_output, "wall_s": wall,
              "output_tok_s": num_out / wall, "total_tok_s": (num_out + sum(map(len, prompts))) / wall,
-             "steps": num_steps, "decode_only_steps": num_decode_steps,
-             "graph_replays": graphs.num_replays if graphs is not None else 0, "max_running": max_running,
+             "overlap": overlap, "steps": loop.num_steps, "decode_only_steps": loop.num_decode_steps,
+             "graph_replays": graphs.num_replays if graphs is not None else 0, "max_running": loop.max_running,
              "token_budget": token_budget, "num_pages": executor.info.num_pages}
-    return stats, [r.token_ids[r.num_prompt:] for r in requests]
+    return stats, [r.token_ids[r.num_prompt:] for r in loop.requests]
 
 
 def hf_config(cfg: ModelConfig):
@@ -180,6 +231,8 @@ def main() -> None:
     parser.add_argument("--hf-output", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="cProfile the engine run (host hot spots)")
+    parser.add_argument("--sync-baseline", action="store_true",
+                        help="also run the engine without overlap (each step waits for the previous one's tokens)")
     args = parser.parse_args()
     rows = []
     for name in args.shapes:
@@ -195,21 +248,27 @@ def main() -> None:
         profiler = cProfile.Profile() if args.profile else None
         if profiler is not None:
             profiler.enable()
-        ours, _ = run_engine(executor, prompts, args.output, args.token_budget, args.max_running)
+        ours, outputs = run_engine(executor, prompts, args.output, args.token_budget, args.max_running)
         if profiler is not None:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         ours["setup_s"], ours["warmup_s"] = setup_s, warm["wall_s"]
+        sync = None
+        if args.sync_baseline:
+            sync, sync_outputs = run_engine(executor, prompts, args.output, args.token_budget, args.max_running,
+                                            overlap=False)
+            # bf16 results depend on the batch's make-up, which overlap shifts by a step: not all equal.
+            sync["same_outputs_as_overlap"] = sum(a == b for a, b in zip(outputs, sync_outputs)) / len(outputs)
         del executor
         gc.collect()
         torch.cuda.empty_cache()
         hf = run_hf(cfg, prompts[:args.hf_requests], args.hf_output, args.hf_batch) if args.hf_requests else None
-        rows.append({"shape": name, "engine": ours, "transformers": hf})
-        print(name, ours, hf, flush=True)
+        rows.append({"shape": name, "engine": ours, "engine_sync": sync, "transformers": hf})
+        print(name, ours, sync, hf, flush=True)
     table = format_table(
-        ["shape", "engine out tok/s", "requests x (prompt+output)", "wall s", "transformers out tok/s",
-         "HF requests x (prompt+output), batch"],
-        [[r["shape"], r["engine"]["output_tok_s"],
+        ["shape", "engine out tok/s", "no-overlap out tok/s", "requests x (prompt+output)", "wall s",
+         "transformers out tok/s", "HF requests x (prompt+output), batch"],
+        [[r["shape"], r["engine"]["output_tok_s"], r["engine_sync"]["output_tok_s"] if r["engine_sync"] else "-",
           f'{r["engine"]["requests"]} x ({r["engine"]["prompt"]}+{r["engine"]["output"]})', r["engine"]["wall_s"],
           r["transformers"]["output_tok_s"] if r["transformers"] else "-",
           f'{r["transformers"]["requests"]} x ({r["transformers"]["prompt"]}+{r["transformers"]["output"]}), '

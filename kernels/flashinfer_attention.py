@@ -135,6 +135,9 @@ class FlashInferAttention(AttentionBackend):
         self._planned_for: AttentionShape | None = None
         self._is_decode = False
         self._mask: torch.Tensor | None = None
+        # Recorded after each plan's copies: FlashInfer stages its plan in a pinned host buffer that it copies
+        # to the device asynchronously; the next plan must not overwrite it before that copy has run.
+        self._plan_copied: torch.cuda.Event | None = None
         if graph_batch_size is None:
             self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
             # fa2 everywhere: one compiled module serves causal and custom-mask steps (fa3 has no custom masks).
@@ -187,6 +190,10 @@ class FlashInferAttention(AttentionBackend):
         indptr, indices = torch.from_numpy(meta.kv_page_indptr), torch.from_numpy(meta.kv_page_ids)
         last_lens = torch.from_numpy(meta.kv_last_page_lens)
         heads = (shape.num_qo_heads, shape.num_kv_heads, shape.head_dim)
+        if self._plan_copied is None:
+            self._plan_copied = torch.cuda.Event()
+        else:
+            self._plan_copied.synchronize()  # (the previous step's start: normally long done)
         if self._is_decode:
             self._decode.plan(indptr, indices, last_lens, *heads, meta.page_size,
                               q_data_type=shape.dtype, kv_data_type=shape.dtype)
@@ -194,6 +201,7 @@ class FlashInferAttention(AttentionBackend):
             self._prefill.plan(torch.from_numpy(meta.qo_indptr), indptr, indices, last_lens, *heads,
                                meta.page_size, custom_mask=self._mask, causal=self._mask is None,
                                q_data_type=shape.dtype, kv_data_type=shape.dtype)
+        self._plan_copied.record()
         self._planned_for = shape
 
     # -- per layer --------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ KV placement invariant: a command's context is `page_ids` (physical, any order, 
 `len(token_ids)` slots of that context: the executor writes their K/V there, then attends each new token to
 the context (causally by default: new token i sees slots [0, context_len - num_tokens + i]).
 RoPE uses `positions`, which need not equal slot indices.
+
+Pipelining: a command may take its last token from the step submitted just before (`fed_token`), still on
+the device, so the next step can be submitted before this one's tokens reach the host.
 """
 from __future__ import annotations
 
@@ -82,6 +85,19 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class TokenRef:
+    """The token sampled by output `output_index` of forward command `command_index` of the step submitted
+    to the executor just before the one that holds this reference."""
+
+    command_index: int
+    output_index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.command_index < 0 or self.output_index < 0:
+            raise ValueError("a TokenRef's indices must be >= 0")
+
+
+@dataclass(frozen=True)
 class ForwardCommand:
     """One sequence's part of a step: a prefill chunk or a decode token (see the module invariant)."""
 
@@ -92,6 +108,9 @@ class ForwardCommand:
     outputs: Sequence[OutputSpec] = ()
     # Optional custom mask, row-major [num_tokens][context_len]: True = may attend. None = causal.
     attention_mask: Sequence[Sequence[bool]] | None = None
+    # When set, the LAST of token_ids is a placeholder (any id in range) that the executor replaces, on the
+    # device, with the referenced token of the previous step.
+    fed_token: TokenRef | None = None
 
     def context_len(self, page_size: int) -> int:
         return (len(self.page_ids) - 1) * page_size + self.last_page_len

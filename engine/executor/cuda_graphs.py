@@ -20,8 +20,9 @@ How it works:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from kernels.attention import AttentionBackend, AttentionStep
@@ -77,8 +78,7 @@ class CudaGraphDecoder:
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._page_ids = torch.zeros(config.max_pages_per_step, dtype=torch.int32, device=device)
         max_size = config.sizes[-1]
-        self._input_ids = torch.zeros(max_size, dtype=torch.long, device=device)
-        self._positions = torch.zeros(max_size, dtype=torch.long, device=device)
+        self._inputs = torch.zeros(2, max_size, dtype=torch.long, device=device)  # token ids; positions
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[int, _Graph] = {}
         self.num_replays = 0
@@ -107,19 +107,22 @@ class CudaGraphDecoder:
                 return size
         raise ValueError(f"{num_seqs} sequences exceed the largest captured batch {self.config.sizes[-1]}")
 
-    def forward(self, token_ids: Sequence[int], positions: Sequence[int], step: AttentionStep) -> torch.Tensor:
-        """One decode step: returns the final hidden states [B, H] (a view the next replay overwrites)."""
+    def forward(self, token_ids: np.ndarray, positions: np.ndarray, step: AttentionStep,
+                fed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One decode step: returns the final hidden states [B, H] (a view the next replay overwrites).
+        token_ids, positions: [B] int64; fed: ([F] rows, [F] token ids) on the device that replace those rows'
+        token ids (tokens of the previous step that the host has not seen)."""
         if not self.supports(step):
             raise ValueError("not a decode step this runner can replay (see supports())")
         num_seqs = step.num_seqs
         size = self.bucket(num_seqs)
         entry = self._graphs[size]
         entry.attention.plan(self._padded(step, size))
-        num_pad = size - num_seqs
-        self._input_ids[:size].copy_(torch.tensor([*token_ids, *[token_ids[0]] * num_pad], dtype=torch.long),
-                                     non_blocking=True)
-        self._positions[:size].copy_(torch.tensor([*positions, *[positions[0]] * num_pad], dtype=torch.long),
-                                     non_blocking=True)
+        pad = np.zeros(size - num_seqs, np.int64)
+        inputs = torch.from_numpy(np.concatenate([token_ids, pad + token_ids[0], positions, pad + positions[0]]))
+        self._inputs[:, :size].copy_(inputs.view(2, size), non_blocking=True)
+        if fed is not None:
+            self._inputs[0].index_copy_(0, *fed)
         entry.graph.replay()
         self.num_replays += 1
         return entry.hidden[:num_seqs]
@@ -131,7 +134,7 @@ class CudaGraphDecoder:
         attention = FlashInferAttention(self.model.device, self.shape, workspace=self._workspace,
                                         graph_batch_size=size, page_id_buffer=self._page_ids)
         attention.plan(self._padded(_one_token_step(self.page_size), size))
-        input_ids, positions = self._input_ids[:size], self._positions[:size]
+        input_ids, positions = self._inputs[0, :size], self._inputs[1, :size]
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, allocator growth
@@ -147,14 +150,16 @@ class CudaGraphDecoder:
     def _padded(step: AttentionStep, size: int) -> AttentionStep:
         """The step plus (size - B) copies of sequence 0's new token, attending to one slot of its last page."""
         num_pad = size - step.num_seqs
-        qo_end, pages_end = step.qo_indptr[-1], step.kv_page_indptr[-1]
+        qo_indptr, page_indptr = np.asarray(step.qo_indptr), np.asarray(step.kv_page_indptr)
+        page_ids, slot_ids = np.asarray(step.kv_page_ids), np.asarray(step.slot_ids)
+        tail = np.arange(1, num_pad + 1)
         return AttentionStep(
             page_size=step.page_size,
-            qo_indptr=[*step.qo_indptr, *range(qo_end + 1, qo_end + num_pad + 1)],
-            kv_page_indptr=[*step.kv_page_indptr, *range(pages_end + 1, pages_end + num_pad + 1)],
-            kv_page_ids=[*step.kv_page_ids, *[step.kv_page_ids[step.kv_page_indptr[1] - 1]] * num_pad],
-            kv_last_page_lens=[*step.kv_last_page_lens, *[1] * num_pad],
-            slot_ids=[*step.slot_ids, *[step.slot_ids[0]] * num_pad])
+            qo_indptr=np.concatenate([qo_indptr, qo_indptr[-1] + tail]),
+            kv_page_indptr=np.concatenate([page_indptr, page_indptr[-1] + tail]),
+            kv_page_ids=np.concatenate([page_ids, np.full(num_pad, page_ids[page_indptr[1] - 1])]),
+            kv_last_page_lens=np.concatenate([np.asarray(step.kv_last_page_lens), np.ones(num_pad, np.int64)]),
+            slot_ids=np.concatenate([slot_ids, np.full(num_pad, slot_ids[0])]))
 
 
 def build_decode_graphs(model: Decoder, kv_caches: list[torch.Tensor], page_size: int,

@@ -7,8 +7,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
+from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
 from engine.executor.executor import Executor
+from engine.executor.pending import PendingStep
 
 
 @dataclass
@@ -62,9 +63,45 @@ class DirectGenerator:
             new_tokens.append(token)
         return new_tokens
 
+    def decode_pipelined(self, seqs: Sequence[DirectSequence], sampling: SamplingParams, num_steps: int) -> None:
+        """num_steps decode steps, each submitted before the previous one's tokens reach the host (it takes
+        them on the device); appends the tokens. Each sequence must have exactly one uncached token."""
+        if any(len(s.token_ids) != s.num_cached + 1 for s in seqs):
+            raise ValueError("pipelined decoding needs exactly one uncached token per sequence")
+        outputs = [OutputSpec(index=0, sampling=sampling)]
+        pending: PendingStep | None = None
+        for _ in range(num_steps):
+            commands = []
+            for b, seq in enumerate(seqs):
+                end = seq.num_cached + 1
+                self._reserve(seq, end)
+                fed = None if pending is None else TokenRef(b)
+                commands.append(ForwardCommand(
+                    token_ids=[0 if fed else seq.token_ids[seq.num_cached]], positions=[seq.num_cached],
+                    page_ids=list(seq.page_ids), last_page_len=end - (len(seq.page_ids) - 1) * self.page_size,
+                    outputs=outputs, fed_token=fed))
+                seq.num_cached = end
+            submitted = self.executor.submit(Batch(forwards=commands))
+            if pending is not None:
+                self._collect(seqs, pending)
+            pending = submitted
+        if pending is not None:
+            self._collect(seqs, pending)
+
+    @staticmethod
+    def _collect(seqs: Sequence[DirectSequence], pending: PendingStep) -> None:
+        for seq, result in zip(seqs, pending.result().results):
+            token = result.outputs[0].token_id
+            assert token is not None
+            seq.token_ids.append(token)
+
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 sampling: SamplingParams = SamplingParams()) -> list[list[int]]:
+                 sampling: SamplingParams = SamplingParams(), pipelined: bool = False) -> list[list[int]]:
+        """Lockstep generation; pipelined: after the prefill, decode_pipelined (same tokens, fewer waits)."""
         seqs = [self.start(p) for p in prompts]
+        if pipelined and max_new_tokens > 0:
+            self.step(seqs, sampling)
+            self.decode_pipelined(seqs, sampling, max_new_tokens - 1)
         while any(len(s.output_ids) < max_new_tokens for s in seqs):
             self.step([s for s in seqs if len(s.output_ids) < max_new_tokens], sampling)
         outputs = [s.output_ids for s in seqs]

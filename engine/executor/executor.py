@@ -1,5 +1,8 @@
 """The executor: runs one Batch (swaps, page copies, one forward over all commands, sampling) per call.
 
+execute() runs a step to the end; submit() only enqueues it, so the caller can build the next step while
+the device works, and that step can take this one's sampled tokens on the device (batch.TokenRef).
+
 No HTTP, Wasm or scheduling here: it can be driven directly by tests and benchmarks.
 """
 from __future__ import annotations
@@ -8,11 +11,13 @@ import time
 from types import ModuleType
 from typing import MutableMapping
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig, EngineInfo, ModelConfig
-from engine.executor.batch import Batch, CommandResult, OutputResult, StepResult
+from engine.executor.batch import Batch, StepResult
 from engine.executor.kv_pool import KVPool, kv_bytes_per_page, plan_num_pages
+from engine.executor.pending import PendingStep, StepOutputs
 from engine.executor.sampler import Sampler
 from engine.executor.step_inputs import StepInputs, build_step_inputs
 from engine.model.llama import LlamaModel
@@ -42,6 +47,7 @@ class Executor:
         self.kv = KVPool(model_config, num_pages, engine_config.page_size, self.dtype, self.device)
         self.sampler = Sampler(seed=engine_config.seed)
         self.decode_graphs = _decode_graphs(self.model, self.kv, self.attention, engine_config)
+        self._previous: StepOutputs | None = None  # the last launched step's tokens (see pending.py)
         self.info = EngineInfo(
             num_pages=num_pages, page_size=engine_config.page_size,
             max_context_len=min(model_config.max_position_embeddings, num_pages * engine_config.page_size),
@@ -52,49 +58,66 @@ class Executor:
         return self.kv.num_swap_slots
 
     def execute(self, batch: Batch) -> StepResult:
-        """Validates the whole batch first: an invalid batch raises ValueError and changes nothing."""
+        """Runs one step to completion (submit, then wait for its results)."""
+        return self.submit(batch).result()
+
+    def submit(self, batch: Batch) -> PendingStep:
+        """Validates the whole batch first (an invalid batch raises ValueError and changes nothing), then
+        enqueues its work on the device without waiting for it: the host may build the next step meanwhile."""
         started = time.perf_counter()
         inputs = build_step_inputs(batch.forwards, self.model_config, self.kv.page_size, self.kv.num_pages) \
             if batch.forwards else None
+        feed = self._feed_rows(inputs)
         for swap in (*batch.swap_outs, *batch.swap_ins):
             self.kv.check_swap(swap)
         for copy in batch.page_copies:
             self.kv.check_copy(copy)
+        previous, self._previous = self._previous, None  # a step that fails midway cannot be referenced
         self.kv.swap_out(list(batch.swap_outs))
         self.kv.swap_in(list(batch.swap_ins))
         self.kv.copy(list(batch.page_copies))
-        results = self._forward(inputs) if inputs is not None else ()
-        return StepResult(results=results, step_id=batch.step_id, elapsed_s=time.perf_counter() - started)
-
-    def _forward(self, inputs: StepInputs) -> tuple[CommandResult, ...]:
-        logits = self._logits(inputs)
-        outputs = self.sampler.sample(logits, inputs.output_specs) if len(inputs.output_rows) else []
-        return _split(outputs, inputs.num_outputs_per_command)
+        if inputs is None:
+            return PendingStep(batch.step_id, None, [], started)
+        logits = self._logits(inputs, feed, previous)
+        sampled = self.sampler.launch(logits, inputs.output_specs) if len(inputs.output_rows) else None
+        if sampled is not None:
+            self._previous = StepOutputs.of(sampled, inputs.output_specs, inputs.num_outputs_per_command)
+        return PendingStep(batch.step_id, sampled, inputs.num_outputs_per_command, started)
 
     def logits(self, batch: Batch) -> torch.Tensor:
         """Runs the batch's forwards and returns the raw logits [N, V] of the requested rows (no sampling)."""
-        return self._logits(build_step_inputs(batch.forwards, self.model_config, self.kv.page_size,
-                                              self.kv.num_pages))
+        inputs = build_step_inputs(batch.forwards, self.model_config, self.kv.page_size, self.kv.num_pages)
+        feed = self._feed_rows(inputs)
+        previous, self._previous = self._previous, None
+        return self._logits(inputs, feed, previous)
 
-    def _logits(self, inputs: StepInputs) -> torch.Tensor:
+    def _feed_rows(self, inputs: StepInputs | None) -> np.ndarray | None:
+        """[F] rows of the previous step's tokens that this step's fed tokens take; ValueError if invalid."""
+        if inputs is None or not inputs.fed_refs:
+            return None
+        if self._previous is None:
+            raise ValueError("a forward command takes a token of the previous step, which sampled none")
+        return self._previous.rows_of(inputs.fed_refs)
+
+    def _logits(self, inputs: StepInputs, feed: np.ndarray | None, previous: StepOutputs | None) -> torch.Tensor:
+        fed = None
+        if feed is not None:
+            assert previous is not None
+            index = torch.from_numpy(np.concatenate([inputs.fed_rows, feed])).to(self.device, non_blocking=True)
+            rows, sources = index.split(len(feed))
+            fed = (rows, previous.tokens.index_select(0, sources))  # ([F] token rows, [F] token ids)
         graphs = self.decode_graphs
         if graphs is not None and graphs.supports(inputs.attention):
-            hidden = graphs.forward(inputs.token_ids, inputs.positions, inputs.attention)
+            hidden = graphs.forward(inputs.token_ids, inputs.positions, inputs.attention, fed)
         else:
             self.attention.plan(inputs.attention)
             input_ids = torch.from_numpy(inputs.token_ids).to(self.device, non_blocking=True)
+            if fed is not None:
+                input_ids.index_copy_(0, *fed)
             positions = torch.from_numpy(inputs.positions).to(self.device, non_blocking=True)
             hidden = self.model.forward(input_ids, positions, self.attention, self.kv.layers)
         rows = torch.from_numpy(inputs.output_rows).to(self.device, non_blocking=True)
         return self.model.logits(hidden.index_select(0, rows))
-
-
-def _split(outputs: list[OutputResult], counts: list[int]) -> tuple[CommandResult, ...]:
-    results, start = [], 0
-    for n in counts:
-        results.append(CommandResult(outputs=tuple(outputs[start:start + n])))
-        start += n
-    return tuple(results)
 
 
 def _decode_graphs(model: LlamaModel, kv: KVPool, attention: AttentionBackend, engine: EngineConfig):

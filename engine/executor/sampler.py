@@ -13,11 +13,14 @@ Penalties, bias and masks touch only the listed token ids (gather, compute, scat
 len(output_token_ids)), so its token depends only on its own logits and params, never on the batch;
 unseeded rows take theirs from the sampler's generator. Host inputs travel with one copy per dtype, and
 every result the host needs comes back packed in one float64 tensor (one device-to-host transfer).
+
+launch() never waits for the device: it returns SampledOutputs, whose `tokens` stay on the device (a later
+step can consume them there, see batch.TokenRef) and whose results() waits for the one transfer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -111,6 +114,38 @@ def _check_inputs(logits: torch.Tensor, specs: Sequence[OutputSpec]) -> None:
         raise ValueError("logits have an empty vocabulary")
 
 
+class SampledOutputs:
+    """One step's sampled outputs, possibly still being computed on the device.
+
+    tokens: [N] int64 on the logits' device, row i's sampled token (-1 for distribution rows).
+    results() waits for the packed device-to-host copy (pinned memory, enqueued by launch) and decodes it.
+    """
+
+    def __init__(self, tokens: torch.Tensor, packed: torch.Tensor,
+                 decode: Callable[[list], list[OutputResult]]) -> None:
+        self.tokens = tokens
+        self._decode = decode
+        self._event: torch.cuda.Event | None = None
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            packed = host
+        self._packed = packed
+        self._results: list[OutputResult] | None = None
+
+    def is_ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def results(self) -> list[OutputResult]:
+        if self._results is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._results = self._decode(self._packed.tolist())
+        return self._results
+
+
 class Sampler:
     """Samples one step's outputs. Unseeded rows draw their uniforms from this sampler's (CPU) generator."""
 
@@ -123,11 +158,14 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, specs: Sequence[OutputSpec]) -> list[OutputResult]:
         """One OutputResult per row of logits [N, V] (row i answers specs[i]); ValueError on bad input."""
+        return self.launch(logits, specs).results()
+
+    def launch(self, logits: torch.Tensor, specs: Sequence[OutputSpec]) -> SampledOutputs:
+        """Enqueues sampling of logits [N, V] (row i answers specs[i]); ValueError on bad input."""
         _check_inputs(logits, specs)
-        if not specs:
-            return []
-        if all(_is_plain_greedy(s) for s in specs):
-            return [OutputResult(token_id=t) for t in logits.argmax(dim=-1).tolist()]
+        if all(_is_plain_greedy(s) for s in specs):  # (also the empty batch)
+            tokens = logits.argmax(dim=-1)
+            return SampledOutputs(tokens, tokens, lambda ids: [OutputResult(token_id=t) for t in ids])
         plan = _Plan.build(specs)
         vocab_size = logits.shape[1]
         params = [_params(specs[i]) for i in plan.sampling_rows]
@@ -135,17 +173,19 @@ class Sampler:
         draws = Draws.build([params[r] for r in plan.random_rows], vocab_size, self._generator)
         rows, penalties, draws = ship([_RowIndex.build(plan), penalties, draws], logits.device)
         parts: list[torch.Tensor] = []
+        all_tokens = torch.full((plan.num_rows,), -1, dtype=torch.int64, device=logits.device)
         if plan.sampling_rows:
             raw = take_rows(logits, rows.sampling)
             tokens = _tokens(raw, penalties, draws, plan, rows)
             parts.append(tokens)
+            all_tokens = tokens if rows.sampling is None else all_tokens.index_copy_(0, rows.sampling, tokens)
             if plan.logprob_rows:
                 parts.extend(_logprobs(take_rows(raw, rows.logprob), take_rows(tokens, rows.logprob), plan))
         if plan.distribution_rows:
             parts.extend(_distributions(take_rows(logits, rows.distribution), max(plan.distribution_top_ks)))
         # The one device-to-host transfer: ids are exact in float64.
-        values = torch.cat([p.reshape(-1).to(torch.float64) for p in parts]).tolist()
-        return _unpack(values, plan, vocab_size)
+        packed = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
+        return SampledOutputs(all_tokens, packed, lambda values: _unpack(values, plan, vocab_size))
 
 
 def _tokens(raw: torch.Tensor, penalties: Penalties, draws: Draws, plan: _Plan, rows: _RowIndex) -> torch.Tensor:

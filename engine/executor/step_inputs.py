@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.config import ModelConfig
-from engine.executor.batch import ForwardCommand, OutputSpec
+from engine.executor.batch import ForwardCommand, OutputSpec, TokenRef
 from kernels.attention import AttentionStep
 
 
@@ -24,6 +24,8 @@ class StepInputs:
     output_rows: np.ndarray  # [N] int64 rows of the T tokens whose logits are wanted
     output_specs: list[OutputSpec]  # [N]
     num_outputs_per_command: list[int]  # [B]
+    fed_rows: np.ndarray  # [F] int64 rows of the T tokens that take a token of the previous step
+    fed_refs: list[TokenRef]  # [F] where each of them comes from
 
 
 def build_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, page_size: int,
@@ -67,8 +69,9 @@ def build_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, pa
     step = AttentionStep(page_size=page_size, qo_indptr=qo_indptr, kv_page_indptr=kv_page_indptr,
                          kv_page_ids=page_ids, kv_last_page_lens=last_lens, slot_ids=slot_ids,
                          custom_masks=cols.masks if cols.has_mask else None)
+    fed_rows = qo_indptr[np.asarray(cols.fed_commands, np.int64) + 1] - 1
     return StepInputs(token_ids, positions, step, output_index + qo_indptr[output_cmd], cols.output_specs,
-                      cols.num_outputs)
+                      cols.num_outputs, fed_rows, cols.fed_refs)
 
 
 @dataclass
@@ -87,11 +90,16 @@ class _Columns:
     output_indices: list[int] = field(default_factory=list)
     output_specs: list[OutputSpec] = field(default_factory=list)
     num_outputs: list[int] = field(default_factory=list)
+    fed_commands: list[int] = field(default_factory=list)
+    fed_refs: list[TokenRef] = field(default_factory=list)
 
     @classmethod
     def gather(cls, commands: Sequence[ForwardCommand]) -> "_Columns":
         cols = cls()
-        for c in commands:
+        for b, c in enumerate(commands):
+            if c.fed_token is not None:
+                cols.fed_commands.append(b)
+                cols.fed_refs.append(c.fed_token)
             cols.token_ids.extend(c.token_ids)
             cols.num_tokens.append(len(c.token_ids))
             cols.positions.extend(c.positions)

@@ -1,0 +1,80 @@
+"""Pipelined steps: a submitted step whose outputs may still be on the device (PendingStep), and what the
+next step may take from it on the device (StepOutputs, read through batch.TokenRef).
+
+Invariant: the executor keeps the StepOutputs of the last step it launched; a TokenRef always points there.
+Stream order makes the feed safe: the next step's copy of a referenced token is enqueued after the sampling
+that writes it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from engine.executor.batch import CommandResult, OutputResult, OutputSpec, StepResult, TokenRef
+from engine.executor.sampler import SampledOutputs
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """The sampled tokens of one launched step, on the device, with the map from (command, output) to row."""
+
+    tokens: torch.Tensor  # [N] int64 on the device
+    output_specs: Sequence[OutputSpec]  # [N]
+    output_starts: np.ndarray  # [B + 1] int64: command b's outputs are rows output_starts[b]:[b + 1]
+
+    @classmethod
+    def of(cls, sampled: SampledOutputs, specs: Sequence[OutputSpec], counts: Sequence[int]) -> "StepOutputs":
+        starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.asarray(counts, np.int64))])
+        return cls(sampled.tokens, specs, starts)
+
+    def rows_of(self, refs: Sequence[TokenRef]) -> np.ndarray:
+        """[F] int64 rows of `tokens`; ValueError when a reference names no sampled token of this step."""
+        num_commands = len(self.output_starts) - 1
+        rows = np.empty(len(refs), np.int64)
+        for f, ref in enumerate(refs):
+            if ref.command_index >= num_commands:
+                raise ValueError(f"token reference to command {ref.command_index}: the previous step had "
+                                 f"{num_commands} commands")
+            row = int(self.output_starts[ref.command_index]) + ref.output_index
+            if row >= self.output_starts[ref.command_index + 1]:
+                raise ValueError(f"token reference to output {ref.output_index} of command {ref.command_index}, "
+                                 f"which had {row - int(self.output_starts[ref.command_index])} outputs")
+            if self.output_specs[row].sampling is None:
+                raise ValueError(f"token reference to output {ref.output_index} of command {ref.command_index}, "
+                                 "a distribution, not a sampled token")
+            rows[f] = row
+        return rows
+
+
+class PendingStep:
+    """A launched step; result() waits (once) for its outputs to reach the host."""
+
+    def __init__(self, step_id: int, sampled: SampledOutputs | None, num_outputs_per_command: Sequence[int],
+                 started_s: float) -> None:
+        self.step_id = step_id
+        self._sampled = sampled
+        self._counts = num_outputs_per_command
+        self._started_s = started_s
+        self._result: StepResult | None = None
+
+    def is_ready(self) -> bool:
+        return self._result is not None or self._sampled is None or self._sampled.is_ready()
+
+    def result(self) -> StepResult:
+        if self._result is None:
+            outputs = self._sampled.results() if self._sampled is not None else []
+            self._result = StepResult(results=_split(outputs, self._counts), step_id=self.step_id,
+                                      elapsed_s=time.perf_counter() - self._started_s)
+        return self._result
+
+
+def _split(outputs: list[OutputResult], counts: Sequence[int]) -> tuple[CommandResult, ...]:
+    results, start = [], 0
+    for n in counts:
+        results.append(CommandResult(outputs=tuple(outputs[start:start + n])))
+        start += n
+    return tuple(results)
