@@ -7,6 +7,9 @@ Decisions:
 - add_rms_norm and apply_rope work IN PLACE: add_rms_norm overwrites `x` with the normed sum and `residual`
   with the sum; apply_rope rotates q and k where they lie (they may be strided views of one qkv tensor).
   The decoder passes temporaries it never reads again, so the results equal the reference's.
+- single_row_linear (decode at batch 1) is the Triton GEMV of kernels/gemv.py: it reads the weights at
+  2.5-3.2 TB/s where cuBLAS reaches 2.2-2.8 on the H100 (bench/gpu_gemv.py). Its Python launch costs tens of
+  microseconds, so the decoder uses it only inside CUDA graphs and for the LM head (engine/model/llama.py).
 - Numerics: sums of squares and rotations are computed in float32, rounded once to the input dtype
   (the reference rounds the normalised value before multiplying by the weight: one bf16 ulp apart).
 """
@@ -18,6 +21,9 @@ import torch
 
 os.environ.setdefault("FLASHINFER_USE_CUDA_NORM", "1")  # nvcc-built norm kernels, not the CuTe-DSL ones
 import flashinfer  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernels import gemv as _gemv  # noqa: E402
 
 from kernels.ops import rope_cos_sin_cache, rope_inv_freq  # noqa: F401  (host-side, shared with the reference)
 
@@ -46,3 +52,10 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     flashinfer.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, q.shape[-1], cos_sin_cache,
                                                           is_neox=True)
     return q, k
+
+
+def single_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] @ weight [N, K].T (+ bias) through the Triton GEMV where it applies, else cuBLAS."""
+    if _gemv.supports(x, weight):
+        return _gemv.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)

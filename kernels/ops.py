@@ -7,8 +7,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from engine.config import RopeConfig
+
+
+def single_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] @ weight [N, K].T (+ bias): F.linear here; a GEMV kernel on CUDA (kernels/gpu_ops.py)."""
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

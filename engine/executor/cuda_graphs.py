@@ -20,7 +20,7 @@ How it works:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ContextManager, Protocol
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ class Decoder(Protocol):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor: ...
+
+    def graph_mode(self) -> ContextManager[None]: ...
 
 
 @dataclass(frozen=True)
@@ -137,13 +139,14 @@ class CudaGraphDecoder:
         input_ids, positions = self._inputs[0, :size], self._inputs[1, :size]
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, allocator growth
-            for _ in range(2):
-                self.model.forward(input_ids, positions, attention, self.kv_caches)
-        torch.cuda.current_stream(self.model.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            hidden = self.model.forward(input_ids, positions, attention, self.kv_caches)
+        with self.model.graph_mode():
+            with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits and JIT, allocator growth
+                for _ in range(2):
+                    self.model.forward(input_ids, positions, attention, self.kv_caches)
+            torch.cuda.current_stream(self.model.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                hidden = self.model.forward(input_ids, positions, attention, self.kv_caches)
         return _Graph(graph, attention, hidden)
 
     @staticmethod

@@ -48,6 +48,8 @@ class Executor:
         self.sampler = Sampler(seed=engine_config.seed)
         self.decode_graphs = _decode_graphs(self.model, self.kv, self.attention, engine_config)
         self._previous: StepOutputs | None = None  # the last launched step's tokens (see pending.py)
+        if self.device.type == "cuda":  # JIT-compile the one-row LM head kernel now, not on a first request
+            self.model.logits(torch.zeros(1, model_config.hidden_size, device=self.device, dtype=self.dtype))
         self.info = EngineInfo(
             num_pages=num_pages, page_size=engine_config.page_size,
             max_context_len=min(model_config.max_position_embeddings, num_pages * engine_config.page_size),

@@ -5,9 +5,10 @@ Shapes: T tokens in the step, H hidden, Hq/Hkv heads, D head_dim.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,9 @@ class LlamaModel:
                                                     config.max_position_embeddings, device)
         self._q_size = config.num_heads * config.head_dim
         self._kv_size = config.num_kv_heads * config.head_dim
+        # While True (graph_mode()), one-row matmuls go to ops.single_row_linear (a GEMV kernel on CUDA whose
+        # Python launch cost only pays off when a CUDA graph replays it).
+        self._single_row_kernels = False
 
     @classmethod
     def random(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -69,8 +73,8 @@ class LlamaModel:
                 x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
             hidden = self._attention(layer, x, positions, attention, kv_cache)
             x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, cfg.rms_norm_eps)
-            gate_up = F.linear(x, layer.gate_up_proj, layer.gate_up_bias)
-            hidden = F.linear(ops.silu_and_mul(gate_up), layer.down_proj, layer.down_bias)
+            gate_up = self._linear(x, layer.gate_up_proj, layer.gate_up_bias)
+            hidden = self._linear(ops.silu_and_mul(gate_up), layer.down_proj, layer.down_bias)
         out, _ = ops.add_rms_norm(hidden, residual, self.norm, cfg.rms_norm_eps)
         return out
 
@@ -78,18 +82,35 @@ class LlamaModel:
                    attention: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         num_tokens = x.shape[0]
-        qkv = F.linear(x, layer.qkv_proj, layer.qkv_bias)
+        qkv = self._linear(x, layer.qkv_proj, layer.qkv_bias)
         q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
         q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         q, k = self.ops.apply_rope(q, k, positions, self.cos_sin_cache)
         out = attention.forward(q, k, v, kv_cache)
-        return F.linear(out.reshape(num_tokens, self._q_size), layer.o_proj, layer.o_bias)
+        return self._linear(out.reshape(num_tokens, self._q_size), layer.o_proj, layer.o_bias)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._single_row_kernels and x.shape[0] == 1:
+            return self.ops.single_row_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    @contextmanager
+    def graph_mode(self) -> Iterator[None]:
+        """For CUDA-graph warm-up and capture: one-row matmuls use ops.single_row_linear."""
+        previous, self._single_row_kernels = self._single_row_kernels, True
+        try:
+            yield
+        finally:
+            self._single_row_kernels = previous
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> [N, V] float32."""
+        """[N, H] -> [N, V] float32. One row (decode at batch 1) reads the whole LM head for one token: the
+        GEMV kernel of ops.single_row_linear, worth its launch cost there."""
+        if hidden.shape[0] == 1:
+            return self.ops.single_row_linear(hidden, self.lm_head).float()
         return F.linear(hidden, self.lm_head).float()
 
 
