@@ -117,6 +117,47 @@ def probe_gemm(name: str, batches: list[int], iters: int = 50) -> list[list]:
     return rows
 
 
+def probe_attention(name: str, batches: list[int], context: int, page_size: int = 16, reps: int = 20) -> list[list]:
+    """GPU time of one layer's paged decode attention (FlashInfer, CUDA cores vs tensor cores), from a CUDA
+    graph of `reps` back-to-back calls, next to the time to read that layer's K/V at copy bandwidth."""
+    import flashinfer
+    cfg = MODEL_SHAPES[name]
+    rows = []
+    for batch in batches:
+        pages_per_seq = -(-context // page_size)
+        num_pages = batch * pages_per_seq
+        cache = torch.randn(num_pages, 2, page_size, cfg.num_kv_heads, cfg.head_dim, device="cuda",
+                            dtype=torch.bfloat16)
+        q = torch.randn(batch, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
+        indptr = torch.arange(batch + 1, dtype=torch.int32) * pages_per_seq
+        indices = torch.randperm(num_pages, dtype=torch.int32).cuda()
+        last = torch.full((batch,), context - (pages_per_seq - 1) * page_size, dtype=torch.int32)
+        for tensor_cores in (False, True):
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                torch.zeros(128 << 20, dtype=torch.uint8, device="cuda"), "NHD", use_tensor_cores=tensor_cores)
+            wrapper.plan(indptr, indices, last, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, page_size,
+                         q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+            for _ in range(3):
+                wrapper.run(q, cache)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(reps):
+                    wrapper.run(q, cache)
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            us = start.elapsed_time(end) * 1e3 / (5 * reps)
+            kv_bytes = batch * context * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+            rows.append([name, batch, context, "tensor cores" if tensor_cores else "cuda cores", us,
+                         kv_bytes / (us * 1e-6) / 1e12])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(MODEL_SHAPES), choices=list(MODEL_SHAPES))
@@ -124,7 +165,14 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--probe-gemm", action="store_true", help="only time the matmuls (cuBLAS vs cuBLASLt)")
+    parser.add_argument("--probe-attention", action="store_true",
+                        help="only time one layer's decode attention (FlashInfer CUDA cores vs tensor cores)")
     args = parser.parse_args()
+    if args.probe_attention:
+        for name in args.shapes:
+            print(format_table(["shape", "batch", "context", "kernel", "us per layer", "KV TB/s"],
+                               probe_attention(name, args.batches, args.context)))
+        return
     if args.probe_gemm:
         for name in args.shapes:
             print(format_table(["library", "matmul", "batch", "us", "weight TB/s"], probe_gemm(name, args.batches)))

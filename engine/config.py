@@ -109,7 +109,10 @@ class EngineConfig:
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     page_size: int = 16
     num_pages: int | None = None  # None: size the pool from free memory
-    kv_memory_fraction: float = 0.9  # of free memory (GPU: after weights and graphs; CPU: a cap below)
+    # CUDA: the share of the device's memory for weights, activations, graphs and the KV pool (vLLM's
+    # --gpu-memory-utilization); the pool gets what is left (engine/executor/memory.py).
+    gpu_memory_utilization: float = 0.9
+    kv_memory_fraction: float = 0.9  # CPU: of available host memory, capped by max_cpu_kv_bytes
     max_cpu_kv_bytes: int = 2 << 30
     max_batch_tokens: int = 4096  # per-step token budget (prefill chunks + decodes)
     max_batch_size: int = 256  # sequences per step
@@ -123,6 +126,8 @@ class EngineConfig:
             raise ValueError("num_pages must be positive")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError("kv_memory_fraction must be in (0, 1]")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.max_batch_tokens <= 0 or self.max_batch_size <= 0:
             raise ValueError("max_batch_tokens and max_batch_size must be positive")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):

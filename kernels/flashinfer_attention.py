@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kernels.attention import AttentionBackend, AttentionStep
+from kernels.transfer import pinned, to_device
 
 # FlashInfer's CUDA norm kernels (one nvcc-compiled module, cacheable) rather than its CuTe-DSL ones.
 os.environ.setdefault("FLASHINFER_USE_CUDA_NORM", "1")
@@ -174,12 +175,12 @@ class FlashInferAttention(AttentionBackend):
                 raise ValueError(f"this CUDA-graph backend runs decode steps of exactly "
                                  f"{self.graph_batch_size} sequences")
             # In place: a captured graph reads these very buffers.
-            self._write_index.copy_(torch.from_numpy(meta.write_index), non_blocking=True)
-            self._source_rows.copy_(torch.from_numpy(meta.source_rows), non_blocking=True)
+            self._write_index.copy_(pinned(meta.write_index, self.device), non_blocking=True)
+            self._source_rows.copy_(pinned(meta.source_rows, self.device), non_blocking=True)
         else:
-            self._write_index = torch.from_numpy(meta.write_index).to(self.device, non_blocking=True)
+            self._write_index = to_device(meta.write_index, self.device)
         self._is_decode = meta.is_decode
-        self._mask = None if meta.mask is None else torch.from_numpy(meta.mask).to(self.device)
+        self._mask = None if meta.mask is None else to_device(meta.mask, self.device)
         self._step, self._planned_for = meta, None
         if self.shape is not None:
             self._plan_kernels(self.shape)
@@ -187,8 +188,10 @@ class FlashInferAttention(AttentionBackend):
     def _plan_kernels(self, shape: AttentionShape) -> None:
         meta = self._step
         assert meta is not None
-        indptr, indices = torch.from_numpy(meta.kv_page_indptr), torch.from_numpy(meta.kv_page_ids)
-        last_lens = torch.from_numpy(meta.kv_last_page_lens)
+        # Host arrays FlashInfer reads while planning go pinned; the page ids (only copied) go to the device
+        # here, as a CPU tensor would make FlashInfer's graph-mode plan copy them synchronously.
+        indptr, last_lens = pinned(meta.kv_page_indptr, self.device), pinned(meta.kv_last_page_lens, self.device)
+        indices = to_device(meta.kv_page_ids, self.device)
         heads = (shape.num_qo_heads, shape.num_kv_heads, shape.head_dim)
         if self._plan_copied is None:
             self._plan_copied = torch.cuda.Event()
@@ -198,7 +201,7 @@ class FlashInferAttention(AttentionBackend):
             self._decode.plan(indptr, indices, last_lens, *heads, meta.page_size,
                               q_data_type=shape.dtype, kv_data_type=shape.dtype)
         else:
-            self._prefill.plan(torch.from_numpy(meta.qo_indptr), indptr, indices, last_lens, *heads,
+            self._prefill.plan(pinned(meta.qo_indptr, self.device), indptr, indices, last_lens, *heads,
                                meta.page_size, custom_mask=self._mask, causal=self._mask is None,
                                q_data_type=shape.dtype, kv_data_type=shape.dtype)
         self._plan_copied.record()

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--page-size", type=int, default=16, help="KV slots per page (a power of two)")
     parser.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="CUDA: share of the GPU's memory for weights, activations, graphs and the KV cache")
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens per engine step")
     parser.add_argument("--max-batch-size", type=int, default=256, help="sequences per engine step")
     parser.add_argument("--max-running-requests", type=int, default=256,
@@ -74,7 +76,7 @@ def _engine_config(args: argparse.Namespace):  # -> EngineConfig
 
     return EngineConfig(device=args.device, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
-                        cuda_graphs=not args.no_cuda_graphs)
+                        cuda_graphs=not args.no_cuda_graphs, gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def _cache_root() -> Path:

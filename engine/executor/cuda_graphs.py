@@ -27,6 +27,7 @@ import torch
 
 from kernels.attention import AttentionBackend, AttentionStep
 from kernels.flashinfer_attention import WORKSPACE_BYTES, AttentionShape, FlashInferAttention
+from kernels.transfer import pinned
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
@@ -121,7 +122,8 @@ class CudaGraphDecoder:
         entry = self._graphs[size]
         entry.attention.plan(self._padded(step, size))
         pad = np.zeros(size - num_seqs, np.int64)
-        inputs = torch.from_numpy(np.concatenate([token_ids, pad + token_ids[0], positions, pad + positions[0]]))
+        inputs = pinned(np.concatenate([token_ids, pad + token_ids[0], positions, pad + positions[0]]),
+                        self.model.device)
         self._inputs[:, :size].copy_(inputs.view(2, size), non_blocking=True)
         if fed is not None:
             self._inputs[0].index_copy_(0, *fed)

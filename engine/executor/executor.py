@@ -7,6 +7,7 @@ No HTTP, Wasm or scheduling here: it can be driven directly by tests and benchma
 """
 from __future__ import annotations
 
+import logging
 import time
 from types import ModuleType
 from typing import MutableMapping
@@ -17,12 +18,16 @@ import torch
 from engine.config import EngineConfig, EngineInfo, ModelConfig
 from engine.executor.batch import Batch, StepResult
 from engine.executor.kv_pool import KVPool, kv_bytes_per_page, plan_num_pages
+from engine.executor.memory import MemoryPlan, decode_probe, prefill_probe, probe_num_pages
 from engine.executor.pending import PendingStep, StepOutputs
 from engine.executor.sampler import Sampler
 from engine.executor.step_inputs import StepInputs, build_step_inputs
 from engine.model.llama import LlamaModel
 from kernels.attention import AttentionBackend, TorchAttention
+from kernels.flashinfer_attention import WORKSPACE_BYTES
+from kernels.transfer import to_device
 
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,17 +48,49 @@ class Executor:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.attention = attention or default_attention
-        num_pages = plan_num_pages(model_config, engine_config, self.dtype, self.device)
-        self.kv = KVPool(model_config, num_pages, engine_config.page_size, self.dtype, self.device)
         self.sampler = Sampler(seed=engine_config.seed)
-        self.decode_graphs = _decode_graphs(self.model, self.kv, self.attention, engine_config)
         self._previous: StepOutputs | None = None  # the last launched step's tokens (see pending.py)
+        self.memory_plan: MemoryPlan | None = None
+        self.decode_graphs = None  # captured once the pool exists
+        if engine_config.num_pages is None and self.device.type == "cuda":
+            self.memory_plan = self._plan_memory()
+            num_pages = self.memory_plan.num_pages(kv_bytes_per_page(model_config, engine_config.page_size,
+                                                                     self.dtype))
+        else:
+            num_pages = plan_num_pages(model_config, engine_config, self.dtype)
+        self.kv = KVPool(model_config, num_pages, engine_config.page_size, self.dtype, self.device)
+        self.decode_graphs = _decode_graphs(self.model, self.kv, self.attention, engine_config)
         if self.device.type == "cuda":  # JIT-compile the one-row LM head kernel now, not on a first request
             self.model.logits(torch.zeros(1, model_config.hidden_size, device=self.device, dtype=self.dtype))
         self.info = EngineInfo(
             num_pages=num_pages, page_size=engine_config.page_size,
             max_context_len=min(model_config.max_position_embeddings, num_pages * engine_config.page_size),
             kv_bytes_per_page=kv_bytes_per_page(model_config, engine_config.page_size, self.dtype))
+
+    def _plan_memory(self) -> MemoryPlan:
+        """Runs the largest prefill and decode steps on a probe pool (see memory.py), then frees it."""
+        cfg = self.engine_config
+        self.kv = KVPool(self.model_config, probe_num_pages(cfg), cfg.page_size, self.dtype, self.device,
+                         num_swap_slots=1)
+        activation_bytes = self._peak_bytes(prefill_probe(self.model_config, cfg))
+        graph_bytes = self._peak_bytes(decode_probe(cfg)) + WORKSPACE_BYTES if cfg.cuda_graphs else 0
+        del self.kv
+        self._previous = None
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        plan = MemoryPlan(total_bytes=total, in_use_bytes=total - free, activation_bytes=activation_bytes,
+                          graph_bytes=graph_bytes, utilization=cfg.gpu_memory_utilization)
+        log.info("GPU memory: %s", plan.describe())
+        return plan
+
+    def _peak_bytes(self, commands: list) -> int:
+        """Peak device memory a step over `commands` allocates beyond what exists before it."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.execute(Batch(forwards=commands))
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - before
 
     @property
     def num_swap_slots(self) -> int:
@@ -105,7 +142,7 @@ class Executor:
         fed = None
         if feed is not None:
             assert previous is not None
-            index = torch.from_numpy(np.concatenate([inputs.fed_rows, feed])).to(self.device, non_blocking=True)
+            index = to_device(np.concatenate([inputs.fed_rows, feed]), self.device)
             rows, sources = index.split(len(feed))
             fed = (rows, previous.tokens.index_select(0, sources))  # ([F] token rows, [F] token ids)
         graphs = self.decode_graphs
@@ -113,12 +150,12 @@ class Executor:
             hidden = graphs.forward(inputs.token_ids, inputs.positions, inputs.attention, fed)
         else:
             self.attention.plan(inputs.attention)
-            input_ids = torch.from_numpy(inputs.token_ids).to(self.device, non_blocking=True)
+            input_ids = to_device(inputs.token_ids, self.device)
             if fed is not None:
                 input_ids.index_copy_(0, *fed)
-            positions = torch.from_numpy(inputs.positions).to(self.device, non_blocking=True)
+            positions = to_device(inputs.positions, self.device)
             hidden = self.model.forward(input_ids, positions, self.attention, self.kv.layers)
-        rows = torch.from_numpy(inputs.output_rows).to(self.device, non_blocking=True)
+        rows = to_device(inputs.output_rows, self.device)
         return self.model.logits(hidden.index_select(0, rows))
 
 

@@ -203,3 +203,20 @@ def test_pipelined_decode_equals_lockstep(hf_model: torch.nn.Module, cuda_graphs
         assert pipelined == lockstep
         if cuda_graphs:
             assert executor.decode_graphs.num_replays == NUM_NEW - 1
+
+
+@pytest.mark.gpu
+def test_kv_pool_fills_what_gpu_memory_utilization_leaves(hf_model: torch.nn.Module) -> None:
+    from engine.executor.executor import Executor
+    engine = EngineConfig(device="cuda", dtype="bfloat16", page_size=PAGE_SIZE, max_batch_size=64,
+                          max_batch_tokens=2048, gpu_memory_utilization=0.5)
+    executor = Executor(ModelConfig.from_hf(hf_model.config), engine, dict(hf_model.state_dict()))
+    plan = executor.memory_plan
+    assert plan is not None and executor.info.num_pages == plan.num_pages(executor.info.kv_bytes_per_page)
+    assert plan.activation_bytes > 0 and plan.graph_bytes > 0
+    free, total = torch.cuda.mem_get_info()
+    assert total - free <= 0.5 * total + (1 << 30), "pool, graphs and weights stay within the share (+1 GiB)"
+    # The largest steps still run with the pool in place.
+    from engine.executor.memory import decode_probe, prefill_probe
+    executor.execute(Batch(forwards=prefill_probe(executor.model_config, engine)))
+    executor.execute(Batch(forwards=decode_probe(engine)))
