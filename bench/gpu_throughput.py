@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--output", type=int, default=256)
     parser.add_argument("--token-budget", type=int, default=8192)
     parser.add_argument("--max-running", type=int, default=512)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--hf-requests", type=int, default=64)
     parser.add_argument("--hf-output", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=64)
@@ -240,7 +241,8 @@ def main() -> None:
         gen = torch.Generator().manual_seed(SEED)
         prompts = torch.randint(0, cfg.vocab_size, (args.requests, args.prompt), generator=gen).tolist()
         engine = EngineConfig(device="cuda", dtype="bfloat16", max_batch_size=args.max_running,
-                              max_batch_tokens=args.token_budget, cuda_graphs=True, seed=SEED)
+                              max_batch_tokens=args.token_budget, cuda_graphs=True, seed=SEED,
+                              gpu_memory_utilization=args.gpu_memory_utilization)
         started = time.perf_counter()
         executor = Executor(cfg, engine)  # random_weights(cfg, seed=SEED), as transformers gets below
         setup_s = time.perf_counter() - started

@@ -3,8 +3,8 @@ weights, the peak activations of the largest step, and the decode graphs' memory
 
 Measured, not estimated: before the pool exists the executor runs its largest prefill step (max_batch_tokens
 tokens, up to max_batch_size sampled rows) and its largest decode step (max_batch_size sequences) eagerly on
-a small probe pool and reads PyTorch's peak allocation over each (probe_commands below). A captured decode
-graph keeps about one eager decode step's activations in its private pool, plus its own attention workspace.
+a small probe pool and reads PyTorch's peak allocation over each. A captured decode graph keeps about one
+eager decoder pass's activations in its private pool, plus its own attention workspace.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def prefill_probe(model: ModelConfig, engine: EngineConfig) -> list[ForwardComma
 
 
 def decode_probe(engine: EngineConfig) -> list[ForwardCommand]:
-    """max_batch_size sequences of one token each, sequence i in page i, each sampled."""
-    outputs = [OutputSpec(index=0, sampling=_PROBE_SAMPLING)]
-    return [ForwardCommand(token_ids=[0], positions=[0], page_ids=[i], last_page_len=1, outputs=outputs)
+    """max_batch_size sequences of one token each, sequence i in page i. No outputs: a graph captures the
+    decoder alone (the LM head and sampling run outside it, within the prefill probe's peak)."""
+    return [ForwardCommand(token_ids=[0], positions=[0], page_ids=[i], last_page_len=1)
             for i in range(engine.max_batch_size)]
