@@ -56,6 +56,10 @@ class AttentionStep:
 class AttentionBackend(ABC):
     """plan() once per step, then forward() once per layer. forward appends the new K/V, then attends."""
 
+    # Whether the executor may replay decode steps of this backend's kind from CUDA graphs (it then builds
+    # graph-mode instances itself: engine/executor/cuda_graphs.py).
+    supports_cuda_graphs: bool = False
+
     @abstractmethod
     def plan(self, step: AttentionStep) -> None: ...
 

@@ -121,6 +121,8 @@ class FlashInferAttention(AttentionBackend):
     """FlashInfer paged attention. Give `shape` to plan FlashInfer inside plan(); without it the first
     forward() of a step plans from q/k's shapes (still once per step)."""
 
+    supports_cuda_graphs = True
+
     def __init__(self, device: torch.device | str = "cuda", shape: AttentionShape | None = None, *,
                  workspace: torch.Tensor | None = None, graph_batch_size: int | None = None,
                  page_id_buffer: torch.Tensor | None = None) -> None:

@@ -161,7 +161,7 @@ class Executor:
 
 def _decode_graphs(model: LlamaModel, kv: KVPool, attention: AttentionBackend, engine: EngineConfig):
     """CUDA-graph decode (engine/executor/cuda_graphs.py) when on CUDA with FlashInfer and enabled."""
-    if model.device.type != "cuda" or not engine.cuda_graphs or type(attention).__name__ != "FlashInferAttention":
+    if model.device.type != "cuda" or not engine.cuda_graphs or not attention.supports_cuda_graphs:
         return None
     from engine.executor.cuda_graphs import build_decode_graphs
     return build_decode_graphs(model, kv.layers, kv.page_size, engine.max_batch_size)
