@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: install the carried wheels, restore FlashInfer's compiled kernels, then run the
+# parts named on the command line, each under a time limit, writing logs and results under $OUT.
+#
+#   bash scripts/gpu_session.sh tests decode throughput http      (any subset, in that order)
+#
+# Needs, in the working tree (git-ignored, passed with the device tool's `carry`):
+#   .whl/                 ../shared/gpu/fetch-wheels (plus the client wheels of docs/benchmarks.md for `http`)
+#   .fi-cache/aot.tar.gz  python -m bench.common_gpu export-aot, from an earlier GPU run (else ~2 min of JIT)
+#   .gpu-model/           for `http`: SmolLM2's config/tokenizer files, llama-3.1-8b/ (config + tokenizer), and
+#                         pie-cache/inferlets/<hash>.wasm.gz, the default inferlet as `make serve` built it on
+#                         the CPU machine (~/.cache/pie/inferlets/<hash>.wasm, hash = app.inferlet_build.source_hash)
+set -o pipefail
+export PYTHONUNBUFFERED=1
+ROOT=$PWD; G=$ROOT/.gpu-model; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+stamp() { echo "[t=${SECONDS}s] $*"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$ROOT"/.whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$ROOT:$PYTHONPATH
+if [ -f "$ROOT/.fi-cache/aot.tar.gz" ]; then
+  mkdir -p /tmp/site/flashinfer/data/aot && tar xzf "$ROOT/.fi-cache/aot.tar.gz" -C /tmp/site/flashinfer/data/aot
+fi
+stamp "setup done"
+
+for part in "$@"; do
+  case $part in
+    tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -4 ;;
+    decode) timeout 200 python3 -m bench.gpu_decode 2>&1 | tail -8 ;;
+    throughput) timeout 300 python3 -m bench.gpu_throughput --sync-baseline 2>&1 | tail -5 ;;
+    http) bash "$ROOT/scripts/gpu_http.sh" ;;
+    *) echo "unknown part $part (tests, decode, throughput, http)"; exit 2 ;;
+  esac
+  stamp "$part rc=$?"
+  cp "$ROOT"/bench/results/gpu_*.json "$OUT"/ 2>/dev/null
+done
