@@ -268,10 +268,11 @@ def main() -> None:
         rows.append({"shape": name, "engine": ours, "engine_sync": sync, "transformers": hf})
         print(name, ours, sync, hf, flush=True)
     table = format_table(
-        ["shape", "engine out tok/s", "no-overlap out tok/s", "requests x (prompt+output)", "wall s",
+        ["shape", "engine out tok/s", "no-overlap out tok/s", "requests x (prompt+output)", "at once", "wall s",
          "transformers out tok/s", "HF requests x (prompt+output), batch"],
         [[r["shape"], r["engine"]["output_tok_s"], r["engine_sync"]["output_tok_s"] if r["engine_sync"] else "-",
-          f'{r["engine"]["requests"]} x ({r["engine"]["prompt"]}+{r["engine"]["output"]})', r["engine"]["wall_s"],
+          f'{r["engine"]["requests"]} x ({r["engine"]["prompt"]}+{r["engine"]["output"]})',
+          r["engine"]["max_running"], r["engine"]["wall_s"],
           r["transformers"]["output_tok_s"] if r["transformers"] else "-",
           f'{r["transformers"]["requests"]} x ({r["transformers"]["prompt"]}+{r["transformers"]["output"]}), '
           f'{r["transformers"]["batch"]}' if r["transformers"] else "-"] for r in rows])
