@@ -1,5 +1,6 @@
-"""Small-batch matmul y = x @ W.T (+ bias) for decode as Triton kernels: x [M, K] with M <= MAX_M,
-W [N, K] row-major fp16/bf16, fp32 accumulation, y [M, N] in x's dtype (the same function as F.linear).
+"""Small-batch matmul y = x @ W.T (+ bias) for decode: x [M, K] with M <= MAX_M, W [N, K] row-major
+fp16/bf16, fp32 accumulation, y [M, N] in x's dtype (the same function as F.linear). Launch configs,
+validation and the entry point are here; the Triton kernels are in kernels/gemv_triton.py.
 
 At decode batch 1 a matmul is bound by reading W once; cuBLAS reads it well under the copy bandwidth for
 some decode shapes. These kernels stream W in [BLOCK_N, BLOCK_K] tiles contiguous along K (16-byte loads)
@@ -30,12 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CI and CPU-only installs: gemv is unavailable, supports() says so
-    triton = None
-    tl = None
+from kernels.gemv_triton import triton
+if triton is not None:  # (without Triton, supports() is False and gemv raises)
+    from kernels.gemv_triton import _gemv_dot_kernel, _gemv_kernel, _split_k_reduce_kernel
 
 MAX_M = 8
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -274,150 +272,3 @@ def split_layout(k: int, config: GemvConfig) -> tuple[int, int]:
     num_k_blocks = -(-k // config.block_k)
     blocks_per_split = -(-num_k_blocks // config.split_k)
     return blocks_per_split * config.block_k, -(-num_k_blocks // blocks_per_split)
-
-
-# -- the Triton kernels --------------------------------------------------------------------------------
-
-if triton is not None:
-
-    @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_os, k_per_split,
-                     NUM_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, DEFERRED: tl.constexpr):
-        """Program (pid_n, pid_k): out[pid_k, m, rows] = x[m, ks] @ W[rows, ks].T (+ bias) for m < NUM_M over its
-        K range ks. out is y itself (stride_os = 0, one split) or the fp32 partials [num_splits, M, N].
-        One accumulator per input row (acc0..acc7; NUM_M <= 8 is a compile-time constant, unused ones vanish)."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_n = tl.minimum(offs_n, N - 1)  # clamped for loads; rows past N are never stored
-        offs_k = tl.arange(0, BLOCK_K)
-        k_start = pid_k * k_per_split  # this program's K range: [k_start, min(k_start + k_per_split, K))
-        w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + (k_start + offs_k)[None, :]
-        x_ptrs = x_ptr + k_start + offs_k
-        if DEFERRED:
-            acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        else:
-            acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc0, acc0, acc0, acc0, acc0, acc0, acc0
-        for k in range(0, k_per_split, BLOCK_K):
-            in_k = k_start + k + offs_k < K  # unused (and removed) when EVEN_K
-            if EVEN_K:
-                w = tl.load(w_ptrs).to(tl.float32)
-            else:
-                w = tl.load(w_ptrs, mask=in_k[None, :], other=0.0).to(tl.float32)
-            acc0 = _row_step(acc0, w, x_ptrs, in_k, EVEN_K, DEFERRED)
-            if NUM_M > 1:
-                acc1 = _row_step(acc1, w, x_ptrs + stride_xm, in_k, EVEN_K, DEFERRED)
-            if NUM_M > 2:
-                acc2 = _row_step(acc2, w, x_ptrs + 2 * stride_xm, in_k, EVEN_K, DEFERRED)
-            if NUM_M > 3:
-                acc3 = _row_step(acc3, w, x_ptrs + 3 * stride_xm, in_k, EVEN_K, DEFERRED)
-            if NUM_M > 4:
-                acc4 = _row_step(acc4, w, x_ptrs + 4 * stride_xm, in_k, EVEN_K, DEFERRED)
-            if NUM_M > 5:
-                acc5 = _row_step(acc5, w, x_ptrs + 5 * stride_xm, in_k, EVEN_K, DEFERRED)
-            if NUM_M > 6:
-                acc6 = _row_step(acc6, w, x_ptrs + 6 * stride_xm, in_k, EVEN_K, DEFERRED)
-            if NUM_M > 7:
-                acc7 = _row_step(acc7, w, x_ptrs + 7 * stride_xm, in_k, EVEN_K, DEFERRED)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + rows_n).to(tl.float32)
-        else:
-            bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-        out_ptrs = out_ptr + pid_k * stride_os + offs_n
-        in_n = offs_n < N
-        _store_row(out_ptrs, acc0, bias, in_n, DEFERRED)
-        if NUM_M > 1:
-            _store_row(out_ptrs + stride_om, acc1, bias, in_n, DEFERRED)
-        if NUM_M > 2:
-            _store_row(out_ptrs + 2 * stride_om, acc2, bias, in_n, DEFERRED)
-        if NUM_M > 3:
-            _store_row(out_ptrs + 3 * stride_om, acc3, bias, in_n, DEFERRED)
-        if NUM_M > 4:
-            _store_row(out_ptrs + 4 * stride_om, acc4, bias, in_n, DEFERRED)
-        if NUM_M > 5:
-            _store_row(out_ptrs + 5 * stride_om, acc5, bias, in_n, DEFERRED)
-        if NUM_M > 6:
-            _store_row(out_ptrs + 6 * stride_om, acc6, bias, in_n, DEFERRED)
-        if NUM_M > 7:
-            _store_row(out_ptrs + 7 * stride_om, acc7, bias, in_n, DEFERRED)
-
-    @triton.jit
-    def _row_step(acc, w, x_ptrs, in_k, EVEN_K: tl.constexpr, DEFERRED: tl.constexpr):
-        """One input row's update by the fp32 weight tile w [BLOCK_N, BLOCK_K]: acc [BLOCK_N, BLOCK_K] gathers
-        products (DEFERRED, reduced once at the end) or acc [BLOCK_N] gathers each step's row sums."""
-        if EVEN_K:
-            xk = tl.load(x_ptrs)
-        else:
-            xk = tl.load(x_ptrs, mask=in_k, other=0.0)
-        prod = w * xk.to(tl.float32)[None, :]
-        if DEFERRED:
-            acc = acc + prod
-        else:
-            acc = acc + tl.sum(prod, axis=1)
-        return acc
-
-    @triton.jit
-    def _store_row(out_ptrs, acc, bias, in_n, DEFERRED: tl.constexpr):
-        if DEFERRED:
-            row = tl.sum(acc, axis=1)
-        else:
-            row = acc
-        tl.store(out_ptrs, (row + bias).to(out_ptrs.dtype.element_ty), mask=in_n)
-
-    @triton.jit
-    def _gemv_dot_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_os,
-                         k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr):
-        """The same contract as _gemv_kernel through tl.dot: the inputs padded to BLOCK_M (16) rows by repeating
-        row M - 1 (those rows are never stored) times each [BLOCK_N, BLOCK_K] weight tile, fp32 accumulator."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_n = tl.minimum(offs_n, N - 1)
-        rows_m = tl.minimum(tl.arange(0, BLOCK_M), M - 1)
-        offs_k = tl.arange(0, BLOCK_K)
-        k_start = pid_k * k_per_split
-        w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + (k_start + offs_k)[None, :]
-        x_ptrs = x_ptr + rows_m[:, None] * stride_xm + (k_start + offs_k)[None, :]
-        if SWAP_AB:
-            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, k_per_split, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs)
-                xk = tl.load(x_ptrs)
-            else:
-                in_k = (k_start + k + offs_k < K)[None, :]
-                w = tl.load(w_ptrs, mask=in_k, other=0.0)
-                xk = tl.load(x_ptrs, mask=in_k, other=0.0)
-            if SWAP_AB:
-                acc = tl.dot(w, tl.trans(xk), acc)
-            else:
-                acc = tl.dot(xk, tl.trans(w), acc)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-        if SWAP_AB:
-            acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows_n).to(tl.float32)[None, :]
-        offs_m = tl.arange(0, BLOCK_M)
-        out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-    @triton.jit
-    def _split_k_reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
-                               HAS_BIAS: tl.constexpr):
-        """y.flat[i] = sum over s of partials[s].flat[i] (+ bias[i % N]), summed in split order."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        in_bounds = offs < MN
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(part_ptr + s * MN + offs, mask=in_bounds, other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs % N, mask=in_bounds, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=in_bounds)
