@@ -51,7 +51,8 @@ class MemoryPlan:
         return (f"{self.utilization:.0%} of {self.total_bytes / GIB:.1f} GiB = "
                 f"{self.utilization * self.total_bytes / GIB:.1f} GiB; weights and context "
                 f"{self.in_use_bytes / GIB:.1f} GiB, peak activations {self.activation_bytes / GIB:.2f} GiB, "
-                f"decode graphs {self.graph_bytes / GIB:.2f} GiB, KV cache {max(self.kv_budget_bytes, 0) / GIB:.1f} GiB")
+                f"decode graphs {self.graph_bytes / GIB:.2f} GiB, "
+                f"KV cache {max(self.kv_budget_bytes, 0) / GIB:.1f} GiB")
 
 
 def probe_num_pages(engine: EngineConfig) -> int:
