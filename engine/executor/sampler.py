@@ -173,19 +173,30 @@ class Sampler:
         draws = Draws.build([params[r] for r in plan.random_rows], vocab_size, self._generator)
         rows, penalties, draws = ship([_RowIndex.build(plan), penalties, draws], logits.device)
         parts: list[torch.Tensor] = []
-        all_tokens = torch.full((plan.num_rows,), -1, dtype=torch.int64, device=logits.device)
+        tokens = None
         if plan.sampling_rows:
             raw = take_rows(logits, rows.sampling)
             tokens = _tokens(raw, penalties, draws, plan, rows)
             parts.append(tokens)
-            all_tokens = tokens if rows.sampling is None else all_tokens.index_copy_(0, rows.sampling, tokens)
             if plan.logprob_rows:
                 parts.extend(_logprobs(take_rows(raw, rows.logprob), take_rows(tokens, rows.logprob), plan))
         if plan.distribution_rows:
             parts.extend(_distributions(take_rows(logits, rows.distribution), max(plan.distribution_top_ks)))
         # The one device-to-host transfer: ids are exact in float64.
         packed = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
+        all_tokens = _tokens_in_rows(tokens, rows.sampling, plan.num_rows, logits.device)
         return SampledOutputs(all_tokens, packed, lambda values: _unpack(values, plan, vocab_size))
+
+
+def _tokens_in_rows(tokens: torch.Tensor | None, sampling_rows: torch.Tensor | None, num_rows: int,
+                    device: torch.device) -> torch.Tensor:
+    """[N] int64: the sampling rows' tokens in their rows, -1 in distribution rows (sampling_rows None: every
+    row samples, so tokens is already that)."""
+    if sampling_rows is None:
+        assert tokens is not None
+        return tokens
+    all_tokens = torch.full((num_rows,), -1, dtype=torch.int64, device=device)
+    return all_tokens if tokens is None else all_tokens.index_copy_(0, sampling_rows, tokens)
 
 
 def _tokens(raw: torch.Tensor, penalties: Penalties, draws: Draws, plan: _Plan, rows: _RowIndex) -> torch.Tensor:
