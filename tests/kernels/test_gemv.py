@@ -9,20 +9,14 @@ relative for bf16, 2**-12 for fp16) plus the fp32 summation error (about sqrt(K)
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels.gemv as gemv_module
 from kernels.gemv import MAX_M, GemvConfig, candidate_configs, choose_config, gemv, split_layout, supports
+from tests.kernels.triton_interpreter import run_interpreted
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 H100_SMS = 132
 # (N, K) of the decode matmuls the kernel is for: Llama-3.1-8B and SmolLM2-135M (qkv, o, gate_up, down, lm_head).
 MODEL_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096),
@@ -145,27 +139,10 @@ def test_gemv_rejects_cpu_tensors_outside_the_interpreter(monkeypatch: pytest.Mo
 
 # -- the kernel under Triton's CPU interpreter ---------------------------------------------------------
 
-# Runs in a fresh interpreter: TRITON_INTERPRET must be set before the kernels are defined. Two shims for
-# Triton 3.6's interpreter (not the GPU path): it turns loop bounds into Python ints with int() on 1-element
-# arrays, which NumPy >= 2.3 rejects (read the single element instead), and its tl.dot multiplies bf16
-# operands' raw uint16 bits (widen them to fp32 first, as the tensor cores do).
+# The kernel runs in a fresh interpreter (tests/kernels/triton_interpreter.py).
 _INTERPRETER_SCRIPT = r"""
 import json, sys
 import torch, torch.nn.functional as F
-import triton.language as tl
-import triton.runtime.interpreter as interp
-_patch = interp._patch_lang_tensor
-def _patch_with_index(tensor, scope):
-    _patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-interp._patch_lang_tensor = _patch_with_index
-_dot = interp.InterpreterBuilder.create_dot
-def _widen(t):
-    if t.dtype.scalar != tl.bfloat16:
-        return t
-    data = interp._convert_float(t.data, tl.bfloat16, tl.float32, None).view("float32")
-    return interp.TensorHandle(data, tl.float32)
-interp.InterpreterBuilder.create_dot = lambda self, a, b, *rest: _dot(self, _widen(a), _widen(b), *rest)
 from kernels.gemv import GemvConfig, gemv
 torch.manual_seed(0)
 results = []
@@ -197,11 +174,7 @@ _INTERPRETER_CASES = [  # (dtype, M, N, K, None = the heuristic's config or Gemv
 @pytest.mark.skipif(not _has_triton(),
                     reason="Triton is not installed (`make test` installs it; `pip install -e .[dev]` does not)")
 def test_kernel_matches_float64_reference_under_the_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(_INTERPRETER_CASES)], env=env,
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_interpreted(_INTERPRETER_SCRIPT, _INTERPRETER_CASES)
     assert len(results) == 2 * len(_INTERPRETER_CASES)
     for r in results:
         dtype_name, m, n = r["case"][0], r["case"][1], r["case"][2]
