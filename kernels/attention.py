@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from engine.types import PageId, SlotId
+
+
+# ops.apply_rope's signature: (q, k, positions, cos_sin_cache) -> (q, k) rotated.
+RopeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,13 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D], kv_cache [P, 2, S, Hkv, D] -> out [T, Hq, D]."""
+
+    def rope_and_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                         cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, apply_rope: RopeFn) -> torch.Tensor:
+        """Rotary embedding of q and k at positions [T] (apply_rope: the model's ops.apply_rope), then
+        forward(). Backends with a kernel that rotates while it appends the K/V override this."""
+        q, k = apply_rope(q, k, positions, cos_sin_cache)
+        return self.forward(q, k, v, kv_cache)
 
 
 class TorchAttention(AttentionBackend):

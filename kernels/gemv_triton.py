@@ -155,3 +155,65 @@ if triton is not None:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs % N, mask=in_bounds, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=in_bounds)
+
+    @triton.jit
+    def _gemv_fused_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr, N, K, stride_wn, up_offset, eps,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           NORM: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+        """One input row x [K], N output columns per program block, the whole K range in one program.
+        NORM: the input is rms_norm(x) * nw: x * nw enters the products and the row's 1/rms (its sum of squares
+        gathered in the same loop) scales the sums at the end. GATED: the weight is [gate (N rows); up (N rows)]
+        (up rows start up_offset elements later) and the output is silu(gate) * up, each rounded to the output
+        dtype first as the unfused kernels do. ADD_RESIDUAL: res[n] += y[n] (y rounded first), nothing else
+        is written; else out[n] = y[n]."""
+        pid_n = tl.program_id(0)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_n = tl.minimum(offs_n, N - 1)  # clamped for loads; rows past N are never stored
+        offs_k = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = acc
+        sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            in_k = k + offs_k < K  # unused (and removed) when EVEN_K
+            if EVEN_K:
+                xk = tl.load(x_ptr + k + offs_k).to(tl.float32)
+                w = tl.load(w_ptrs).to(tl.float32)
+            else:
+                xk = tl.load(x_ptr + k + offs_k, mask=in_k, other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs, mask=in_k[None, :], other=0.0).to(tl.float32)
+            if NORM:
+                sum_sq += xk * xk
+                if EVEN_K:
+                    xk = xk * tl.load(nw_ptr + k + offs_k).to(tl.float32)
+                else:
+                    xk = xk * tl.load(nw_ptr + k + offs_k, mask=in_k, other=0.0).to(tl.float32)
+            acc += w * xk[None, :]
+            if GATED:
+                if EVEN_K:
+                    w_up = tl.load(w_ptrs + up_offset).to(tl.float32)
+                else:
+                    w_up = tl.load(w_ptrs + up_offset, mask=in_k[None, :], other=0.0).to(tl.float32)
+                acc_up += w_up * xk[None, :]
+            w_ptrs += BLOCK_K
+        y = tl.sum(acc, axis=1)
+        if NORM:
+            rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
+            y = y * rstd
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows_n).to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        in_n = offs_n < N
+        if GATED:
+            up = tl.sum(acc_up, axis=1)
+            if NORM:
+                up = up * rstd
+            if HAS_BIAS:
+                up += tl.load(b_ptr + N + rows_n).to(tl.float32)
+            gate = y.to(dtype).to(tl.float32)
+            y = gate / (1.0 + tl.exp(-gate)) * up.to(dtype).to(tl.float32)
+        if ADD_RESIDUAL:
+            residual = tl.load(res_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)
+            tl.store(res_ptr + offs_n, (y.to(dtype).to(tl.float32) + residual).to(dtype), mask=in_n)
+        else:
+            tl.store(out_ptr + offs_n, y.to(dtype), mask=in_n)

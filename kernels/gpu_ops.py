@@ -10,6 +10,9 @@ Decisions:
 - single_row_linear (decode at batch 1) is the Triton GEMV of kernels/gemv.py: it reads the weights at
   2.5-3.2 TB/s where cuBLAS reaches 2.2-2.8 on the H100 (bench/gpu_gemv.py). Its Python launch costs tens of
   microseconds, so the decoder uses it only inside CUDA graphs and for the LM head (engine/model/llama.py).
+- rms_norm_linear, rms_norm_gated_linear and linear_add_ fold RMSNorm, SiLU-and-mul and the residual add
+  into the GEMV at one row (kernels/gemv_fused.py; the decoder's batch-1 graphs); other shapes compose the
+  kernels above.
 - Numerics: sums of squares and rotations are computed in float32, rounded once to the input dtype
   (the reference rounds the normalised value before multiplying by the weight: one bf16 ulp apart).
 """
@@ -24,6 +27,7 @@ import flashinfer  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kernels import gemv as _gemv  # noqa: E402
+from kernels import gemv_fused as _fused  # noqa: E402
 
 from kernels.ops import rope_cos_sin_cache, rope_inv_freq  # noqa: F401  (host-side, shared with the reference)
 
@@ -59,3 +63,29 @@ def single_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if _gemv.supports(x, weight):
         return _gemv.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(rms_norm(x), weight, bias)."""
+    if _fused.fused_config(x, weight) is not None:
+        return _fused.rms_norm_gemv(x, norm_weight, eps, weight, bias)
+    return single_row_linear(rms_norm(x, norm_weight, eps), weight, bias) if x.shape[0] == 1 else \
+        F.linear(rms_norm(x, norm_weight, eps), weight, bias)
+
+
+def rms_norm_gated_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(F.linear(rms_norm(x), weight, bias)), weight [2I, H] -> [T, I]."""
+    if _fused.fused_config(x, weight, gated=True) is not None:
+        return _fused.rms_norm_gated_gemv(x, norm_weight, eps, weight, bias)
+    return silu_and_mul(rms_norm_linear(x, norm_weight, eps, weight, bias))
+
+
+def linear_add_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                residual: torch.Tensor) -> torch.Tensor:
+    """residual += F.linear(x, weight, bias), in place; returns residual."""
+    if _fused.fused_config(x, weight) is not None and residual.is_contiguous():
+        return _fused.gemv_add_(x, weight, bias, residual)
+    linear = single_row_linear if x.shape[0] == 1 else F.linear
+    return residual.add_(linear(x, weight, bias))

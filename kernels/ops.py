@@ -17,6 +17,24 @@ def single_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return F.linear(x, weight, bias)
 
 
+def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(rms_norm(x), weight, bias): one fused kernel on CUDA at one row (kernels/gemv_fused.py)."""
+    return F.linear(rms_norm(x, norm_weight, eps), weight, bias)
+
+
+def rms_norm_gated_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(F.linear(rms_norm(x), weight, bias)), weight [2I, H] (gate rows, then up rows) -> [T, I]."""
+    return silu_and_mul(F.linear(rms_norm(x, norm_weight, eps), weight, bias))
+
+
+def linear_add_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                residual: torch.Tensor) -> torch.Tensor:
+    """residual += F.linear(x, weight, bias), in place; returns residual."""
+    return residual.add_(F.linear(x, weight, bias))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """[T, H] -> [T, H], computed in float32 like transformers."""
     x32 = x.float()

@@ -49,8 +49,10 @@ class LlamaModel:
         self._q_size = config.num_heads * config.head_dim
         self._kv_size = config.num_kv_heads * config.head_dim
         # While True (graph_mode()), one-row matmuls go to ops.single_row_linear (a GEMV kernel on CUDA whose
-        # Python launch cost only pays off when a CUDA graph replays it).
+        # Python launch cost only pays off when a CUDA graph replays it) and a one-token forward to
+        # _forward_one_row (fused GEMVs).
         self._single_row_kernels = False
+        self._fuse_one_row = False
 
     @classmethod
     def random(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -62,6 +64,8 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """input_ids, positions [T] int64 -> final hidden states [T, H] (attention already planned)."""
+        if self._fuse_one_row and input_ids.shape[0] == 1:
+            return self._forward_one_row(input_ids, positions, attention, kv_caches)
         cfg, ops = self.config, self.ops
         hidden = F.embedding(input_ids, self.embed_tokens)
         residual: torch.Tensor | None = None
@@ -71,25 +75,39 @@ class LlamaModel:
                 x = ops.rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
             else:
                 x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
-            hidden = self._attention(layer, x, positions, attention, kv_cache)
+            qkv = self._linear(x, layer.qkv_proj, layer.qkv_bias)
+            hidden = self._linear(self._attend(qkv, positions, attention, kv_cache), layer.o_proj, layer.o_bias)
             x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, cfg.rms_norm_eps)
             gate_up = self._linear(x, layer.gate_up_proj, layer.gate_up_bias)
             hidden = self._linear(ops.silu_and_mul(gate_up), layer.down_proj, layer.down_bias)
         out, _ = ops.add_rms_norm(hidden, residual, self.norm, cfg.rms_norm_eps)
         return out
 
-    def _attention(self, layer: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
-                   attention: AttentionBackend, kv_cache: torch.Tensor) -> torch.Tensor:
+    def _forward_one_row(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
+                         kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """forward() of one token in graph mode: the norms, SiLU and residual adds ride in the matmuls
+        (ops.rms_norm_linear, ops.rms_norm_gated_linear, ops.linear_add_: fused GEMVs on CUDA). The residual
+        stream [1, H] is updated in place by the o and down projections."""
+        cfg, ops, eps = self.config, self.ops, self.config.rms_norm_eps
+        residual = F.embedding(input_ids, self.embed_tokens)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            qkv = ops.rms_norm_linear(residual, layer.input_norm, eps, layer.qkv_proj, layer.qkv_bias)
+            ops.linear_add_(self._attend(qkv, positions, attention, kv_cache), layer.o_proj, layer.o_bias, residual)
+            act = ops.rms_norm_gated_linear(residual, layer.post_norm, eps, layer.gate_up_proj, layer.gate_up_bias)
+            ops.linear_add_(act, layer.down_proj, layer.down_bias, residual)
+        return ops.rms_norm(residual, self.norm, cfg.rms_norm_eps)
+
+    def _attend(self, qkv: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        """qkv [T, (Hq + 2 Hkv) D] -> attention output [T, Hq D] (RoPE, K/V appended to kv_cache)."""
         cfg = self.config
-        num_tokens = x.shape[0]
-        qkv = self._linear(x, layer.qkv_proj, layer.qkv_bias)
+        num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
         q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        q, k = self.ops.apply_rope(q, k, positions, self.cos_sin_cache)
-        out = attention.forward(q, k, v, kv_cache)
-        return self._linear(out.reshape(num_tokens, self._q_size), layer.o_proj, layer.o_bias)
+        out = attention.rope_and_forward(q, k, v, positions, self.cos_sin_cache, kv_cache, self.ops.apply_rope)
+        return out.reshape(num_tokens, self._q_size)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._single_row_kernels and x.shape[0] == 1:
@@ -97,13 +115,15 @@ class LlamaModel:
         return F.linear(x, weight, bias)
 
     @contextmanager
-    def graph_mode(self) -> Iterator[None]:
-        """For CUDA-graph warm-up and capture: one-row matmuls use ops.single_row_linear."""
-        previous, self._single_row_kernels = self._single_row_kernels, True
+    def graph_mode(self, fuse_one_row: bool = True) -> Iterator[None]:
+        """For CUDA-graph warm-up and capture: one-row matmuls use ops.single_row_linear and, if fuse_one_row,
+        a one-token forward runs _forward_one_row."""
+        previous = self._single_row_kernels, self._fuse_one_row
+        self._single_row_kernels, self._fuse_one_row = True, fuse_one_row
         try:
             yield
         finally:
-            self._single_row_kernels = previous
+            self._single_row_kernels, self._fuse_one_row = previous
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

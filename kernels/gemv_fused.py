@@ -1,0 +1,99 @@
+"""One-row matmuls with their neighbours fused in (decode at batch 1 inside CUDA graphs).
+
+A decoder layer at batch 1 is six weight reads; everything between them (RMSNorm, SiLU-and-mul, residual
+adds) is a kernel of ~3 us that reads a few kilobytes, plus a launch gap: ~0.4 ms per step for Llama-3.1-8B,
+8% of the weights' read time. Folded into the GEMV of kernels/gemv_triton.py (_gemv_fused_kernel):
+- rms_norm_gemv: y = rms_norm(x, nw) @ W.T. rms_norm(x) * nw @ W.T = (1/rms(x)) * ((x * nw) @ W.T), so each
+  program multiplies x * nw into its products and gathers x's sum of squares in the same loop (it reads all
+  of x anyway): no pass before the matmul, no normalised copy of x.
+- rms_norm_gated_gemv: silu(gate) * up of the gate_up projection: each program reads matching gate and up rows
+  (same bytes per program as the plain GEMV) and writes the activation, never the [2I] pre-activation.
+- gemv_add_: residual += x @ W.T in place (the o and down projections), which makes the add of the next
+  fused add-RMSNorm redundant.
+Numerics: fp32 throughout; the matmul output is rounded to the dtype before SiLU and before the residual add,
+as the unfused kernels round it; the normalised input is not rounded (one rounding fewer than unfused).
+
+Each program covers the whole K range, so these apply where the GEMV heuristic picks no split-K
+(fused_config): every Llama-3.1-8B and SmolLM2 decode matmul on an H100. kernels/gpu_ops.py falls back to
+the unfused kernels elsewhere.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import gemv as _gemv
+from kernels.gemv import GemvConfig
+
+if _gemv.triton is not None:
+    from kernels.gemv_triton import _gemv_fused_kernel
+
+
+def fused_config(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> GemvConfig | None:
+    """The launch config for one row of x against weight, or None where the fused kernels do not apply:
+    not a one-row GEMV that kernels.gemv supports, or one it would split along K."""
+    if x.shape[0] != 1 or not _gemv.supports(x, weight) and not _interpreted_cpu(x, weight):
+        return None
+    if gated and weight.shape[0] % 2:
+        return None
+    config = _gemv.choose_config(1, weight.shape[0], weight.shape[1], _gemv._num_sms(x.device))
+    if config.mode != "fma" or _gemv.split_layout(weight.shape[1], config)[1] != 1:
+        return None
+    return config
+
+
+def _interpreted_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Under TRITON_INTERPRET=1 (CPU tests) the kernels take CPU tensors."""
+    return _gemv._interpreting() and _gemv.triton is not None and x.device.type == "cpu" and \
+        x.dtype in _gemv.SUPPORTED_DTYPES and weight.dtype == x.dtype and weight.is_contiguous()
+
+
+def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(rms_norm(x, norm_weight, eps), weight, bias) for x [1, K] -> [1, N]."""
+    _check_norm(x, norm_weight)
+    return _launch(x, weight, bias, norm_weight, eps, None, gated=False)
+
+
+def rms_norm_gated_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(F.linear(rms_norm(x, norm_weight, eps), weight, bias)) for x [1, K], weight [2N, K]
+    (gate rows, then up rows) -> [1, N]."""
+    _check_norm(x, norm_weight)
+    return _launch(x, weight, bias, norm_weight, eps, None, gated=True)
+
+
+def gemv_add_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              residual: torch.Tensor) -> torch.Tensor:
+    """residual += F.linear(x, weight, bias) in place, x [1, K], residual [1, N] contiguous; returns residual."""
+    if residual.shape != (1, weight.shape[0]) or residual.dtype != x.dtype or not residual.is_contiguous():
+        raise ValueError(f"residual must be a contiguous [1, {weight.shape[0]}] {x.dtype} tensor, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    _launch(x, weight, bias, None, 0.0, residual, gated=False)
+    return residual
+
+
+def _check_norm(x: torch.Tensor, norm_weight: torch.Tensor) -> None:
+    if norm_weight.shape != (x.shape[-1],) or norm_weight.dtype != x.dtype:
+        raise ValueError(f"norm weight must be [{x.shape[-1]}] {x.dtype}, got {tuple(norm_weight.shape)} "
+                         f"{norm_weight.dtype}")
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
+            eps: float, residual: torch.Tensor | None, gated: bool) -> torch.Tensor:
+    config = fused_config(x, weight, gated)
+    if config is None:
+        raise ValueError(f"no fused GEMV for x {tuple(x.shape)} {x.dtype} on {x.device}, weight "
+                         f"{tuple(weight.shape)} (see fused_config)")
+    _gemv._check_inputs(x, weight, bias)
+    n, k = weight.shape
+    num_out = n // 2 if gated else n
+    block_n = max(1, config.block_n // 2) if gated else config.block_n  # same weight bytes per program
+    x = x if x.stride(1) == 1 else x.contiguous()
+    out = residual if residual is not None else torch.empty((1, num_out), dtype=x.dtype, device=x.device)
+    _gemv_fused_kernel[(-(-num_out // block_n),)](
+        x, weight, bias if bias is not None else out, norm_weight if norm_weight is not None else x, out, out,
+        num_out, k, weight.stride(0), num_out * weight.stride(0), eps,
+        BLOCK_N=block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, HAS_BIAS=bias is not None,
+        NORM=norm_weight is not None, GATED=gated, ADD_RESIDUAL=residual is not None,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
