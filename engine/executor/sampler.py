@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from engine.executor.batch import OutputResult, OutputSpec, SamplingParams
-from engine.executor.sampling_filters import Draws, take_rows, draw_tokens, filtered_weights
+from engine.executor.sampling_filters import Draws, argmax_rows, draw_tokens, filtered_weights, take_rows
 from engine.executor.sampling_penalties import Penalties, apply_penalties, ship
 
 
@@ -164,7 +164,7 @@ class Sampler:
         """Enqueues sampling of logits [N, V] (row i answers specs[i]); ValueError on bad input."""
         _check_inputs(logits, specs)
         if all(_is_plain_greedy(s) for s in specs):  # (also the empty batch)
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax_rows(logits)
             return SampledOutputs(tokens, tokens, lambda ids: [OutputResult(token_id=t) for t in ids])
         plan = _Plan.build(specs)
         vocab_size = logits.shape[1]
@@ -203,13 +203,13 @@ def _tokens(raw: torch.Tensor, penalties: Penalties, draws: Draws, plan: _Plan, 
     """[R] int64 tokens of the sampling rows: argmax for greedy rows, an inverse-CDF draw for the others."""
     x = raw.float() if penalties.is_empty else apply_penalties(raw, penalties)
     if not plan.random_rows:
-        return x.argmax(dim=-1)
+        return argmax_rows(x)
     drawn = draw_tokens(filtered_weights(take_rows(x, rows.random), draws), draws.uniforms)
     if rows.random is None:
         return drawn
     tokens = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     tokens.index_copy_(0, rows.random, drawn)
-    return tokens.index_copy_(0, rows.greedy, take_rows(x, rows.greedy).argmax(dim=-1))
+    return tokens.index_copy_(0, rows.greedy, argmax_rows(take_rows(x, rows.greedy)))
 
 
 def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:

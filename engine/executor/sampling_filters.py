@@ -17,7 +17,27 @@ MIN_TEMPERATURE = 1e-5
 # directly, since the "found it?" test would cost a device sync.
 TOP_P_CANDIDATES = (256, 2048)
 _MASK64 = (1 << 64) - 1
-_MASK64 = (1 << 64) - 1
+
+
+# argmax_rows splits rows of at least this many columns into chunks of up to this many (a power of two
+# dividing the row): torch's argmax reduces a row in one thread block, 28 us for a 128K vocabulary on an H100.
+ARGMAX_CHUNK = 2048
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for x [N, V] (the first index among equal maxima, as torch's), on CUDA in two stages:
+    each row's maxima of chunks of C columns, then the first chunk holding the row's maximum."""
+    num_cols = x.shape[-1]
+    chunk = min(ARGMAX_CHUNK, num_cols & -num_cols)  # the largest power of two dividing V, at most the cap
+    if x.device.type != "cuda" or num_cols < ARGMAX_CHUNK or chunk < 64:
+        return x.argmax(dim=-1)
+    return _chunked_argmax(x, chunk)
+
+
+def _chunked_argmax(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    maxima, where = x.reshape(x.shape[0], -1, chunk).max(dim=-1)  # [N, V / C] each (first index of the max)
+    best_chunk = maxima.argmax(dim=-1, keepdim=True)  # [N, 1]: the first chunk reaching the row's maximum
+    return (best_chunk * chunk + where.gather(1, best_chunk)).squeeze(1)
 
 
 def seed_key(seed: int, step: int) -> int:

@@ -8,7 +8,7 @@ import torch
 
 from engine.executor.batch import OutputResult, OutputSpec, SamplingParams
 from engine.executor.sampler import Sampler
-from engine.executor.sampling_filters import Draws, filtered_weights
+from engine.executor.sampling_filters import Draws, _chunked_argmax, argmax_rows, filtered_weights
 from engine.executor.sampling_penalties import Penalties, apply_penalties, ship
 
 # Hand-made distribution with known top-k / top-p / min-p sets; tokens are scattered over the vocabulary
@@ -381,3 +381,17 @@ def test_cuda_matches_cpu_where_deterministic() -> None:
     seeded_alone = Sampler(seed=1).sample(logits[4:5].cuda(), specs[4:5])
     assert seeded_alone[0].token_id == on_cuda_exact[4].token_id
     assert len(on_cuda) == 8
+
+
+@pytest.mark.parametrize("num_cols,chunk", [(128256, 256), (49152, 2048), (4096, 64)])
+def test_chunked_argmax_equals_argmax_with_ties(num_cols: int, chunk: int) -> None:
+    """The two-stage argmax of CUDA rows (argmax_rows) picks the first maximum, as torch.argmax does."""
+    gen = torch.Generator().manual_seed(num_cols)
+    x = torch.randint(-50, 50, (5, num_cols), generator=gen).float()  # many ties below the maximum
+    x[1, 7], x[1, num_cols - 3] = 99.0, 99.0  # a tie for the maximum across chunks: the first one wins
+    x[2, chunk - 1], x[2, chunk] = 99.0, 99.0  # ... on the two sides of a chunk border
+    x[3] = 1.0  # all equal: index 0
+    want = x.argmax(dim=-1)
+    assert want[1] == 7 and want[2] == chunk - 1 and want[3] == 0
+    assert torch.equal(_chunked_argmax(x, chunk), want)
+    assert torch.equal(argmax_rows(x), want)  # (CPU: torch's argmax itself)
