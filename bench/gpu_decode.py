@@ -1,6 +1,7 @@
 """Decode TPOT on the GPU next to the memory-bandwidth floor, random bf16 weights of real model shapes.
 
     python -m bench.gpu_decode [--shapes llama-3.1-8b smollm2-135m] [--batches 1 64] [--context 1024]
+                               [--compare-unfused]
 
 For each shape and batch size: prefill `batch` random prompts of `context` tokens, warm up, then time
 `steps` greedy decode steps through Executor.execute (the whole step: host inputs, FlashInfer plan, graph
@@ -9,6 +10,8 @@ step of `steps` decode steps each submitted before the previous one's token reac
 fed on the device: DirectGenerator.decode_pipelined), so host work overlaps the GPU. Also reported: the GPU
 time of the captured forward alone (CUDA events over back-to-back replays) and the eager (no-graph) TPOT.
 Floor = (weights + K/V of every context token) / device-to-device copy bandwidth, measured in this run.
+--compare-unfused also runs each shape with EngineConfig.fused_decode=False (FlashInfer attention and the
+unfused norm/SiLU/residual kernels in the graphs), in the same process: the A/B of the fused kernels.
 """
 from __future__ import annotations
 
@@ -50,11 +53,13 @@ def _replay_gpu_s(executor: Executor, batch: int, iters: int = 50) -> float:
     return start.elapsed_time(end) / 1e3 / iters
 
 
-def bench_shape(name: str, batches: list[int], context: int, steps: int, bandwidth: float) -> list[dict]:
+def bench_shape(name: str, batches: list[int], context: int, steps: int, bandwidth: float,
+                fused: bool = True) -> list[dict]:
     cfg = MODEL_SHAPES[name]
     pages_per_seq = -(-(context + 3 * steps + 32) // 16) + 1
     engine = EngineConfig(device="cuda", dtype="bfloat16", num_pages=max(batches) * pages_per_seq + 8,
-                          max_batch_size=max(batches), cuda_graphs=True, max_batch_tokens=65536)
+                          max_batch_size=max(batches), cuda_graphs=True, max_batch_tokens=65536,
+                          fused_decode=fused)
     started = time.perf_counter()
     executor = Executor(cfg, engine)
     setup_s = time.perf_counter() - started
@@ -76,7 +81,7 @@ def bench_shape(name: str, batches: list[int], context: int, steps: int, bandwid
         eager, _ = _median_step_s(gen, seqs, max(8, steps // 4))
         executor.decode_graphs = graphs
         floor = decode_floor_s(cfg, 2, [mean_context] * batch, bandwidth)
-        rows.append({"shape": name, "batch": batch, "context": context, "steps": steps,
+        rows.append({"shape": name, "fused": fused, "batch": batch, "context": context, "steps": steps,
                      "tpot_ms": tpot * 1e3, "pipelined_tpot_ms": pipelined * 1e3, "p90_ms": sorted(times)[int(0.9 * len(times))] * 1e3,
                      "graph_replay_ms": replay * 1e3, "eager_tpot_ms": eager * 1e3, "floor_ms": floor * 1e3,
                      "tpot_over_floor": tpot / floor, "pipelined_over_floor": pipelined / floor,
@@ -164,6 +169,8 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--compare-unfused", action="store_true",
+                        help="also run every shape with fused_decode=False (the A/B of the fused kernels)")
     parser.add_argument("--probe-gemm", action="store_true", help="only time the matmuls (cuBLAS vs cuBLASLt)")
     parser.add_argument("--probe-attention", action="store_true",
                         help="only time one layer's decode attention (FlashInfer CUDA cores vs tensor cores)")
@@ -180,11 +187,12 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     rows = []
     for name in args.shapes:
-        rows.extend(bench_shape(name, args.batches, args.context, args.steps, bandwidth))
+        for fused in (True, False) if args.compare_unfused else (True,):
+            rows.extend(bench_shape(name, args.batches, args.context, args.steps, bandwidth, fused))
     table = format_table(
-        ["shape", "batch", "TPOT ms", "pipelined TPOT ms", "floor ms", "TPOT/floor", "pipelined/floor",
+        ["shape", "fused", "batch", "TPOT ms", "pipelined TPOT ms", "floor ms", "TPOT/floor", "pipelined/floor",
          "graph GPU ms", "eager TPOT ms"],
-        [[r["shape"], r["batch"], r["tpot_ms"], r["pipelined_tpot_ms"], r["floor_ms"], r["tpot_over_floor"],
+        [[r["shape"], "yes" if r["fused"] else "no", r["batch"], r["tpot_ms"], r["pipelined_tpot_ms"], r["floor_ms"], r["tpot_over_floor"],
           r["pipelined_over_floor"], r["graph_replay_ms"], r["eager_tpot_ms"]] for r in rows])
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)\n{table}")
     path = save_result("gpu_decode", {"copy_bandwidth_tb_s": bandwidth / 1e12, "context": args.context,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
+import logging
 import pstats
 import time
 from collections import deque
@@ -235,6 +236,7 @@ def main() -> None:
     parser.add_argument("--sync-baseline", action="store_true",
                         help="also run the engine without overlap (each step waits for the previous one's tokens)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the executor's memory plan
     rows = []
     for name in args.shapes:
         cfg = MODEL_SHAPES[name]
@@ -255,6 +257,8 @@ def main() -> None:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         ours["setup_s"], ours["warmup_s"] = setup_s, warm["wall_s"]
+        if executor.memory_plan is not None:
+            ours["memory_plan"] = executor.memory_plan.describe()
         sync = None
         if args.sync_baseline:
             sync, sync_outputs = run_engine(executor, prompts, args.output, args.token_budget, args.max_running,

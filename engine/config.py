@@ -117,6 +117,9 @@ class EngineConfig:
     max_batch_tokens: int = 4096  # per-step token budget (prefill chunks + decodes)
     max_batch_size: int = 256  # sequences per step
     cuda_graphs: bool = True
+    # CUDA graphs: Triton kernels that fuse RoPE, the KV append, norms, SiLU and residual adds into their
+    # neighbours at small batches (engine/executor/cuda_graphs.py). False: the unfused kernels (A/B runs).
+    fused_decode: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -2,7 +2,10 @@
 # One call on the GPU machine: install the carried wheels, restore FlashInfer's compiled kernels, then run the
 # parts named on the command line, each under a time limit, writing logs and results under $OUT.
 #
-#   bash scripts/gpu_session.sh tests decode throughput http      (any subset, in that order)
+#   bash scripts/gpu_session.sh tests decode throughput http      (any subset, in the order given)
+#   parts: tests (all `gpu` tests), kernels (the Triton kernels' and the executor's GPU tests), decode,
+#   decode-ab (fused vs unfused kernels, one process), profile (8B batch-1 step), throughput, http.
+#   Triton's compiled kernels go to $OUT/triton-cache.tar.gz; carry it back as .fi-cache/triton-cache.tar.gz.
 #
 # Needs, in the working tree (git-ignored, passed with the device tool's `carry`):
 #   .whl/                 ../shared/gpu/fetch-wheels (plus the client wheels of docs/benchmarks.md for `http`)
@@ -20,16 +23,25 @@ export PYTHONPATH=/tmp/site:$ROOT:$PYTHONPATH
 if [ -f "$ROOT/.fi-cache/aot.tar.gz" ]; then
   mkdir -p /tmp/site/flashinfer/data/aot && tar xzf "$ROOT/.fi-cache/aot.tar.gz" -C /tmp/site/flashinfer/data/aot
 fi
+export TRITON_CACHE_DIR=/tmp/triton-cache; mkdir -p $TRITON_CACHE_DIR
+if [ -f "$ROOT/.fi-cache/triton-cache.tar.gz" ]; then tar xzf "$ROOT/.fi-cache/triton-cache.tar.gz" -C $TRITON_CACHE_DIR; fi
 stamp "setup done"
 
 for part in "$@"; do
   case $part in
     tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -4 ;;
+    kernels) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gemv_fused.py \
+               tests/kernels/test_decode_triton.py tests/engine/executor/test_gpu_executor.py 2>&1 | tail -15 ;;
     decode) timeout 200 python3 -m bench.gpu_decode 2>&1 | tail -8 ;;
-    throughput) timeout 300 python3 -m bench.gpu_throughput --sync-baseline 2>&1 | tail -5 ;;
+    decode-ab) timeout 300 python3 -m bench.gpu_decode --compare-unfused 2>&1 | tail -14 ;;
+    profile) timeout 150 python3 -m bench.gpu_profile_decode llama-3.1-8b > "$OUT/profile_8b_b1.txt" 2>&1
+             head -16 "$OUT/profile_8b_b1.txt" ;;
+    throughput) timeout 300 python3 -m bench.gpu_throughput --sync-baseline 2>&1 | tee "$OUT/throughput.log" | tail -5
+                grep "GPU memory" "$OUT/throughput.log" ;;
     http) bash "$ROOT/scripts/gpu_http.sh" ;;
-    *) echo "unknown part $part (tests, decode, throughput, http)"; exit 2 ;;
+    *) echo "unknown part $part (tests, kernels, decode, decode-ab, profile, throughput, http)"; exit 2 ;;
   esac
   stamp "$part rc=$?"
   cp "$ROOT"/bench/results/gpu_*.json "$OUT"/ 2>/dev/null
 done
+tar czf "$OUT/triton-cache.tar.gz" -C $TRITON_CACHE_DIR . 2>/dev/null

@@ -25,8 +25,10 @@ from typing import ContextManager, Protocol
 import numpy as np
 import torch
 
+from kernels import triton_attention
 from kernels.attention import AttentionBackend, AttentionStep
 from kernels.flashinfer_attention import WORKSPACE_BYTES, AttentionShape, FlashInferAttention
+from kernels.triton_attention import TritonDecodeAttention
 from kernels.transfer import pinned
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
@@ -42,7 +44,7 @@ class Decoder(Protocol):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor: ...
 
-    def graph_mode(self) -> ContextManager[None]: ...
+    def graph_mode(self, fuse_one_row: bool = True) -> ContextManager[None]: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class GraphConfig:
     max_batch_size: int
     max_pages_per_step: int  # capacity of the static page-id buffer shared by all buckets
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    # Fused kernels: Triton decode attention (RoPE + KV append in one kernel) for buckets up to
+    # triton_attention.MAX_BATCH_SIZE and the fused one-row forward at batch 1. Off: FlashInfer and the
+    # unfused kernels everywhere (for A/B benchmarks).
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_pages_per_step < 1:
@@ -66,7 +72,7 @@ class GraphConfig:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    attention: FlashInferAttention
+    attention: AttentionBackend
     hidden: torch.Tensor  # [S, H], written by each replay
 
 
@@ -134,14 +140,12 @@ class CudaGraphDecoder:
     # -- capture ----------------------------------------------------------------------------------------
 
     def _capture(self, size: int) -> _Graph:
-        # Buckets share the workspace and the page-id buffer: only one of them runs at a time.
-        attention = FlashInferAttention(self.model.device, self.shape, workspace=self._workspace,
-                                        graph_batch_size=size, page_id_buffer=self._page_ids)
+        attention = self._attention_for(size)
         attention.plan(self._padded(_one_token_step(self.page_size), size))
         input_ids, positions = self._inputs[0, :size], self._inputs[1, :size]
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
-        with self.model.graph_mode():
+        with self.model.graph_mode(self.config.fused):
             with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits and JIT, allocator growth
                 for _ in range(2):
                     self.model.forward(input_ids, positions, attention, self.kv_caches)
@@ -150,6 +154,13 @@ class CudaGraphDecoder:
             with torch.cuda.graph(graph, pool=self._pool):
                 hidden = self.model.forward(input_ids, positions, attention, self.kv_caches)
         return _Graph(graph, attention, hidden)
+
+    def _attention_for(self, size: int) -> AttentionBackend:
+        if self.config.fused and size <= triton_attention.MAX_BATCH_SIZE and triton_attention.is_available():
+            return TritonDecodeAttention(self.model.device, self.shape, size, self.config.max_pages_per_step)
+        # FlashInfer buckets share the workspace and the page-id buffer: only one of them runs at a time.
+        return FlashInferAttention(self.model.device, self.shape, workspace=self._workspace,
+                                   graph_batch_size=size, page_id_buffer=self._page_ids)
 
     @staticmethod
     def _padded(step: AttentionStep, size: int) -> AttentionStep:
@@ -168,13 +179,13 @@ class CudaGraphDecoder:
 
 
 def build_decode_graphs(model: Decoder, kv_caches: list[torch.Tensor], page_size: int,
-                        max_batch_size: int) -> CudaGraphDecoder:
+                        max_batch_size: int, fused: bool = True) -> CudaGraphDecoder:
     """Captures decode graphs for a LlamaModel over its KV pool, buckets up to max_batch_size sequences.
     Safe at any time: capture saves and restores the one page it touches."""
     cfg = model.config
     shape = AttentionShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.dtype)  # type: ignore[attr-defined]
     num_pages = kv_caches[0].shape[0]
-    config = GraphConfig(max_batch_size=max_batch_size, max_pages_per_step=num_pages + max_batch_size)
+    config = GraphConfig(max_batch_size=max_batch_size, max_pages_per_step=num_pages + max_batch_size, fused=fused)
     return CudaGraphDecoder(model, kv_caches, shape, page_size, config)
 
 

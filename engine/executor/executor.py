@@ -80,7 +80,8 @@ class Executor:
         free, total = torch.cuda.mem_get_info(self.device)
         plan = MemoryPlan(total_bytes=total, in_use_bytes=total - free, activation_bytes=activation_bytes,
                           graph_bytes=graph_bytes, utilization=cfg.gpu_memory_utilization)
-        log.info("GPU memory: %s", plan.describe())
+        log.info("GPU memory: %s (PyTorch: %.2f GiB allocated, %.2f GiB reserved)", plan.describe(),
+                 torch.cuda.memory_allocated(self.device) / 2**30, torch.cuda.memory_reserved(self.device) / 2**30)
         return plan
 
     def _peak_bytes(self, commands: list) -> int:
@@ -164,7 +165,7 @@ def _decode_graphs(model: LlamaModel, kv: KVPool, attention: AttentionBackend, e
     if model.device.type != "cuda" or not engine.cuda_graphs or not attention.supports_cuda_graphs:
         return None
     from engine.executor.cuda_graphs import build_decode_graphs
-    return build_decode_graphs(model, kv.layers, kv.page_size, engine.max_batch_size)
+    return build_decode_graphs(model, kv.layers, kv.page_size, engine.max_batch_size, engine.fused_decode)
 
 
 def _kernels_for(device: torch.device) -> tuple[ModuleType, AttentionBackend]:

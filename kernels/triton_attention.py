@@ -1,0 +1,92 @@
+"""Decode attention for CUDA graphs at small batches: Triton kernels (kernels/decode_triton.py) behind
+kernels/attention.py's AttentionBackend.
+
+Why: at batch 1, FlashInfer's decode kernel spends ~19 us per Llama-3.1-8B layer on a 1024-token context
+(4 MB of K/V: ~2 us at the H100's bandwidth) and RoPE + the KV append take three more kernels. Here one
+kernel rotates q and k and writes K/V (rope_and_forward), and a split-KV kernel spreads each sequence's
+pages over enough programs to fill the GPU, plus a merge of the splits.
+
+Decode steps only, a fixed batch size (the graph's bucket): plan() writes the step's metadata into static
+device buffers in place (two asynchronous copies from pinned memory), so a graph captured around forward()
+stays valid. Padding rows (copies of row 0, see engine/executor/cuda_graphs.py) write row 0's K/V into row
+0's slot through source_rows, as in FlashInferAttention's graph mode.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kernels import decode_triton
+from kernels.attention import AttentionBackend, AttentionStep, RopeFn
+from kernels.flashinfer_attention import AttentionShape, append_kv, build_host_metadata
+from kernels.transfer import pinned
+
+# Buckets up to this size use these kernels (measured on the H100: bench/gpu_decode.py --probe-attention);
+# larger batches fill the GPU without splitting and go to FlashInfer.
+MAX_BATCH_SIZE = 8
+
+
+def is_available() -> bool:
+    return decode_triton.triton is not None and torch.cuda.is_available()
+
+
+class TritonDecodeAttention(AttentionBackend):
+    """Decode steps of exactly `batch_size` sequences over at most `max_pages` pages in all."""
+
+    supports_cuda_graphs = True
+
+    def __init__(self, device: torch.device | str, shape: AttentionShape, batch_size: int, max_pages: int,
+                 num_sms: int | None = None) -> None:
+        if batch_size < 1 or max_pages < batch_size:
+            raise ValueError("batch_size must be >= 1 and max_pages >= batch_size")
+        self.device = torch.device(device)
+        self.shape, self.batch_size, self.max_pages = shape, batch_size, max_pages
+        if num_sms is None:
+            num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+                if self.device.type == "cuda" else 132
+        self.num_splits = decode_triton.choose_num_splits(batch_size, shape.num_kv_heads, num_sms=num_sms)
+        # int32: kv_page_indptr [B+1], kv_last_page_lens [B], kv_page_ids [max_pages];
+        # int64: write_index [2B] (pages, offsets), source_rows [B].
+        self._int32 = torch.zeros(2 * batch_size + 1 + max_pages, dtype=torch.int32, device=self.device)
+        self._int64 = torch.zeros(3 * batch_size, dtype=torch.long, device=self.device)
+        self._indptr = self._int32[:batch_size + 1]
+        self._last_lens = self._int32[batch_size + 1:2 * batch_size + 1]
+        self._page_ids = self._int32[2 * batch_size + 1:]
+        self._write_index, self._source_rows = self._int64[:2 * batch_size], self._int64[2 * batch_size:]
+        self._planned = False
+
+    def plan(self, step: AttentionStep) -> None:
+        meta = build_host_metadata(step)
+        if not meta.is_decode or step.num_seqs != self.batch_size:
+            raise ValueError(f"this backend runs decode steps of exactly {self.batch_size} sequences")
+        num_pages = len(meta.kv_page_ids)
+        if num_pages > self.max_pages:
+            raise ValueError(f"the step uses {num_pages} pages, more than this backend's {self.max_pages}")
+        host32 = np.concatenate([meta.kv_page_indptr, meta.kv_last_page_lens, meta.kv_page_ids]).astype(np.int32)
+        host64 = np.concatenate([meta.write_index, meta.source_rows]).astype(np.int64)
+        # In place: a captured graph reads these very buffers. Page ids past this step's are never read.
+        self._int32[:len(host32)].copy_(pinned(host32, self.device), non_blocking=True)
+        self._int64.copy_(pinned(host64, self.device), non_blocking=True)
+        self._planned = True
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        self._check_planned(q)
+        append_kv(kv_cache, k, v, self._write_index, self._source_rows)
+        return self._attend(q, kv_cache)
+
+    def rope_and_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                         cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, apply_rope: RopeFn) -> torch.Tensor:
+        """One kernel rotates q in place and writes the rotated K and V; apply_rope is not needed."""
+        self._check_planned(q)
+        decode_triton.rope_append(q, k, v, positions, cos_sin_cache, kv_cache, self._write_index, self._source_rows)
+        return self._attend(q, kv_cache)
+
+    def _check_planned(self, q: torch.Tensor) -> None:
+        if not self._planned:
+            raise RuntimeError("plan() must run before forward()")
+        if q.shape[0] != self.batch_size:
+            raise ValueError(f"q has {q.shape[0]} rows, this backend's steps have {self.batch_size}")
+
+    def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        return decode_triton.decode_attention(q, kv_cache, self._indptr, self._page_ids, self._last_lens,
+                                              self.num_splits)
