@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_session.sh tests decode throughput http      (any subset, in the order given)
 #   parts: tests (all `gpu` tests), kernels (the Triton kernels' and the executor's GPU tests), decode,
-#   decode-ab (fused vs unfused kernels, one process), profile (8B batch-1 step), throughput, http.
+#   gemv-fused (fused GEMV tiles), decode-ab (fused vs unfused kernels, one process), profile (8B batch-1 step), throughput, http.
 #   Triton's compiled kernels go to $OUT/triton-cache.tar.gz; carry it back as .fi-cache/triton-cache.tar.gz.
 #
 # Needs, in the working tree (git-ignored, passed with the device tool's `carry`):
@@ -32,6 +32,7 @@ for part in "$@"; do
     tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -4 ;;
     kernels) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gemv_fused.py \
                tests/kernels/test_decode_triton.py tests/engine/executor/test_gpu_executor.py 2>&1 | tail -15 ;;
+    gemv-fused) timeout 300 python3 -m bench.gpu_gemv_fused --sweep 2>&1 | tail -40 ;;
     decode) timeout 200 python3 -m bench.gpu_decode 2>&1 | tail -8 ;;
     decode-ab) timeout 300 python3 -m bench.gpu_decode --compare-unfused 2>&1 | tail -14 ;;
     profile) timeout 150 python3 -m bench.gpu_profile_decode llama-3.1-8b > "$OUT/profile_8b_b1.txt" 2>&1
@@ -39,7 +40,7 @@ for part in "$@"; do
     throughput) timeout 300 python3 -m bench.gpu_throughput --sync-baseline 2>&1 | tee "$OUT/throughput.log" | tail -5
                 grep "GPU memory" "$OUT/throughput.log" ;;
     http) bash "$ROOT/scripts/gpu_http.sh" ;;
-    *) echo "unknown part $part (tests, kernels, decode, decode-ab, profile, throughput, http)"; exit 2 ;;
+    *) echo "unknown part $part (tests, kernels, gemv-fused, decode, decode-ab, profile, throughput, http)"; exit 2 ;;
   esac
   stamp "$part rc=$?"
   cp "$ROOT"/bench/results/gpu_*.json "$OUT"/ 2>/dev/null

@@ -69,7 +69,8 @@ _CASES = [  # (kind, dtype, N, K, bias)
     ("gated", "bfloat16", 64, 576, False),
     ("gated", "float16", 34, 300, True),  # odd output count, masked tail
     ("add", "bfloat16", 50, 1536, False),
-    ("add", "float16", 530, 4096, True),  # 8B-like K blocks of 1024
+    ("add", "float16", 530, 4096, True),  # K blocks of 1024: FUSED_TILE, 8 rows (the last block clamped)
+    ("gated", "bfloat16", 1060, 2048, False),  # FUSED_TILE gated: 4 gate and 4 up rows per program
 ]
 
 
