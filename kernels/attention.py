@@ -78,6 +78,16 @@ class AttentionBackend(ABC):
         q, k = apply_rope(q, k, positions, cos_sin_cache)
         return self.forward(q, k, v, kv_cache)
 
+    def kv_write_index(self) -> torch.Tensor | None:
+        """For callers that write the step's K/V themselves (fused into the qkv projection), then call attend():
+        [2T] int64 on the device, each new token's page, then each one's offset in its page. None (the
+        default): forward() and rope_and_forward() append."""
+        return None
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Attention alone, the step's K/V already written (only where kv_write_index() is not None)."""
+        raise NotImplementedError(f"{type(self).__name__} appends K/V itself: use forward()")
+
 
 class TorchAttention(AttentionBackend):
     """Reference backend: gather each sequence's pages into a padded batch and run SDPA with a mask."""

@@ -8,6 +8,9 @@ adds) is a kernel of ~3 us that reads a few kilobytes, plus a launch gap: ~0.4 m
   of x anyway): no pass before the matmul, no normalised copy of x.
 - rms_norm_gated_gemv: silu(gate) * up of the gate_up projection: each program reads matching gate and up rows
   (same bytes per program as the plain GEMV) and writes the activation, never the [2I] pre-activation.
+- rms_norm_qkv_rope_append: the qkv projection of one token, with RoPE and the KV append in its epilogue: a
+  program takes matching rows of both halves of a head (each rotary pair), rotates q and k, and writes q to
+  the output and k, v to their cache slot: no separate RoPE or append kernel.
 - gemv_add_: residual += x @ W.T in place (the o and down projections), which makes the add of the next
   fused add-RMSNorm redundant.
 Numerics: fp32 throughout; the matmul output is rounded to the dtype before SiLU and before the residual add,
@@ -18,6 +21,8 @@ Each program covers the whole K range, so these apply where the GEMV heuristic p
 the unfused kernels elsewhere.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -48,6 +53,14 @@ def fused_config(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> 
         return None
     if config.block_k == FUSED_TILE.block_k:
         return FUSED_TILE
+    return config
+
+
+def qkv_rope_config(x: torch.Tensor, weight: torch.Tensor, head_dim: int) -> GemvConfig | None:
+    """fused_config for rms_norm_qkv_rope_append: also None where a tile's rotary pairs do not divide D/2."""
+    config = fused_config(x, weight)
+    if config is None or head_dim % 2 or (head_dim // 2) % max(1, config.block_n // 2):
+        return None
     return config
 
 
@@ -91,8 +104,54 @@ def _check_norm(x: torch.Tensor, norm_weight: torch.Tensor) -> None:
                          f"{norm_weight.dtype}")
 
 
+@dataclass(frozen=True)
+class _RopeTarget:
+    """Where rms_norm_qkv_rope_append's epilogue puts its results (see there)."""
+
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    kv_cache: torch.Tensor
+    write_index: torch.Tensor
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def rms_norm_qkv_rope_append(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                             bias: torch.Tensor | None, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                             kv_cache: torch.Tensor, write_index: torch.Tensor, num_q_heads: int,
+                             num_kv_heads: int, config: GemvConfig | None = None) -> torch.Tensor:
+    """The qkv projection of one token with RoPE and the KV append in its epilogue: returns the rotated q
+    [1, Hq, D]; k (rotated) and v go to kv_cache [P, 2, S, Hkv, D] at page write_index[0], offset
+    write_index[1]. weight [(Hq + 2 Hkv) D, K]; positions [1] int64; cos_sin_cache [max_positions, D] float32
+    (cos | sin, kernels/ops.py's layout); write_index [2] int64 on the device."""
+    _check_norm(x, norm_weight)
+    head_dim = kv_cache.shape[-1] if kv_cache.dim() == 5 else 0
+    rope = _RopeTarget(positions, cos_sin_cache, kv_cache, write_index, num_q_heads, num_kv_heads, head_dim)
+    _check_rope(x, weight, rope)
+    out = _launch(x, weight, bias, norm_weight, eps, None, False, config, rope)
+    return out[:, :num_q_heads * head_dim].view(1, num_q_heads, head_dim)
+
+
+def _check_rope(x: torch.Tensor, weight: torch.Tensor, rope: _RopeTarget) -> None:
+    cache, d = rope.kv_cache, rope.head_dim
+    if cache.dim() != 5 or cache.shape[1] != 2 or cache.shape[3] != rope.num_kv_heads or not cache.is_contiguous() \
+            or cache.dtype != x.dtype or cache.device != x.device:
+        raise ValueError(f"kv_cache must be a contiguous [P, 2, S, {rope.num_kv_heads}, D] {x.dtype} tensor on "
+                         f"{x.device}, got {tuple(cache.shape)} {cache.dtype}")
+    if d % 2 or weight.shape[0] != (rope.num_q_heads + 2 * rope.num_kv_heads) * d:
+        raise ValueError(f"weight has {weight.shape[0]} rows, want (Hq + 2 Hkv) * D for an even D = {d}")
+    if rope.positions.shape != (1,) or rope.write_index.shape != (2,) or rope.positions.device != x.device \
+            or rope.write_index.device != x.device:
+        raise ValueError("positions must be [1] and write_index [2], on x's device")
+    if rope.cos_sin_cache.dim() != 2 or rope.cos_sin_cache.shape[1] != d or \
+            rope.cos_sin_cache.dtype != torch.float32 or not rope.cos_sin_cache.is_contiguous():
+        raise ValueError(f"cos_sin_cache must be a contiguous [max_positions, {d}] float32 tensor")
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
-            eps: float, residual: torch.Tensor | None, gated: bool, override: GemvConfig | None) -> torch.Tensor:
+            eps: float, residual: torch.Tensor | None, gated: bool, override: GemvConfig | None,
+            rope: _RopeTarget | None = None) -> torch.Tensor:
     config = fused_config(x, weight, gated)
     if config is not None and override is not None:
         config = override
@@ -101,14 +160,27 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, no
                          f"{tuple(weight.shape)} (see fused_config)")
     _gemv._check_inputs(x, weight, bias)
     n, k = weight.shape
+    paired = gated or rope is not None  # two rows per output: gate/up, or a rotary pair
+    block_n = max(1, config.block_n // 2) if paired else config.block_n  # same weight bytes per program
     num_out = n // 2 if gated else n
-    block_n = max(1, config.block_n // 2) if gated else config.block_n  # same weight bytes per program
     x = x if x.stride(1) == 1 else x.contiguous()
     out = residual if residual is not None else torch.empty((1, num_out), dtype=x.dtype, device=x.device)
-    _gemv_fused_kernel[(-(-num_out // block_n),)](
+    if rope is None:
+        up_offset, bias_up_offset, grid, rope_args = num_out * weight.stride(0), num_out, -(-num_out // block_n), \
+            (out, out, out, out, 0, 0, 0)
+        head_dim, page_size = 2, 1
+    else:
+        half = rope.head_dim // 2
+        if half % block_n:
+            raise ValueError(f"head_dim / 2 = {half} must be a multiple of the tile's {block_n} rotary pairs")
+        up_offset, bias_up_offset, grid = half * weight.stride(0), half, n // 2 // block_n
+        rope_args = (rope.positions, rope.cos_sin_cache, rope.kv_cache, rope.write_index, rope.num_q_heads,
+                     rope.num_kv_heads, rope.kv_cache.stride(0))
+        head_dim, page_size = rope.head_dim, rope.kv_cache.shape[2]
+    _gemv_fused_kernel[(grid,)](
         x, weight, bias if bias is not None else out, norm_weight if norm_weight is not None else x, out, out,
-        num_out, k, weight.stride(0), num_out * weight.stride(0), eps,
+        num_out, k, weight.stride(0), up_offset, bias_up_offset, eps, *rope_args,
         BLOCK_N=block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, HAS_BIAS=bias is not None,
-        NORM=norm_weight is not None, GATED=gated, ADD_RESIDUAL=residual is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        NORM=norm_weight is not None, GATED=gated, ADD_RESIDUAL=residual is not None, ROPE=rope is not None,
+        HEAD_DIM=head_dim, PAGE_SIZE=page_size, num_warps=config.num_warps, num_stages=config.num_stages)
     return out

@@ -157,17 +157,27 @@ if triton is not None:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=in_bounds)
 
     @triton.jit
-    def _gemv_fused_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr, N, K, stride_wn, up_offset, eps,
+    def _gemv_fused_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, res_ptr, out_ptr, N, K, stride_wn, up_offset, bias_up_offset,
+                           eps, pos_ptr, cs_ptr, kv_ptr, widx_ptr, num_q_heads, num_kv_heads, stride_kv_page,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           NORM: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+                           NORM: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, ROPE: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr):
         """One input row x [K], N output columns per program block, the whole K range in one program.
         NORM: the input is rms_norm(x) * nw: x * nw enters the products and the row's 1/rms (its sum of squares
         gathered in the same loop) scales the sums at the end. GATED: the weight is [gate (N rows); up (N rows)]
         (up rows start up_offset elements later) and the output is silu(gate) * up, each rounded to the output
-        dtype first as the unfused kernels do. ADD_RESIDUAL: res[n] += y[n] (y rounded first), nothing else
-        is written; else out[n] = y[n]."""
+        dtype first as the unfused kernels do. ROPE: the qkv projection of one token; a program takes BLOCK_N
+        rotary pairs (rows r and r + D/2) of one head: q heads are rotated into out, k heads rotated and v heads
+        as they are written to the token's KV-cache slot (see _rope_kv_store). ADD_RESIDUAL: res[n] += y[n]
+        (y rounded first), nothing else is written; else out[n] = y[n]."""
         pid_n = tl.program_id(0)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROPE:
+            pairs_per_head: tl.constexpr = HEAD_DIM // 2 // BLOCK_N
+            head = pid_n // pairs_per_head
+            first_pair = (pid_n % pairs_per_head) * BLOCK_N
+            offs_n = head * HEAD_DIM + first_pair + tl.arange(0, BLOCK_N)
+        else:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_n = tl.minimum(offs_n, N - 1)  # clamped for loads; rows past N are never stored
         offs_k = tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
@@ -189,31 +199,65 @@ if triton is not None:
                 else:
                     xk = xk * tl.load(nw_ptr + k + offs_k, mask=in_k, other=0.0).to(tl.float32)
             acc += w * xk[None, :]
-            if GATED:
+            if GATED or ROPE:
                 if EVEN_K:
                     w_up = tl.load(w_ptrs + up_offset).to(tl.float32)
                 else:
                     w_up = tl.load(w_ptrs + up_offset, mask=in_k[None, :], other=0.0).to(tl.float32)
                 acc_up += w_up * xk[None, :]
             w_ptrs += BLOCK_K
-        y = tl.sum(acc, axis=1)
+        rstd = 1.0
         if NORM:
             rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
-            y = y * rstd
+        y = tl.sum(acc, axis=1) * rstd
         if HAS_BIAS:
             y += tl.load(b_ptr + rows_n).to(tl.float32)
         dtype = out_ptr.dtype.element_ty
         in_n = offs_n < N
-        if GATED:
-            up = tl.sum(acc_up, axis=1)
-            if NORM:
-                up = up * rstd
+        if GATED or ROPE:
+            up = tl.sum(acc_up, axis=1) * rstd
             if HAS_BIAS:
-                up += tl.load(b_ptr + N + rows_n).to(tl.float32)
-            gate = y.to(dtype).to(tl.float32)
-            y = gate / (1.0 + tl.exp(-gate)) * up.to(dtype).to(tl.float32)
+                up += tl.load(b_ptr + bias_up_offset + rows_n).to(tl.float32)
+            first = y.to(dtype).to(tl.float32)  # (the unfused projection's rounding)
+            second = up.to(dtype).to(tl.float32)
+            if GATED:
+                y = first / (1.0 + tl.exp(-first)) * second
+            else:
+                _rope_kv_store(first, second, offs_n, head, first_pair, pos_ptr, cs_ptr, out_ptr, kv_ptr, widx_ptr,
+                               num_q_heads, num_kv_heads, stride_kv_page, BLOCK_N, HEAD_DIM, PAGE_SIZE)
         if ADD_RESIDUAL:
             residual = tl.load(res_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)
             tl.store(res_ptr + offs_n, (y.to(dtype).to(tl.float32) + residual).to(dtype), mask=in_n)
-        else:
+        elif not ROPE:
             tl.store(out_ptr + offs_n, y.to(dtype), mask=in_n)
+
+    @triton.jit
+    def _rope_kv_store(lo, hi, offs_n, head, first_pair, pos_ptr, cs_ptr, out_ptr, kv_ptr, widx_ptr, num_q_heads,
+                       num_kv_heads, stride_kv_page, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       PAGE_SIZE: tl.constexpr):
+        """lo, hi [BLOCK_N]: rows offs_n and offs_n + D/2 of `head` (q heads, then k heads, then v heads) of the
+        token's projection. q and k are rotated (NeoX: pair i is (x_i, x_{i + D/2}), angle of column i of the
+        [positions, D] cos | sin cache at the token's position); q goes to out, k and v to the KV cache
+        [P, 2, PAGE_SIZE, Hkv, D] at page widx[0], offset widx[1]."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        dtype = out_ptr.dtype.element_ty
+        if head < num_q_heads + num_kv_heads:
+            position = tl.load(pos_ptr).to(tl.int64)
+            cols = first_pair + tl.arange(0, BLOCK_N)
+            cos = tl.load(cs_ptr + position * HEAD_DIM + cols)
+            sin = tl.load(cs_ptr + position * HEAD_DIM + HALF + cols)
+            lo, hi = lo * cos - hi * sin, hi * cos + lo * sin
+        if head < num_q_heads:
+            tl.store(out_ptr + offs_n, lo.to(dtype))
+            tl.store(out_ptr + offs_n + HALF, hi.to(dtype))
+        else:
+            kv_head = head - num_q_heads
+            is_v = (kv_head >= num_kv_heads).to(tl.int64)
+            kv_head = kv_head - is_v * num_kv_heads
+            page = tl.load(widx_ptr)
+            slot = tl.load(widx_ptr + 1)
+            row = num_kv_heads * HEAD_DIM
+            dst = kv_ptr + page * stride_kv_page + is_v * (PAGE_SIZE * row) + slot * row + kv_head * HEAD_DIM \
+                + first_pair + tl.arange(0, BLOCK_N)
+            tl.store(dst, lo.to(kv_ptr.dtype.element_ty))
+            tl.store(dst + HALF, hi.to(kv_ptr.dtype.element_ty))

@@ -10,8 +10,8 @@ Decisions:
 - single_row_linear (decode at batch 1) is the Triton GEMV of kernels/gemv.py: it reads the weights at
   2.5-3.2 TB/s where cuBLAS reaches 2.2-2.8 on the H100 (bench/gpu_gemv.py). Its Python launch costs tens of
   microseconds, so the decoder uses it only inside CUDA graphs and for the LM head (engine/model/llama.py).
-- rms_norm_linear, rms_norm_gated_linear and linear_add_ fold RMSNorm, SiLU-and-mul and the residual add
-  into the GEMV at one row (kernels/gemv_fused.py; the decoder's batch-1 graphs); other shapes compose the
+- rms_norm_linear, rms_norm_gated_linear, rms_norm_qkv_rope_append and linear_add_ fold RMSNorm, SiLU-and-mul,
+  RoPE with the KV append, and the residual add into the GEMV at one row (kernels/gemv_fused.py; the decoder's batch-1 graphs); other shapes compose the
   kernels above.
 - Numerics: sums of squares and rotations are computed in float32, rounded once to the input dtype
   (the reference rounds the normalised value before multiplying by the weight: one bf16 ulp apart).
@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels import gemv as _gemv  # noqa: E402
 from kernels import gemv_fused as _fused  # noqa: E402
+from kernels.flashinfer_attention import append_kv as _append_kv  # noqa: E402
 
 from kernels.ops import rope_cos_sin_cache, rope_inv_freq  # noqa: F401  (host-side, shared with the reference)
 
@@ -89,3 +90,21 @@ def linear_add_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return _fused.gemv_add_(x, weight, bias, residual)
     linear = single_row_linear if x.shape[0] == 1 else F.linear
     return residual.add_(linear(x, weight, bias))
+
+
+def rms_norm_qkv_rope_append(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                             bias: torch.Tensor | None, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                             kv_cache: torch.Tensor, write_index: torch.Tensor, num_q_heads: int,
+                             num_kv_heads: int) -> torch.Tensor:
+    """qkv projection of rms_norm(x), RoPE, K/V written to kv_cache; returns the rotated q [T, Hq, D]."""
+    head_dim = kv_cache.shape[-1]
+    if _fused.qkv_rope_config(x, weight, head_dim) is not None:
+        return _fused.rms_norm_qkv_rope_append(x, norm_weight, eps, weight, bias, positions, cos_sin_cache,
+                                               kv_cache, write_index, num_q_heads, num_kv_heads)
+    qkv = rms_norm_linear(x, norm_weight, eps, weight, bias)
+    q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    num_tokens = x.shape[0]
+    q, k = apply_rope(q.reshape(num_tokens, num_q_heads, head_dim), k.reshape(num_tokens, num_kv_heads, head_dim),
+                      positions, cos_sin_cache)
+    _append_kv(kv_cache, k, v.reshape(num_tokens, num_kv_heads, head_dim), write_index)
+    return q

@@ -29,6 +29,24 @@ def rms_norm_gated_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float
     return silu_and_mul(F.linear(rms_norm(x, norm_weight, eps), weight, bias))
 
 
+def rms_norm_qkv_rope_append(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                             bias: torch.Tensor | None, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                             kv_cache: torch.Tensor, write_index: torch.Tensor, num_q_heads: int,
+                             num_kv_heads: int) -> torch.Tensor:
+    """The qkv projection of rms_norm(x), RoPE, and k/v written to kv_cache [P, 2, S, Hkv, D] (token t at page
+    write_index[t], offset write_index[T + t]): returns the rotated q [T, Hq, D]. One kernel on CUDA at one
+    row (kernels/gemv_fused.py)."""
+    num_tokens, head_dim = x.shape[0], kv_cache.shape[-1]
+    qkv = rms_norm_linear(x, norm_weight, eps, weight, bias)
+    q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q, k = apply_rope(q.reshape(num_tokens, num_q_heads, head_dim), k.reshape(num_tokens, num_kv_heads, head_dim),
+                      positions, cos_sin_cache)
+    pages, offsets = write_index[:num_tokens], write_index[num_tokens:2 * num_tokens]
+    kv_cache[pages, 0, offsets] = k.to(kv_cache.dtype)
+    kv_cache[pages, 1, offsets] = v.reshape(num_tokens, num_kv_heads, head_dim).to(kv_cache.dtype)
+    return q
+
+
 def linear_add_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 residual: torch.Tensor) -> torch.Tensor:
     """residual += F.linear(x, weight, bias), in place; returns residual."""

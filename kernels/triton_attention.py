@@ -81,6 +81,14 @@ class TritonDecodeAttention(AttentionBackend):
         decode_triton.rope_append(q, k, v, positions, cos_sin_cache, kv_cache, self._write_index, self._source_rows)
         return self._attend(q, kv_cache)
 
+    def kv_write_index(self) -> torch.Tensor | None:
+        """At batch 1 (no padding rows) the model may write the token's K/V itself (in the qkv projection)."""
+        return self._write_index if self.batch_size == 1 and self._planned else None
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        self._check_planned(q)
+        return self._attend(q, kv_cache)
+
     def _check_planned(self, q: torch.Tensor) -> None:
         if not self._planned:
             raise RuntimeError("plan() must run before forward()")

@@ -86,13 +86,22 @@ class LlamaModel:
     def _forward_one_row(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
                          kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """forward() of one token in graph mode: the norms, SiLU and residual adds ride in the matmuls
-        (ops.rms_norm_linear, ops.rms_norm_gated_linear, ops.linear_add_: fused GEMVs on CUDA). The residual
-        stream [1, H] is updated in place by the o and down projections."""
+        (ops.rms_norm_linear, ops.rms_norm_gated_linear, ops.linear_add_: fused GEMVs on CUDA), and RoPE with
+        the KV append too where the attention backend lets the model write K/V (kv_write_index()). The
+        residual stream [1, H] is updated in place by the o and down projections."""
         cfg, ops, eps = self.config, self.ops, self.config.rms_norm_eps
         residual = F.embedding(input_ids, self.embed_tokens)
+        write_index = attention.kv_write_index()  # not None: the qkv projection writes K/V itself
         for layer, kv_cache in zip(self.layers, kv_caches):
-            qkv = ops.rms_norm_linear(residual, layer.input_norm, eps, layer.qkv_proj, layer.qkv_bias)
-            ops.linear_add_(self._attend(qkv, positions, attention, kv_cache), layer.o_proj, layer.o_bias, residual)
+            if write_index is None:
+                qkv = ops.rms_norm_linear(residual, layer.input_norm, eps, layer.qkv_proj, layer.qkv_bias)
+                out = self._attend(qkv, positions, attention, kv_cache)
+            else:
+                q = ops.rms_norm_qkv_rope_append(residual, layer.input_norm, eps, layer.qkv_proj, layer.qkv_bias,
+                                                 positions, self.cos_sin_cache, kv_cache, write_index,
+                                                 cfg.num_heads, cfg.num_kv_heads)
+                out = attention.attend(q, kv_cache).reshape(1, self._q_size)
+            ops.linear_add_(out, layer.o_proj, layer.o_bias, residual)
             act = ops.rms_norm_gated_linear(residual, layer.post_norm, eps, layer.gate_up_proj, layer.gate_up_bias)
             ops.linear_add_(act, layer.down_proj, layer.down_bias, residual)
         return ops.rms_norm(residual, self.norm, cfg.rms_norm_eps)

@@ -128,3 +128,63 @@ def test_fused_kernels_on_cuda(kind: str, n: int, k: int) -> None:
         y = gemv_fused.gemv_add_(x, w, None, residual.clone())
     err = (y.double() - ref).abs()
     assert bool((err <= ATOL + 2.0 ** -7 * scale).all()), float((err - 2.0 ** -7 * scale).max())
+
+
+_ROPE_SCRIPT = r"""
+import json, sys
+import torch
+import kernels.ops as ops
+from engine.config import RopeConfig
+from kernels import gemv_fused
+torch.manual_seed(1)
+results = []
+for dtype_name, hq, hkv, d, k, with_bias in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype_name)
+    n = (hq + 2 * hkv) * d
+    x, nw = torch.randn(1, k, dtype=dtype) * 3, (torch.rand(k) + 0.5).to(dtype)
+    w, b = (torch.randn(n, k) * k ** -0.5).to(dtype), torch.randn(n, dtype=dtype) if with_bias else None
+    cos_sin = ops.rope_cos_sin_cache(RopeConfig(theta=10000.0), d, 64)
+    cache = torch.randn(5, 2, 4, hkv, d).to(dtype)
+    before = cache.clone()
+    positions, write_index = torch.tensor([37]), torch.tensor([3, 2])
+    q = gemv_fused.rms_norm_qkv_rope_append(x, nw, 1e-5, w, b, positions, cos_sin, cache, write_index, hq, hkv)
+    qkv = ops.rms_norm_linear(x.double(), nw.double(), 1e-5, w.double(), None if b is None else b.double())
+    rq, rk, rv = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    rq, rk = ops.apply_rope(rq.view(1, hq, d), rk.view(1, hkv, d), positions, cos_sin)
+    untouched = before.clone()
+    untouched[3, :, 2] = cache[3, :, 2]
+    results.append(dict(case=[dtype_name, hq, hkv, d, k, with_bias], q_shape=list(q.shape),
+                        q_err=float((q.double() - rq).abs().max()), q_scale=float(rq.abs().max()),
+                        k_err=float((cache[3, 0, 2].double() - rk[0]).abs().max()),
+                        v_err=float((cache[3, 1, 2].double() - rv.view(hkv, d)).abs().max()),
+                        kv_scale=float(max(rk.abs().max(), rv.abs().max())), others_kept=bool(torch.equal(untouched, cache))))
+print(json.dumps(results))
+"""
+_ROPE_CASES = [  # (dtype, Hq, Hkv, D, K, bias)
+    ("bfloat16", 4, 2, 16, 576, True),  # the heuristic's small tile: one rotary pair per program
+    ("float16", 8, 2, 64, 2048, False),  # FUSED_TILE: 4 rotary pairs per program
+]
+
+
+@pytest.mark.skipif(gemv_module.triton is None,
+                    reason="Triton is not installed (`make test` installs it; `pip install -e .[dev]` does not)")
+def test_qkv_rope_append_matches_the_unfused_composition_under_the_interpreter() -> None:
+    for r in run_interpreted(_ROPE_SCRIPT, _ROPE_CASES):
+        dtype_name, hq, _, d = r["case"][:4]
+        assert r["q_shape"] == [1, hq, d] and r["others_kept"], r
+        rel = 2.0 ** -6 if dtype_name == "bfloat16" else 2.0 ** -9  # q/k/v rounded twice (projection, rotation)
+        assert r["q_err"] <= ATOL + rel * r["q_scale"], r
+        assert max(r["k_err"], r["v_err"]) <= ATOL + rel * r["kv_scale"], r
+
+
+def test_qkv_rope_append_rejects_bad_targets() -> None:
+    x, nw = torch.randn(1, 64, dtype=torch.bfloat16), torch.ones(64, dtype=torch.bfloat16)
+    w = torch.randn((2 + 2 * 1) * 8, 64, dtype=torch.bfloat16)  # Hq = 2, Hkv = 1, D = 8
+    cos_sin, pos, widx = torch.zeros(16, 8), torch.tensor([0]), torch.tensor([0, 0])
+    cache = torch.zeros(2, 2, 4, 1, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="rows"):
+        gemv_fused.rms_norm_qkv_rope_append(x, nw, 1e-5, w[:24], None, pos, cos_sin, cache, widx, 2, 1)
+    with pytest.raises(ValueError, match="kv_cache"):
+        gemv_fused.rms_norm_qkv_rope_append(x, nw, 1e-5, w, None, pos, cos_sin, cache.float(), widx, 2, 1)
+    with pytest.raises(ValueError, match="write_index"):
+        gemv_fused.rms_norm_qkv_rope_append(x, nw, 1e-5, w, None, pos, cos_sin, cache, widx[:1], 2, 1)

@@ -40,9 +40,26 @@ def _step(positions: list[int]) -> AttentionStep:
                          slot_ids=[page_ids[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for p in positions])
 
 
+class _CallerAppends(TorchAttention):
+    """The reference backend, letting the model write K/V itself (kv_write_index) and attending with attend()."""
+
+    def plan(self, step: AttentionStep) -> None:
+        super().plan(step)
+        slots = torch.tensor(list(step.slot_ids))
+        self._write_index = torch.cat([slots // step.page_size, slots % step.page_size])
+
+    def kv_write_index(self) -> torch.Tensor:
+        return self._write_index
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        num_tokens = q.shape[0]
+        pages, offsets = self._write_index[:num_tokens], self._write_index[num_tokens:]
+        return self.forward(q, kv_cache[pages, 0, offsets], kv_cache[pages, 1, offsets], kv_cache)
+
+
 def _forward(model: LlamaModel, token_ids: list[int], positions: list[int], caches: list[torch.Tensor],
-             fused: bool | None) -> torch.Tensor:
-    attention = TorchAttention()
+             fused: bool | None, attention: TorchAttention | None = None) -> torch.Tensor:
+    attention = attention or TorchAttention()
     attention.plan(_step(positions))
     ids, pos = torch.tensor(token_ids), torch.tensor(positions)
     if fused is None:
@@ -51,15 +68,16 @@ def _forward(model: LlamaModel, token_ids: list[int], positions: list[int], cach
         return model.forward(ids, pos, attention, caches)
 
 
+@pytest.mark.parametrize("caller_appends", [False, True], ids=["backend-appends", "qkv-appends"])
 @pytest.mark.parametrize("biases", [False, True], ids=["no-bias", "biases"])
-def test_fused_one_row_forward_equals_the_regular_forward(biases: bool) -> None:
+def test_fused_one_row_forward_equals_the_regular_forward(biases: bool, caller_appends: bool) -> None:
     model = _model(biases)
     cfg = model.config
     caches = [torch.zeros(4, 2, PAGE_SIZE, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
     _forward(model, list(range(7, 7 + PROMPT_LEN)), list(range(PROMPT_LEN)), caches, None)  # prefill
     regular_caches = [c.clone() for c in caches]
     want = _forward(model, [11], [PROMPT_LEN], regular_caches, None)
-    got = _forward(model, [11], [PROMPT_LEN], caches, fused=True)
+    got = _forward(model, [11], [PROMPT_LEN], caches, True, _CallerAppends() if caller_appends else None)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(caches, regular_caches))
     assert not model._fuse_one_row and not model._single_row_kernels, "graph_mode() restores the regular path"
