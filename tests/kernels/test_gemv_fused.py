@@ -188,3 +188,27 @@ def test_qkv_rope_append_rejects_bad_targets() -> None:
         gemv_fused.rms_norm_qkv_rope_append(x, nw, 1e-5, w, None, pos, cos_sin, cache.float(), widx, 2, 1)
     with pytest.raises(ValueError, match="write_index"):
         gemv_fused.rms_norm_qkv_rope_append(x, nw, 1e-5, w, None, pos, cos_sin, cache, widx[:1], 2, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,d,k", [(32, 8, 128, 4096), (9, 3, 64, 576)], ids=["llama-3.1-8b", "smollm2"])
+def test_qkv_rope_append_on_cuda(hq: int, hkv: int, d: int, k: int) -> None:
+    import kernels.ops as ops
+    from engine.config import RopeConfig
+    torch.manual_seed(k)
+    dtype, n = torch.bfloat16, (hq + 2 * hkv) * d
+    x, nw = torch.randn(1, k, device="cuda", dtype=dtype) * 3, (torch.rand(k, device="cuda") + 0.5).to(dtype)
+    w = (torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype)
+    cos_sin = ops.rope_cos_sin_cache(RopeConfig(theta=500000.0), d, 4096, "cuda")
+    cache = torch.randn(9, 2, 16, hkv, d, device="cuda").to(dtype)
+    before = cache.clone()
+    positions, write_index = torch.tensor([1234], device="cuda"), torch.tensor([7, 5], device="cuda")
+    q = gemv_fused.rms_norm_qkv_rope_append(x, nw, 1e-5, w, None, positions, cos_sin, cache, write_index, hq, hkv)
+    qkv = ops.rms_norm_linear(x.double(), nw.double(), 1e-5, w.double())
+    rq, rk, rv = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    rq, rk = ops.apply_rope(rq.view(1, hq, d), rk.view(1, hkv, d), positions, cos_sin)
+    assert (q.double() - rq).abs().max() <= ATOL + 2.0 ** -7 * rq.abs().max()
+    assert (cache[7, 0, 5].double() - rk[0]).abs().max() <= ATOL + 2.0 ** -7 * rk.abs().max()
+    assert (cache[7, 1, 5].double() - rv.view(hkv, d)).abs().max() <= ATOL + 2.0 ** -7 * rv.abs().max()
+    before[7, :, 5] = cache[7, :, 5]
+    assert torch.equal(before, cache), "only the token's slot is written"
