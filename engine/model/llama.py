@@ -8,6 +8,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
+from collections.abc import MutableMapping
 from typing import Iterator, Mapping
 
 import torch
@@ -144,7 +145,10 @@ class LlamaModel:
 
 
 class _Weights:
-    """Takes HF-named tensors, checking presence, moving to device/dtype once."""
+    """Takes HF-named tensors, checking presence, moving to device/dtype once. A mutable mapping gives each
+    tensor up as it is taken: a piece of a fused matrix (q, k, v; gate, up) is freed right after the
+    concatenation, so device memory never holds both copies of the model's projections (a peak, and holes
+    in the allocator's segments that later count against the KV pool)."""
 
     def __init__(self, weights: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
         self._weights = weights
@@ -153,7 +157,8 @@ class _Weights:
     def take(self, name: str) -> torch.Tensor:
         if name not in self._weights:
             raise KeyError(f"missing weight {name!r}")
-        return self._weights[name].to(device=self._device, dtype=self._dtype)
+        tensor = self._weights.pop(name) if isinstance(self._weights, MutableMapping) else self._weights[name]
+        return tensor.to(device=self._device, dtype=self._dtype)
 
     def maybe(self, name: str, wanted: bool) -> torch.Tensor | None:
         return self.take(name) if wanted else None
@@ -213,6 +218,6 @@ def random_weights(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, s
     for name, shape in weight_shapes(cfg).items():
         if name.endswith("norm.weight"):
             weights[name] = torch.ones(shape, device=device, dtype=dtype)
-        else:
-            weights[name] = (torch.randn(shape, device=device, dtype=torch.float32, generator=gen) * 0.02).to(dtype)
+        else:  # drawn in the target dtype: no float32 temporaries (twice the size) to fragment device memory
+            weights[name] = torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=gen)
     return weights
