@@ -5,10 +5,10 @@ Shapes: T tokens in the step, H hidden, Hq/Hkv heads, D head_dim.
 """
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
-from collections.abc import MutableMapping
 from typing import Iterator, Mapping
 
 import torch
