@@ -1,6 +1,5 @@
 """kernels.decode_triton: validation and choose_num_splits everywhere; the kernels under Triton's CPU interpreter
-where Triton is installed, and on CUDA in the `gpu` tests (run by hand on the GPU machine:
-`python -m pytest -m gpu tests/kernels/test_decode_triton.py`).
+where Triton is installed (the CUDA tests: tests/kernels/test_decode_triton_gpu.py).
 
 Tolerances. decode_attention: q, K and V are exact in their dtype; the kernel's error against the float64
 softmax is the rounding of the softmax weights to the cache dtype before P @ V (relative u each, so at most
@@ -8,6 +7,8 @@ u * sum_i p_i |v_i|) plus the output's rounding (u * |out| <= the same), plus fp
 2u * (P @ |V|) + 1e-4, with u = 2**-8 (bf16) / 2**-11 (fp16) on the GPU and 2**-7 for bf16 under the
 interpreter, which casts fp32 to bf16 by truncation. rope_append: the same fp32 formula as ops.apply_rope,
 so results differ by at most one ulp of the dtype (truncation, or an FMA on the GPU): 2 ulps are allowed.
+With `counters` (the last split merges) the merge is the same arithmetic: equal under the interpreter, within
+one ulp of the output on the GPU (the compiler may order the fp32 sums differently in the two kernels).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _has_triton() -> bool:
     return decode_module.triton is not None
 
 
-def _unit_roundoff(dtype: torch.dtype, device: str) -> float:
+def unit_roundoff(dtype: torch.dtype, device: str) -> float:
     if dtype == torch.float16:
         return 2.0 ** -11
     return 2.0 ** -8 if device == "cuda" else 2.0 ** -7
@@ -80,12 +81,30 @@ def reference_decode(q: torch.Tensor, kv_cache: torch.Tensor, indptr: torch.Tens
     return torch.stack(outs), torch.stack(mags)
 
 
+def _nan_out(batch: int, num_q_heads: int, head_dim: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A strided [B, Hq, D] view of NaN: every element must be written."""
+    out = torch.full((batch, num_q_heads, 2 * head_dim), float("nan"), dtype=dtype, device=device)
+    return out[..., :head_dim]
+
+
+def fused_excess(fused: torch.Tensor, plain: torch.Tensor) -> float:
+    """The worst excess of |fused - plain| over one unit in the last place of the dtype (relative to |plain|)
+    plus 1e-5: the two paths merge in fp32, so they may differ in the output's final rounding."""
+    ulp = 2.0 ** -7 if plain.dtype == torch.bfloat16 else 2.0 ** -10
+    diff = (fused.double() - plain.double()).abs().nan_to_num(math.inf)
+    return float((diff - ulp * plain.double().abs() - 1e-5).max())
+
+
 def run_decode_case(dtype_name: str, num_q_heads: int, num_kv_heads: int, head_dim: int, kv_lens: list[int],
                     splits: list[int], device: str = "cpu", seed: int = 0, page_size: int = PAGE_SIZE,
                     spike_last: bool = False) -> list[dict]:
     """decode_attention on a q view of a qkv tensor, once per split count (odd ones into a NaN-filled strided
-    `out`): each result's worst excess over the tolerance (<= 0 passes), shape, dtype and finiteness.
-    spike_last: each sequence's last key is twice its group's first query, so that token dominates."""
+    `out`): each result's worst excess over the tolerance (<= 0 passes), shape, dtype and finiteness. Also
+    with one `counters` tensor shared by every call of the case, for q and for -q, each right after a call on
+    the other (so the reused partial buffers hold the other's values): the largest difference from (and
+    fused_excess over) the calls without counters, and whether the counters are zero after each call (and
+    their 3 extra elements, set to 7, untouched). spike_last: each sequence's last key is twice its group's
+    first query, so that token dominates."""
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(seed)
     kv_cache, indptr, page_ids, last_lens = make_paged_cache(kv_lens, num_kv_heads, head_dim, dtype, device, gen,
@@ -98,18 +117,33 @@ def run_decode_case(dtype_name: str, num_q_heads: int, num_kv_heads: int, head_d
         for h in range(num_kv_heads):
             kv_cache[last_pages, 0, last_lens.long() - 1, h] = q[:, h * (num_q_heads // num_kv_heads)] * 2
     ref, mag = reference_decode(q, kv_cache, indptr, page_ids, last_lens)
-    bound = 2 * _unit_roundoff(dtype, device) * mag + 1e-4
+    bound = 2 * unit_roundoff(dtype, device) * mag + 1e-4
+    num_counters = batch * num_kv_heads
+    counters = torch.full((num_counters + 3,), 7, dtype=torch.int32, device=device)
+    counters[:num_counters] = 0
+
+    def counters_clean() -> bool:
+        return not bool(counters[:num_counters].any()) and bool((counters[num_counters:] == 7).all())
+
+    q_other = -q  # a second query whose partials are stale for q's calls (and the reverse)
     results = []
     for i, num_splits in enumerate(splits):
-        out = None
-        if i % 2:  # a strided view of NaN: every element must be written
-            out = torch.full((batch, num_q_heads, 2 * head_dim), float("nan"), dtype=dtype, device=device)
-            out = out[..., :head_dim]
-        result = decode_attention(q, kv_cache, indptr, page_ids, last_lens, num_splits, out=out)
+        call = lambda query, **kw: decode_attention(query, kv_cache, indptr, page_ids, last_lens, num_splits, **kw)
+        other = call(q_other)
+        fused = call(q, out=_nan_out(batch, num_q_heads, head_dim, dtype, device), counters=counters)
+        clean = counters_clean()
+        out = _nan_out(batch, num_q_heads, head_dim, dtype, device) if i % 2 else None
+        result = call(q, out=out)
+        fused_other = call(q_other, counters=counters)
+        pairs = ((fused, result), (fused_other, other))
         results.append(dict(splits=num_splits, shape=list(result.shape), dtype=str(result.dtype),
                             into_out=out is None or result.data_ptr() == out.data_ptr(),
                             finite=bool(torch.isfinite(result).all()),
-                            excess=float(((result.double() - ref).abs() - bound).max())))
+                            excess=float(((result.double() - ref).abs() - bound).max()),
+                            fused_diff=max(float((x.double() - y.double()).abs().nan_to_num(math.inf).max())
+                                           for x, y in pairs),
+                            fused_excess=max(fused_excess(x, y) for x, y in pairs),
+                            counters_clean=clean and counters_clean()))
     return results
 
 
@@ -196,6 +230,12 @@ _BAD_DECODE = [  # (what, field replacements, message fragment)
     ("2-D last lens", dict(kv_last_page_lens=torch.ones(2, 1, dtype=torch.int32)), "kv_last_page_lens must be a"),
     ("zero splits", dict(num_splits=0), "num_splits"),
     ("q's last dim strided", dict(q=torch.randn(2, 8, 128, dtype=torch.bfloat16)[..., ::2]), "contiguous"),
+    ("int64 counters", dict(counters=torch.zeros(4, dtype=torch.int64)), "counters must be torch.int32"),
+    ("too few counters", dict(counters=torch.zeros(3, dtype=torch.int32)), "counters must be .* length >= 4"),
+    ("too few counters, one split", dict(counters=torch.zeros(3, dtype=torch.int32), num_splits=1), "counters"),
+    ("2-D counters", dict(counters=torch.zeros(2, 2, dtype=torch.int32)), "counters must be a contiguous 1-D"),
+    ("strided counters", dict(counters=torch.zeros(8, dtype=torch.int32)[::2]), "counters must be a contiguous"),
+    ("counters elsewhere", dict(counters=torch.zeros(4, dtype=torch.int32, device="meta")), "counters is on meta"),
 ]
 
 
@@ -282,7 +322,8 @@ def test_reference_decode_matches_torch_attention() -> None:
 
 _INTERPRETER_SCRIPT = r"""
 import json, sys
-from tests.kernels.test_decode_triton import run_decode_case, run_graph_step_case, run_rope_case
+from tests.kernels.test_decode_triton import run_decode_case, run_rope_case
+from tests.kernels.test_decode_triton_gpu import run_graph_step_case
 cases = json.loads(sys.argv[1])
 print(json.dumps(dict(decode=[run_decode_case(*c) for c in cases["decode"]],
                       rope=[run_rope_case(*c) for c in cases["rope"]], graph_step=run_graph_step_case())))
@@ -320,6 +361,7 @@ def test_decode_attention_matches_float64_under_the_interpreter(interpreted: dic
     for r in results:
         assert r["shape"] == [len(kv_lens), num_q_heads, head_dim] and r["dtype"] == f"torch.{dtype_name}", r
         assert r["into_out"] and r["finite"] and r["excess"] <= 0, r
+        assert r["fused_diff"] == 0 and r["counters_clean"], r  # the interpreter merges with the same arithmetic
 
 
 @pytest.mark.parametrize("case", range(len(_ROPE_CASES)))
@@ -332,131 +374,3 @@ def test_rope_append_matches_apply_rope_and_append_kv_under_the_interpreter(inte
 def test_graph_step_helper_is_correct_under_the_interpreter(interpreted: dict) -> None:
     """The eager half of the GPU graph test, on CPU: rope_append then decode_attention with padding rows."""
     assert len(interpreted["graph_step"]) == 2 and max(interpreted["graph_step"]) <= 0, interpreted["graph_step"]
-
-
-# -- the kernels on CUDA (by hand on the GPU machine) -------------------------------------------------------
-
-_RAGGED_8 = [1024, 1, 16, 17, 500, 2048, 33, 777]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
-@pytest.mark.parametrize("shape,kv_lens", [
-    ((32, 8, 128), [1024]), ((32, 8, 128), [1024] * 8), ((32, 8, 128), _RAGGED_8),  # Llama-3.1-8B
-    ((9, 3, 64), [1024]), ((9, 3, 64), [(37 * i) % 1500 + 1 for i in range(64)]),  # SmolLM2-135M
-])
-def test_decode_attention_matches_float64_on_cuda(dtype_name: str, shape: tuple, kv_lens: list[int]) -> None:
-    num_q_heads, num_kv_heads, head_dim = shape
-    splits = [choose_num_splits(len(kv_lens), num_kv_heads), 1, 7]
-    for r in run_decode_case(dtype_name, num_q_heads, num_kv_heads, head_dim, kv_lens, splits, "cuda"):
-        assert r["into_out"] and r["finite"] and r["excess"] <= 0, r
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [1, 8, 64])
-@pytest.mark.parametrize("with_source", [False, True])
-def test_rope_append_matches_reference_on_cuda(num_tokens: int, with_source: bool) -> None:
-    slots = [(13 * t) % 1000 for t in range(num_tokens)]
-    source_rows = None
-    if with_source:  # the last quarter pads the batch with copies of row 0
-        pad = num_tokens // 4
-        slots = slots[:num_tokens - pad] + [slots[0]] * pad
-        source_rows = list(range(num_tokens - pad)) + [0] * pad
-    r = run_rope_case("bfloat16", 32, 8, 128, slots, source_rows, "cuda", num_pages=64)
-    assert r["q_excess"] <= 0 and r["cache_excess"] <= 0, r
-    assert r["others_untouched"] and r["kv_columns_untouched"], r
-
-
-class GraphStep:
-    """Static buffers of a graph-captured decode step (by default 8B's attention shape at batch 8):
-    write_step() rewrites the metadata, qkv and positions in place; run() is rope_append, decode_attention."""
-
-    def __init__(self, batch: int = 8, num_pages: int = 400, heads: tuple[int, int, int] = (32, 8, 128),
-                 device: str = "cuda", num_splits: int | None = None) -> None:
-        self.batch, (self.num_q_heads, self.num_kv_heads, self.head_dim) = batch, heads
-        self.gen = torch.Generator().manual_seed(11)
-        dev = dict(device=device)
-        self.kv_cache = torch.randn(num_pages, 2, PAGE_SIZE, self.num_kv_heads, self.head_dim,
-                                    generator=self.gen).to(torch.bfloat16).to(**dev)
-        self.qkv = torch.zeros(batch, (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim,
-                               dtype=torch.bfloat16, **dev)
-        q_width, kv_width = self.num_q_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q, self.k, self.v = (x.view(batch, -1, self.head_dim) for x in (
-            self.qkv[:, :q_width], self.qkv[:, q_width:q_width + kv_width], self.qkv[:, q_width + kv_width:]))
-        self.cos_sin = torch_ops.rope_cos_sin_cache(RopeConfig(theta=500000.0), self.head_dim, 8192, device)
-        self.positions = torch.zeros(batch, dtype=torch.long, **dev)
-        self.write_index = torch.zeros(2 * batch, dtype=torch.long, **dev)
-        self.source_rows = torch.arange(batch, **dev)
-        self.indptr = torch.zeros(batch + 1, dtype=torch.int32, **dev)
-        self.page_ids = torch.zeros(num_pages, dtype=torch.int32, **dev)
-        self.last_lens = torch.ones(batch, dtype=torch.int32, **dev)
-        self.num_splits = num_splits or choose_num_splits(batch, self.num_kv_heads)
-
-    def write_step(self, kv_lens: list[int], num_padding: int = 0) -> None:
-        """Sequences of kv_lens tokens (the new one last) on shuffled pages; the last num_padding rows copy row
-        0 (same pages and slot, source row 0), as graph-mode padding does."""
-        order = torch.randperm(self.page_ids.numel(), generator=self.gen).tolist()
-        indptr, page_ids, last_lens, positions, pages_of, slots = [0], [], [], [], [], []
-        for kv_len in kv_lens[:self.batch - num_padding]:
-            pages_of.append([order.pop() for _ in range(-(-kv_len // PAGE_SIZE))])
-            last_lens.append(kv_len - (len(pages_of[-1]) - 1) * PAGE_SIZE)
-            slots.append(pages_of[-1][-1] * PAGE_SIZE + last_lens[-1] - 1)
-            positions.append(kv_len - 1)
-        for values in (pages_of, last_lens, slots, positions):
-            values += [values[0]] * num_padding
-        for pages in pages_of:
-            page_ids += pages
-            indptr.append(len(page_ids))
-        sources = list(range(self.batch - num_padding)) + [0] * num_padding
-        slot_ids = torch.tensor(slots)
-        for buffer, values in ((self.indptr, indptr), (self.last_lens, last_lens), (self.positions, positions),
-                               (self.write_index, torch.cat([slot_ids // PAGE_SIZE, slot_ids % PAGE_SIZE])),
-                               (self.source_rows, sources)):
-            buffer.copy_(torch.as_tensor(values, dtype=buffer.dtype))
-        self.page_ids[:len(page_ids)] = torch.tensor(page_ids, dtype=torch.int32)
-        self.qkv.copy_(torch.randn(self.qkv.shape, generator=self.gen).to(torch.bfloat16))
-
-    def run(self) -> torch.Tensor:
-        rope_append(self.q, self.k, self.v, self.positions, self.cos_sin, self.kv_cache, self.write_index,
-                    self.source_rows)
-        return decode_attention(self.q, self.kv_cache, self.indptr, self.page_ids, self.last_lens, self.num_splits)
-
-    def excess(self, out: torch.Tensor) -> float:
-        """out's worst excess over the tolerance against the float64 reference on the current state."""
-        ref, mag = reference_decode(self.q, self.kv_cache, self.indptr, self.page_ids, self.last_lens)
-        bound = 2 * _unit_roundoff(torch.bfloat16, self.kv_cache.device.type) * mag + 1e-4
-        return float(((out.double() - ref).abs() - bound).max())
-
-
-def run_graph_step_case(device: str = "cpu") -> list[float]:
-    """GraphStep's eager path on two steps (the second with a padding row): the excess of each."""
-    step = GraphStep(batch=3, num_pages=24, heads=(4, 2, 64), device=device, num_splits=3)
-    excesses = []
-    for kv_lens, num_padding in (([40, 1, 17], 0), ([16, 100], 1)):
-        step.write_step(kv_lens, num_padding)
-        excesses.append(step.excess(step.run()))
-    return excesses
-
-
-@pytest.mark.gpu
-def test_graph_replay_equals_eager_after_metadata_changes() -> None:
-    """rope_append + decode_attention captured once, replayed after the metadata buffers changed in place
-    (other lengths, pages, padding rows): bit-identical to an eager call on the same state, and correct."""
-    step = GraphStep()
-    step.write_step([100] * 8)
-    step.run()  # compiles outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_out = step.run()
-    for kv_lens, num_padding in (([1024, 1, 16, 17, 500, 2048, 33, 777], 0), ([5, 300, 1024, 64, 65, 1, 900], 1)):
-        step.write_step(kv_lens, num_padding)
-        cache_before, qkv_before = step.kv_cache.clone(), step.qkv.clone()
-        graph.replay()
-        torch.cuda.synchronize()
-        replayed = graph_out.clone(), step.kv_cache.clone(), step.qkv.clone()
-        step.kv_cache.copy_(cache_before)
-        step.qkv.copy_(qkv_before)
-        eager = step.run()
-        assert torch.equal(replayed[0], eager) and torch.equal(replayed[1], step.kv_cache)
-        assert torch.equal(replayed[2], step.qkv) and step.excess(eager) <= 0
