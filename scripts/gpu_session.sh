@@ -31,7 +31,8 @@ for part in "$@"; do
   case $part in
     tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -4 ;;
     kernels) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gemv_fused.py \
-               tests/kernels/test_decode_triton.py tests/engine/executor/test_gpu_executor.py 2>&1 | tail -15 ;;
+               tests/kernels/test_decode_triton_gpu.py tests/kernels/test_triton_attention.py \
+               tests/engine/executor/test_gpu_executor.py 2>&1 | tail -15 ;;
     gemv-fused) timeout 300 python3 -m bench.gpu_gemv_fused --sweep 2>&1 | tail -40 ;;
     decode) timeout 200 python3 -m bench.gpu_decode 2>&1 | tail -8 ;;
     decode-ab) timeout 300 python3 -m bench.gpu_decode --compare-unfused 2>&1 | tail -14 ;;
