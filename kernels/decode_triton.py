@@ -48,6 +48,8 @@ import os
 
 import torch
 
+from kernels.launch import uses_pdl
+
 try:
     import triton
     import triton.language as tl
@@ -140,9 +142,11 @@ if triton is not None:
                              counters_ptr, stride_qb, stride_qh, stride_ob, stride_oh, num_q_heads, num_splits,
                              qk_scale, HEAD_DIM: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                              BLOCK_G: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGES_PER_BLOCK: tl.constexpr,
-                             DIRECT: tl.constexpr, LAST_MERGES: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+                             DIRECT: tl.constexpr, LAST_MERGES: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+                             USE_PDL: tl.constexpr):
         """Program (b, h, s): attention of KV head h's query group of sequence b over split s of its pages; with
-        LAST_MERGES, the last program of (b, h) to finish also merges the group's splits."""
+        LAST_MERGES, the last program of (b, h) to finish also merges the group's splits. USE_PDL: the page
+        table (written before the step) is read before waiting for the kernel that wrote q and the new K/V."""
         ROW: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
         PLANE: tl.constexpr = PAGE_SIZE * ROW  # K (or V) of one page
         BLOCK_N: tl.constexpr = PAGES_PER_BLOCK * PAGE_SIZE
@@ -160,6 +164,9 @@ if triton is not None:
         in_group = offs_g < GROUP
         heads = h * GROUP + offs_g
         offs_d = tl.arange(0, HEAD_DIM)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()  # (the merge waits for this whole grid anyway)
         q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=in_group[:, None], other=0.0)
         offs_n = tl.arange(0, BLOCK_N)
@@ -213,10 +220,13 @@ if triton is not None:
 
     @triton.jit
     def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_q_heads, num_splits, stride_ob, stride_oh,
-                             HEAD_DIM: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+                             HEAD_DIM: tl.constexpr, SPLIT_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (b, h): merges the splits of query head h of sequence b."""
         b = tl.program_id(0)
         h = tl.program_id(1)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()  # few programs: the next kernel may start on the free SMs
         _merge_head(part_ptr, lse_ptr, out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh,
                     (b * num_q_heads + h).to(tl.int64) * num_splits, num_splits, HEAD_DIM, SPLIT_BLOCK, "")
 
@@ -388,15 +398,16 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, kv_page_indptr: to
         partials = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
     split_block = min(triton.next_power_of_2(num_splits), _MAX_MERGE_CHUNK)
+    pdl = uses_pdl(q.device)  # (kernels/launch.py)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_cache, kv_page_indptr, kv_page_ids, kv_last_page_lens, out, partials, lse,
         counters if last_merges else kv_page_indptr, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         num_q_heads, num_splits, _LOG2E / math.sqrt(head_dim), HEAD_DIM=head_dim, NUM_KV_HEADS=num_kv_heads,
         GROUP=group, BLOCK_G=max(_MIN_DOT_ROWS, triton.next_power_of_2(group)), PAGE_SIZE=page_size,
         PAGES_PER_BLOCK=_block_tokens(head_dim, page_size) // page_size, DIRECT=direct, LAST_MERGES=last_merges,
-        SPLIT_BLOCK=split_block if last_merges else 1, num_warps=4, num_stages=2)
+        SPLIT_BLOCK=split_block if last_merges else 1, USE_PDL=pdl, launch_pdl=pdl, num_warps=4, num_stages=2)
     if not direct and not last_merges:
         _merge_splits_kernel[(batch, num_q_heads)](
             partials, lse, out, num_q_heads, num_splits, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
-            SPLIT_BLOCK=split_block, num_warps=4)
+            SPLIT_BLOCK=split_block, USE_PDL=pdl, launch_pdl=pdl, num_warps=4)
     return out

@@ -16,7 +16,8 @@ adds) is a kernel of ~3 us that reads a few kilobytes, plus a launch gap: ~0.4 m
 Numerics: fp32 throughout; the matmul output is rounded to the dtype before SiLU and before the residual add,
 as the unfused kernels round it; the normalised input is not rounded (one rounding fewer than unfused).
 
-Each program covers the whole K range, so these apply where the GEMV heuristic picks no split-K
+Launched with PDL on Hopper (kernels/launch.py): the first weight tiles are read before waiting for the previous
+kernel. Each program covers the whole K range, so these apply where the GEMV heuristic picks no split-K
 (fused_config): every Llama-3.1-8B and SmolLM2 decode matmul on an H100. kernels/gpu_ops.py falls back to
 the unfused kernels elsewhere.
 """
@@ -28,6 +29,7 @@ import torch
 
 from kernels import gemv as _gemv
 from kernels.gemv import GemvConfig
+from kernels.launch import uses_pdl
 
 if _gemv.triton is not None:
     from kernels.gemv_triton import _gemv_fused_kernel
@@ -177,10 +179,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, no
         rope_args = (rope.positions, rope.cos_sin_cache, rope.kv_cache, rope.write_index, rope.num_q_heads,
                      rope.num_kv_heads, rope.kv_cache.stride(0))
         head_dim, page_size = rope.head_dim, rope.kv_cache.shape[2]
+    pdl = uses_pdl(x.device)
     _gemv_fused_kernel[(grid,)](
         x, weight, bias if bias is not None else out, norm_weight if norm_weight is not None else x, out, out,
         num_out, k, weight.stride(0), up_offset, bias_up_offset, eps, *rope_args,
         BLOCK_N=block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, HAS_BIAS=bias is not None,
         NORM=norm_weight is not None, GATED=gated, ADD_RESIDUAL=residual is not None, ROPE=rope is not None,
-        HEAD_DIM=head_dim, PAGE_SIZE=page_size, num_warps=config.num_warps, num_stages=config.num_stages)
+        HEAD_DIM=head_dim, PAGE_SIZE=page_size, USE_PDL=pdl, launch_pdl=pdl, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     return out

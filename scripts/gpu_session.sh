@@ -4,7 +4,8 @@
 #
 #   bash scripts/gpu_session.sh tests decode throughput http      (any subset, in the order given)
 #   parts: tests (all `gpu` tests), kernels (the Triton kernels' and the executor's GPU tests), decode,
-#   gemv-fused (fused GEMV tiles), decode-ab (fused vs unfused kernels, one process), profile (8B batch-1 step), throughput, http.
+#   gemv-fused (fused GEMV tiles), decode-ab (fused vs unfused kernels, one process), pdl-ab (8B batch 1
+#   without, then with programmatic dependent launch), profile (8B batch-1 step), throughput, http.
 #   Triton's compiled kernels go to $OUT/triton-cache.tar.gz; carry it back as .fi-cache/triton-cache.tar.gz.
 #
 # Needs, in the working tree (git-ignored, passed with the device tool's `carry`):
@@ -36,12 +37,15 @@ for part in "$@"; do
     gemv-fused) timeout 300 python3 -m bench.gpu_gemv_fused --sweep 2>&1 | tail -40 ;;
     decode) timeout 200 python3 -m bench.gpu_decode 2>&1 | tail -8 ;;
     decode-ab) timeout 300 python3 -m bench.gpu_decode --compare-unfused 2>&1 | tail -14 ;;
+    pdl-ab) PIE_TRITON_PDL=0 timeout 200 python3 -m bench.gpu_decode --shapes llama-3.1-8b --batches 1 2>&1 | tail -5
+            cp "$ROOT/bench/results/gpu_decode.json" "$OUT/gpu_decode_no_pdl.json"
+            timeout 200 python3 -m bench.gpu_decode --shapes llama-3.1-8b --batches 1 2>&1 | tail -3 ;;
     profile) timeout 150 python3 -m bench.gpu_profile_decode llama-3.1-8b > "$OUT/profile_8b_b1.txt" 2>&1
              head -16 "$OUT/profile_8b_b1.txt" ;;
     throughput) timeout 300 python3 -m bench.gpu_throughput --sync-baseline 2>&1 | tee "$OUT/throughput.log" | tail -5
                 grep "GPU memory" "$OUT/throughput.log" ;;
     http) bash "$ROOT/scripts/gpu_http.sh" ;;
-    *) echo "unknown part $part (tests, kernels, gemv-fused, decode, decode-ab, profile, throughput, http)"; exit 2 ;;
+    *) echo "unknown part $part (tests, kernels, gemv-fused, decode, decode-ab, pdl-ab, profile, throughput, http)"; exit 2 ;;
   esac
   stamp "$part rc=$?"
   cp "$ROOT"/bench/results/gpu_*.json "$OUT"/ 2>/dev/null
