@@ -184,20 +184,32 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = acc
         sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-        paired: tl.constexpr = GATED or ROPE
-        # The first weight tiles are read before waiting for the previous kernel (USE_PDL: launched while
-        # it drains): weights never change, while x, the residual and the KV cache come from that kernel.
-        w, w_up = _weight_tiles(w_ptrs, up_offset, 0, offs_k, K, EVEN_K, paired)
-        if USE_PDL:
+        if USE_PDL:  # launched while the previous kernel drains: wait for its x, residual and KV writes
             tl.extra.cuda.gdc_wait()
-        acc, acc_up, sum_sq = _accumulate(acc, acc_up, sum_sq, w, w_up, x_ptr, nw_ptr, 0, offs_k, K, EVEN_K,
-                                          NORM, paired)
-        for k in range(BLOCK_K, K, BLOCK_K):
-            w, w_up = _weight_tiles(w_ptrs, up_offset, k, offs_k, K, EVEN_K, paired)
-            acc, acc_up, sum_sq = _accumulate(acc, acc_up, sum_sq, w, w_up, x_ptr, nw_ptr, k, offs_k, K, EVEN_K,
-                                              NORM, paired)
+        for k in range(0, K, BLOCK_K):
+            in_k = k + offs_k < K  # unused (and removed) when EVEN_K
+            if EVEN_K:
+                xk = tl.load(x_ptr + k + offs_k).to(tl.float32)
+                w = tl.load(w_ptrs).to(tl.float32)
+            else:
+                xk = tl.load(x_ptr + k + offs_k, mask=in_k, other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs, mask=in_k[None, :], other=0.0).to(tl.float32)
+            if NORM:
+                sum_sq += xk * xk
+                if EVEN_K:
+                    xk = xk * tl.load(nw_ptr + k + offs_k).to(tl.float32)
+                else:
+                    xk = xk * tl.load(nw_ptr + k + offs_k, mask=in_k, other=0.0).to(tl.float32)
+            acc += w * xk[None, :]
+            if GATED or ROPE:
+                if EVEN_K:
+                    w_up = tl.load(w_ptrs + up_offset).to(tl.float32)
+                else:
+                    w_up = tl.load(w_ptrs + up_offset, mask=in_k[None, :], other=0.0).to(tl.float32)
+                acc_up += w_up * xk[None, :]
+            w_ptrs += BLOCK_K
         if USE_PDL:
-            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start loading its weights
+            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may launch on the SMs this one frees
         rstd = 1.0
         if NORM:
             rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
@@ -222,40 +234,6 @@ if triton is not None:
             tl.store(res_ptr + offs_n, (y.to(dtype).to(tl.float32) + residual).to(dtype), mask=in_n)
         elif not ROPE:
             tl.store(out_ptr + offs_n, y.to(dtype), mask=in_n)
-
-    @triton.jit
-    def _weight_tiles(w_ptrs, up_offset, k, offs_k, K, EVEN_K: tl.constexpr, PAIRED: tl.constexpr):
-        """The fp32 weight tile at K offset k, and (PAIRED) the matching tile up_offset elements later."""
-        if EVEN_K:
-            w = tl.load(w_ptrs + k).to(tl.float32)
-        else:
-            w = tl.load(w_ptrs + k, mask=(k + offs_k < K)[None, :], other=0.0).to(tl.float32)
-        w_up = w
-        if PAIRED:
-            if EVEN_K:
-                w_up = tl.load(w_ptrs + up_offset + k).to(tl.float32)
-            else:
-                w_up = tl.load(w_ptrs + up_offset + k, mask=(k + offs_k < K)[None, :], other=0.0).to(tl.float32)
-        return w, w_up
-
-    @triton.jit
-    def _accumulate(acc, acc_up, sum_sq, w, w_up, x_ptr, nw_ptr, k, offs_k, K, EVEN_K: tl.constexpr,
-                    NORM: tl.constexpr, PAIRED: tl.constexpr):
-        """One K step: the products of the input block at k (times the norm weight, its squares gathered)."""
-        if EVEN_K:
-            xk = tl.load(x_ptr + k + offs_k).to(tl.float32)
-        else:
-            xk = tl.load(x_ptr + k + offs_k, mask=k + offs_k < K, other=0.0).to(tl.float32)
-        if NORM:
-            sum_sq += xk * xk
-            if EVEN_K:
-                xk = xk * tl.load(nw_ptr + k + offs_k).to(tl.float32)
-            else:
-                xk = xk * tl.load(nw_ptr + k + offs_k, mask=k + offs_k < K, other=0.0).to(tl.float32)
-        acc += w * xk[None, :]
-        if PAIRED:
-            acc_up += w_up * xk[None, :]
-        return acc, acc_up, sum_sq
 
     @triton.jit
     def _rope_kv_store(lo, hi, offs_n, head, first_pair, pos_ptr, cs_ptr, out_ptr, kv_ptr, widx_ptr, num_q_heads,
