@@ -16,9 +16,11 @@ adds) is a kernel of ~3 us that reads a few kilobytes, plus a launch gap: ~0.4 m
 Numerics: fp32 throughout; the matmul output is rounded to the dtype before SiLU and before the residual add,
 as the unfused kernels round it; the normalised input is not rounded (one rounding fewer than unfused).
 
-Launched with PDL on Hopper (kernels/launch.py): the first weight tiles are read before waiting for the previous
-kernel. Each program covers the whole K range, so these apply where the GEMV heuristic picks no split-K
-(fused_config): every Llama-3.1-8B and SmolLM2 decode matmul on an H100. kernels/gpu_ops.py falls back to
+Launched with PDL on Hopper (kernels/launch.py): scheduled while the previous kernel drains, each program waits
+for it before its loop, and lets the next kernel launch after its loop (H100, 8B batch 1: 0.16 ms less per
+step; reading the first weight tile before the wait measured slower).
+
+Each program covers the whole K range, so these apply where the GEMV heuristic picks no split-K (fused_config): every Llama-3.1-8B and SmolLM2 decode matmul on an H100. kernels/gpu_ops.py falls back to
 the unfused kernels elsewhere.
 """
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Programmatic dependent launch (PDL) for the Triton kernels of the decode step.
 
 On Hopper and later a kernel launched with PDL may start while the previous kernel in the stream drains: its
-programs do the work that does not depend on that kernel (read weights, page tables), then wait for it
-(gdc_wait: every earlier kernel has finished and its writes are visible), and each kernel lets the next one
-start once its main loop is done (gdc_launch_dependents). In a CUDA graph this hides the launch gap between
-the ~160 kernels of a batch-1 decode step. Invariant of every kernel launched so: before gdc_wait it reads
+programs may do work that does not depend on that kernel (the split-KV attention reads its page table), then
+wait for it (gdc_wait: every earlier kernel has finished and its writes are visible), and each kernel lets
+the next one launch once its main loop is done (gdc_launch_dependents). In a CUDA graph this hides most of
+the launch gap between the ~160 kernels of a batch-1 decode step (H100, Llama-3.1-8B: 5.26 -> 5.10 ms of
+GPU per step, bench/results/gpu_decode_pdl_ab.json). Invariant of every kernel launched so: before gdc_wait it reads
 only memory that no kernel of the step writes, and writes nothing. PIE_TRITON_PDL=0 in the environment turns
 it off (for A/B measurements).
 """
