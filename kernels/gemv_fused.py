@@ -20,8 +20,9 @@ Launched with PDL on Hopper (kernels/launch.py): scheduled while the previous ke
 for it before its loop, and lets the next kernel launch after its loop (H100, 8B batch 1: 0.16 ms less per
 step; reading the first weight tile before the wait measured slower).
 
-Each program covers the whole K range, so these apply where the GEMV heuristic picks no split-K (fused_config): every Llama-3.1-8B and SmolLM2 decode matmul on an H100. kernels/gpu_ops.py falls back to
-the unfused kernels elsewhere.
+Each program covers the whole K range, so these apply where the GEMV heuristic picks no split-K
+(fused_config): every Llama-3.1-8B and SmolLM2 decode matmul on an H100. kernels/gpu_ops.py falls back to the
+unfused kernels elsewhere.
 """
 from __future__ import annotations
 
