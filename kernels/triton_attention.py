@@ -4,11 +4,9 @@ kernels/attention.py's AttentionBackend.
 Why: at batch 1, FlashInfer's decode kernel spends ~19 us per Llama-3.1-8B layer on a 1024-token context
 (4 MB of K/V: ~2 us at the H100's bandwidth) and RoPE + the KV append take three more kernels. Here one
 kernel rotates q and k and writes K/V (rope_and_forward), and a split-KV kernel spreads each sequence's
-pages over enough programs to fill the GPU, then a second kernel merges the splits. (decode_attention's
-`counters`, the merge done by the last split of each (sequence, KV head) in the same launch, measured slower on
-the H100: 12.6 us per Llama-3.1-8B layer at batch 1 against 5.1 + 2.0 us for the two launches; that last
-program merges its four query heads in series.) At batch 1 the model writes K/V itself in the qkv projection
-(kv_write_index).
+pages over enough programs to fill the GPU, then a second kernel merges the splits (a merge inside the split
+kernel measured slower: kernels/decode_triton.py). At batch 1 the model writes K/V itself in the qkv
+projection (kv_write_index).
 
 Decode steps only, a fixed batch size (the graph's bucket): plan() writes the step's metadata into static
 device buffers in place (two asynchronous copies from pinned memory), so a graph captured around forward()

@@ -10,8 +10,8 @@ import torch
 import kernels.ops as torch_ops
 from engine.config import RopeConfig
 from kernels.decode_triton import choose_num_splits, decode_attention, rope_append
-from tests.kernels.test_decode_triton import (PAGE_SIZE, fused_excess, make_paged_cache, reference_decode,
-                                              run_decode_case, run_rope_case, unit_roundoff)
+from tests.kernels.test_decode_triton import (PAGE_SIZE, reference_decode, run_decode_case, run_rope_case,
+                                              unit_roundoff)
 
 _RAGGED_8 = [1024, 1, 16, 17, 500, 2048, 33, 777]
 
@@ -27,7 +27,6 @@ def test_decode_attention_matches_float64_on_cuda(dtype_name: str, shape: tuple,
     splits = [choose_num_splits(len(kv_lens), num_kv_heads), 1, 7]
     for r in run_decode_case(dtype_name, num_q_heads, num_kv_heads, head_dim, kv_lens, splits, "cuda"):
         assert r["into_out"] and r["finite"] and r["excess"] <= 0, r
-        assert r["fused_excess"] <= 0 and r["counters_clean"], r  # `counters`: the last split merges
 
 
 @pytest.mark.gpu
@@ -47,11 +46,10 @@ def test_rope_append_matches_reference_on_cuda(num_tokens: int, with_source: boo
 
 class GraphStep:
     """Static buffers of a graph-captured decode step (by default 8B's attention shape at batch 8):
-    write_step() rewrites the metadata, qkv and positions in place; run() is rope_append, decode_attention
-    (with self.counters, zeros, if `counters`: the last split merges)."""
+    write_step() rewrites the metadata, qkv and positions in place; run() is rope_append, decode_attention."""
 
     def __init__(self, batch: int = 8, num_pages: int = 400, heads: tuple[int, int, int] = (32, 8, 128),
-                 device: str = "cuda", num_splits: int | None = None, counters: bool = False) -> None:
+                 device: str = "cuda", num_splits: int | None = None) -> None:
         self.batch, (self.num_q_heads, self.num_kv_heads, self.head_dim) = batch, heads
         self.gen = torch.Generator().manual_seed(11)
         dev = dict(device=device)
@@ -70,7 +68,6 @@ class GraphStep:
         self.page_ids = torch.zeros(num_pages, dtype=torch.int32, **dev)
         self.last_lens = torch.ones(batch, dtype=torch.int32, **dev)
         self.num_splits = num_splits or choose_num_splits(batch, self.num_kv_heads)
-        self.counters = torch.zeros(batch * self.num_kv_heads, dtype=torch.int32, **dev) if counters else None
 
     def write_step(self, kv_lens: list[int], num_padding: int = 0) -> None:
         """Sequences of kv_lens tokens (the new one last) on shuffled pages; the last num_padding rows copy row
@@ -99,11 +96,10 @@ class GraphStep:
     def run(self) -> torch.Tensor:
         rope_append(self.q, self.k, self.v, self.positions, self.cos_sin, self.kv_cache, self.write_index,
                     self.source_rows)
-        return self.decode(self.counters)
+        return self.decode()
 
-    def decode(self, counters: torch.Tensor | None) -> torch.Tensor:
-        return decode_attention(self.q, self.kv_cache, self.indptr, self.page_ids, self.last_lens, self.num_splits,
-                                counters=counters)
+    def decode(self) -> torch.Tensor:
+        return decode_attention(self.q, self.kv_cache, self.indptr, self.page_ids, self.last_lens, self.num_splits)
 
     def excess(self, out: torch.Tensor) -> float:
         """out's worst excess over the tolerance against the float64 reference on the current state."""
@@ -149,48 +145,3 @@ def test_graph_replay_equals_eager_after_metadata_changes() -> None:
         eager = step.run()
         assert torch.equal(replayed[0], eager) and torch.equal(replayed[1], step.kv_cache)
         assert torch.equal(replayed[2], step.qkv) and step.excess(eager) <= 0
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 8])
-def test_graph_replays_with_counters_equal_eager_and_leave_them_zero(batch: int) -> None:
-    """Captured with counters (one launch per decode), replayed six times over new lengths: the counters are
-    zero after each replay, the output equals an eager call with counters on the state the replay left,
-    is within one ulp of the two-kernel path, and is correct."""
-    step = GraphStep(batch=batch, counters=True)
-    assert step.num_splits > 1 and step.counters is not None
-    step.write_step([100] * batch)
-    graph, graph_out = _capture(step)
-    max_len = step.page_ids.numel() * PAGE_SIZE // batch - PAGE_SIZE
-    for _ in range(6):
-        step.write_step(torch.randint(1, max_len, (batch,), generator=step.gen).tolist())
-        graph.replay()
-        torch.cuda.synchronize()
-        assert not bool(step.counters.any())
-        replayed = graph_out.clone()
-        eager, two_kernels = step.decode(step.counters), step.decode(None)  # q and cache as the replay left them
-        assert torch.equal(replayed, eager) and not bool(step.counters.any())
-        assert fused_excess(replayed, two_kernels) <= 0 and step.excess(replayed) <= 0
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kv_lens", [[1024], [8000], _RAGGED_8])
-def test_back_to_back_calls_with_counters_equal_the_two_kernel_path(kv_lens: list[int]) -> None:
-    """200 calls with counters queued without a sync, alternating q and -q (so a merge that read a partial
-    before its writer released it would mix in the other query's values, left in the reused buffer): every
-    output equals the first of its query's and is within one ulp of the two-kernel path; counters end zero."""
-    gen = torch.Generator().manual_seed(5)
-    batch, (num_q_heads, num_kv_heads, head_dim) = len(kv_lens), (32, 8, 128)
-    cache = make_paged_cache(kv_lens, num_kv_heads, head_dim, torch.bfloat16, "cuda", gen)
-    q = torch.randn(batch, num_q_heads, head_dim, generator=gen).to(torch.bfloat16).cuda()
-    queries, num_splits = (q, -q), choose_num_splits(batch, num_kv_heads)
-    two_kernels = [decode_attention(x, *cache, num_splits) for x in queries]
-    counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device="cuda")
-    outs = torch.empty(200, batch, num_q_heads, head_dim, dtype=torch.bfloat16, device="cuda")
-    for i in range(len(outs)):
-        decode_attention(queries[i % 2], *cache, num_splits, out=outs[i], counters=counters)
-    torch.cuda.synchronize()
-    assert not bool(counters.any())
-    for i in range(len(outs)):
-        assert torch.equal(outs[i], outs[i % 2]), i
-    assert max(fused_excess(outs[i], two_kernels[i]) for i in range(2)) <= 0
