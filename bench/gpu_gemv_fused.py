@@ -81,7 +81,8 @@ def main() -> None:
             best[key] = r
     table = format_table(["shape", "matrix", "kernel", "config", "us", "weight TB/s"],
                          [[r["shape"], r["matrix"], r["kind"], r["config"], r["us"], r["tb_s"]]
-                          for r in rows if r["config"] == "heuristic" or best[(r["shape"], r["matrix"], r["kind"])] is r])
+                          for r in rows
+                          if r["config"] == "heuristic" or best[(r["shape"], r["matrix"], r["kind"])] is r])
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)\n{table}")
     print("wrote", save_result("gpu_gemv_fused", {"copy_bandwidth_tb_s": bandwidth / 1e12, "rows": rows,
                                                    "table": table}))

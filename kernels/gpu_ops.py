@@ -11,8 +11,8 @@ Decisions:
   2.5-3.2 TB/s where cuBLAS reaches 2.2-2.8 on the H100 (bench/gpu_gemv.py). Its Python launch costs tens of
   microseconds, so the decoder uses it only inside CUDA graphs and for the LM head (engine/model/llama.py).
 - rms_norm_linear, rms_norm_gated_linear, rms_norm_qkv_rope_append and linear_add_ fold RMSNorm, SiLU-and-mul,
-  RoPE with the KV append, and the residual add into the GEMV at one row (kernels/gemv_fused.py; the decoder's batch-1 graphs); other shapes compose the
-  kernels above.
+  RoPE with the KV append, and the residual add into the GEMV at one row (kernels/gemv_fused.py; the decoder's
+  batch-1 graphs); other shapes compose the kernels above.
 - Numerics: sums of squares and rotations are computed in float32, rounded once to the input dtype
   (the reference rounds the normalised value before multiplying by the weight: one bf16 ulp apart).
 """
@@ -71,8 +71,7 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
     """F.linear(rms_norm(x), weight, bias)."""
     if _fused.fused_config(x, weight) is not None:
         return _fused.rms_norm_gemv(x, norm_weight, eps, weight, bias)
-    return single_row_linear(rms_norm(x, norm_weight, eps), weight, bias) if x.shape[0] == 1 else \
-        F.linear(rms_norm(x, norm_weight, eps), weight, bias)
+    return _linear(rms_norm(x, norm_weight, eps), weight, bias)
 
 
 def rms_norm_gated_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
@@ -88,8 +87,11 @@ def linear_add_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """residual += F.linear(x, weight, bias), in place; returns residual."""
     if _fused.fused_config(x, weight) is not None and residual.is_contiguous():
         return _fused.gemv_add_(x, weight, bias, residual)
-    linear = single_row_linear if x.shape[0] == 1 else F.linear
-    return residual.add_(linear(x, weight, bias))
+    return residual.add_(_linear(x, weight, bias))
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return single_row_linear(x, weight, bias) if x.shape[0] == 1 else F.linear(x, weight, bias)
 
 
 def rms_norm_qkv_rope_append(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,

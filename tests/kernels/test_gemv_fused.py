@@ -157,7 +157,8 @@ for dtype_name, hq, hkv, d, k, with_bias in json.loads(sys.argv[1]):
                         q_err=float((q.double() - rq).abs().max()), q_scale=float(rq.abs().max()),
                         k_err=float((cache[3, 0, 2].double() - rk[0]).abs().max()),
                         v_err=float((cache[3, 1, 2].double() - rv.view(hkv, d)).abs().max()),
-                        kv_scale=float(max(rk.abs().max(), rv.abs().max())), others_kept=bool(torch.equal(untouched, cache))))
+                        kv_scale=float(max(rk.abs().max(), rv.abs().max())),
+                        others_kept=bool(torch.equal(untouched, cache))))
 print(json.dumps(results))
 """
 _ROPE_CASES = [  # (dtype, Hq, Hkv, D, K, bias)
