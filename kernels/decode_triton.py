@@ -114,7 +114,8 @@ if triton is not None:
                              BLOCK_G: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGES_PER_BLOCK: tl.constexpr,
                              DIRECT: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (b, h, s): attention of KV head h's query group of sequence b over split s of its pages.
-        USE_PDL: the page table (written before the step) is read before waiting for the kernel that wrote q and the new K/V."""
+        USE_PDL: the page table (written before the step) is read before waiting for the kernel that wrote q and
+        the new K/V."""
         ROW: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
         PLANE: tl.constexpr = PAGE_SIZE * ROW  # K (or V) of one page
         BLOCK_N: tl.constexpr = PAGES_PER_BLOCK * PAGE_SIZE
