@@ -38,10 +38,10 @@ TRITON_INTERPRET=1 set before import they also accept CPU tensors (Triton's inte
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from kernels.launch import interpreting as _interpreting
 from kernels.launch import uses_pdl
 
 try:
@@ -231,10 +231,6 @@ def _block_tokens(head_dim: int, page_size: int) -> int:
 
 
 # -- validation ----------------------------------------------------------------------------------------------
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _is_pow2(n: int) -> bool:

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 from dataclasses import dataclass
 
 import torch
 
 from kernels.gemv_triton import triton
+from kernels.launch import interpreting as _interpreting
 if triton is not None:  # (without Triton, supports() is False and gemv raises)
     from kernels.gemv_triton import _gemv_dot_kernel, _gemv_kernel, _split_k_reduce_kernel
 
@@ -180,10 +180,6 @@ def _splits(n: int, k: int, block_n: int, block_k: int, max_programs: int, min_k
 
 
 # -- validation ----------------------------------------------------------------------------------------
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
