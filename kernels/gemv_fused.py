@@ -173,7 +173,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, no
     if rope is None:
         up_offset, bias_up_offset, grid, rope_args = num_out * weight.stride(0), num_out, -(-num_out // block_n), \
             (out, out, out, out, 0, 0, 0)
-        head_dim, page_size = 2, 1
+        head_dim, page_size = 2, 1  # (the RoPE arguments are placeholders, never read without ROPE)
     else:
         half = rope.head_dim // 2
         if half % block_n:
