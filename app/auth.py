@@ -6,7 +6,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import ApiError
+from pie_server.app.errors import ApiError
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
 

@@ -18,10 +18,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pie", description="A programmable, OpenAI-compatible LLM server")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in SUBCOMMANDS.items():
-        module = importlib.import_module(f"app.commands.{name}")
+        module = importlib.import_module(f"pie_server.app.commands.{name}")
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    module = importlib.import_module(f"app.commands.{args.command}")
+    module = importlib.import_module(f"pie_server.app.commands.{args.command}")
     return int(module.main(args) or 0)
 
 

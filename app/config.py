@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_INFERLET_SOURCE = Path(__file__).resolve().parent.parent / "inferlets" / "builtin" / "default"
+from pie_server.inferlets import DEFAULT_INFERLET_SOURCE
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
-from app.inferlet_run import InstanceHandle
-from app.metrics import EngineGauges
+from pie_server.app.inferlet_run import InstanceHandle
+from pie_server.app.metrics import EngineGauges
 
 
 class EngineView:

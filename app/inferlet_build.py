@@ -22,10 +22,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SDK_DIR = REPO_ROOT / "inferlets" / "builtin" / "sdk"
+from pie_server.inferlets import SDK_DIR, WIT_DIR
+
 SDK_PACKAGE = "pie_sdk"
-WIT_DIR = REPO_ROOT / "inferlets" / "wit"
 WORLD = "inferlet"
 ENTRY_MODULE = "_pie_entry"
 FOLDER_ENTRY = "main.py"

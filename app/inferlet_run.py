@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol
 
-from app.errors import ApiError
-from engine.runtime.messages import Event, Message, Terminated, Text
+from pie_server.app.errors import ApiError
+from pie_server.engine.runtime.messages import Event, Message, Terminated, Text
 
 
 class InstanceHandle(Protocol):

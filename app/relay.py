@@ -14,9 +14,9 @@ import anyio
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from app.errors import ApiError
-from app.inferlet_run import InferletRun, RunResult, TextDelta
-from app.metrics import Metrics
+from pie_server.app.errors import ApiError
+from pie_server.app.inferlet_run import InferletRun, RunResult, TextDelta
+from pie_server.app.metrics import Metrics
 
 T = TypeVar("T")
 

@@ -11,14 +11,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app.auth import ApiKeyMiddleware
-from app.config import ServerConfig
-from app.errors import EXCEPTION_HANDLERS
-from app.openapi import openapi_document
-from app.routes import misc
-from app.routes.chat import chat_completions
-from app.routes.completions import completions
-from app.state import AppState, EngineFactory
+from pie_server.app.auth import ApiKeyMiddleware
+from pie_server.app.config import ServerConfig
+from pie_server.app.errors import EXCEPTION_HANDLERS
+from pie_server.app.openapi import openapi_document
+from pie_server.app.routes import misc
+from pie_server.app.routes.chat import chat_completions
+from pie_server.app.routes.completions import completions
+from pie_server.app.state import AppState, EngineFactory
 
 
 def create_app(engine_factory: EngineFactory, config: ServerConfig = ServerConfig()) -> Starlette:

@@ -10,13 +10,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from app.config import ServerConfig
-from app.engine_view import EngineView
-from app.errors import ApiError
-from app.inferlet_run import InferletRun, PromptInfo
-from app.kv_budget import KVBudget, KVPolicy
-from app.metrics import EngineGauges, Metrics
-from app.openai.params import ModelLimits
+from pie_server.app.config import ServerConfig
+from pie_server.app.engine_view import EngineView
+from pie_server.app.errors import ApiError
+from pie_server.app.inferlet_run import InferletRun, PromptInfo
+from pie_server.app.kv_budget import KVBudget, KVPolicy
+from pie_server.app.metrics import EngineGauges, Metrics
+from pie_server.app.openai.params import ModelLimits
 
 log = logging.getLogger("pie.app")
 
@@ -86,7 +86,7 @@ class AppState:
     def _default_inferlet_wasm(self) -> bytes:
         if self.config.inferlet_wasm is not None:
             return Path(self.config.inferlet_wasm).read_bytes()
-        from app.inferlet_build import build_inferlet  # componentize-py, cached by content hash
+        from pie_server.app.inferlet_build import build_inferlet  # componentize-py, cached by content hash
 
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "default.wasm"

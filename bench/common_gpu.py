@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from engine.config import ModelConfig, RopeConfig
+from pie_server.engine.config import ModelConfig, RopeConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -158,8 +158,8 @@ def _compile_variant(name: str) -> None:
     """Runs the smallest call that makes FlashInfer build (or load) one module."""
     kind, heads, dtype = _VARIANTS[name]
     if kind in ("decode", "prefill"):
-        from kernels.attention import AttentionStep
-        from kernels.flashinfer_attention import AttentionShape, FlashInferAttention
+        from pie_server.kernels.attention import AttentionStep
+        from pie_server.kernels.flashinfer_attention import AttentionShape, FlashInferAttention
         num_qo, num_kv, dim = heads
         q_len = 1 if kind == "decode" else 3
         backend = FlashInferAttention("cuda", AttentionShape(num_qo, num_kv, dim, dtype))
@@ -172,7 +172,7 @@ def _compile_variant(name: str) -> None:
         flashinfer.quantization.segment_packbits(torch.ones(8, dtype=torch.bool, device="cuda"),
                                                  torch.tensor([0, 8], device="cuda"), bitorder="little")
     else:
-        import kernels.gpu_ops as ops
+        import pie_server.kernels.gpu_ops as ops
         x = torch.ones(2, 64, device="cuda", dtype=dtype)
         if kind == "norm":
             ops.rms_norm(x, x[0], 1e-5)

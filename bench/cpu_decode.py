@@ -20,12 +20,11 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.config import EngineConfig  # noqa: E402
-from engine.executor.direct import DirectGenerator  # noqa: E402
-from engine.executor.executor import Executor  # noqa: E402
-from engine.model.loader import load_model_config, load_weights, resolve_model_dir  # noqa: E402
-from engine.tokenizer import Tokenizer  # noqa: E402
+from pie_server.engine.config import EngineConfig
+from pie_server.engine.executor.direct import DirectGenerator
+from pie_server.engine.executor.executor import Executor
+from pie_server.engine.model.loader import load_model_config, load_weights, resolve_model_dir
+from pie_server.engine.tokenizer import Tokenizer
 
 PROMPT = "Write a short story about a robot who learns to paint."
 

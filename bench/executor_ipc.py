@@ -14,9 +14,9 @@ import time
 from multiprocessing.connection import Connection
 
 from bench.common_gpu import MODEL_SHAPES, format_table
-from engine.executor.batch import (Batch, CommandResult, ForwardCommand, OutputResult, OutputSpec,
+from pie_server.engine.executor.batch import (Batch, CommandResult, ForwardCommand, OutputResult, OutputSpec,
                                    SamplingParams, StepResult)
-from engine.executor.step_inputs import build_step_inputs
+from pie_server.engine.executor.step_inputs import build_step_inputs
 
 PAGES_PER_SEQ = 48
 

@@ -24,10 +24,10 @@ import time
 import torch
 
 from bench.common_gpu import MODEL_SHAPES, copy_bandwidth, decode_floor_s, format_table, save_result
-from engine.config import EngineConfig
-from engine.executor.batch import SamplingParams
-from engine.executor.direct import DirectGenerator
-from engine.executor.executor import Executor
+from pie_server.engine.config import EngineConfig
+from pie_server.engine.executor.batch import SamplingParams
+from pie_server.engine.executor.direct import DirectGenerator
+from pie_server.engine.executor.executor import Executor
 
 GREEDY = SamplingParams()
 PIPELINED_RUNS = 5

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common_gpu import MODEL_SHAPES, copy_bandwidth, format_table, save_result
-from engine.config import ModelConfig
-from kernels.gemv import GemvConfig, candidate_configs, choose_config, gemv
+from pie_server.engine.config import ModelConfig
+from pie_server.kernels.gemv import GemvConfig, candidate_configs, choose_config, gemv
 
 MATRICES = ("qkv", "o", "gate_up", "down", "lm_head")
 MIN_CALLS_PER_GRAPH = 20

@@ -19,8 +19,8 @@ import torch
 
 from bench.common_gpu import MODEL_SHAPES, copy_bandwidth, format_table, save_result
 from bench.gpu_gemv import MatmulCase, matrix_shapes, time_per_call_s
-from kernels import gemv_fused
-from kernels.gemv import GemvConfig, gemv
+from pie_server.kernels import gemv_fused
+from pie_server.kernels.gemv import GemvConfig, gemv
 
 KINDS = {"qkv": "norm", "o": "add", "gate_up": "gated", "down": "add"}
 

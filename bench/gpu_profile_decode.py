@@ -16,10 +16,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common_gpu import MODEL_SHAPES
-from engine.config import EngineConfig
-from engine.executor.batch import SamplingParams
-from engine.executor.direct import DirectGenerator
-from engine.executor.executor import Executor
+from pie_server.engine.config import EngineConfig
+from pie_server.engine.executor.batch import SamplingParams
+from pie_server.engine.executor.direct import DirectGenerator
+from pie_server.engine.executor.executor import Executor
 
 NUM_STEPS = 12
 GREEDY = SamplingParams()

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.common_gpu import MODEL_SHAPES, format_table, save_result
-from engine.config import EngineConfig, ModelConfig
-from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
-from engine.executor.executor import Executor
-from engine.executor.pending import PendingStep
-from engine.model.llama import random_weights
+from pie_server.engine.config import EngineConfig, ModelConfig
+from pie_server.engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
+from pie_server.engine.executor.executor import Executor
+from pie_server.engine.executor.pending import PendingStep
+from pie_server.engine.model.llama import random_weights
 
 SEED = 0
 _GREEDY = SamplingParams()

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any
 
 import openai
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROMPTS = ["Write a short story about a robot who learns to paint.",
            "Explain how a bicycle stays upright.", "List some facts about the moon.",
@@ -107,10 +105,10 @@ def _p90(values: list[float]) -> float:
 
 
 def start_local_server(model: str | None, num_pages: int | None) -> Any:
-    from app.config import ServerConfig
-    from app.server import create_app
-    from engine.config import EngineConfig
-    from engine.engine import Engine
+    from pie_server.app.config import ServerConfig
+    from pie_server.app.server import create_app
+    from pie_server.engine.config import EngineConfig
+    from pie_server.engine.engine import Engine
     from tests.app.conftest import wait_ready
     from tests.app.server_thread import ServerThread
 

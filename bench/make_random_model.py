@@ -14,16 +14,14 @@ replaced.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.model.llama import random_weights  # noqa: E402
-from engine.model.loader import load_model_config  # noqa: E402
+from pie_server.engine.model.llama import random_weights
+from pie_server.engine.model.loader import load_model_config
 
 WEIGHTS_FILE = "model.safetensors"
 

@@ -18,19 +18,17 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.config import EngineConfig  # noqa: E402
-from engine.executor.batch import SamplingParams  # noqa: E402
-from engine.executor.direct import DirectGenerator  # noqa: E402
-from engine.executor.executor import Executor  # noqa: E402
-from engine.model.loader import load_model_config, load_weights, resolve_model_dir  # noqa: E402
-from engine.runtime.messages import Event, Terminated, Text  # noqa: E402
+from pie_server.engine.config import EngineConfig
+from pie_server.engine.executor.batch import SamplingParams
+from pie_server.engine.executor.direct import DirectGenerator
+from pie_server.engine.executor.executor import Executor
+from pie_server.engine.model.loader import load_model_config, load_weights, resolve_model_dir
+from pie_server.engine.runtime.messages import Event, Terminated, Text
 
 
 def prompts_for(batch: int, prompt_tokens: int, vocab_size: int, repeat: int) -> list[list[int]]:
@@ -105,9 +103,9 @@ def main() -> None:
     config = EngineConfig(num_pages=args.num_pages, device=args.device)
     model_config = load_model_config(model_dir)
 
-    from app.config import DEFAULT_INFERLET_SOURCE
-    from app.inferlet_build import build_inferlet
-    from engine.engine import Engine
+    from pie_server.app.config import DEFAULT_INFERLET_SOURCE
+    from pie_server.app.inferlet_build import build_inferlet
+    from pie_server.engine.engine import Engine
 
     executor = Executor(model_config, config, load_weights(model_dir, getattr(torch, config.resolved_dtype),
                                                            progress=False))

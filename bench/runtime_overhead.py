@@ -21,7 +21,7 @@ a step until every live instance has a forward pending); docs/decisions/executio
 OPENBLAS_NUM_THREADS is set to 1 (numpy comes in through engine.runtime; its idle BLAS pool is no part of
 what is measured here).
 
-    python bench/runtime_overhead.py --instances 1000 --calls 100 --step-ms 20 --repeat 3
+    python -m bench.runtime_overhead --instances 1000 --calls 100 --step-ms 20 --repeat 3
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -37,16 +36,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy is imported (see the docstring)
 
 import wasmtime  # noqa: E402
 
-from engine.config import EngineInfo  # noqa: E402
-from engine.control.api import VirtualForward  # noqa: E402
-from engine.executor.batch import CommandResult, OutputResult  # noqa: E402
-from engine.runtime.config import ModelInfo, RuntimeConfig  # noqa: E402
-from engine.types import InstanceId  # noqa: E402
+from pie_server.engine.config import EngineInfo  # noqa: E402
+from pie_server.engine.control.api import VirtualForward  # noqa: E402
+from pie_server.engine.executor.batch import CommandResult, OutputResult  # noqa: E402
+from pie_server.engine.runtime.config import ModelInfo, RuntimeConfig  # noqa: E402
+from pie_server.engine.types import InstanceId  # noqa: E402
 
 WAT_DIR = ROOT / "tests" / "engine" / "runtime" / "wat"
 GUESTS = {"forward": WAT_DIR / "forward_loop.wat", "forward-tokens": WAT_DIR / "forward_tokens_loop.wat"}
@@ -118,12 +116,12 @@ class BatchingControl:
 
 class RealControl:
     """The engine's own Controller (validation, page tables, batcher with gathering) over the fake executor
-    of bench/runtime_fake_executor.py, which sleeps step_s per step."""
+    of tests/engine/control/fake_executor.py, which sleeps step_s per step."""
 
     def __init__(self, step_s: float, instances: int) -> None:
-        from bench.runtime_fake_executor import FakeExecutor
-        from engine.control.config import ControlConfig
-        from engine.control.controller import Controller
+        from tests.engine.control.fake_executor import FakeExecutor
+        from pie_server.engine.control.config import ControlConfig
+        from pie_server.engine.control.controller import Controller
         self.executor = FakeExecutor(num_pages=2 * instances, page_size=16, vocab_size=VOCAB, step_delay_s=step_s,
                                      simulate_kv=False, check=False)
         self.controller = Controller(self.executor, ControlConfig(max_batch_size=instances,
@@ -145,7 +143,7 @@ class NullTokenizer:
 
 
 def run_async(wasm: bytes, control: BatchingControl, instances: int, calls: int) -> dict[str, float]:
-    from engine.runtime.runtime import Runtime
+    from pie_server.engine.runtime.runtime import Runtime
     model = ModelInfo(name="bench", vocab_size=VOCAB, page_size=16, max_context_len=4096)
     runtime = Runtime(getattr(control, "controller", control), NullTokenizer(), model,  # type: ignore[arg-type]
                       RuntimeConfig(time_budget_s=600))

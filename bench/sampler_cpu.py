@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from engine.executor.batch import OutputSpec, SamplingParams
-from engine.executor.sampler import Sampler
+from pie_server.engine.executor.batch import OutputSpec, SamplingParams
+from pie_server.engine.executor.sampler import Sampler
 
 
 def mixed_specs(num_rows: int, vocab_size: int) -> list[OutputSpec]:

@@ -9,16 +9,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import EngineConfig, EngineInfo, ModelConfig
-from engine.control.config import ControlConfig
-from engine.control.controller import Controller
-from engine.executor.executor import Executor
-from engine.model.default_model import DEFAULT_MODEL_NAME
-from engine.model.loader import load_model_config, load_weights, resolve_model_dir
-from engine.runtime.config import ModelInfo, RuntimeConfig
-from engine.runtime.runtime import Runtime
-from engine.runtime.tokenizer import EngineTokenizerAdapter
-from engine.tokenizer import Tokenizer
+from pie_server.engine.config import EngineConfig, EngineInfo, ModelConfig
+from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.controller import Controller
+from pie_server.engine.executor.executor import Executor
+from pie_server.engine.model.default_model import DEFAULT_MODEL_NAME
+from pie_server.engine.model.loader import load_model_config, load_weights, resolve_model_dir
+from pie_server.engine.runtime.config import ModelInfo, RuntimeConfig
+from pie_server.engine.runtime.runtime import Runtime
+from pie_server.engine.runtime.tokenizer import EngineTokenizerAdapter
+from pie_server.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from engine.types import TokenId
+from pie_server.engine.types import TokenId
 
 REPLACEMENT_CHAR = "\ufffd"
 SENTENCEPIECE_SPACE = "\u2581"

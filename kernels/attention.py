@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from engine.types import PageId, SlotId
+from pie_server.engine.types import PageId, SlotId
 
 
 # ops.apply_rope's signature: (q, k, positions, cos_sin_cache) -> (q, k) rotated.

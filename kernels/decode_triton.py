@@ -41,8 +41,8 @@ import math
 
 import torch
 
-from kernels.launch import interpreting as _interpreting
-from kernels.launch import uses_pdl
+from pie_server.kernels.launch import interpreting as _interpreting
+from pie_server.kernels.launch import uses_pdl
 
 try:
     import triton

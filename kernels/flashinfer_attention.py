@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.attention import AttentionBackend, AttentionStep
-from kernels.transfer import pinned, to_device
+from pie_server.kernels.attention import AttentionBackend, AttentionStep
+from pie_server.kernels.transfer import pinned, to_device
 
 # FlashInfer's CUDA norm kernels (one nvcc-compiled module, cacheable) rather than its CuTe-DSL ones.
 os.environ.setdefault("FLASHINFER_USE_CUDA_NORM", "1")

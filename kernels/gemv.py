@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.gemv_triton import triton
-from kernels.launch import interpreting as _interpreting
+from pie_server.kernels.gemv_triton import triton
+from pie_server.kernels.launch import interpreting as _interpreting
 if triton is not None:  # (without Triton, supports() is False and gemv raises)
-    from kernels.gemv_triton import _gemv_dot_kernel, _gemv_kernel, _split_k_reduce_kernel
+    from pie_server.kernels.gemv_triton import _gemv_dot_kernel, _gemv_kernel, _split_k_reduce_kernel
 
 MAX_M = 8
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)

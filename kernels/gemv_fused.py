@@ -30,12 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import gemv as _gemv
-from kernels.gemv import GemvConfig
-from kernels.launch import uses_pdl
+from pie_server.kernels import gemv as _gemv
+from pie_server.kernels.gemv import GemvConfig
+from pie_server.kernels.launch import uses_pdl
 
 if _gemv.triton is not None:
-    from kernels.gemv_triton import _gemv_fused_kernel
+    from pie_server.kernels.gemv_triton import _gemv_fused_kernel
 
 
 # Every program reads all of x (and the norm weight) besides its weight rows: taller tiles amortise those

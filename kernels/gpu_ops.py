@@ -26,11 +26,11 @@ os.environ.setdefault("FLASHINFER_USE_CUDA_NORM", "1")  # nvcc-built norm kernel
 import flashinfer  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import gemv as _gemv  # noqa: E402
-from kernels import gemv_fused as _fused  # noqa: E402
-from kernels.flashinfer_attention import append_kv as _append_kv  # noqa: E402
+from pie_server.kernels import gemv as _gemv  # noqa: E402
+from pie_server.kernels import gemv_fused as _fused  # noqa: E402
+from pie_server.kernels.flashinfer_attention import append_kv as _append_kv  # noqa: E402
 
-from kernels.ops import rope_cos_sin_cache, rope_inv_freq  # noqa: F401  (host-side, shared with the reference)
+from pie_server.kernels.ops import rope_cos_sin_cache, rope_inv_freq  # noqa: F401  (host-side, shared with the reference)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

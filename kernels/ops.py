@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.config import RopeConfig
+from pie_server.engine.config import RopeConfig
 
 
 def single_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

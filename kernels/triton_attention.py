@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels import decode_triton
-from kernels.attention import AttentionBackend, AttentionStep, RopeFn
-from kernels.flashinfer_attention import AttentionShape, append_kv, build_host_metadata
-from kernels.transfer import pinned
+from pie_server.kernels import decode_triton
+from pie_server.kernels.attention import AttentionBackend, AttentionStep, RopeFn
+from pie_server.kernels.flashinfer_attention import AttentionShape, append_kv, build_host_metadata
+from pie_server.kernels.transfer import pinned
 
 # Buckets up to this size use these kernels (measured on the H100: bench/gpu_decode.py --probe-attention);
 # larger batches fill the GPU without splitting and go to FlashInfer.

@@ -19,7 +19,7 @@ wait_health() {  # port pid
 }
 run_shape() {  # name model_dir port requests_high
   python3 bench/make_random_model.py "$2" --device cuda > /dev/null || return 1
-  python3 -m app.cli serve --model "$2" --device cuda --port "$3" --served-model-name "$1" --default-inferlet "$WASM" \
+  python3 -m pie_server.app.cli serve --model "$2" --device cuda --port "$3" --served-model-name "$1" --default-inferlet "$WASM" \
     --log-level warning > "$OUT/serve_$1.log" 2>&1 &
   local pid=$!
   wait_health "$3" $pid || { tail -30 "$OUT/serve_$1.log"; return 1; }

@@ -13,14 +13,17 @@
 #   .fi-cache/aot.tar.gz  python -m bench.common_gpu export-aot, from an earlier GPU run (else ~2 min of JIT)
 #   .gpu-model/           for `http`: SmolLM2's config/tokenizer files, llama-3.1-8b/ (config + tokenizer), and
 #                         pie-cache/inferlets/<hash>.wasm.gz, the default inferlet as `make serve` built it on
-#                         the CPU machine (~/.cache/pie/inferlets/<hash>.wasm, hash = app.inferlet_build.source_hash)
+#                         the CPU machine (~/.cache/pie/inferlets/<hash>.wasm, hash = pie_server.app.inferlet_build.source_hash)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 ROOT=$PWD; G=$ROOT/.gpu-model; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 stamp() { echo "[t=${SECONDS}s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$ROOT"/.whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$ROOT:$PYTHONPATH
+# The import root pie_server without a build step (the machine has no network): links to the design's folders,
+# the same mapping as pyproject.toml's package-dir (docs/decisions/import-root.md).
+mkdir -p /tmp/site/pie_server && for d in app engine kernels inferlets; do ln -sfn "$ROOT/$d" /tmp/site/pie_server/$d; done
+export PYTHONPATH=/tmp/site:$PYTHONPATH
 if [ -f "$ROOT/.fi-cache/aot.tar.gz" ]; then
   mkdir -p /tmp/site/flashinfer/data/aot && tar xzf "$ROOT/.fi-cache/aot.tar.gz" -C /tmp/site/flashinfer/data/aot
 fi

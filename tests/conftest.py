@@ -33,7 +33,7 @@ def pie_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def default_model_dir(pie_cache_dir: Path) -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face directory (float32 weights), converted from its GGUF once
     per session (~20-30 s on 2 CPU cores)."""
-    from engine.model.loader import resolve_model_dir
+    from pie_server.engine.model.loader import resolve_model_dir
 
     return resolve_model_dir(None, cache_dir=pie_cache_dir)
 
@@ -44,7 +44,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_pretrained, plus the default model's tokenizer and chat template (vocab 49152)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from engine.model.default_model import locate_default_model
+    from pie_server.engine.model.default_model import locate_default_model
 
     model_dir = tmp_path_factory.mktemp("tiny-llama")
     gguf_path = locate_default_model()

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.inferlet_build import BuildError, build_inferlet, find_source, is_cached
+from pie_server.app.inferlet_build import BuildError, build_inferlet, find_source, is_cached
 
 EXIT_OK, EXIT_FAILED = 0, 1
 

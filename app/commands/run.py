@@ -16,11 +16,11 @@ from typing import TextIO
 
 from typing import TYPE_CHECKING, Any
 
-from app.inferlet_build import BuildError, build_inferlet, default_cache_dir
-from engine.runtime.messages import Event, Message, Terminated, Text
+from pie_server.app.inferlet_build import BuildError, build_inferlet, default_cache_dir
+from pie_server.engine.runtime.messages import Event, Message, Terminated, Text
 
 if TYPE_CHECKING:  # torch and the engine load only when pie run starts one
-    from engine.engine import Engine
+    from pie_server.engine.engine import Engine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -57,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.config import EngineConfig
-    from engine.engine import Engine
-    from engine.runtime.config import RuntimeConfig
+    from pie_server.engine.config import EngineConfig
+    from pie_server.engine.engine import Engine
+    from pie_server.engine.runtime.config import RuntimeConfig
 
     try:
         device = args.device or _default_device()

@@ -9,7 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from app.config import ServerConfig
+from pie_server.app.config import ServerConfig
 
 DEFAULT_PORT = 8000
 
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.server import create_app
+    from pie_server.app.server import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -58,8 +58,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     def engine_factory():  # type: ignore[no-untyped-def]
-        from engine.engine import Engine
-        from engine.runtime.config import RuntimeConfig
+        from pie_server.engine.engine import Engine
+        from pie_server.engine.runtime.config import RuntimeConfig
 
         runtime_config = RuntimeConfig(cache_dir=str(_cache_root() / "compiled"))
         return Engine.start(args.model, engine_config, runtime_config=runtime_config)
@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _engine_config(args: argparse.Namespace):  # -> EngineConfig
-    from engine.config import EngineConfig
+    from pie_server.engine.config import EngineConfig
 
     return EngineConfig(device=args.device, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
@@ -80,6 +80,6 @@ def _engine_config(args: argparse.Namespace):  # -> EngineConfig
 
 
 def _cache_root() -> Path:
-    from app.inferlet_build import default_cache_dir
+    from pie_server.app.inferlet_build import default_cache_dir
 
     return default_cache_dir().parent  # $PIE_CACHE_DIR, else ~/.cache/pie

@@ -5,11 +5,11 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from app.errors import invalid
-from app.openai.fields import get_bool, get_int, get_list, get_str
-from app.openai.params import (MAX_TOP_LOGPROBS, GenerationParams, ModelLimits, check_model,
+from pie_server.app.errors import invalid
+from pie_server.app.openai.fields import get_bool, get_int, get_list, get_str
+from pie_server.app.openai.params import (MAX_TOP_LOGPROBS, GenerationParams, ModelLimits, check_model,
                                parse_generation, parse_response_format)
-from app.openai.tools import ToolSpec, parse_tools
+from pie_server.app.openai.tools import ToolSpec, parse_tools
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 

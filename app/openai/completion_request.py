@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Union
 
-from app.errors import invalid
-from app.openai.fields import get_bool, get_int, get_str, token_id_list
-from app.openai.params import (MAX_TOP_LOGPROBS, GenerationParams, ModelLimits, check_model,
+from pie_server.app.errors import invalid
+from pie_server.app.openai.fields import get_bool, get_int, get_str, token_id_list
+from pie_server.app.openai.params import (MAX_TOP_LOGPROBS, GenerationParams, ModelLimits, check_model,
                                parse_generation, parse_response_format)
 
 MAX_PROMPTS = 64

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, TypeVar
 
-from app.errors import invalid
+from pie_server.app.errors import invalid
 
 T = TypeVar("T")
 

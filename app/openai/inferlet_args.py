@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.openai.chat_request import ChatRequest
-from app.openai.completion_request import CompletionRequest
-from app.openai.params import GenerationParams
+from pie_server.app.openai.chat_request import ChatRequest
+from pie_server.app.openai.completion_request import CompletionRequest
+from pie_server.app.openai.params import GenerationParams
 
 ARGS_VERSION = 1
 

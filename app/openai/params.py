@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from app.errors import invalid
-from app.openai.fields import (get_bool, get_float, get_int, get_list, get_object, get_str,
+from pie_server.app.errors import invalid
+from pie_server.app.openai.fields import (get_bool, get_float, get_int, get_list, get_object, get_str,
                                token_id_list)
 
 MAX_N = 64
@@ -71,7 +71,7 @@ class GenerationParams:
 
 def check_model(body: Mapping[str, Any], limits: ModelLimits) -> str:
     """The requested model name (404 for one we do not serve; absent means the default)."""
-    from app.errors import ApiError
+    from pie_server.app.errors import ApiError
 
     name = get_str(body, "model", limits.model_names[0])
     if name not in limits.model_names:
@@ -179,7 +179,7 @@ def parse_response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
         schema = spec.get("schema", {})
         if not isinstance(schema, dict):
             raise invalid("'response_format.json_schema.schema' must be an object", "response_format")
-        from app.openai.schema_check import check_json_schema
+        from pie_server.app.openai.schema_check import check_json_schema
 
         check_json_schema(schema, "response_format")
         return {"type": "json_schema", "schema": schema}

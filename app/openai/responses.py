@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from app.inferlet_run import ChoiceResult, PromptInfo, RunResult
+from pie_server.app.inferlet_run import ChoiceResult, PromptInfo, RunResult
 
 DONE = "data: [DONE]\n\n"
 TokenText = Callable[[int], str]  # token id -> its text

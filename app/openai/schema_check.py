@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.errors import invalid
+from pie_server.app.errors import invalid
 
 
 def check_json_schema(schema: dict[str, Any], param: str) -> None:
-    from engine.runtime.grammar import json_schema_problem
+    from pie_server.engine.runtime.grammar import json_schema_problem
 
     problem = json_schema_problem(schema)
     if problem is not None:

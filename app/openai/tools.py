@@ -12,9 +12,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from app.errors import invalid
-from app.openai.fields import get_list
-from app.openai.schema_check import check_json_schema
+from pie_server.app.errors import invalid
+from pie_server.app.openai.fields import get_list
+from pie_server.app.openai.schema_check import check_json_schema
 
 _TOOL_CALL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 

@@ -8,15 +8,15 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.errors import ApiError
-from app.inferlet_run import ChoiceResult, PromptInfo, RunResult, TextDelta
-from app.openai import responses as R
-from app.openai.chat_request import ChatRequest, parse_chat_request
-from app.openai.inferlet_args import chat_arguments
-from app.openai.tools import extract_tool_calls
-from app.relay import TimedRelay, read_json
-from app.routes.run_response import run_and_respond
-from app.state import AppState
+from pie_server.app.errors import ApiError
+from pie_server.app.inferlet_run import ChoiceResult, PromptInfo, RunResult, TextDelta
+from pie_server.app.openai import responses as R
+from pie_server.app.openai.chat_request import ChatRequest, parse_chat_request
+from pie_server.app.openai.inferlet_args import chat_arguments
+from pie_server.app.openai.tools import extract_tool_calls
+from pie_server.app.relay import TimedRelay, read_json
+from pie_server.app.routes.run_response import run_and_respond
+from pie_server.app.state import AppState
 
 log = logging.getLogger("pie.app")
 

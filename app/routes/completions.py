@@ -8,15 +8,15 @@ from typing import Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.engine_view import EngineView
-from app.errors import ApiError
-from app.inferlet_run import PromptInfo, RunResult, TextDelta
-from app.openai import responses as R
-from app.openai.completion_request import CompletionRequest, parse_completion_request
-from app.openai.inferlet_args import completion_arguments
-from app.relay import TimedRelay, read_json
-from app.routes.run_response import run_and_respond
-from app.state import AppState
+from pie_server.app.engine_view import EngineView
+from pie_server.app.errors import ApiError
+from pie_server.app.inferlet_run import PromptInfo, RunResult, TextDelta
+from pie_server.app.openai import responses as R
+from pie_server.app.openai.completion_request import CompletionRequest, parse_completion_request
+from pie_server.app.openai.inferlet_args import completion_arguments
+from pie_server.app.relay import TimedRelay, read_json
+from pie_server.app.routes.run_response import run_and_respond
+from pie_server.app.state import AppState
 
 log = logging.getLogger("pie.app")
 

@@ -6,13 +6,13 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from app.errors import ApiError, invalid
-from app.metrics import CONTENT_TYPE
-from app.openai.chat_request import parse_chat_request
-from app.openai.fields import get_bool, get_list, get_str, token_id_list
-from app.openai.params import check_model
-from app.relay import read_json
-from app.state import AppState
+from pie_server.app.errors import ApiError, invalid
+from pie_server.app.metrics import CONTENT_TYPE
+from pie_server.app.openai.chat_request import parse_chat_request
+from pie_server.app.openai.fields import get_bool, get_list, get_str, token_id_list
+from pie_server.app.openai.params import check_model
+from pie_server.app.relay import read_json
+from pie_server.app.state import AppState
 
 _STARTED = int(time.time())
 

@@ -7,9 +7,9 @@ from typing import Any, AsyncIterator, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from app.inferlet_run import PromptInfo, RunResult
-from app.relay import ClientGone, SSEResponse, TimedRelay, collect, until_disconnected
-from app.state import AppState
+from pie_server.app.inferlet_run import PromptInfo, RunResult
+from pie_server.app.relay import ClientGone, SSEResponse, TimedRelay, collect, until_disconnected
+from pie_server.app.state import AppState
 
 StreamEvents = Callable[[PromptInfo, TimedRelay], AsyncIterator[Any]]
 ResponseBody = Callable[[PromptInfo, RunResult], dict[str, Any]]

@@ -13,9 +13,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from engine.config import EngineInfo
-from engine.executor.batch import CommandResult, OutputSpec
-from engine.types import InstanceId, Position, TokenId, VirtualPageId
+from pie_server.engine.config import EngineInfo
+from pie_server.engine.executor.batch import CommandResult, OutputSpec
+from pie_server.engine.types import InstanceId, Position, TokenId, VirtualPageId
 
 
 class ControlError(Exception):

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from engine.control.config import ControlConfig
-from engine.control.instance import InstanceState
-from engine.control.work import CopyItem, ForwardItem
-from engine.types import VirtualPageId
+from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.instance import InstanceState
+from pie_server.engine.control.work import CopyItem, ForwardItem
+from pie_server.engine.types import VirtualPageId
 
 
 @dataclass(eq=False, slots=True)

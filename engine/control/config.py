@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.config import EngineConfig, ModelConfig
+from pie_server.engine.config import EngineConfig, ModelConfig
 
 
 @dataclass(frozen=True)

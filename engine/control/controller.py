@@ -22,19 +22,19 @@ import time
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Protocol, Sequence
 
-from engine.config import EngineInfo
-from engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
-from engine.control.batcher import Chunk
-from engine.control.config import ControlConfig
-from engine.control.instance import Allocation, DemandQueue, InstanceState
-from engine.control.page_table import PageTable
-from engine.control.resources import Resources
-from engine.control.scheduling import StepBuilder
-from engine.control.swap import nonresident_blocks
-from engine.control.pages import BlockId
-from engine.control.work import CopyItem, ForwardItem, Limits, check_copy, prepare_forward, queued_page_ids
-from engine.executor.batch import Batch, CommandResult, StepResult
-from engine.types import InstanceId, TokenId, VirtualPageId
+from pie_server.engine.config import EngineInfo
+from pie_server.engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
+from pie_server.engine.control.batcher import Chunk
+from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.instance import Allocation, DemandQueue, InstanceState
+from pie_server.engine.control.page_table import PageTable
+from pie_server.engine.control.resources import Resources
+from pie_server.engine.control.scheduling import StepBuilder
+from pie_server.engine.control.swap import nonresident_blocks
+from pie_server.engine.control.pages import BlockId
+from pie_server.engine.control.work import CopyItem, ForwardItem, Limits, check_copy, prepare_forward, queued_page_ids
+from pie_server.engine.executor.batch import Batch, CommandResult, StepResult
+from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from engine.control.page_table import PageTable
-from engine.control.work import CopyItem, ForwardItem
-from engine.types import InstanceId, VirtualPageId
+from pie_server.engine.control.page_table import PageTable
+from pie_server.engine.control.work import CopyItem, ForwardItem
+from pie_server.engine.types import InstanceId, VirtualPageId
 
 _arrivals = itertools.count()
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import AbstractSet, Iterable, Iterator, Sequence
 
-from engine.control.api import ControlError
-from engine.control.pages import BlockId
-from engine.types import VirtualPageId
+from pie_server.engine.control.api import ControlError
+from pie_server.engine.control.pages import BlockId
+from pie_server.engine.types import VirtualPageId
 
 
 class PageTable:

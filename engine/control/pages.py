@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.executor.batch import PageSwap
-from engine.types import PageId
+from pie_server.engine.executor.batch import PageSwap
+from pie_server.engine.types import PageId
 
 BlockId = int
 """A refcounted page of KV content, independent of where it lives (internal to the control layer)."""

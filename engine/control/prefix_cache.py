@@ -14,8 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from engine.control.pages import BlockId
-from engine.types import TokenId
+from pie_server.engine.control.pages import BlockId
+from pie_server.engine.types import TokenId
 
 _ROOT_KEY = 0
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from engine.control.api import ControlError
-from engine.control.page_table import PageTable
-from engine.control.pages import BlockId, PagePool
-from engine.control.prefix_cache import PrefixCache
-from engine.types import TokenId, VirtualPageId
+from pie_server.engine.control.api import ControlError
+from pie_server.engine.control.page_table import PageTable
+from pie_server.engine.control.pages import BlockId, PagePool
+from pie_server.engine.control.prefix_cache import PrefixCache
+from pie_server.engine.types import TokenId, VirtualPageId
 
 
 class Resources:

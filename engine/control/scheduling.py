@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine.control.api import ControlError
-from engine.control.batcher import Chunk, StepPlan, plan_step
-from engine.control.instance import Allocation, InstanceState, SwapIn
-from engine.control.pages import BlockId
-from engine.control.swap import choose_victim, nonresident_blocks
-from engine.control.work import queued_page_ids
-from engine.executor.batch import Batch, ForwardCommand, PageCopy, PageSwap, StepResult
+from pie_server.engine.control.api import ControlError
+from pie_server.engine.control.batcher import Chunk, StepPlan, plan_step
+from pie_server.engine.control.instance import Allocation, InstanceState, SwapIn
+from pie_server.engine.control.pages import BlockId
+from pie_server.engine.control.swap import choose_victim, nonresident_blocks
+from pie_server.engine.control.work import queued_page_ids
+from pie_server.engine.executor.batch import Batch, ForwardCommand, PageCopy, PageSwap, StepResult
 
 if TYPE_CHECKING:
-    from engine.control.controller import Controller
+    from pie_server.engine.control.controller import Controller
 
 # Per forward command: its chunk and the output indices it carries (None: all, in order).
 Sources = list[tuple[Chunk, list[int] | None]]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import AbstractSet as Set, Iterable
 
-from engine.control.instance import InstanceState
-from engine.control.pages import BlockId, PagePool
+from pie_server.engine.control.instance import InstanceState
+from pie_server.engine.control.pages import BlockId, PagePool
 
 
 def swappable_blocks(instance: InstanceState, pool: PagePool, keep: Set[BlockId] = frozenset()

@@ -10,11 +10,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
-from engine.control.api import ControlError, VirtualForward
-from engine.control.page_table import PageTable
-from engine.control.pages import BlockId
-from engine.executor.batch import CommandResult, ForwardCommand, OutputResult, OutputSpec
-from engine.types import PageId, VirtualPageId
+from pie_server.engine.control.api import ControlError, VirtualForward
+from pie_server.engine.control.page_table import PageTable
+from pie_server.engine.control.pages import BlockId
+from pie_server.engine.executor.batch import CommandResult, ForwardCommand, OutputResult, OutputSpec
+from pie_server.engine.types import PageId, VirtualPageId
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from engine.types import PageId, Position, TokenId
+from pie_server.engine.types import PageId, Position, TokenId
 
 MAX_TOP_LOGPROBS = 20
 

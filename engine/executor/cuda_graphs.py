@@ -25,11 +25,11 @@ from typing import ContextManager, Protocol
 import numpy as np
 import torch
 
-from kernels import triton_attention
-from kernels.attention import AttentionBackend, AttentionStep
-from kernels.flashinfer_attention import WORKSPACE_BYTES, AttentionShape, FlashInferAttention
-from kernels.triton_attention import TritonDecodeAttention
-from kernels.transfer import pinned
+from pie_server.kernels import triton_attention
+from pie_server.kernels.attention import AttentionBackend, AttentionStep
+from pie_server.kernels.flashinfer_attention import WORKSPACE_BYTES, AttentionShape, FlashInferAttention
+from pie_server.kernels.triton_attention import TritonDecodeAttention
+from pie_server.kernels.transfer import pinned
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 

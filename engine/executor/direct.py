@@ -7,9 +7,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
-from engine.executor.executor import Executor
-from engine.executor.pending import PendingStep
+from pie_server.engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
+from pie_server.engine.executor.executor import Executor
+from pie_server.engine.executor.pending import PendingStep
 
 
 @dataclass

@@ -15,17 +15,17 @@ from typing import MutableMapping
 import numpy as np
 import torch
 
-from engine.config import EngineConfig, EngineInfo, ModelConfig
-from engine.executor.batch import Batch, StepResult
-from engine.executor.kv_pool import KVPool, kv_bytes_per_page, plan_num_pages
-from engine.executor.memory import MemoryPlan, decode_probe, prefill_probe, probe_num_pages
-from engine.executor.pending import PendingStep, StepOutputs
-from engine.executor.sampler import Sampler
-from engine.executor.step_inputs import StepInputs, build_step_inputs
-from engine.model.llama import LlamaModel
-from kernels.attention import AttentionBackend, TorchAttention
-from kernels.flashinfer_attention import WORKSPACE_BYTES
-from kernels.transfer import to_device
+from pie_server.engine.config import EngineConfig, EngineInfo, ModelConfig
+from pie_server.engine.executor.batch import Batch, StepResult
+from pie_server.engine.executor.kv_pool import KVPool, kv_bytes_per_page, plan_num_pages
+from pie_server.engine.executor.memory import MemoryPlan, decode_probe, prefill_probe, probe_num_pages
+from pie_server.engine.executor.pending import PendingStep, StepOutputs
+from pie_server.engine.executor.sampler import Sampler
+from pie_server.engine.executor.step_inputs import StepInputs, build_step_inputs
+from pie_server.engine.model.llama import LlamaModel
+from pie_server.kernels.attention import AttentionBackend, TorchAttention
+from pie_server.kernels.flashinfer_attention import WORKSPACE_BYTES
+from pie_server.kernels.transfer import to_device
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -164,18 +164,18 @@ def _decode_graphs(model: LlamaModel, kv: KVPool, attention: AttentionBackend, e
     """CUDA-graph decode (engine/executor/cuda_graphs.py) when on CUDA with FlashInfer and enabled."""
     if model.device.type != "cuda" or not engine.cuda_graphs or not attention.supports_cuda_graphs:
         return None
-    from engine.executor.cuda_graphs import build_decode_graphs
+    from pie_server.engine.executor.cuda_graphs import build_decode_graphs
     return build_decode_graphs(model, kv.layers, kv.page_size, engine.max_batch_size, engine.fused_decode)
 
 
 def _kernels_for(device: torch.device) -> tuple[ModuleType, AttentionBackend]:
     """Torch reference kernels on CPU; FlashInfer (when installed) on CUDA."""
-    import kernels.ops as torch_ops
+    import pie_server.kernels.ops as torch_ops
     if device.type != "cuda":
         return torch_ops, TorchAttention(device)
     try:
-        import kernels.gpu_ops as gpu_ops
-        from kernels.flashinfer_attention import FlashInferAttention
+        import pie_server.kernels.gpu_ops as gpu_ops
+        from pie_server.kernels.flashinfer_attention import FlashInferAttention
         return gpu_ops, FlashInferAttention(device)
     except ImportError:
         return torch_ops, TorchAttention(device)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import EngineConfig, ModelConfig
-from engine.executor.batch import PageCopy, PageSwap
+from pie_server.engine.config import EngineConfig, ModelConfig
+from pie_server.engine.executor.batch import PageCopy, PageSwap
 
 _SWAP_BYTES_CAP = 1 << 30  # host memory for swapped-out pages
 

@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.executor.batch import CommandResult, OutputResult, OutputSpec, StepResult, TokenRef
-from engine.executor.sampler import SampledOutputs
+from pie_server.engine.executor.batch import CommandResult, OutputResult, OutputSpec, StepResult, TokenRef
+from pie_server.engine.executor.sampler import SampledOutputs
 
 
 @dataclass(frozen=True)

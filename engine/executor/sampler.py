@@ -24,9 +24,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine.executor.batch import OutputResult, OutputSpec, SamplingParams
-from engine.executor.sampling_filters import Draws, argmax_rows, draw_tokens, filtered_weights, take_rows
-from engine.executor.sampling_penalties import Penalties, apply_penalties, ship
+from pie_server.engine.executor.batch import OutputResult, OutputSpec, SamplingParams
+from pie_server.engine.executor.sampling_filters import Draws, argmax_rows, draw_tokens, filtered_weights, take_rows
+from pie_server.engine.executor.sampling_penalties import Penalties, apply_penalties, ship
 
 
 @dataclass(frozen=True)

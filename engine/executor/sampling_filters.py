@@ -7,8 +7,8 @@ from typing import Sequence
 
 import torch
 
-from engine.executor.batch import SamplingParams
-from engine.executor.sampling_penalties import per_row
+from pie_server.engine.executor.batch import SamplingParams
+from pie_server.engine.executor.sampling_penalties import per_row
 
 # Temperatures below this are clamped (x / T would overflow); such rows are argmax in all but name.
 MIN_TEMPERATURE = 1e-5

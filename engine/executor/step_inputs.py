@@ -11,9 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.executor.batch import ForwardCommand, OutputSpec, TokenRef
-from kernels.attention import AttentionStep
+from pie_server.engine.config import ModelConfig
+from pie_server.engine.executor.batch import ForwardCommand, OutputSpec, TokenRef
+from pie_server.kernels.attention import AttentionStep
 
 
 @dataclass(frozen=True)

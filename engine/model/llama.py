@@ -14,9 +14,9 @@ from typing import Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-import kernels.ops as torch_ops
-from engine.config import ModelConfig
-from kernels.attention import AttentionBackend
+import pie_server.kernels.ops as torch_ops
+from pie_server.engine.config import ModelConfig
+from pie_server.kernels.attention import AttentionBackend
 
 
 @dataclass

@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engine.config import ModelConfig
-from engine.model.default_model import locate_default_model
+from pie_server.engine.config import ModelConfig
+from pie_server.engine.model.default_model import locate_default_model
 
 __all__ = ["locate_default_model", "resolve_model_dir", "cache_root", "gguf_cache_key", "convert_gguf",
            "load_model_config", "load_weights", "safetensors_files"]

@@ -6,11 +6,11 @@ import time
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
-from engine.runtime.config import API_VERSION
-from engine.runtime.host import Host
-from engine.runtime.hostfn import HostFunction, expect
-from engine.runtime.instance import HostTaskGen, InstanceState
-from engine.runtime.messages import Event, Mailbox, Text
+from pie_server.engine.runtime.config import API_VERSION
+from pie_server.engine.runtime.host import Host
+from pie_server.engine.runtime.hostfn import HostFunction, expect
+from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
+from pie_server.engine.runtime.messages import Event, Mailbox, Text
 
 U32_MAX = (1 << 32) - 1
 MODEL_INFO = ("record", ("name", "string"), ("vocab-size", "u32"), ("page-size", "u32"),

@@ -5,13 +5,13 @@ import math
 from concurrent.futures import Future
 from typing import Any
 
-from engine.control.api import ControlError, VirtualForward
-from engine.executor.batch import CommandResult, OutputResult, OutputSpec, SamplingParams
-from engine.runtime import values
-from engine.runtime.api_kv import check_token_ids
-from engine.runtime.host import Host
-from engine.runtime.hostfn import GuestError, HostFunction, expect
-from engine.runtime.instance import HostTaskGen, InstanceState
+from pie_server.engine.control.api import ControlError, VirtualForward
+from pie_server.engine.executor.batch import CommandResult, OutputResult, OutputSpec, SamplingParams
+from pie_server.engine.runtime import values
+from pie_server.engine.runtime.api_kv import check_token_ids
+from pie_server.engine.runtime.host import Host
+from pie_server.engine.runtime.hostfn import GuestError, HostFunction, expect
+from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
 
 TOKEN_LOGPROB = ("record", ("token-id", "u32"), ("logprob", "f32"))
 TOKEN_PROB = ("record", ("token-id", "u32"), ("prob", "f32"))

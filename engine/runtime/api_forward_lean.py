@@ -11,12 +11,12 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any, Sequence
 
-from engine.control.api import VirtualForward
-from engine.executor.batch import CommandResult, OutputSpec, SamplingParams
-from engine.runtime.api_forward import as_sampling, sampling_params_schema
-from engine.runtime.host import Host
-from engine.runtime.hostfn import GuestError, HostFunction, expect
-from engine.runtime.instance import InstanceState
+from pie_server.engine.control.api import VirtualForward
+from pie_server.engine.executor.batch import CommandResult, OutputSpec, SamplingParams
+from pie_server.engine.runtime.api_forward import as_sampling, sampling_params_schema
+from pie_server.engine.runtime.host import Host
+from pie_server.engine.runtime.hostfn import GuestError, HostFunction, expect
+from pie_server.engine.runtime.instance import InstanceState
 
 MAX_SAMPLERS_PER_INSTANCE = 1024
 MAX_CACHED_OUTPUT_SPECS = 256  # per instance: (sampler, output indices) -> OutputSpecs

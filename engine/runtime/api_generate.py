@@ -11,17 +11,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.control.api import ControlError, VirtualForward
-from engine.executor.batch import OutputSpec, SamplingParams
-from engine.runtime.api_forward import SAMPLING_PARAMS, as_sampling
-from engine.runtime.api_kv import check_token_ids
-from engine.runtime.host import Host
-from engine.runtime.hostfn import GuestError, HostFunction, expect
-from engine.runtime.instance import HostTaskGen, InstanceState
-from engine.runtime.grammar import GrammarError, GrammarMatcher, compiler_for
-from engine.runtime.messages import Text
-from engine.runtime.stop_strings import StopMatcher
-from engine.runtime.tokenizer import StreamDecoder
+from pie_server.engine.control.api import ControlError, VirtualForward
+from pie_server.engine.executor.batch import OutputSpec, SamplingParams
+from pie_server.engine.runtime.api_forward import SAMPLING_PARAMS, as_sampling
+from pie_server.engine.runtime.api_kv import check_token_ids
+from pie_server.engine.runtime.host import Host
+from pie_server.engine.runtime.hostfn import GuestError, HostFunction, expect
+from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
+from pie_server.engine.runtime.grammar import GrammarError, GrammarMatcher, compiler_for
+from pie_server.engine.runtime.messages import Text
+from pie_server.engine.runtime.stop_strings import StopMatcher
+from pie_server.engine.runtime.tokenizer import StreamDecoder
 
 TOKEN_LOGPROB = ("record", ("token-id", "u32"), ("logprob", "f32"))
 POSITION_LOGPROBS = ("record", ("token-id", "u32"), ("logprob", "f32"), ("top-logprobs", ("list", TOKEN_LOGPROB)))

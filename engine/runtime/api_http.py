@@ -13,9 +13,9 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from engine.runtime.host import Host
-from engine.runtime.hostfn import GuestError, HostFunction, expect
-from engine.runtime.instance import HostTaskGen, InstanceState
+from pie_server.engine.runtime.host import Host
+from pie_server.engine.runtime.hostfn import GuestError, HostFunction, expect
+from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
 RESPONSE = ("record", ("status", "u16"), ("headers", ("list", ("tuple", "string", "string"))), ("body", ("list", "u8")))

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from engine.runtime.host import Host
-from engine.runtime.hostfn import HostFunction, expect
-from engine.runtime.instance import HostTaskGen, InstanceState
+from pie_server.engine.runtime.host import Host
+from pie_server.engine.runtime.hostfn import HostFunction, expect
+from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
 
 PAGES_RESULT = ("result", ("list", "u32"), "string")
 UNIT_RESULT = ("result", None, "string")

@@ -9,11 +9,11 @@ from typing import Any
 from wasmtime import StoreContext, WasmtimeError, _ffi as ffi
 from wasmtime.component import ResourceHost
 
-from engine.runtime.api_kv import check_token_ids
-from engine.runtime.host import Host
-from engine.runtime.hostfn import GuestError, HostFunction, expect
-from engine.runtime.instance import InstanceState
-from engine.runtime.values import ResourceRef
+from pie_server.engine.runtime.api_kv import check_token_ids
+from pie_server.engine.runtime.host import Host
+from pie_server.engine.runtime.hostfn import GuestError, HostFunction, expect
+from pie_server.engine.runtime.instance import InstanceState
+from pie_server.engine.runtime.values import ResourceRef
 
 DECODER_TYPE_ID = 0x7069_6501  # host resource type id of tokenize.decoder
 MAX_DECODERS_PER_INSTANCE = 1024

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.types import TokenId
+from pie_server.engine.types import TokenId
 
 API_VERSION = "0.1.0"
 WIT_PACKAGE = "pie:inferlet"

@@ -6,10 +6,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from engine.control.api import Control
-from engine.runtime.config import ModelInfo, RuntimeConfig
-from engine.runtime.instance import InstanceState
-from engine.runtime.tokenizer import RuntimeTokenizer, StreamDecoder
+from pie_server.engine.control.api import Control
+from pie_server.engine.runtime.config import ModelInfo, RuntimeConfig
+from pie_server.engine.runtime.instance import InstanceState
+from pie_server.engine.runtime.tokenizer import RuntimeTokenizer, StreamDecoder
 
 
 class BroadcastBus:

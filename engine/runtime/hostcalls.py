@@ -15,10 +15,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from engine.control.api import ControlError
-from engine.runtime.ffi_async import DoneFlag
-from engine.runtime.hostfn import GuestError, HostFunction
-from engine.runtime.instance import HostTask
+from pie_server.engine.control.api import ControlError
+from pie_server.engine.runtime.ffi_async import DoneFlag
+from pie_server.engine.runtime.hostfn import GuestError, HostFunction
+from pie_server.engine.runtime.instance import HostTask
 
 log = logging.getLogger(__name__)
 GUEST_FAULTS = (GuestError, ControlError, ValueError)  # become the err value of a result<_, string> call

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from engine.runtime.config import API_VERSION, WIT_PACKAGE
+from pie_server.engine.runtime.config import API_VERSION, WIT_PACKAGE
 
 
 class GuestError(Exception):

@@ -5,8 +5,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
-from engine.runtime.messages import Mailbox, Message
-from engine.types import InstanceId
+from pie_server.engine.runtime.messages import Mailbox, Message
+from pie_server.engine.types import InstanceId
 
 HostTaskGen = Generator[Any, Any, Any]
 """A host call that waits: yields a Future (or a list of them), receives its result (or a list of results,

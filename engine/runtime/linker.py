@@ -8,11 +8,11 @@ from typing import Any, Callable, Iterable
 import wasmtime
 from wasmtime.component import Linker, ResourceType
 
-from engine.runtime import (
+from pie_server.engine.runtime import (
     api_basic, api_forward, api_forward_lean, api_generate, api_http, api_kv, api_tokenize, ffi_async,
 )
-from engine.runtime.host import Host
-from engine.runtime.hostfn import HostFunction
+from pie_server.engine.runtime.host import Host
+from pie_server.engine.runtime.hostfn import HostFunction
 
 
 def host_functions(host: Host) -> list[HostFunction]:

@@ -22,17 +22,17 @@ from typing import Any, Callable, Sequence
 
 import wasmtime
 
-from engine.control.api import Control
-from engine.runtime import api_tokenize, ffi_async
-from engine.runtime.config import ModelInfo, RuntimeConfig
-from engine.runtime.host import Host, TenantStore
-from engine.runtime.instance import InstanceState
-from engine.runtime.linker import build_linker
-from engine.runtime.messages import Message, Terminated
-from engine.runtime.programs import ProgramCache
-from engine.runtime.scheduler import Scheduler
-from engine.runtime.tokenizer import RuntimeTokenizer
-from engine.types import InstanceId
+from pie_server.engine.control.api import Control
+from pie_server.engine.runtime import api_tokenize, ffi_async
+from pie_server.engine.runtime.config import ModelInfo, RuntimeConfig
+from pie_server.engine.runtime.host import Host, TenantStore
+from pie_server.engine.runtime.instance import InstanceState
+from pie_server.engine.runtime.linker import build_linker
+from pie_server.engine.runtime.messages import Message, Terminated
+from pie_server.engine.runtime.programs import ProgramCache
+from pie_server.engine.runtime.scheduler import Scheduler
+from pie_server.engine.runtime.tokenizer import RuntimeTokenizer
+from pie_server.engine.types import InstanceId
 
 log = logging.getLogger(__name__)
 MAX_ARGUMENTS_BYTES = 1 << 20

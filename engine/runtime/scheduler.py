@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import wasmtime
 
-from engine.runtime import ffi_async, hostcalls, values
-from engine.runtime.hostfn import HostFunction
-from engine.runtime.instance import HostTask, InstanceState
+from pie_server.engine.runtime import ffi_async, hostcalls, values
+from pie_server.engine.runtime.hostfn import HostFunction
+from pie_server.engine.runtime.instance import HostTask, InstanceState
 
 log = logging.getLogger(__name__)
 

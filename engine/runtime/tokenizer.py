@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
-from engine.types import TokenId
+from pie_server.engine.types import TokenId
 
 
 class StreamDecoder(Protocol):
@@ -63,5 +63,5 @@ class EngineTokenizerAdapter:
         return self._vocabulary
 
     def new_decoder(self) -> StreamDecoder:
-        from engine.tokenizer import IncrementalDecoder  # written alongside; imported lazily
+        from pie_server.engine.tokenizer import IncrementalDecoder  # written alongside; imported lazily
         return IncrementalDecoder(self._tokenizer)  # type: ignore[no-any-return]

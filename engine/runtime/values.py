@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from wasmtime import _ffi as ffi
 
-from engine.runtime.values_compiled import compile_args, compile_decoder, decode_args_with
-from engine.runtime.values_decode import ResourceRef, decode_args, decode_raw_val
-from engine.runtime.values_encode import Prepared, Schema, Template, compile_encoder, encode_into
-from engine.runtime.values_layout import VAL_SIZE
+from pie_server.engine.runtime.values_compiled import compile_args, compile_decoder, decode_args_with
+from pie_server.engine.runtime.values_decode import ResourceRef, decode_args, decode_raw_val
+from pie_server.engine.runtime.values_encode import Prepared, Schema, Template, compile_encoder, encode_into
+from pie_server.engine.runtime.values_layout import VAL_SIZE
 
 __all__ = ["ffi", "VAL_SIZE", "ResourceRef", "decode_args", "decode_raw_val", "Schema", "encode_into",
            "Prepared", "Template", "compile_encoder", "compile_args", "compile_decoder",

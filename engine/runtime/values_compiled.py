@@ -10,8 +10,8 @@ from __future__ import annotations
 import struct
 from typing import Any, Callable, Sequence
 
-from engine.runtime.values_decode import decode_prim_array, decode_val
-from engine.runtime.values_layout import (
+from pie_server.engine.runtime.values_decode import decode_prim_array, decode_val
+from pie_server.engine.runtime.values_layout import (
     ENTRY_SIZE, LIST, OF, OPTION, PAIR, PRIM_FMT, PRIM_NAMES, PRIM_SIZE, Q, RECORD, STRING, U32, VAL_SIZE, VARIANT,
     address, string_at,
 )

@@ -12,7 +12,7 @@ from typing import Any
 
 from wasmtime import _ffi as ffi
 
-from engine.runtime.values_layout import (
+from pie_server.engine.runtime.values_layout import (
     BOOL, CHAR, ENTRY_SIZE, ENUM, F32, F64, LIST, OF, OPTION, PAIR, PRIM_FMT, RECORD, RESOURCE, RESULT, S32,
     S64, STRING, TUPLE, U8, U32, U64, VAL_SIZE, VARIANT, address, string_at,
 )

@@ -13,7 +13,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
-from engine.runtime.values_layout import (
+from pie_server.engine.runtime.values_layout import (
     BOOL, ENTRY_SIZE, ENUM, F32, F64, LIST, OF, OPTION, PAIR, PRIM_FMT, PRIM_NAMES, Q, RECORD, RESOURCE, RESULT,
     S32, S64, STRING, TUPLE, U8, U32, U64, VAL_SIZE, VARIANT, address, val_clone,
 )

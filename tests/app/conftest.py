@@ -8,8 +8,8 @@ from typing import Any, Callable, Iterator
 import openai
 import pytest
 
-from app.config import ServerConfig
-from app.server import create_app
+from pie_server.app.config import ServerConfig
+from pie_server.app.server import create_app
 from tests.app import raw_http
 from tests.app.fake_engine import FakeEngine
 from tests.app.server_thread import ServerThread
@@ -72,8 +72,8 @@ def client_for(server: ServerThread, **kwargs: Any) -> openai.OpenAI:
 @pytest.fixture(scope="session")
 def default_inferlet_wasm(pie_cache_dir: Path) -> Path:
     """inferlets/builtin/default built once per session (componentize-py, ~10-30 s)."""
-    from app.config import DEFAULT_INFERLET_SOURCE
-    from app.inferlet_build import build_inferlet
+    from pie_server.app.config import DEFAULT_INFERLET_SOURCE
+    from pie_server.app.inferlet_build import build_inferlet
 
     return build_inferlet(DEFAULT_INFERLET_SOURCE, pie_cache_dir / "default-inferlet.wasm")
 
@@ -82,9 +82,9 @@ MODEL_NAME = "default"
 
 
 def start_real(model_dir: Path, wasm: Path, cache_dir: Path, num_pages: int, **config: Any) -> ServerThread:
-    from engine.config import EngineConfig
-    from engine.engine import Engine
-    from engine.runtime.config import RuntimeConfig
+    from pie_server.engine.config import EngineConfig
+    from pie_server.engine.engine import Engine
+    from pie_server.engine.runtime.config import RuntimeConfig
 
     engines: list[Engine] = []
 

@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import EngineInfo
-from engine.control.api import ControlStats
-from engine.runtime.messages import Event, Mailbox, Message, Terminated, Text
+from pie_server.engine.config import EngineInfo
+from pie_server.engine.control.api import ControlStats
+from pie_server.engine.runtime.messages import Event, Mailbox, Message, Terminated, Text
 
 EOS = 256
 VOCAB_SIZE = 260

@@ -8,8 +8,8 @@ import time
 import openai
 import pytest
 
-from app.config import ServerConfig
-from app.server import create_app
+from pie_server.app.config import ServerConfig
+from pie_server.app.server import create_app
 from tests.app import raw_http
 from tests.app.conftest import client_for
 from tests.app.fake_engine import REPLY, FakeEngine

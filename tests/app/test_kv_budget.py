@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from app.kv_budget import KVBudget, KVPolicy
+from pie_server.app.kv_budget import KVBudget, KVPolicy
 
 
 def test_pages_for_counts_prompt_once_and_output_per_choice() -> None:

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from app.errors import ApiError
-from app.openai.tools import extract_tool_calls, parse_tools
+from pie_server.app.errors import ApiError
+from pie_server.app.openai.tools import extract_tool_calls, parse_tools
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},

@@ -23,11 +23,12 @@ def _free_port() -> int:
 def test_pie_serve_subprocess(tiny_llama_dir: Path, default_inferlet_wasm: Path, tmp_path: Path) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "app.cli", "serve", "--model", str(tiny_llama_dir), "--port", str(port),
+    pie = Path(sys.executable).with_name("pie")  # the installed console script, as a user runs it
+    command = [str(pie), "serve", "--model", str(tiny_llama_dir), "--port", str(port),
                "--num-pages", "64", "--api-key", "k1", "--served-model-name", "tiny",
                "--default-inferlet", str(default_inferlet_wasm), "--log-level", "warning"]
     log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                env=dict(os.environ))
     try:
         deadline = time.monotonic() + 600

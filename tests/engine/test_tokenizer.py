@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.tokenizer import REPLACEMENT_CHAR, IncrementalDecoder, Tokenizer
+from pie_server.engine.tokenizer import REPLACEMENT_CHAR, IncrementalDecoder, Tokenizer
 
 MIXED_TEXT = "héllo 世界 🙂"
 SENTENCE = "The quick brown fox said: «naïve café, 東京タワー!» 🙂🎉 done.\n"

@@ -18,9 +18,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SDK_DIR = REPO_ROOT / "inferlets" / "builtin" / "sdk"
-WIT_DIR = REPO_ROOT / "inferlets" / "wit"
+from pie_server.inferlets import SDK_DIR, WIT_DIR
+
 
 PAGE_SIZE = 4
 VOCAB_SIZE = 128  # ASCII: encode is ord(), decode is chr()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app import cli
-from app.inferlet_build import BuildError, build_inferlet, find_source, is_cached, source_hash
+from pie_server.app import cli
+from pie_server.app.inferlet_build import BuildError, build_inferlet, find_source, is_cached, source_hash
 
 MAIN = "def main(args: list[str]) -> None:\n    pass\n"
 

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,18 +16,18 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from app.commands.run import run_instance
-from app.inferlet_build import build_inferlet, default_cache_dir
-from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.executor.direct import DirectGenerator
-from engine.executor.executor import Executor
-from engine.model.loader import load_model_config, load_weights
-from engine.runtime.config import RuntimeConfig
-from engine.runtime.messages import Event, Message, Terminated, Text
+from pie_server.app.commands.run import run_instance
+from pie_server.app.inferlet_build import build_inferlet, default_cache_dir
+from pie_server.engine.config import EngineConfig
+from pie_server.engine.engine import Engine
+from pie_server.engine.executor.direct import DirectGenerator
+from pie_server.engine.executor.executor import Executor
+from pie_server.engine.model.loader import load_model_config, load_weights
+from pie_server.engine.runtime.config import RuntimeConfig
+from pie_server.engine.runtime.messages import Event, Message, Terminated, Text
+from pie_server.inferlets import CONTRIB_DIR
 
-REPO = Path(__file__).resolve().parents[2]
-SOURCES = {"text-completion": REPO / "inferlets" / "contrib" / "text-completion",
+SOURCES = {"text-completion": CONTRIB_DIR / "text-completion",
            "probe": Path(__file__).resolve().parent / "probe"}
 PAGE_SIZE = 16
 NUM_PAGES = 96
@@ -211,11 +212,12 @@ def test_pie_run_command_end_to_end(engine: Engine, programs: dict[str, str], co
                                     tiny_llama_dir: Path, reference: DirectGenerator) -> None:
     """`pie run` in a subprocess (its own engine; the compiled component comes from the session's cache)."""
     wasm = components["text-completion"].result()
-    command = [sys.executable, "-m", "app.cli", "run", str(wasm), "--model", str(tiny_llama_dir), "--device", "cpu",
+    pie = Path(sys.executable).with_name("pie")  # the installed console script, as a user runs it
+    command = [str(pie), "run", str(wasm), "--model", str(tiny_llama_dir), "--device", "cpu",
                "--num-pages", "32", "--", "--prompt", PROMPT, "--max-tokens", "6"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    done = subprocess.run(command, cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr
     assert done.stdout == engine.tokenizer.decode(_greedy(reference, engine, PROMPT, 6)) + "\n"
-    failed = subprocess.run(command[:-2] + ["--max-tokens", "0"], cwd=REPO, capture_output=True, text=True,
+    failed = subprocess.run(command[:-2] + ["--max-tokens", "0"], cwd=tempfile.gettempdir(), capture_output=True, text=True,
                             timeout=TIMEOUT_S)
     assert failed.returncode == 1 and "--max-tokens must be at least 1" in failed.stderr

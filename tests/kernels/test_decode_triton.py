@@ -15,12 +15,12 @@ import math
 import pytest
 import torch
 
-import kernels.decode_triton as decode_module
-import kernels.ops as torch_ops
-from engine.config import RopeConfig
-from kernels.attention import AttentionStep, TorchAttention
-from kernels.decode_triton import choose_num_splits, decode_attention, rope_append
-from kernels.flashinfer_attention import append_kv
+import pie_server.kernels.decode_triton as decode_module
+import pie_server.kernels.ops as torch_ops
+from pie_server.engine.config import RopeConfig
+from pie_server.kernels.attention import AttentionStep, TorchAttention
+from pie_server.kernels.decode_triton import choose_num_splits, decode_attention, rope_append
+from pie_server.kernels.flashinfer_attention import append_kv
 from tests.kernels.triton_interpreter import run_interpreted
 
 PAGE_SIZE = 16

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.ops as torch_ops
-from engine.config import RopeConfig
-from kernels.decode_triton import choose_num_splits, decode_attention, rope_append
+import pie_server.kernels.ops as torch_ops
+from pie_server.engine.config import RopeConfig
+from pie_server.kernels.decode_triton import choose_num_splits, decode_attention, rope_append
 from tests.kernels.test_decode_triton import (PAGE_SIZE, reference_decode, run_decode_case, run_rope_case,
                                               unit_roundoff)
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import kernels.ops as torch_ops
-from engine.config import RopeConfig
-from kernels.attention import AttentionStep, TorchAttention
-from kernels.flashinfer_attention import AttentionShape, FlashInferAttention, append_kv, build_host_metadata
+import pie_server.kernels.ops as torch_ops
+from pie_server.engine.config import RopeConfig
+from pie_server.kernels.attention import AttentionStep, TorchAttention
+from pie_server.kernels.flashinfer_attention import AttentionShape, FlashInferAttention, append_kv, build_host_metadata
 
 PAGE_SIZE = 16
 
@@ -199,7 +199,7 @@ def test_graph_mode_replay_equals_the_same_backend_run_eagerly() -> None:
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_ops_match_torch_ops(dtype: torch.dtype) -> None:
-    import kernels.gpu_ops as gpu_ops
+    import pie_server.kernels.gpu_ops as gpu_ops
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(37, 576, device="cuda", generator=gen).to(dtype)
     residual = torch.randn(37, 576, device="cuda", generator=gen).to(dtype)

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.gemv as gemv_module
-from kernels.gemv import MAX_M, GemvConfig, candidate_configs, choose_config, gemv, split_layout, supports
+import pie_server.kernels.gemv as gemv_module
+from pie_server.kernels.gemv import MAX_M, GemvConfig, candidate_configs, choose_config, gemv, split_layout, supports
 from tests.kernels.triton_interpreter import run_interpreted
 
 H100_SMS = 132
@@ -143,7 +143,7 @@ def test_gemv_rejects_cpu_tensors_outside_the_interpreter(monkeypatch: pytest.Mo
 _INTERPRETER_SCRIPT = r"""
 import json, sys
 import torch, torch.nn.functional as F
-from kernels.gemv import GemvConfig, gemv
+from pie_server.kernels.gemv import GemvConfig, gemv
 torch.manual_seed(0)
 results = []
 for dtype_name, m, n, k, cfg in json.loads(sys.argv[1]):

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.gemv as gemv_module
-from kernels import gemv_fused
+import pie_server.kernels.gemv as gemv_module
+from pie_server.kernels import gemv_fused
 from tests.kernels.triton_interpreter import run_interpreted
 
 ATOL = 2e-3
@@ -38,7 +38,7 @@ def _reference(kind: str, x: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, b:
 _SCRIPT = r"""
 import json, sys
 import torch
-from kernels import gemv_fused
+from pie_server.kernels import gemv_fused
 from tests.kernels.test_gemv_fused import _reference
 torch.manual_seed(0)
 results = []
@@ -133,9 +133,9 @@ def test_fused_kernels_on_cuda(kind: str, n: int, k: int) -> None:
 _ROPE_SCRIPT = r"""
 import json, sys
 import torch
-import kernels.ops as ops
-from engine.config import RopeConfig
-from kernels import gemv_fused
+import pie_server.kernels.ops as ops
+from pie_server.engine.config import RopeConfig
+from pie_server.kernels import gemv_fused
 torch.manual_seed(1)
 results = []
 for dtype_name, hq, hkv, d, k, with_bias in json.loads(sys.argv[1]):
@@ -194,8 +194,8 @@ def test_qkv_rope_append_rejects_bad_targets() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("hq,hkv,d,k", [(32, 8, 128, 4096), (9, 3, 64, 576)], ids=["llama-3.1-8b", "smollm2"])
 def test_qkv_rope_append_on_cuda(hq: int, hkv: int, d: int, k: int) -> None:
-    import kernels.ops as ops
-    from engine.config import RopeConfig
+    import pie_server.kernels.ops as ops
+    from pie_server.engine.config import RopeConfig
     torch.manual_seed(k)
     dtype, n = torch.bfloat16, (hq + 2 * hkv) * d
     x, nw = torch.randn(1, k, device="cuda", dtype=dtype) * 3, (torch.rand(k, device="cuda") + 0.5).to(dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import launch
+from pie_server.kernels import launch
 
 
 def test_no_pdl_off_cuda_or_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:

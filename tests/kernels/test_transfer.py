@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.transfer import pinned, to_device
+from pie_server.kernels.transfer import pinned, to_device
 
 
 def test_to_device_keeps_values_and_dtype() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import decode_triton
-from kernels.attention import AttentionStep
-from kernels.flashinfer_attention import AttentionShape
-from kernels.triton_attention import TritonDecodeAttention
+from pie_server.kernels import decode_triton
+from pie_server.kernels.attention import AttentionStep
+from pie_server.kernels.flashinfer_attention import AttentionShape
+from pie_server.kernels.triton_attention import TritonDecodeAttention
 from tests.kernels.triton_interpreter import run_interpreted
 
 SHAPE = AttentionShape(num_qo_heads=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
@@ -50,9 +50,9 @@ def test_plan_takes_only_decode_steps_of_its_batch_size_within_its_pages() -> No
 _SCRIPT = r"""
 import json, sys
 import torch
-import kernels.ops as ops
-from kernels.attention import TorchAttention
-from kernels.triton_attention import TritonDecodeAttention
+import pie_server.kernels.ops as ops
+from pie_server.kernels.attention import TorchAttention
+from pie_server.kernels.triton_attention import TritonDecodeAttention
 from tests.kernels.test_triton_attention import SHAPE, _decode_step
 torch.manual_seed(0)
 results = []
@@ -62,7 +62,7 @@ for kv_lens in json.loads(sys.argv[1]):
     cache = torch.randn(4 * num_seqs * 8, 2, 4, hkv, d).to(torch.bfloat16)
     qkv = torch.randn(num_seqs, (hq + 2 * hkv) * d).to(torch.bfloat16)
     positions = torch.tensor([n - 1 for n in kv_lens])
-    cos_sin = ops.rope_cos_sin_cache(__import__("engine.config", fromlist=["RopeConfig"]).RopeConfig(), d, 64)
+    cos_sin = ops.rope_cos_sin_cache(__import__("pie_server.engine.config", fromlist=["RopeConfig"]).RopeConfig(), d, 64)
     def split(t):
         q, k, v = t.split([hq * d, hkv * d, hkv * d], dim=-1)
         return q.view(num_seqs, hq, d), k.view(num_seqs, hkv, d), v.view(num_seqs, hkv, d)

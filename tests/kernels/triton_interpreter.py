@@ -11,10 +11,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+CHECKOUT = Path(__file__).resolve().parents[2]
+
 
 PRELUDE = r"""
 import triton.language as tl
@@ -37,8 +39,12 @@ interp.InterpreterBuilder.create_dot = lambda self, a, b, *rest: _dot(self, _wid
 def run_interpreted(script: str, cases: Any, timeout_s: float = 120) -> Any:
     """Runs PRELUDE + script with sys.argv[1] = json.dumps(cases) under TRITON_INTERPRET=1; the script prints
     one JSON value as its last line of output, which is returned. Fails with the script's stderr."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, "-c", PRELUDE + script, json.dumps(cases)], env=env, cwd=REPO_ROOT,
+    # The kernels come from the installed package. The script may import the tests' helpers (`tests.kernels...`),
+    # so the checkout goes on sys.path, last: installed packages keep precedence over its folders.
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    reach_tests = f"import sys\nsys.path.append({str(CHECKOUT)!r})\n"
+    proc = subprocess.run([sys.executable, "-c", reach_tests + PRELUDE + script, json.dumps(cases)], env=env,
+                          cwd=tempfile.gettempdir(),
                           capture_output=True, text=True, timeout=timeout_s)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

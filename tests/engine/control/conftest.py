@@ -6,9 +6,9 @@ from typing import Iterator
 
 import pytest
 
-from bench.runtime_fake_executor import FakeExecutor
-from engine.control.config import ControlConfig
-from engine.control.controller import Controller
+from tests.engine.control.fake_executor import FakeExecutor
+from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.controller import Controller
 
 
 class Controllers:

@@ -7,13 +7,13 @@ from typing import Callable
 
 import pytest
 
-from bench.runtime_fake_executor import FakeExecutor
-from engine.control.api import VirtualForward
-from engine.control.config import ControlConfig
-from engine.control.controller import Controller
+from tests.engine.control.fake_executor import FakeExecutor
+from pie_server.engine.control.api import VirtualForward
+from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.controller import Controller
 from tests.engine.control.conftest import Controllers
-from engine.executor.batch import CommandResult, OutputSpec, SamplingParams
-from engine.types import InstanceId
+from pie_server.engine.executor.batch import CommandResult, OutputSpec, SamplingParams
+from pie_server.engine.types import InstanceId
 
 GREEDY = SamplingParams()
 pytestmark = pytest.mark.timeout(60)  # the run-loop tests use threads: fail fast rather than hang

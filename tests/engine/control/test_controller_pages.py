@@ -5,14 +5,14 @@ from typing import Callable
 
 import pytest
 
-from bench.runtime_fake_executor import FakeExecutor
-from engine.config import EngineConfig, ModelConfig
-from engine.control.api import ControlError, VirtualForward
-from engine.control.config import ControlConfig
-from engine.control.controller import Controller
+from tests.engine.control.fake_executor import FakeExecutor
+from pie_server.engine.config import EngineConfig, ModelConfig
+from pie_server.engine.control.api import ControlError, VirtualForward
+from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.controller import Controller
 from tests.engine.control.conftest import Controllers
-from engine.executor.batch import OutputSpec, SamplingParams
-from engine.types import InstanceId
+from pie_server.engine.executor.batch import OutputSpec, SamplingParams
+from pie_server.engine.types import InstanceId
 
 GREEDY = SamplingParams()
 A, B, C = InstanceId("a"), InstanceId("b"), InstanceId("c")

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.control.api import ControlError
-from engine.control.page_table import PageTable
-from engine.control.pages import PagePool
-from engine.control.prefix_cache import PrefixCache
+from pie_server.engine.control.api import ControlError
+from pie_server.engine.control.page_table import PageTable
+from pie_server.engine.control.pages import PagePool
+from pie_server.engine.control.prefix_cache import PrefixCache
 
 
 def test_refcount_lifecycle_returns_page_exactly_at_zero() -> None:
@@ -131,7 +131,7 @@ def test_prefix_cache_evicts_lru_leaves_first() -> None:
 
 
 def test_prefix_cache_colliding_keys_are_misses(monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.control.prefix_cache as module
+    import pie_server.engine.control.prefix_cache as module
     cache = PrefixCache(page_size=1)
     monkeypatch.setattr(module, "hash", lambda value: 42, raising=False)  # every key collides
     assert cache.publish([1], [10]) == [10]

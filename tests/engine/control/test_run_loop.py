@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from bench.runtime_fake_executor import FakeExecutor
-from engine.control.api import VirtualForward
-from engine.control.config import ControlConfig
-from engine.control.controller import Controller
-from engine.executor.batch import OutputSpec, SamplingParams
-from engine.types import InstanceId
+from tests.engine.control.fake_executor import FakeExecutor
+from pie_server.engine.control.api import VirtualForward
+from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.controller import Controller
+from pie_server.engine.executor.batch import OutputSpec, SamplingParams
+from pie_server.engine.types import InstanceId
 
 pytestmark = pytest.mark.timeout(60)
 NUM_INSTANCES, NUM_TOKENS, PAGE_SIZE = 8, 12, 4

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
-from engine.executor.direct import DirectGenerator
-from engine.executor.executor import Executor
-from engine.model.loader import load_model_config, load_weights
-from engine.tokenizer import Tokenizer
+from pie_server.engine.config import EngineConfig
+from pie_server.engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
+from pie_server.engine.executor.direct import DirectGenerator
+from pie_server.engine.executor.executor import Executor
+from pie_server.engine.model.loader import load_model_config, load_weights
+from pie_server.engine.tokenizer import Tokenizer
 
 GREEDY = SamplingParams()
 NUM_NEW_TOKENS = 16

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from engine.config import EngineConfig, ModelConfig
-from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
-from engine.executor.direct import DirectGenerator
-from engine.executor.executor import Executor
+from pie_server.engine.config import EngineConfig, ModelConfig
+from pie_server.engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
+from pie_server.engine.executor.direct import DirectGenerator
+from pie_server.engine.executor.executor import Executor
 
 GREEDY = SamplingParams()
 PROMPT_LENS = (5, 11, 3, 17)

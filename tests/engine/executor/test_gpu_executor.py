@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import EngineConfig, ModelConfig
-from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
-from engine.executor.cuda_graphs import CudaGraphDecoder, GraphConfig
-from kernels.attention import AttentionStep
-from kernels.flashinfer_attention import build_host_metadata
+from pie_server.engine.config import EngineConfig, ModelConfig
+from pie_server.engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
+from pie_server.engine.executor.cuda_graphs import CudaGraphDecoder, GraphConfig
+from pie_server.kernels.attention import AttentionStep
+from pie_server.kernels.flashinfer_attention import build_host_metadata
 
 GREEDY = SamplingParams()
 PROMPT_LENS = (5, 37, 100, 16, 64)
@@ -64,7 +64,7 @@ def hf_model() -> torch.nn.Module:
 
 
 def _executor(hf_model: torch.nn.Module, cuda_graphs: bool = True):
-    from engine.executor.executor import Executor
+    from pie_server.engine.executor.executor import Executor
     engine = EngineConfig(device="cuda", dtype="bfloat16", num_pages=256, page_size=PAGE_SIZE, max_batch_size=8,
                           cuda_graphs=cuda_graphs)
     return Executor(ModelConfig.from_hf(hf_model.config), engine, hf_model.state_dict())
@@ -81,7 +81,7 @@ def _hf_logits(hf_model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
 
 
 def _generate(executor, prompts: list[list[int]], num_new: int = NUM_NEW) -> list[list[int]]:
-    from engine.executor.direct import DirectGenerator
+    from pie_server.engine.executor.direct import DirectGenerator
     return DirectGenerator(executor, scatter_pages=True).generate(prompts, num_new)
 
 
@@ -102,7 +102,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.gpu
 def test_prefill_logits_match_hf(hf_model: torch.nn.Module) -> None:
-    from engine.executor.direct import DirectGenerator
+    from pie_server.engine.executor.direct import DirectGenerator
     executor = _executor(hf_model)
     prompts = _prompts()
     gen = DirectGenerator(executor, scatter_pages=True)
@@ -162,7 +162,7 @@ def test_cuda_graph_decode_equals_eager(hf_model: torch.nn.Module) -> None:
     context = prompts[0] + graphed[0]
     logits = []
     for executor in (graphed_executor, eager_executor):
-        from engine.executor.direct import DirectGenerator
+        from pie_server.engine.executor.direct import DirectGenerator
         gen = DirectGenerator(executor)
         seq = gen.start(context)
         gen._reserve(seq, len(context))
@@ -180,7 +180,7 @@ def test_sampling_on_gpu_returns_valid_tokens_and_logprobs(hf_model: torch.nn.Mo
     executor = _executor(hf_model)
     prompts = _prompts(2)
     params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=3, num_logprobs=2)
-    from engine.executor.direct import DirectGenerator
+    from pie_server.engine.executor.direct import DirectGenerator
     first = DirectGenerator(executor, scatter_pages=True).generate(prompts, 8, params)
     again = DirectGenerator(_executor(hf_model), scatter_pages=True).generate(prompts, 8, params)
     assert first == again, "seeded sampling is reproducible"
@@ -192,7 +192,7 @@ def test_sampling_on_gpu_returns_valid_tokens_and_logprobs(hf_model: torch.nn.Mo
 def test_pipelined_decode_equals_lockstep(hf_model: torch.nn.Module, cuda_graphs: bool) -> None:
     """Steps submitted before the previous step's tokens reach the host (fed on the device) give the same
     tokens as waiting for each step: same batches, same kernels, so exactly equal."""
-    from engine.executor.direct import DirectGenerator
+    from pie_server.engine.executor.direct import DirectGenerator
     prompts = _prompts()
     sampling = SamplingParams(temperature=0.8, top_k=50, seed=5)
     for params in (GREEDY, sampling):
@@ -207,7 +207,7 @@ def test_pipelined_decode_equals_lockstep(hf_model: torch.nn.Module, cuda_graphs
 
 @pytest.mark.gpu
 def test_kv_pool_fills_what_gpu_memory_utilization_leaves(hf_model: torch.nn.Module) -> None:
-    from engine.executor.executor import Executor
+    from pie_server.engine.executor.executor import Executor
     engine = EngineConfig(device="cuda", dtype="bfloat16", page_size=PAGE_SIZE, max_batch_size=64,
                           max_batch_tokens=2048, gpu_memory_utilization=0.5)
     executor = Executor(ModelConfig.from_hf(hf_model.config), engine, dict(hf_model.state_dict()))
@@ -217,6 +217,6 @@ def test_kv_pool_fills_what_gpu_memory_utilization_leaves(hf_model: torch.nn.Mod
     free, total = torch.cuda.mem_get_info()
     assert total - free <= 0.5 * total + (1 << 30), "pool, graphs and weights stay within the share (+1 GiB)"
     # The largest steps still run with the pool in place.
-    from engine.executor.memory import decode_probe, prefill_probe
+    from pie_server.engine.executor.memory import decode_probe, prefill_probe
     executor.execute(Batch(forwards=prefill_probe(executor.model_config, engine)))
     executor.execute(Batch(forwards=decode_probe(engine)))

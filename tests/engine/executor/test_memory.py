@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import EngineConfig, ModelConfig
-from engine.executor.batch import Batch
-from engine.executor.executor import Executor
-from engine.executor.memory import GIB, MemoryPlan, decode_probe, prefill_probe, probe_num_pages
+from pie_server.engine.config import EngineConfig, ModelConfig
+from pie_server.engine.executor.batch import Batch
+from pie_server.engine.executor.executor import Executor
+from pie_server.engine.executor.memory import GIB, MemoryPlan, decode_probe, prefill_probe, probe_num_pages
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=8, max_position_embeddings=64)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import EngineConfig, ModelConfig
-from engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
-from engine.executor.direct import DirectGenerator
-from engine.executor.executor import Executor
+from pie_server.engine.config import EngineConfig, ModelConfig
+from pie_server.engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
+from pie_server.engine.executor.direct import DirectGenerator
+from pie_server.engine.executor.executor import Executor
 
 PAGE_SIZE = 4
 GREEDY = SamplingParams()

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from engine.executor.batch import OutputResult, OutputSpec, SamplingParams
-from engine.executor.sampler import Sampler
-from engine.executor.sampling_filters import Draws, _chunked_argmax, argmax_rows, filtered_weights
-from engine.executor.sampling_penalties import Penalties, apply_penalties, ship
+from pie_server.engine.executor.batch import OutputResult, OutputSpec, SamplingParams
+from pie_server.engine.executor.sampler import Sampler
+from pie_server.engine.executor.sampling_filters import Draws, _chunked_argmax, argmax_rows, filtered_weights
+from pie_server.engine.executor.sampling_penalties import Penalties, apply_penalties, ship
 
 # Hand-made distribution with known top-k / top-p / min-p sets; tokens are scattered over the vocabulary
 # by a fixed permutation so that no rule can pass by favouring small ids.

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.model.llama import LlamaModel
-from kernels.attention import AttentionStep, TorchAttention
+from pie_server.engine.config import ModelConfig
+from pie_server.engine.model.llama import LlamaModel
+from pie_server.kernels.attention import AttentionStep, TorchAttention
 
 PAGE_SIZE = 4
 PROMPT_LEN = 6

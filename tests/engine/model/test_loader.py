@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.model import loader
-from engine.model.default_model import DEFAULT_MODEL_FILE, locate_default_model
-from engine.model.loader import (gguf_cache_key, load_model_config, load_weights, resolve_model_dir,
+from pie_server.engine.model import loader
+from pie_server.engine.model.default_model import DEFAULT_MODEL_FILE, locate_default_model
+from pie_server.engine.model.loader import (gguf_cache_key, load_model_config, load_weights, resolve_model_dir,
                                  safetensors_files)
 
 # A pid above Linux's largest pid_max (2**22): never a live process.

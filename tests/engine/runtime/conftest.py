@@ -6,8 +6,8 @@ from typing import Iterator
 import pytest
 import wasmtime
 
-from engine.runtime.config import ModelInfo, RuntimeConfig
-from engine.runtime.runtime import Runtime
+from pie_server.engine.runtime.config import ModelInfo, RuntimeConfig
+from pie_server.engine.runtime.runtime import Runtime
 from tests.engine.runtime.fakes import ByteTokenizer, FakeControl
 
 WAT_DIR = Path(__file__).parent / "wat"

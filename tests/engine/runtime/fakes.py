@@ -6,10 +6,10 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
-from engine.config import EngineInfo
-from engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
-from engine.executor.batch import CommandResult, OutputResult
-from engine.types import InstanceId, TokenId, VirtualPageId
+from pie_server.engine.config import EngineInfo
+from pie_server.engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
+from pie_server.engine.executor.batch import CommandResult, OutputResult
+from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
 
 def next_token_rule(command: VirtualForward, vocab_size: int) -> TokenId:

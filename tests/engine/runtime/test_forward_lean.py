@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from engine.executor.batch import SamplingParams
-from engine.runtime import api_forward_lean, ffi_async
-from engine.runtime.api_forward_lean import MAX_SAMPLERS_PER_INSTANCE, SamplerTable
-from engine.runtime.host import Host, TenantStore
-from engine.runtime.hostfn import GuestError
-from engine.runtime.instance import InstanceState
-from engine.runtime.messages import Terminated, Text
-from engine.runtime.config import RuntimeConfig
-from engine.runtime.runtime import Runtime
+from pie_server.engine.executor.batch import SamplingParams
+from pie_server.engine.runtime import api_forward_lean, ffi_async
+from pie_server.engine.runtime.api_forward_lean import MAX_SAMPLERS_PER_INSTANCE, SamplerTable
+from pie_server.engine.runtime.host import Host, TenantStore
+from pie_server.engine.runtime.hostfn import GuestError
+from pie_server.engine.runtime.instance import InstanceState
+from pie_server.engine.runtime.messages import Terminated, Text
+from pie_server.engine.runtime.config import RuntimeConfig
+from pie_server.engine.runtime.runtime import Runtime
 from tests.engine.runtime.conftest import MODEL, make_runtime, wat
 from tests.engine.runtime.fakes import FakeControl
 

@@ -6,12 +6,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from engine.runtime import api_generate
-from engine.runtime.config import RuntimeConfig
-from engine.runtime.host import Host
-from engine.runtime.instance import InstanceState
-from engine.runtime.messages import Text
-from engine.types import InstanceId
+from pie_server.engine.runtime import api_generate
+from pie_server.engine.runtime.config import RuntimeConfig
+from pie_server.engine.runtime.host import Host
+from pie_server.engine.runtime.instance import InstanceState
+from pie_server.engine.runtime.messages import Text
+from pie_server.engine.types import InstanceId
 from tests.engine.runtime.conftest import MODEL, PAGE_SIZE
 from tests.engine.runtime.fakes import ByteTokenizer, FakeControl
 
@@ -108,7 +108,7 @@ def test_generate_all_batches_sequences_and_isolates_bad_requests(setup: Any) ->
 
 def test_bad_inputs_are_errors(setup: Any) -> None:
     _, inst, _, fns = setup
-    from engine.runtime.hostfn import GuestError
+    from pie_server.engine.runtime.hostfn import GuestError
     with pytest.raises(GuestError, match="outside the vocabulary"):
         drive(fns["generate"](inst, request(**{"input-token-ids": [MODEL.vocab_size]})))
     with pytest.raises(GuestError, match="last-page-len"):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.runtime.grammar import GrammarCompiler, GrammarError, json_schema_problem
-from engine.tokenizer import Tokenizer
+from pie_server.engine.runtime.grammar import GrammarCompiler, GrammarError, json_schema_problem
+from pie_server.engine.tokenizer import Tokenizer
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]},
                                            "size": {"type": "integer", "minimum": 0, "maximum": 9}},

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.runtime.api_http import host_allowed
-from engine.runtime.host import BroadcastBus, TenantStore
-from engine.runtime.instance import InstanceState
-from engine.types import InstanceId
+from pie_server.engine.runtime.api_http import host_allowed
+from pie_server.engine.runtime.host import BroadcastBus, TenantStore
+from pie_server.engine.runtime.instance import InstanceState
+from pie_server.engine.types import InstanceId
 
 
 def test_http_allow_list_matches_exact_hosts_and_subdomain_patterns() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.runtime.messages import Event, Terminated, Text
-from engine.runtime.runtime import Runtime
+from pie_server.engine.runtime.messages import Event, Terminated, Text
+from pie_server.engine.runtime.runtime import Runtime
 from tests.engine.runtime.conftest import make_runtime, wat
 from tests.engine.runtime.fakes import FakeControl
 

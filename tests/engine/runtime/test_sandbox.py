@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.runtime.messages import Terminated, Text
+from pie_server.engine.runtime.messages import Terminated, Text
 from tests.engine.runtime.conftest import make_runtime, wat
 from tests.engine.runtime.fakes import FakeControl
 

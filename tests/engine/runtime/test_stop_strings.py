@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from engine.runtime.stop_strings import StopMatcher
+from pie_server.engine.runtime.stop_strings import StopMatcher
 
 
 def _feed(stops: list[str], deltas: list[str]) -> tuple[str, str, bool]:

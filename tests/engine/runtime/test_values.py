@@ -5,9 +5,9 @@ import ctypes
 
 import pytest
 
-from engine.runtime import values
-from engine.runtime.api_forward import FORWARD_REQUEST, OUTPUTS_RESULT
-from engine.runtime.api_generate import GENERATION_RESULT
+from pie_server.engine.runtime import values
+from pie_server.engine.runtime.api_forward import FORWARD_REQUEST, OUTPUTS_RESULT
+from pie_server.engine.runtime.api_generate import GENERATION_RESULT
 
 SAMPLE = {"temperature": 0.5, "top-k": 3, "top-p": 0.75, "min-p": 0.0, "seed": 2**40, "presence-penalty": 0.0,
           "frequency-penalty": 1.5, "repetition-penalty": 1.0, "prompt-token-ids": [4, 5],
@@ -64,7 +64,7 @@ def test_encoding_rejects_wrong_shapes() -> None:
 
 
 def test_memo_decoder_caches_only_pointer_free_records() -> None:
-    from engine.runtime.api_forward import SAMPLING_PARAMS
+    from pie_server.engine.runtime.api_forward import SAMPLING_PARAMS
     conversions: list[dict] = []
 
     def convert(record: dict) -> tuple:
@@ -85,8 +85,8 @@ def test_memo_decoder_caches_only_pointer_free_records() -> None:
 
 
 def test_template_encoding_matches_generic_encoding() -> None:
-    from engine.executor.batch import CommandResult, OutputResult
-    from engine.runtime.api_forward import forward_result
+    from pie_server.engine.executor.batch import CommandResult, OutputResult
+    from pie_server.engine.runtime.api_forward import forward_result
     result = CommandResult(outputs=(OutputResult(token_id=7, logprob=-0.25), OutputResult(token_id=9, logprob=-2.0)))
     prepared = forward_result(result)
     assert isinstance(prepared, values.Prepared)

@@ -8,10 +8,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from engine.runtime import values
-from engine.runtime.values_compiled import MAX_CACHED_LIST, read_u32_list
-from engine.runtime.values_encode import MAX_PREBUILT_LIST, U32_LIST_RESULT
-from engine.runtime.values_layout import PAIR
+from pie_server.engine.runtime import values
+from pie_server.engine.runtime.values_compiled import MAX_CACHED_LIST, read_u32_list
+from pie_server.engine.runtime.values_encode import MAX_PREBUILT_LIST, U32_LIST_RESULT
+from pie_server.engine.runtime.values_layout import PAIR
 
 FLAT = (("list", "u32"), ("list", "u32"), "u32", ("list", "u32"), "u32")
 
@@ -77,7 +77,7 @@ def test_read_u32_list_checks_the_element_kind(vals: list[Vals]) -> None:
 
 
 def test_compiled_decoders_check_kinds_before_following_pointers(vals: list[Vals]) -> None:
-    from engine.runtime.api_forward import FORWARD_REQUEST
+    from pie_server.engine.runtime.api_forward import FORWARD_REQUEST
     # a u64 where a record is expected: its payload would read as (6 fields, garbage pointer)
     fake = _vals(vals, ("u64",), [6])
     for schema in (FORWARD_REQUEST, ("option", "u32"), ("list", ("tuple", "u32", "u32")),

@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from engine.config import EngineInfo
-from engine.executor.batch import Batch, CommandResult, ForwardCommand, OutputResult, StepResult
+from pie_server.engine.config import EngineInfo
+from pie_server.engine.executor.batch import Batch, CommandResult, ForwardCommand, OutputResult, StepResult
 
 NextToken = Callable[[int, list[int]], int]
 
@@ -153,11 +153,11 @@ def measure_control_overhead(num_instances: int = 1000, num_forwards: int = 20, 
     """The control layer's own cost with this executor (no checks, no KV): every instance submits one decode
     per round, then one step runs them all. Returns microseconds per forward() call and per command of a
     step (batch formation + translation + delivery, the fake's few us included)."""
-    from engine.control.api import VirtualForward
-    from engine.control.config import ControlConfig
-    from engine.control.controller import Controller
-    from engine.executor.batch import OutputSpec, SamplingParams
-    from engine.types import InstanceId
+    from pie_server.engine.control.api import VirtualForward
+    from pie_server.engine.control.config import ControlConfig
+    from pie_server.engine.control.controller import Controller
+    from pie_server.engine.executor.batch import OutputSpec, SamplingParams
+    from pie_server.engine.types import InstanceId
 
     executor = FakeExecutor(num_pages=num_instances * pages_per_seq, page_size=page_size, vocab_size=32000,
                             max_context_len=pages_per_seq * page_size, simulate_kv=False, record=False,
