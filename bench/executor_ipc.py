@@ -14,7 +14,7 @@ import time
 from multiprocessing.connection import Connection
 
 from bench.common_gpu import MODEL_SHAPES, format_table
-from pie_server.engine.executor.batch import (Batch, CommandResult, ForwardCommand, OutputResult, OutputSpec,
+from pie_server.engine.step import (Batch, CommandResult, ForwardCommand, OutputResult, OutputSpec,
                                    SamplingParams, StepResult)
 from pie_server.engine.executor.step_inputs import build_step_inputs
 

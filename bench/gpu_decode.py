@@ -25,7 +25,7 @@ import torch
 
 from bench.common_gpu import MODEL_SHAPES, copy_bandwidth, decode_floor_s, format_table, save_result
 from pie_server.engine.config import EngineConfig
-from pie_server.engine.executor.batch import SamplingParams
+from pie_server.engine.step import SamplingParams
 from pie_server.engine.executor.direct import DirectGenerator
 from pie_server.engine.executor.executor import Executor
 

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.common_gpu import MODEL_SHAPES
 from pie_server.engine.config import EngineConfig
-from pie_server.engine.executor.batch import SamplingParams
+from pie_server.engine.step import SamplingParams
 from pie_server.engine.executor.direct import DirectGenerator
 from pie_server.engine.executor.executor import Executor
 

@@ -29,7 +29,7 @@ import torch
 
 from bench.common_gpu import MODEL_SHAPES, format_table, save_result
 from pie_server.engine.config import EngineConfig, ModelConfig
-from pie_server.engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
+from pie_server.engine.step import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.executor.pending import PendingStep
 from pie_server.engine.model.llama import random_weights

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pie_server.engine.config import EngineConfig
-from pie_server.engine.executor.batch import SamplingParams
+from pie_server.engine.step import SamplingParams
 from pie_server.engine.executor.direct import DirectGenerator
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.model.loader import load_model_config, load_weights, resolve_model_dir

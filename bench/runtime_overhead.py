@@ -42,7 +42,7 @@ import wasmtime  # noqa: E402
 
 from pie_server.engine.config import EngineInfo  # noqa: E402
 from pie_server.engine.control.api import VirtualForward  # noqa: E402
-from pie_server.engine.executor.batch import CommandResult, OutputResult  # noqa: E402
+from pie_server.engine.step import CommandResult, OutputResult  # noqa: E402
 from pie_server.engine.runtime.config import ModelInfo, RuntimeConfig  # noqa: E402
 from pie_server.engine.types import InstanceId  # noqa: E402
 

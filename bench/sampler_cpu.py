@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from pie_server.engine.executor.batch import OutputSpec, SamplingParams
+from pie_server.engine.step import OutputSpec, SamplingParams
 from pie_server.engine.executor.sampler import Sampler
 
 

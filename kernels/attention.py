@@ -12,8 +12,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from pie_server.engine.types import PageId, SlotId
-
 
 # ops.apply_rope's signature: (q, k, positions, cos_sin_cache) -> (q, k) rotated.
 RopeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -26,9 +24,9 @@ class AttentionStep:
     page_size: int
     qo_indptr: Sequence[int]  # [B+1]: sequence b's new tokens are rows qo_indptr[b]:qo_indptr[b+1]
     kv_page_indptr: Sequence[int]  # [B+1]: sequence b's pages are kv_page_ids[kv_page_indptr[b]:...[b+1]]
-    kv_page_ids: Sequence[PageId]
+    kv_page_ids: Sequence[int]  # physical KV page ids
     kv_last_page_lens: Sequence[int]  # [B], in 1..page_size
-    slot_ids: Sequence[SlotId]  # [T]: where each new token's K/V is written
+    slot_ids: Sequence[int]  # [T]: flat KV slots (page * page_size + offset) where each new token's K/V goes
     # Per sequence a [q_len][kv_len] boolean mask (True = attend), or None for causal; None overall = all causal.
     custom_masks: Sequence[Sequence[Sequence[bool]] | None] | None = None
 

@@ -5,11 +5,22 @@ Shapes: T tokens, H hidden size, Hq/Hkv heads, D head_dim, I intermediate size.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from pie_server.engine.config import RopeConfig
+
+class RopeParams(Protocol):
+    """The RoPE parameters these kernels read (engine.config.RopeConfig has them; kernels import nothing from
+    the engine)."""
+
+    theta: float
+    rope_type: str  # "default", "linear" or "llama3"
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
 
 
 def single_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,7 +84,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+def rope_inv_freq(rope: RopeParams, head_dim: int) -> torch.Tensor:
     """[D/2] float32 inverse frequencies after the configured scaling."""
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if rope.rope_type == "linear":
@@ -83,7 +94,7 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv_freq.float()
 
 
-def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+def _llama3_scale(inv_freq: torch.Tensor, rope: RopeParams) -> torch.Tensor:
     """Llama 3.1: long wavelengths divided by factor, short kept, a smooth blend between."""
     old_len = rope.original_max_position_embeddings
     low_wavelen = old_len / rope.low_freq_factor
@@ -96,7 +107,7 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
-def rope_cos_sin_cache(rope: RopeConfig, head_dim: int, max_positions: int,
+def rope_cos_sin_cache(rope: RopeParams, head_dim: int, max_positions: int,
                        device: torch.device | str = "cpu") -> torch.Tensor:
     """[max_positions, D] float32: cos in the first D/2 columns, sin in the last (FlashInfer's layout)."""
     inv_freq = rope_inv_freq(rope, head_dim)

@@ -54,13 +54,7 @@ def test_package_list_covers_every_folder_with_python_code() -> None:
 
 
 def _top_level_imports(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
+    return {module.split(".")[0] for module in _imported_modules(path)}
 
 
 def test_sources_import_the_installed_root_only() -> None:
@@ -81,3 +75,20 @@ def test_the_cli_imports_from_outside_the_checkout() -> None:
     with tempfile.TemporaryDirectory() as cwd:
         out = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_kernels_import_nothing_from_the_engine() -> None:
+    """Layering: the engine uses the kernels, never the reverse (shared types are plain ints and protocols)."""
+    offenders = [str(path.relative_to(REPO_ROOT)) for path in sorted((REPO_ROOT / "kernels").rglob("*.py"))
+                 if any(name.startswith(f"{IMPORT_ROOT}.engine") for name in _imported_modules(path))]
+    assert not offenders
+
+
+def _imported_modules(path: Path) -> set[str]:
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.add(node.module)
+    return modules

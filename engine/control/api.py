@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from pie_server.engine.config import EngineInfo
-from pie_server.engine.executor.batch import CommandResult, OutputSpec
+from pie_server.engine.step import CommandResult, OutputSpec
 from pie_server.engine.types import InstanceId, Position, TokenId, VirtualPageId
 
 

@@ -33,7 +33,7 @@ from pie_server.engine.control.scheduling import StepBuilder
 from pie_server.engine.control.swap import nonresident_blocks
 from pie_server.engine.control.pages import BlockId
 from pie_server.engine.control.work import CopyItem, ForwardItem, Limits, check_copy, prepare_forward, queued_page_ids
-from pie_server.engine.executor.batch import Batch, CommandResult, StepResult
+from pie_server.engine.step import Batch, CommandResult, StepResult
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pie_server.engine.executor.batch import PageSwap
+from pie_server.engine.step import PageSwap
 from pie_server.engine.types import PageId
 
 BlockId = int

@@ -19,7 +19,7 @@ from pie_server.engine.control.instance import Allocation, InstanceState, SwapIn
 from pie_server.engine.control.pages import BlockId
 from pie_server.engine.control.swap import choose_victim, nonresident_blocks
 from pie_server.engine.control.work import queued_page_ids
-from pie_server.engine.executor.batch import Batch, ForwardCommand, PageCopy, PageSwap, StepResult
+from pie_server.engine.step import Batch, ForwardCommand, PageCopy, PageSwap, StepResult
 
 if TYPE_CHECKING:
     from pie_server.engine.control.controller import Controller

@@ -1,7 +1,7 @@
 """Queued commands of an instance: forwards (validated, maybe split into chunks) and slot copies.
 
 A forward's context is its pages filled to context_len; its tokens are the last num_tokens slots (see
-engine/executor/batch.py). A chunk [start, end) of the tokens is itself a valid command over the first
+engine/step.py). A chunk [start, end) of the tokens is itself a valid command over the first
 `base + end` slots (base = context_len - num_tokens): the earlier tokens' KV was written by earlier chunks.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 from pie_server.engine.control.api import ControlError, VirtualForward
 from pie_server.engine.control.page_table import PageTable
 from pie_server.engine.control.pages import BlockId
-from pie_server.engine.executor.batch import CommandResult, ForwardCommand, OutputResult, OutputSpec
+from pie_server.engine.step import CommandResult, ForwardCommand, OutputResult, OutputSpec
 from pie_server.engine.types import PageId, VirtualPageId
 
 

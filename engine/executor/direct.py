@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from pie_server.engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
+from pie_server.engine.step import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.executor.pending import PendingStep
 

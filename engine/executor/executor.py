@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pie_server.engine.config import EngineConfig, EngineInfo, ModelConfig
-from pie_server.engine.executor.batch import Batch, StepResult
+from pie_server.engine.step import Batch, StepResult
 from pie_server.engine.executor.kv_pool import KVPool, kv_bytes_per_page, plan_num_pages
 from pie_server.engine.executor.memory import MemoryPlan, decode_probe, prefill_probe, probe_num_pages
 from pie_server.engine.executor.pending import PendingStep, StepOutputs

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from pie_server.engine.config import EngineConfig, ModelConfig
-from pie_server.engine.executor.batch import PageCopy, PageSwap
+from pie_server.engine.step import PageCopy, PageSwap
 
 _SWAP_BYTES_CAP = 1 << 30  # host memory for swapped-out pages
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pie_server.engine.config import EngineConfig, ModelConfig
-from pie_server.engine.executor.batch import ForwardCommand, OutputSpec, SamplingParams
+from pie_server.engine.step import ForwardCommand, OutputSpec, SamplingParams
 
 GIB = 1 << 30
 # The probes sample like the costliest request (top-p sorts the whole vocabulary per row).

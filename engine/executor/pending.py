@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pie_server.engine.executor.batch import CommandResult, OutputResult, OutputSpec, StepResult, TokenRef
+from pie_server.engine.step import CommandResult, OutputResult, OutputSpec, StepResult, TokenRef
 from pie_server.engine.executor.sampler import SampledOutputs
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from pie_server.engine.executor.batch import OutputResult, OutputSpec, SamplingParams
+from pie_server.engine.step import OutputResult, OutputSpec, SamplingParams
 from pie_server.engine.executor.sampling_filters import Draws, argmax_rows, draw_tokens, filtered_weights, take_rows
 from pie_server.engine.executor.sampling_penalties import Penalties, apply_penalties, ship
 

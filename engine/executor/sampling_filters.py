@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from pie_server.engine.executor.batch import SamplingParams
+from pie_server.engine.step import SamplingParams
 from pie_server.engine.executor.sampling_penalties import per_row
 
 # Temperatures below this are clamped (x / T would overflow); such rows are argmax in all but name.

@@ -10,7 +10,7 @@ from typing import Sequence, TypeVar
 import numpy as np
 import torch
 
-from pie_server.engine.executor.batch import SamplingParams
+from pie_server.engine.step import SamplingParams
 
 _T = TypeVar("_T")
 

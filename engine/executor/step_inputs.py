@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from pie_server.engine.config import ModelConfig
-from pie_server.engine.executor.batch import ForwardCommand, OutputSpec, TokenRef
+from pie_server.engine.step import ForwardCommand, OutputSpec, TokenRef
 from pie_server.kernels.attention import AttentionStep
 
 

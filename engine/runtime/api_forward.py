@@ -6,7 +6,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from pie_server.engine.control.api import ControlError, VirtualForward
-from pie_server.engine.executor.batch import CommandResult, OutputResult, OutputSpec, SamplingParams
+from pie_server.engine.step import CommandResult, OutputResult, OutputSpec, SamplingParams
 from pie_server.engine.runtime import values
 from pie_server.engine.runtime.api_kv import check_token_ids
 from pie_server.engine.runtime.host import Host

@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from typing import Any, Sequence
 
 from pie_server.engine.control.api import VirtualForward
-from pie_server.engine.executor.batch import CommandResult, OutputSpec, SamplingParams
+from pie_server.engine.step import CommandResult, OutputSpec, SamplingParams
 from pie_server.engine.runtime.api_forward import as_sampling, sampling_params_schema
 from pie_server.engine.runtime.host import Host
 from pie_server.engine.runtime.hostfn import GuestError, HostFunction, expect

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pie_server.engine.control.api import ControlError, VirtualForward
-from pie_server.engine.executor.batch import OutputSpec, SamplingParams
+from pie_server.engine.step import OutputSpec, SamplingParams
 from pie_server.engine.runtime.api_forward import SAMPLING_PARAMS, as_sampling
 from pie_server.engine.runtime.api_kv import check_token_ids
 from pie_server.engine.runtime.host import Host

@@ -1,7 +1,7 @@
 """A fake executor for control-layer tests and runtime benchmarks: the Executor interface (info,
 num_swap_slots, execute) with no model.
 
-It checks every batch against the protocol of engine/executor/batch.py and, with simulate_kv, keeps the
+It checks every batch against the protocol of engine/step.py and, with simulate_kv, keeps the
 token id written into every KV slot (device pages and host swap slots), applying swaps, copies and writes
 in the protocol's order. An output's token is next_token(input token, visible context), where the visible
 context is the list of token ids in the slots its row may attend to (causal, or the command's mask); so a
@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 from pie_server.engine.config import EngineInfo
-from pie_server.engine.executor.batch import Batch, CommandResult, ForwardCommand, OutputResult, StepResult
+from pie_server.engine.step import Batch, CommandResult, ForwardCommand, OutputResult, StepResult
 
 NextToken = Callable[[int, list[int]], int]
 
@@ -156,7 +156,7 @@ def measure_control_overhead(num_instances: int = 1000, num_forwards: int = 20, 
     from pie_server.engine.control.api import VirtualForward
     from pie_server.engine.control.config import ControlConfig
     from pie_server.engine.control.controller import Controller
-    from pie_server.engine.executor.batch import OutputSpec, SamplingParams
+    from pie_server.engine.step import OutputSpec, SamplingParams
     from pie_server.engine.types import InstanceId
 
     executor = FakeExecutor(num_pages=num_instances * pages_per_seq, page_size=page_size, vocab_size=32000,

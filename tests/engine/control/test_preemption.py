@@ -12,7 +12,7 @@ from pie_server.engine.control.api import ControlError, InstanceClosed, VirtualF
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.controller import Controller
 from tests.engine.control.conftest import Controllers
-from pie_server.engine.executor.batch import Batch, OutputSpec, SamplingParams
+from pie_server.engine.step import Batch, OutputSpec, SamplingParams
 from pie_server.engine.types import InstanceId
 
 GREEDY = SamplingParams()

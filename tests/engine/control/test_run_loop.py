@@ -11,7 +11,7 @@ from tests.engine.control.fake_executor import FakeExecutor
 from pie_server.engine.control.api import VirtualForward
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.controller import Controller
-from pie_server.engine.executor.batch import OutputSpec, SamplingParams
+from pie_server.engine.step import OutputSpec, SamplingParams
 from pie_server.engine.types import InstanceId
 
 pytestmark = pytest.mark.timeout(60)

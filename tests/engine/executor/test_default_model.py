@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pie_server.engine.config import EngineConfig
-from pie_server.engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
+from pie_server.engine.step import Batch, ForwardCommand, OutputSpec, SamplingParams
 from pie_server.engine.executor.direct import DirectGenerator
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.model.loader import load_model_config, load_weights

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from pie_server.engine.config import EngineConfig, ModelConfig
-from pie_server.engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
+from pie_server.engine.step import Batch, ForwardCommand, OutputSpec, SamplingParams
 from pie_server.engine.executor.direct import DirectGenerator
 from pie_server.engine.executor.executor import Executor
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pie_server.engine.config import EngineConfig, ModelConfig
-from pie_server.engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams
+from pie_server.engine.step import Batch, ForwardCommand, OutputSpec, SamplingParams
 from pie_server.engine.executor.cuda_graphs import CudaGraphDecoder, GraphConfig
 from pie_server.kernels.attention import AttentionStep
 from pie_server.kernels.flashinfer_attention import build_host_metadata

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pie_server.engine.config import EngineConfig, ModelConfig
-from pie_server.engine.executor.batch import Batch
+from pie_server.engine.step import Batch
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.executor.memory import GIB, MemoryPlan, decode_probe, prefill_probe, probe_num_pages
 

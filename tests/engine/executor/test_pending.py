@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pie_server.engine.config import EngineConfig, ModelConfig
-from pie_server.engine.executor.batch import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
+from pie_server.engine.step import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
 from pie_server.engine.executor.direct import DirectGenerator
 from pie_server.engine.executor.executor import Executor
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pie_server.engine.executor.batch import OutputResult, OutputSpec, SamplingParams
+from pie_server.engine.step import OutputResult, OutputSpec, SamplingParams
 from pie_server.engine.executor.sampler import Sampler
 from pie_server.engine.executor.sampling_filters import Draws, _chunked_argmax, argmax_rows, filtered_weights
 from pie_server.engine.executor.sampling_penalties import Penalties, apply_penalties, ship

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
-from pie_server.engine.executor.batch import CommandResult, OutputResult
+from pie_server.engine.step import CommandResult, OutputResult
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
 

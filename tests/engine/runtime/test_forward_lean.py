@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pie_server.engine.executor.batch import SamplingParams
+from pie_server.engine.step import SamplingParams
 from pie_server.engine.runtime import api_forward_lean, ffi_async
 from pie_server.engine.runtime.api_forward_lean import MAX_SAMPLERS_PER_INSTANCE, SamplerTable
 from pie_server.engine.runtime.host import Host, TenantStore

@@ -85,7 +85,7 @@ def test_memo_decoder_caches_only_pointer_free_records() -> None:
 
 
 def test_template_encoding_matches_generic_encoding() -> None:
-    from pie_server.engine.executor.batch import CommandResult, OutputResult
+    from pie_server.engine.step import CommandResult, OutputResult
     from pie_server.engine.runtime.api_forward import forward_result
     result = CommandResult(outputs=(OutputResult(token_id=7, logprob=-0.25), OutputResult(token_id=9, logprob=-2.0)))
     prepared = forward_result(result)
