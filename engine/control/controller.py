@@ -1,4 +1,7 @@
-"""The control layer (engine/control/api.py's Control) over one executor.
+"""The control layer (engine/control/api.py's Control) over one executor: the API, the lock and the run loop.
+
+The bookkeeping is ControlState's (state.py); forming a step and delivering its results, StepBuilder's
+(scheduling.py). The Controller calls both with its lock held and settles futures after releasing it.
 
 Threading: every public method may be called from any thread; state is guarded by one lock. Futures are
 settled after the lock is released (their callbacks may call back in). The executor runs one step at a
@@ -24,15 +27,14 @@ from typing import Any, Protocol, Sequence
 
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
-from pie_server.engine.control.batcher import Chunk
 from pie_server.engine.control.config import ControlConfig
-from pie_server.engine.control.instance import Allocation, DemandQueue, InstanceState
+from pie_server.engine.control.instance import Allocation, InstanceState
 from pie_server.engine.control.page_table import PageTable
 from pie_server.engine.control.resources import Resources
 from pie_server.engine.control.scheduling import StepBuilder
+from pie_server.engine.control.state import ControlState
 from pie_server.engine.control.swap import nonresident_blocks
-from pie_server.engine.control.pages import BlockId
-from pie_server.engine.control.work import CopyItem, ForwardItem, Limits, check_copy, prepare_forward, queued_page_ids
+from pie_server.engine.control.work import Limits, check_copy, prepare_forward, queued_page_ids
 from pie_server.engine.step import Batch, CommandResult, StepResult
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
@@ -56,20 +58,15 @@ class Controller:
             page_size=self.info.page_size, max_context_len=self.info.max_context_len,
             vocab_size=config.vocab_size or getattr(model, "vocab_size", None),
             max_position=config.max_position or getattr(model, "max_position_embeddings", None))
-        self._res = Resources(self.info.num_pages, self.info.page_size, executor.num_swap_slots)
-        self._instances: dict[InstanceId, InstanceState] = {}
-        self._active: dict[InstanceState, None] = {}  # instances with queued work, oldest first
-        self._demands = DemandQueue()
-        self._inflight: list[tuple[Chunk, list[int]]] = []  # the running step's chunks and their outputs
-        self._inflight_moved: list[InstanceState] = []  # instances whose KV the running step swaps or copies
+        # Guarded by _lock: read it from outside only for inspection (tests, stats).
+        self.state = ControlState(config, Resources(self.info.num_pages, self.info.page_size,
+                                                    executor.num_swap_slots))
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._generation = 0  # bumped by every call that may create work
         self._idle_generation = -1  # the generation at which a step found nothing to do
         self._loop_waiting = False  # the run loop sleeps on _changed
-        self._outbox: list[tuple[Future[Any], Any, BaseException | None]] = []
         self._num_instances_opened = 0
-        self._step_id = 0
         self._step_lock = threading.Lock()  # one step at a time
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -81,28 +78,28 @@ class Controller:
     # -- instances ----------------------------------------------------------------------------------------
     def open_instance(self, instance_id: InstanceId, max_pages: int | None = None) -> None:
         with self._locked(mutating=False):
-            if instance_id in self._instances:
+            if instance_id in self.state.instances:
                 raise ControlError(f"instance {instance_id!r} is already open")
             table = PageTable(self.info.page_size, self.config.default_max_pages if max_pages is None
                               else max_pages)
             self._num_instances_opened += 1
-            self._instances[instance_id] = InstanceState(instance_id, self._num_instances_opened, table)
+            self.state.instances[instance_id] = InstanceState(instance_id, self._num_instances_opened, table)
 
     def close_instance(self, instance_id: InstanceId) -> None:
         with self._locked():
-            instance = self._instances.pop(instance_id, None)
+            instance = self.state.instances.pop(instance_id, None)
             if instance is None:
                 raise ControlError(f"unknown instance {instance_id!r}")
-            self._drop_instance(instance, InstanceClosed(f"instance {instance_id!r} was closed"))
+            self.state.drop_instance(instance, InstanceClosed(f"instance {instance_id!r} was closed"))
             instance.closed = True
             self._awaited.discard(instance)
-            self._serve_demands()
+            self.state.serve_demands()
 
     # -- pages --------------------------------------------------------------------------------------------
     def allocate_pages(self, instance_id: InstanceId, num_pages: int) -> Future[list[VirtualPageId]]:
         future: Future[list[VirtualPageId]] = Future()
         with self._locked():
-            instance = self._get(instance_id)
+            instance = self.state.get(instance_id)
             if not isinstance(num_pages, int) or num_pages < 0:
                 raise ControlError(f"num_pages must be a non-negative int, got {num_pages!r}")
             num_held = len(instance.table.block_counts()) + instance.num_pages_requested
@@ -111,83 +108,83 @@ class Controller:
                                    f"{num_held + num_pages}, the pool has {self.info.num_pages}")
             instance.table.check_quota(num_pages, instance.num_pages_requested)
             instance.num_pages_requested += num_pages
-            self._demands.push(Allocation(instance, num_pages, future))
-            self._serve_demands()
+            self.state.demands.push(Allocation(instance, num_pages, future))
+            self.state.serve_demands()
         return future
 
     def free_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId]) -> None:
         with self._locked():
-            instance = self._get(instance_id)
+            instance = self.state.get(instance_id)
             in_use = queued_page_ids(instance.queue) if instance.queue else frozenset()
-            self._res.drop(instance.table.remove(list(page_ids), in_use))
-            self._serve_demands()
+            self.state.res.drop(instance.table.remove(list(page_ids), in_use))
+            self.state.serve_demands()
 
     def copy_slots(self, instance_id: InstanceId, src_page_id: VirtualPageId, dst_page_id: VirtualPageId,
                    src_offset: int, dst_offset: int, num_slots: int) -> None:
         with self._locked():
-            instance = self._get(instance_id)
+            instance = self.state.get(instance_id)
             item = check_copy(instance.table, src_page_id, dst_page_id, src_offset, dst_offset, num_slots)
-            self._check_writable(item.written_ids, [item.dst_block_id])
-            self._enqueue(instance, item)
+            self.state.check_writable(item.written_ids, [item.dst_block_id])
+            self.state.enqueue(instance, item)
 
     def mask_slots(self, instance_id: InstanceId, page_id: VirtualPageId, slot_mask: Sequence[bool]) -> None:
         with self._locked(mutating=False):
-            self._get(instance_id).table.set_visibility(page_id, slot_mask)
+            self.state.get(instance_id).table.set_visibility(page_id, slot_mask)
 
     def share_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId]) -> list[VirtualPageId]:
         with self._locked(mutating=False):
-            instance = self._get(instance_id)
+            instance = self.state.get(instance_id)
             table, page_ids = instance.table, list(page_ids)
             block_ids = table.blocks(page_ids, distinct=True)
             table.check_quota(len(block_ids))
-            self._check_not_being_written(instance, page_ids)
-            new_ids = self._res.share_into(table, block_ids)
+            self.state.check_not_being_written(instance, page_ids)
+            new_ids = self.state.res.share_into(table, block_ids)
             table.copy_visibility(page_ids, new_ids)
             return new_ids
 
     def export_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId], name: str) -> None:
         with self._locked(mutating=False):
-            instance = self._get(instance_id)
-            self._check_not_being_written(instance, page_ids)
-            self._res.export(instance.table, list(page_ids), name)
+            instance = self.state.get(instance_id)
+            self.state.check_not_being_written(instance, page_ids)
+            self.state.res.export(instance.table, list(page_ids), name)
 
     def import_pages(self, instance_id: InstanceId, name: str) -> list[VirtualPageId]:
         with self._locked(mutating=False):
-            return self._res.import_(self._get(instance_id).table, name)
+            return self.state.res.import_(self.state.get(instance_id).table, name)
 
     def unexport_pages(self, name: str) -> None:
         with self._locked():
-            self._res.unexport(name)
-            self._serve_demands()
+            self.state.res.unexport(name)
+            self.state.serve_demands()
 
     def list_exports(self) -> list[str]:
         with self._locked(mutating=False):
-            return sorted(self._res.exports)
+            return sorted(self.state.res.exports)
 
     # -- prefix cache -------------------------------------------------------------------------------------
     def prefix_lookup(self, instance_id: InstanceId, token_ids: Sequence[TokenId]
                       ) -> tuple[list[VirtualPageId], int]:
         """The hit may cover all of token_ids; to get logits, look up token_ids[:-1] (or recompute a token)."""
         with self._locked(mutating=False):
-            return self._res.prefix_lookup(self._get(instance_id).table, list(token_ids))
+            return self.state.res.prefix_lookup(self.state.get(instance_id).table, list(token_ids))
 
     def prefix_publish(self, instance_id: InstanceId, token_ids: Sequence[TokenId],
                        page_ids: Sequence[VirtualPageId]) -> None:
         with self._locked(mutating=False):
-            instance = self._get(instance_id)
-            self._check_not_being_written(instance, page_ids)
-            self._res.prefix_publish(instance.table, list(token_ids), list(page_ids))
+            instance = self.state.get(instance_id)
+            self.state.check_not_being_written(instance, page_ids)
+            self.state.res.prefix_publish(instance.table, list(token_ids), list(page_ids))
 
     def clear_prefix_cache(self) -> None:
         """Drops the cache's references (pages held by nobody else go free)."""
         with self._locked():
-            self._res.clear_prefix_cache()
-            self._serve_demands()
+            self.state.res.clear_prefix_cache()
+            self.state.serve_demands()
 
     @property
     def num_cached_pages(self) -> int:
         with self._lock:
-            return self._res.cache.num_blocks
+            return self.state.res.cache.num_blocks
 
     # -- forwards -----------------------------------------------------------------------------------------
     def forward(self, instance_id: InstanceId, command: VirtualForward) -> Future[CommandResult]:
@@ -195,10 +192,10 @@ class Controller:
             raise ControlError(f"forward takes a VirtualForward, got {type(command).__name__}")
         future: Future[CommandResult] = Future()
         with self._locked():
-            instance = self._get(instance_id)
+            instance = self.state.get(instance_id)
             item = prepare_forward(command, instance.table, self._limits, future)
-            self._check_writable(item.written_ids, item.written_block_ids)
-            self._enqueue(instance, item)
+            self.state.check_writable(item.written_ids, item.written_block_ids)
+            self.state.enqueue(instance, item)
             if instance in self._awaited:
                 self._awaited.discard(instance)
                 self._last_arrival = time.monotonic()
@@ -208,14 +205,14 @@ class Controller:
         """num_free_pages counts free pages plus cached pages that only the prefix cache holds (an
         allocation evicts those on demand)."""
         with self._lock:
-            pool, cache = self._res.pool, self._res.cache
-            swapped = {id(i) for i in self._instances.values() if nonresident_blocks(i, pool)}
-            running = {id(chunk.instance) for chunk, _ in self._inflight}
-            running.update(id(i) for i in self._active if id(i) not in swapped and i.num_queued_forwards)
+            pool, cache = self.state.res.pool, self.state.res.cache
+            swapped = {id(i) for i in self.state.instances.values() if nonresident_blocks(i, pool)}
+            running = {id(chunk.instance) for chunk, _ in self.state.inflight}
+            running.update(id(i) for i in self.state.active if id(i) not in swapped and i.num_queued_forwards)
             return ControlStats(
-                num_pages=self.info.num_pages, num_free_pages=self._res.num_available_pages(),
-                num_instances=len(self._instances), num_running=len(running),
-                num_waiting=len(self._demands.waiting_instances()), num_swapped=len(swapped),
+                num_pages=self.info.num_pages, num_free_pages=self.state.res.num_available_pages(),
+                num_instances=len(self.state.instances), num_running=len(running),
+                num_waiting=len(self.state.demands.waiting_instances()), num_swapped=len(swapped),
                 num_prefix_queries=cache.num_queries, num_prefix_hit_tokens=cache.num_hit_tokens,
                 num_prefix_query_tokens=cache.num_query_tokens)
 
@@ -224,22 +221,21 @@ class Controller:
         """Forms and runs one batch; False when there was nothing to do."""
         with self._step_lock:
             with self._locked(mutating=False):
-                formed = StepBuilder(self).form()
-                if formed is None:
+                batch = StepBuilder(self.state).form()
+                if batch is None:
                     self._idle_generation = self._generation
                     return False
-                batch, self._inflight = formed
-                resolving = [chunk.instance for chunk, _ in self._inflight if chunk.is_last]
+                resolving = [chunk.instance for chunk, _ in self.state.inflight if chunk.is_last]
             started = time.monotonic()
             try:
                 result = self._executor.execute(batch)
             except Exception as exc:  # the step's commands fail; the engine keeps going
                 log.exception("executor step %d failed", batch.step_id)
                 with self._locked(mutating=False):
-                    StepBuilder(self).fail_inflight(ControlError(f"the executor failed this step: {exc!r}"))
+                    StepBuilder(self.state).fail_inflight(ControlError(f"the executor failed this step: {exc!r}"))
                 return True
             with self._locked(mutating=False):
-                StepBuilder(self).deliver(result)
+                StepBuilder(self.state).deliver(result)
                 self._step_end, self._last_arrival = time.monotonic(), None
                 self._last_step_s = self._step_end - started
                 self._awaited = {i for i in resolving if not i.closed and i.failure is None
@@ -312,85 +308,6 @@ class Controller:
         have created work) and settles the futures the call resolved, after releasing the lock."""
         return _Locked(self, mutating)
 
-    def _get(self, instance_id: InstanceId) -> InstanceState:
-        instance = self._instances.get(instance_id)
-        if instance is None:
-            raise ControlError(f"unknown instance {instance_id!r}")
-        if instance.failure is not None:
-            raise ControlError(instance.failure)
-        return instance
-
-    def _settle(self, future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
-        self._outbox.append((future, value, error))
-
-    def _check_writable(self, page_ids: Sequence[VirtualPageId], block_ids: Sequence[BlockId]) -> None:
-        """The sharing invariant: pages with more than one reference are read-only."""
-        for page_id, block_id in zip(page_ids, block_ids):
-            refcount = self._res.pool.refcount(block_id)
-            if refcount > 1:
-                raise ControlError(f"page {page_id} is shared ({refcount} references) and so read-only; copy "
-                                   "its slots to a private page before writing")
-
-    def _check_not_being_written(self, instance: InstanceState, page_ids: Sequence[VirtualPageId]) -> None:
-        """Sharing a page a queued command will write would break the sharing invariant for that command."""
-        if instance.queue:
-            written = queued_page_ids(instance.queue, written=True)
-            for page_id in page_ids:
-                if page_id in written:
-                    raise ControlError(f"page {page_id} is being written by a queued forward or copy; wait "
-                                       "for it before sharing the page")
-
-    def _enqueue(self, instance: InstanceState, item: ForwardItem | CopyItem) -> None:
-        instance.queue.append(item)
-        if instance not in self._active:
-            self._active[instance] = None
-
-    def _serve_demands(self, builder: StepBuilder | None = None) -> None:
-        """Meets waiting demands in order while pages allow. A demand of an instance with swapped-out
-        blocks brings them back first, which only a step being formed (builder) can do."""
-        while self._demands:
-            demand = self._demands.head
-            instance = demand.instance
-            if isinstance(demand, Allocation) and demand.future.cancelled():
-                self._demands.pop_head()
-                instance.num_pages_requested -= demand.num_pages
-                continue
-            num_new = demand.num_pages if isinstance(demand, Allocation) else 0
-            missing = nonresident_blocks(instance, self._res.pool)
-            if missing and builder is None:
-                return
-            if not self._res.make_free(len(missing) + num_new):
-                return
-            self._demands.pop_head()
-            if missing:
-                builder.swap_in(instance, missing)  # type: ignore[union-attr]
-            if isinstance(demand, Allocation):
-                instance.num_pages_requested -= demand.num_pages
-                self._settle(demand.future, instance.table.add(self._res.pool.allocate(num_new)))
-            else:
-                instance.swap_in_queued = False
-
-    def _drop_instance(self, instance: InstanceState, error: ControlError) -> None:
-        """Fails all of the instance's pending work with error and drops all its page references."""
-        for item in instance.queue:
-            self._cancel(item, error)
-        instance.queue.clear()
-        for chunk, _ in self._inflight:
-            if chunk.instance is instance:
-                self._cancel(chunk.item, error)
-        for demand in self._demands.remove_instance(instance):
-            if isinstance(demand, Allocation):
-                self._settle(demand.future, error=error)
-        instance.num_pages_requested = 0
-        instance.swap_in_queued = False
-        self._active.pop(instance, None)
-        self._res.drop(instance.table.remove_all())
-
-    def _cancel(self, item: Any, error: ControlError) -> None:
-        if isinstance(item, ForwardItem) and not item.cancelled:
-            item.cancelled = True
-            self._settle(item.future, error=error)
-
 
 class _Locked:
     __slots__ = ("controller", "mutating", "outbox")
@@ -408,7 +325,7 @@ class _Locked:
                 c._generation += 1
                 if c._loop_waiting:
                     c._changed.notify()
-            outbox, c._outbox = c._outbox, []
+            outbox = c.state.take_outbox()
         finally:
             c._lock.release()
         for future, value, error in outbox:

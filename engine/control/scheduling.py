@@ -1,4 +1,4 @@
-"""Forming one step from the controller's state, and taking its results back. Runs under the controller's lock.
+"""Forming one step from the control state (state.py), and taking its results back. Runs under the controller's lock.
 
 Forming a step, in order:
 1. admission: meet page demands (allocations, swap-ins) FIFO; while the head demand cannot be met and no
@@ -11,44 +11,42 @@ Forming a step, in order:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pie_server.engine.control.api import ControlError
 from pie_server.engine.control.batcher import Chunk, StepPlan, plan_step
 from pie_server.engine.control.instance import Allocation, InstanceState, SwapIn
 from pie_server.engine.control.pages import BlockId
+from pie_server.engine.control.state import ControlState
 from pie_server.engine.control.swap import choose_victim, nonresident_blocks
 from pie_server.engine.control.work import queued_page_ids
 from pie_server.engine.step import Batch, ForwardCommand, PageCopy, PageSwap, StepResult
-
-if TYPE_CHECKING:
-    from pie_server.engine.control.controller import Controller
 
 # Per forward command: its chunk and the output indices it carries (None: all, in order).
 Sources = list[tuple[Chunk, list[int] | None]]
 
 
 class StepBuilder:
-    def __init__(self, controller: "Controller") -> None:
-        self.c = controller
-        self.pool = controller._res.pool
+    """One step's forming, or one step's results: built for each and dropped after (its lists are that step's)."""
+
+    def __init__(self, state: ControlState) -> None:
+        self.s = state
+        self.pool = state.res.pool
         self.swap_outs: list[PageSwap] = []
         self.swap_ins: list[PageSwap] = []
         self.swapped_in: set[BlockId] = set()
         self.moved: list[InstanceState] = []  # instances whose KV this batch swaps or copies
 
     # -- forming ------------------------------------------------------------------------------------------
-    def form(self) -> tuple[Batch, Sources] | None:
-        plan = plan_step(self._admit(), self.c.config)
+    def form(self) -> Batch | None:
+        """The next step (its chunks become state.inflight), or None when there is nothing to do."""
+        plan = plan_step(self._admit(), self.s.config)
         copies, forwards, sources = self._apply(plan)
         self.pool.end_batch()
         if not (forwards or copies or self.swap_outs or self.swap_ins):
             return None
-        self.c._step_id += 1
-        self.c._inflight_moved = self.moved
-        batch = Batch(forwards=forwards, page_copies=copies, swap_outs=self.swap_outs, swap_ins=self.swap_ins,
-                      step_id=self.c._step_id)
-        return batch, sources
+        self.s.step_id += 1
+        self.s.inflight, self.s.inflight_moved = sources, self.moved
+        return Batch(forwards=forwards, page_copies=copies, swap_outs=self.swap_outs, swap_ins=self.swap_ins,
+                     step_id=self.s.step_id)
 
     def swap_in(self, instance: InstanceState, block_ids: list[BlockId]) -> None:
         """Brings the blocks back to the device (the caller has made the pages free)."""
@@ -57,15 +55,15 @@ class StepBuilder:
         self.moved.append(instance)
 
     def _admit(self) -> list[InstanceState]:
-        c = self.c
+        s = self.s
         while True:
-            c._serve_demands(self)
+            s.serve_demands(self.swap_in)
             runnable = self._runnable()
-            if runnable or not c._demands:
+            if runnable or not s.demands:
                 return runnable
-            num_demands = len(c._demands)
-            c._serve_demands(self)  # _runnable may have queued swap-ins that fit now
-            if len(c._demands) < num_demands or self._preempt():
+            num_demands = len(s.demands)
+            s.serve_demands(self.swap_in)  # _runnable may have queued swap-ins that fit now
+            if len(s.demands) < num_demands or self._preempt():
                 continue
             if not self._deadlocked():
                 return runnable  # wait: an instance that is not waiting may still free pages
@@ -74,25 +72,25 @@ class StepBuilder:
     def _runnable(self) -> list[InstanceState]:
         """Instances with queued work whose blocks are all resident; the others get a swap-in demand."""
         runnable = []
-        for instance in self.c._active:
+        for instance in self.s.active:
             if not nonresident_blocks(instance, self.pool):
                 runnable.append(instance)
             elif not instance.swap_in_queued:
                 instance.swap_in_queued = True
-                self.c._demands.push(SwapIn(instance))
+                self.s.demands.push(SwapIn(instance))
         return runnable
 
     def _preempt(self) -> bool:
         """Frees pages for the head demand by preempting a victim; False if there is none."""
-        choice = choose_victim(self.c._instances.values(), self.c._demands.head.instance, self.pool,
+        choice = choose_victim(self.s.instances.values(), self.s.demands.head.instance, self.pool,
                                self.swapped_in)
         if choice is None:
             return False
         victim, block_ids = choice
-        self.c._res.reclaim_swap_slots(len(block_ids))
+        self.s.res.reclaim_swap_slots(len(block_ids))
         num_slots = min(len(block_ids), self.pool.num_free_swap_slots)
         if num_slots == 0:
-            self._fail_instance(victim, f"instance {victim.instance_id!r} was preempted: out of KV pages and "
+            self.s.fail_instance(victim, f"instance {victim.instance_id!r} was preempted: out of KV pages and "
                                         "of host swap space (the last resort; its pages were dropped)")
         else:
             self.swap_outs.extend(self.pool.swap_out(block_id) for block_id in block_ids[:num_slots])
@@ -101,28 +99,24 @@ class StepBuilder:
 
     def _deadlocked(self) -> bool:
         """True when every instance holding device pages is itself waiting for pages."""
-        waiting = self.c._demands.waiting_instances()
-        for instance in self.c._instances.values():
+        waiting = self.s.demands.waiting_instances()
+        for instance in self.s.instances.values():
             if instance.failure is None and id(instance) not in waiting and any(
                     self.pool.is_resident(block_id) for _, block_id in instance.table.items()):
                 return False
         return True
 
     def _fail_head(self) -> None:
-        demand = self.c._demands.pop_head()
+        demand = self.s.demands.pop_head()
         instance = demand.instance
         reason = (f"out of KV pages: {self.pool.num_free_pages} of {self.pool.num_pages} are free, the rest are "
                   "held by exports or by instances that are all waiting for pages, and none can be preempted")
         if isinstance(demand, Allocation):
             instance.num_pages_requested -= demand.num_pages
-            self.c._settle(demand.future, error=ControlError(f"cannot allocate {demand.num_pages} pages: {reason}"))
+            self.s.settle(demand.future, error=ControlError(f"cannot allocate {demand.num_pages} pages: {reason}"))
         else:
-            self._fail_instance(instance, f"instance {instance.instance_id!r} was preempted and cannot be "
+            self.s.fail_instance(instance, f"instance {instance.instance_id!r} was preempted and cannot be "
                                           f"swapped back in: {reason}")
-
-    def _fail_instance(self, instance: InstanceState, reason: str) -> None:
-        instance.failure = reason
-        self.c._drop_instance(instance, ControlError(reason))
 
     def _apply(self, plan: StepPlan) -> tuple[list[PageCopy], list[ForwardCommand], Sources]:
         """Translates the plan to physical pages and takes its commands off the queues."""
@@ -139,7 +133,7 @@ class StepBuilder:
             item.num_scheduled = chunk.end
             forwards.append(command)
             sources.append((chunk, output_ids))
-        active = self.c._active
+        active = self.s.active
         for instance, num_consumed in plan.num_consumed.items():
             for _ in range(num_consumed):
                 self._unqueue(instance)
@@ -155,8 +149,8 @@ class StepBuilder:
 
     # -- results ------------------------------------------------------------------------------------------
     def deliver(self, result: StepResult) -> None:
-        sources, self.c._inflight = self.c._inflight, []
-        self.c._inflight_moved = []
+        sources, self.s.inflight = self.s.inflight, []
+        self.s.inflight_moved = []
         if len(result.results) != len(sources):
             self._fail_sources(sources, ControlError(
                 f"the executor returned {len(result.results)} results for {len(sources)} commands"))
@@ -171,21 +165,21 @@ class StepBuilder:
                                                      f"outputs for {num_wanted} requested"))
                 continue
             if output_ids is None:  # the whole forward in one command: its result as it is
-                self.c._settle(item.future, command_result)
+                self.s.settle(item.future, command_result)
                 continue
             item.add_results(output_ids, command_result.outputs)
             if chunk.is_last:
-                self.c._settle(item.future, item.result())
+                self.s.settle(item.future, item.result())
 
     def fail_inflight(self, error: ControlError) -> None:
         """The executor failed the step: its forwards fail, and so do the instances whose KV it was to swap
         or copy (their KV is unknown now)."""
-        sources, self.c._inflight = self.c._inflight, []
+        sources, self.s.inflight = self.s.inflight, []
         self._fail_sources(sources, error)
-        for instance in self.c._inflight_moved:
+        for instance in self.s.inflight_moved:
             if not instance.closed and instance.failure is None:
-                self._fail_instance(instance, f"instance {instance.instance_id!r} lost its KV cache: {error}")
-        self.c._inflight_moved = []
+                self.s.fail_instance(instance, f"instance {instance.instance_id!r} lost its KV cache: {error}")
+        self.s.inflight_moved = []
 
     def _fail_sources(self, sources: Sources, error: ControlError) -> None:
         for chunk, _ in sources:
@@ -193,15 +187,15 @@ class StepBuilder:
 
     def _fail_chunk(self, chunk: Chunk, error: ControlError) -> None:
         """Fails the chunk's forward; a partly scheduled one leaves its instance's queue."""
-        self.c._cancel(chunk.item, error)
+        self.s.cancel(chunk.item, error)
         instance = chunk.instance
         if instance.queue and instance.queue[0] is chunk.item:
             self._unqueue(instance)
             if not instance.queue:
-                self.c._active.pop(instance, None)
+                self.s.active.pop(instance, None)
 
     def _unqueue(self, instance: InstanceState) -> None:
         """Takes the head command off the queue; pages freed while it was queued go now."""
         instance.queue.popleft()
         if instance.table.has_retired:
-            self.c._res.drop(instance.table.release_retired(queued_page_ids(instance.queue)))
+            self.s.res.drop(instance.table.release_retired(queued_page_ids(instance.queue)))

@@ -30,6 +30,6 @@ def controllers() -> Iterator[Controllers]:
         stats = controller.stats()
         assert stats.num_instances == 0 and stats.num_free_pages == stats.num_pages
         controller.clear_prefix_cache()
-        pool = controller._res.pool
+        pool = controller.state.res.pool
         assert pool.num_free_pages == stats.num_pages and pool.num_blocks == 0
         assert pool.num_free_swap_slots == pool.num_swap_slots

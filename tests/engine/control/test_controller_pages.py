@@ -252,7 +252,7 @@ def test_forked_pages_keep_their_mask(make: Make) -> None:
     [page] = alloc(controller, A, 1)
     controller.mask_slots(A, page, [False, True, True, True])
     [fork] = controller.share_pages(A, [page])
-    assert controller._instances[A].table.visibility(fork) == [False, True, True, True]
+    assert controller.state.instances[A].table.visibility(fork) == [False, True, True, True]
     controller.close_instance(A)
 
 
@@ -286,7 +286,7 @@ def test_prefix_cache_lookup_publish_and_stats(make: Make) -> None:
     assert controller.num_cached_pages == 2
     controller.close_instance(A)
     assert controller.stats().num_free_pages == 8  # cache-only pages count as free (evictable)
-    assert controller._res.pool.num_free_pages == 6
+    assert controller.state.res.pool.num_free_pages == 6
     controller.open_instance(B)
     hit, num_tokens = controller.prefix_lookup(B, prompt + [11])
     assert num_tokens == 8 and len(hit) == 2

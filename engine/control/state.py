@@ -1,0 +1,130 @@
+"""What the control layer knows, and the operations that keep it consistent: instances, their queued work, the
+page demands waiting for pages, the running step's chunks, and the futures to settle.
+
+One job: the bookkeeping. The Controller (controller.py) owns one ControlState, guards it with its lock and
+exposes the Control API; the StepBuilder (scheduling.py) forms steps from it and delivers results into it.
+Neither reaches into the other. Everything here runs with the Controller's lock held; futures are only queued
+(`outbox`) and settled by the Controller after the lock is released, since their callbacks may call back in.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Callable, Sequence
+
+from pie_server.engine.control.api import ControlError
+from pie_server.engine.control.batcher import Chunk
+from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.instance import Allocation, DemandQueue, InstanceState
+from pie_server.engine.control.pages import BlockId
+from pie_server.engine.control.resources import Resources
+from pie_server.engine.control.swap import nonresident_blocks
+from pie_server.engine.control.work import CopyItem, ForwardItem, queued_page_ids
+from pie_server.engine.types import InstanceId, VirtualPageId
+
+# Brings an instance's swapped-out blocks back in the step being formed (StepBuilder.swap_in).
+SwapInFn = Callable[[InstanceState, list[BlockId]], None]
+
+
+class ControlState:
+    def __init__(self, config: ControlConfig, resources: Resources) -> None:
+        self.config = config
+        self.res = resources
+        self.instances: dict[InstanceId, InstanceState] = {}
+        self.active: dict[InstanceState, None] = {}  # instances with queued work, oldest first
+        self.demands = DemandQueue()
+        self.inflight: list[tuple[Chunk, list[int] | None]] = []  # the running step's chunks and their outputs
+        self.inflight_moved: list[InstanceState] = []  # instances whose KV the running step swaps or copies
+        self.step_id = 0
+        self.outbox: list[tuple[Future[Any], Any, BaseException | None]] = []
+
+    def get(self, instance_id: InstanceId) -> InstanceState:
+        """The open, healthy instance; ControlError otherwise."""
+        instance = self.instances.get(instance_id)
+        if instance is None:
+            raise ControlError(f"unknown instance {instance_id!r}")
+        if instance.failure is not None:
+            raise ControlError(instance.failure)
+        return instance
+
+    def settle(self, future: Future[Any], value: Any = None, error: BaseException | None = None) -> None:
+        self.outbox.append((future, value, error))
+
+    def take_outbox(self) -> list[tuple[Future[Any], Any, BaseException | None]]:
+        outbox, self.outbox = self.outbox, []
+        return outbox
+
+    # -- queued work --------------------------------------------------------------------------------------
+    def enqueue(self, instance: InstanceState, item: ForwardItem | CopyItem) -> None:
+        instance.queue.append(item)
+        if instance not in self.active:
+            self.active[instance] = None
+
+    def check_writable(self, page_ids: Sequence[VirtualPageId], block_ids: Sequence[BlockId]) -> None:
+        """The sharing invariant: pages with more than one reference are read-only."""
+        for page_id, block_id in zip(page_ids, block_ids):
+            refcount = self.res.pool.refcount(block_id)
+            if refcount > 1:
+                raise ControlError(f"page {page_id} is shared ({refcount} references) and so read-only; copy "
+                                   "its slots to a private page before writing")
+
+    @staticmethod
+    def check_not_being_written(instance: InstanceState, page_ids: Sequence[VirtualPageId]) -> None:
+        """Sharing a page a queued command will write would break the sharing invariant for that command."""
+        if instance.queue:
+            written = queued_page_ids(instance.queue, written=True)
+            for page_id in page_ids:
+                if page_id in written:
+                    raise ControlError(f"page {page_id} is being written by a queued forward or copy; wait "
+                                       "for it before sharing the page")
+
+    def cancel(self, item: Any, error: ControlError) -> None:
+        if isinstance(item, ForwardItem) and not item.cancelled:
+            item.cancelled = True
+            self.settle(item.future, error=error)
+
+    def drop_instance(self, instance: InstanceState, error: ControlError) -> None:
+        """Fails all of the instance's pending work with error and drops all its page references."""
+        for item in instance.queue:
+            self.cancel(item, error)
+        instance.queue.clear()
+        for chunk, _ in self.inflight:
+            if chunk.instance is instance:
+                self.cancel(chunk.item, error)
+        for demand in self.demands.remove_instance(instance):
+            if isinstance(demand, Allocation):
+                self.settle(demand.future, error=error)
+        instance.num_pages_requested = 0
+        instance.swap_in_queued = False
+        self.active.pop(instance, None)
+        self.res.drop(instance.table.remove_all())
+
+    def fail_instance(self, instance: InstanceState, reason: str) -> None:
+        """The last resort of preemption, or lost KV: every pending and later call of the instance fails."""
+        instance.failure = reason
+        self.drop_instance(instance, ControlError(reason))
+
+    # -- admission ----------------------------------------------------------------------------------------
+    def serve_demands(self, swap_in: SwapInFn | None = None) -> None:
+        """Meets waiting demands in order while pages allow. A demand of an instance with swapped-out
+        blocks brings them back first, which only a step being formed (swap_in) can do."""
+        while self.demands:
+            demand = self.demands.head
+            instance = demand.instance
+            if isinstance(demand, Allocation) and demand.future.cancelled():
+                self.demands.pop_head()
+                instance.num_pages_requested -= demand.num_pages
+                continue
+            num_new = demand.num_pages if isinstance(demand, Allocation) else 0
+            missing = nonresident_blocks(instance, self.res.pool)
+            if missing and swap_in is None:
+                return
+            if not self.res.make_free(len(missing) + num_new):
+                return
+            self.demands.pop_head()
+            if missing:
+                swap_in(instance, missing)  # type: ignore[misc]
+            if isinstance(demand, Allocation):
+                instance.num_pages_requested -= demand.num_pages
+                self.settle(demand.future, instance.table.add(self.res.pool.allocate(num_new)))
+            else:
+                instance.swap_in_queued = False
