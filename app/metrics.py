@@ -1,14 +1,21 @@
-"""Prometheus metrics in text format, with vLLM's metric names under the `pie:` prefix.
+"""Prometheus metrics with vLLM's metric names under the `pie:` prefix, through prometheus_client.
 
-Counters and histograms are updated by request handlers (on the event loop); gauges are read from the
-engine at scrape time. No client library: the text format is small (version 0.0.4).
+Counters and histograms are updated by request handlers; gauges (and the prefix cache's counters, which the
+engine keeps) are read from the engine at scrape time by a collector. Each Metrics has a registry of its own
+(no process-wide state). With `multiprocess_dir` set (prometheus_client's multiprocess mode: every process
+writes its samples to files there, PROMETHEUS_MULTIPROC_DIR must name the same folder before prometheus_client
+is imported), a scrape of any process aggregates all of them: the shape front-end processes need.
 """
 from __future__ import annotations
 
-import bisect
-import threading
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 PREFIX = "pie:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -22,31 +29,6 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
-@dataclass
-class Histogram:
-    buckets: Sequence[float]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.count += 1
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        out, cumulative = [], 0
-        for bound, count in zip([*map(_fmt, self.buckets), "+Inf"], self.counts):
-            cumulative += count
-            out.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative}')
-        out.append(f"{name}_sum{{{labels}}} {_fmt(self.total)}")
-        out.append(f"{name}_count{{{labels}}} {self.count}")
-        return out
-
-
 @dataclass(frozen=True)
 class EngineGauges:
     """Read from the engine when scraped."""
@@ -58,71 +40,74 @@ class EngineGauges:
     prefix_cache_hits: int = 0  # tokens found
 
 
+class _EngineCollector(Collector):
+    """The engine's own numbers, read at scrape time (they live in the engine, not in this process's counters)."""
+
+    def __init__(self, metrics: "Metrics", read: Callable[[], EngineGauges]) -> None:
+        self._metrics, self._read = metrics, read
+
+    def collect(self) -> Iterator[Metric]:
+        gauges, labels = self._read(), [self._metrics.model_name]
+
+        def family(kind: type, name: str, doc: str, value: float) -> Metric:
+            metric = kind(PREFIX + name, doc, labels=["model_name"])
+            metric.add_metric(labels, value)
+            return metric
+
+        yield family(GaugeMetricFamily, "num_requests_running", "Requests whose inferlet instance is running.",
+                     gauges.num_requests_running)
+        yield family(GaugeMetricFamily, "num_requests_waiting", "Requests waiting for an instance slot or KV pages.",
+                     gauges.num_requests_waiting)
+        yield family(GaugeMetricFamily, "kv_cache_usage_perc", "KV-cache usage; 1 means 100 percent.",
+                     gauges.kv_cache_usage)
+        yield family(CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                     gauges.prefix_cache_queries)
+        yield family(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                     gauges.prefix_cache_hits)
+
+
 class Metrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, multiprocess_dir: Path | None = None) -> None:
         self.model_name = model_name
-        self._lock = threading.Lock()
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.requests_success: dict[str, int] = {}  # by finish reason
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.itl = Histogram(ITL_BUCKETS)
-        self.e2e = Histogram(E2E_BUCKETS)
+        self.registry = CollectorRegistry()  # what a scrape of this process renders
+        # Single process: the request metrics live in the registry. Multiprocess: they are written to files
+        # (registered nowhere) and the registry reads every process's files back, aggregated.
+        own: CollectorRegistry | None = self.registry
+        if multiprocess_dir is not None:
+            MultiProcessCollector(self.registry, path=str(multiprocess_dir))
+            own = None
+        kwargs = {"labelnames": ["model_name"], "registry": own}
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prefilled prompt tokens.", **kwargs)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens.", **kwargs)
+        self.requests_success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
+                                        labelnames=["model_name", "finished_reason"], registry=own)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to the first token.",
+                              buckets=TTFT_BUCKETS, **kwargs)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between streamed outputs.",
+                             buckets=ITL_BUCKETS, **kwargs)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Request latency, arrival to last token.",
+                             buckets=E2E_BUCKETS, **kwargs)
+        self._engine: _EngineCollector | None = None
+
+    def read_engine_with(self, read: Callable[[], EngineGauges]) -> None:
+        """Registers the scrape-time reader of the engine's gauges (once)."""
+        if self._engine is None:
+            self._engine = _EngineCollector(self, read)
+            self.registry.register(self._engine)
 
     def observe_request(self, num_prompt_tokens: int, num_generation_tokens: int,
                         finish_reasons: Sequence[str], e2e_s: float) -> None:
-        with self._lock:
-            self.prompt_tokens += num_prompt_tokens
-            self.generation_tokens += num_generation_tokens
-            for reason in finish_reasons:
-                self.requests_success[reason] = self.requests_success.get(reason, 0) + 1
-            self.e2e.observe(e2e_s)
+        self.prompt_tokens.labels(self.model_name).inc(num_prompt_tokens)
+        self.generation_tokens.labels(self.model_name).inc(num_generation_tokens)
+        for reason in finish_reasons:
+            self.requests_success.labels(self.model_name, reason).inc()
+        self.e2e.labels(self.model_name).observe(e2e_s)
 
     def observe_ttft(self, seconds: float) -> None:
-        with self._lock:
-            self.ttft.observe(seconds)
+        self.ttft.labels(self.model_name).observe(seconds)
 
     def observe_itl(self, seconds: float) -> None:
-        with self._lock:
-            self.itl.observe(seconds)
+        self.itl.labels(self.model_name).observe(seconds)
 
-    def render(self, gauges: EngineGauges) -> str:
-        labels = f'model_name="{_escape(self.model_name)}"'
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, doc: str, samples: list[str]) -> None:
-            lines.extend([f"# HELP {PREFIX}{name} {doc}", f"# TYPE {PREFIX}{name} {kind}", *samples])
-
-        def one(name: str, kind: str, doc: str, value: float) -> None:
-            metric(name, kind, doc, [f"{PREFIX}{name}{{{labels}}} {_fmt(value)}"])
-
-        with self._lock:
-            one("num_requests_running", "gauge", "Requests whose inferlet instance is running.",
-                gauges.num_requests_running)
-            one("num_requests_waiting", "gauge", "Requests waiting for an instance slot or KV pages.",
-                gauges.num_requests_waiting)
-            one("kv_cache_usage_perc", "gauge", "KV-cache usage; 1 means 100 percent.", gauges.kv_cache_usage)
-            one("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
-                gauges.prefix_cache_queries)
-            one("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache.",
-                gauges.prefix_cache_hits)
-            one("prompt_tokens_total", "counter", "Prefilled prompt tokens.", self.prompt_tokens)
-            one("generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens)
-            metric("request_success_total", "counter", "Finished requests by finish reason.",
-                   [f'{PREFIX}request_success_total{{{labels},finished_reason="{reason}"}} {count}'
-                    for reason, count in sorted(self.requests_success.items())])
-            metric("time_to_first_token_seconds", "histogram", "Time to the first token.",
-                   self.ttft.lines(f"{PREFIX}time_to_first_token_seconds", labels))
-            metric("inter_token_latency_seconds", "histogram", "Time between streamed outputs.",
-                   self.itl.lines(f"{PREFIX}inter_token_latency_seconds", labels))
-            metric("e2e_request_latency_seconds", "histogram", "Request latency, arrival to last token.",
-                   self.e2e.lines(f"{PREFIX}e2e_request_latency_seconds", labels))
-        return "\n".join(lines) + "\n"
-
-
-def _fmt(value: float) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -32,6 +32,7 @@ class AppState:
         self.view: EngineView | None = None
         self.limits: ModelLimits | None = None
         self.metrics = Metrics(config.served_model_names[0] if config.served_model_names else "")
+        self.metrics.read_engine_with(self.gauges)
         self.program_hash = ""
         self.num_running = 0
         self.num_queued = 0

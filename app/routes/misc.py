@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 
 from pie_server.app.errors import ApiError, invalid
 from pie_server.app.metrics import CONTENT_TYPE
@@ -44,7 +44,7 @@ async def version(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state = _state(request)
-    return PlainTextResponse(state.metrics.render(state.gauges()), media_type=CONTENT_TYPE)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 async def tokenize(request: Request) -> Response:
