@@ -30,7 +30,9 @@ try:  # FlashInfer exists only on the GPU machine; the helpers below also serve 
 except ImportError:  # pragma: no cover - depends on the environment
     flashinfer = None
 
-WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended float workspace (split-k partial results)
+# Float workspace (split-k partial results). The tensor-core decode of the large graph batches needs more than
+# the 128 MiB FlashInfer recommends (167 MiB asked for in the 8B shape's graph capture on an H200).
+WORKSPACE_BYTES = 512 << 20
 _FI_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -117,6 +119,18 @@ def _flat_mask(step: AttentionStep, q_lens: np.ndarray, kv_lens: np.ndarray) -> 
     return np.concatenate(parts)
 
 
+def decode_uses_tensor_cores(shape: AttentionShape | None, graph_mode: bool) -> bool:
+    """Whether decode runs FlashInfer's tensor-core (prefill) kernels: under CUDA graphs, for 4 or more query
+    heads per KV head. H200, Llama-3.1-8B shape (group 4), batch 64, pipelined TPOT: 7.80 -> 7.25 ms at context
+    512, 9.23 -> 8.20 ms at 1024. Eager steps got slower with it (12.0 -> 22.1 ms: its per-step planning is
+    dearer), and SmolLM2 (group 3, head_dim 64) did not gain (3.14 -> 3.23 ms). PIE_FI_DECODE_TENSOR_CORES=0/1
+    forces the choice (bench/gpu_decode.py for the A/B)."""
+    forced = os.environ.get("PIE_FI_DECODE_TENSOR_CORES")
+    if forced is not None:
+        return forced == "1"
+    return graph_mode and shape is not None and shape.num_qo_heads // shape.num_kv_heads >= 4
+
+
 class FlashInferAttention(AttentionBackend):
     """FlashInfer paged attention. Give `shape` to plan FlashInfer inside plan(); without it the first
     forward() of a step plans from q/k's shapes (still once per step)."""
@@ -142,7 +156,8 @@ class FlashInferAttention(AttentionBackend):
         # to the device asynchronously; the next plan must not overwrite it before that copy has run.
         self._plan_copied: torch.cuda.Event | None = None
         if graph_batch_size is None:
-            self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+            self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "NHD", use_tensor_cores=decode_uses_tensor_cores(shape, graph_mode=False))
             # fa2 everywhere: one compiled module serves causal and custom-mask steps (fa3 has no custom masks).
             self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
             self._write_index = torch.empty(0, dtype=torch.long, device=self.device)
@@ -162,7 +177,8 @@ class FlashInferAttention(AttentionBackend):
         self._indptr_buf = torch.zeros(batch_size + 1, dtype=torch.int32, device=self.device)
         self._last_len_buf = torch.ones(batch_size, dtype=torch.int32, device=self.device)
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=self._indptr_buf,
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=decode_uses_tensor_cores(self.shape, graph_mode=True),
+            paged_kv_indptr_buffer=self._indptr_buf,
             paged_kv_indices_buffer=page_id_buffer, paged_kv_last_page_len_buffer=self._last_len_buf)
         self._prefill = None
         self._write_index = torch.zeros(2 * batch_size, dtype=torch.long, device=self.device)
