@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.step import CommandResult, OutputSpec
 from pie_server.engine.types import InstanceId, Position, TokenId, VirtualPageId
+
+if TYPE_CHECKING:
+    from pie_server.engine.control.decoding import DecodeRequest, DecodeStream
 
 
 class ControlError(Exception):
@@ -92,5 +95,12 @@ class Control(Protocol):
 
     def forward(self, instance_id: InstanceId, command: VirtualForward) -> Future[CommandResult]:
         """Queue a forward pass for the next batch; resolves with its outputs."""
+
+    def decode(self, instance_id: InstanceId, request: "DecodeRequest") -> "DecodeStream":
+        """Decode one sequence in the control layer, a forward per step with no round trip per token
+        (engine/control/decoding.py); raises ControlError when its first forward is invalid."""
+
+    def stop_decode(self, instance_id: InstanceId, stream: "DecodeStream") -> None:
+        """End a decode early (its stream's done says when nothing of it runs any more)."""
 
     def stats(self) -> ControlStats: ...

@@ -28,13 +28,14 @@ from typing import Any, Protocol, Sequence
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
 from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.decoding import DecodeRequest, DecodeStream
 from pie_server.engine.control.instance import Allocation, InstanceState
 from pie_server.engine.control.page_table import PageTable
 from pie_server.engine.control.resources import Resources
 from pie_server.engine.control.scheduling import StepBuilder
 from pie_server.engine.control.state import ControlState
 from pie_server.engine.control.swap import nonresident_blocks
-from pie_server.engine.control.work import Limits, check_copy, prepare_forward, queued_page_ids
+from pie_server.engine.control.work import Limits, check_copy, first_item, prepare_forward, queued_page_ids
 from pie_server.engine.step import Batch, CommandResult, StepResult
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
@@ -54,13 +55,13 @@ class Controller:
         self.info: EngineInfo = executor.info
         self._executor = executor
         model = getattr(executor, "model_config", None)
-        self._limits = Limits(
+        limits = Limits(
             page_size=self.info.page_size, max_context_len=self.info.max_context_len,
             vocab_size=config.vocab_size or getattr(model, "vocab_size", None),
             max_position=config.max_position or getattr(model, "max_position_embeddings", None))
         # Guarded by _lock: read it from outside only for inspection (tests, stats).
         self.state = ControlState(config, Resources(self.info.num_pages, self.info.page_size,
-                                                    executor.num_swap_slots))
+                                                    executor.num_swap_slots), limits)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._generation = 0  # bumped by every call that may create work
@@ -193,13 +194,35 @@ class Controller:
         future: Future[CommandResult] = Future()
         with self._locked():
             instance = self.state.get(instance_id)
-            item = prepare_forward(command, instance.table, self._limits, future)
+            item = prepare_forward(command, instance.table, self.state.limits, future)
             self.state.check_writable(item.written_ids, item.written_block_ids)
             self.state.enqueue(instance, item)
             if instance in self._awaited:
                 self._awaited.discard(instance)
                 self._last_arrival = time.monotonic()
         return future
+
+    def decode(self, instance_id: InstanceId, request: DecodeRequest) -> DecodeStream:
+        """Decodes until a stop token, max_new_tokens, the context limit, the end of the pages' room, or
+        stop_decode (engine/control/decoding.py); the first forward is validated like forward()'s."""
+        stream = DecodeStream()
+        with self._locked():
+            instance = self.state.get(instance_id)
+            item = first_item(request, stream, instance.table, self.state.limits)
+            self.state.check_writable(item.written_ids, item.written_block_ids)
+            self.state.enqueue(instance, item)
+            if instance in self._awaited:
+                self._awaited.discard(instance)
+                self._last_arrival = time.monotonic()
+        return stream
+
+    def stop_decode(self, instance_id: InstanceId, stream: DecodeStream) -> None:
+        """Ends the decode: at once if its next forward is only queued, else when the running one returns."""
+        with self._locked():
+            instance = self.state.instances.get(instance_id)
+            stream.stop_requested = True
+            if instance is not None:
+                self.state.stop_queued_decode(instance, stream)
 
     def stats(self) -> ControlStats:
         """num_free_pages counts free pages plus cached pages that only the prefix cache holds (an

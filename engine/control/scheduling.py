@@ -18,7 +18,7 @@ from pie_server.engine.control.pages import BlockId
 from pie_server.engine.control.state import ControlState
 from pie_server.engine.control.swap import choose_victim, nonresident_blocks
 from pie_server.engine.control.work import queued_page_ids
-from pie_server.engine.step import Batch, ForwardCommand, PageCopy, PageSwap, StepResult
+from pie_server.engine.step import Batch, CommandResult, ForwardCommand, PageCopy, PageSwap, StepResult
 
 # Per forward command: its chunk and the output indices it carries (None: all, in order).
 Sources = list[tuple[Chunk, list[int] | None]]
@@ -165,11 +165,18 @@ class StepBuilder:
                                                      f"outputs for {num_wanted} requested"))
                 continue
             if output_ids is None:  # the whole forward in one command: its result as it is
-                self.s.settle(item.future, command_result)
+                self._finish(chunk, command_result)
                 continue
             item.add_results(output_ids, command_result.outputs)
             if chunk.is_last:
-                self.s.settle(item.future, item.result())
+                self._finish(chunk, item.result())
+
+    def _finish(self, chunk: Chunk, result: CommandResult) -> None:
+        item = chunk.item
+        if item.decoding is None:
+            self.s.settle(item.future, result)
+        else:  # the decode goes on without a round trip to its caller
+            self.s.continue_decode(chunk.instance, item, result.outputs[0])
 
     def fail_inflight(self, error: ControlError) -> None:
         """The executor failed the step: its forwards fail, and so do the instances whose KV it was to swap

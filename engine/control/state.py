@@ -14,11 +14,13 @@ from typing import Any, Callable, Sequence
 from pie_server.engine.control.api import ControlError
 from pie_server.engine.control.batcher import Chunk
 from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.decoding import END_CANCELLED, DecodeStream
 from pie_server.engine.control.instance import Allocation, DemandQueue, InstanceState
 from pie_server.engine.control.pages import BlockId
 from pie_server.engine.control.resources import Resources
 from pie_server.engine.control.swap import nonresident_blocks
-from pie_server.engine.control.work import CopyItem, ForwardItem, queued_page_ids
+from pie_server.engine.control.work import CopyItem, ForwardItem, Limits, next_item, queued_page_ids
+from pie_server.engine.step import OutputResult
 from pie_server.engine.types import InstanceId, VirtualPageId
 
 # Brings an instance's swapped-out blocks back in the step being formed (StepBuilder.swap_in).
@@ -26,9 +28,10 @@ SwapInFn = Callable[[InstanceState, list[BlockId]], None]
 
 
 class ControlState:
-    def __init__(self, config: ControlConfig, resources: Resources) -> None:
+    def __init__(self, config: ControlConfig, resources: Resources, limits: Limits) -> None:
         self.config = config
         self.res = resources
+        self.limits = limits
         self.instances: dict[InstanceId, InstanceState] = {}
         self.active: dict[InstanceState, None] = {}  # instances with queued work, oldest first
         self.demands = DemandQueue()
@@ -102,6 +105,37 @@ class ControlState:
         """The last resort of preemption, or lost KV: every pending and later call of the instance fails."""
         instance.failure = reason
         self.drop_instance(instance, ControlError(reason))
+
+    def stop_queued_decode(self, instance: InstanceState, stream: DecodeStream) -> None:
+        """Takes the decode's forward off the queue if no part of it was scheduled, and ends the decode."""
+        for item in instance.queue:
+            if isinstance(item, ForwardItem) and item.decoding is not None and item.decoding.stream is stream \
+                    and item.num_scheduled == 0 and not item.cancelled:
+                instance.queue.remove(item)
+                if instance.table.has_retired:
+                    self.res.drop(instance.table.release_retired(queued_page_ids(instance.queue)))
+                if not instance.queue:
+                    self.active.pop(instance, None)
+                self.settle(stream.done, END_CANCELLED)
+                return
+
+    def continue_decode(self, instance: InstanceState, item: ForwardItem, output: OutputResult) -> None:
+        """A decode's forward came back with its sampled output: stream it, then queue the next forward or end."""
+        decoding = item.decoding
+        assert decoding is not None
+        decoding.num_generated += 1
+        waiter = decoding.stream.push(output)
+        if waiter is not None:
+            self.settle(waiter)
+        end = decoding.end_after(output.token_id, item.positions[-1] + 1, item.context_len,
+                                 len(decoding.page_ids) * self.limits.page_size, self.limits.max_context_len)
+        if end is not None or instance.closed or instance.failure is not None:
+            self.settle(decoding.stream.done, end or END_CANCELLED)
+            return
+        try:
+            self.enqueue(instance, next_item(item, output.token_id, instance.table, self.limits))
+        except ControlError as error:  # a page of the decode was freed meanwhile
+            self.settle(decoding.stream.done, error=error)
 
     # -- admission ----------------------------------------------------------------------------------------
     def serve_demands(self, swap_in: SwapInFn | None = None) -> None:

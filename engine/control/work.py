@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 from pie_server.engine.control.api import ControlError, VirtualForward
+from pie_server.engine.control.decoding import DecodeRequest, DecodeStream, Decoding
 from pie_server.engine.control.page_table import PageTable
 from pie_server.engine.control.pages import BlockId
 from pie_server.engine.step import CommandResult, ForwardCommand, OutputResult, OutputSpec
@@ -66,6 +67,7 @@ class ForwardItem:
     num_scheduled: int = 0  # tokens already handed to a batch
     results: dict[int, OutputResult] | None = None  # by index into outputs, while chunks come back
     cancelled: bool = False
+    decoding: Decoding | None = None  # set on the forwards of a decode (decoding.py): future is its stream's done
 
     def __post_init__(self) -> None:
         self.num_tokens = len(self.token_ids)
@@ -154,6 +156,36 @@ def prepare_forward(command: VirtualForward, table: PageTable, limits: Limits,
                        context_len=context_len, page_size=page_size, outputs=outputs, mask=mask,
                        chunkable=command.attention_mask is None or _is_causal_bounded(mask, context_len),
                        future=future)
+
+
+def first_item(request: DecodeRequest, stream: DecodeStream, table: PageTable, limits: Limits) -> ForwardItem:
+    """The first forward of a decode: request's pending tokens over the pages that their context needs."""
+    decoding = Decoding(stream, request.max_new_tokens, request.stop_token_ids, request.sampling,
+                        page_ids=list(request.page_ids))
+    return _decode_item(decoding, list(request.token_ids), request.position, request.context_len, table, limits)
+
+
+def next_item(item: ForwardItem, token_id: int, table: PageTable, limits: Limits) -> ForwardItem:
+    """The decode's next forward: the token item's step sampled, in the slot after item's context."""
+    assert item.decoding is not None
+    return _decode_item(item.decoding, [token_id], item.positions[-1] + 1, item.context_len, table, limits)
+
+
+def _decode_item(decoding: Decoding, token_ids: list[int], position: int, context_len: int, table: PageTable,
+                 limits: Limits) -> ForwardItem:
+    page_size = limits.page_size
+    num_slots = context_len + len(token_ids)
+    num_pages = -(-num_slots // page_size)
+    if num_pages > len(decoding.page_ids):
+        raise ControlError(f"the decode's {len(decoding.page_ids)} pages hold {len(decoding.page_ids) * page_size} "
+                           f"slots; its context and pending tokens need {num_slots}")
+    command = VirtualForward(token_ids=token_ids, positions=list(range(position, position + len(token_ids))),
+                             page_ids=decoding.page_ids[:num_pages],
+                             last_page_len=num_slots - (num_pages - 1) * page_size,
+                             outputs=[OutputSpec(index=len(token_ids) - 1, sampling=decoding.sampling)])
+    item = prepare_forward(command, table, limits, decoding.stream.done)  # type: ignore[arg-type]
+    item.decoding = decoding
+    return item
 
 
 def check_copy(table: PageTable, src_page_id: VirtualPageId, dst_page_id: VirtualPageId, src_offset: int,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pie_server.engine.control.api import ControlError, VirtualForward
+from pie_server.engine.control.decoding import DecodeRequest, DecodeStream, wait_any
 from pie_server.engine.step import OutputSpec, SamplingParams
 from pie_server.engine.runtime.api_forward import SAMPLING_PARAMS, as_sampling
 from pie_server.engine.runtime.api_kv import check_token_ids
@@ -35,6 +36,9 @@ GENERATE_REQUEST = ("record", ("page-ids", ("list", "u32")), ("last-page-len", "
                     ("ignore-eos", "bool"), ("constraint", ("option", ("variant", {
                         "allowed-tokens": ("list", "u32"), "json-schema": "string", "regex": "string"}))),
                     ("stream-channel", ("option", "u32")))
+# Pages of room a control-layer decode gets past its pending tokens: one round trip to the host per this many
+# pages of tokens (the rest of the tokens need none), against at most this many pages held unused per sequence.
+DECODE_ROOM = 1
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 
@@ -111,10 +115,6 @@ def _grammar(constraint: tuple[str, Any], host: Host) -> GrammarMatcher:
         raise GuestError(str(error)) from None
 
 
-def _pages_needed(seq: Sequence, page_size: int) -> int:
-    return max(0, -(-(seq.context_len + len(seq.pending)) // page_size) - len(seq.pages))
-
-
 def _last_page_len(num_tokens: int, num_pages: int, page_size: int) -> int:
     return num_tokens - (num_pages - 1) * page_size if num_pages else 0
 
@@ -177,19 +177,36 @@ def _result(seq: Sequence) -> tuple[str, Any]:
 
 
 def run_sequences(host: Host, inst: InstanceState, seqs: list[Sequence]) -> HostTaskGen:
+    """Decodes the sequences to their ends. Plain ones decode in the control layer (one call per page of
+    tokens); a grammar or penalties need the host between tokens, so those go forward by forward."""
+    if all(s.grammar is None and not s.penalized for s in seqs):
+        yield from _decode_in_control(host, inst, seqs)
+    else:
+        yield from _forward_per_token(host, inst, seqs)
+    _release(host, inst, seqs)
+    return [_result(s) for s in seqs]
+
+
+def _allocate(host: Host, inst: InstanceState, seqs: list[Sequence], room: list[int]) -> HostTaskGen:
+    """Pages for each sequence's pending tokens and `room` more tokens after them."""
+    page_size = host.model.page_size
+    need = [max(0, -(-(s.context_len + len(s.pending) + r) // page_size) - len(s.pages)) for s, r in zip(seqs, room)]
+    wanted = [(s, host.control.allocate_pages(inst.id, n)) for s, n in zip(seqs, need) if n]
+    if wanted:
+        outcomes = yield [future for _, future in wanted]
+        for (seq, _), pages in zip(wanted, outcomes):
+            if isinstance(pages, BaseException):
+                seq.error = f"allocating pages failed: {pages}"
+            else:
+                seq.pages.extend(pages)
+                seq.allocated.extend(pages)
+
+
+def _forward_per_token(host: Host, inst: InstanceState, seqs: list[Sequence]) -> HostTaskGen:
     control, page_size = host.control, host.model.page_size
     while any(s.active for s in seqs):
         active = [s for s in seqs if s.active]
-        need = [_pages_needed(s, page_size) for s in active]
-        wanted = [(s, n, control.allocate_pages(inst.id, n)) for s, n in zip(active, need) if n]
-        if wanted:
-            outcomes = yield [f for _, _, f in wanted]
-            for (seq, _, _), pages in zip(wanted, outcomes):
-                if isinstance(pages, BaseException):
-                    seq.error = f"allocating pages failed: {pages}"
-                else:
-                    seq.pages.extend(pages)
-                    seq.allocated.extend(pages)
+        yield from _allocate(host, inst, active, [0] * len(active))
         stepping, futures = [], []
         for seq in (s for s in active if s.active):
             try:
@@ -206,13 +223,61 @@ def run_sequences(host: Host, inst: InstanceState, seqs: list[Sequence]) -> Host
                 continue
             output = outcome.outputs[0]
             _accept(seq, inst, output.token_id, output, host.model.max_context_len)
-    for seq in seqs:
-        if seq.error is not None and seq.allocated:
+
+
+def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) -> HostTaskGen:
+    """Each round gives every active sequence pages for up to DECODE_ROOM more tokens and one control-layer
+    decode; its tokens stream back and are accepted here (stop strings, detokenization, streaming)."""
+    control, model = host.control, host.model
+    while any(s.active for s in seqs):
+        active = [s for s in seqs if s.active]
+        room = [max(0, min(s.max_tokens - len(s.generated) - 1, DECODE_ROOM * model.page_size,
+                           model.max_context_len - s.context_len - len(s.pending))) for s in active]
+        yield from _allocate(host, inst, active, room)
+        streams: dict[int, tuple[Sequence, DecodeStream]] = {}
+        for seq in (s for s in active if s.active):
             try:
-                control.free_pages(inst.id, seq.allocated)
+                streams[id(seq)] = (seq, control.decode(inst.id, DecodeRequest(
+                    token_ids=tuple(seq.pending), position=seq.position, page_ids=tuple(seq.pages),
+                    context_len=seq.context_len, sampling=seq.params,
+                    max_new_tokens=seq.max_tokens - len(seq.generated), stop_token_ids=seq.stop_token_ids)))
+            except ControlError as error:
+                seq.error = f"forward failed: {error}"
+        while streams:
+            for key, (seq, stream) in list(streams.items()):
+                ended = stream.done.done()  # read first: every output is pushed before the end is settled
+                for output in stream.drain():
+                    if seq.active:
+                        _accept(seq, inst, output.token_id, output, model.max_context_len)
+                if not seq.active and not ended and not stream.stop_requested:
+                    control.stop_decode(inst.id, stream)  # a stop string, or the host's own limits
+                if ended:
+                    error = stream.done.exception()
+                    if error is not None and seq.active:
+                        seq.error = f"forward failed: {error}"
+                    del streams[key]
+            if streams:
+                waiter = wait_any([stream for _, stream in streams.values()])
+                if waiter is not None:
+                    yield waiter
+
+
+def _release(host: Host, inst: InstanceState, seqs: list[Sequence]) -> None:
+    """Frees what the call allocated and no context uses: all of it after an error, else the room pages past
+    the context (the pages then hold exactly context_len tokens, as the result says)."""
+    page_size = host.model.page_size
+    for seq in seqs:
+        if seq.error is not None:
+            unused = seq.allocated
+        else:
+            num_kept = -(-seq.context_len // page_size)
+            unused = [p for p in seq.pages[num_kept:] if p in set(seq.allocated)]
+            seq.pages = seq.pages[:num_kept]
+        if unused:
+            try:
+                host.control.free_pages(inst.id, unused)
             except ControlError:
                 pass  # the instance is closing: its pages go anyway
-    return [_result(s) for s in seqs]
 
 
 def functions(host: Host) -> list[HostFunction]:

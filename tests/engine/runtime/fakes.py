@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
+from pie_server.engine.control.decoding import DecodeRequest, DecodeStream, decode_by_forwards
 from pie_server.engine.step import CommandResult, OutputResult
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
@@ -46,6 +47,13 @@ class FakeControl:
         self._stopping = False
         self._thread = threading.Thread(target=self._executor, daemon=True)
         self._thread.start()
+
+    # ---------------------------------------------------------------- decoding (through forward())
+    def decode(self, instance_id: InstanceId, request: DecodeRequest) -> DecodeStream:
+        return decode_by_forwards(self, instance_id, request)
+
+    def stop_decode(self, instance_id: InstanceId, stream: DecodeStream) -> None:
+        stream.stop_requested = True
 
     # ---------------------------------------------------------------- instances and pages
     def open_instance(self, instance_id: InstanceId, max_pages: int | None = None) -> None:

@@ -1,0 +1,163 @@
+"""Decoding in the control layer: one `decode` call runs a sequence forward after forward, one sampled token per
+step, with no round trip to its caller per token. When a step's result comes back, the next forward (the token
+just sampled) is queued at once, while the tokens stream to the caller through a DecodeStream; the caller
+(the runtime's host-side `generate`) detokenizes, matches stop strings and may stop the decoding.
+
+Decoding ends at a stop token, after `max_new_tokens`, at the model's context limit (the same rule as the
+runtime's), when the pages given have no slot left for the next token ("room": the caller allocates more and
+decodes again), when the caller stops it, or with an error (the instance closed or failed, the executor failed).
+The stream's `done` Future gets the end (a reason string, or the error); it is settled only when no forward of
+the decoding is queued or running, so the caller may free the pages once it has seen it.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from pie_server.engine.control.api import VirtualForward
+from pie_server.engine.step import CommandResult, OutputResult, OutputSpec, SamplingParams
+from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
+
+END_STOP, END_LENGTH, END_ROOM, END_CANCELLED = "stop", "length", "room", "cancelled"
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """A sequence's pending tokens over its pages (context first, then room for new tokens)."""
+
+    token_ids: Sequence[TokenId]  # >= 1 pending tokens: their KV is written first; the last one's next is sampled
+    position: int  # of token_ids[0]
+    page_ids: Sequence[VirtualPageId]  # hold the context_len tokens of the context, then free slots
+    context_len: int  # tokens whose KV is already in page_ids
+    sampling: SamplingParams
+    max_new_tokens: int  # >= 1
+    stop_token_ids: frozenset[TokenId] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.token_ids or self.max_new_tokens < 1 or self.context_len < 0:
+            raise ValueError("a decode needs >= 1 pending token, max_new_tokens >= 1 and context_len >= 0")
+
+
+class DecodeStream:
+    """Sampled outputs in order, pushed by the control layer, drained by the caller. Thread-safe."""
+
+    def __init__(self) -> None:
+        self.done: Future[str] = Future()  # the end reason (END_*), or the error
+        self._lock = threading.Lock()
+        self._outputs: list[OutputResult] = []
+        self._waiter: Future[None] | None = None
+        self.stop_requested = False
+        self.done.add_done_callback(self._wake_at_end)
+
+    def push(self, output: OutputResult) -> Future[None] | None:
+        """Adds an output; returns the waiter to settle (after the control layer's lock is released)."""
+        with self._lock:
+            self._outputs.append(output)
+            waiter, self._waiter = self._waiter, None
+        return waiter
+
+    def drain(self) -> list[OutputResult]:
+        with self._lock:
+            outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def _wake_at_end(self, _: Future[str]) -> None:
+        with self._lock:
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            _settle_quietly(waiter)
+
+    def install_waiter(self, waiter: Future[None]) -> bool:
+        """Makes waiter the one to settle at the next output; False (installing nothing) if one is ready."""
+        with self._lock:
+            if self._outputs or self.done.done():
+                return False
+            self._waiter = waiter
+            return True
+
+
+def wait_any(streams: Sequence[DecodeStream]) -> Future[None] | None:
+    """A Future settled at the next output or end of any of the streams; None when one has something already."""
+    waiter: Future[None] = Future()
+    for stream in streams:
+        if not stream.install_waiter(waiter):
+            return None
+    return waiter
+
+
+def _settle_quietly(waiter: Future[None]) -> None:
+    if not waiter.done():
+        try:
+            waiter.set_result(None)
+        except InvalidStateError:  # settled concurrently
+            pass
+
+
+@dataclass(eq=False)
+class Decoding:
+    """The control layer's record of one decode (attached to each forward it queues)."""
+
+    stream: DecodeStream
+    max_new_tokens: int
+    stop_token_ids: frozenset[TokenId]
+    sampling: SamplingParams
+    page_ids: list[VirtualPageId]  # the context's pages and the room after it
+    num_generated: int = 0
+
+    def end_after(self, token_id: TokenId, next_position: int, context_len: int, num_slots: int,
+                  max_context_len: int) -> str | None:
+        """Why decoding ends after sampling token_id (now pending at next_position, with context_len tokens
+        in num_slots slots), or None to go on."""
+        if self.stream.stop_requested:
+            return END_CANCELLED
+        if token_id in self.stop_token_ids:
+            return END_STOP
+        if self.num_generated >= self.max_new_tokens or next_position + 1 >= max_context_len:
+            return END_LENGTH
+        if context_len + 1 > num_slots:
+            return END_ROOM
+        return None
+
+
+def decode_by_forwards(control: Any, instance_id: InstanceId, request: DecodeRequest) -> DecodeStream:
+    """A decode through the Control's forward(), each result's callback submitting the next forward: for
+    Controls without a decode of their own (test fakes). Same ends as the Controller's decode."""
+    stream = DecodeStream()
+    page_size, max_context_len = control.info.page_size, control.info.max_context_len
+    decoding = Decoding(stream, request.max_new_tokens, request.stop_token_ids, request.sampling,
+                        list(request.page_ids))
+
+    def submit(token_ids: list[TokenId], position: int, context_len: int) -> None:
+        num_slots = context_len + len(token_ids)
+        num_pages = -(-num_slots // page_size)
+        if num_pages > len(decoding.page_ids):
+            raise ValueError(f"the decode's pages hold {len(decoding.page_ids) * page_size} slots; it needs "
+                             f"{num_slots}")
+        future = control.forward(instance_id, VirtualForward(
+            token_ids, list(range(position, position + len(token_ids))), decoding.page_ids[:num_pages],
+            num_slots - (num_pages - 1) * page_size, [OutputSpec(len(token_ids) - 1, decoding.sampling)]))
+        future.add_done_callback(lambda done: on_result(done, position + len(token_ids), num_slots))
+
+    def on_result(done: Future[CommandResult], next_position: int, context_len: int) -> None:
+        if done.exception() is not None:
+            stream.done.set_exception(done.exception())  # type: ignore[arg-type]
+            return
+        output = done.result().outputs[0]
+        decoding.num_generated += 1
+        waiter = stream.push(output)
+        if waiter is not None:
+            _settle_quietly(waiter)
+        end = decoding.end_after(output.token_id, next_position, context_len, len(decoding.page_ids) * page_size,
+                                 max_context_len)
+        if end is not None:
+            stream.done.set_result(end)
+            return
+        try:
+            submit([output.token_id], next_position, context_len)
+        except Exception as error:  # the instance closed meanwhile
+            stream.done.set_exception(error)
+
+    submit(list(request.token_ids), request.position, request.context_len)
+    return stream

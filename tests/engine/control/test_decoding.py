@@ -1,0 +1,119 @@
+"""Controller.decode: a sequence decoded in the control layer, one queued forward per step without a round trip to
+the caller, equals the same sequence driven by forward() per token; and it ends where it must (stop token,
+max_new_tokens, the pages' room, stop_decode, a closed instance), never leaving a forward behind."""
+from __future__ import annotations
+
+import pytest
+
+from tests.engine.control.fake_executor import FakeExecutor
+from tests.engine.control.conftest import Controllers
+from pie_server.engine.control.api import VirtualForward
+from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.controller import Controller
+from pie_server.engine.control.decoding import (END_CANCELLED, END_LENGTH, END_ROOM, END_STOP, DecodeRequest,
+                                                DecodeStream, wait_any)
+from pie_server.engine.step import OutputSpec, SamplingParams
+from pie_server.engine.types import InstanceId
+
+pytestmark = pytest.mark.timeout(60)
+PAGE_SIZE = 4
+GREEDY = SamplingParams()
+PROMPT = [5, 6, 7, 8, 9, 10]
+
+
+def _make(controllers: Controllers, **kwargs: int) -> tuple[Controller, FakeExecutor]:
+    executor = FakeExecutor(num_pages=32, page_size=PAGE_SIZE, **kwargs)
+    return controllers.make(executor, ControlConfig()), executor
+
+
+def _by_forwards(controller: Controller, instance: InstanceId, pages: list[int], num_tokens: int) -> list[int]:
+    """The reference: forward() per token, the caller feeding each sampled token back."""
+    tokens, pending, context = [], list(PROMPT), 0
+    for _ in range(num_tokens):
+        num_slots = context + len(pending)
+        num_pages = -(-num_slots // PAGE_SIZE)
+        result = controller.forward(instance, VirtualForward(
+            pending, list(range(context, num_slots)), pages[:num_pages], num_slots - (num_pages - 1) * PAGE_SIZE,
+            [OutputSpec(len(pending) - 1, GREEDY)])).result(timeout=10)
+        context, pending = num_slots, [result.outputs[0].token_id]
+        tokens.append(pending[0])
+    return tokens
+
+
+def _drain_all(stream: DecodeStream) -> tuple[list[int], str]:
+    end = stream.done.result(timeout=10)
+    return [output.token_id for output in stream.drain()], end
+
+
+def _open(controller: Controller, name: str, num_pages: int) -> tuple[InstanceId, list[int]]:
+    instance = InstanceId(name)
+    controller.open_instance(instance)
+    return instance, controller.allocate_pages(instance, num_pages).result(timeout=10)
+
+
+def _request(pages: list[int], max_new_tokens: int, stop: frozenset[int] = frozenset()) -> DecodeRequest:
+    return DecodeRequest(token_ids=PROMPT, position=0, page_ids=pages, context_len=0, sampling=GREEDY,
+                         max_new_tokens=max_new_tokens, stop_token_ids=stop)
+
+
+def test_decode_equals_forward_per_token_and_needs_one_call(controllers: Controllers) -> None:
+    controller, executor = _make(controllers)
+    controller.start()
+    a, pages_a = _open(controller, "a", 5)
+    b, pages_b = _open(controller, "b", 5)
+    expected = _by_forwards(controller, a, pages_a, 12)
+    num_commands = executor.num_commands
+    tokens, end = _drain_all(controller.decode(b, _request(pages_b, 12)))
+    assert tokens == expected and end == END_LENGTH
+    assert executor.num_commands - num_commands == 12  # one forward per token, all queued by the controller
+    for instance in (a, b):
+        controller.close_instance(instance)
+
+
+def test_decode_ends_at_a_stop_token_and_at_the_end_of_its_room(controllers: Controllers) -> None:
+    controller, _ = _make(controllers)
+    controller.start()
+    instance, pages = _open(controller, "a", 5)
+    reference = _by_forwards(controller, instance, pages, 8)
+    tokens, end = _drain_all(controller.decode(instance, _request(pages, 100, frozenset({reference[3]}))))
+    assert tokens == reference[:4] and end == END_STOP
+    # 3 pages: 12 slots hold the 6 prompt tokens and the first 6 new ones; the 7th is sampled, with no slot.
+    tokens, end = _drain_all(controller.decode(instance, _request(pages[:3], 100)))
+    assert tokens == reference[:7] and end == END_ROOM
+    controller.close_instance(instance)
+
+
+def test_stop_decode_ends_it_and_queues_nothing_more(controllers: Controllers) -> None:
+    controller, executor = _make(controllers, step_delay_s=0.01)
+    controller.start()
+    instance, pages = _open(controller, "a", 8)
+    stream = controller.decode(instance, _request(pages, 100))
+    while not stream.drain():
+        waiter = wait_any([stream])
+        if waiter is not None:
+            waiter.result(timeout=10)
+    controller.stop_decode(instance, stream)
+    assert stream.done.result(timeout=10) == END_CANCELLED
+    num_commands = executor.num_commands
+    controller.step()  # nothing left to run for it
+    assert executor.num_commands == num_commands
+    controller.close_instance(instance)
+
+
+def test_closing_the_instance_fails_its_decode(controllers: Controllers) -> None:
+    controller, _ = _make(controllers)
+    instance, pages = _open(controller, "a", 8)
+    stream = controller.decode(instance, _request(pages, 100))
+    controller.step()
+    controller.close_instance(instance)
+    with pytest.raises(Exception, match="closed"):
+        stream.done.result(timeout=10)
+    assert wait_any([stream]) is None  # ended: nothing to wait for
+
+
+def test_decode_validates_like_forward(controllers: Controllers) -> None:
+    controller, _ = _make(controllers)
+    instance, pages = _open(controller, "a", 1)
+    with pytest.raises(Exception, match="pages hold 4 slots"):
+        controller.decode(instance, _request(pages, 4))  # 6 prompt tokens, one page
+    controller.close_instance(instance)
