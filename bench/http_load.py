@@ -1,7 +1,7 @@
 """HTTP load generator: streaming chat completions through the OpenAI client at several concurrencies;
 reports TTFT, TPOT, ITL and output throughput.
 
-    .venv/bin/python bench/http_load.py                        # starts `pie serve` in-process (default model)
+    .venv/bin/python bench/http_load.py                        # starts `pie serve` (default model) in a subprocess
     .venv/bin/python bench/http_load.py --url http://host:8000 --model NAME
     options: --concurrency 1 8 32  --requests-per-level 32  --max-tokens 64  --json bench/results/http_load.json
 
@@ -14,11 +14,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import openai
 
@@ -104,19 +108,37 @@ def _p90(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
 
-def start_local_server(model: str | None, num_pages: int | None) -> Any:
-    from pie_server.app.config import ServerConfig
-    from pie_server.app.server import create_app
-    from pie_server.engine.config import EngineConfig
-    from pie_server.engine.engine import Engine
-    from tests.app.conftest import wait_ready
-    from tests.app.server_thread import ServerThread
+class LocalServer:
+    """`pie serve` (the installed console script) in a subprocess on a free loopback port, as users run it;
+    the load generator's own work then never shares the server's GIL."""
 
-    app = create_app(lambda: Engine.start(model, EngineConfig(num_pages=num_pages), model_name="default",
-                                          progress=False), ServerConfig())
-    server = ServerThread(app).__enter__()
-    wait_ready(server, timeout_s=900)
-    return server
+    def __init__(self, model: str | None, num_pages: int | None) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        command = [str(Path(sys.executable).with_name("pie")), "serve", "--port", str(port),
+                   "--served-model-name", "default", "--log-level", "warning"]
+        command += ["--model", model] if model else []
+        command += ["--num-pages", str(num_pages)] if num_pages else []
+        self.process = subprocess.Popen(command, cwd=tempfile.gettempdir())
+        deadline = time.monotonic() + 900
+        while not self._healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("the server did not become ready")
+            time.sleep(0.5)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
 
 
 async def main_async(args: argparse.Namespace, url: str) -> list[LevelReport]:
@@ -136,9 +158,9 @@ async def main_async(args: argparse.Namespace, url: str) -> list[LevelReport]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default=None, help="a running server (default: start one in-process)")
+    parser.add_argument("--url", default=None, help="a running server (default: start `pie serve` in a subprocess)")
     parser.add_argument("--model", default="default", help="the model name to request")
-    parser.add_argument("--model-path", default=None, help="for the in-process server (default: embedded model)")
+    parser.add_argument("--model-path", default=None, help="for the local server (default: embedded model)")
     parser.add_argument("--num-pages", type=int, default=None)
     parser.add_argument("--api-key", default="none")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -146,12 +168,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    server = None if args.url else start_local_server(args.model_path, args.num_pages)
+    server = None if args.url else LocalServer(args.model_path, args.num_pages)
     try:
         reports = asyncio.run(main_async(args, args.url or server.url))
     finally:
         if server is not None:
-            server.__exit__(None, None, None)
+            server.close()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"max_tokens": args.max_tokens, "levels": [asdict(r) for r in reports]},
