@@ -4,8 +4,10 @@ The HTTP app and the CLI reach all of it through one Engine object (held in Star
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +53,7 @@ class Engine:
         control.start()
         name = model_name or (DEFAULT_MODEL_NAME if model is None else Path(model).name)
         runtime = Runtime(control, EngineTokenizerAdapter(tokenizer), _model_info(name, tokenizer, executor),
-                          runtime_config)
+                          with_decode_choice(runtime_config or RuntimeConfig(), config))
         log.info("engine ready: %s, %d KV pages of %d tokens", name, executor.info.num_pages,
                  executor.info.page_size)
         # Start-up leaves a large long-lived heap (torch, transformers, wasmtime, the model): freezing it keeps
@@ -67,6 +69,19 @@ class Engine:
     def close(self) -> None:
         self.runtime.close()
         self.control.stop()
+
+
+def with_decode_choice(runtime_config: RuntimeConfig, config: EngineConfig) -> RuntimeConfig:
+    """Decoding in the control layer measured better on the 2-core CPU (HTTP c=1/8/32 +9/+4/+14 %) but not on
+    the H200, where the host is GIL-bound either way (docs/decisions/decoding-in-control.md): unless the runtime
+    config says, on for CPU and off for CUDA until the engine core's pipelined loop. PIE_DECODE_IN_CONTROL=0/1
+    overrides both (A/B runs)."""
+    forced = os.environ.get("PIE_DECODE_IN_CONTROL")
+    if forced is not None:
+        return dataclasses.replace(runtime_config, decode_in_control=forced != "0")
+    if runtime_config.decode_in_control is None:
+        return dataclasses.replace(runtime_config, decode_in_control=config.device == "cpu")
+    return runtime_config
 
 
 def _torch_dtype(config: EngineConfig):  # -> torch.dtype, imported lazily to keep start-up imports light

@@ -11,6 +11,7 @@ the decoding is queued or running, so the caller may free the pages once it has 
 """
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
@@ -47,15 +48,16 @@ class DecodeStream:
         self.done: Future[str] = Future()  # the end reason (END_*), or the error
         self._lock = threading.Lock()
         self._outputs: list[OutputResult] = []
-        self._waiter: Future[None] | None = None
+        self._waiter: list[Future[None]] = []  # at most one; a box, so done's callback holds no reference to self
         self.stop_requested = False
-        self.done.add_done_callback(self._wake_at_end)
+        # No reference cycle (a bound method here would make one): garbage collection stays rare.
+        self.done.add_done_callback(functools.partial(_wake_at_end, self._lock, self._waiter))
 
     def push(self, output: OutputResult) -> Future[None] | None:
         """Adds an output; returns the waiter to settle (after the control layer's lock is released)."""
         with self._lock:
             self._outputs.append(output)
-            waiter, self._waiter = self._waiter, None
+            waiter = self._waiter.pop() if self._waiter else None
         return waiter
 
     def drain(self) -> list[OutputResult]:
@@ -63,18 +65,12 @@ class DecodeStream:
             outputs, self._outputs = self._outputs, []
         return outputs
 
-    def _wake_at_end(self, _: Future[str]) -> None:
-        with self._lock:
-            waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            _settle_quietly(waiter)
-
     def install_waiter(self, waiter: Future[None]) -> bool:
         """Makes waiter the one to settle at the next output; False (installing nothing) if one is ready."""
         with self._lock:
             if self._outputs or self.done.done():
                 return False
-            self._waiter = waiter
+            self._waiter[:] = [waiter]
             return True
 
 
@@ -85,6 +81,13 @@ def wait_any(streams: Sequence[DecodeStream]) -> Future[None] | None:
         if not stream.install_waiter(waiter):
             return None
     return waiter
+
+
+def _wake_at_end(lock: threading.Lock, waiter_box: list[Future[None]], _: Future[str]) -> None:
+    with lock:
+        waiter = waiter_box.pop() if waiter_box else None
+    if waiter is not None:
+        _settle_quietly(waiter)
 
 
 def _settle_quietly(waiter: Future[None]) -> None:

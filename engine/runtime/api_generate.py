@@ -8,7 +8,6 @@ Sequence layout invariant: `pages` hold `context_len` tokens (the last page hold
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +39,6 @@ GENERATE_REQUEST = ("record", ("page-ids", ("list", "u32")), ("last-page-len", "
 # Pages of room a control-layer decode gets past its pending tokens: one round trip to the host per this many
 # pages of tokens (the rest of the tokens need none), against at most this many pages held unused per sequence.
 DECODE_ROOM = 1
-# PIE_DECODE_IN_CONTROL=0: a forward per token for every sequence (the A/B of docs/decisions/decoding-in-control.md).
-DECODE_IN_CONTROL = os.environ.get("PIE_DECODE_IN_CONTROL", "1") != "0"
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 
@@ -182,7 +179,7 @@ def _result(seq: Sequence) -> tuple[str, Any]:
 def run_sequences(host: Host, inst: InstanceState, seqs: list[Sequence]) -> HostTaskGen:
     """Decodes the sequences to their ends. Plain ones decode in the control layer (one call per page of
     tokens); a grammar or penalties need the host between tokens, so those go forward by forward."""
-    if DECODE_IN_CONTROL and all(s.grammar is None and not s.penalized for s in seqs):
+    if host.config.decode_in_control is not False and all(s.grammar is None and not s.penalized for s in seqs):
         yield from _decode_in_control(host, inst, seqs)
     else:
         yield from _forward_per_token(host, inst, seqs)

@@ -50,6 +50,9 @@ class RuntimeConfig:
     max_store_value_bytes: int = 1 << 20
     max_store_bytes_per_tenant: int = 64 << 20
     max_generate_batch: int = 64  # requests in one generate-all / forward-all
+    # Host-side generate decodes in the control layer (docs/decisions/decoding-in-control.md); False: a forward
+    # per token; None: Engine.start chooses by device (a Runtime made directly decodes in the control layer).
+    decode_in_control: bool | None = None
     mailbox_capacity: int = 10_000  # undelivered client->inferlet or broadcast messages per instance
     extra_wasi_env: tuple[tuple[str, str], ...] = field(default=())
 

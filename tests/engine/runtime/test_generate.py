@@ -42,10 +42,12 @@ def drive(task: Any) -> Any:
             value = waited.result(timeout=10)
 
 
-@pytest.fixture
-def setup() -> Iterator[tuple[Host, InstanceState, FakeControl, dict[str, Any]]]:
+@pytest.fixture(params=[True, False], ids=["decode-in-control", "forward-per-token"])
+def setup(request: pytest.FixtureRequest) -> Iterator[tuple[Host, InstanceState, FakeControl, dict[str, Any]]]:
+    """Every test runs on both paths of the host-side generate; they must agree exactly."""
     control = FakeControl(num_pages=64, page_size=PAGE_SIZE)
-    host = Host(control=control, tokenizer=ByteTokenizer(), model=MODEL, config=RuntimeConfig(),
+    host = Host(control=control, tokenizer=ByteTokenizer(), model=MODEL,
+                config=RuntimeConfig(decode_in_control=request.param),
                 call_later=lambda delay, fn: None, run_blocking=lambda fn: Future())
     inst = InstanceState(id=InstanceId("gen"), program_hash="", arguments=(), tenant="t", deadline=1e18)
     control.open_instance(inst.id)
