@@ -71,7 +71,8 @@ def test_the_cli_imports_from_outside_the_checkout() -> None:
     """From a folder that is not the checkout, the CLI module and the inferlet sources it builds are found
     through the installed package."""
     script = ("import pie_server.app.cli, pie_server.inferlets as i; "
-              "print(i.DEFAULT_INFERLET_SOURCE.joinpath('main.py').is_file(), i.WIT_DIR.joinpath('world.wit').is_file())")
+              "print(i.DEFAULT_INFERLET_SOURCE.joinpath('main.py').is_file(), "
+              "i.WIT_DIR.joinpath('world.wit').is_file())")
     with tempfile.TemporaryDirectory() as cwd:
         out = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]

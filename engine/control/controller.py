@@ -35,7 +35,8 @@ from pie_server.engine.control.resources import Resources
 from pie_server.engine.control.scheduling import StepBuilder
 from pie_server.engine.control.state import ControlState
 from pie_server.engine.control.swap import nonresident_blocks
-from pie_server.engine.control.work import Limits, check_copy, first_item, prepare_forward, queued_page_ids
+from pie_server.engine.control.work import (ForwardItem, Limits, check_copy, first_item, prepare_forward,
+                                            queued_page_ids)
 from pie_server.engine.step import Batch, CommandResult, StepResult
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
@@ -194,12 +195,7 @@ class Controller:
         future: Future[CommandResult] = Future()
         with self._locked():
             instance = self.state.get(instance_id)
-            item = prepare_forward(command, instance.table, self.state.limits, future)
-            self.state.check_writable(item.written_ids, item.written_block_ids)
-            self.state.enqueue(instance, item)
-            if instance in self._awaited:
-                self._awaited.discard(instance)
-                self._last_arrival = time.monotonic()
+            self._submit(instance, prepare_forward(command, instance.table, self.state.limits, future))
         return future
 
     def decode(self, instance_id: InstanceId, request: DecodeRequest) -> DecodeStream:
@@ -208,12 +204,7 @@ class Controller:
         stream = DecodeStream()
         with self._locked():
             instance = self.state.get(instance_id)
-            item = first_item(request, stream, instance.table, self.state.limits)
-            self.state.check_writable(item.written_ids, item.written_block_ids)
-            self.state.enqueue(instance, item)
-            if instance in self._awaited:
-                self._awaited.discard(instance)
-                self._last_arrival = time.monotonic()
+            self._submit(instance, first_item(request, stream, instance.table, self.state.limits))
         return stream
 
     def stop_decode(self, instance_id: InstanceId, stream: DecodeStream) -> None:
@@ -326,6 +317,14 @@ class Controller:
             self._awaited = set()
 
     # -- internals (called with the lock held) -------------------------------------------------------------
+    def _submit(self, instance: InstanceState, item: ForwardItem) -> None:
+        """Queues a validated forward; an instance the run loop is gathering for has now arrived."""
+        self.state.check_writable(item.written_ids, item.written_block_ids)
+        self.state.enqueue(instance, item)
+        if instance in self._awaited:
+            self._awaited.discard(instance)
+            self._last_arrival = time.monotonic()
+
     def _locked(self, mutating: bool = True) -> "_Locked":
         """`with self._locked():` holds the lock; on exit, wakes the run loop (if mutating: the call may
         have created work) and settles the futures the call resolved, after releasing the lock."""
