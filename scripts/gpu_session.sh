@@ -9,7 +9,8 @@
 #   Triton's compiled kernels go to $OUT/triton-cache.tar.gz; carry it back as .fi-cache/triton-cache.tar.gz.
 #
 # Needs, in the working tree (git-ignored, passed with the device tool's `carry`):
-#   .whl/                 ../shared/gpu/fetch-wheels (plus the client wheels of docs/benchmarks.md for `http`)
+#   .whl/                 ../shared/gpu/fetch-wheels prometheus-client (plus the client wheels of docs/benchmarks.md
+#                         for `http`)
 #   .fi-cache/aot.tar.gz  python -m bench.common_gpu export-aot, from an earlier GPU run (else ~2 min of JIT)
 #   .gpu-model/           for `http`: SmolLM2's config/tokenizer files, llama-3.1-8b/ (config + tokenizer), and
 #                         pie-cache/inferlets/<hash>.wasm.gz, the default inferlet as `make serve` built it on
@@ -33,7 +34,8 @@ stamp "setup done"
 
 for part in "$@"; do
   case $part in
-    tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -4 ;;
+    # tests/app and tests/inferlets hold no gpu test; their modules import the OpenAI client, not carried.
+    tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/engine 2>&1 | tail -4 ;;
     kernels) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gemv_fused.py \
                tests/kernels/test_decode_triton_gpu.py tests/kernels/test_triton_attention.py \
                tests/engine/executor/test_gpu_executor.py 2>&1 | tail -15 ;;
