@@ -270,8 +270,8 @@ def _release(host: Host, inst: InstanceState, seqs: list[Sequence]) -> None:
         if seq.error is not None:
             unused = seq.allocated
         else:
-            num_kept = -(-seq.context_len // page_size)
-            unused = [p for p in seq.pages[num_kept:] if p in set(seq.allocated)]
+            num_kept, allocated = -(-seq.context_len // page_size), set(seq.allocated)
+            unused = [p for p in seq.pages[num_kept:] if p in allocated]
             seq.pages = seq.pages[:num_kept]
         if unused:
             try:
