@@ -16,8 +16,8 @@ class ServerConfig:
     tenant: str = "openai"  # the runtime tenant of the default inferlet's instances
     inferlet_source: Path = DEFAULT_INFERLET_SOURCE
     inferlet_wasm: Path | None = None  # a prebuilt default inferlet (None: build inferlet_source)
-    # Output tokens per choice reserved in the KV budget (app/kv_budget.py); longer outputs rely on the
-    # engine's preemption.
+    # Output tokens per choice reserved at admission (engine/control/admission.py); longer outputs rely on
+    # the engine's preemption.
     max_output_reserve: int = 1024
     version: str = "0.1.0"
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from pie_server.app.inferlet_run import InstanceHandle
 from pie_server.app.metrics import EngineGauges
+from pie_server.engine.control.admission import Admission
 
 
 class EngineView:
@@ -22,6 +23,8 @@ class EngineView:
         self.num_pages: int = engine.info.num_pages
         self.page_size: int = engine.info.page_size
         self.vocab_size: int = _vocab_size(engine)
+        # The engine's request admission by KV pages (engine/control/admission.py), shared by every front end.
+        self.admission: Admission = engine.control.admission
         # token id -> text, for logprobs (decoding one token at a time is the slow part of them)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text)
         self.special_prefix_ids: list[int] = self._special_prefix_ids()

@@ -4,7 +4,7 @@ The protocol (documented in inferlets/builtin/default/README.md): the instance i
 argument, the request as JSON. It answers with
   1. a JSON event {"type": "prompt", "prompt_tokens": [...], "max_tokens": [...]} once the prompts are
      tokenized and accepted, or {"type": "error", "status", "message", "param", "code"} if not;
-     it then waits for the message "go" (sent once its KV pages are reserved, see app/kv_budget.py);
+     it then waits for the message "go" (sent once the engine's admission has reserved its KV pages);
   2. text chunks, on channel i for choice i, as the choices are decoded;
   3. a JSON event {"type": "result", "choices": [...], "cached_tokens": [...]} with finish reasons, token
      counts, logprobs, and the prompt tokens per prompt that came from the prefix cache.

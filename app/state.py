@@ -14,8 +14,8 @@ from pie_server.app.config import ServerConfig
 from pie_server.app.engine_view import EngineView
 from pie_server.app.errors import ApiError
 from pie_server.app.inferlet_run import InferletRun, PromptInfo
-from pie_server.app.kv_budget import KVBudget, KVPolicy
 from pie_server.app.metrics import EngineGauges, Metrics
+from pie_server.engine.control.admission import Admission, pages_for
 from pie_server.app.openai.params import ModelLimits
 
 log = logging.getLogger("pie.app")
@@ -37,8 +37,7 @@ class AppState:
         self.num_running = 0
         self.num_queued = 0
         self._slots: asyncio.Semaphore | None = None
-        self.kv_policy: KVPolicy | None = None
-        self.kv_budget: KVBudget | None = None
+        self.admission: Admission | None = None  # the engine's (engine/control/admission.py), once loaded
         self._loader: asyncio.Task[None] | None = None
 
     # lifecycle -----------------------------------------------------------------------------------
@@ -69,10 +68,7 @@ class AppState:
         self.limits = ModelLimits(model_names=names, vocab_size=view.vocab_size,
                                   max_context_len=view.max_context_len)
         self.metrics.model_name = names[0]
-        # A few pages stay outside the budget: instances may also hold pages the budget does not see.
-        self.kv_policy = KVPolicy(num_pages=max(1, view.num_pages - view.num_pages // 32), page_size=view.page_size,
-                                  max_output_reserve=self.config.max_output_reserve)
-        self.kv_budget = KVBudget(self.kv_policy.num_pages)
+        self.admission = view.admission
         self.view, self.status = view, "ready"
 
     def _load_engine(self) -> EngineView:
@@ -131,14 +127,21 @@ class AppState:
         event, reserve the pages the request may need (queueing while the KV cache is committed), go."""
         run = await stack.enter_async_context(self.run(arguments))
         prompt = await run.start()
-        assert self.kv_policy is not None and self.kv_budget is not None
-        num_pages = self.kv_policy.pages_for(list(prompt.prompt_tokens), list(prompt.max_tokens), n)
+        assert self.view is not None and self.admission is not None
+        admission = self.admission
+        num_pages = pages_for(prompt.prompt_tokens, prompt.max_tokens, n, self.view.page_size,
+                              self.config.max_output_reserve, admission.num_pages)
         self.num_queued += 1
+        reserved = admission.reserve(num_pages)
         try:
-            await self.kv_budget.acquire(num_pages)
+            await asyncio.wrap_future(reserved)
+        except BaseException:
+            if not reserved.cancel():  # granted meanwhile: give the pages back
+                admission.release(num_pages)
+            raise
         finally:
             self.num_queued -= 1
-        stack.callback(self.kv_budget.release, num_pages)
+        stack.callback(admission.release, num_pages)
         run.proceed()
         return run, prompt
 

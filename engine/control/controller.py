@@ -26,6 +26,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, Protocol, Sequence
 
 from pie_server.engine.config import EngineInfo
+from pie_server.engine.control.admission import Admission
 from pie_server.engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.decoding import DecodeRequest, DecodeStream
@@ -60,6 +61,9 @@ class Controller:
             page_size=self.info.page_size, max_context_len=self.info.max_context_len,
             vocab_size=config.vocab_size or getattr(model, "vocab_size", None),
             max_position=config.max_position or getattr(model, "max_position_embeddings", None))
+        # Request admission for the default path (admission.py; its own lock). A few pages stay outside it:
+        # instances may also hold pages that no reservation counts.
+        self.admission = Admission(max(1, self.info.num_pages - self.info.num_pages // 32))
         # Guarded by _lock: read it from outside only for inspection (tests, stats).
         self.state = ControlState(config, Resources(self.info.num_pages, self.info.page_size,
                                                     executor.num_swap_slots), limits)

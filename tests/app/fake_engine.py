@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pie_server.engine.config import EngineInfo
+from pie_server.engine.control.admission import Admission
 from pie_server.engine.control.api import ControlStats
 from pie_server.engine.runtime.messages import Event, Mailbox, Message, Terminated, Text
 
@@ -156,6 +157,7 @@ class FakeControl:
     def __init__(self, runtime: FakeRuntime, num_pages: int) -> None:
         self.runtime = runtime
         self.num_pages = num_pages
+        self.admission = Admission(max(1, num_pages - num_pages // 32))  # as the Controller keeps it
 
     def stats(self) -> ControlStats:
         used = self.runtime.num_live * PAGES_PER_INSTANCE

@@ -138,9 +138,9 @@ def test_requests_beyond_the_running_limit_queue_and_complete(make_fake_server) 
 
 
 def test_requests_queue_for_kv_pages(make_fake_server) -> None:
-    engine = FakeEngine(token_delay_s=0.002, num_pages=33)  # the budget keeps 32 pages: 2 requests at a time
+    engine = FakeEngine(token_delay_s=0.002, num_pages=33)  # admission keeps 32 pages: 2 requests at a time
     server = make_fake_server(engine)
-    assert server.state.kv_budget.num_pages == 32
+    assert server.state.admission.num_pages == 32
     peak = {"waiting": 0}
 
     async def main() -> list[str]:
@@ -148,14 +148,14 @@ def test_requests_queue_for_kv_pages(make_fake_server) -> None:
         tasks = [asyncio.create_task(client.chat.completions.create(
             model="fake-model", messages=MESSAGES, max_tokens=200)) for _ in range(6)]
         while not all(t.done() for t in tasks):
-            peak["waiting"] = max(peak["waiting"], server.state.kv_budget.num_waiting)
+            peak["waiting"] = max(peak["waiting"], server.state.admission.num_waiting)
             await asyncio.sleep(0.002)
         await client.close()
         return [t.result().choices[0].message.content for t in tasks]
 
     assert asyncio.run(main()) == [(REPLY * 20)[:200]] * 6  # prompt 2 pages + output 13 + 1 = 16 pages each
     assert peak["waiting"] >= 1
-    assert server.state.kv_budget.num_free == 32
+    assert server.state.admission.num_free == 32
 
 
 def test_an_error_mid_stream_is_an_sse_data_line(make_fake_server) -> None:
