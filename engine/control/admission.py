@@ -28,6 +28,11 @@ def pages_for(prompt_tokens: Sequence[int], max_tokens: Sequence[int], n: int, p
 class Admission:
     """A FIFO counting semaphore over num_pages pages."""
 
+    @classmethod
+    def for_pool(cls, num_pool_pages: int) -> "Admission":
+        """Over all but 1/32 of a KV pool: instances may also hold pages that no reservation counts."""
+        return cls(max(1, num_pool_pages - num_pool_pages // 32))
+
     def __init__(self, num_pages: int) -> None:
         if num_pages <= 0:
             raise ValueError("admission needs at least one page")
@@ -80,17 +85,12 @@ class Admission:
         granted = []
         while self._waiters:
             num_pages, future = self._waiters[0]
-            if future.cancelled():
-                self._waiters.popleft()
-                continue
-            if num_pages > self._num_free or not future.set_running_or_notify_cancel():
-                if future.cancelled():
-                    self._waiters.popleft()
-                    continue
+            if not future.cancelled() and num_pages > self._num_free:
                 break
             self._waiters.popleft()
-            self._num_free -= num_pages
-            granted.append(future)
+            if future.set_running_or_notify_cancel():  # False: cancelled, it leaves the queue
+                self._num_free -= num_pages
+                granted.append(future)
         return granted
 
 

@@ -61,9 +61,7 @@ class Controller:
             page_size=self.info.page_size, max_context_len=self.info.max_context_len,
             vocab_size=config.vocab_size or getattr(model, "vocab_size", None),
             max_position=config.max_position or getattr(model, "max_position_embeddings", None))
-        # Request admission for the default path (admission.py; its own lock). A few pages stay outside it:
-        # instances may also hold pages that no reservation counts.
-        self.admission = Admission(max(1, self.info.num_pages - self.info.num_pages // 32))
+        self.admission = Admission.for_pool(self.info.num_pages)  # for the default path; its own lock
         # Guarded by _lock: read it from outside only for inspection (tests, stats).
         self.state = ControlState(config, Resources(self.info.num_pages, self.info.page_size,
                                                     executor.num_swap_slots), limits)

@@ -17,7 +17,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from pie_server.engine.control.api import VirtualForward
+from pie_server.engine.control.api import ControlError, VirtualForward
 from pie_server.engine.step import CommandResult, OutputResult, OutputSpec, SamplingParams
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
@@ -109,10 +109,28 @@ class Decoding:
     page_ids: list[VirtualPageId]  # the context's pages and the room after it
     num_generated: int = 0
 
-    def end_after(self, token_id: TokenId, next_position: int, context_len: int, num_slots: int,
-                  max_context_len: int) -> str | None:
-        """Why decoding ends after sampling token_id (now pending at next_position, with context_len tokens
-        in num_slots slots), or None to go on."""
+    def forward(self, token_ids: list[TokenId], position: int, context_len: int, page_size: int) -> VirtualForward:
+        """The forward writing token_ids after context_len tokens, over the pages their slots need."""
+        num_slots = context_len + len(token_ids)
+        num_pages = -(-num_slots // page_size)
+        if num_pages > len(self.page_ids):
+            raise ControlError(f"the decode's {len(self.page_ids)} pages hold {len(self.page_ids) * page_size} "
+                               f"slots; its context and pending tokens need {num_slots}")
+        return VirtualForward(token_ids=token_ids, positions=list(range(position, position + len(token_ids))),
+                              page_ids=self.page_ids[:num_pages], last_page_len=num_slots - (num_pages - 1) * page_size,
+                              outputs=[OutputSpec(index=len(token_ids) - 1, sampling=self.sampling)])
+
+    def accept(self, output: OutputResult, next_position: int, context_len: int, page_size: int,
+               max_context_len: int) -> tuple[Future[None] | None, str | None]:
+        """Takes a sampled output (its token now pending at next_position, after context_len tokens): streams
+        it, and says which waiter to settle and why decoding ends (None: it goes on)."""
+        self.num_generated += 1
+        waiter = self.stream.push(output)
+        return waiter, self._end_after(output.token_id, next_position, context_len,
+                                       len(self.page_ids) * page_size, max_context_len)
+
+    def _end_after(self, token_id: TokenId, next_position: int, context_len: int, num_slots: int,
+                   max_context_len: int) -> str | None:
         if self.stream.stop_requested:
             return END_CANCELLED
         if token_id in self.stop_token_ids:
@@ -133,27 +151,17 @@ def decode_by_forwards(control: Any, instance_id: InstanceId, request: DecodeReq
                         list(request.page_ids))
 
     def submit(token_ids: list[TokenId], position: int, context_len: int) -> None:
-        num_slots = context_len + len(token_ids)
-        num_pages = -(-num_slots // page_size)
-        if num_pages > len(decoding.page_ids):
-            raise ValueError(f"the decode's pages hold {len(decoding.page_ids) * page_size} slots; it needs "
-                             f"{num_slots}")
-        future = control.forward(instance_id, VirtualForward(
-            token_ids, list(range(position, position + len(token_ids))), decoding.page_ids[:num_pages],
-            num_slots - (num_pages - 1) * page_size, [OutputSpec(len(token_ids) - 1, decoding.sampling)]))
-        future.add_done_callback(lambda done: on_result(done, position + len(token_ids), num_slots))
+        future = control.forward(instance_id, decoding.forward(token_ids, position, context_len, page_size))
+        future.add_done_callback(lambda done: on_result(done, position + len(token_ids), context_len + len(token_ids)))
 
     def on_result(done: Future[CommandResult], next_position: int, context_len: int) -> None:
         if done.exception() is not None:
             stream.done.set_exception(done.exception())  # type: ignore[arg-type]
             return
         output = done.result().outputs[0]
-        decoding.num_generated += 1
-        waiter = stream.push(output)
+        waiter, end = decoding.accept(output, next_position, context_len, page_size, max_context_len)
         if waiter is not None:
             _settle_quietly(waiter)
-        end = decoding.end_after(output.token_id, next_position, context_len, len(decoding.page_ids) * page_size,
-                                 max_context_len)
         if end is not None:
             stream.done.set_result(end)
             return

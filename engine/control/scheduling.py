@@ -17,7 +17,6 @@ from pie_server.engine.control.instance import Allocation, InstanceState, SwapIn
 from pie_server.engine.control.pages import BlockId
 from pie_server.engine.control.state import ControlState
 from pie_server.engine.control.swap import choose_victim, nonresident_blocks
-from pie_server.engine.control.work import queued_page_ids
 from pie_server.engine.step import Batch, CommandResult, ForwardCommand, PageCopy, PageSwap, StepResult
 
 # Per forward command: its chunk and the output indices it carries (None: all, in order).
@@ -136,7 +135,7 @@ class StepBuilder:
         active = self.s.active
         for instance, num_consumed in plan.num_consumed.items():
             for _ in range(num_consumed):
-                self._unqueue(instance)
+                self.s.unqueue(instance)
         # Round robin: an instance whose commands were all taken goes to the back; one in the middle of a
         # chunked prefill keeps its place (prefills finish in arrival order).
         chunked = {chunk.instance for chunk in plan.chunks if not chunk.is_last}
@@ -197,12 +196,4 @@ class StepBuilder:
         self.s.cancel(chunk.item, error)
         instance = chunk.instance
         if instance.queue and instance.queue[0] is chunk.item:
-            self._unqueue(instance)
-            if not instance.queue:
-                self.s.active.pop(instance, None)
-
-    def _unqueue(self, instance: InstanceState) -> None:
-        """Takes the head command off the queue; pages freed while it was queued go now."""
-        instance.queue.popleft()
-        if instance.table.has_retired:
-            self.s.res.drop(instance.table.release_retired(queued_page_ids(instance.queue)))
+            self.s.withdraw(instance, chunk.item)

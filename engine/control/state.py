@@ -62,6 +62,21 @@ class ControlState:
         if instance not in self.active:
             self.active[instance] = None
 
+    def unqueue(self, instance: InstanceState, item: ForwardItem | CopyItem | None = None) -> None:
+        """Takes item (by default the head) off the instance's queue; pages freed while it was queued go now."""
+        if item is None or instance.queue[0] is item:
+            instance.queue.popleft()
+        else:
+            instance.queue.remove(item)
+        if instance.table.has_retired:
+            self.res.drop(instance.table.release_retired(queued_page_ids(instance.queue)))
+
+    def withdraw(self, instance: InstanceState, item: ForwardItem | CopyItem) -> None:
+        """Takes an item that will not run off the queue; an instance left without work leaves the active set."""
+        self.unqueue(instance, item)
+        if not instance.queue:
+            self.active.pop(instance, None)
+
     def check_writable(self, page_ids: Sequence[VirtualPageId], block_ids: Sequence[BlockId]) -> None:
         """The sharing invariant: pages with more than one reference are read-only."""
         for page_id, block_id in zip(page_ids, block_ids):
@@ -111,11 +126,7 @@ class ControlState:
         for item in instance.queue:
             if isinstance(item, ForwardItem) and item.decoding is not None and item.decoding.stream is stream \
                     and item.num_scheduled == 0 and not item.cancelled:
-                instance.queue.remove(item)
-                if instance.table.has_retired:
-                    self.res.drop(instance.table.release_retired(queued_page_ids(instance.queue)))
-                if not instance.queue:
-                    self.active.pop(instance, None)
+                self.withdraw(instance, item)
                 self.settle(stream.done, END_CANCELLED)
                 return
 
@@ -123,12 +134,10 @@ class ControlState:
         """A decode's forward came back with its sampled output: stream it, then queue the next forward or end."""
         decoding = item.decoding
         assert decoding is not None
-        decoding.num_generated += 1
-        waiter = decoding.stream.push(output)
+        waiter, end = decoding.accept(output, item.positions[-1] + 1, item.context_len, self.limits.page_size,
+                                      self.limits.max_context_len)
         if waiter is not None:
             self.settle(waiter)
-        end = decoding.end_after(output.token_id, item.positions[-1] + 1, item.context_len,
-                                 len(decoding.page_ids) * self.limits.page_size, self.limits.max_context_len)
         if end is not None or instance.closed or instance.failure is not None:
             self.settle(decoding.stream.done, end or END_CANCELLED)
             return

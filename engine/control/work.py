@@ -173,16 +173,7 @@ def next_item(item: ForwardItem, token_id: int, table: PageTable, limits: Limits
 
 def _decode_item(decoding: Decoding, token_ids: list[int], position: int, context_len: int, table: PageTable,
                  limits: Limits) -> ForwardItem:
-    page_size = limits.page_size
-    num_slots = context_len + len(token_ids)
-    num_pages = -(-num_slots // page_size)
-    if num_pages > len(decoding.page_ids):
-        raise ControlError(f"the decode's {len(decoding.page_ids)} pages hold {len(decoding.page_ids) * page_size} "
-                           f"slots; its context and pending tokens need {num_slots}")
-    command = VirtualForward(token_ids=token_ids, positions=list(range(position, position + len(token_ids))),
-                             page_ids=decoding.page_ids[:num_pages],
-                             last_page_len=num_slots - (num_pages - 1) * page_size,
-                             outputs=[OutputSpec(index=len(token_ids) - 1, sampling=decoding.sampling)])
+    command = decoding.forward(token_ids, position, context_len, limits.page_size)
     item = prepare_forward(command, table, limits, decoding.stream.done)  # type: ignore[arg-type]
     item.decoding = decoding
     return item

@@ -157,7 +157,7 @@ class FakeControl:
     def __init__(self, runtime: FakeRuntime, num_pages: int) -> None:
         self.runtime = runtime
         self.num_pages = num_pages
-        self.admission = Admission(max(1, num_pages - num_pages // 32))  # as the Controller keeps it
+        self.admission = Admission.for_pool(num_pages)  # as the Controller keeps it
 
     def stats(self) -> ControlStats:
         used = self.runtime.num_live * PAGES_PER_INSTANCE
