@@ -37,14 +37,19 @@ def prompts_for(batch: int, prompt_tokens: int, vocab_size: int, repeat: int) ->
             for i in range(batch)]
 
 
-def direct_tpot(executor: Executor, prompts: list[list[int]], max_tokens: int) -> float:
+def direct_tpot(executor: Executor, prompts: list[list[int]], max_tokens: int, pipelined: bool) -> float:
+    """The baseline: the executor driven directly in lockstep, pipelined where the engine pipelines too (each
+    step submitted before the last one's tokens reach the host), so the tax counts nothing but the path."""
     gen = DirectGenerator(executor)
     seqs = [gen.start(p) for p in prompts]
     greedy = SamplingParams()
     gen.step(seqs, greedy)  # prefill, first token
     started = time.perf_counter()
-    for _ in range(max_tokens - 1):
-        gen.step(seqs, greedy)
+    if pipelined:
+        gen.decode_pipelined(seqs, greedy, max_tokens - 1)
+    else:
+        for _ in range(max_tokens - 1):
+            gen.step(seqs, greedy)
     elapsed = time.perf_counter() - started
     for seq in seqs:
         gen.release(seq)
@@ -78,13 +83,13 @@ async def inferlet_tpot(engine, program_hash: str, prompts: list[list[int]], max
 def _count_steps(engine) -> list[int]:  # noqa: ANN001
     """Wraps the engine's executor to count its steps (a one-element list, reset by the caller)."""
     count = [0]
-    execute = engine.executor.execute
+    submit = engine.executor.submit  # execute() submits too
 
     def counted(batch):  # noqa: ANN001, ANN202
         count[0] += 1
-        return execute(batch)
+        return submit(batch)
 
-    engine.executor.execute = counted
+    engine.executor.submit = counted
     return count
 
 
@@ -117,12 +122,14 @@ def main() -> None:
         program_hash = engine.runtime.load(wasm.read_bytes())
         vocab = model_config.vocab_size
         for batch in args.batch:
-            direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, 99), 4)  # warm-ups
+            pipelined = engine.control.config.pipeline
+            direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, 99), 4, pipelined)  # warm-ups
             asyncio.run(inferlet_tpot(engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 98), 4))
             directs, inferlets = [], []
             steps[0] = 0
             for r in range(args.repeats):
-                directs.append(direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, r), args.max_tokens))
+                directs.append(direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, r), args.max_tokens,
+                                           pipelined))
                 inferlets.append(asyncio.run(inferlet_tpot(
                     engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 10 + r), args.max_tokens)))
             direct, inferlet = statistics.median(directs), statistics.median(inferlets)

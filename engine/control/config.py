@@ -25,6 +25,9 @@ class ControlConfig:
     gather_max_s: float = 0.005
     gather_idle_s: float = 0.001
     gather_fraction: float = 0.5
+    # Submit step N + 1 before delivering step N (Controller._step_pipelined): the host's work overlaps the
+    # device's. Needs an executor with submit(); pays off where the device runs asynchronously (CUDA).
+    pipeline: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_size", "decode_max_tokens"):
@@ -38,11 +41,13 @@ class ControlConfig:
                 raise ValueError(f"{name} must be positive or None, got {value}")
 
     @classmethod
-    def for_engine(cls, engine: EngineConfig, model: ModelConfig | None = None, **overrides: int | None
+    def for_engine(cls, engine: EngineConfig, model: ModelConfig | None = None, **overrides: int | bool | None
                    ) -> "ControlConfig":
-        """The batch budget of an EngineConfig and the token/position bounds of a ModelConfig."""
-        values: dict[str, int | None] = dict(max_batch_tokens=engine.max_batch_tokens,
-                                             max_batch_size=engine.max_batch_size)
+        """The batch budget of an EngineConfig, the token/position bounds of a ModelConfig, and pipelined
+        steps on CUDA (on CPU the executor computes inside submit(): nothing would overlap)."""
+        values: dict[str, int | bool | None] = dict(max_batch_tokens=engine.max_batch_tokens,
+                                                    max_batch_size=engine.max_batch_size,
+                                                    pipeline=engine.device != "cpu")
         if model is not None:
             values.update(vocab_size=model.vocab_size, max_position=model.max_position_embeddings)
         values.update(overrides)

@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.control.admission import Admission
@@ -44,11 +45,20 @@ from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 log = logging.getLogger(__name__)
 
 
+class PendingStep(Protocol):
+    step_id: int
+
+    def result(self) -> StepResult: ...
+
+
 class Executor(Protocol):
     info: EngineInfo
     num_swap_slots: int
 
     def execute(self, batch: Batch) -> StepResult: ...
+
+    def submit(self, batch: Batch) -> PendingStep:
+        """Only with ControlConfig.pipeline: enqueue the step, results later (engine/step.py's fed_token)."""
 
 
 class Controller:
@@ -78,6 +88,8 @@ class Controller:
         self._step_end = 0.0  # monotonic
         self._last_arrival: float | None = None  # of an awaited submission since the last step's end
         self._last_step_s = 0.0
+        self._step_listeners: list[Callable[[], None]] = []
+        self._pending: deque[PendingStep] = deque()  # submitted, not delivered (pipelined), oldest first
 
     # -- instances ----------------------------------------------------------------------------------------
     def open_instance(self, instance_id: InstanceId, max_pages: int | None = None) -> None:
@@ -200,10 +212,12 @@ class Controller:
             self._submit(instance, prepare_forward(command, instance.table, self.state.limits, future))
         return future
 
-    def decode(self, instance_id: InstanceId, request: DecodeRequest) -> DecodeStream:
+    def decode(self, instance_id: InstanceId, request: DecodeRequest,
+               stream: DecodeStream | None = None) -> DecodeStream:
         """Decodes until a stop token, max_new_tokens, the context limit, the end of the pages' room, or
-        stop_decode (engine/control/decoding.py); the first forward is validated like forward()'s."""
-        stream = DecodeStream()
+        stop_decode (engine/control/decoding.py); the first forward is validated like forward()'s. stream:
+        where the outputs go (the engine core relays them to its front ends); default a new DecodeStream."""
+        stream = DecodeStream() if stream is None else stream
         with self._locked():
             instance = self.state.get(instance_id)
             self._submit(instance, first_item(request, stream, instance.table, self.state.limits))
@@ -223,7 +237,7 @@ class Controller:
         with self._lock:
             pool, cache = self.state.res.pool, self.state.res.cache
             swapped = {id(i) for i in self.state.instances.values() if nonresident_blocks(i, pool)}
-            running = {id(chunk.instance) for chunk, _ in self.state.inflight}
+            running = {id(chunk.instance) for chunk in self.state.inflight_chunks()}
             running.update(id(i) for i in self.state.active if id(i) not in swapped and i.num_queued_forwards)
             return ControlStats(
                 num_pages=self.info.num_pages, num_free_pages=self.state.res.num_available_pages(),
@@ -233,15 +247,28 @@ class Controller:
                 num_prefix_query_tokens=cache.num_query_tokens)
 
     # -- stepping -----------------------------------------------------------------------------------------
+    def add_step_listener(self, listener: Callable[[], None]) -> None:
+        """listener() runs on the stepping thread after each step that ran, once its futures are settled
+        and its outputs pushed (the engine core sends them to the front ends then)."""
+        self._step_listeners.append(listener)
+
     def step(self) -> bool:
-        """Forms and runs one batch; False when there was nothing to do."""
+        """Forms and runs one batch (pipelined: submits one and delivers the one before); False when there
+        was nothing to do."""
+        ran = self._step_pipelined() if self.config.pipeline else self._step()
+        if ran:
+            for listener in self._step_listeners:
+                listener()
+        return ran
+
+    def _step(self) -> bool:
         with self._step_lock:
             with self._locked(mutating=False):
                 batch = StepBuilder(self.state).form()
                 if batch is None:
                     self._idle_generation = self._generation
                     return False
-                resolving = [chunk.instance for chunk, _ in self.state.inflight if chunk.is_last]
+                resolving = [chunk.instance for chunk in self.state.inflight_chunks() if chunk.is_last]
             started = time.monotonic()
             try:
                 result = self._executor.execute(batch)
@@ -257,6 +284,51 @@ class Controller:
                 self._awaited = {i for i in resolving if not i.closed and i.failure is None
                                  and not i.num_queued_forwards}
             return True
+
+    def _step_pipelined(self) -> bool:
+        """Step N + 1 is formed and submitted before step N's results are delivered, so the host's work of
+        both overlaps the device's (docs/decisions/pipelined-steps.md); decodes running in step N continue
+        in step N + 1 with the token it samples, fed on the device. Forwards of the API come back one step
+        later than unpipelined, so there is no gathering."""
+        with self._step_lock:
+            with self._locked(mutating=False):
+                batch = StepBuilder(self.state).form(speculate=True)
+                if batch is None and not self._pending:
+                    self._idle_generation = self._generation
+                    return False
+            if batch is not None:
+                try:
+                    self._pending.append(self._executor.submit(batch))
+                except Exception as exc:
+                    self._fail_running(batch.step_id, exc)
+                    return True
+            if len(self._pending) > 1 or batch is None:
+                self._deliver_oldest()
+            return True
+
+    def _deliver_oldest(self) -> None:
+        pending = self._pending.popleft()
+        try:
+            result = pending.result()
+        except Exception as exc:
+            self._fail_running(pending.step_id, exc)
+            return
+        with self._locked(mutating=False):
+            StepBuilder(self.state).deliver(result)
+
+    def _fail_running(self, step_id: int, exc: Exception) -> None:
+        """A failed step fails every running step (the later ones were fed from it); the engine goes on."""
+        log.error("executor step %d failed", step_id, exc_info=exc)
+        for pending in self._pending:
+            try:
+                pending.result()
+            except Exception:
+                pass
+        self._pending.clear()
+        error = ControlError(f"the executor failed this step: {exc!r}")
+        with self._locked(mutating=False):
+            while self.state.running:
+                StepBuilder(self.state).fail_inflight(error)
 
     def start(self) -> None:
         """Runs steps on a background thread until stop()."""
@@ -289,7 +361,7 @@ class Controller:
                     self._changed.wait()
                     self._loop_waiting = False
                 if self._stopping:
-                    return
+                    break
             try:
                 if self.step():
                     self._gather()
@@ -297,6 +369,9 @@ class Controller:
                 log.exception("control loop step failed")
                 with self._lock:
                     self._idle_generation = self._generation
+        with self._step_lock:  # stopped: what still runs on the device is delivered, not dropped
+            while self._pending:
+                self._deliver_oldest()
 
     def _gather(self) -> None:
         """Pie's adaptive policy starts a step as soon as the last one ends. But the instances whose forwards

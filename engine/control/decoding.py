@@ -108,6 +108,17 @@ class Decoding:
     sampling: SamplingParams
     page_ids: list[VirtualPageId]  # the context's pages and the room after it
     num_generated: int = 0
+    # Pipelined steps (scheduling.py): chunks of this decode in running steps, the next forward queued ahead
+    # of its token (fed on the device) while the one before it runs, and the end found while that one ran.
+    num_in_flight: int = 0
+    speculated: Any = None  # ForwardItem | None (work.py imports this module)
+    end_reason: str | None = None
+
+    def can_continue_after(self, position: int, context_len: int, page_size: int, max_context_len: int) -> bool:
+        """Whether a decode whose forward at position (over context_len slots) is running may go on after it,
+        unless it samples a stop token: the test of _end_after, made before the output is known."""
+        return (not self.stream.stop_requested and self.num_generated + 1 < self.max_new_tokens
+                and position + 2 < max_context_len and context_len + 1 <= len(self.page_ids) * page_size)
 
     def forward(self, token_ids: list[TokenId], position: int, context_len: int, page_size: int) -> VirtualForward:
         """The forward writing token_ids after context_len tokens, over the pages their slots need."""

@@ -15,12 +15,13 @@ from pie_server.engine.control.api import ControlError
 from pie_server.engine.control.batcher import Chunk, StepPlan, plan_step
 from pie_server.engine.control.instance import Allocation, InstanceState, SwapIn
 from pie_server.engine.control.pages import BlockId
-from pie_server.engine.control.state import ControlState
+from pie_server.engine.control.state import ControlState, RunningStep, Sources
+from pie_server.engine.control.work import next_item
 from pie_server.engine.control.swap import choose_victim, nonresident_blocks
-from pie_server.engine.step import Batch, CommandResult, ForwardCommand, PageCopy, PageSwap, StepResult
+from pie_server.engine.step import Batch, CommandResult, ForwardCommand, PageCopy, PageSwap, StepResult, TokenRef
 
-# Per forward command: its chunk and the output indices it carries (None: all, in order).
-Sources = list[tuple[Chunk, list[int] | None]]
+PLACEHOLDER_TOKEN = 0  # a speculated decode forward's token until the device feeds (or the host patches) it
+
 
 
 class StepBuilder:
@@ -35,17 +36,40 @@ class StepBuilder:
         self.moved: list[InstanceState] = []  # instances whose KV this batch swaps or copies
 
     # -- forming ------------------------------------------------------------------------------------------
-    def form(self) -> Batch | None:
-        """The next step (its chunks become state.inflight), or None when there is nothing to do."""
+    def form(self, speculate: bool = False) -> Batch | None:
+        """The next step (appended to state.running), or None when there is nothing to do. speculate: the
+        step is submitted before the newest running one is delivered (pipelined), so the decodes running
+        there queue their next forward now, fed on the device with the token that step samples."""
+        if speculate and self.s.running:
+            self._speculate(self.s.running[-1])
         plan = plan_step(self._admit(), self.s.config)
         copies, forwards, sources = self._apply(plan)
         self.pool.end_batch()
         if not (forwards or copies or self.swap_outs or self.swap_ins):
             return None
         self.s.step_id += 1
-        self.s.inflight, self.s.inflight_moved = sources, self.moved
+        self.s.running.append(RunningStep(sources, self.moved))
         return Batch(forwards=forwards, page_copies=copies, swap_outs=self.swap_outs, swap_ins=self.swap_ins,
                      step_id=self.s.step_id)
+
+    def _speculate(self, running: RunningStep) -> None:
+        """Queues the next forward of every decode in running that may go on after it (decoding.py)."""
+        limits = self.s.limits
+        for command_index, (chunk, _) in enumerate(running.sources):
+            item, instance = chunk.item, chunk.instance
+            decoding = item.decoding
+            if decoding is None or not chunk.is_last or item.cancelled or item.wasted or decoding.speculated \
+                    or instance.closed or instance.failure is not None or not decoding.can_continue_after(
+                        item.positions[-1], item.context_len, limits.page_size, limits.max_context_len):
+                continue
+            try:
+                successor = next_item(item, PLACEHOLDER_TOKEN, instance.table, limits)
+                self.s.check_writable(successor.written_ids, successor.written_block_ids)
+            except ControlError:
+                continue  # a page of the decode was freed: it ends when the running forward returns
+            successor.fed = TokenRef(command_index)
+            decoding.speculated = successor
+            self.s.enqueue(instance, successor)
 
     def swap_in(self, instance: InstanceState, block_ids: list[BlockId]) -> None:
         """Brings the blocks back to the device (the caller has made the pages free)."""
@@ -130,6 +154,8 @@ class StepBuilder:
             item = chunk.item
             command, output_ids = item.command(chunk.start, chunk.end, self.pool.pages(item.block_ids))
             item.num_scheduled = chunk.end
+            if item.decoding is not None:
+                item.decoding.num_in_flight += 1
             forwards.append(command)
             sources.append((chunk, output_ids))
         active = self.s.active
@@ -148,8 +174,8 @@ class StepBuilder:
 
     # -- results ------------------------------------------------------------------------------------------
     def deliver(self, result: StepResult) -> None:
-        sources, self.s.inflight = self.s.inflight, []
-        self.s.inflight_moved = []
+        """Takes the results of the oldest running step."""
+        sources = self._landed(self.s.running.popleft())
         if len(result.results) != len(sources):
             self._fail_sources(sources, ControlError(
                 f"the executor returned {len(result.results)} results for {len(sources)} commands"))
@@ -178,14 +204,27 @@ class StepBuilder:
             self.s.continue_decode(chunk.instance, item, result.outputs[0])
 
     def fail_inflight(self, error: ControlError) -> None:
-        """The executor failed the step: its forwards fail, and so do the instances whose KV it was to swap
-        or copy (their KV is unknown now)."""
-        sources, self.s.inflight = self.s.inflight, []
-        self._fail_sources(sources, error)
-        for instance in self.s.inflight_moved:
+        """The executor failed the oldest running step: its forwards fail, and so do the instances whose KV it
+        was to swap or copy (their KV is unknown now), and the speculated forwards fed from it."""
+        step = self.s.running.popleft()
+        self._fail_sources(self._landed(step), error)
+        for instance in step.moved:
             if not instance.closed and instance.failure is None:
                 self.s.fail_instance(instance, f"instance {instance.instance_id!r} lost its KV cache: {error}")
-        self.s.inflight_moved = []
+        for chunk, _ in step.sources:
+            successor = chunk.item.decoding.speculated if chunk.item.decoding is not None else None
+            if successor is not None and successor.num_scheduled == 0 and not successor.cancelled:
+                chunk.item.decoding.speculated = None  # type: ignore[union-attr]
+                self.s.cancel(successor, error)
+                self.s.withdraw(chunk.instance, successor)
+
+    @staticmethod
+    def _landed(step: RunningStep) -> Sources:
+        """The step's chunks, no longer running."""
+        for chunk, _ in step.sources:
+            if chunk.item.decoding is not None:
+                chunk.item.decoding.num_in_flight -= 1
+        return step.sources
 
     def _fail_sources(self, sources: Sources, error: ControlError) -> None:
         for chunk, _ in sources:

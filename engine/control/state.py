@@ -8,13 +8,15 @@ Neither reaches into the other. Everything here runs with the Controller's lock 
 """
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 from pie_server.engine.control.api import ControlError
 from pie_server.engine.control.batcher import Chunk
 from pie_server.engine.control.config import ControlConfig
-from pie_server.engine.control.decoding import END_CANCELLED, DecodeStream
+from pie_server.engine.control.decoding import END_CANCELLED, DecodeStream, Decoding
 from pie_server.engine.control.instance import Allocation, DemandQueue, InstanceState
 from pie_server.engine.control.pages import BlockId
 from pie_server.engine.control.resources import Resources
@@ -25,6 +27,14 @@ from pie_server.engine.types import InstanceId, VirtualPageId
 
 # Brings an instance's swapped-out blocks back in the step being formed (StepBuilder.swap_in).
 SwapInFn = Callable[[InstanceState, list[BlockId]], None]
+# Per forward command of a step: its chunk and the output indices it carries (None: all, in order).
+Sources = list[tuple[Chunk, list[int] | None]]
+
+
+@dataclass
+class RunningStep:
+    sources: Sources
+    moved: list[InstanceState]  # instances whose KV the step swaps or copies
 
 
 class ControlState:
@@ -35,10 +45,15 @@ class ControlState:
         self.instances: dict[InstanceId, InstanceState] = {}
         self.active: dict[InstanceState, None] = {}  # instances with queued work, oldest first
         self.demands = DemandQueue()
-        self.inflight: list[tuple[Chunk, list[int] | None]] = []  # the running step's chunks and their outputs
-        self.inflight_moved: list[InstanceState] = []  # instances whose KV the running step swaps or copies
+        # The steps submitted and not yet delivered, oldest first: one, or two when steps are pipelined.
+        self.running: deque[RunningStep] = deque()
         self.step_id = 0
         self.outbox: list[tuple[Future[Any], Any, BaseException | None]] = []
+
+    def inflight_chunks(self) -> Iterator[Chunk]:
+        for step in self.running:
+            for chunk, _ in step.sources:
+                yield chunk
 
     def get(self, instance_id: InstanceId) -> InstanceState:
         """The open, healthy instance; ControlError otherwise."""
@@ -105,7 +120,7 @@ class ControlState:
         for item in instance.queue:
             self.cancel(item, error)
         instance.queue.clear()
-        for chunk, _ in self.inflight:
+        for chunk in self.inflight_chunks():
             if chunk.instance is instance:
                 self.cancel(chunk.item, error)
         for demand in self.demands.remove_instance(instance):
@@ -122,29 +137,54 @@ class ControlState:
         self.drop_instance(instance, ControlError(reason))
 
     def stop_queued_decode(self, instance: InstanceState, stream: DecodeStream) -> None:
-        """Takes the decode's forward off the queue if no part of it was scheduled, and ends the decode."""
+        """Takes the decode's forward off the queue if no part of it was scheduled; the decode ends now, or,
+        when a forward of it still runs (pipelined steps), when that one comes back."""
         for item in instance.queue:
             if isinstance(item, ForwardItem) and item.decoding is not None and item.decoding.stream is stream \
                     and item.num_scheduled == 0 and not item.cancelled:
                 self.withdraw(instance, item)
-                self.settle(stream.done, END_CANCELLED)
+                decoding = item.decoding
+                decoding.speculated = None
+                if decoding.num_in_flight == 0:
+                    self.settle(stream.done, END_CANCELLED)
                 return
 
     def continue_decode(self, instance: InstanceState, item: ForwardItem, output: OutputResult) -> None:
-        """A decode's forward came back with its sampled output: stream it, then queue the next forward or end."""
+        """A decode's forward came back with its sampled output: stream it, then queue the next forward or end.
+        With pipelined steps its next forward may be queued or running already (speculated, fed the token on
+        the device): it goes on, or is withdrawn (queued) or its output dropped (running) if decoding ends."""
         decoding = item.decoding
         assert decoding is not None
+        if item.wasted:  # speculated past the decode's end: only the end is left to say
+            if decoding.num_in_flight == 0:
+                self.settle(decoding.stream.done, decoding.end_reason or END_CANCELLED)
+            return
         waiter, end = decoding.accept(output, item.positions[-1] + 1, item.context_len, self.limits.page_size,
                                       self.limits.max_context_len)
         if waiter is not None:
             self.settle(waiter)
+        successor, decoding.speculated = decoding.speculated, None
         if end is not None or instance.closed or instance.failure is not None:
-            self.settle(decoding.stream.done, end or END_CANCELLED)
+            self._end_decode(instance, decoding, successor, end or END_CANCELLED)
+        elif successor is not None:
+            successor.token_ids[-1] = output.token_id
+            if successor.num_scheduled == 0:  # still queued: it takes the token from the host after all
+                successor.fed = None
+        else:
+            try:
+                self.enqueue(instance, next_item(item, output.token_id, instance.table, self.limits))
+            except ControlError as error:  # a page of the decode was freed meanwhile
+                self.settle(decoding.stream.done, error=error)
+
+    def _end_decode(self, instance: InstanceState, decoding: Decoding, successor: ForwardItem | None,
+                    reason: str) -> None:
+        if successor is not None and successor.num_scheduled == 0:
+            self.withdraw(instance, successor)
+        elif successor is not None:
+            successor.wasted = True  # it runs; the end is said when it comes back
+            decoding.end_reason = reason
             return
-        try:
-            self.enqueue(instance, next_item(item, output.token_id, instance.table, self.limits))
-        except ControlError as error:  # a page of the decode was freed meanwhile
-            self.settle(decoding.stream.done, error=error)
+        self.settle(decoding.stream.done, reason)
 
     # -- admission ----------------------------------------------------------------------------------------
     def serve_demands(self, swap_in: SwapInFn | None = None) -> None:

@@ -14,7 +14,7 @@ from pie_server.engine.control.api import ControlError, VirtualForward
 from pie_server.engine.control.decoding import DecodeRequest, DecodeStream, Decoding
 from pie_server.engine.control.page_table import PageTable
 from pie_server.engine.control.pages import BlockId
-from pie_server.engine.step import CommandResult, ForwardCommand, OutputResult, OutputSpec
+from pie_server.engine.step import CommandResult, ForwardCommand, OutputResult, OutputSpec, TokenRef
 from pie_server.engine.types import PageId, VirtualPageId
 
 
@@ -68,6 +68,8 @@ class ForwardItem:
     results: dict[int, OutputResult] | None = None  # by index into outputs, while chunks come back
     cancelled: bool = False
     decoding: Decoding | None = None  # set on the forwards of a decode (decoding.py): future is its stream's done
+    fed: TokenRef | None = None  # the last token comes from the step running before (pipelined decodes)
+    wasted: bool = False  # a speculated decode forward past the decode's end: its output is dropped
 
     def __post_init__(self) -> None:
         self.num_tokens = len(self.token_ids)
@@ -94,7 +96,7 @@ class ForwardItem:
             return ForwardCommand(
                 token_ids=self.token_ids, positions=self.positions, page_ids=pages,
                 last_page_len=self.context_len - (len(pages) - 1) * page_size, outputs=self.outputs,
-                attention_mask=self.mask), None
+                attention_mask=self.mask, fed_token=self.fed), None
         chunk_context = self.base + end
         num_pages = -(-chunk_context // page_size)
         output_ids = [k for k, o in enumerate(self.outputs) if start <= o.index < end]

@@ -9,6 +9,7 @@ test can tell whether a command saw the right KV after swaps, copies, chunking a
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -16,6 +17,14 @@ from pie_server.engine.config import EngineInfo
 from pie_server.engine.step import Batch, CommandResult, ForwardCommand, OutputResult, StepResult
 
 NextToken = Callable[[int, list[int]], int]
+
+
+class DoneStep:
+    def __init__(self, step_id: int, result: StepResult) -> None:
+        self.step_id, self._result = step_id, result
+
+    def result(self) -> StepResult:
+        return self._result
 
 
 class FakeExecutor:
@@ -33,9 +42,28 @@ class FakeExecutor:
         self.contexts: list[list[int]] = []  # per output, in execution order: its visible context (simulate_kv)
         self.before_execute: Callable[[Batch], None] | None = None  # a test hook, runs inside execute
         self.fail_next: Exception | None = None  # raised (once) by the next execute
-        self.num_steps = self.num_commands = self.num_tokens = 0
+        self.num_steps = self.num_commands = self.num_tokens = self.num_fed = 0
+        self._previous: StepResult | None = None  # the last submitted step's result (fed tokens)
         self._pages: list[list[int | None]] = [[None] * page_size for _ in range(num_pages)]
         self._host: dict[int, list[int | None]] = {}
+
+    def submit(self, batch: Batch) -> "DoneStep":
+        """Pipelined steps: the commands' fed tokens are the outputs of the step submitted before (the
+        executor's contract, engine/step.py); the step runs here at once, as on a CPU."""
+        forwards = []
+        for command in batch.forwards:
+            if command.fed_token is not None:
+                ref = command.fed_token
+                _require(self._previous is not None and ref.command_index < len(self._previous.results),
+                         f"fed token {ref} does not name a command of the previous step")
+                token = self._previous.results[ref.command_index].outputs[ref.output_index].token_id  # type: ignore[union-attr]
+                command = dataclasses.replace(command, token_ids=[*command.token_ids[:-1], token], fed_token=None)
+            forwards.append(command)
+        self._previous = None
+        result = self.execute(dataclasses.replace(batch, forwards=forwards))
+        self._previous = result
+        self.num_fed += sum(1 for c in batch.forwards if c.fed_token is not None)
+        return DoneStep(batch.step_id, result)
 
     def execute(self, batch: Batch) -> StepResult:
         if self.before_execute is not None:

@@ -15,15 +15,18 @@ from pie_server.engine.control.decoding import (END_CANCELLED, END_LENGTH, END_R
 from pie_server.engine.step import OutputSpec, SamplingParams
 from pie_server.engine.types import InstanceId
 
-pytestmark = pytest.mark.timeout(60)
+# Every test runs with steps one after the other and pipelined (step N + 1 submitted before N is delivered,
+# decodes fed on the device): the same tokens and ends either way.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.parametrize("pipeline", [False, True], ids=["serial", "pipelined"])]
 PAGE_SIZE = 4
 GREEDY = SamplingParams()
 PROMPT = [5, 6, 7, 8, 9, 10]
 
 
-def _make(controllers: Controllers, **kwargs: int) -> tuple[Controller, FakeExecutor]:
-    executor = FakeExecutor(num_pages=32, page_size=PAGE_SIZE, **kwargs)
-    return controllers.make(executor, ControlConfig()), executor
+def _make(controllers: Controllers, pipeline: bool, **kwargs: float) -> tuple[Controller, FakeExecutor]:
+    kwargs.setdefault("num_pages", 32)
+    executor = FakeExecutor(page_size=PAGE_SIZE, **kwargs)  # type: ignore[arg-type]
+    return controllers.make(executor, ControlConfig(pipeline=pipeline)), executor
 
 
 def _by_forwards(controller: Controller, instance: InstanceId, pages: list[int], num_tokens: int) -> list[int]:
@@ -56,8 +59,8 @@ def _request(pages: list[int], max_new_tokens: int, stop: frozenset[int] = froze
                          max_new_tokens=max_new_tokens, stop_token_ids=stop)
 
 
-def test_decode_equals_forward_per_token_and_needs_one_call(controllers: Controllers) -> None:
-    controller, executor = _make(controllers)
+def test_decode_equals_forward_per_token_and_needs_one_call(controllers: Controllers, pipeline: bool) -> None:
+    controller, executor = _make(controllers, pipeline)
     controller.start()
     a, pages_a = _open(controller, "a", 5)
     b, pages_b = _open(controller, "b", 5)
@@ -66,12 +69,13 @@ def test_decode_equals_forward_per_token_and_needs_one_call(controllers: Control
     tokens, end = _drain_all(controller.decode(b, _request(pages_b, 12)))
     assert tokens == expected and end == END_LENGTH
     assert executor.num_commands - num_commands == 12  # one forward per token, all queued by the controller
+    assert (executor.num_fed >= 10) == pipeline  # pipelined: each next token was fed on the device
     for instance in (a, b):
         controller.close_instance(instance)
 
 
-def test_decode_ends_at_a_stop_token_and_at_the_end_of_its_room(controllers: Controllers) -> None:
-    controller, _ = _make(controllers)
+def test_decode_ends_at_a_stop_token_and_at_the_end_of_its_room(controllers: Controllers, pipeline: bool) -> None:
+    controller, _ = _make(controllers, pipeline)
     controller.start()
     instance, pages = _open(controller, "a", 5)
     reference = _by_forwards(controller, instance, pages, 8)
@@ -83,8 +87,8 @@ def test_decode_ends_at_a_stop_token_and_at_the_end_of_its_room(controllers: Con
     controller.close_instance(instance)
 
 
-def test_stop_decode_ends_it_and_queues_nothing_more(controllers: Controllers) -> None:
-    controller, executor = _make(controllers, step_delay_s=0.01)
+def test_stop_decode_ends_it_and_queues_nothing_more(controllers: Controllers, pipeline: bool) -> None:
+    controller, executor = _make(controllers, pipeline, step_delay_s=0.01)
     controller.start()
     instance, pages = _open(controller, "a", 8)
     stream = controller.decode(instance, _request(pages, 100))
@@ -100,8 +104,8 @@ def test_stop_decode_ends_it_and_queues_nothing_more(controllers: Controllers) -
     controller.close_instance(instance)
 
 
-def test_closing_the_instance_fails_its_decode(controllers: Controllers) -> None:
-    controller, _ = _make(controllers)
+def test_closing_the_instance_fails_its_decode(controllers: Controllers, pipeline: bool) -> None:
+    controller, _ = _make(controllers, pipeline)
     instance, pages = _open(controller, "a", 8)
     stream = controller.decode(instance, _request(pages, 100))
     controller.step()
@@ -111,9 +115,28 @@ def test_closing_the_instance_fails_its_decode(controllers: Controllers) -> None
     assert wait_any([stream]) is None  # ended: nothing to wait for
 
 
-def test_decode_validates_like_forward(controllers: Controllers) -> None:
-    controller, _ = _make(controllers)
+def test_decode_validates_like_forward(controllers: Controllers, pipeline: bool) -> None:
+    controller, _ = _make(controllers, pipeline)
     instance, pages = _open(controller, "a", 1)
     with pytest.raises(Exception, match="pages hold 4 slots"):
         controller.decode(instance, _request(pages, 4))  # 6 prompt tokens, one page
     controller.close_instance(instance)
+
+
+def test_concurrent_decodes_with_different_ends(controllers: Controllers, pipeline: bool) -> None:
+    """Decodes that end at different steps (length, stop token, room) next to per-token forwards: each gets
+    exactly its reference tokens; pipelined, a decode that stops on a token wastes at most one forward."""
+    controller, executor = _make(controllers, pipeline, num_pages=64)
+    controller.start()
+    ref, ref_pages = _open(controller, "ref", 8)
+    reference = _by_forwards(controller, ref, ref_pages, 20)
+    opened = [_open(controller, name, 8) for name in ("a", "b", "c", "d")]
+    streams = [controller.decode(opened[0][0], _request(opened[0][1], 20)),
+               controller.decode(opened[1][0], _request(opened[1][1], 50, frozenset({reference[4]}))),
+               controller.decode(opened[2][0], _request(opened[2][1][:4], 50))]
+    extra = _by_forwards(controller, opened[3][0], opened[3][1], 9)
+    results = [_drain_all(stream) for stream in streams]
+    assert results == [(reference, END_LENGTH), (reference[:5], END_STOP), (reference[:11], END_ROOM)]
+    assert extra == reference[:9]
+    for instance, _ in [(ref, None), *opened]:
+        controller.close_instance(instance)
