@@ -31,7 +31,8 @@ class AppState:
         self.error: str | None = None
         self.view: EngineView | None = None
         self.limits: ModelLimits | None = None
-        self.metrics = Metrics(config.served_model_names[0] if config.served_model_names else "")
+        self.metrics = Metrics(config.served_model_names[0] if config.served_model_names else "",
+                               multiprocess_dir=config.metrics_dir)
         self.metrics.read_engine_with(self.gauges)
         self.program_hash = ""
         self.num_running = 0

@@ -4,6 +4,7 @@ reports TTFT, TPOT, ITL and output throughput.
     .venv/bin/python bench/http_load.py                        # starts `pie serve` (default model) in a subprocess
     .venv/bin/python bench/http_load.py --url http://host:8000 --model NAME
     options: --concurrency 1 8 32  --requests-per-level 32  --max-tokens 64  --json bench/results/http_load.json
+             --serve-args '--api-processes 2'     # more options for the local `pie serve`
 
 Each request streams (stream_options.include_usage) a fixed number of tokens (ignore_eos). Per request:
 TTFT = first content chunk - send; TPOT = (last chunk - first chunk) / (output tokens - 1); ITL = gaps
@@ -112,7 +113,7 @@ class LocalServer:
     """`pie serve` (the installed console script) in a subprocess on a free loopback port, as users run it;
     the load generator's own work then never shares the server's GIL."""
 
-    def __init__(self, model: str | None, num_pages: int | None) -> None:
+    def __init__(self, model: str | None, num_pages: int | None, extra_args: list[str] | None = None) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -121,6 +122,7 @@ class LocalServer:
                    "--served-model-name", "default", "--log-level", "warning"]
         command += ["--model", model] if model else []
         command += ["--num-pages", str(num_pages)] if num_pages else []
+        command += extra_args or []
         self.process = subprocess.Popen(command, cwd=tempfile.gettempdir())
         deadline = time.monotonic() + 900
         while not self._healthy():
@@ -167,8 +169,9 @@ def main() -> None:
     parser.add_argument("--requests-per-level", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--serve-args", default="", help="more `pie serve` options, e.g. '--api-processes 2'")
     args = parser.parse_args()
-    server = None if args.url else LocalServer(args.model_path, args.num_pages)
+    server = None if args.url else LocalServer(args.model_path, args.num_pages, args.serve_args.split())
     try:
         reports = asyncio.run(main_async(args, args.url or server.url))
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 from pie_server.engine.config import EngineConfig, EngineInfo, ModelConfig
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.controller import Controller
+from pie_server.engine.core.messages import CoreFacts
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.model.default_model import DEFAULT_MODEL_NAME
 from pie_server.engine.model.loader import load_model_config, load_weights, resolve_model_dir
@@ -48,18 +49,14 @@ class Engine:
         model_dir = resolve_model_dir(model)
         model_config = load_model_config(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
-        executor = Executor(model_config, config, load_weights(model_dir, _torch_dtype(config), progress=progress))
-        control = Controller(executor, ControlConfig.for_engine(config, model_config))
-        control.start()
-        name = model_name or (DEFAULT_MODEL_NAME if model is None else Path(model).name)
-        runtime = Runtime(control, EngineTokenizerAdapter(tokenizer), _model_info(name, tokenizer, executor),
-                          with_decode_choice(runtime_config or RuntimeConfig(), config))
+        executor, control = _start_control(model_dir, model_config, config, progress)
+        name = model_name_of(model, model_name)
+        runtime = Runtime(control, EngineTokenizerAdapter(tokenizer),
+                          model_info(name, tokenizer, executor.info, model_config.vocab_size),
+                          with_decode_choice(runtime_config or RuntimeConfig()))
         log.info("engine ready: %s, %d KV pages of %d tokens", name, executor.info.num_pages,
                  executor.info.page_size)
-        # Start-up leaves a large long-lived heap (torch, transformers, wasmtime, the model): freezing it keeps
-        # the per-token garbage of the decode loop from triggering full collections that walk all of it.
-        gc.collect()
-        gc.freeze()
+        _freeze_heap()
         return cls(name, model_dir, model_config, tokenizer, executor, control, runtime)
 
     def alive(self) -> bool:
@@ -71,16 +68,15 @@ class Engine:
         self.control.stop()
 
 
-def with_decode_choice(runtime_config: RuntimeConfig, config: EngineConfig) -> RuntimeConfig:
-    """Decoding in the control layer measured better on the 2-core CPU (HTTP c=1/8/32 +9/+4/+14 %) but not on
-    the H200, where the host is GIL-bound either way (docs/decisions/decoding-in-control.md): unless the runtime
-    config says, on for CPU and off for CUDA until the engine core's pipelined loop. PIE_DECODE_IN_CONTROL=0/1
-    overrides both (A/B runs)."""
+def with_decode_choice(runtime_config: RuntimeConfig) -> RuntimeConfig:
+    """Decoding in the control layer, unless the runtime config says otherwise: measured better on the 2-core
+    CPU (HTTP c=1/8/32 +9/+4/+14 %); on CUDA it is what lets pipelined steps feed each decode its token on the
+    device (docs/decisions/decoding-in-control.md). PIE_DECODE_IN_CONTROL=0/1 overrides (A/B runs)."""
     forced = os.environ.get("PIE_DECODE_IN_CONTROL")
     if forced is not None:
         return dataclasses.replace(runtime_config, decode_in_control=forced != "0")
     if runtime_config.decode_in_control is None:
-        return dataclasses.replace(runtime_config, decode_in_control=config.device == "cpu")
+        return dataclasses.replace(runtime_config, decode_in_control=True)
     return runtime_config
 
 
@@ -90,8 +86,40 @@ def _torch_dtype(config: EngineConfig):  # -> torch.dtype, imported lazily to ke
     return getattr(torch, config.resolved_dtype)
 
 
-def _model_info(name: str, tokenizer: Tokenizer, executor: Executor) -> ModelInfo:
+def model_info(name: str, tokenizer: Tokenizer, info: EngineInfo, vocab_size: int) -> ModelInfo:
     eos = tuple(sorted(tokenizer.eos_token_ids))
-    return ModelInfo(name=name, vocab_size=executor.model_config.vocab_size, page_size=executor.info.page_size,
-                     max_context_len=executor.info.max_context_len, chat_template=tokenizer.chat_template or "",
+    return ModelInfo(name=name, vocab_size=vocab_size, page_size=info.page_size,
+                     max_context_len=info.max_context_len, chat_template=tokenizer.chat_template or "",
                      bos_token_id=tokenizer.bos_token_id, eos_token_ids=eos, stop_token_ids=eos)
+
+
+def model_name_of(model: str | Path | None, model_name: str | None) -> str:
+    return model_name or (DEFAULT_MODEL_NAME if model is None else Path(model).name)
+
+
+def start_core_parts(model: str | Path | None, config: EngineConfig, model_name: str | None,
+                     progress: bool = True) -> tuple[Controller, CoreFacts]:
+    """The engine core's half of Engine.start: executor and a running Controller, and what front ends learn."""
+    model_dir = resolve_model_dir(model)
+    model_config = load_model_config(model_dir)
+    executor, control = _start_control(model_dir, model_config, config, progress)
+    facts = CoreFacts(model_name=model_name_of(model, model_name), model_dir=str(model_dir),
+                      vocab_size=model_config.vocab_size, info=executor.info,
+                      admission_pages=control.admission.num_pages)
+    _freeze_heap()
+    return control, facts
+
+
+def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineConfig,
+                   progress: bool) -> tuple[Executor, Controller]:
+    executor = Executor(model_config, config, load_weights(model_dir, _torch_dtype(config), progress=progress))
+    control = Controller(executor, ControlConfig.for_engine(config, model_config))
+    control.start()
+    return executor, control
+
+
+def _freeze_heap() -> None:
+    """Start-up leaves a large long-lived heap (torch, transformers, wasmtime, the model): freezing it keeps
+    the per-token garbage of the decode loop from triggering full collections that walk all of it."""
+    gc.collect()
+    gc.freeze()

@@ -6,12 +6,17 @@ The server answers at once; /health says 503 until the model is loaded and the d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from pie_server.app.config import ServerConfig
 
 DEFAULT_PORT = 8000
+CONFIG_ENV_VAR = "PIE_SERVER_CONFIG"  # the ServerConfig of front-end processes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,40 +40,106 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-running-requests", type=int, default=256,
                         help="requests whose inferlet runs at once; later ones queue")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps without CUDA graphs")
+    parser.add_argument("--api-processes", type=int, default=None,
+                        help="front-end processes (HTTP, SSE, detokenisation, inferlets) beside one engine-core "
+                             "process (control layer + executor); 0: everything in one process "
+                             "(default: 0 on CPU, 1 on CUDA; docs/decisions/engine-core.md)")
     parser.add_argument("--default-inferlet", type=Path, default=None,
                         help="a prebuilt default inferlet (.wasm) instead of building inferlets/builtin/default")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def main(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from pie_server.app.server import create_app
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine_config = _engine_config(args)
+        num_front_ends = _num_front_ends(args.api_processes, engine_config.device)
         config = ServerConfig(api_key=args.api_key or None, served_model_names=tuple(args.served_model_name or ()),
-                              max_running_requests=args.max_running_requests, inferlet_wasm=args.default_inferlet)
+                              max_running_requests=-(-args.max_running_requests // max(1, num_front_ends)),
+                              inferlet_wasm=args.default_inferlet)
     except ValueError as error:
         print(f"pie serve: error: {error}")
         return 2
     if args.default_inferlet is not None and not args.default_inferlet.is_file():
         print(f"pie serve: error: {args.default_inferlet}: no such file")
         return 2
+    print(f"pie serve: listening on http://{args.host}:{args.port} (GET /health is 200 once the model is loaded)",
+          flush=True)
+    if num_front_ends == 0:
+        return _serve_in_one_process(args, engine_config, config)
+    return _serve_with_engine_core(args, engine_config, config, num_front_ends)
+
+
+def _serve_in_one_process(args: argparse.Namespace, engine_config, config: ServerConfig) -> int:  # type: ignore[no-untyped-def]
+    import uvicorn
+
+    from pie_server.app.server import create_app
 
     def engine_factory():  # type: ignore[no-untyped-def]
         from pie_server.engine.engine import Engine
-        from pie_server.engine.runtime.config import RuntimeConfig
 
-        runtime_config = RuntimeConfig(cache_dir=str(_cache_root() / "compiled"))
-        return Engine.start(args.model, engine_config, runtime_config=runtime_config)
+        return Engine.start(args.model, engine_config, runtime_config=_runtime_config())
 
-    app = create_app(engine_factory, config)
-    print(f"pie serve: listening on http://{args.host}:{args.port} (GET /health is 200 once the model is loaded)",
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+    uvicorn.run(create_app(engine_factory, config), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_keep_alive=30)
     return 0
+
+
+def _serve_with_engine_core(args: argparse.Namespace, engine_config, config: ServerConfig,  # type: ignore[no-untyped-def]
+                            num_front_ends: int) -> int:
+    """The engine core in a process of its own; uvicorn runs the front ends: this process for one, else
+    num_front_ends worker processes sharing the listening socket (uvicorn spreads connections over them)."""
+    import uvicorn
+
+    from pie_server.engine.core.process import ENV_VAR, CoreSpec, start_core
+
+    run_dir = tempfile.mkdtemp(prefix="pie-serve-")
+    if num_front_ends > 1:
+        metrics_dir = Path(run_dir) / "metrics"
+        metrics_dir.mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before any front end imports the client
+        config = dataclasses.replace(config, metrics_dir=metrics_dir)
+    process, core = start_core(CoreSpec(args.model, engine_config, run_dir, log_level=args.log_level.upper()))
+    os.environ[ENV_VAR] = core.to_env()
+    os.environ[CONFIG_ENV_VAR] = config.to_json()
+    try:
+        app = f"{__name__}:front_app" if num_front_ends > 1 else front_app()
+        uvicorn.run(app, factory=num_front_ends > 1, workers=num_front_ends if num_front_ends > 1 else None,
+                    host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+    finally:
+        process.terminate()
+        process.join(10)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
+
+
+def front_app():  # type: ignore[no-untyped-def]
+    """A front end's Starlette app, configured through the environment (uvicorn calls it in each worker)."""
+    from pie_server.app.server import create_app
+    from pie_server.engine.core.process import CoreAddress
+
+    core, config = CoreAddress.from_env(), ServerConfig.from_json(os.environ[CONFIG_ENV_VAR])
+
+    def engine_factory():  # type: ignore[no-untyped-def]
+        from pie_server.engine.front import FrontEngine
+
+        return FrontEngine.connect(core, _runtime_config())
+
+    return create_app(engine_factory, config)
+
+
+def _num_front_ends(api_processes: int | None, device: str) -> int:
+    if api_processes is None:
+        return 0 if device == "cpu" else 1
+    if api_processes < 0:
+        raise ValueError("--api-processes must be >= 0")
+    return api_processes
+
+
+def _runtime_config():  # -> RuntimeConfig
+    from pie_server.engine.runtime.config import RuntimeConfig
+
+    return RuntimeConfig(cache_dir=str(_cache_root() / "compiled"))
 
 
 def _engine_config(args: argparse.Namespace):  # -> EngineConfig

@@ -38,7 +38,9 @@ GENERATE_REQUEST = ("record", ("page-ids", ("list", "u32")), ("last-page-len", "
                     ("stream-channel", ("option", "u32")))
 # Pages of room a control-layer decode gets past its pending tokens: one round trip to the host per this many
 # pages of tokens (the rest of the tokens need none), against at most this many pages held unused per sequence.
-DECODE_ROOM = 1
+# Four: with the engine core in another process a round trip costs the sequence a step or two (an allocation
+# and a new decode), so one per 64 tokens (page size 16) rather than per 16; admission reserves these pages.
+DECODE_ROOM = 4
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 

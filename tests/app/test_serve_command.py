@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -14,19 +16,29 @@ import pytest
 from tests.app import raw_http
 
 
+def _kill_engine_core(log_path: Path) -> None:
+    match = re.search(r"engine core \(process (\d+)\) ready", log_path.read_text())
+    assert match, log_path.read_text()
+    os.kill(int(match.group(1)), signal.SIGKILL)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def test_pie_serve_subprocess(tiny_llama_dir: Path, default_inferlet_wasm: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("api_processes", [0, 2])
+def test_pie_serve_subprocess(tiny_llama_dir: Path, default_inferlet_wasm: Path, tmp_path: Path,
+                              api_processes: int) -> None:
+    """0: one process for everything; 2: two front-end processes beside the engine-core process."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     pie = Path(sys.executable).with_name("pie")  # the installed console script, as a user runs it
     command = [str(pie), "serve", "--model", str(tiny_llama_dir), "--port", str(port),
                "--num-pages", "64", "--api-key", "k1", "--served-model-name", "tiny",
-               "--default-inferlet", str(default_inferlet_wasm), "--log-level", "warning"]
+               "--default-inferlet", str(default_inferlet_wasm), "--log-level", "info",
+               "--api-processes", str(api_processes)]
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                env=dict(os.environ))
@@ -45,8 +57,19 @@ def test_pie_serve_subprocess(tiny_llama_dir: Path, default_inferlet_wasm: Path,
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["tiny"]
-        out = client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0)
-        assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"
+        outs = [client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0)
+                for _ in range(4)]  # new connections: uvicorn spreads them over the front ends
+        assert all(o.usage.completion_tokens == 3 and o.choices[0].finish_reason == "length" for o in outs)
+        assert len({o.choices[0].text for o in outs}) == 1
+        metrics = raw_http.request(url + "/metrics", timeout=5)[1]
+        assert 'pie:generation_tokens_total{model_name="tiny"} 12.0' in metrics  # every front end's, summed
+        if api_processes:
+            _kill_engine_core(tmp_path / "serve.log")
+            deadline = time.monotonic() + 10
+            while raw_http.request(url + "/health", timeout=5)[0] != 503:
+                assert time.monotonic() < deadline, "/health still answers 200 without the engine core"
+                time.sleep(0.1)
+            assert process.poll() is None  # the front ends go on answering (503) until stopped
     finally:
         process.terminate()
         try:

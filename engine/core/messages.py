@@ -1,0 +1,73 @@
+"""The wire between front ends and the engine core: msgspec msgpack over ZMQ PUSH/PULL sockets.
+
+Front end -> core: one `Call` per Control method call (method name + its arguments as plain data; the core
+converts them to the method's types, so a malformed call is a validation error, not a crash).
+Core -> front end: a list of `Event`s per message, in the order they happened; the core sends at most one
+message per front end per engine step (all of that step's sampled tokens together), plus replies to calls
+as they are served.
+
+Decisions: msgpack arrays (array_like structs) rather than pickle, so a decode token costs about ten bytes and
+no Python object tree is rebuilt; PUSH/PULL rather than REQ/REP, because replies to calls come back in any
+order and most messages (the tokens of a running decode) answer no call.
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+from pie_server.engine.config import EngineInfo
+
+
+class Call(msgspec.Struct, array_like=True):
+    front_id: int
+    call_id: int
+    method: str
+    args: list[Any]
+
+
+class Reply(msgspec.Struct, array_like=True, tag=1):
+    """The answer to call_id: its value, or the error it raised as [class name, message]."""
+
+    call_id: int
+    value: Any = None
+    error: list[str] | None = None
+
+
+class Output(msgspec.Struct, array_like=True, tag=2):
+    """One sampled token of the decode started by call_id."""
+
+    call_id: int
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = []
+
+
+class End(msgspec.Struct, array_like=True, tag=3):
+    """The decode started by call_id has ended: nothing of it runs any more."""
+
+    call_id: int
+    reason: str | None = None
+    error: list[str] | None = None
+
+
+Event = Union[Reply, Output, End]
+
+
+class CoreFacts(msgspec.Struct):
+    """What a front end learns from the core when it connects."""
+
+    model_name: str
+    model_dir: str
+    vocab_size: int
+    info: EngineInfo
+    admission_pages: int
+
+
+def error_of(exc: BaseException) -> list[str]:
+    return [type(exc).__name__, str(exc)]
+
+
+ENCODER = msgspec.msgpack.Encoder()
+CALL_DECODER = msgspec.msgpack.Decoder(Call)
+EVENTS_DECODER = msgspec.msgpack.Decoder(list[Event])

@@ -1,0 +1,58 @@
+"""A front end's engine: the Wasm runtime and the tokenizer here, the control layer and the executor in the
+engine core's process (engine/core), reached through RemoteControl. It has the attributes of Engine that the
+app uses (model_name, info, tokenizer, vocab_size, control, runtime, alive, close), so the app cannot tell
+them apart."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pie_server.engine.config import EngineInfo
+from pie_server.engine.core.client import CoreGone, RemoteControl
+from pie_server.engine.core.process import CoreAddress
+from pie_server.engine.engine import model_info, with_decode_choice
+from pie_server.engine.runtime.config import RuntimeConfig
+from pie_server.engine.runtime.runtime import Runtime
+from pie_server.engine.runtime.tokenizer import EngineTokenizerAdapter
+from pie_server.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrontEngine:
+    model_name: str
+    model_dir: Path
+    vocab_size: int
+    tokenizer: Tokenizer
+    control: RemoteControl
+    runtime: Runtime
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.control.info
+
+    @classmethod
+    def connect(cls, core: CoreAddress, runtime_config: RuntimeConfig | None = None) -> "FrontEngine":
+        """Waits for the core to have loaded its model. Decoding runs in the core (one request per generate,
+        its tokens streamed back): with the control layer in another process, a forward per token would cost
+        a round trip each."""
+        try:
+            control = RemoteControl(core.address, core.pid, core.run_dir)
+        except CoreGone as gone:
+            raise RuntimeError(core.load_error() or str(gone)) from None
+        facts = control.facts
+        tokenizer = Tokenizer.from_dir(Path(facts.model_dir))
+        config = with_decode_choice(runtime_config or RuntimeConfig())
+        runtime = Runtime(control, EngineTokenizerAdapter(tokenizer),
+                          model_info(facts.model_name, tokenizer, facts.info, facts.vocab_size), config)
+        log.info("front end ready: %s through the engine core (process %d)", facts.model_name, core.pid)
+        return cls(facts.model_name, Path(facts.model_dir), facts.vocab_size, tokenizer, control, runtime)
+
+    def alive(self) -> bool:
+        return self.control.is_alive
+
+    def close(self) -> None:
+        self.runtime.close()
+        self.control.close()

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Serving side by side on the GPU machine: `pie serve` and vLLM's OpenAI server over the same random-weight
+# models, measured by the same load generator (bench/http_load.py), one server at a time.
+#
+#   bash scripts/gpu_serving.sh setup                 # first call: wheels, model folders (random bf16), a gpu test
+#   bash scripts/gpu_serving.sh pie SHAPE [N]         # pie serve --api-processes N (default 1)
+#   bash scripts/gpu_serving.sh tax SHAPE             # bench/programmability_tax.py (in-process engine)
+#   bash scripts/gpu_serving.sh vllm SHAPE            # after ../shared/peers/vllm's assemble.sh installed vLLM
+#   SHAPE: smollm2-135m or llama-3.1-8b. Several commands chain: `... setup pie smollm2-135m 1 pie llama-3.1-8b 1`
+#
+# The first call carries .whl/ (../shared/gpu/fetch-wheels with the client wheels of docs/benchmarks.md, msgspec
+# and pyzmq) and .gpu-model/ (smollm2/ config and tokenizer, llama-3.1-8b/ config and a gzipped tokenizer of
+# 128,256 ids, pie-cache/inferlets/<hash>.wasm.gz, vllm-serve.sh = ../shared/peers/vllm/serve.sh); they are copied
+# to /tmp/carry, which later calls of the same warm machine use. Results: $OUT/{pie,vllm}_SHAPE*_{lo,hi}.json.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+ROOT=$PWD; OUT=${OUT:-/tmp/out}; C=/tmp/carry; M=/tmp/models; mkdir -p "$OUT"
+stamp() { echo "[t=${SECONDS}s] $*"; }
+
+env_setup() {
+  if [ -d "$ROOT/.whl" ]; then mkdir -p $C && cp -r "$ROOT/.whl" "$ROOT/.gpu-model" $C/; fi
+  [ -d /tmp/site/uvicorn ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $C/.whl/*.whl
+  # The import root without a build step: links to this call's checkout (docs/decisions/import-root.md).
+  mkdir -p /tmp/site/pie_server && for d in app engine kernels inferlets; do ln -sfn "$ROOT/$d" /tmp/site/pie_server/$d; done
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+  # componentize-py is not carried (too big); its version is part of the inferlet cache key.
+  mkdir -p /tmp/site/componentize_py-0.25.1.dist-info
+  printf 'Metadata-Version: 2.1\nName: componentize-py\nVersion: 0.25.1\n' > /tmp/site/componentize_py-0.25.1.dist-info/METADATA
+  export PIE_CACHE_DIR=/tmp/pie-cache; mkdir -p $PIE_CACHE_DIR/inferlets
+  local gz; gz=$(ls $C/.gpu-model/pie-cache/inferlets/*.wasm.gz | head -1)
+  WASM=$PIE_CACHE_DIR/inferlets/$(basename "$gz" .gz); [ -f "$WASM" ] || gunzip -c "$gz" > "$WASM"
+}
+
+make_models() {
+  mkdir -p $M/smollm2-135m $M/llama-3.1-8b
+  cp $C/.gpu-model/smollm2/* $M/smollm2-135m/
+  cp $C/.gpu-model/llama-3.1-8b/* $M/llama-3.1-8b/ && gunzip -f $M/llama-3.1-8b/tokenizer.json.gz
+  for shape in smollm2-135m llama-3.1-8b; do
+    [ -f $M/$shape/model.safetensors ] || python3 bench/make_random_model.py $M/$shape --device cuda > /dev/null
+  done
+  ls -la $M/*/model.safetensors
+}
+
+requests_high() { [ "$1" = smollm2-135m ] && echo 512 || echo 256; }
+
+wait_health() {  # port pid
+  for _ in $(seq 400); do
+    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$1/health', timeout=2)" 2>/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || { echo "server died"; return 1; }
+    sleep 1
+  done
+  echo "health timeout"; return 1
+}
+
+load() {  # url name tag
+  timeout 150 python3 bench/http_load.py --url "$1" --model "$2" --concurrency 1 16 --requests-per-level 32 \
+    --max-tokens 128 --json "$OUT/$3_lo.json" | tail -2
+  timeout 240 python3 bench/http_load.py --url "$1" --model "$2" --concurrency 64 256 \
+    --requests-per-level "$(requests_high "$2")" --max-tokens 128 --json "$OUT/$3_hi.json" | tail -2
+}
+
+pie_http() {  # shape api_processes
+  local port=8000
+  python3 -m pie_server.app.cli serve --model $M/$1 --device cuda --port $port --served-model-name "$1" \
+    --default-inferlet "$WASM" --log-level warning --api-processes "$2" > "$OUT/serve_pie_$1_ap$2.log" 2>&1 &
+  local pid=$!
+  wait_health $port $pid || { tail -30 "$OUT/serve_pie_$1_ap$2.log"; return 1; }
+  stamp "pie $1 api-processes $2 ready"
+  load "http://127.0.0.1:$port" "$1" "pie_$1_ap$2"
+  kill $pid; wait $pid 2>/dev/null
+  sleep 2
+}
+
+vllm_http() {  # shape
+  local pid; pid=$(OUT=$OUT bash $C/.gpu-model/vllm-serve.sh $M/$1 "$1" 8002) || return 1
+  stamp "vllm $1 ready"
+  load "http://127.0.0.1:8002" "$1" "vllm_$1"
+  kill "$pid"; wait "$pid" 2>/dev/null; pkill -f vllm.entrypoints 2>/dev/null; sleep 5
+}
+
+tax() {  # shape
+  timeout 400 python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch 1 8 32 64 --max-tokens 64 \
+    --repeats 3 --num-pages 2048 --json "$OUT/tax_$1.json" 2>&1 | tail -8
+}
+
+env_setup
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+while [ $# -gt 0 ]; do
+  case $1 in
+    setup) make_models
+           timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/control/test_pipeline_gpu.py 2>&1 | tail -3
+           shift ;;
+    pie) pie_http "$2" "${3:-1}"; shift 3 ;;
+    tax) tax "$2"; shift 2 ;;
+    vllm) vllm_http "$2"; shift 2 ;;
+    *) echo "unknown command $1"; exit 2 ;;
+  esac
+  stamp "done: rc=$?"
+done

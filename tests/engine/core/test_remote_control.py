@@ -1,0 +1,205 @@
+"""RemoteControl against an EngineCore over a Controller with the fake executor: the engine core's protocol
+(engine/core) in one process (the core's loop on a thread), so every call's answer can be compared with what
+the Controller itself does."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pie_server.engine.control.api import ControlError, VirtualForward
+from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.controller import Controller
+from pie_server.engine.control.decoding import DecodeRequest
+from pie_server.engine.core.client import RemoteControl
+from pie_server.engine.core.messages import CoreFacts
+from pie_server.engine.core.process import core_address_of
+from pie_server.engine.core.server import EngineCore
+from pie_server.engine.step import OutputSpec, SamplingParams
+from tests.engine.control.fake_executor import FakeExecutor
+
+GREEDY = SamplingParams()
+
+
+class Core:
+    def __init__(self, run_dir: Path, executor: FakeExecutor) -> None:
+        self.controller = Controller(executor, ControlConfig())
+        self.controller.start()
+        facts = CoreFacts(model_name="fake", model_dir=str(run_dir), vocab_size=executor.vocab_size,
+                          info=executor.info, admission_pages=self.controller.admission.num_pages)
+        self.core = EngineCore(self.controller, facts, core_address_of(str(run_dir)))
+        self.thread = threading.Thread(target=self.core.serve_forever, daemon=True)
+        self.thread.start()
+        self.remote = RemoteControl(core_address_of(str(run_dir)), os.getpid(), run_dir, connect_timeout_s=10)
+
+    def close(self) -> None:
+        self.remote.close()
+        self.core.stop()
+        self.thread.join()
+        self.core.close()
+        self.controller.stop()
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[Core]:
+    made = Core(tmp_path, FakeExecutor(num_pages=32, page_size=4))
+    yield made
+    made.close()
+    stats = made.controller.stats()
+    assert stats.num_instances == 0 and stats.num_free_pages == stats.num_pages
+
+
+def test_handshake_reports_the_engine(core: Core) -> None:
+    assert core.remote.info == core.controller.info
+    assert core.remote.facts.model_name == "fake"
+    assert core.remote.admission.num_pages == core.controller.admission.num_pages
+
+
+def test_forward_and_pages_round_trip(core: Core) -> None:
+    remote = core.remote
+    remote.open_instance("a")
+    pages = remote.allocate_pages("a", 2).result(5)
+    assert pages == [0, 1]
+    result = remote.forward("a", VirtualForward([5, 6, 7], [0, 1, 2], pages[:1], 3,
+                                                [OutputSpec(2, sampling=GREEDY)])).result(5)
+    assert result.outputs[0].token_id == 8  # the fake's next token: input + 1
+    shared = remote.share_pages("a", pages[:1])
+    assert len(shared) == 1 and remote.stats().num_free_pages == 30
+    remote.free_pages("a", [pages[1], *shared])
+    remote.close_instance("a")
+    assert remote.stats().num_free_pages == 32
+
+
+def test_errors_come_back_as_the_controllers(core: Core) -> None:
+    remote = core.remote
+    with pytest.raises(ControlError, match="unknown instance"):
+        remote.free_pages("nobody", [0])
+    remote.open_instance("a")
+    with pytest.raises(ControlError, match="unknown page id"):
+        remote.free_pages("a", [7])
+    pages = remote.allocate_pages("a", 1).result(5)
+    with pytest.raises(ControlError, match="token id -1"):
+        remote.forward("a", VirtualForward([-1], [0], pages, 1)).result(5)
+    with pytest.raises(ControlError, match="already open"):
+        remote.open_instance("a")
+    remote.close_instance("a")
+
+
+def test_decode_streams_every_token_then_the_end(core: Core) -> None:
+    remote = core.remote
+    remote.open_instance("a")
+    pages = remote.allocate_pages("a", 4).result(5)
+    stream = remote.decode("a", DecodeRequest([10, 11], 0, pages, 0, GREEDY, max_new_tokens=5))
+    assert stream.done.result(5) == "length"
+    assert [o.token_id for o in stream.drain()] == [12, 13, 14, 15, 16]
+    stopped = remote.decode("a", DecodeRequest([20], 0, pages, 0, GREEDY, max_new_tokens=9,
+                                               stop_token_ids=frozenset({23})))
+    assert stopped.done.result(5) == "stop" and [o.token_id for o in stopped.drain()] == [21, 22, 23]
+    remote.close_instance("a")
+
+
+def test_a_decode_with_a_bad_page_ends_with_its_error(core: Core) -> None:
+    remote = core.remote
+    remote.open_instance("a")
+    stream = remote.decode("a", DecodeRequest([1], 0, [3], 0, GREEDY, max_new_tokens=2))
+    with pytest.raises(ControlError, match="unknown page id"):
+        stream.done.result(5)
+    remote.close_instance("a")
+
+
+def test_stop_decode_ends_a_long_decode(tmp_path: Path) -> None:
+    made = Core(tmp_path, FakeExecutor(num_pages=32, page_size=4, step_delay_s=0.005))
+    try:
+        remote = made.remote
+        remote.open_instance("a")
+        pages = remote.allocate_pages("a", 16).result(5)
+        stream = remote.decode("a", DecodeRequest([1], 0, pages, 0, GREEDY, max_new_tokens=60))
+        while not stream.drain():
+            time.sleep(0.001)
+        remote.stop_decode("a", stream)
+        assert stream.done.result(5) == "cancelled"
+        remote.close_instance("a")
+    finally:
+        made.close()
+
+
+def test_admission_grants_in_order_and_takes_back_cancelled_waits(core: Core) -> None:
+    admission = core.remote.admission
+    total = admission.num_pages
+    first = admission.reserve(total)
+    first.result(5)
+    waiting = admission.reserve(1)
+    time.sleep(0.05)
+    assert not waiting.done()
+    assert waiting.cancel()
+    admission.release(total)
+    again = admission.reserve(total)
+    again.result(5)  # the cancelled wait holds nothing
+    admission.release(total)
+    deadline = time.monotonic() + 5
+    while core.controller.admission.num_free != total and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert core.controller.admission.num_free == total
+
+
+def test_the_cores_end_fails_waiting_calls_and_streams(tmp_path: Path) -> None:
+    made = Core(tmp_path, FakeExecutor(num_pages=32, page_size=4))
+    remote = made.remote
+    remote.open_instance("a")
+    pages = remote.allocate_pages("a", 1).result(5)
+    made.core.stop()
+    made.thread.join()
+    remote.core_pid = _dead_pid()  # the core "process" is gone
+    pending = remote.allocate_pages("a", 1)
+    with pytest.raises(ControlError, match="has stopped"):
+        pending.result(5)
+    assert not remote.is_alive
+    with pytest.raises(ControlError, match="has stopped"):
+        remote.decode("a", DecodeRequest([1], 0, pages, 0, GREEDY, max_new_tokens=2))
+    remote.close()
+    made.core.close()
+    made.controller.close_instance("a")
+    made.controller.stop()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+FRONT_END_THAT_DIES = """
+import os, sys
+from pie_server.engine.core.client import RemoteControl
+remote = RemoteControl(sys.argv[1], int(sys.argv[2]), sys.argv[3], connect_timeout_s=10)
+remote.open_instance("gone")
+remote.allocate_pages("gone", 5).result(5)
+remote.admission.reserve(7).result(5)
+print("holding", flush=True)
+os._exit(0)
+"""
+
+
+def test_a_front_end_that_dies_leaves_nothing_held(core: Core, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    address = core_address_of(str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", FRONT_END_THAT_DIES, address, str(os.getpid()), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert "holding" in out.stdout, out.stderr
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = core.controller.stats()
+        if stats.num_instances == 0 and core.controller.admission.num_free == core.controller.admission.num_pages:
+            break
+        time.sleep(0.05)
+    assert stats.num_instances == 0 and stats.num_free_pages == stats.num_pages
+    assert core.controller.admission.num_free == core.controller.admission.num_pages
