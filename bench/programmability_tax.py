@@ -3,7 +3,7 @@ runtime + control layer, the path every OpenAI request takes, minus HTTP) vs. th
 (DirectGenerator: lockstep batches, no control layer, no Wasm). Target: tax < 3% of TPOT.
 
     .venv/bin/python bench/programmability_tax.py [--model PATH] [--batch 1 8 32] [--prompt-tokens 64]
-        [--max-tokens 64] [--repeats 3] [--json bench/results/programmability_tax.json]
+        [--max-tokens 64] [--repeats 3] [--json bench/results/programmability_tax.json] [--api-processes 1]
 
 TPOT(direct) = wall time of the decode steps / (max_tokens - 1), prefill excluded. TPOT(inferlet) = per
 instance (last text message - first text message) / (max_tokens - 1), median over instances. The baseline
@@ -80,6 +80,21 @@ async def inferlet_tpot(engine, program_hash: str, prompts: list[list[int]], max
     return statistics.median(await asyncio.gather(*[one(p) for p in prompts]))
 
 
+def _start_engine(model: str | None, config: EngineConfig, api_processes: int):  # noqa: ANN202
+    """(engine, the core's process or None)."""
+    from pie_server.engine.engine import Engine
+
+    if api_processes == 0:
+        return Engine.start(model, config, progress=False), None
+    import tempfile
+
+    from pie_server.engine.core.process import CoreSpec, start_core
+    from pie_server.engine.front import FrontEngine
+
+    process, address = start_core(CoreSpec(model, config, tempfile.mkdtemp(prefix="pie-tax-")))
+    return FrontEngine.connect(address), process
+
+
 def _count_steps(engine) -> list[int]:  # noqa: ANN001
     """Wraps the engine's executor to count its steps (a one-element list, reset by the caller)."""
     count = [0]
@@ -103,6 +118,9 @@ def main() -> None:
     parser.add_argument("--num-pages", type=int, default=512, help="per KV pool (the baseline has its own)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--api-processes", type=int, default=0,
+                        help="0: the engine in this process; 1: the runtime here, the control layer and its executor "
+                             "in an engine-core process (as `pie serve --api-processes 1` runs them)")
     args = parser.parse_args()
     model_dir = resolve_model_dir(args.model)
     config = EngineConfig(num_pages=args.num_pages, device=args.device)
@@ -110,19 +128,17 @@ def main() -> None:
 
     from pie_server.app.config import DEFAULT_INFERLET_SOURCE
     from pie_server.app.inferlet_build import build_inferlet
-    from pie_server.engine.engine import Engine
-
     executor = Executor(model_config, config, load_weights(model_dir, getattr(torch, config.resolved_dtype),
                                                            progress=False))
-    engine = Engine.start(args.model, config, progress=False)
-    steps = _count_steps(engine)
+    engine, core = _start_engine(args.model, config, args.api_processes)
+    steps = _count_steps(engine) if core is None else [0]  # the core's steps are counted in its own process
     rows = []
     try:
         wasm = build_inferlet(DEFAULT_INFERLET_SOURCE, Path("/tmp/pie-default-inferlet.wasm"))
         program_hash = engine.runtime.load(wasm.read_bytes())
         vocab = model_config.vocab_size
         for batch in args.batch:
-            pipelined = engine.control.config.pipeline
+            pipelined = config.device != "cpu"  # as ControlConfig.for_engine decides
             direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, 99), 4, pipelined)  # warm-ups
             asyncio.run(inferlet_tpot(engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 98), 4))
             directs, inferlets = [], []
@@ -136,12 +152,15 @@ def main() -> None:
             tax = inferlet / direct - 1
             steps_per_token = steps[0] / (args.repeats * args.max_tokens)
             rows.append({"batch": batch, "tpot_direct_ms": 1000 * direct, "tpot_inferlet_ms": 1000 * inferlet,
-                         "tax_percent": 100 * tax, "engine_steps_per_token": steps_per_token})
+                         "tax_percent": 100 * tax,
+                         "engine_steps_per_token": steps_per_token if core is None else None})
             print(f"batch {batch:>3}: TPOT direct {1000 * direct:7.2f} ms   default inferlet "
                   f"{1000 * inferlet:7.2f} ms   tax {100 * tax:+6.1f}%   steps/token {steps_per_token:.2f}",
                   flush=True)
     finally:
         engine.close()
+        if core is not None:
+            core.terminate()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,

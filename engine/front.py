@@ -4,6 +4,7 @@ app uses (model_name, info, tokenizer, vocab_size, control, runtime, alive, clos
 them apart."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,10 @@ from pie_server.engine.runtime.tokenizer import EngineTokenizerAdapter
 from pie_server.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# A round trip to the core (an allocation and a new decode) costs the sequence a step or two: one per 64 tokens
+# (page size 16) rather than per 16. Measured with it: docs/decisions/engine-core.md.
+FRONT_END_DECODE_ROOM_PAGES = 4
 
 
 @dataclass
@@ -44,7 +49,8 @@ class FrontEngine:
             raise RuntimeError(core.load_error() or str(gone)) from None
         facts = control.facts
         tokenizer = Tokenizer.from_dir(Path(facts.model_dir))
-        config = with_decode_choice(runtime_config or RuntimeConfig())
+        config = dataclasses.replace(with_decode_choice(runtime_config or RuntimeConfig()),
+                                     decode_room_pages=FRONT_END_DECODE_ROOM_PAGES)
         runtime = Runtime(control, EngineTokenizerAdapter(tokenizer),
                           model_info(facts.model_name, tokenizer, facts.info, facts.vocab_size), config)
         log.info("front end ready: %s through the engine core (process %d)", facts.model_name, core.pid)

@@ -4,7 +4,8 @@
 #
 #   bash scripts/gpu_serving.sh setup                 # first call: wheels, model folders (random bf16), a gpu test
 #   bash scripts/gpu_serving.sh pie SHAPE [N]         # pie serve --api-processes N (default 1)
-#   bash scripts/gpu_serving.sh tax SHAPE             # bench/programmability_tax.py (in-process engine)
+#   bash scripts/gpu_serving.sh models                # only the model folders
+#   bash scripts/gpu_serving.sh tax SHAPE [N]         # bench/programmability_tax.py --api-processes N (default 0)
 #   bash scripts/gpu_serving.sh vllm SHAPE            # after ../shared/peers/vllm's assemble.sh installed vLLM
 #   SHAPE: smollm2-135m or llama-3.1-8b. Several commands chain: `... setup pie smollm2-135m 1 pie llama-3.1-8b 1`
 #
@@ -53,7 +54,7 @@ wait_health() {  # port pid
 }
 
 load() {  # url name tag
-  timeout 150 python3 bench/http_load.py --url "$1" --model "$2" --concurrency 1 16 --requests-per-level 32 \
+  timeout 150 python3 bench/http_load.py --url "$1" --model "$2" --concurrency 1 16 --requests-per-level "${LO_REQUESTS:-32}" \
     --max-tokens 128 --json "$OUT/$3_lo.json" | tail -2
   timeout 240 python3 bench/http_load.py --url "$1" --model "$2" --concurrency 64 256 \
     --requests-per-level "$(requests_high "$2")" --max-tokens 128 --json "$OUT/$3_hi.json" | tail -2
@@ -78,9 +79,9 @@ vllm_http() {  # shape
   kill "$pid"; wait "$pid" 2>/dev/null; pkill -f vllm.entrypoints 2>/dev/null; sleep 5
 }
 
-tax() {  # shape
+tax() {  # shape api_processes
   timeout 400 python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch 1 8 32 64 --max-tokens 64 \
-    --repeats 3 --num-pages 2048 --json "$OUT/tax_$1.json" 2>&1 | tail -8
+    --repeats 3 --num-pages 2048 --api-processes "$2" --json "$OUT/tax_$1_ap$2.json" 2>&1 | grep "^batch"
 }
 
 env_setup
@@ -91,7 +92,8 @@ while [ $# -gt 0 ]; do
            timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/control/test_pipeline_gpu.py 2>&1 | tail -3
            shift ;;
     pie) pie_http "$2" "${3:-1}"; shift 3 ;;
-    tax) tax "$2"; shift 2 ;;
+    models) make_models; shift ;;
+    tax) tax "$2" "${3:-0}"; shift 3 ;;
     vllm) vllm_http "$2"; shift 2 ;;
     *) echo "unknown command $1"; exit 2 ;;
   esac

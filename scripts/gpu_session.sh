@@ -12,9 +12,9 @@
 #   .whl/                 ../shared/gpu/fetch-wheels prometheus-client (plus the client wheels of docs/benchmarks.md
 #                         for `http`)
 #   .fi-cache/aot.tar.gz  python -m bench.common_gpu export-aot, from an earlier GPU run (else ~2 min of JIT)
-#   .gpu-model/           for `http`: SmolLM2's config/tokenizer files, llama-3.1-8b/ (config + tokenizer), and
-#                         pie-cache/inferlets/<hash>.wasm.gz, the default inferlet as `make serve` built it on
-#                         the CPU machine (~/.cache/pie/inferlets/<hash>.wasm, hash = pie_server.app.inferlet_build.source_hash)
+#   .gpu-model/           for `http`: what scripts/gpu_serving.sh's header lists (smollm2/, llama-3.1-8b/,
+#                         pie-cache/inferlets/<hash>.wasm.gz: the default inferlet as `make serve` built it on the
+#                         CPU machine, ~/.cache/pie/inferlets/<hash>.wasm, hash = pie_server.app.inferlet_build.source_hash)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 ROOT=$PWD; G=$ROOT/.gpu-model; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -49,7 +49,7 @@ for part in "$@"; do
              head -16 "$OUT/profile_8b_b1.txt" ;;
     throughput) timeout 300 python3 -m bench.gpu_throughput --sync-baseline 2>&1 | tee "$OUT/throughput.log" | tail -5
                 grep "GPU memory" "$OUT/throughput.log" ;;
-    http) bash "$ROOT/scripts/gpu_http.sh" ;;
+    http) bash "$ROOT/scripts/gpu_serving.sh" models pie smollm2-135m 2 pie llama-3.1-8b 2 ;;
     *) echo "unknown part $part (tests, kernels, gemv-fused, decode, decode-ab, pdl-ab, profile, throughput, http)"; exit 2 ;;
   esac
   stamp "$part rc=$?"

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-processes", type=int, default=None,
                         help="front-end processes (HTTP, SSE, detokenisation, inferlets) beside one engine-core "
                              "process (control layer + executor); 0: everything in one process "
-                             "(default: 0 on CPU, 1 on CUDA; docs/decisions/engine-core.md)")
+                             "(default: 0 on CPU, 2 on CUDA; docs/decisions/engine-core.md)")
     parser.add_argument("--default-inferlet", type=Path, default=None,
                         help="a prebuilt default inferlet (.wasm) instead of building inferlets/builtin/default")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -129,8 +129,8 @@ def front_app():  # type: ignore[no-untyped-def]
 
 
 def _num_front_ends(api_processes: int | None, device: str) -> int:
-    if api_processes is None:
-        return 0 if device == "cpu" else 1
+    if api_processes is None:  # measured: docs/decisions/engine-core.md
+        return 0 if device == "cpu" else 2
     if api_processes < 0:
         raise ValueError("--api-processes must be >= 0")
     return api_processes

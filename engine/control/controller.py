@@ -23,8 +23,8 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, InvalidStateError
-from typing import Any, Callable, Protocol, Sequence
+from concurrent.futures import Future
+from typing import Callable, Protocol, Sequence
 
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.control.admission import Admission
@@ -37,6 +37,7 @@ from pie_server.engine.control.resources import Resources
 from pie_server.engine.control.scheduling import StepBuilder
 from pie_server.engine.control.state import ControlState
 from pie_server.engine.control.swap import nonresident_blocks
+from pie_server.engine.futures import settle
 from pie_server.engine.control.work import (ForwardItem, Limits, check_copy, first_item, prepare_forward,
                                             queued_page_ids)
 from pie_server.engine.step import Batch, CommandResult, StepResult
@@ -428,14 +429,4 @@ class _Locked:
         finally:
             c._lock.release()
         for future, value, error in outbox:
-            _settle_now(future, value, error)
-
-
-def _settle_now(future: Future[Any], value: Any, error: BaseException | None) -> None:
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-    except InvalidStateError:  # the caller cancelled it
-        pass
+            settle(future, value, error)  # False: the caller cancelled it

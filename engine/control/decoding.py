@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import functools
 import threading
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from pie_server.engine.control.api import ControlError, VirtualForward
+from pie_server.engine.futures import settle
 from pie_server.engine.step import CommandResult, OutputResult, OutputSpec, SamplingParams
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
@@ -87,15 +88,7 @@ def _wake_at_end(lock: threading.Lock, waiter_box: list[Future[None]], _: Future
     with lock:
         waiter = waiter_box.pop() if waiter_box else None
     if waiter is not None:
-        _settle_quietly(waiter)
-
-
-def _settle_quietly(waiter: Future[None]) -> None:
-    if not waiter.done():
-        try:
-            waiter.set_result(None)
-        except InvalidStateError:  # settled concurrently
-            pass
+        settle(waiter)
 
 
 @dataclass(eq=False)
@@ -172,7 +165,7 @@ def decode_by_forwards(control: Any, instance_id: InstanceId, request: DecodeReq
         output = done.result().outputs[0]
         waiter, end = decoding.accept(output, next_position, context_len, page_size, max_context_len)
         if waiter is not None:
-            _settle_quietly(waiter)
+            settle(waiter)
         if end is not None:
             stream.done.set_result(end)
             return

@@ -12,7 +12,7 @@ import itertools
 import logging
 import os
 import threading
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,7 +22,8 @@ import zmq
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
 from pie_server.engine.control.decoding import DecodeRequest, DecodeStream
-from pie_server.engine.core.process import is_alive as _is_alive
+from pie_server.engine.processes import is_alive as _is_alive
+from pie_server.engine.futures import settle
 from pie_server.engine.core.messages import ENCODER, EVENTS_DECODER, Call, CoreFacts, End, Output, Reply
 from pie_server.engine.step import CommandResult, OutputResult
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
@@ -200,7 +201,7 @@ class RemoteControl:
             assert isinstance(stream, DecodeStream)
             waiter = stream.push(OutputResult(event.token_id, event.logprob, tuple(event.top_logprobs)))
             if waiter is not None:
-                _settle_quietly(waiter, None, None)
+                settle(waiter, None, None)
             return
         entry = self._pending.pop(event.call_id, None)
         if entry is None:
@@ -209,11 +210,11 @@ class RemoteControl:
         if isinstance(event, End):
             assert isinstance(waiter, DecodeStream)
             self._decode_calls.pop(id(waiter), None)
-            _settle_quietly(waiter.done, event.reason, _error(event.error))
+            settle(waiter.done, event.reason, _error(event.error))
         elif isinstance(waiter, Future):
             error = _error(event.error)
             value = None if error is not None or value_type is Any else msgspec.convert(event.value, value_type)
-            if not _settle_quietly(waiter, value, error) and error is None and orphaned is not None:
+            if not settle(waiter, value, error) and error is None and orphaned is not None:
                 orphaned()
 
     def _fail_all(self, reason: str) -> None:
@@ -222,7 +223,7 @@ class RemoteControl:
         for call_id in list(self._pending):
             waiter = self._pending.pop(call_id)[0]
             future = waiter.done if isinstance(waiter, DecodeStream) else waiter
-            _settle_quietly(future, None, CoreGone(reason))
+            settle(future, None, CoreGone(reason))
 
 
 class RemoteAdmission:
@@ -257,15 +258,3 @@ def _error(error: list[str] | None) -> BaseException | None:
         return None
     name, message = error
     return ERRORS.get(name, ControlError)(message if name in ERRORS else f"{name}: {message}")
-
-
-def _settle_quietly(future: Future[Any], value: Any, error: BaseException | None) -> bool:
-    """False if the future was already settled (cancelled by its caller)."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-    except InvalidStateError:
-        return False
-    return True

@@ -80,18 +80,3 @@ def run_core(spec: CoreSpec) -> None:
     finally:
         control.stop()
         core.close()
-
-
-def is_alive(pid: int) -> bool:
-    """The process exists and has not ended (a child that ended but was not yet reaped is a zombie: dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")

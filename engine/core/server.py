@@ -23,7 +23,7 @@ import zmq
 from pie_server.engine.control.api import ControlError, VirtualForward
 from pie_server.engine.control.controller import Controller
 from pie_server.engine.control.decoding import DecodeRequest, DecodeStream
-from pie_server.engine.core.process import is_alive as _is_alive
+from pie_server.engine.processes import is_alive as _is_alive
 from pie_server.engine.core.messages import (CALL_DECODER, ENCODER, Call, CoreFacts, End, Event, Output, Reply,
                                              error_of)
 from pie_server.engine.step import OutputResult
@@ -77,7 +77,8 @@ class FrontLink:
 
     def emit(self, event: Event) -> None:
         with self._lock:
-            self._events.append(event)
+            if not self.closed:  # a gone front end's late replies are dropped
+                self._events.append(event)
 
     def flush(self) -> None:
         with self._lock:

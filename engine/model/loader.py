@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from pie_server.engine.config import ModelConfig
 from pie_server.engine.model.default_model import locate_default_model
+from pie_server.engine.processes import is_alive
 
 __all__ = ["locate_default_model", "resolve_model_dir", "cache_root", "gguf_cache_key", "convert_gguf",
            "load_model_config", "load_weights", "safetensors_files"]
@@ -123,18 +124,8 @@ def _remove_stale_staging_dirs(final_dir: Path) -> None:
     """Staging directories of this key whose process is gone (a crash mid-conversion)."""
     for staging in final_dir.parent.glob(f".{final_dir.name}.tmp-*"):
         pid_text = staging.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+        if pid_text.isdigit() and not is_alive(int(pid_text)):
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_gguf_magic(gguf_path: Path) -> None:

@@ -36,11 +36,6 @@ GENERATE_REQUEST = ("record", ("page-ids", ("list", "u32")), ("last-page-len", "
                     ("ignore-eos", "bool"), ("constraint", ("option", ("variant", {
                         "allowed-tokens": ("list", "u32"), "json-schema": "string", "regex": "string"}))),
                     ("stream-channel", ("option", "u32")))
-# Pages of room a control-layer decode gets past its pending tokens: one round trip to the host per this many
-# pages of tokens (the rest of the tokens need none), against at most this many pages held unused per sequence.
-# Four: with the engine core in another process a round trip costs the sequence a step or two (an allocation
-# and a new decode), so one per 64 tokens (page size 16) rather than per 16; admission reserves these pages.
-DECODE_ROOM = 4
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 
@@ -228,12 +223,13 @@ def _forward_per_token(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
 
 
 def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) -> HostTaskGen:
-    """Each round gives every active sequence pages for up to DECODE_ROOM more tokens and one control-layer
+    """Each round gives every active sequence pages for up to decode_room_pages more tokens and one control-layer
     decode; its tokens stream back and are accepted here (stop strings, detokenization, streaming)."""
     control, model = host.control, host.model
+    room_tokens = host.config.decode_room_pages * model.page_size
     while any(s.active for s in seqs):
         active = [s for s in seqs if s.active]
-        room = [max(0, min(s.max_tokens - len(s.generated) - 1, DECODE_ROOM * model.page_size,
+        room = [max(0, min(s.max_tokens - len(s.generated) - 1, room_tokens,
                            model.max_context_len - s.context_len - len(s.pending))) for s in active]
         yield from _allocate(host, inst, active, room)
         streams: dict[int, tuple[Sequence, DecodeStream]] = {}

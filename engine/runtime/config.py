@@ -51,8 +51,13 @@ class RuntimeConfig:
     max_store_bytes_per_tenant: int = 64 << 20
     max_generate_batch: int = 64  # requests in one generate-all / forward-all
     # Host-side generate decodes in the control layer (docs/decisions/decoding-in-control.md); False: a forward
-    # per token; None: Engine.start chooses by device (a Runtime made directly decodes in the control layer).
+    # per token; None: with_decode_choice decides (on; a Runtime made directly decodes in the control layer).
     decode_in_control: bool | None = None
+    # Pages of room such a decode gets past its pending tokens: one round trip to the host per this many pages of
+    # tokens, against as many pages held unused per sequence. 1 measured best with the control layer in this
+    # process (2-core CPU, HTTP c=8: 71 tok/s against 58-61 with 4); a front end of an engine core uses 4, where
+    # a round trip (an allocation and a new decode) costs the sequence a step or two (engine/front.py).
+    decode_room_pages: int = 1
     mailbox_capacity: int = 10_000  # undelivered client->inferlet or broadcast messages per instance
     extra_wasi_env: tuple[tuple[str, str], ...] = field(default=())
 
@@ -65,6 +70,6 @@ class RuntimeConfig:
             raise ValueError("max_pages_per_instance must be positive")
         for name in ("http_max_response_bytes", "max_message_bytes", "max_store_key_bytes",
                      "max_store_value_bytes", "max_store_bytes_per_tenant", "max_generate_batch", "max_log_bytes",
-                     "mailbox_capacity"):
+                     "mailbox_capacity", "decode_room_pages"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
