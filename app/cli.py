@@ -1,4 +1,4 @@
-"""The `pie` command: serve, build, run."""
+"""The `pie` command: serve, build, run, upload, runs."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,8 @@ SUBCOMMANDS = {
     "serve": "start the OpenAI-compatible HTTP server",
     "build": "build an inferlet (a Python file or folder) into a Wasm component",
     "run": "run an inferlet locally against the engine and print what it sends",
+    "upload": "upload an inferlet (.wasm, or Python source built first) to a running server",
+    "runs": "list, show or cancel the inferlet runs of a running server",
 }
 
 

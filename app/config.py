@@ -24,10 +24,13 @@ class ServerConfig:
     version: str = "0.1.0"
     # prometheus_client's multiprocess folder when several front-end processes serve (None: one process).
     metrics_dir: Path | None = None
+    # Uploaded inferlets (/v1/inferlets; app/inferlet_store.py). None: $PIE_CACHE_DIR/uploads (~/.cache/pie/uploads).
+    inferlet_dir: Path | None = None
+    max_inferlet_bytes: int = 64 << 20  # an upload's size limit (larger: 413)
 
     def __post_init__(self) -> None:
-        if self.max_running_requests <= 0 or self.max_output_reserve <= 0:
-            raise ValueError("max_running_requests and max_output_reserve must be positive")
+        if self.max_running_requests <= 0 or self.max_output_reserve <= 0 or self.max_inferlet_bytes <= 0:
+            raise ValueError("max_running_requests, max_output_reserve and max_inferlet_bytes must be positive")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (use None for no key)")
 
@@ -38,7 +41,7 @@ class ServerConfig:
     @classmethod
     def from_json(cls, text: str) -> "ServerConfig":
         data = json.loads(text)
-        for name in ("inferlet_source", "inferlet_wasm", "metrics_dir"):
+        for name in ("inferlet_source", "inferlet_wasm", "metrics_dir", "inferlet_dir"):
             data[name] = None if data[name] is None else Path(data[name])
         data["served_model_names"] = tuple(data["served_model_names"])
         return cls(**data)

@@ -84,5 +84,33 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/health": _get("200 when ready, 503 while loading or after a failure"),
             "/version": _get("The server version"),
             "/metrics": _get("Prometheus metrics", "text/plain"),
+            **_inferlet_paths(),
         },
+    }
+
+
+def _inferlet_paths() -> dict[str, Any]:
+    """/v1/inferlets and /v1/runs (app/routes/inferlets.py; docs/api.md)."""
+    ref = [{"name": "ref", "in": "path", "required": True, "schema": _STR, "description": "an inferlet's id or name"}]
+    run_id = [{"name": "run_id", "in": "path", "required": True, "schema": _STR}]
+    upload = {"summary": "Upload an inferlet (a Wasm component of the inferlet API)",
+              "parameters": [{"name": "name", "in": "query", "required": True, "schema": _STR}],
+              "requestBody": {"required": True, "content": {"application/wasm": {"schema": {
+                  "type": "string", "format": "binary"}}}},
+              "responses": {"201": {"description": "stored (same bytes: same id)", **_json({"type": "object"})},
+                            "400": {"description": "not a component of the API", **_json(_ERROR)},
+                            "413": {"description": "over the size limit", **_json(_ERROR)}}}
+    run = _post("Run an inferlet; stream: SSE `message` events, then `done`", {"type": "object", "properties": {
+        "args": {"type": "array", "items": _STR}, "stream": _BOOL}}, stream=True)["post"]
+    delete = {"summary": "Delete", "responses": {"200": {"description": "OK", **_json({"type": "object"})},
+                                                 "404": {"description": "unknown", **_json(_ERROR)}}}
+    return {
+        "/v1/inferlets": {"post": upload, **_get("The uploaded inferlets")},
+        "/v1/inferlets/{ref}": {**{k: {**v, "parameters": ref} for k, v in _get("One inferlet").items()},
+                                "delete": {**delete, "parameters": ref}},
+        "/v1/inferlets/{ref}/runs": {"post": {**run, "parameters": ref}},
+        "/v1/runs": _get("Runs of this server (front end)"),
+        "/v1/runs/{run_id}": {**{k: {**v, "parameters": run_id} for k, v in _get("One run with its messages").items()},
+                              "delete": {**delete, "summary": "Cancel a run (its pages are freed)",
+                                         "parameters": run_id}},
     }

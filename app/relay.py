@@ -49,15 +49,17 @@ class SSEResponse:
     """text/event-stream of pre-framed SSE strings. Cleanup (killing the instance) runs however the stream
     ends: finished, failed, or cancelled because the client disconnected."""
 
-    def __init__(self, events: AsyncIterator[str], cleanup: contextlib.AsyncExitStack) -> None:
+    def __init__(self, events: AsyncIterator[str], cleanup: contextlib.AsyncExitStack,
+                 headers: dict[str, str] | None = None) -> None:
         self.events = events
         self.cleanup = cleanup
+        self.headers = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]})
+                (b"x-accel-buffering", b"no"), *self.headers]})
             async with anyio.create_task_group() as group:
                 async def stream() -> None:
                     async for chunk in self.events:

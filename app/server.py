@@ -15,7 +15,7 @@ from pie_server.app.auth import ApiKeyMiddleware
 from pie_server.app.config import ServerConfig
 from pie_server.app.errors import EXCEPTION_HANDLERS
 from pie_server.app.openapi import openapi_document
-from pie_server.app.routes import misc
+from pie_server.app.routes import inferlets, misc
 from pie_server.app.routes.chat import chat_completions
 from pie_server.app.routes.completions import completions
 from pie_server.app.state import AppState, EngineFactory
@@ -46,6 +46,14 @@ def create_app(engine_factory: EngineFactory, config: ServerConfig = ServerConfi
         Route("/tokenize", misc.tokenize, methods=["POST"]),
         Route("/detokenize", misc.detokenize, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/v1/inferlets", inferlets.upload, methods=["POST"]),
+        Route("/v1/inferlets", inferlets.list_inferlets, methods=["GET"]),
+        Route("/v1/inferlets/{ref}", inferlets.get_inferlet, methods=["GET"]),
+        Route("/v1/inferlets/{ref}", inferlets.delete_inferlet, methods=["DELETE"]),
+        Route("/v1/inferlets/{ref}/runs", inferlets.start_run, methods=["POST"]),
+        Route("/v1/runs", inferlets.list_runs, methods=["GET"]),
+        Route("/v1/runs/{run_id}", inferlets.get_run, methods=["GET"]),
+        Route("/v1/runs/{run_id}", inferlets.cancel_run, methods=["DELETE"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
                     middleware=[Middleware(ApiKeyMiddleware, api_key=config.api_key)])

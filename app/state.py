@@ -13,14 +13,18 @@ from typing import Any, AsyncIterator, Callable
 from pie_server.app.config import ServerConfig
 from pie_server.app.engine_view import EngineView
 from pie_server.app.errors import ApiError
+from pie_server.app.inferlet_build import default_cache_dir
 from pie_server.app.inferlet_run import InferletRun, PromptInfo
+from pie_server.app.inferlet_runs import RunRegistry
+from pie_server.app.inferlet_store import InferletRecord, InferletStore, StoreError
 from pie_server.app.metrics import EngineGauges, Metrics
 from pie_server.engine.control.admission import Admission, pages_for
-from pie_server.app.openai.params import ModelLimits
+from pie_server.app.openai.params import INFERLET_MODEL_PREFIX, ModelLimits
 
 log = logging.getLogger("pie.app")
 
 EngineFactory = Callable[[], Any]
+DEFAULT_INFERLET_NAME = "default"
 
 
 class AppState:
@@ -40,6 +44,9 @@ class AppState:
         self._slots: asyncio.Semaphore | None = None
         self.admission: Admission | None = None  # the engine's (engine/control/admission.py), once loaded
         self._loader: asyncio.Task[None] | None = None
+        self.inferlets = InferletStore(config.inferlet_dir or default_cache_dir().parent / "uploads")
+        self.program_hashes: dict[str, str] = {}  # uploaded inferlet id -> its program in this front end's runtime
+        self.runs = RunRegistry()
 
     # lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -52,6 +59,7 @@ class AppState:
             await asyncio.shield(self._loader)
 
     async def stop(self) -> None:
+        await self.runs.close()
         if self._loader is not None and not self._loader.done():
             await asyncio.wait([self._loader])  # a load in a thread cannot be interrupted
         if self.view is not None:
@@ -75,10 +83,14 @@ class AppState:
     def _load_engine(self) -> EngineView:
         view = EngineView(self._engine_factory())
         try:
-            self.program_hash = view.load_program(self._default_inferlet_wasm())
+            wasm = self._default_inferlet_wasm()
+            self.program_hash = view.load_program(wasm)
         except Exception:
             view.close()
             raise
+        # Preinstalled: "model": "inferlet:default" names it, and /v1/inferlets lists it.
+        record = self.inferlets.put(wasm, DEFAULT_INFERLET_NAME, self.config.tenant)
+        self.program_hashes[record.id] = self.program_hash
         return view
 
     def _default_inferlet_wasm(self) -> bytes:
@@ -92,6 +104,35 @@ class AppState:
             return out.read_bytes()
 
     # requests ------------------------------------------------------------------------------------
+    def tenant_of(self, _request: Any) -> str:
+        """Whose inferlets and runs a request sees: one tenant per server until several API keys exist."""
+        return self.config.tenant
+
+    async def program_hash_of(self, record: InferletRecord) -> str:
+        """The uploaded inferlet's program in this front end's runtime (compiled once; the runtime caches the
+        compiled code on disk, so another front end or a restart loads it without compiling)."""
+        program_hash = self.program_hashes.get(record.id)
+        if program_hash is None:
+            view, _ = self.ready()
+            wasm = await asyncio.to_thread(self.inferlets.wasm, record)
+            try:
+                program_hash = await asyncio.to_thread(view.load_program, wasm)
+            except (OSError, ValueError) as exc:  # validated at upload: the store's copy is damaged
+                raise ApiError(f"the stored inferlet {record.name!r} cannot be loaded: {exc}", 500) from None
+            self.program_hashes[record.id] = program_hash
+        return program_hash
+
+    async def program_hash_for_model(self, model: str, request: Any) -> str | None:
+        """None for the served model (the default inferlet); the uploaded inferlet's for "inferlet:NAME"."""
+        if not model.startswith(INFERLET_MODEL_PREFIX):
+            return None
+        try:
+            record = self.inferlets.get(model[len(INFERLET_MODEL_PREFIX):], self.tenant_of(request))
+        except StoreError:
+            raise ApiError(f"The model `{model}` does not exist: no inferlet of that name was uploaded.", 404,
+                           param="model", code="model_not_found") from None
+        return await self.program_hash_of(record)
+
     def ready(self) -> tuple[EngineView, ModelLimits]:
         if self.status == "loading":
             raise ApiError("the model is still loading", 503)
@@ -102,7 +143,7 @@ class AppState:
         return self.view, self.limits
 
     @contextlib.asynccontextmanager
-    async def run(self, arguments: str) -> AsyncIterator[InferletRun]:
+    async def run(self, arguments: str, program_hash: str | None = None) -> AsyncIterator[InferletRun]:
         """Launch the default inferlet once a slot is free; it is killed (pages freed) on the way out
         unless it already ended, e.g. when the client went away (this task is then cancelled)."""
         view, _ = self.ready()
@@ -113,7 +154,7 @@ class AppState:
         finally:
             self.num_queued -= 1
         try:
-            run = InferletRun(view.launch(self.program_hash, [arguments], self.config.tenant))
+            run = InferletRun(view.launch(program_hash or self.program_hash, [arguments], self.config.tenant))
             self.num_running += 1
             try:
                 yield run
@@ -123,10 +164,11 @@ class AppState:
         finally:
             self._slots.release()
 
-    async def enter_run(self, stack: contextlib.AsyncExitStack, arguments: str, n: int) -> tuple[InferletRun, PromptInfo]:
+    async def enter_run(self, stack: contextlib.AsyncExitStack, arguments: str, n: int,
+                        program_hash: str | None = None) -> tuple[InferletRun, PromptInfo]:
         """Launch into stack (which then owns the instance and its page reservation), wait for the prompt
         event, reserve the pages the request may need (queueing while the KV cache is committed), go."""
-        run = await stack.enter_async_context(self.run(arguments))
+        run = await stack.enter_async_context(self.run(arguments, program_hash))
         prompt = await run.start()
         assert self.view is not None and self.admission is not None
         admission = self.admission

@@ -69,11 +69,16 @@ class GenerationParams:
     constraint: dict[str, Any] | None = None
 
 
+INFERLET_MODEL_PREFIX = "inferlet:"  # "model": "inferlet:NAME" runs the uploaded inferlet NAME
+
+
 def check_model(body: Mapping[str, Any], limits: ModelLimits) -> str:
     """The requested model name (404 for one we do not serve; absent means the default)."""
     from pie_server.app.errors import ApiError
 
     name = get_str(body, "model", limits.model_names[0])
+    if name.startswith(INFERLET_MODEL_PREFIX) and len(name) > len(INFERLET_MODEL_PREFIX):
+        return name  # an uploaded inferlet that speaks the default inferlet's protocol (found when it runs)
     if name not in limits.model_names:
         raise ApiError(f"The model `{name}` does not exist.", 404, param="model", code="model_not_found")
     return name

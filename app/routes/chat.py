@@ -29,7 +29,7 @@ async def chat_completions(request: Request) -> Response:
     meta = R.ResponseMeta.new("chatcmpl", chat.model)
     stream = (lambda prompt, relay: _stream(chat, meta, prompt, relay, view.token_text)) if chat.params.stream \
         else None
-    return await run_and_respond(request, state, arrival, chat_arguments(chat), chat.params.n, stream,
+    return await run_and_respond(request, state, arrival, chat.model, chat_arguments(chat), chat.params.n, stream,
                                  lambda prompt, result: _completion(chat, meta, prompt, result, view.token_text))
 
 

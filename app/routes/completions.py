@@ -38,7 +38,8 @@ async def completions(request: Request) -> Response:
 
     stream = (lambda prompt, relay: _stream(completion, meta, prompt, relay, view.token_text, echoes)) \
         if completion.params.stream else None
-    return await run_and_respond(request, state, arrival, arguments, completion.params.n, stream, body)
+    return await run_and_respond(request, state, arrival, completion.model, arguments, completion.params.n, stream,
+                                 body)
 
 
 def _echo_texts(completion: CompletionRequest, view: EngineView) -> list[str]:

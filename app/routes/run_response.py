@@ -15,13 +15,15 @@ StreamEvents = Callable[[PromptInfo, TimedRelay], AsyncIterator[Any]]
 ResponseBody = Callable[[PromptInfo, RunResult], dict[str, Any]]
 
 
-async def run_and_respond(request: Request, state: AppState, arrival: float, arguments: str, n: int,
+async def run_and_respond(request: Request, state: AppState, arrival: float, model: str, arguments: str, n: int,
                           stream: StreamEvents | None, body: ResponseBody) -> Response:
     """Launch the run (its instance lives in an exit stack), then stream its events (the SSE response takes
-    the stack over) or collect them into one JSON body. A client that goes away ends the run (499)."""
+    the stack over) or collect them into one JSON body. A client that goes away ends the run (499).
+    model "inferlet:NAME" runs the uploaded inferlet NAME instead of the default one."""
+    program_hash = await state.program_hash_for_model(model, request)
     stack = contextlib.AsyncExitStack()
     try:
-        run, prompt = await until_disconnected(request, state.enter_run(stack, arguments, n))
+        run, prompt = await until_disconnected(request, state.enter_run(stack, arguments, n, program_hash))
         relay = TimedRelay(run, state.metrics, arrival)
         if stream is not None:
             response = SSEResponse(stream(prompt, relay), stack)

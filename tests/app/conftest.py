@@ -1,6 +1,7 @@
 """Fixtures: a real uvicorn server on a loopback port serving the app over a fake engine."""
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,6 +24,7 @@ def dummy_wasm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start_fake(dummy_wasm: Path, engine: FakeEngine, **config: Any) -> ServerThread:
+    config.setdefault("inferlet_dir", Path(tempfile.mkdtemp(prefix="pie-uploads-")))  # its own, as a deployment's
     app = create_app(lambda: engine, ServerConfig(inferlet_wasm=dummy_wasm, **config))
     server = ServerThread(app).__enter__()
     server.engine = engine  # type: ignore[attr-defined]
@@ -94,6 +96,7 @@ def start_real(model_dir: Path, wasm: Path, cache_dir: Path, num_pages: int, **c
                                     progress=False))
         return engines[-1]
 
+    config.setdefault("inferlet_dir", Path(tempfile.mkdtemp(prefix="pie-uploads-")))
     app = create_app(factory, ServerConfig(inferlet_wasm=wasm, **config))
     server = ServerThread(app).__enter__()
     wait_ready(server, timeout_s=600)

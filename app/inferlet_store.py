@@ -1,0 +1,117 @@
+"""Uploaded inferlets on disk (`/v1/inferlets`): the Wasm bytes under their sha256, and a small JSON record beside
+each (name, size, created, tenant). On disk so that uploads survive restarts and every front-end process sees
+the same ones (a volume in compose); compiled code is cached apart, by the runtime (engine/runtime/programs.py).
+
+Names: a record per tenant and name, pointing to the bytes last uploaded under that name. Uploading the same
+bytes again returns the same id, under every name it was given. The bytes go when no record names them. Writes go to a temporary file first and are renamed into place, so a
+reader never sees half a file. Tenants see only their own records.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+class StoreError(Exception):
+    """A request the store refuses (bad name, unknown inferlet); status is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class InferletRecord:
+    id: str  # sha256 of the Wasm bytes
+    name: str
+    size: int
+    created: int  # unix seconds of the latest upload
+    tenant: str
+
+    def public(self) -> dict[str, object]:
+        return {"object": "inferlet", "id": self.id, "name": self.name, "size": self.size, "created": self.created}
+
+
+class InferletStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def put(self, wasm: bytes, name: str, tenant: str) -> InferletRecord:
+        if not NAME_PATTERN.match(name):
+            raise StoreError("name must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a "
+                             "letter or digit")
+        record = InferletRecord(hashlib.sha256(wasm).hexdigest(), name, len(wasm), int(time.time()), tenant)
+        with self._lock:
+            if not self._wasm_path(record.id).is_file():
+                _write_atomically(self._wasm_path(record.id), wasm)
+            _write_atomically(self._record_path(tenant, name), json.dumps(asdict(record)).encode())
+        return record
+
+    def get(self, id_or_name: str, tenant: str) -> InferletRecord:
+        """By name, or by id (its newest name)."""
+        if NAME_PATTERN.match(id_or_name) and self._record_path(tenant, id_or_name).is_file():
+            return _read_record(self._record_path(tenant, id_or_name))
+        with_id = [r for r in self.list(tenant) if r.id == id_or_name] if ID_PATTERN.match(id_or_name) else []
+        if not with_id:
+            raise StoreError(f"no inferlet {id_or_name!r}", 404)
+        return max(with_id, key=lambda r: r.created)
+
+    def list(self, tenant: str) -> list[InferletRecord]:
+        folder = self.root / "records" / _tenant_dir(tenant)
+        if not folder.is_dir():
+            return []
+        return sorted((_read_record(p) for p in folder.glob("*.json")), key=lambda r: (r.created, r.id))
+
+    def wasm(self, record: InferletRecord) -> bytes:
+        return self._wasm_path(record.id).read_bytes()
+
+    def delete(self, id_or_name: str, tenant: str) -> list[InferletRecord]:
+        """Removes the tenant's record of that name, or every name of that id; the bytes go once no record
+        (of any tenant) names them."""
+        with self._lock:
+            first = self.get(id_or_name, tenant)
+            records = [first] if first.name == id_or_name else [r for r in self.list(tenant) if r.id == first.id]
+            for record in records:
+                self._record_path(tenant, record.name).unlink(missing_ok=True)
+            if not any(_read_record(p).id == first.id for p in (self.root / "records").glob("*/*.json")):
+                self._wasm_path(first.id).unlink(missing_ok=True)
+        return records
+
+    def _wasm_path(self, inferlet_id: str) -> Path:
+        return self.root / "wasm" / f"{inferlet_id}.wasm"
+
+    def _record_path(self, tenant: str, name: str) -> Path:
+        return self.root / "records" / _tenant_dir(tenant) / f"{name}.json"
+
+
+def _tenant_dir(tenant: str) -> str:
+    """A tenant's folder name: a hash, so no tenant string can name a path."""
+    return hashlib.sha256(tenant.encode()).hexdigest()[:32]
+
+
+def _read_record(path: Path) -> InferletRecord:
+    return InferletRecord(**json.loads(path.read_text()))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

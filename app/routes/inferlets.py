@@ -1,0 +1,149 @@
+"""/v1/inferlets and /v1/runs: upload, list, read and delete inferlets (Wasm components of our WIT world); run
+them with arguments and read what they send, streamed (SSE) or at the end; list, read and cancel runs.
+
+Contract (docs/api.md): POST /v1/inferlets?name=NAME with the Wasm bytes -> 201 {"object": "inferlet", "id"
+(sha256 of the bytes), "name", "size", "created"}; 400 if the bytes are not a component of our world, 413 over
+the server's size limit. POST /v1/inferlets/{id or name}/runs {"args": [...], "stream": bool} -> SSE
+`event: message` per message and a last `event: done` with {"status", "error"?}; or one JSON run object with its
+messages. A streamed run's id is in the `x-run-id` header. A run belongs to its request: a client that goes
+away cancels it (its pages are freed).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any, AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pie_server.app.errors import ApiError, invalid
+from pie_server.app.inferlet_runs import Run
+from pie_server.app.inferlet_store import InferletRecord, StoreError
+from pie_server.app.relay import ClientGone, SSEResponse, read_json, until_disconnected
+from pie_server.app.state import AppState
+
+
+def _state(request: Request) -> AppState:
+    return request.state.pie
+
+
+def _record(state: AppState, request: Request) -> InferletRecord:
+    try:
+        return state.inferlets.get(request.path_params["ref"], state.tenant_of(request))
+    except StoreError as exc:
+        raise ApiError(str(exc), exc.status, code="inferlet_not_found") from None
+
+
+async def upload(request: Request) -> Response:
+    state = _state(request)
+    view, _ = state.ready()
+    name = request.query_params.get("name")
+    if not name:
+        raise invalid("give the inferlet a name: POST /v1/inferlets?name=NAME", param="name")
+    wasm = await _read_limited(request, state.config.max_inferlet_bytes)
+    try:
+        program_hash = await asyncio.to_thread(view.load_program, wasm)
+    except ValueError as exc:
+        raise invalid(f"not an inferlet component: {exc}", code="invalid_inferlet") from None
+    try:
+        record = await asyncio.to_thread(state.inferlets.put, wasm, name, state.tenant_of(request))
+    except StoreError as exc:
+        raise ApiError(str(exc), exc.status, param="name") from None
+    state.program_hashes[record.id] = program_hash
+    return JSONResponse(record.public(), status_code=201)
+
+
+async def list_inferlets(request: Request) -> Response:
+    state = _state(request)
+    records = state.inferlets.list(state.tenant_of(request))
+    return JSONResponse({"object": "list", "data": [r.public() for r in records]})
+
+
+async def get_inferlet(request: Request) -> Response:
+    return JSONResponse(_record(_state(request), request).public())
+
+
+async def delete_inferlet(request: Request) -> Response:
+    state = _state(request)
+    _record(state, request)  # 404 for an unknown one
+    records = state.inferlets.delete(request.path_params["ref"], state.tenant_of(request))
+    return JSONResponse({"object": "inferlet.deleted", "id": records[0].id, "names": [r.name for r in records],
+                         "deleted": True})
+
+
+async def start_run(request: Request) -> Response:
+    state = _state(request)
+    view, _ = state.ready()
+    record = _record(state, request)
+    body = await read_json(request)
+    args = body.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise invalid("args must be a list of strings", param="args")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid("stream must be a boolean", param="stream")
+    program_hash = await state.program_hash_of(record)
+    try:
+        handle = view.launch(program_hash, args, state.tenant_of(request))
+    except ValueError as exc:
+        raise invalid(str(exc), param="args") from None
+    run = state.runs.start(record.id, state.tenant_of(request), handle)
+    if stream:
+        cleanup = contextlib.AsyncExitStack()
+        cleanup.callback(state.runs.cancel, run)  # a no-op once the run ended
+        return SSEResponse(_sse(run), cleanup, {"x-run-id": run.id})  # type: ignore[return-value]
+    try:
+        await until_disconnected(request, run.wait())
+    except ClientGone:
+        state.runs.cancel(run)
+        raise
+    return JSONResponse(run.public(with_messages=True))
+
+
+async def _sse(run: Run) -> AsyncIterator[str]:
+    async for message in run.follow():
+        yield "event: message\n" + "".join(f"data: {line}\n" for line in message.split("\n")) + "\n"
+    done: dict[str, Any] = {"status": run.status}
+    if run.error is not None:
+        done["error"] = run.error
+    yield f"event: done\ndata: {json.dumps(done)}\n\n"
+
+
+async def list_runs(request: Request) -> Response:
+    state = _state(request)
+    return JSONResponse({"object": "list", "data": [r.public() for r in state.runs.list(state.tenant_of(request))]})
+
+
+def _run(request: Request) -> Run:
+    state = _state(request)
+    run = state.runs.get(request.path_params["run_id"], state.tenant_of(request))
+    if run is None:
+        raise ApiError(f"no run {request.path_params['run_id']!r}", 404, code="run_not_found")
+    return run
+
+
+async def get_run(request: Request) -> Response:
+    return JSONResponse(_run(request).public(with_messages=True))
+
+
+async def cancel_run(request: Request) -> Response:
+    run = _run(request)
+    _state(request).runs.cancel(run)
+    return JSONResponse(run.public())
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(f"the inferlet is {int(declared)} bytes; this server takes at most {limit}", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(f"the inferlet is over {limit} bytes, this server's limit", 413)
+        chunks.append(chunk)
+    if not size:
+        raise invalid("the request body must be the inferlet's Wasm bytes")
+    return b"".join(chunks)

@@ -1,0 +1,191 @@
+"""/v1/inferlets and /v1/runs end to end: a real server over the default model, the contrib text-completion
+inferlet uploaded as its Wasm bytes, run with and without streaming, listed, cancelled, deleted; and the limits
+(size, name, unknown ids) over the fake engine."""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.app import raw_http
+from tests.app.conftest import all_pages_free
+
+PROMPT_ARGS = ["--prompt", "The capital of France is", "--max-tokens", "8"]
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def text_completion_wasm(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    from pie_server.app.inferlet_build import build_inferlet
+    from pie_server.inferlets import CONTRIB_DIR
+
+    out = tmp_path_factory.mktemp("tc") / "text-completion.wasm"
+    return build_inferlet(CONTRIB_DIR / "text-completion", out).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def uploaded(real_server, text_completion_wasm: bytes) -> Iterator[dict]:
+    status, body, _ = _upload(real_server.url, text_completion_wasm, "tc")
+    assert status == 201, body
+    yield body
+    raw_http.request(real_server.url + "/v1/inferlets/" + body["id"], "DELETE")
+
+
+def _upload(url: str, wasm: bytes, name: str) -> tuple[int, dict, dict]:
+    return raw_http.request(f"{url}/v1/inferlets?name={name}", "POST", raw_body=wasm,
+                            headers={"content-type": "application/wasm"}, timeout=300)
+
+
+def test_upload_gives_the_sha256_and_the_same_bytes_the_same_id(real_server, text_completion_wasm, uploaded) -> None:
+    assert uploaded["id"] == hashlib.sha256(text_completion_wasm).hexdigest()
+    assert uploaded["object"] == "inferlet" and uploaded["size"] == len(text_completion_wasm)
+    status, again, _ = _upload(real_server.url, text_completion_wasm, "tc")
+    assert status == 201 and again["id"] == uploaded["id"]
+    listed = raw_http.request(real_server.url + "/v1/inferlets")[1]["data"]
+    assert [r["id"] for r in listed if r["name"] == "tc"] == [uploaded["id"]]
+    for ref in ("tc", uploaded["id"]):
+        assert raw_http.request(f"{real_server.url}/v1/inferlets/{ref}")[1]["id"] == uploaded["id"]
+
+
+def test_bytes_that_are_no_component_get_400(real_server) -> None:
+    status, body, _ = _upload(real_server.url, b"\0asm\x01\0\0\0not really", "junk")
+    assert status == 400 and body["error"]["code"] == "invalid_inferlet"
+    assert all(r["name"] != "junk" for r in raw_http.request(real_server.url + "/v1/inferlets")[1]["data"])
+
+
+def test_a_run_without_streaming_returns_its_messages(real_server, uploaded) -> None:
+    status, run, _ = raw_http.request(f"{real_server.url}/v1/inferlets/tc/runs", "POST", {"args": PROMPT_ARGS})
+    assert status == 200 and run["status"] == "finished" and run["object"] == "run"
+    assert "".join(run["messages"]).strip()
+    again = raw_http.request(f"{real_server.url}/v1/inferlets/{uploaded['id']}/runs", "POST", {"args": PROMPT_ARGS})[1]
+    assert again["messages"] == run["messages"]  # greedy
+    assert raw_http.request(f"{real_server.url}/v1/runs/{run['id']}")[1]["messages"] == run["messages"]
+    assert all_pages_free(real_server)
+
+
+def test_a_streamed_run_sends_message_events_then_done(real_server, uploaded) -> None:
+    whole = raw_http.request(f"{real_server.url}/v1/inferlets/tc/runs", "POST", {"args": PROMPT_ARGS})[1]
+    events, headers = _sse(real_server.url + "/v1/inferlets/tc/runs", {"args": PROMPT_ARGS, "stream": True})
+    assert events[-1] == ("done", {"status": "finished"})
+    assert [data for kind, data in events[:-1]] == whole["messages"]
+    assert headers["x-run-id"].startswith("run-")
+
+
+def test_a_failing_inferlet_ends_its_run_failed_with_the_error(real_server, uploaded) -> None:
+    run = raw_http.request(f"{real_server.url}/v1/inferlets/tc/runs", "POST", {"args": ["--max-tokens", "3"]})[1]
+    assert run["status"] == "failed" and "--prompt" in run["error"]
+    assert all_pages_free(real_server)
+
+
+def test_delete_cancels_a_running_run_and_frees_its_pages(real_server, default_inferlet_wasm: Path) -> None:
+    """The default inferlet, run bare, sends its prompt event and then waits for a "go" that never comes."""
+    assert _upload(real_server.url, default_inferlet_wasm.read_bytes(), "default-bare")[0] == 201
+    request = {"version": 1, "prompts": [{"token_ids": [1, 2, 3]}], "n": 1, "max_tokens": 8,
+               "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": None,
+                            "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                            "logit_bias": [], "num_logprobs": None},
+               "stop": [], "stop_token_ids": [], "ignore_eos": True, "constraint": None}
+    result: dict = {}
+    reader = threading.Thread(target=lambda: result.update(events=_sse(
+        real_server.url + "/v1/inferlets/default-bare/runs", {"args": [json.dumps(request)], "stream": True})[0]))
+    reader.start()
+    deadline = time.monotonic() + 60
+    while True:
+        running = [r for r in raw_http.request(real_server.url + "/v1/runs")[1]["data"] if r["status"] == "running"]
+        if running and running[0]["num_messages"] > 0:
+            break
+        assert time.monotonic() < deadline, f"the run did not start: {raw_http.request(real_server.url + '/v1/runs')[1]}"
+        time.sleep(0.05)
+    cancelled = raw_http.request(f"{real_server.url}/v1/runs/{running[0]['id']}", "DELETE")[1]
+    assert cancelled["status"] == "cancelled"
+    reader.join(timeout=60)
+    kinds = [kind for kind, _ in result["events"]]
+    assert kinds == ["message", "done"] and result["events"][-1][1] == {"status": "cancelled"}
+    assert json.loads(result["events"][0][1])["type"] == "prompt"
+    assert all_pages_free(real_server)
+    raw_http.request(real_server.url + "/v1/inferlets/default-bare", "DELETE")
+
+
+def test_delete_removes_an_inferlet(real_server, text_completion_wasm) -> None:
+    assert _upload(real_server.url, text_completion_wasm, "tc-gone")[0] == 201
+    status, body, _ = raw_http.request(real_server.url + "/v1/inferlets/tc-gone", "DELETE")
+    assert status == 200 and body["deleted"] is True
+    assert raw_http.request(real_server.url + "/v1/inferlets/tc-gone")[0] == 404
+    assert raw_http.request(real_server.url + "/v1/inferlets/tc-gone/runs", "POST", {"args": []})[0] == 404
+
+
+def test_limits_and_unknown_names(make_fake_server, tmp_path: Path) -> None:
+    server = make_fake_server(max_inferlet_bytes=1000, inferlet_dir=tmp_path)
+    status, body, _ = _upload(server.url, b"x" * 2000, "big")
+    assert status == 413 and body["error"]["type"] == "invalid_request_error"
+    assert _upload(server.url, b"x" * 10, "bad%20name%21")[0] == 400
+    assert raw_http.request(server.url + "/v1/inferlets?name=", "POST", raw_body=b"x")[0] == 400
+    assert raw_http.request(server.url + "/v1/inferlets/nothing")[0] == 404
+    assert raw_http.request(server.url + "/v1/runs/run-nothing")[0] == 404
+    status, body, _ = _upload(server.url, b"fake component", "ok")
+    assert status == 201 and body["name"] == "ok"
+    status, body, _ = raw_http.request(server.url + "/v1/inferlets/ok/runs", "POST", {"args": "not a list"})
+    assert status == 400 and body["error"]["param"] == "args"
+
+
+def _sse(url: str, body: dict) -> tuple[list[tuple[str, object]], dict[str, str]]:
+    """(kind, data) per SSE event (done's data parsed as JSON), and the response headers."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+    conn.request("POST", parts.path, body=json.dumps(body), headers={"content-type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    events, kind, data = [], None, []
+    for raw in response:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: "):
+            data.append(line[len("data: "):])
+        elif not line and kind is not None:
+            text = "\n".join(data)
+            events.append((kind, json.loads(text) if kind == "done" else text))
+            kind, data = None, []
+    headers = {k.lower(): v for k, v in response.getheaders()}
+    conn.close()
+    return events, headers
+
+
+def test_pie_upload_and_pie_runs(real_server, text_completion_wasm, tmp_path: Path, capsys) -> None:
+    from pie_server.app.cli import main
+
+    wasm = tmp_path / "tc-cli.wasm"
+    wasm.write_bytes(text_completion_wasm)
+    assert main(["upload", str(wasm), "--url", real_server.url]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "tc-cli"
+    run = raw_http.request(f"{real_server.url}/v1/inferlets/tc-cli/runs", "POST", {"args": PROMPT_ARGS})[1]
+    assert main(["runs", "--url", real_server.url]) == 0
+    assert run["id"] in capsys.readouterr().out
+    assert main(["runs", run["id"], "--url", real_server.url]) == 0
+    assert json.loads(capsys.readouterr().out)["messages"] == run["messages"]
+    assert main(["upload", str(wasm), "--url", real_server.url, "--name", "no good"]) == 1
+    assert "400" in capsys.readouterr().err
+    raw_http.request(real_server.url + "/v1/inferlets/tc-cli", "DELETE")
+
+
+def test_openai_requests_run_a_named_inferlet(real_server) -> None:
+    """"model": "inferlet:NAME" runs the uploaded inferlet NAME; the default inferlet is preinstalled."""
+    from tests.app.conftest import client_for
+
+    client = client_for(real_server, timeout=120)
+    question = [{"role": "user", "content": "Name three colors."}]
+    assert "default" in [r["name"] for r in raw_http.request(real_server.url + "/v1/inferlets")[1]["data"]]
+    served = client.chat.completions.create(model="default", messages=question, max_tokens=6, temperature=0)
+    named = client.chat.completions.create(model="inferlet:default", messages=question, max_tokens=6, temperature=0)
+    assert named.choices[0].message.content == served.choices[0].message.content and named.model == "inferlet:default"
+    status, body, _ = raw_http.request(real_server.url + "/v1/chat/completions", "POST",
+                                       {"model": "inferlet:nope", "messages": question})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
