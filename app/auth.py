@@ -17,6 +17,10 @@ class ApiKeyMiddleware:
         self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and self.api_key is not None \
+                and not self._authorized(dict(scope["headers"])):
+            await send({"type": "websocket.close", "code": 1008, "reason": "incorrect API key"})
+            return
         if self.api_key is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS \
                 or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)

@@ -9,13 +9,13 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from pie_server.app.auth import ApiKeyMiddleware
 from pie_server.app.config import ServerConfig
 from pie_server.app.errors import EXCEPTION_HANDLERS
 from pie_server.app.openapi import openapi_document
-from pie_server.app.routes import inferlets, misc
+from pie_server.app.routes import inferlet_ws, inferlets, misc
 from pie_server.app.routes.chat import chat_completions
 from pie_server.app.routes.completions import completions
 from pie_server.app.state import AppState, EngineFactory
@@ -51,6 +51,7 @@ def create_app(engine_factory: EngineFactory, config: ServerConfig = ServerConfi
         Route("/v1/inferlets/{ref}", inferlets.get_inferlet, methods=["GET"]),
         Route("/v1/inferlets/{ref}", inferlets.delete_inferlet, methods=["DELETE"]),
         Route("/v1/inferlets/{ref}/runs", inferlets.start_run, methods=["POST"]),
+        WebSocketRoute("/v1/inferlets/{ref}/ws", inferlet_ws.run_over_websocket),
         Route("/v1/runs", inferlets.list_runs, methods=["GET"]),
         Route("/v1/runs/{run_id}", inferlets.get_run, methods=["GET"]),
         Route("/v1/runs/{run_id}", inferlets.cancel_run, methods=["DELETE"]),

@@ -189,3 +189,53 @@ def test_openai_requests_run_a_named_inferlet(real_server) -> None:
     status, body, _ = raw_http.request(real_server.url + "/v1/chat/completions", "POST",
                                        {"model": "inferlet:nope", "messages": question})
     assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
+def _default_request(max_tokens: int) -> str:
+    return json.dumps({"version": 1, "prompts": [{"token_ids": [1, 2, 3]}], "n": 1, "max_tokens": max_tokens,
+                       "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": None,
+                                    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                                    "logit_bias": [], "num_logprobs": None},
+                       "stop": [], "stop_token_ids": [], "ignore_eos": True, "constraint": None})
+
+
+def test_a_websocket_run_takes_messages_from_its_client(real_server) -> None:
+    """The preinstalled default inferlet waits for "go" after its prompt event: sent over the socket, it
+    generates, sends its text and result, and the run ends finished."""
+    from websockets.sync.client import connect
+
+    ws_url = real_server.url.replace("http://", "ws://") + "/v1/inferlets/default/ws"
+    with connect(ws_url, open_timeout=30) as ws:
+        ws.send(json.dumps({"args": [_default_request(5)]}))
+        assert json.loads(ws.recv(timeout=60))["type"] == "run"
+        prompt = json.loads(ws.recv(timeout=60))
+        assert prompt["type"] == "message" and json.loads(prompt["data"])["type"] == "prompt"
+        ws.send("go")
+        frames = []
+        while True:
+            frame = json.loads(ws.recv(timeout=60))
+            frames.append(frame)
+            if frame["type"] == "done":
+                break
+    assert frames[-1] == {"type": "done", "status": "finished"}
+    result = json.loads(frames[-2]["data"])
+    assert result["type"] == "result" and result["choices"][0]["num_tokens"] == 5
+    assert all_pages_free(real_server)
+
+
+def test_websocket_errors_and_keys(real_server, make_fake_server) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    base = real_server.url.replace("http://", "ws://")
+    with connect(base + "/v1/inferlets/nope/ws", open_timeout=30) as ws:
+        ws.send(json.dumps({"args": []}))
+        error = json.loads(ws.recv(timeout=30))
+        assert error["type"] == "error" and error["error"]["code"] == "inferlet_not_found"
+    keyed = make_fake_server(api_key="k1")
+    with pytest.raises(InvalidStatus):
+        connect(keyed.url.replace("http://", "ws://") + "/v1/inferlets/default/ws", open_timeout=30)
+    with connect(keyed.url.replace("http://", "ws://") + "/v1/inferlets/nope/ws", open_timeout=30,
+                 additional_headers={"Authorization": "Bearer k1"}) as ws:
+        ws.send(json.dumps({"args": []}))
+        assert json.loads(ws.recv(timeout=30))["error"]["code"] == "inferlet_not_found"
