@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from pie_server.app.config import ServerConfig
 
 DEFAULT_PORT = 8000
 CONFIG_ENV_VAR = "PIE_SERVER_CONFIG"  # the ServerConfig of front-end processes
+RUNTIME_ENV_VAR = "PIE_RUNTIME_LIMITS"  # their inferlet sandbox limits (JSON)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="front-end processes (HTTP, SSE, detokenisation, inferlets) beside one engine-core "
                              "process (control layer + executor); 0: everything in one process "
                              "(default: 0 on CPU, 2 on CUDA; docs/decisions/engine-core.md)")
+    limits = parser.add_argument_group("inferlet sandbox limits (every instance, the default inferlet's too)")
+    limits.add_argument("--inferlet-time-budget", type=float, default=600.0, metavar="SECONDS",
+                        help="wall-clock time an instance may run, waiting included (default: 600)")
+    limits.add_argument("--inferlet-memory-mib", type=int, default=256, metavar="MIB",
+                        help="linear memory per instance (default: 256)")
+    limits.add_argument("--inferlet-max-pages", type=int, default=None, metavar="PAGES",
+                        help="KV pages an instance may hold (default: no quota below the pool's size)")
+    limits.add_argument("--http-allow", action="append", default=[], metavar="HOST",
+                        help="a host inferlets may reach with outgoing HTTP ('*.example.com' for subdomains); "
+                             "repeatable (default: none)")
     parser.add_argument("--default-inferlet", type=Path, default=None,
                         help="a prebuilt default inferlet (.wasm) instead of building inferlets/builtin/default")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -52,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        os.environ[RUNTIME_ENV_VAR] = json.dumps(_runtime_limits(args))
+        _runtime_config()  # validates the limits now, not in a front end
         engine_config = _engine_config(args)
         num_front_ends = _num_front_ends(args.api_processes, engine_config.device)
         config = ServerConfig(api_key=args.api_key or None, served_model_names=tuple(args.served_model_name or ()),
@@ -136,10 +150,20 @@ def _num_front_ends(api_processes: int | None, device: str) -> int:
     return api_processes
 
 
+def _runtime_limits(args: argparse.Namespace) -> dict[str, object]:
+    return {"time_budget_s": args.inferlet_time_budget, "memory_limit_bytes": args.inferlet_memory_mib << 20,
+            "max_pages_per_instance": args.inferlet_max_pages, "http_allowed_hosts": list(args.http_allow)}
+
+
 def _runtime_config():  # -> RuntimeConfig
+    """The runtime's settings: the sandbox limits of the command line (through the environment, so every
+    front-end process gets them) and the compiled-component cache."""
     from pie_server.engine.runtime.config import RuntimeConfig
 
-    return RuntimeConfig(cache_dir=str(_cache_root() / "compiled"))
+    limits = json.loads(os.environ.get(RUNTIME_ENV_VAR, "{}"))
+    if "http_allowed_hosts" in limits:
+        limits["http_allowed_hosts"] = tuple(limits["http_allowed_hosts"])
+    return RuntimeConfig(cache_dir=str(_cache_root() / "compiled"), **limits)
 
 
 def _engine_config(args: argparse.Namespace):  # -> EngineConfig

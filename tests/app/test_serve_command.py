@@ -1,6 +1,7 @@
 """`pie serve` as a user starts it: a subprocess on a loopback port, polled until /health is 200."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,6 +15,13 @@ import openai
 import pytest
 
 from tests.app import raw_http
+
+
+BARE_REQUEST = json.dumps({
+    "version": 1, "prompts": [{"token_ids": [1, 2, 3]}], "n": 1, "max_tokens": 4,
+    "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": None, "presence_penalty": 0.0,
+                 "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": [], "num_logprobs": None},
+    "stop": [], "stop_token_ids": [], "ignore_eos": True, "constraint": None})
 
 
 def _kill_engine_core(log_path: Path) -> None:
@@ -38,7 +46,7 @@ def test_pie_serve_subprocess(tiny_llama_dir: Path, default_inferlet_wasm: Path,
     command = [str(pie), "serve", "--model", str(tiny_llama_dir), "--port", str(port),
                "--num-pages", "64", "--api-key", "k1", "--served-model-name", "tiny",
                "--default-inferlet", str(default_inferlet_wasm), "--log-level", "info",
-               "--api-processes", str(api_processes)]
+               "--api-processes", str(api_processes), "--inferlet-time-budget", "8"]
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                env=dict(os.environ))
@@ -61,6 +69,11 @@ def test_pie_serve_subprocess(tiny_llama_dir: Path, default_inferlet_wasm: Path,
                 for _ in range(4)]  # new connections: uvicorn spreads them over the front ends
         assert all(o.usage.completion_tokens == 3 and o.choices[0].finish_reason == "length" for o in outs)
         assert len({o.choices[0].text for o in outs}) == 1
+        # The sandbox limit from the command line reaches every front end: the default inferlet run bare waits
+        # for a "go" that never comes, until its time budget ends it.
+        run = raw_http.request(url + "/v1/inferlets/default/runs", "POST", {"args": [BARE_REQUEST]},
+                               headers={"authorization": "Bearer k1"}, timeout=60)[1]
+        assert run["status"] == "failed" and "budget" in run["error"], run
         metrics = raw_http.request(url + "/metrics", timeout=5)[1]
         assert 'pie:generation_tokens_total{model_name="tiny"} 12.0' in metrics  # every front end's, summed
         if api_processes:
