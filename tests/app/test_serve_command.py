@@ -46,27 +46,28 @@ def test_pie_serve_subprocess(tiny_llama_dir: Path, default_inferlet_wasm: Path,
     command = [str(pie), "serve", "--model", str(tiny_llama_dir), "--port", str(port),
                "--num-pages", "64", "--api-key", "k1", "--served-model-name", "tiny",
                "--default-inferlet", str(default_inferlet_wasm), "--log-level", "info",
-               "--api-processes", str(api_processes), "--inferlet-time-budget", "8"]
+               "--api-processes", str(api_processes), "--inferlet-time-budget", "20"]
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                env=dict(os.environ))
     try:
-        deadline = time.monotonic() + 600
-        while True:
+        deadline, num_healthy = time.monotonic() + 600, 0
+        # Every front end loads on its own (they answer 503 until then) and each new connection may reach any
+        # of them: healthy is 200 on several fresh connections in a row.
+        while num_healthy < 4 * max(1, api_processes):
             assert process.poll() is None, (tmp_path / "serve.log").read_text()
             try:
-                if raw_http.request(url + "/health", timeout=5)[0] == 200:
-                    break
+                num_healthy = num_healthy + 1 if raw_http.request(url + "/health", timeout=5)[0] == 200 else 0
             except OSError:
-                pass
+                num_healthy = 0
             assert time.monotonic() < deadline, "pie serve did not become healthy"
-            time.sleep(0.2)
+            time.sleep(0.05 if num_healthy else 0.2)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["tiny"]
         outs = [client.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0)
-                for _ in range(4)]  # new connections: uvicorn spreads them over the front ends
+                for _ in range(4)]
         assert all(o.usage.completion_tokens == 3 and o.choices[0].finish_reason == "length" for o in outs)
         assert len({o.choices[0].text for o in outs}) == 1
         # The sandbox limit from the command line reaches every front end: the default inferlet run bare waits
