@@ -109,9 +109,9 @@ class Decoding:
 
     def can_continue_after(self, position: int, context_len: int, page_size: int, max_context_len: int) -> bool:
         """Whether a decode whose forward at position (over context_len slots) is running may go on after it,
-        unless it samples a stop token: the test of _end_after, made before the output is known."""
-        return (not self.stream.stop_requested and self.num_generated + 1 < self.max_new_tokens
-                and position + 2 < max_context_len and context_len + 1 <= len(self.page_ids) * page_size)
+        unless it samples a stop token: _end_after's test, made before the output is known."""
+        return not self.stream.stop_requested and self._limit_after(
+            self.num_generated + 1, position + 1, context_len, len(self.page_ids) * page_size, max_context_len) is None
 
     def forward(self, token_ids: list[TokenId], position: int, context_len: int, page_size: int) -> VirtualForward:
         """The forward writing token_ids after context_len tokens, over the pages their slots need."""
@@ -139,7 +139,13 @@ class Decoding:
             return END_CANCELLED
         if token_id in self.stop_token_ids:
             return END_STOP
-        if self.num_generated >= self.max_new_tokens or next_position + 1 >= max_context_len:
+        return self._limit_after(self.num_generated, next_position, context_len, num_slots, max_context_len)
+
+    def _limit_after(self, num_generated: int, next_position: int, context_len: int, num_slots: int,
+                     max_context_len: int) -> str | None:
+        """The end that the counts alone decide: max_new_tokens or the context limit (length), no slot left
+        for the pending token (room)."""
+        if num_generated >= self.max_new_tokens or next_position + 1 >= max_context_len:
             return END_LENGTH
         if context_len + 1 > num_slots:
             return END_ROOM
