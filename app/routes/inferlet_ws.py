@@ -16,7 +16,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from pie_server.app.errors import ApiError
 from pie_server.app.inferlet_runs import Run
-from pie_server.app.inferlet_store import StoreError
+from pie_server.app.routes.inferlets import launch_run
 from pie_server.app.state import AppState
 
 POLICY_VIOLATION = 1008
@@ -51,25 +51,12 @@ async def run_over_websocket(websocket: WebSocket) -> None:
 
 
 async def _start(websocket: WebSocket, state: AppState) -> Run:
-    view, _ = state.ready()
+    state.ready()
     try:
         first = json.loads(await websocket.receive_text())
     except (ValueError, KeyError) as exc:
         raise ApiError(f"the first frame must be JSON {{\"args\": [...]}}: {exc}") from None
-    args = first.get("args", []) if isinstance(first, dict) else None
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-        raise ApiError("args must be a list of strings", param="args")
-    tenant = state.tenant_of(websocket)
-    try:
-        record = state.inferlets.get(websocket.path_params["ref"], tenant)
-    except StoreError as exc:
-        raise ApiError(str(exc), exc.status, code="inferlet_not_found") from None
-    program_hash = await state.program_hash_of(record)
-    try:
-        handle = view.launch(program_hash, args, tenant)
-    except ValueError as exc:
-        raise ApiError(str(exc), param="args") from None
-    return state.runs.start(record.id, tenant, handle)
+    return await launch_run(state, websocket, first.get("args", []) if isinstance(first, dict) else None)
 
 
 async def _client_to_inferlet(websocket: WebSocket, run: Run, cancel: Callable[[], None]) -> None:

@@ -15,7 +15,7 @@ import contextlib
 import json
 from typing import Any, AsyncIterator
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
 from pie_server.app.errors import ApiError, invalid
@@ -29,7 +29,7 @@ def _state(request: Request) -> AppState:
     return request.state.pie
 
 
-def _record(state: AppState, request: Request) -> InferletRecord:
+def _record(state: AppState, request: HTTPConnection) -> InferletRecord:
     try:
         return state.inferlets.get(request.path_params["ref"], state.tenant_of(request))
     except StoreError as exc:
@@ -73,23 +73,30 @@ async def delete_inferlet(request: Request) -> Response:
                          "deleted": True})
 
 
-async def start_run(request: Request) -> Response:
-    state = _state(request)
+async def launch_run(state: AppState, connection: HTTPConnection, args: Any) -> Run:
+    """Starts a run of the inferlet the path names (HTTP and WebSocket alike); ApiError for what is wrong."""
     view, _ = state.ready()
-    record = _record(state, request)
-    body = await read_json(request)
-    args = body.get("args", [])
+    record = _record(state, connection)
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise invalid("args must be a list of strings", param="args")
+    program_hash = await state.program_hash_of(record)
+    tenant = state.tenant_of(connection)
+    try:
+        handle = view.launch(program_hash, args, tenant)
+    except ValueError as exc:
+        raise invalid(str(exc), param="args") from None
+    return state.runs.start(record.id, tenant, handle)
+
+
+async def start_run(request: Request) -> Response:
+    state = _state(request)
+    state.ready()
+    _record(state, request)  # 404 for an unknown inferlet before the body is read
+    body = await read_json(request)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise invalid("stream must be a boolean", param="stream")
-    program_hash = await state.program_hash_of(record)
-    try:
-        handle = view.launch(program_hash, args, state.tenant_of(request))
-    except ValueError as exc:
-        raise invalid(str(exc), param="args") from None
-    run = state.runs.start(record.id, state.tenant_of(request), handle)
+    run = await launch_run(state, request, body.get("args", []))
     if stream:
         cleanup = contextlib.AsyncExitStack()
         cleanup.callback(state.runs.cancel, run)  # a no-op once the run ended
