@@ -106,6 +106,7 @@ class Decoding:
     num_in_flight: int = 0
     speculated: Any = None  # ForwardItem | None (work.py imports this module)
     end_reason: str | None = None
+    table_version: int = -1  # the page table's version when this decode's last forward was fully validated
 
     def can_continue_after(self, position: int, context_len: int, page_size: int, max_context_len: int) -> bool:
         """Whether a decode whose forward at position (over context_len slots) is running may go on after it,

@@ -27,6 +27,9 @@ class PageTable:
         # Hidden slots per page: a list of page_size bools (False = hidden); absent = all visible.
         self._visibility: dict[VirtualPageId, list[bool]] = {}
         self._next_id: VirtualPageId = 0
+        # Bumped whenever a mapped id goes away or a page's visibility changes: a caller that validated some
+        # ids at one version may take them as still valid, mapped to the same blocks, at the same version.
+        self.version = 0
 
     @property
     def num_pages(self) -> int:
@@ -70,6 +73,7 @@ class PageTable:
         """Unmaps the pages (all or none); returns the blocks to drop now. Pages in in_use (used by queued
         commands) are retired instead: see release_retired."""
         self.blocks(page_ids, distinct=True)
+        self.version += 1
         dropped = []
         for page_id in page_ids:
             block_id = self._blocks.pop(page_id)
@@ -91,6 +95,7 @@ class PageTable:
 
     def remove_all(self) -> list[BlockId]:
         block_ids = [*self._blocks.values(), *self._retired.values()]
+        self.version += 1
         self._blocks.clear()
         self._retired.clear()
         self._visibility.clear()
@@ -111,6 +116,7 @@ class PageTable:
         if len(slot_mask) != self.page_size:
             raise ControlError(f"slot mask has {len(slot_mask)} entries, the page size is {self.page_size}")
         visible = [bool(v) for v in slot_mask]
+        self.version += 1
         if all(visible):
             self._visibility.pop(page_id, None)
         else:
@@ -121,6 +127,7 @@ class PageTable:
         return self._visibility.get(page_id)
 
     def copy_visibility(self, src_ids: Sequence[VirtualPageId], dst_ids: Sequence[VirtualPageId]) -> None:
+        self.version += 1
         for src, dst in zip(src_ids, dst_ids):
             if src in self._visibility:
                 self._visibility[dst] = list(self._visibility[src])

@@ -169,8 +169,21 @@ def first_item(request: DecodeRequest, stream: DecodeStream, table: PageTable, l
 
 def next_item(item: ForwardItem, token_id: int, table: PageTable, limits: Limits) -> ForwardItem:
     """The decode's next forward: the token item's step sampled, in the slot after item's context."""
-    assert item.decoding is not None
-    return _decode_item(item.decoding, [token_id], item.positions[-1] + 1, item.context_len, table, limits)
+    decoding = item.decoding
+    assert decoding is not None
+    position, context_len = item.positions[-1] + 1, item.context_len + 1
+    if decoding.table_version == table.version and item.mask is None and item.num_tokens == 1 \
+            and context_len <= min(len(item.page_ids) * limits.page_size, limits.max_context_len) \
+            and (limits.max_position is None or position < limits.max_position) \
+            and 0 <= token_id and (limits.vocab_size is None or token_id < limits.vocab_size):
+        # The common step: the same pages as item, validated at this table version (no page freed or masked
+        # since), so prepare_forward's checks would all pass and give item's blocks again.
+        successor = ForwardItem(token_ids=[token_id], positions=[position], page_ids=item.page_ids,
+                                block_ids=item.block_ids, context_len=context_len, page_size=limits.page_size,
+                                outputs=item.outputs, mask=None, chunkable=True, future=item.future)
+        successor.decoding = decoding
+        return successor
+    return _decode_item(decoding, [token_id], position, item.context_len, table, limits)
 
 
 def _decode_item(decoding: Decoding, token_ids: list[int], position: int, context_len: int, table: PageTable,
@@ -178,6 +191,7 @@ def _decode_item(decoding: Decoding, token_ids: list[int], position: int, contex
     command = decoding.forward(token_ids, position, context_len, limits.page_size)
     item = prepare_forward(command, table, limits, decoding.stream.done)  # type: ignore[arg-type]
     item.decoding = decoding
+    decoding.table_version = table.version
     return item
 
 

@@ -54,8 +54,8 @@ class FakeExecutor:
         for command in batch.forwards:
             if command.fed_token is not None:
                 ref = command.fed_token
-                _require(self._previous is not None and ref.command_index < len(self._previous.results),
-                         f"fed token {ref} does not name a command of the previous step")
+                if self._previous is None or ref.command_index >= len(self._previous.results):
+                    _require(False, f"fed token {ref} does not name a command of the previous step")
                 token = self._previous.results[ref.command_index].outputs[ref.output_index].token_id  # type: ignore[union-attr]
                 command = dataclasses.replace(command, token_ids=[*command.token_ids[:-1], token], fed_token=None)
             forwards.append(command)

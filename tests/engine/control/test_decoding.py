@@ -140,3 +140,44 @@ def test_concurrent_decodes_with_different_ends(controllers: Controllers, pipeli
     assert extra == reference[:9]
     for instance, _ in [(ref, None), *opened]:
         controller.close_instance(instance)
+
+
+def _step_until_done(controller: Controller, stream: DecodeStream, max_steps: int = 200) -> None:
+    for _ in range(max_steps):
+        if stream.done.done():
+            return
+        controller.step()
+    raise AssertionError("the decode did not end")
+
+
+def test_a_page_freed_mid_decode_ends_it_with_an_error(controllers: Controllers, pipeline: bool) -> None:
+    """A decode's later forwards reuse the blocks its earlier ones validated only while no page of the
+    instance was freed since (PageTable.version)."""
+    controller, _ = _make(controllers, pipeline)
+    instance, pages = _open(controller, "a", 8)
+    stream = controller.decode(instance, _request(pages, 100))
+    for _ in range(3):
+        controller.step()
+    controller.free_pages(instance, [pages[0]])
+    _step_until_done(controller, stream)
+    with pytest.raises(Exception, match="page 0 was already freed"):
+        stream.done.result(timeout=10)
+    assert len(stream.drain()) < 10
+    controller.close_instance(instance)
+
+
+def test_slots_masked_mid_decode_are_hidden_from_its_later_forwards(controllers: Controllers,
+                                                                     pipeline: bool) -> None:
+    controller, executor = _make(controllers, pipeline)
+    instance, pages = _open(controller, "a", 8)
+    stream = controller.decode(instance, _request(pages, 12))
+    for _ in range(3):
+        controller.step()
+    num_batches = len(executor.batches)
+    controller.mask_slots(instance, pages[0], [False, True, True, True])
+    _step_until_done(controller, stream)
+    assert stream.done.result(timeout=10) == END_LENGTH
+    later = [command for batch in executor.batches[num_batches + 1:] for command in batch.forwards]
+    assert later and all(command.attention_mask is not None and not command.attention_mask[-1][0]
+                         and all(command.attention_mask[-1][1:]) for command in later)
+    controller.close_instance(instance)
