@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.step import CommandResult, OutputSpec
@@ -104,3 +104,19 @@ class Control(Protocol):
         """End a decode early (its stream's done says when nothing of it runs any more)."""
 
     def stats(self) -> ControlStats: ...
+
+
+def call_later(control: Control, method: str, *args: Any) -> Future[Any]:
+    """One of Control's calls that answer at once (a value, or None), as a Future: a Control whose calls cross
+    a process boundary (engine/core/client.py's RemoteControl, `call_later`) sends it and returns without
+    waiting for the reply, so the caller's thread (the runtime's scheduler, serving every instance) is not
+    held for a round trip; any other Control runs it now."""
+    later = getattr(control, "call_later", None)
+    if later is not None:
+        return later(method, *args)
+    future: Future[Any] = Future()
+    try:
+        future.set_result(getattr(control, method)(*args))
+    except Exception as error:
+        future.set_exception(error)
+    return future

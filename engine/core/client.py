@@ -24,7 +24,8 @@ from pie_server.engine.control.api import ControlError, ControlStats, InstanceCl
 from pie_server.engine.control.decoding import DecodeRequest, DecodeStream
 from pie_server.engine.processes import is_alive as _is_alive
 from pie_server.engine.futures import settle
-from pie_server.engine.core.messages import ENCODER, EVENTS_DECODER, Call, CoreFacts, End, Output, Reply
+from pie_server.engine.core.messages import (ENCODER, EVENTS_DECODER, PLAIN_METHODS, PLAIN_VALUES, Call, CoreFacts,
+                                             End, Output, Reply)
 from pie_server.engine.step import CommandResult, OutputResult
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
@@ -121,9 +122,6 @@ class RemoteControl:
     def clear_prefix_cache(self) -> None:
         self._call("clear_prefix_cache", [])
 
-    def num_cached_pages(self) -> int:
-        return self._call("num_cached_pages", [], int)
-
     def forward(self, instance_id: InstanceId, command: VirtualForward) -> Future[CommandResult]:
         if not isinstance(command, VirtualForward):
             raise ControlError(f"forward takes a VirtualForward, got {type(command).__name__}")
@@ -146,6 +144,14 @@ class RemoteControl:
 
     def stats(self) -> ControlStats:
         return self._call("stats", [], ControlStats)
+
+    def call_later(self, method: str, *args: Any) -> Future[Any]:
+        """One of the calls above that answer a value, sent without waiting: the Future settles with the
+        reply (engine/control/api.py call_later). Calls are served in the order they were sent, so a later
+        call sees its effect."""
+        if method not in PLAIN_METHODS:
+            raise ValueError(f"{method!r} is not a call that answers at once")
+        return self._start_call(method, list(args), PLAIN_VALUES.get(method, Any))
 
     # -- calls -----------------------------------------------------------------------------------------------
     def _call(self, method: str, args: list[Any], value_type: Any = Any) -> Any:

@@ -17,6 +17,7 @@ from typing import Any, Union
 import msgspec
 
 from pie_server.engine.config import EngineInfo
+from pie_server.engine.control.api import ControlStats, VirtualForward
 
 
 class Call(msgspec.Struct, array_like=True):
@@ -62,6 +63,38 @@ class CoreFacts(msgspec.Struct):
     vocab_size: int
     info: EngineInfo
     admission_pages: int
+
+
+# Controller methods served as they are: name -> argument types. The value (or error) is the reply.
+PLAIN_METHODS: dict[str, Any] = {
+    "open_instance": tuple[str, int | None],
+    "close_instance": tuple[str],
+    "free_pages": tuple[str, list[int]],
+    "copy_slots": tuple[str, int, int, int, int, int],
+    "mask_slots": tuple[str, int, list[bool]],
+    "share_pages": tuple[str, list[int]],
+    "export_pages": tuple[str, list[int], str],
+    "import_pages": tuple[str, str],
+    "unexport_pages": tuple[str],
+    "list_exports": tuple[()],
+    "prefix_lookup": tuple[str, list[int]],
+    "prefix_publish": tuple[str, list[int], list[int]],
+    "clear_prefix_cache": tuple[()],
+    "stats": tuple[()],
+}
+# The replies' value types of those that answer more than None.
+PLAIN_VALUES: dict[str, Any] = {
+    "share_pages": list[int],
+    "import_pages": list[int],
+    "list_exports": list[str],
+    "prefix_lookup": tuple[list[int], int],
+    "stats": ControlStats,
+}
+# Controller methods that return a Future: the reply comes when it settles.
+FUTURE_METHODS: dict[str, Any] = {
+    "allocate_pages": tuple[str, int],
+    "forward": tuple[str, VirtualForward],
+}
 
 
 def error_of(exc: BaseException) -> list[str]:

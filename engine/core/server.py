@@ -20,43 +20,18 @@ from typing import Any, Callable
 import msgspec
 import zmq
 
-from pie_server.engine.control.api import ControlError, VirtualForward
+from pie_server.engine.control.api import ControlError
 from pie_server.engine.control.controller import Controller
 from pie_server.engine.control.decoding import DecodeRequest, DecodeStream
 from pie_server.engine.processes import is_alive as _is_alive
-from pie_server.engine.core.messages import (CALL_DECODER, ENCODER, Call, CoreFacts, End, Event, Output, Reply,
-                                             error_of)
+from pie_server.engine.core.messages import (CALL_DECODER, ENCODER, FUTURE_METHODS, PLAIN_METHODS, Call, CoreFacts,
+                                             End, Event, Output, Reply, error_of)
 from pie_server.engine.step import OutputResult
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 1.0  # how often the core looks for front ends (and its parent) that went away
 SEND_HWM = 1 << 20  # messages queued per front end before sends are dropped (it is then stuck or gone)
-
-# Controller methods served as they are: name -> argument types. The value (or error) is the reply.
-PLAIN_METHODS: dict[str, Any] = {
-    "open_instance": tuple[str, int | None],
-    "close_instance": tuple[str],
-    "free_pages": tuple[str, list[int]],
-    "copy_slots": tuple[str, int, int, int, int, int],
-    "mask_slots": tuple[str, int, list[bool]],
-    "share_pages": tuple[str, list[int]],
-    "export_pages": tuple[str, list[int], str],
-    "import_pages": tuple[str, str],
-    "unexport_pages": tuple[str],
-    "list_exports": tuple[()],
-    "prefix_lookup": tuple[str, list[int]],
-    "prefix_publish": tuple[str, list[int], list[int]],
-    "clear_prefix_cache": tuple[()],
-    "num_cached_pages": tuple[()],
-    "stats": tuple[()],
-}
-# Controller methods that return a Future: the reply comes when it settles.
-FUTURE_METHODS: dict[str, Any] = {
-    "allocate_pages": tuple[str, int],
-    "forward": tuple[str, VirtualForward],
-}
-
 
 class FrontLink:
     """One front end as the core sees it: where its events go, and what it holds (to release if it goes)."""

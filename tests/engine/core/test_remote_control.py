@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from pie_server.engine.control.api import ControlError, VirtualForward
+from pie_server.engine.control.api import ControlError, VirtualForward, call_later
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.controller import Controller
 from pie_server.engine.control.decoding import DecodeRequest
@@ -203,3 +203,23 @@ def test_a_front_end_that_dies_leaves_nothing_held(core: Core, tmp_path: Path) -
         time.sleep(0.05)
     assert stats.num_instances == 0 and stats.num_free_pages == stats.num_pages
     assert core.controller.admission.num_free == core.controller.admission.num_pages
+
+
+def test_call_later_answers_through_a_future_in_call_order(core: Core) -> None:
+    """The runtime's scheduler thread sends value calls without waiting (engine/control/api.py call_later):
+    each Future settles with the reply or the error, and a later call sees what an earlier one did."""
+    remote = core.remote
+    opened = call_later(remote, "open_instance", "a", None)
+    pages = remote.allocate_pages("a", 2).result(5)  # sent after the open: served after it
+    assert opened.result(5) is None and pages == [0, 1]
+    shared = call_later(remote, "share_pages", "a", pages[:1])
+    freed = call_later(remote, "free_pages", "a", [7])
+    stats = call_later(remote, "stats")
+    assert len(shared.result(5)) == 1 and stats.result(5).num_free_pages == 30
+    with pytest.raises(ControlError, match="unknown page id"):
+        freed.result(5)
+    with pytest.raises(ValueError, match="not a call that answers at once"):
+        call_later(remote, "forward", "a")
+    assert call_later(core.controller, "list_exports").result(0) == []  # in process: run at once
+    call_later(remote, "close_instance", "a").result(5)
+    assert remote.stats().num_free_pages == 32
