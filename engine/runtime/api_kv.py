@@ -1,8 +1,12 @@
-"""Host functions of `kv` (pages, sharing) and `prefix-cache`: thin, validated calls into api.Control."""
+"""Host functions of `kv` (pages, sharing) and `prefix-cache`: thin, validated calls into api.Control.
+
+The calls go through call_later: with the engine core in another process the scheduler thread runs other
+instances while the reply is on its way, instead of blocking all of them for the round trip."""
 from __future__ import annotations
 
 from typing import Sequence
 
+from pie_server.engine.control.api import call_later
 from pie_server.engine.runtime.host import Host
 from pie_server.engine.runtime.hostfn import HostFunction, expect
 from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
@@ -28,25 +32,26 @@ def functions(host: Host) -> list[HostFunction]:
         page_ids = yield control.allocate_pages(inst.id, num_pages)
         return ("ok", list(page_ids))
 
-    def free_pages(inst: InstanceState, page_ids: list[int]) -> tuple[str, None]:
-        control.free_pages(inst.id, page_ids)
+    def free_pages(inst: InstanceState, page_ids: list[int]) -> HostTaskGen:
+        yield call_later(control, "free_pages", inst.id, page_ids)
         return ("ok", None)
 
     def copy_slots(inst: InstanceState, src: int, dst: int, src_offset: int, dst_offset: int,
-                   num_slots: int) -> tuple[str, None]:
+                   num_slots: int) -> HostTaskGen:
         expect(num_slots > 0, "num-slots must be positive")
         expect(src_offset + num_slots <= page_size and dst_offset + num_slots <= page_size,
                f"slot ranges must lie within a page of {page_size} slots")
-        control.copy_slots(inst.id, src, dst, src_offset, dst_offset, num_slots)
+        yield call_later(control, "copy_slots", inst.id, src, dst, src_offset, dst_offset, num_slots)
         return ("ok", None)
 
-    def mask_slots(inst: InstanceState, page_id: int, slot_mask: list[bool]) -> tuple[str, None]:
+    def mask_slots(inst: InstanceState, page_id: int, slot_mask: list[bool]) -> HostTaskGen:
         expect(len(slot_mask) == page_size, f"slot-mask needs {page_size} entries, got {len(slot_mask)}")
-        control.mask_slots(inst.id, page_id, slot_mask)
+        yield call_later(control, "mask_slots", inst.id, page_id, slot_mask)
         return ("ok", None)
 
-    def share_pages(inst: InstanceState, page_ids: list[int]) -> tuple[str, list[int]]:
-        return ("ok", list(control.share_pages(inst.id, page_ids)))
+    def share_pages(inst: InstanceState, page_ids: list[int]) -> HostTaskGen:
+        shared = yield call_later(control, "share_pages", inst.id, page_ids)
+        return ("ok", list(shared))
 
     def check_name(name: str) -> None:
         expect(0 < len(name.encode()) <= MAX_EXPORT_NAME_BYTES,
@@ -67,16 +72,16 @@ def functions(host: Host) -> list[HostFunction]:
         control.unexport_pages(name)
         return ("ok", None)
 
-    def lookup(inst: InstanceState, token_ids: list[int]) -> tuple[str, dict]:
+    def lookup(inst: InstanceState, token_ids: list[int]) -> HostTaskGen:
         check_token_ids(token_ids, host.model.vocab_size)
-        page_ids, num_tokens = control.prefix_lookup(inst.id, token_ids)
+        page_ids, num_tokens = yield call_later(control, "prefix_lookup", inst.id, token_ids)
         return ("ok", {"page-ids": list(page_ids), "num-tokens": num_tokens})
 
-    def publish(inst: InstanceState, token_ids: list[int], page_ids: list[int]) -> tuple[str, None]:
+    def publish(inst: InstanceState, token_ids: list[int], page_ids: list[int]) -> HostTaskGen:
         check_token_ids(token_ids, host.model.vocab_size)
         expect(len(page_ids) * page_size <= len(token_ids),
                "publish only full pages: len(page-ids) * page-size must be <= len(token-ids)")
-        control.prefix_publish(inst.id, token_ids, page_ids)
+        yield call_later(control, "prefix_publish", inst.id, token_ids, page_ids)
         return ("ok", None)
 
     return [

@@ -16,13 +16,13 @@ import logging
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import wasmtime
 
-from pie_server.engine.control.api import Control
+from pie_server.engine.control.api import Control, call_later
 from pie_server.engine.runtime import api_tokenize, ffi_async
 from pie_server.engine.runtime.config import ModelInfo, RuntimeConfig
 from pie_server.engine.runtime.host import Host, TenantStore
@@ -167,7 +167,11 @@ class Runtime:
 
     # ------------------------------------------------------------------------- scheduler thread
     def _start(self, state: InstanceState, component: Any) -> None:
-        self.control.open_instance(state.id, self.config.max_pages_per_instance)
+        # Sent without waiting for an engine core's reply (call_later): its later calls are served after it.
+        opened = call_later(self.control, "open_instance", state.id, self.config.max_pages_per_instance)
+        if opened.done() and opened.exception() is not None:
+            raise opened.exception()  # type: ignore[misc]
+        opened.add_done_callback(lambda done: _log_failure(done, f"open_instance({state.id})"))
         store = wasmtime.Store(self.engine)
         store.set_limits(memory_size=self.config.memory_limit_bytes)
         store.set_epoch_deadline(1)
@@ -183,9 +187,10 @@ class Runtime:
         state.phase = "instantiating"
 
     def _on_stop(self, state: InstanceState, ok: bool, error: str | None) -> None:
-        try:
-            self.control.close_instance(state.id)
-        except Exception:  # never let cleanup of one instance disturb the others
+        try:  # never let cleanup of one instance disturb the others
+            closed = call_later(self.control, "close_instance", state.id)
+            closed.add_done_callback(lambda done: _log_failure(done, f"close_instance({state.id})"))
+        except Exception:
             log.exception("close_instance(%s) failed", state.id)
         self._host.bus.drop(state)
         api_tokenize.drop_instance_decoders(self._host, state)
@@ -200,6 +205,11 @@ class Runtime:
                 callback(state)
             except Exception:
                 log.exception("on_exit callback of %s failed", state.id)
+
+
+def _log_failure(done: Future[Any], what: str) -> None:
+    if done.exception() is not None:
+        log.error("%s failed: %s", what, done.exception())
 
 
 def _log_writer(state: InstanceState, limit: int) -> Callable[[bytes], int]:
