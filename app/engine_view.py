@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from pie_server.app.inferlet_run import InstanceHandle
 from pie_server.app.metrics import EngineGauges
 from pie_server.engine.control.admission import Admission
+from pie_server.engine.control.api import ControlStats
 
 
 class EngineView:
@@ -55,15 +56,21 @@ class EngineView:
     def load_program(self, wasm: bytes) -> str:
         return str(self.engine.runtime.load(wasm))
 
-    def launch(self, program_hash: str, arguments: list[str], tenant: str) -> InstanceHandle:
-        return self.engine.runtime.launch(program_hash, arguments, tenant)
+    def launch(self, program_hash: str, arguments: list[str], tenant: str, limits: Any = None) -> InstanceHandle:
+        """limits: engine/runtime/config.py InstanceLimits (None: the runtime's own)."""
+        if limits is None:
+            return self.engine.runtime.launch(program_hash, arguments, tenant)
+        return self.engine.runtime.launch(program_hash, arguments, tenant, limits=limits)
 
     def alive(self) -> bool:
         check = getattr(self.engine, "alive", None)
         return bool(check()) if callable(check) else True
 
+    def control_stats(self) -> ControlStats:
+        return self.engine.control.stats()
+
     def gauges(self, num_running: int, num_queued: int) -> EngineGauges:
-        stats = self.engine.control.stats()
+        stats = self.control_stats()
         used = 1.0 - stats.num_free_pages / stats.num_pages if stats.num_pages else 0.0
         return EngineGauges(num_requests_running=num_running,
                             num_requests_waiting=num_queued + stats.num_waiting,

@@ -3,8 +3,13 @@ each (name, size, created, tenant). On disk so that uploads survive restarts and
 the same ones (a volume in compose); compiled code is cached apart, by the runtime (engine/runtime/programs.py).
 
 Names: a record per tenant and name, pointing to the bytes last uploaded under that name. Uploading the same
-bytes again returns the same id, under every name it was given. The bytes go when no record names them. Writes go to a temporary file first and are renamed into place, so a
-reader never sees half a file. Tenants see only their own records.
+bytes again returns the same id, under every name it was given. The bytes go when no record names them. Writes
+go to a temporary file first and are renamed into place, so a reader never sees half a file.
+
+Tenants see only their own records, and the built-in ones: the server's own inferlets (the default inferlet) live
+in the namespace BUILTIN_TENANT, which only the server writes; a name resolves in the tenant's own records first,
+then there (so a tenant's upload of the same name shadows the built-in one for that tenant only). A tenant cannot
+delete a built-in inferlet (403).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from pathlib import Path
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+BUILTIN_TENANT = "@builtin"  # no tenant is named so (app/config.py TENANT_PATTERN has no '@')
 
 
 class StoreError(Exception):
@@ -39,7 +45,8 @@ class InferletRecord:
     tenant: str
 
     def public(self) -> dict[str, object]:
-        return {"object": "inferlet", "id": self.id, "name": self.name, "size": self.size, "created": self.created}
+        return {"object": "inferlet", "id": self.id, "name": self.name, "size": self.size, "created": self.created,
+                "builtin": self.tenant == BUILTIN_TENANT}
 
 
 class InferletStore:
@@ -60,34 +67,50 @@ class InferletStore:
         return record
 
     def get(self, id_or_name: str, tenant: str) -> InferletRecord:
-        """By name, or by id (its newest name)."""
-        if NAME_PATTERN.match(id_or_name) and self._record_path(tenant, id_or_name).is_file():
-            return _read_record(self._record_path(tenant, id_or_name))
-        with_id = [r for r in self.list(tenant) if r.id == id_or_name] if ID_PATTERN.match(id_or_name) else []
-        if not with_id:
-            raise StoreError(f"no inferlet {id_or_name!r}", 404)
-        return max(with_id, key=lambda r: r.created)
+        """By name, or by id (its newest name): the tenant's own, else a built-in one."""
+        for owner in dict.fromkeys((tenant, BUILTIN_TENANT)):
+            record = self._find(id_or_name, owner)
+            if record is not None:
+                return record
+        raise StoreError(f"no inferlet {id_or_name!r}", 404)
 
     def list(self, tenant: str) -> list[InferletRecord]:
-        folder = self.root / "records" / _tenant_dir(tenant)
-        if not folder.is_dir():
-            return []
-        return sorted((_read_record(p) for p in folder.glob("*.json")), key=lambda r: (r.created, r.id))
+        """The tenant's records and the built-in ones it does not shadow by name."""
+        own = self._records(tenant)
+        names = {r.name for r in own}
+        builtin = [] if tenant == BUILTIN_TENANT else [r for r in self._records(BUILTIN_TENANT) if r.name not in names]
+        return sorted(own + builtin, key=lambda r: (r.created, r.id))
 
     def wasm(self, record: InferletRecord) -> bytes:
         return self._wasm_path(record.id).read_bytes()
 
     def delete(self, id_or_name: str, tenant: str) -> list[InferletRecord]:
         """Removes the tenant's record of that name, or every name of that id; the bytes go once no record
-        (of any tenant) names them."""
+        (of any tenant) names them. 403 for a built-in inferlet, 404 for an unknown one."""
         with self._lock:
-            first = self.get(id_or_name, tenant)
-            records = [first] if first.name == id_or_name else [r for r in self.list(tenant) if r.id == first.id]
+            first = self._find(id_or_name, tenant)
+            if first is None:
+                if tenant != BUILTIN_TENANT and self._find(id_or_name, BUILTIN_TENANT) is not None:
+                    raise StoreError(f"{id_or_name!r} is a built-in inferlet: it cannot be deleted", 403)
+                raise StoreError(f"no inferlet {id_or_name!r}", 404)
+            records = [first] if first.name == id_or_name else [r for r in self._records(tenant) if r.id == first.id]
             for record in records:
                 self._record_path(tenant, record.name).unlink(missing_ok=True)
-            if not any(_read_record(p).id == first.id for p in (self.root / "records").glob("*/*.json")):
+            if not any(r.id == first.id for r in map(_read_record, (self.root / "records").glob("*/*.json")) if r):
                 self._wasm_path(first.id).unlink(missing_ok=True)
         return records
+
+    def _find(self, id_or_name: str, tenant: str) -> InferletRecord | None:
+        if NAME_PATTERN.match(id_or_name):
+            record = _read_record(self._record_path(tenant, id_or_name))
+            if record is not None:
+                return record
+        with_id = [r for r in self._records(tenant) if r.id == id_or_name] if ID_PATTERN.match(id_or_name) else []
+        return max(with_id, key=lambda r: r.created) if with_id else None
+
+    def _records(self, tenant: str) -> list[InferletRecord]:
+        folder = self.root / "records" / _tenant_dir(tenant)
+        return [r for r in map(_read_record, folder.glob("*.json")) if r is not None] if folder.is_dir() else []
 
     def _wasm_path(self, inferlet_id: str) -> Path:
         return self.root / "wasm" / f"{inferlet_id}.wasm"
@@ -101,8 +124,12 @@ def _tenant_dir(tenant: str) -> str:
     return hashlib.sha256(tenant.encode()).hexdigest()[:32]
 
 
-def _read_record(path: Path) -> InferletRecord:
-    return InferletRecord(**json.loads(path.read_text()))
+def _read_record(path: Path) -> InferletRecord | None:
+    """None if there is none (or it went meanwhile: another process deleted it)."""
+    try:
+        return InferletRecord(**json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

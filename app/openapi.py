@@ -84,6 +84,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/health": _get("200 when ready, 503 while loading or after a failure"),
             "/version": _get("The server version"),
             "/metrics": _get("Prometheus metrics", "text/plain"),
+            "/v1/engine/stats": _get("KV-cache usage, instances, running and waiting requests (the web page's panel)"),
             **_inferlet_paths(),
         },
     }
@@ -101,7 +102,11 @@ def _inferlet_paths() -> dict[str, Any]:
                             "400": {"description": "not a component of the API", **_json(_ERROR)},
                             "413": {"description": "over the size limit", **_json(_ERROR)}}}
     run = _post("Run an inferlet; stream: SSE `message` events, then `done`", {"type": "object", "properties": {
-        "args": {"type": "array", "items": _STR}, "stream": _BOOL}}, stream=True)["post"]
+        "args": {"type": "array", "items": _STR}, "stream": _BOOL,
+        "limits": {"type": "object", "description": "this run's own, at most the server's (docs/api.md)",
+                   "properties": {"time_budget_s": {"type": "number", "exclusiveMinimum": 0},
+                                  "memory_mib": {**_INT, "minimum": 1}, "max_pages": {**_INT, "minimum": 1}}}}},
+        stream=True)["post"]
     delete = {"summary": "Delete", "responses": {"200": {"description": "OK", **_json({"type": "object"})},
                                                  "404": {"description": "unknown", **_json(_ERROR)}}}
     return {

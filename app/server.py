@@ -15,7 +15,7 @@ from pie_server.app.auth import ApiKeyMiddleware
 from pie_server.app.config import ServerConfig
 from pie_server.app.errors import EXCEPTION_HANDLERS
 from pie_server.app.openapi import openapi_document
-from pie_server.app.routes import inferlet_ws, inferlets, misc
+from pie_server.app.routes import inferlet_ws, inferlets, misc, ui
 from pie_server.app.routes.chat import chat_completions
 from pie_server.app.routes.completions import completions
 from pie_server.app.state import AppState, EngineFactory
@@ -55,8 +55,9 @@ def create_app(engine_factory: EngineFactory, config: ServerConfig = ServerConfi
         Route("/v1/runs", inferlets.list_runs, methods=["GET"]),
         Route("/v1/runs/{run_id}", inferlets.get_run, methods=["GET"]),
         Route("/v1/runs/{run_id}", inferlets.cancel_run, methods=["DELETE"]),
+        *ui.routes(),  # the web page at / and GET /v1/engine/stats
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-                    middleware=[Middleware(ApiKeyMiddleware, api_key=config.api_key)])
+                    middleware=[Middleware(ApiKeyMiddleware, api_key=config.api_key, api_keys=config.api_keys)])
     app.state.pie = state  # for tests and embedding; handlers use the lifespan state
     return app

@@ -1,6 +1,6 @@
 """The server's state, kept in the Starlette app's lifespan state (no globals): the engine, loaded in the
-background so /health can answer 503 while it loads; the default inferlet's program; metrics; and the
-slots that bound how many inferlet instances run at once (the rest queue)."""
+background so /health can answer 503 while it loads; the default inferlet's program; metrics; the slots that
+bound how many inferlet instances run at once (the rest queue); and whose a request is (its tenant)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,16 +10,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+from pie_server.app.auth import TENANT_SCOPE_KEY
 from pie_server.app.config import ServerConfig
 from pie_server.app.engine_view import EngineView
 from pie_server.app.errors import ApiError
 from pie_server.app.inferlet_build import default_cache_dir
-from pie_server.app.inferlet_run import InferletRun, PromptInfo
+from pie_server.app.inferlet_run import InferletRun, InstanceHandle, PromptInfo
 from pie_server.app.inferlet_runs import RunRegistry
-from pie_server.app.inferlet_store import InferletRecord, InferletStore, StoreError
+from pie_server.app.inferlet_store import BUILTIN_TENANT, InferletRecord, InferletStore, StoreError
 from pie_server.app.metrics import EngineGauges, Metrics
 from pie_server.engine.control.admission import Admission, pages_for
 from pie_server.app.openai.params import INFERLET_MODEL_PREFIX, ModelLimits
+from pie_server.engine.runtime.config import InstanceLimits
+from pie_server.engine.runtime.tenant_quota import TenantQuotaError
 
 log = logging.getLogger("pie.app")
 
@@ -46,6 +49,7 @@ class AppState:
         self._loader: asyncio.Task[None] | None = None
         self.inferlets = InferletStore(config.inferlet_dir or default_cache_dir().parent / "uploads")
         self.program_hashes: dict[str, str] = {}  # uploaded inferlet id -> its program in this front end's runtime
+        self._program_sources: dict[str, InferletRecord] = {}  # program -> an inferlet record of its Wasm bytes
         self.runs = RunRegistry()
 
     # lifecycle -----------------------------------------------------------------------------------
@@ -88,9 +92,8 @@ class AppState:
         except Exception:
             view.close()
             raise
-        # Preinstalled: "model": "inferlet:default" names it, and /v1/inferlets lists it.
-        record = self.inferlets.put(wasm, DEFAULT_INFERLET_NAME, self.config.tenant)
-        self.program_hashes[record.id] = self.program_hash
+        # Preinstalled, for every tenant: "model": "inferlet:default" names it, and /v1/inferlets lists it.
+        self.remember_program(self.inferlets.put(wasm, DEFAULT_INFERLET_NAME, BUILTIN_TENANT), self.program_hash)
         return view
 
     def _default_inferlet_wasm(self) -> bytes:
@@ -104,9 +107,14 @@ class AppState:
             return out.read_bytes()
 
     # requests ------------------------------------------------------------------------------------
-    def tenant_of(self, _request: Any) -> str:
-        """Whose inferlets and runs a request sees: one tenant per server until several API keys exist."""
-        return self.config.tenant
+    def tenant_of(self, request: Any) -> str:
+        """Whose inferlets, runs, exports and store a request sees: its API key's tenant (app/auth.py), or the
+        one default tenant when the server has no keys."""
+        return request.scope.get(TENANT_SCOPE_KEY) or self.config.tenant
+
+    def remember_program(self, record: InferletRecord, program_hash: str) -> None:
+        self.program_hashes[record.id] = program_hash
+        self._program_sources[program_hash] = record
 
     async def program_hash_of(self, record: InferletRecord) -> str:
         """The uploaded inferlet's program in this front end's runtime (compiled once; the runtime caches the
@@ -119,8 +127,33 @@ class AppState:
                 program_hash = await asyncio.to_thread(view.load_program, wasm)
             except (OSError, ValueError) as exc:  # validated at upload: the store's copy is damaged
                 raise ApiError(f"the stored inferlet {record.name!r} cannot be loaded: {exc}", 500) from None
-            self.program_hashes[record.id] = program_hash
+            self.remember_program(record, program_hash)
         return program_hash
+
+    async def launch(self, program_hash: str, arguments: list[str], tenant: str,
+                     limits: InstanceLimits | None = None) -> InstanceHandle:
+        """An instance of a loaded program for tenant. 429 (too_many_instances) over the tenant's quota of
+        instances; the runtime's LimitError (limits above the server's maxima) passes through. A program whose
+        compiled code the runtime evicted meanwhile (engine/runtime/programs.py) is loaded again first."""
+        view, _ = self.ready()
+        try:
+            try:
+                return view.launch(program_hash, arguments, tenant, limits)
+            except KeyError:
+                await self._load_again(view, program_hash)
+                return view.launch(program_hash, arguments, tenant, limits)
+        except TenantQuotaError as exc:
+            raise ApiError(str(exc), 429, code="too_many_instances") from None
+
+    async def _load_again(self, view: EngineView, program_hash: str) -> None:
+        record = self._program_sources.get(program_hash)
+        if record is None:
+            raise ApiError(f"the program {program_hash} is not loaded", 500)
+        try:
+            wasm = await asyncio.to_thread(self.inferlets.wasm, record)
+        except FileNotFoundError:  # deleted meanwhile
+            raise ApiError(f"no inferlet {record.name!r}", 404, code="inferlet_not_found") from None
+        await asyncio.to_thread(view.load_program, wasm)
 
     async def program_hash_for_model(self, model: str, request: Any) -> str | None:
         """None for the served model (the default inferlet); the uploaded inferlet's for "inferlet:NAME"."""
@@ -143,10 +176,12 @@ class AppState:
         return self.view, self.limits
 
     @contextlib.asynccontextmanager
-    async def run(self, arguments: str, program_hash: str | None = None) -> AsyncIterator[InferletRun]:
-        """Launch the default inferlet once a slot is free; it is killed (pages freed) on the way out
-        unless it already ended, e.g. when the client went away (this task is then cancelled)."""
-        view, _ = self.ready()
+    async def run(self, arguments: str, program_hash: str | None = None,
+                  tenant: str | None = None) -> AsyncIterator[InferletRun]:
+        """Launch the default inferlet (or program_hash) for tenant (None: the default tenant) once a slot is
+        free; it is killed (pages freed) on the way out unless it already ended, e.g. when the client went away
+        (this task is then cancelled)."""
+        self.ready()
         assert self._slots is not None
         self.num_queued += 1
         try:
@@ -154,7 +189,8 @@ class AppState:
         finally:
             self.num_queued -= 1
         try:
-            run = InferletRun(view.launch(program_hash or self.program_hash, [arguments], self.config.tenant))
+            run = InferletRun(await self.launch(program_hash or self.program_hash, [arguments],
+                                                tenant or self.config.tenant))
             self.num_running += 1
             try:
                 yield run
@@ -165,10 +201,10 @@ class AppState:
             self._slots.release()
 
     async def enter_run(self, stack: contextlib.AsyncExitStack, arguments: str, n: int,
-                        program_hash: str | None = None) -> tuple[InferletRun, PromptInfo]:
+                        program_hash: str | None = None, tenant: str | None = None) -> tuple[InferletRun, PromptInfo]:
         """Launch into stack (which then owns the instance and its page reservation), wait for the prompt
         event, reserve the pages the request may need (queueing while the KV cache is committed), go."""
-        run = await stack.enter_async_context(self.run(arguments, program_hash))
+        run = await stack.enter_async_context(self.run(arguments, program_hash, tenant))
         prompt = await run.start()
         assert self.view is not None and self.admission is not None
         admission = self.admission

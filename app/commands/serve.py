@@ -20,6 +20,19 @@ DEFAULT_PORT = 8000
 CONFIG_ENV_VAR = "PIE_SERVER_CONFIG"  # the ServerConfig of front-end processes
 RUNTIME_ENV_VAR = "PIE_RUNTIME_LIMITS"  # their inferlet sandbox limits (JSON)
 
+# The parser's help texts (app/cli.py).
+SUMMARY = "start the OpenAI-compatible HTTP server"
+DESCRIPTION = """\
+Serves OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), the inferlet API (/v1/inferlets,
+/v1/runs), /health and /metrics. It listens at once; GET /health answers 503 until the model is loaded and
+the default inferlet is built and compiled (both cached under $PIE_CACHE_DIR, else ~/.cache/pie), then 200.
+Without --model it serves the embedded SmolLM2-135M-Instruct. Reference: docs/api.md."""
+EXAMPLES = """\
+  pie serve                                          # SmolLM2-135M-Instruct on CPU, http://127.0.0.1:8000
+  pie serve --model ~/models/Llama-3.1-8B-Instruct --device cuda --host 0.0.0.0 --api-key KEY
+  pie serve --model model.Q8_0.gguf --served-model-name chat --port 9000
+  pie serve --http-allow api.example.com --inferlet-time-budget 120   # what inferlets may do"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
@@ -28,8 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the name(s) clients use in 'model' (default: the model's name); repeatable")
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' (health, metrics and version stay open; empty: no key)")
+    parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' (health, metrics and version stay open; empty: no "
+                             "key); repeatable: each key is a tenant of its own, which sees only its own inferlets, "
+                             "runs, exported KV pages and key-value store")
+    parser.add_argument("--api-keys-file", type=Path, default=None, metavar="PATH",
+                        help="more API keys, one a line: 'KEY' or 'KEY NAME' (the tenant's name; keys with the same "
+                             "name share a tenant; an unnamed key's tenant is named after a hash of it); '#' comments")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weights and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -46,16 +64,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="front-end processes (HTTP, SSE, detokenisation, inferlets) beside one engine-core "
                              "process (control layer + executor); 0: everything in one process "
                              "(default: 0 on CPU, 2 on CUDA; docs/decisions/engine-core.md)")
-    limits = parser.add_argument_group("inferlet sandbox limits (every instance, the default inferlet's too)")
+    limits = parser.add_argument_group(
+        "inferlet sandbox limits (every instance, the default inferlet's too; a run's \"limits\" may lower the "
+        "first three, never raise them)")
     limits.add_argument("--inferlet-time-budget", type=float, default=600.0, metavar="SECONDS",
                         help="wall-clock time an instance may run, waiting included (default: 600)")
     limits.add_argument("--inferlet-memory-mib", type=int, default=256, metavar="MIB",
                         help="linear memory per instance (default: 256)")
     limits.add_argument("--inferlet-max-pages", type=int, default=None, metavar="PAGES",
                         help="KV pages an instance may hold (default: no quota below the pool's size)")
+    limits.add_argument("--tenant-max-instances", type=int, default=None, metavar="N",
+                        help="instances a tenant (an API key) may run at once, chat requests included; one more "
+                             "is refused with 429 (default: no limit)")
+    limits.add_argument("--tenant-max-pages", type=int, default=None, metavar="PAGES",
+                        help="KV pages all of a tenant's instances may hold together; an allocation past it fails "
+                             "in the inferlet as the per-instance quota does (default: no limit)")
     limits.add_argument("--http-allow", action="append", default=[], metavar="HOST",
                         help="a host inferlets may reach with outgoing HTTP ('*.example.com' for subdomains); "
                              "repeatable (default: none)")
+    parser.add_argument("--compile-cache-mib", type=int, default=2048, metavar="MIB",
+                        help="disk space for compiled inferlets (about 40 MB each) under $PIE_CACHE_DIR/compiled; "
+                             "the least recently used go first (default: 2048)")
     parser.add_argument("--default-inferlet", type=Path, default=None,
                         help="a prebuilt default inferlet (.wasm) instead of building inferlets/builtin/default")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -64,14 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        os.environ[RUNTIME_ENV_VAR] = json.dumps(_runtime_limits(args))
-        _runtime_config()  # validates the limits now, not in a front end
         engine_config = _engine_config(args)
         num_front_ends = _num_front_ends(args.api_processes, engine_config.device)
-        config = ServerConfig(api_key=args.api_key or None, served_model_names=tuple(args.served_model_name or ()),
+        os.environ[RUNTIME_ENV_VAR] = json.dumps(_runtime_limits(args, max(1, num_front_ends)))
+        _runtime_config()  # validates the limits now, not in a front end
+        config = ServerConfig(api_keys=_api_keys(args), served_model_names=tuple(args.served_model_name or ()),
                               max_running_requests=-(-args.max_running_requests // max(1, num_front_ends)),
                               inferlet_wasm=args.default_inferlet)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         print(f"pie serve: error: {error}")
         return 2
     if args.default_inferlet is not None and not args.default_inferlet.is_file():
@@ -150,9 +179,30 @@ def _num_front_ends(api_processes: int | None, device: str) -> int:
     return api_processes
 
 
-def _runtime_limits(args: argparse.Namespace) -> dict[str, object]:
+def _api_keys(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """(key, tenant) of every --api-key (an empty one means none) and of the keys file."""
+    from pie_server.app.auth import key_tenant, read_keys_file
+
+    given = tuple((key, key_tenant(key)) for key in args.api_key if key)
+    return given + (read_keys_file(args.api_keys_file) if args.api_keys_file is not None else ())
+
+
+def _runtime_limits(args: argparse.Namespace, num_front_ends: int) -> dict[str, object]:
+    """The sandbox settings of the command line. The per-tenant quotas are counted in each front end's runtime:
+    each gets its share, as with --max-running-requests (a tenant's requests spread over the front ends)."""
+    if args.compile_cache_mib <= 0:
+        raise ValueError("--compile-cache-mib must be positive")
     return {"time_budget_s": args.inferlet_time_budget, "memory_limit_bytes": args.inferlet_memory_mib << 20,
-            "max_pages_per_instance": args.inferlet_max_pages, "http_allowed_hosts": list(args.http_allow)}
+            "max_pages_per_instance": args.inferlet_max_pages, "http_allowed_hosts": list(args.http_allow),
+            "max_instances_per_tenant": _share(args.tenant_max_instances, num_front_ends),
+            "max_pages_per_tenant": _share(args.tenant_max_pages, num_front_ends),
+            "compile_cache_bytes": args.compile_cache_mib << 20}
+
+
+def _share(limit: int | None, num_parts: int) -> int | None:
+    if limit is not None and limit <= 0:
+        raise ValueError("the tenant quotas must be positive")
+    return None if limit is None else -(-limit // num_parts)
 
 
 def _runtime_config():  # -> RuntimeConfig

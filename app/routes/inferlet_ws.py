@@ -1,10 +1,11 @@
 """/v1/inferlets/{id or name}/ws: a run with two-way messaging over a WebSocket.
 
-The client's first frame is `{"args": [...]}` (text, JSON). The server then sends, as text frames of JSON,
-`{"type": "run", "id"}`, one `{"type": "message", "data"}` per message the inferlet sends, and last
-`{"type": "done", "status", "error"?}` before it closes. Every later text frame from the client reaches the
-inferlet's receive() as it is. A client that goes away cancels the run (its pages are freed). Errors before
-the run starts come as `{"type": "error", "error": {...OpenAI's shape}}` and close the socket (code 1008).
+The client's first frame is `{"args": [...], "limits"?: {...}}` (text, JSON; limits as for HTTP runs). The
+server then sends, as text frames of JSON, `{"type": "run", "id"}`, one `{"type": "message", "data"}` per message
+the inferlet sends, and last `{"type": "done", "status", "error"?}` before it closes. Every later text frame from
+the client reaches the inferlet's receive() as it is. A client that goes away cancels the run (its pages are
+freed). Errors before the run starts come as `{"type": "error", "error": {...OpenAI's shape}}` and close the
+socket (code 1008).
 """
 from __future__ import annotations
 
@@ -56,7 +57,9 @@ async def _start(websocket: WebSocket, state: AppState) -> Run:
         first = json.loads(await websocket.receive_text())
     except (ValueError, KeyError) as exc:
         raise ApiError(f"the first frame must be JSON {{\"args\": [...]}}: {exc}") from None
-    return await launch_run(state, websocket, first.get("args", []) if isinstance(first, dict) else None)
+    if not isinstance(first, dict):
+        raise ApiError("the first frame must be a JSON object {\"args\": [...]}")
+    return await launch_run(state, websocket, first.get("args", []), first.get("limits"))
 
 
 async def _client_to_inferlet(websocket: WebSocket, run: Run, cancel: Callable[[], None]) -> None:

@@ -3,10 +3,11 @@ them with arguments and read what they send, streamed (SSE) or at the end; list,
 
 Contract (docs/api.md): POST /v1/inferlets?name=NAME with the Wasm bytes -> 201 {"object": "inferlet", "id"
 (sha256 of the bytes), "name", "size", "created"}; 400 if the bytes are not a component of our world, 413 over
-the server's size limit. POST /v1/inferlets/{id or name}/runs {"args": [...], "stream": bool} -> SSE
-`event: message` per message and a last `event: done` with {"status", "error"?}; or one JSON run object with its
-messages. A streamed run's id is in the `x-run-id` header. A run belongs to its request: a client that goes
-away cancels it (its pages are freed).
+the server's size limit. POST /v1/inferlets/{id or name}/runs {"args": [...], "stream": bool, "limits"?: {...}}
+-> SSE `event: message` per message and a last `event: done` with {"status", "error"?}; or one JSON run object
+with its messages. A streamed run's id is in the `x-run-id` header. A run belongs to its request: a client that
+goes away cancels it (its pages are freed). Everything is the requesting tenant's (app/auth.py); another
+tenant's inferlets and runs are 404, as if they did not exist. Over the tenant's quota of instances: 429.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from pie_server.app.errors import ApiError, invalid
 from pie_server.app.inferlet_runs import Run
 from pie_server.app.inferlet_store import InferletRecord, StoreError
 from pie_server.app.relay import ClientGone, SSEResponse, read_json, until_disconnected
+from pie_server.app.run_limits import limit_error, parse_limits
 from pie_server.app.state import AppState
+from pie_server.engine.runtime.config import LimitError
 
 
 def _state(request: Request) -> AppState:
@@ -51,7 +54,7 @@ async def upload(request: Request) -> Response:
         record = await asyncio.to_thread(state.inferlets.put, wasm, name, state.tenant_of(request))
     except StoreError as exc:
         raise ApiError(str(exc), exc.status, param="name") from None
-    state.program_hashes[record.id] = program_hash
+    state.remember_program(record, program_hash)
     return JSONResponse(record.public(), status_code=201)
 
 
@@ -67,22 +70,28 @@ async def get_inferlet(request: Request) -> Response:
 
 async def delete_inferlet(request: Request) -> Response:
     state = _state(request)
-    _record(state, request)  # 404 for an unknown one
-    records = state.inferlets.delete(request.path_params["ref"], state.tenant_of(request))
+    try:
+        records = state.inferlets.delete(request.path_params["ref"], state.tenant_of(request))
+    except StoreError as exc:  # unknown (404), or built in (403)
+        raise ApiError(str(exc), exc.status, code="inferlet_not_found" if exc.status == 404 else None) from None
     return JSONResponse({"object": "inferlet.deleted", "id": records[0].id, "names": [r.name for r in records],
                          "deleted": True})
 
 
-async def launch_run(state: AppState, connection: HTTPConnection, args: Any) -> Run:
-    """Starts a run of the inferlet the path names (HTTP and WebSocket alike); ApiError for what is wrong."""
-    view, _ = state.ready()
+async def launch_run(state: AppState, connection: HTTPConnection, args: Any, limits: Any = None) -> Run:
+    """Starts a run of the inferlet the path names (HTTP and WebSocket alike) with the request's "limits"
+    (app/run_limits.py); ApiError for what is wrong."""
+    state.ready()
     record = _record(state, connection)
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise invalid("args must be a list of strings", param="args")
+    instance_limits = parse_limits(limits)
     program_hash = await state.program_hash_of(record)
     tenant = state.tenant_of(connection)
     try:
-        handle = view.launch(program_hash, args, tenant)
+        handle = await state.launch(program_hash, args, tenant, instance_limits)
+    except LimitError as exc:
+        raise limit_error(exc) from None
     except ValueError as exc:
         raise invalid(str(exc), param="args") from None
     return state.runs.start(record.id, tenant, handle)
@@ -96,7 +105,7 @@ async def start_run(request: Request) -> Response:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise invalid("stream must be a boolean", param="stream")
-    run = await launch_run(state, request, body.get("args", []))
+    run = await launch_run(state, request, body.get("args", []), body.get("limits"))
     if stream:
         cleanup = contextlib.AsyncExitStack()
         cleanup.callback(state.runs.cancel, run)  # a no-op once the run ended

@@ -23,7 +23,8 @@ async def run_and_respond(request: Request, state: AppState, arrival: float, mod
     program_hash = await state.program_hash_for_model(model, request)
     stack = contextlib.AsyncExitStack()
     try:
-        run, prompt = await until_disconnected(request, state.enter_run(stack, arguments, n, program_hash))
+        run, prompt = await until_disconnected(request, state.enter_run(stack, arguments, n, program_hash,
+                                                                        state.tenant_of(request)))
         relay = TimedRelay(run, state.metrics, arrival)
         if stream is not None:
             response = SSEResponse(stream(prompt, relay), stack)

@@ -4,9 +4,11 @@ The calls go through call_later: with the engine core in another process the sch
 instances while the reply is on its way, instead of blocking all of them for the round trip."""
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import hashlib
+from typing import Iterator, Sequence
 
-from pie_server.engine.control.api import call_later
+from pie_server.engine.control.api import ControlError, call_later
 from pie_server.engine.runtime.host import Host
 from pie_server.engine.runtime.hostfn import HostFunction, expect
 from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
@@ -21,6 +23,22 @@ MAX_EXPORT_NAME_BYTES = 256
 def check_token_ids(token_ids: Sequence[int], vocab_size: int) -> None:
     for token_id in token_ids:
         expect(token_id < vocab_size, f"token id {token_id} is outside the vocabulary (size {vocab_size})")
+
+
+def export_prefix(tenant: str) -> str:
+    """Exports are named globally in the control layer (one engine core serves every front end), so a tenant's
+    export names live there under a prefix of its own: no tenant can import, unexport or list another's. The
+    prefix is derived from the tenant alone, so every process agrees on it."""
+    return hashlib.sha256(tenant.encode()).hexdigest()[:16] + "/"
+
+
+@contextlib.contextmanager
+def _plain_names(scoped: str, name: str) -> Iterator[None]:
+    """The control layer's errors name the scoped export; the inferlet knows it by its own name."""
+    try:
+        yield
+    except ControlError as error:
+        raise ControlError(str(error).replace(scoped, name)) from None
 
 
 def functions(host: Host) -> list[HostFunction]:
@@ -60,17 +78,27 @@ def functions(host: Host) -> list[HostFunction]:
     def export_pages(inst: InstanceState, page_ids: list[int], name: str) -> tuple[str, None]:
         check_name(name)
         expect(len(page_ids) > 0, "export at least one page")
-        control.export_pages(inst.id, page_ids, name)
+        scoped = export_prefix(inst.tenant) + name
+        with _plain_names(scoped, name):
+            control.export_pages(inst.id, page_ids, scoped)
         return ("ok", None)
 
     def import_pages(inst: InstanceState, name: str) -> tuple[str, list[int]]:
         check_name(name)
-        return ("ok", list(control.import_pages(inst.id, name)))
+        scoped = export_prefix(inst.tenant) + name
+        with _plain_names(scoped, name):
+            return ("ok", list(control.import_pages(inst.id, scoped)))
 
     def unexport_pages(inst: InstanceState, name: str) -> tuple[str, None]:
         check_name(name)
-        control.unexport_pages(name)
+        scoped = export_prefix(inst.tenant) + name
+        with _plain_names(scoped, name):
+            control.unexport_pages(scoped)
         return ("ok", None)
+
+    def list_exports(inst: InstanceState) -> list[str]:
+        prefix = export_prefix(inst.tenant)
+        return [name[len(prefix):] for name in control.list_exports() if name.startswith(prefix)]
 
     def lookup(inst: InstanceState, token_ids: list[int]) -> HostTaskGen:
         check_token_ids(token_ids, host.model.vocab_size)
@@ -93,7 +121,7 @@ def functions(host: Host) -> list[HostFunction]:
         HostFunction("kv", "export-pages", export_pages, UNIT_RESULT),
         HostFunction("kv", "import-pages", import_pages, PAGES_RESULT),
         HostFunction("kv", "unexport-pages", unexport_pages, UNIT_RESULT),
-        HostFunction("kv", "list-exports", lambda inst: list(control.list_exports()), ("list", "string")),
+        HostFunction("kv", "list-exports", list_exports, ("list", "string")),
         HostFunction("prefix-cache", "lookup", lookup, ("result", PREFIX_MATCH, "string")),
         HostFunction("prefix-cache", "publish", publish, UNIT_RESULT),
     ]

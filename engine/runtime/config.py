@@ -1,7 +1,8 @@
 """Frozen configuration of the inferlet runtime, and what it tells inferlets about the model."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from pie_server.engine.types import TokenId
 
@@ -38,8 +39,14 @@ class RuntimeConfig:
     time_budget_s: float = 600.0  # wall clock per instance, waiting included
     memory_limit_bytes: int = 256 << 20  # per instance linear memory
     max_pages_per_instance: int | None = None  # KV page quota (None: the control layer's default)
+    # Per tenant, over all its live instances in this runtime (engine/runtime/tenant_quota.py); None: no quota.
+    max_instances_per_tenant: int | None = None  # a launch over it raises TenantQuotaError
+    max_pages_per_tenant: int | None = None  # an allocation over it is refused to the inferlet (ControlError)
     epoch_tick_s: float = 0.005  # a running guest yields to the scheduler at least this often
     cache_dir: str | None = None  # compiled components (None: a temporary directory)
+    # The compiled components' disk cache is kept under this many bytes, least recently used evicted first
+    # (engine/runtime/programs.py); None: unbounded. About 40 MB per componentize-py inferlet.
+    compile_cache_bytes: int | None = 2048 << 20
     log_dir: str | None = None  # if set, each instance's WASI stdout/stderr is written here when it ends
     max_log_bytes: int = 64 << 10  # per instance, kept in memory
     http_allowed_hosts: tuple[str, ...] = ()  # exact host names, or "*.example.com" for subdomains
@@ -66,10 +73,51 @@ class RuntimeConfig:
             raise ValueError("time_budget_s, epoch_tick_s and http_timeout_s must be positive")
         if self.memory_limit_bytes < 1 << 16:
             raise ValueError("memory_limit_bytes must be at least one wasm page (64 KiB)")
-        if self.max_pages_per_instance is not None and self.max_pages_per_instance <= 0:
-            raise ValueError("max_pages_per_instance must be positive")
+        for name in ("max_pages_per_instance", "max_instances_per_tenant", "max_pages_per_tenant",
+                     "compile_cache_bytes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive (or None: no limit)")
         for name in ("http_max_response_bytes", "max_message_bytes", "max_store_key_bytes",
                      "max_store_value_bytes", "max_store_bytes_per_tenant", "max_generate_batch", "max_log_bytes",
                      "mailbox_capacity", "decode_room_pages"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+
+    def limits_for(self, override: "InstanceLimits | None") -> "InstanceLimits":
+        """One instance's limits: the override's where it sets them, else this config's. An override may only
+        tighten: above this config's value (the server's maximum) it raises LimitError."""
+        maxima = InstanceLimits(self.time_budget_s, self.memory_limit_bytes, self.max_pages_per_instance)
+        resolved: dict[str, Any] = {}
+        for name in (f.name for f in fields(InstanceLimits)):
+            wanted, maximum = getattr(override, name, None), getattr(maxima, name)
+            if wanted is not None and maximum is not None and wanted > maximum:
+                raise LimitError(name, maximum, f"{name} {wanted} is above this runtime's maximum {maximum}")
+            resolved[name] = maximum if wanted is None else wanted
+        return InstanceLimits(**resolved)
+
+
+class LimitError(ValueError):
+    """A per-launch limit above the runtime's maximum; field names the InstanceLimits field."""
+
+    def __init__(self, field: str, maximum: float, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.maximum = maximum
+
+
+@dataclass(frozen=True)
+class InstanceLimits:
+    """One instance's sandbox limits, where a launch sets its own (each None: the RuntimeConfig's)."""
+
+    time_budget_s: float | None = None  # wall clock, waiting included
+    memory_limit_bytes: int | None = None  # linear memory
+    max_pages: int | None = None  # KV pages the instance may hold (None after limits_for: no quota)
+
+    def __post_init__(self) -> None:
+        for name in ("time_budget_s", "memory_limit_bytes", "max_pages"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be positive")
+        if self.memory_limit_bytes is not None and self.memory_limit_bytes < 1 << 16:
+            raise ValueError("memory_limit_bytes must be at least one wasm page (64 KiB)")

@@ -13,7 +13,8 @@ from pie_server.engine.runtime.tokenizer import RuntimeTokenizer, StreamDecoder
 
 
 class BroadcastBus:
-    """Topic -> subscribed instances. Used from the scheduler thread only."""
+    """Topic -> subscribed instances (of any tenant; a broadcast reaches its sender's tenant). Used from the
+    scheduler thread only."""
 
     def __init__(self) -> None:
         self._subscribers: dict[str, set[InstanceState]] = collections.defaultdict(set)
@@ -31,7 +32,8 @@ class BroadcastBus:
         inst.topics.discard(topic)
 
     def receivers(self, sender: InstanceState, topic: str) -> list[InstanceState]:
-        return [i for i in self._subscribers.get(topic, ()) if i is not sender]
+        """Subscribers other than the sender, of the sender's tenant only: tenants never hear each other."""
+        return [i for i in self._subscribers.get(topic, ()) if i is not sender and i.tenant == sender.tenant]
 
     def publish(self, sender: InstanceState, topic: str, message: str) -> int:
         receivers = self.receivers(sender, topic)

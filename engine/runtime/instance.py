@@ -5,6 +5,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
+from pie_server.engine.runtime.config import InstanceLimits
 from pie_server.engine.runtime.messages import Mailbox, Message
 from pie_server.engine.types import InstanceId
 
@@ -33,6 +34,7 @@ class InstanceState:
     arguments: tuple[str, ...]
     tenant: str
     deadline: float  # time.monotonic() after which the instance is stopped
+    limits: InstanceLimits = field(default_factory=InstanceLimits)  # resolved at launch (RuntimeConfig.limits_for)
     slot: int = field(default_factory=lambda: next(_slots))  # the C continuation's env
     outbox: Mailbox[Message] = field(default_factory=Mailbox)
     inbox: Mailbox[str] = field(default_factory=Mailbox)
@@ -55,3 +57,8 @@ class InstanceState:
     @property
     def finished(self) -> bool:
         return self.phase == "finished"
+
+    @property
+    def over_budget_reason(self) -> str:
+        budget = self.limits.time_budget_s
+        return "exceeded its time budget" + ("" if budget is None else f" of {budget:g} s")

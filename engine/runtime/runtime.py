@@ -3,7 +3,8 @@
 Public API (for the HTTP layer and the CLI):
     runtime = Runtime(control, tokenizer, model_info, RuntimeConfig())
     program_hash = runtime.load(wasm_bytes)
-    handle = runtime.launch(program_hash, ["--prompt", "hi"], tenant="alice")
+    handle = runtime.launch(program_hash, ["--prompt", "hi"], tenant="alice",
+                            limits=InstanceLimits(time_budget_s=30))  # within the config's maxima
     await handle.next_message()   # Text | Event | ..., finally Terminated(ok, error)
     handle.get_message(timeout)   # the blocking variant (thread-safe)
     handle.send("client input"); handle.kill()
@@ -11,6 +12,7 @@ Public API (for the HTTP layer and the CLI):
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import tempfile
@@ -24,13 +26,14 @@ import wasmtime
 
 from pie_server.engine.control.api import Control, call_later
 from pie_server.engine.runtime import api_tokenize, ffi_async
-from pie_server.engine.runtime.config import ModelInfo, RuntimeConfig
+from pie_server.engine.runtime.config import InstanceLimits, ModelInfo, RuntimeConfig
 from pie_server.engine.runtime.host import Host, TenantStore
 from pie_server.engine.runtime.instance import InstanceState
 from pie_server.engine.runtime.linker import build_linker
 from pie_server.engine.runtime.messages import Message, Terminated
 from pie_server.engine.runtime.programs import ProgramCache
 from pie_server.engine.runtime.scheduler import Scheduler
+from pie_server.engine.runtime.tenant_quota import QuotaControl, TenantInstances, TenantPages
 from pie_server.engine.runtime.tokenizer import RuntimeTokenizer
 from pie_server.engine.types import InstanceId
 
@@ -99,10 +102,16 @@ class Runtime:
             self._log_dir.mkdir(parents=True, exist_ok=True)
         self.engine = wasmtime.Engine(self._engine_config())
         self.programs = ProgramCache(self.engine, Path(self.config.cache_dir or Path(self._tmp.name) / "cache"),
-                                     engine_key=f"wasmtime-{ffi_async.PINNED_WASMTIME}-epoch")
+                                     engine_key=f"wasmtime-{ffi_async.PINNED_WASMTIME}-epoch",
+                                     max_bytes=self.config.compile_cache_bytes)
+        self.tenant_instances = TenantInstances(self.config.max_instances_per_tenant)
+        # Counted only under a quota: without one the host calls go to the control layer as they are.
+        self.tenant_pages = None if self.config.max_pages_per_tenant is None \
+            else TenantPages(self.config.max_pages_per_tenant)
+        host_control = control if self.tenant_pages is None else QuotaControl(control, self.tenant_pages)
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="inferlet-io")
         self._scheduler = Scheduler(self.engine, self.config.epoch_tick_s, self._on_stop)
-        self._host = Host(control=control, tokenizer=tokenizer, model=model_info, config=self.config,
+        self._host = Host(control=host_control, tokenizer=tokenizer, model=model_info, config=self.config,
                           call_later=self._scheduler.call_later, run_blocking=self._io.submit,
                           store=TenantStore(self.config.max_store_bytes_per_tenant))
         self._linker, self._callbacks = build_linker(self.engine, self._host, self._scheduler.make_callback)
@@ -122,23 +131,27 @@ class Runtime:
 
     def launch(self, program_hash: str, args: Sequence[str] = (), tenant: str = "default",
                on_exit: Callable[[InstanceState], None] | None = None,
-               time_budget_s: float | None = None) -> InstanceHandle:
-        """Start an instance of a loaded program. time_budget_s: this instance's wall-clock budget
-        (default: the config's). on_exit runs in the scheduler thread when it ended."""
+               time_budget_s: float | None = None, limits: InstanceLimits | None = None) -> InstanceHandle:
+        """Start an instance of a loaded program. limits: this instance's own (each at most the config's,
+        else LimitError; time_budget_s is a shorthand for limits.time_budget_s). A launch over the tenant's
+        quota of instances raises TenantQuotaError. on_exit runs in the scheduler thread when it ended."""
         if self._closed:
             raise RuntimeError("the runtime is closed")
-        component = self.programs.get(program_hash)  # KeyError for an unknown program
+        component = self.programs.get(program_hash)  # KeyError for an unknown (or evicted) program
         arguments = tuple(str(a) for a in args)
-        if time_budget_s is not None and time_budget_s <= 0:
-            raise ValueError("time_budget_s must be positive")
+        if time_budget_s is not None:
+            limits = dataclasses.replace(limits or InstanceLimits(), time_budget_s=time_budget_s)
+        resolved = self.config.limits_for(limits)
         if sum(len(a.encode()) for a in arguments) > MAX_ARGUMENTS_BYTES:
             raise ValueError(f"arguments exceed {MAX_ARGUMENTS_BYTES} bytes")
         instance_id = InstanceId(f"inst-{next(self._ids)}-{uuid.uuid4().hex[:8]}")
+        assert resolved.time_budget_s is not None
         state = InstanceState(id=instance_id, program_hash=program_hash, arguments=arguments, tenant=tenant,
-                              deadline=time.monotonic() + (time_budget_s or self.config.time_budget_s),
+                              deadline=time.monotonic() + resolved.time_budget_s, limits=resolved,
                               log_path=None if self._log_dir is None else str(self._log_dir / f"{instance_id}.log"))
         if on_exit is not None:
             state.on_exit.append(on_exit)
+        self.tenant_instances.acquire(tenant)  # last: released by _on_stop, which every added instance reaches
         self._scheduler.post(lambda: self._scheduler.add(state, lambda s: self._start(s, component)))
         return InstanceHandle(state, self)
 
@@ -168,12 +181,14 @@ class Runtime:
     # ------------------------------------------------------------------------- scheduler thread
     def _start(self, state: InstanceState, component: Any) -> None:
         # Sent without waiting for an engine core's reply (call_later): its later calls are served after it.
-        opened = call_later(self.control, "open_instance", state.id, self.config.max_pages_per_instance)
+        opened = call_later(self.control, "open_instance", state.id, state.limits.max_pages)
         if opened.done() and opened.exception() is not None:
             raise opened.exception()  # type: ignore[misc]
         opened.add_done_callback(lambda done: _log_failure(done, f"open_instance({state.id})"))
+        if self.tenant_pages is not None:
+            self.tenant_pages.open(state.id, state.tenant)
         store = wasmtime.Store(self.engine)
-        store.set_limits(memory_size=self.config.memory_limit_bytes)
+        store.set_limits(memory_size=state.limits.memory_limit_bytes)
         store.set_epoch_deadline(1)
         ffi_async.epoch_yield_every(store, 1)
         wasi = wasmtime.WasiConfig()  # no preopens: no filesystem; sockets: no address is allowed
@@ -192,6 +207,9 @@ class Runtime:
             closed.add_done_callback(lambda done: _log_failure(done, f"close_instance({state.id})"))
         except Exception:
             log.exception("close_instance(%s) failed", state.id)
+        if self.tenant_pages is not None:
+            self.tenant_pages.close(state.id)
+        self.tenant_instances.release(state.tenant)
         self._host.bus.drop(state)
         api_tokenize.drop_instance_decoders(self._host, state)
         if state.log_path is not None:

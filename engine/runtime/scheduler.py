@@ -93,7 +93,7 @@ class Scheduler:
             self._stop(inst, False, f"failed to start: {error}")
             return
         self.call_later(max(0.0, inst.deadline - time.monotonic()),
-                        lambda: self.kill(inst, "exceeded its time budget"))
+                        lambda: self.kill(inst, inst.over_budget_reason))
         self._runnable.append(inst)
 
     def kill(self, inst: InstanceState, reason: str) -> None:
@@ -303,7 +303,7 @@ class Scheduler:
             self._finish_call(inst)
         elif inst.task is None or inst.task.done:  # an epoch yield, or a task that completed at once
             if time.monotonic() > inst.deadline:
-                self._stop(inst, False, "exceeded its time budget")
+                self._stop(inst, False, inst.over_budget_reason)
             else:
                 self._runnable.append(inst)
 

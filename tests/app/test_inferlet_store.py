@@ -35,3 +35,19 @@ def test_bad_names_are_refused(tmp_path: Path) -> None:
         with pytest.raises(StoreError):
             store.put(b"w", name, "t")
     assert store.list("t") == []
+
+
+def test_builtin_inferlets_are_everyones_and_shadowed_by_a_tenants_own(tmp_path: Path) -> None:
+    from pie_server.app.inferlet_store import BUILTIN_TENANT
+
+    store = InferletStore(tmp_path)
+    builtin = store.put(b"server's", "default", BUILTIN_TENANT)
+    assert store.get("default", "t1") == builtin and store.get(builtin.id, "t2") == builtin
+    assert [r.public()["builtin"] for r in store.list("t1")] == [True]
+    own = store.put(b"t1's", "default", "t1")  # shadows the built-in one, for t1 only
+    assert store.get("default", "t1") == own and store.get("default", "t2") == builtin
+    assert [r.id for r in store.list("t1")] == [own.id] and [r.id for r in store.list("t2")] == [builtin.id]
+    assert store.delete("default", "t1") == [own]  # t1's own goes; the built-in one is seen again
+    with pytest.raises(StoreError) as refused:
+        store.delete("default", "t1")
+    assert refused.value.status == 403 and store.get("default", "t1") == builtin
