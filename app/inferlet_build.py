@@ -6,7 +6,8 @@ the `WitWorld` class componentize-py expects). The build stages the sources, the
 generated entry module in a temporary folder and runs componentize-py on it (6-10 s on 2 cores).
 
 Builds are cached under cache_dir by the SHA-256 of everything that goes in: the sources, the SDK, the
-WIT package, and the componentize-py version. Used by `pie build`, `pie run` and the server.
+WIT package, and the componentize-py version. Used by `pie build`, `pie run` and the server. While
+componentize-py runs, an elapsed-time line is drawn on stderr where engine/progress.py says to draw.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from pie_server.engine.progress import progress_spinner
 from pie_server.inferlets import SDK_DIR, WIT_DIR
 
 SDK_PACKAGE = "pie_sdk"
@@ -85,14 +87,17 @@ def find_source(source: Path) -> InferletSource:
     return InferletSource(root=root, module=module, files=files, name=name)
 
 
-def build_inferlet(source: Path, out: Path, cache_dir: Path | None = None, use_cache: bool = True) -> Path:
-    """Build the inferlet at source into the component file out (created or replaced); returns out."""
+def build_inferlet(source: Path, out: Path, cache_dir: Path | None = None, use_cache: bool = True, *,
+                   progress: bool = True) -> Path:
+    """Build the inferlet at source into the component file out (created or replaced); returns out.
+    progress=False: never a progress line (else engine/progress.py decides)."""
     src = find_source(source)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = cache_dir / f"{source_hash(src)}.wasm"
     if not (use_cache and cached.is_file()):
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _componentize(src, cached)
+        with progress_spinner(f"building {src.name} (componentize-py)", progress):
+            _componentize(src, cached)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.resolve() != cached.resolve():

@@ -1,5 +1,7 @@
-"""HTTP load generator: streaming chat completions through the OpenAI client at several concurrencies;
-reports TTFT, TPOT, ITL and output throughput.
+"""HTTP load generator: streaming chat completions at several concurrencies; reports TTFT, TPOT, ITL and
+output throughput. The load generation is the package's (app/bench_load.py, what `pie bench` runs); this script
+adds a local `pie serve` to measure and keeps the flags and the JSON scripts/gpu_serving.sh and
+bench/serving_table.py rely on.
 
     .venv/bin/python bench/http_load.py                        # starts `pie serve` (default model) in a subprocess
     .venv/bin/python bench/http_load.py --url http://host:8000 --model NAME
@@ -8,7 +10,8 @@ reports TTFT, TPOT, ITL and output throughput.
 
 Each request streams (stream_options.include_usage) a fixed number of tokens (ignore_eos). Per request:
 TTFT = first content chunk - send; TPOT = (last chunk - first chunk) / (output tokens - 1); ITL = gaps
-between content chunks. Throughput = all output tokens of a level / its wall time. Medians and p90s.
+between content chunks. Throughput = all output tokens of a level / its wall time. Medians and p90s over the
+requests that completed; a level's failed requests are counted (num_errors in the JSON; exit status 1).
 """
 from __future__ import annotations
 
@@ -16,97 +19,14 @@ import argparse
 import asyncio
 import json
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import openai
-
-
-PROMPTS = ["Write a short story about a robot who learns to paint.",
-           "Explain how a bicycle stays upright.", "List some facts about the moon.",
-           "Describe a walk through a forest in autumn."]
-
-
-@dataclass
-class Sample:
-    ttft_s: float
-    tpot_s: float
-    itls_s: list[float]
-    num_output_tokens: int
-    e2e_s: float
-
-
-@dataclass
-class LevelReport:
-    concurrency: int
-    num_requests: int
-    wall_s: float
-    output_tokens_per_s: float
-    ttft_median_ms: float
-    ttft_p90_ms: float
-    tpot_median_ms: float
-    tpot_p90_ms: float
-    itl_median_ms: float
-    itl_p90_ms: float
-    e2e_median_s: float
-
-
-async def one_request(client: openai.AsyncOpenAI, model: str, index: int, max_tokens: int) -> Sample:
-    started = time.perf_counter()
-    stamps: list[float] = []
-    num_tokens = 0
-    stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": f"{PROMPTS[index % len(PROMPTS)]} (#{index})"}],
-        max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True})
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            stamps.append(time.perf_counter())
-        if chunk.usage is not None:
-            num_tokens = chunk.usage.completion_tokens
-    end = time.perf_counter()
-    if not stamps:
-        raise RuntimeError("no content was streamed")
-    tpot = (stamps[-1] - stamps[0]) / max(1, num_tokens - 1)
-    return Sample(ttft_s=stamps[0] - started, tpot_s=tpot, itls_s=[b - a for a, b in zip(stamps, stamps[1:])],
-                  num_output_tokens=num_tokens, e2e_s=end - started)
-
-
-async def run_level(client: openai.AsyncOpenAI, model: str, concurrency: int, num_requests: int,
-                    max_tokens: int) -> LevelReport:
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(num_requests):
-        queue.put_nowait(i)
-    samples: list[Sample] = []
-
-    async def worker() -> None:
-        while not queue.empty():
-            samples.append(await one_request(client, model, queue.get_nowait(), max_tokens))
-
-    started = time.perf_counter()
-    await asyncio.gather(*[worker() for _ in range(concurrency)])
-    wall = time.perf_counter() - started
-    itls = [x for s in samples for x in s.itls_s] or [0.0]
-    return LevelReport(
-        concurrency=concurrency, num_requests=num_requests, wall_s=wall,
-        output_tokens_per_s=sum(s.num_output_tokens for s in samples) / wall,
-        ttft_median_ms=1000 * statistics.median(s.ttft_s for s in samples),
-        ttft_p90_ms=1000 * _p90([s.ttft_s for s in samples]),
-        tpot_median_ms=1000 * statistics.median(s.tpot_s for s in samples),
-        tpot_p90_ms=1000 * _p90([s.tpot_s for s in samples]),
-        itl_median_ms=1000 * statistics.median(itls), itl_p90_ms=1000 * _p90(itls),
-        e2e_median_s=statistics.median(s.e2e_s for s in samples))
-
-
-def _p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+from pie_server.app.bench_load import LevelReport, LoadConfig, results_json, run_level, warm_up
 
 
 class LocalServer:
@@ -144,21 +64,33 @@ class LocalServer:
 
 
 async def main_async(args: argparse.Namespace, url: str) -> list[LevelReport]:
-    client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=args.api_key, max_retries=0, timeout=600)
-    await one_request(client, args.model, 0, 4)  # warm-up
+    config = LoadConfig(url=url, model=args.model, concurrency=tuple(args.concurrency),
+                        num_requests=args.requests_per_level, max_tokens=args.max_tokens, api_key=args.api_key)
+    failed_warm_up = await warm_up(config)
+    if failed_warm_up:
+        print(f"warm-up failed: {failed_warm_up}", file=sys.stderr, flush=True)
     reports = []
-    for concurrency in args.concurrency:
-        report = await run_level(client, args.model, concurrency, max(concurrency, args.requests_per_level),
-                                 args.max_tokens)
-        reports.append(report)
-        print(f"c={concurrency:>3}  {report.output_tokens_per_s:8.1f} tok/s  TTFT {report.ttft_median_ms:7.1f} ms "
-              f"(p90 {report.ttft_p90_ms:7.1f})  TPOT {report.tpot_median_ms:6.1f} ms (p90 {report.tpot_p90_ms:6.1f})"
-              f"  ITL {report.itl_median_ms:6.1f} ms (p90 {report.itl_p90_ms:6.1f})", flush=True)
-    await client.close()
+    for concurrency in config.concurrency:
+        reports.append(await run_level(config, concurrency))
+        print(_line(reports[-1]), flush=True)
     return reports
 
 
-def main() -> None:
+def _line(report: LevelReport) -> str:
+    line = (f"c={report.concurrency:>3}  {report.output_tokens_per_s:8.1f} tok/s  "
+            f"TTFT {_ms(report.ttft_median_ms, 7)} ms (p90 {_ms(report.ttft_p90_ms, 7)})  "
+            f"TPOT {_ms(report.tpot_median_ms, 6)} ms (p90 {_ms(report.tpot_p90_ms, 6)})  "
+            f"ITL {_ms(report.itl_median_ms, 6)} ms (p90 {_ms(report.itl_p90_ms, 6)})")
+    if report.num_errors:
+        line += f"  {report.num_errors} of {report.num_requests} failed, the first: {report.first_error}"
+    return line
+
+
+def _ms(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.1f}"
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=None, help="a running server (default: start `pie serve` in a subprocess)")
     parser.add_argument("--model", default="default", help="the model name to request")
@@ -179,9 +111,9 @@ def main() -> None:
             server.close()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"max_tokens": args.max_tokens, "levels": [asdict(r) for r in reports]},
-                                              indent=2))
+        Path(args.json).write_text(json.dumps(results_json(args.max_tokens, reports), indent=2))
+    return 1 if any(r.num_errors for r in reports) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,8 +11,18 @@ import time
 from pathlib import Path
 
 from pie_server.app.inferlet_build import BuildError, build_inferlet, find_source, is_cached
+from pie_server.engine.progress import show_progress
 
 EXIT_OK, EXIT_FAILED = 0, 1
+SUMMARY = "build a Python inferlet (.py file or folder) into a Wasm component"
+DESCRIPTION = """\
+Builds an inferlet with componentize-py (a few seconds; then cached by the content hash of the sources, the
+SDK and the WIT). Its module defines `def main(args: list[str]) -> None` and uses the SDK, pie_sdk
+(docs/sdk.md, docs/tutorial.md). The component runs with `pie run` or, uploaded, on a server."""
+EXAMPLES = """\
+  pie build inferlets/contrib/text-completion -o tc.wasm
+  pie build my_sampler.py                            # writes my_sampler.wasm
+  pie build my_agent/ -o agent.wasm --no-cache       # a folder with main.py, rebuilt"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
         source = find_source(args.source)
         out = args.output or Path(f"{source.name}.wasm")
         cached = not args.no_cache and is_cached(args.source)
-        if not cached:
+        if not cached and not show_progress():  # else the spinner says so
             print(f"pie build: building {args.source} (componentize-py, a few seconds)", file=sys.stderr, flush=True)
         build_inferlet(args.source, out, use_cache=not args.no_cache)
     except BuildError as error:

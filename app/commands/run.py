@@ -23,6 +23,16 @@ if TYPE_CHECKING:  # torch and the engine load only when pie run starts one
     from pie_server.engine.engine import Engine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SUMMARY = "run an inferlet locally on the engine and print what it sends"
+DESCRIPTION = """\
+Starts the engine in this process on the default model (or --model), runs one inferlet (a .wasm component, or
+Python source built first) with the arguments after `--`, and prints the text it sends to stdout as it comes;
+JSON events as `[event] ...` lines. Progress and the inferlet's own prints go to stderr. Exit status 0 when
+the inferlet ended normally, 1 when it failed, 2 for bad arguments."""
+EXAMPLES = """\
+  pie run tc.wasm -- --prompt "The capital of France is" --max-tokens 16
+  pie run inferlets/contrib/text-completion -- --prompt "Once upon a time"   # built first (cached)
+  pie run chat.py --model ~/models/Qwen2.5-0.5B-Instruct --send "Hi!" --timeout 60"""
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -48,10 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
-    parser.add_argument("--page-size", type=int, default=16, help="KV slots per page")
-    parser.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from memory)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds the inferlet may run")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                        help="weights and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--page-size", type=int, default=16, metavar="N", help="KV slots per page (default: 16)")
+    parser.add_argument("--num-pages", type=int, default=None, metavar="N",
+                        help="KV pages (default: sized from memory)")
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="how long the inferlet may run (default: 600)")
     parser.add_argument("--send", action="append", default=[], metavar="MESSAGE",
                         help="a message for the inferlet to receive() (repeatable, in order)")
 
@@ -73,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     _progress("starting the engine on " + (args.model or "the default model"))
     try:
-        engine = Engine.start(args.model, engine_config, runtime_config=runtime_config, progress=False)
+        engine = Engine.start(args.model, engine_config, runtime_config=runtime_config)  # bars: engine/progress.py
     except (ValueError, OSError) as error:
         print(f"pie run: error: cannot start the engine: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -8,6 +8,15 @@ import sys
 
 from pie_server.app.commands.client import ServerError, add_server_arguments, call
 
+SUMMARY = "list, show or cancel a running server's inferlet runs"
+DESCRIPTION = """\
+Without RUN_ID, lists the runs of the server's inferlets (GET /v1/runs): id, status, messages, inferlet.
+With RUN_ID, prints that run with its messages; with --cancel too, cancels it (its KV pages are freed)."""
+EXAMPLES = """\
+  pie runs
+  pie runs run-0f3a9c                                # one run, with its messages
+  pie runs run-0f3a9c --cancel --url http://gpu-box:8000 --api-key KEY"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_id", nargs="?", default=None, help="one run (with its messages)")

@@ -16,6 +16,16 @@ from pathlib import Path
 from pie_server.app.commands.client import ServerError, add_server_arguments, call
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SUMMARY = "upload an inferlet (.wasm or Python source) to a running server"
+DESCRIPTION = """\
+Uploads an inferlet to a running server (POST /v1/inferlets) and prints the stored record; its id is the
+SHA-256 of the bytes, and uploading the same bytes again gives the same id. Then run it by name: POST
+/v1/inferlets/NAME/runs, a WebSocket at /v1/inferlets/NAME/ws, or "model": "inferlet:NAME" in a chat
+completion (docs/api.md)."""
+EXAMPLES = """\
+  pie upload tc.wasm --name tc
+  pie upload my_sampler.py                           # built first; named my_sampler
+  pie upload agent.wasm --name agent --url http://gpu-box:8000 --api-key KEY"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

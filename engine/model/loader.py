@@ -14,19 +14,21 @@ import json
 import logging
 import os
 import shutil
-import sys
+import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
+from tqdm import tqdm  # the type of _gguf_bar's stand-in
 
 from pie_server.engine.config import ModelConfig
 from pie_server.engine.model.default_model import locate_default_model
 from pie_server.engine.processes import is_alive
+from pie_server.engine.progress import progress_bar, progress_spinner
 
 __all__ = ["locate_default_model", "resolve_model_dir", "cache_root", "gguf_cache_key", "convert_gguf",
            "load_model_config", "load_weights", "safetensors_files"]
@@ -39,6 +41,7 @@ GGUF_MAGIC = b"GGUF"
 WEIGHTS_FILE = "model.safetensors"
 SHARD_INDEX_FILE = "model.safetensors.index.json"
 SOURCE_RECORD_FILE = "pie_source.json"
+_GGUF_BAR_LOCK = threading.Lock()  # see _gguf_bar
 # Any of these makes a directory's tokenizer loadable by AutoTokenizer (tiktoken models ship *.tiktoken or
 # a tiktoken-format tokenizer.model next to tokenizer_config.json).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -146,11 +149,13 @@ def _write_source_record(gguf_path: Path, out_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- converting
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> None:
     """Write a Hugging Face directory for a GGUF file into out_dir (which must exist).
 
     Weights are dequantized by transformers (which also un-permutes Llama q/k) and stored in float32, the
-    exact dequantized values. Tied embeddings are stored once (no lm_head.weight).
+    exact dequantized values. Tied embeddings are stored once (no lm_head.weight). With progress (drawn
+    only where engine/progress.py says): a bar over the GGUF's tensors while they are dequantized, then the
+    elapsed time of writing them.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -160,10 +165,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     # A meta model maps GGUF tensor names to HF names without allocating (and without `accelerate`).
     with torch.device("meta"):
         meta_model = AutoModelForCausalLM.from_config(hf_config)
-    loaded = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=meta_model)
+    with _gguf_bar(progress):
+        loaded = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=meta_model)
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     tensors = _checked_tensors(loaded["tensors"], meta_model.state_dict(), tied, gguf_path)
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    with progress_spinner(f"writing {WEIGHTS_FILE} (float32)", progress):
+        save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     del tensors, loaded
 
     _set_config_dtype(hf_config, torch.float32)
@@ -171,6 +178,30 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     hf_config.save_pretrained(out_dir)
     _save_generation_config(hf_config, out_dir)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out_dir)
+
+
+@contextmanager
+def _gguf_bar(progress: bool) -> Iterator[None]:
+    """transformers draws its own tqdm bar over the GGUF's tensors, always, to stderr: for the call, swap in
+    ours (named, and drawn only where engine/progress.py says) by replacing the name its module looks up. If a
+    transformers version no longer has that name, its bar (if any) is left as it is. The lock keeps conversions
+    of two threads from restoring each other's stand-in."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    def ours(iterable: Any = None, **kwargs: Any) -> tqdm:
+        return progress_bar("dequantizing GGUF", iterable, total=kwargs.get("total"), enabled=progress,
+                            unit="tensor")
+
+    with _GGUF_BAR_LOCK:
+        original = getattr(gguf_utils, "tqdm", None)
+        if original is None:
+            yield
+            return
+        gguf_utils.tqdm = ours
+        try:
+            yield
+        finally:
+            gguf_utils.tqdm = original
 
 
 def _checked_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tied: bool,
@@ -246,8 +277,8 @@ def load_weights(model_dir: str | Path, dtype: torch.dtype, device: str | torch.
                  progress: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of the directory's safetensors files by its Hugging Face name.
 
-    Floating-point tensors are cast to `dtype`; others keep theirs. A progress bar (one step per tensor)
-    goes to stderr unless progress is False.
+    Floating-point tensors are cast to `dtype` and moved to `device`; others keep their dtype. With progress,
+    a bar over the files' bytes (advanced per tensor) goes to stderr where engine/progress.py says to draw.
     """
     files = safetensors_files(model_dir)
     device = torch.device(device)
@@ -256,16 +287,21 @@ def load_weights(model_dir: str | Path, dtype: torch.dtype, device: str | torch.
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             names_by_file[path] = list(handle.keys())
     weights: dict[str, torch.Tensor] = {}
-    total = sum(len(names) for names in names_by_file.values())
-    with tqdm(total=total, desc="loading weights", unit="tensor", file=sys.stderr,
-              disable=not progress) as bar:
+    file_sizes = {path: path.stat().st_size for path in files}
+    with progress_bar("loading weights", total=sum(file_sizes.values()), enabled=progress, unit="B",
+                      unit_scale=True, unit_divisor=1024) as bar:
         for path, names in names_by_file.items():
+            if len(files) > 1:
+                bar.set_postfix_str(path.name, refresh=False)
+            done_before = bar.n
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for name in names:
                     if name in weights:
                         raise ValueError(f"tensor {name} appears in more than one file of {model_dir}")
-                    weights[name] = _cast(handle.get_tensor(name), dtype, device)
-                    bar.update(1)
+                    tensor = handle.get_tensor(name)
+                    bar.update(tensor.nbytes)
+                    weights[name] = _cast(tensor, dtype, device)
+            bar.update(done_before + file_sizes[path] - bar.n)  # the file's header: the bar ends at its size
     return weights
 
 

@@ -212,7 +212,8 @@ def test_unsupported_architecture_is_rejected(tmp_path: Path) -> None:
 
 # -------------------------------------------------------------------------------------------- weights
 
-def test_weights_equal_what_transformers_saved(tiny_llama_dir: Path, capsys: pytest.CaptureFixture) -> None:
+def test_weights_equal_what_transformers_saved(tiny_llama_dir: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import LlamaForCausalLM
 
     expected = LlamaForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
@@ -223,8 +224,12 @@ def test_weights_equal_what_transformers_saved(tiny_llama_dir: Path, capsys: pyt
     for name, tensor in weights.items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
 
+    monkeypatch.delenv("PIE_PROGRESS", raising=False)
     halved = load_weights(tiny_llama_dir, torch.bfloat16, torch.device("cpu"), progress=True)
-    assert "loading weights" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here: no bar
+    monkeypatch.setenv("PIE_PROGRESS", "1")  # what `pie --progress` sets
+    load_weights(tiny_llama_dir, torch.bfloat16, torch.device("cpu"), progress=True)
+    assert "loading weights: 100%" in capsys.readouterr().err
     assert all(t.dtype == torch.bfloat16 for t in halved.values())
     torch.testing.assert_close(halved["lm_head.weight"], expected["lm_head.weight"].bfloat16())
 
