@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pie_server.kernels.attention import AttentionBackend, AttentionStep
+from pie_server.kernels import decode_triton
+from pie_server.kernels.attention import AttentionBackend, AttentionStep, RopeFn
 from pie_server.kernels.transfer import pinned, to_device
 
 # FlashInfer's CUDA norm kernels (one nvcc-compiled module, cacheable) rather than its CuTe-DSL ones.
@@ -131,6 +132,14 @@ def decode_uses_tensor_cores(shape: AttentionShape | None, graph_mode: bool) -> 
     return graph_mode and shape is not None and shape.num_qo_heads // shape.num_kv_heads >= 4
 
 
+def graph_rope_append_uses_triton() -> bool:
+    """Whether CUDA-graph decode steps rotate and append K/V with one Triton kernel (decode_triton.rope_append,
+    which reads each row's source row itself) instead of FlashInfer's rope kernel, a gather of the padding rows'
+    K/V and the scatter: three launches a layer, ~15 us at batch 16 on the H200 (bench/gpu_profile_decode.py).
+    PIE_FI_TRITON_ROPE_APPEND=0 turns it off (bench/gpu_decode.py for the A/B)."""
+    return os.environ.get("PIE_FI_TRITON_ROPE_APPEND", "1") == "1"
+
+
 class FlashInferAttention(AttentionBackend):
     """FlashInfer paged attention. Give `shape` to plan FlashInfer inside plan(); without it the first
     forward() of a step plans from q/k's shapes (still once per step)."""
@@ -183,6 +192,7 @@ class FlashInferAttention(AttentionBackend):
         self._prefill = None
         self._write_index = torch.zeros(2 * batch_size, dtype=torch.long, device=self.device)
         self._source_rows = torch.arange(batch_size, dtype=torch.long, device=self.device)
+        self._triton_rope_append = graph_rope_append_uses_triton()
 
     # -- per step ---------------------------------------------------------------------------------------
 
@@ -227,15 +237,26 @@ class FlashInferAttention(AttentionBackend):
 
     # -- per layer --------------------------------------------------------------------------------------
 
+    def rope_and_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                         cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, apply_rope: RopeFn) -> torch.Tensor:
+        if self.graph_batch_size is None or not self._triton_rope_append:
+            return super().rope_and_forward(q, k, v, positions, cos_sin_cache, kv_cache, apply_rope)
+        self._check_planned(q, k)
+        decode_triton.rope_append(q, k, v, positions, cos_sin_cache, kv_cache, self._write_index, self._source_rows)
+        return self._decode.run(q, kv_cache)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-        if self._step is None:
-            raise RuntimeError("plan() must run before forward()")
-        if self._planned_for is None:
-            self._plan_kernels(AttentionShape(q.shape[1], k.shape[1], q.shape[2], q.dtype))
+        self._check_planned(q, k)
         # Graph mode: padding rows repeat the K/V of the row they copy.
         append_kv(kv_cache, k, v, self._write_index, self._source_rows if self.graph_batch_size else None)
         wrapper = self._decode if self._is_decode else self._prefill
         return wrapper.run(q, kv_cache)
+
+    def _check_planned(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        if self._step is None:
+            raise RuntimeError("plan() must run before forward()")
+        if self._planned_for is None:
+            self._plan_kernels(AttentionShape(q.shape[1], k.shape[1], q.shape[2], q.dtype))
 
 
 def append_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_index: torch.Tensor,

@@ -197,6 +197,41 @@ def test_graph_mode_replay_equals_the_same_backend_run_eagerly() -> None:
 
 
 @gpu
+@pytest.mark.parametrize("heads", [(32, 8, 128), (9, 3, 64)])
+def test_graph_mode_triton_rope_append_equals_rope_then_append(heads: tuple[int, int, int],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graph-mode rope_and_forward rotates and appends with one Triton kernel (padding rows write their source
+    row's K/V): the same cache and output as FlashInfer's rope then append_kv with the gather of source rows."""
+    dtype, size = torch.bfloat16, 8
+    shape = AttentionShape(*heads, dtype)
+    cos_sin = torch_ops.rope_cos_sin_cache(RopeConfig(theta=500000.0), heads[2], 4096, "cuda")
+    ctx = [17, 40, 3, 250]
+    step = _step([1] * 4, ctx, 64, random.Random(3))
+    padded = AttentionStep(page_size=PAGE_SIZE, qo_indptr=list(range(size + 1)),
+                           kv_page_indptr=[*step.kv_page_indptr] + [step.kv_page_indptr[-1] + (i + 1) *
+                                          (step.kv_page_indptr[1] - step.kv_page_indptr[0]) for i in range(4)],
+                           kv_page_ids=[*step.kv_page_ids] + [*step.kv_page_ids[:step.kv_page_indptr[1]]] * 4,
+                           kv_last_page_lens=[*step.kv_last_page_lens] + [step.kv_last_page_lens[0]] * 4,
+                           slot_ids=[*step.slot_ids] + [step.slot_ids[0]] * 4)  # rows 4..7 copy row 0
+    positions = torch.tensor([c - 1 for c in ctx] + [ctx[0] - 1] * 4, device="cuda")
+    cache = torch.randn(64, 2, PAGE_SIZE, heads[1], heads[2], device="cuda").to(dtype)
+    outputs, caches = [], []
+    for triton_on in ("1", "0"):
+        monkeypatch.setenv("PIE_FI_TRITON_ROPE_APPEND", triton_on)
+        backend = FlashInferAttention("cuda", shape, graph_batch_size=size,
+                                      page_id_buffer=torch.zeros(256, dtype=torch.int32, device="cuda"))
+        q, k, v = (t.clone() for t in _qkv(size, heads, dtype, seed=5))
+        k[4:] = torch.randn_like(k[4:])  # padding rows' own K/V differ: only row 0's may land in its slot
+        backend.plan(padded)
+        live = cache.clone()
+        outputs.append(backend.rope_and_forward(q, k, v, positions, cos_sin, live, torch_ops.apply_rope))
+        caches.append(live)
+    torch.testing.assert_close(outputs[0][:4].float(), outputs[1][:4].float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(caches[0].float(), caches[1].float(), atol=2e-2, rtol=2e-2)
+    assert not torch.equal(caches[0], cache)
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_ops_match_torch_ops(dtype: torch.dtype) -> None:
     import pie_server.kernels.gpu_ops as gpu_ops
