@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens per engine step")
     parser.add_argument("--max-batch-size", type=int, default=256, help="sequences per engine step")
     parser.add_argument("--max-running-requests", type=int, default=256,
-                        help="requests whose inferlet runs at once; later ones queue")
+                        help="requests whose inferlet runs at once in each front-end process; later ones queue "
+                             "there (the engine core batches at most its own --max-batch-size per step)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps without CUDA graphs")
     parser.add_argument("--api-processes", type=int, default=None,
                         help="front-end processes (HTTP, SSE, detokenisation, inferlets) beside one engine-core "
@@ -98,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
         os.environ[RUNTIME_ENV_VAR] = json.dumps(_runtime_limits(args, max(1, num_front_ends)))
         _runtime_config()  # validates the limits now, not in a front end
         config = ServerConfig(api_keys=_api_keys(args), served_model_names=tuple(args.served_model_name or ()),
-                              max_running_requests=-(-args.max_running_requests // max(1, num_front_ends)),
+                              max_running_requests=args.max_running_requests,
                               inferlet_wasm=args.default_inferlet)
     except (ValueError, OSError) as error:
         print(f"pie serve: error: {error}")
@@ -189,7 +190,7 @@ def _api_keys(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
 
 def _runtime_limits(args: argparse.Namespace, num_front_ends: int) -> dict[str, object]:
     """The sandbox settings of the command line. The per-tenant quotas are counted in each front end's runtime:
-    each gets its share, as with --max-running-requests (a tenant's requests spread over the front ends)."""
+    each gets its share (a tenant's requests spread over the front ends)."""
     if args.compile_cache_mib <= 0:
         raise ValueError("--compile-cache-mib must be positive")
     return {"time_budget_s": args.inferlet_time_budget, "memory_limit_bytes": args.inferlet_memory_mib << 20,
