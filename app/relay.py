@@ -128,6 +128,8 @@ async def read_json(request: Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(f"the request body is not valid JSON: {exc}", 400) from None
+    except RecursionError:  # Python's decoder recurses per nesting level
+        raise ApiError("the request body is nested too deeply", 400) from None
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object", 400)
     return body

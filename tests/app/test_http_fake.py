@@ -121,6 +121,8 @@ def test_bad_bodies_unknown_model_and_routes(fake_server) -> None:
     status, body, _ = raw_http.request(url, "POST", raw_body=b"{not json")
     assert status == 400 and "JSON" in body["error"]["message"]
     assert raw_http.request(url, "POST", [1, 2])[0] == 400
+    status, body, _ = raw_http.request(url, "POST", raw_body=b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and body["error"]["message"] == "the request body is nested too deeply"
     status, body, _ = raw_http.request(url, "POST", {"model": "gpt-9", "messages": MESSAGES})
     assert status == 404 and body["error"]["code"] == "model_not_found"
     status, body, _ = raw_http.request(fake_server.url + "/v1/nothing")
