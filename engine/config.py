@@ -121,6 +121,10 @@ class EngineConfig:
     # neighbours at small batches (engine/executor/cuda_graphs.py). False: the unfused kernels (A/B runs).
     fused_decode: bool = True
     seed: int = 0
+    # Ranks that split the model Megatron-style (engine/model/parallel.py), one device each: cuda:N..N+P-1 from
+    # `device` cuda:N, or P processes on CPU (gloo; for tests). The model's heads, KV heads and MLP width must be
+    # multiples of it (checked when the model is known).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -135,6 +139,10 @@ class EngineConfig:
             raise ValueError("max_batch_tokens and max_batch_size must be positive")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"tensor parallelism runs on cpu or cuda, not {self.device!r}")
 
     @property
     def resolved_dtype(self) -> str:

@@ -16,8 +16,9 @@ from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.controller import Controller
 from pie_server.engine.core.messages import CoreFacts
 from pie_server.engine.executor.executor import Executor
+from pie_server.engine.executor.tensor_parallel import start_executor
 from pie_server.engine.model.default_model import DEFAULT_MODEL_NAME
-from pie_server.engine.model.loader import load_model_config, load_weights, resolve_model_dir
+from pie_server.engine.model.loader import load_model_config, resolve_model_dir
 from pie_server.engine.runtime.config import ModelInfo, RuntimeConfig
 from pie_server.engine.runtime.runtime import Runtime
 from pie_server.engine.runtime.tokenizer import EngineTokenizerAdapter
@@ -66,6 +67,7 @@ class Engine:
     def close(self) -> None:
         self.runtime.close()
         self.control.stop()
+        self.executor.close()  # the other tensor-parallel ranks, if any
 
 
 def with_decode_choice(runtime_config: RuntimeConfig) -> RuntimeConfig:
@@ -78,12 +80,6 @@ def with_decode_choice(runtime_config: RuntimeConfig) -> RuntimeConfig:
     if runtime_config.decode_in_control is None:
         return dataclasses.replace(runtime_config, decode_in_control=True)
     return runtime_config
-
-
-def _torch_dtype(config: EngineConfig):  # -> torch.dtype, imported lazily to keep start-up imports light
-    import torch
-
-    return getattr(torch, config.resolved_dtype)
 
 
 def model_info(name: str, tokenizer: Tokenizer, info: EngineInfo, vocab_size: int) -> ModelInfo:
@@ -112,7 +108,7 @@ def start_core_parts(model: str | Path | None, config: EngineConfig, model_name:
 
 def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineConfig,
                    progress: bool) -> tuple[Executor, Controller]:
-    executor = Executor(model_config, config, load_weights(model_dir, _torch_dtype(config), progress=progress))
+    executor = start_executor(model_dir, model_config, config, progress)  # rank 0 of --tensor-parallel-size
     control = Controller(executor, ControlConfig.for_engine(config, model_config))
     control.start()
     return executor, control

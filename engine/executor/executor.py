@@ -4,13 +4,18 @@ execute() runs a step to the end; submit() only enqueues it, so the caller can b
 the device works, and that step can take this one's sampled tokens on the device (batch.TokenRef).
 
 No HTTP, Wasm or scheduling here: it can be driven directly by tests and benchmarks.
+
+Tensor-parallel (`parallel` set): every rank builds an Executor over its shard and runs the same start-up (the
+memory probes and graph captures hold collectives); then rank 0 is the executor the control layer drives, and
+sends each validated step to the other ranks (`worker_ranks`, engine/executor/tensor_parallel.py), which run
+the same forward. Only rank 0 samples.
 """
 from __future__ import annotations
 
 import logging
 import time
 from types import ModuleType
-from typing import MutableMapping
+from typing import TYPE_CHECKING, MutableMapping
 
 import numpy as np
 import torch
@@ -23,9 +28,13 @@ from pie_server.engine.executor.pending import PendingStep, StepOutputs
 from pie_server.engine.executor.sampler import Sampler
 from pie_server.engine.executor.step_inputs import StepInputs, build_step_inputs
 from pie_server.engine.model.llama import LlamaModel
+from pie_server.engine.model.parallel import TensorParallel
 from pie_server.kernels.attention import AttentionBackend, TorchAttention
 from pie_server.kernels.flashinfer_attention import WORKSPACE_BYTES
 from pie_server.kernels.transfer import to_device
+
+if TYPE_CHECKING:
+    from pie_server.engine.executor.tensor_parallel import WorkerRanks
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,17 +43,22 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class Executor:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig,
                  weights: MutableMapping[str, torch.Tensor] | None = None,
-                 attention: AttentionBackend | None = None, ops: ModuleType | None = None) -> None:
+                 attention: AttentionBackend | None = None, ops: ModuleType | None = None,
+                 parallel: TensorParallel | None = None) -> None:
+        """weights: HF-named (this rank's shard when `parallel` is set); None: random weights."""
         self.model_config, self.engine_config = model_config, engine_config
+        self.parallel = parallel
+        self.worker_ranks: WorkerRanks | None = None  # rank 0, once the other ranks wait for steps
         self.device = torch.device(engine_config.device)
         self.dtype = _DTYPES[engine_config.resolved_dtype]
         kernel_ops, default_attention = _kernels_for(self.device)
         ops = ops or kernel_ops
         if weights is None:
-            self.model = LlamaModel.random(model_config, self.device, self.dtype, engine_config.seed, ops)
+            self.model = LlamaModel.random(model_config, self.device, self.dtype, engine_config.seed, ops, parallel)
         else:
-            self.model = LlamaModel(model_config, weights, self.device, self.dtype, ops)
+            self.model = LlamaModel(model_config, weights, self.device, self.dtype, ops, parallel)
             weights.clear()  # consumed: the unfused copies must be gone before the KV pool is sized
+        local_config = self.model.config  # this rank's heads (all of them without tensor parallelism)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.attention = attention or default_attention
@@ -54,11 +68,13 @@ class Executor:
         self.decode_graphs = None  # captured once the pool exists
         if engine_config.num_pages is None and self.device.type == "cuda":
             self.memory_plan = self._plan_memory()
-            num_pages = self.memory_plan.num_pages(kv_bytes_per_page(model_config, engine_config.page_size,
+            num_pages = self.memory_plan.num_pages(kv_bytes_per_page(local_config, engine_config.page_size,
                                                                      self.dtype))
         else:
-            num_pages = plan_num_pages(model_config, engine_config, self.dtype)
-        self.kv = KVPool(model_config, num_pages, engine_config.page_size, self.dtype, self.device)
+            num_pages = plan_num_pages(local_config, engine_config, self.dtype, engine_config.tensor_parallel_size)
+        if parallel is not None:  # every rank's pool must hold the same pages
+            num_pages = parallel.agree_min(num_pages, self.device)
+        self.kv = KVPool(local_config, num_pages, engine_config.page_size, self.dtype, self.device)
         self.decode_graphs = _decode_graphs(self.model, self.kv, self.attention, engine_config)
         if self.device.type == "cuda":  # JIT-compile the one-row LM head kernel now, not on a first request
             self.model.logits(torch.zeros(1, model_config.hidden_size, device=self.device, dtype=self.dtype))
@@ -70,7 +86,7 @@ class Executor:
     def _plan_memory(self) -> MemoryPlan:
         """Runs the largest prefill and decode steps on a probe pool (see memory.py), then frees it."""
         cfg = self.engine_config
-        self.kv = KVPool(self.model_config, probe_num_pages(cfg), cfg.page_size, self.dtype, self.device,
+        self.kv = KVPool(self.model.config, probe_num_pages(cfg), cfg.page_size, self.dtype, self.device,
                          num_swap_slots=1)
         activation_bytes = self._peak_bytes(prefill_probe(self.model_config, cfg))
         graph_bytes = self._peak_bytes(decode_probe(cfg)) + WORKSPACE_BYTES if cfg.cuda_graphs else 0
@@ -113,23 +129,36 @@ class Executor:
         for copy in batch.page_copies:
             self.kv.check_copy(copy)
         previous, self._previous = self._previous, None  # a step that fails midway cannot be referenced
+        if self.worker_ranks is not None:
+            self.worker_ranks.send_step(batch, inputs)
         self.kv.swap_out(list(batch.swap_outs))
         self.kv.swap_in(list(batch.swap_ins))
         self.kv.copy(list(batch.page_copies))
         if inputs is None:
             return PendingStep(batch.step_id, None, [], started)
         logits = self._logits(inputs, feed, previous)
-        sampled = self.sampler.launch(logits, inputs.output_specs) if len(inputs.output_rows) else None
+        # logits is None on a tensor-parallel rank other than 0 (its start-up probes): only rank 0 samples.
+        sampled = self.sampler.launch(logits, inputs.output_specs) \
+            if len(inputs.output_rows) and logits is not None else None
         if sampled is not None:
             self._previous = StepOutputs.of(sampled, inputs.output_specs, inputs.num_outputs_per_command)
         return PendingStep(batch.step_id, sampled, inputs.num_outputs_per_command, started)
 
-    def logits(self, batch: Batch) -> torch.Tensor:
-        """Runs the batch's forwards and returns the raw logits [N, V] of the requested rows (no sampling)."""
+    def logits(self, batch: Batch) -> torch.Tensor | None:
+        """Runs the batch's forwards and returns the raw logits [N, V] of the requested rows (no sampling).
+        Only its forwards: swaps and page copies are not applied. None on tensor-parallel ranks other than 0."""
         inputs = build_step_inputs(batch.forwards, self.model_config, self.kv.page_size, self.kv.num_pages)
         feed = self._feed_rows(inputs)
         previous, self._previous = self._previous, None
+        if self.worker_ranks is not None:
+            self.worker_ranks.send_step(Batch(forwards=batch.forwards), inputs)
         return self._logits(inputs, feed, previous)
+
+    def close(self) -> None:
+        """Stops the other tensor-parallel ranks (if any); nothing else is released."""
+        if self.worker_ranks is not None:
+            self.worker_ranks.close()
+            self.worker_ranks = None
 
     def _feed_rows(self, inputs: StepInputs | None) -> np.ndarray | None:
         """[F] rows of the previous step's tokens that this step's fed tokens take; ValueError if invalid."""
@@ -139,13 +168,22 @@ class Executor:
             raise ValueError("a forward command takes a token of the previous step, which sampled none")
         return self._previous.rows_of(inputs.fed_refs)
 
-    def _logits(self, inputs: StepInputs, feed: np.ndarray | None, previous: StepOutputs | None) -> torch.Tensor:
+    def _logits(self, inputs: StepInputs, feed: np.ndarray | None,
+                previous: StepOutputs | None) -> torch.Tensor | None:
         fed = None
         if feed is not None:
             assert previous is not None
             index = to_device(np.concatenate([inputs.fed_rows, feed]), self.device)
             rows, sources = index.split(len(feed))
             fed = (rows, previous.tokens.index_select(0, sources))  # ([F] token rows, [F] token ids)
+            if self.parallel is not None:  # the other ranks take the tokens from rank 0 (tensor_parallel.py)
+                self.parallel.broadcast(fed[1])
+        return self.forward_logits(inputs, fed)
+
+    def forward_logits(self, inputs: StepInputs,
+                       fed: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+        """The step's forward and the logits of its output rows; fed: ([F] rows, [F] token ids) on the device,
+        the tokens that replace those rows' ids. None on tensor-parallel ranks other than 0."""
         graphs = self.decode_graphs
         if graphs is not None and graphs.supports(inputs.attention):
             hidden = graphs.forward(inputs.token_ids, inputs.positions, inputs.attention, fed)

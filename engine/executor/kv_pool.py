@@ -14,13 +14,14 @@ def kv_bytes_per_page(model: ModelConfig, page_size: int, dtype: torch.dtype) ->
     return model.num_layers * 2 * page_size * model.num_kv_heads * model.head_dim * elem
 
 
-def plan_num_pages(model: ModelConfig, engine: EngineConfig, dtype: torch.dtype) -> int:
+def plan_num_pages(model: ModelConfig, engine: EngineConfig, dtype: torch.dtype, num_ranks: int = 1) -> int:
     """The configured count, else the pages that fit the configured share of available host memory (on a
-    GPU the executor measures instead: engine/executor/memory.py)."""
+    GPU the executor measures instead: engine/executor/memory.py). num_ranks tensor-parallel CPU processes
+    share that memory: each takes 1/num_ranks of it for its 1/num_ranks of every page (`model` is the rank's)."""
     if engine.num_pages is not None:
         return engine.num_pages
     per_page = kv_bytes_per_page(model, engine.page_size, dtype)
-    budget = min(engine.max_cpu_kv_bytes, int(_available_host_bytes() * engine.kv_memory_fraction))
+    budget = min(engine.max_cpu_kv_bytes, int(_available_host_bytes() * engine.kv_memory_fraction)) // num_ranks
     num_pages = budget // per_page
     if num_pages < 1:
         raise RuntimeError(f"not enough memory for one KV page ({per_page} bytes)")

@@ -2,6 +2,10 @@
 
 Weights use Hugging Face names on load and are fused here: qkv_proj = [q; k; v], gate_up_proj = [gate; up].
 Shapes: T tokens in the step, H hidden, Hq/Hkv heads, D head_dim.
+
+Tensor-parallel (engine/model/parallel.py): a rank is given its shard of the weights (the loader reads only
+that) and runs the same code on its own heads and MLP width; `config` is then the rank's local shape, the
+o and down projections end in an all-reduce, and logits() gathers the vocabulary-split LM head's rows on rank 0.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 
 import pie_server.kernels.ops as torch_ops
 from pie_server.engine.config import ModelConfig
+from pie_server.engine.model.parallel import Shard, TensorParallel
 from pie_server.kernels.attention import AttentionBackend
 
 
@@ -35,20 +40,24 @@ class LayerWeights:
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype, ops: ModuleType = torch_ops) -> None:
-        self.config = config
+                 dtype: torch.dtype, ops: ModuleType = torch_ops, parallel: TensorParallel | None = None) -> None:
+        """weights: HF-named, this rank's shard of each (loader.load_weights(shard=...)) when parallel is set."""
+        self.parallel = parallel
+        self.config = local = parallel.shard.local_config(config) if parallel is not None else config
         self.device = device
         self.dtype = dtype
         self.ops = ops
         w = _Weights(weights, device, dtype)
         self.embed_tokens = w.take("model.embed_tokens.weight")
-        self.layers = [_layer(w, config, i) for i in range(config.num_layers)]
+        self.layers = [_layer(w, local, i) for i in range(local.num_layers)]
         self.norm = w.take("model.norm.weight")
         self.lm_head = self.embed_tokens if config.tie_word_embeddings else w.take("lm_head.weight")
-        self.cos_sin_cache = ops.rope_cos_sin_cache(config.rope, config.head_dim,
-                                                    config.max_position_embeddings, device)
-        self._q_size = config.num_heads * config.head_dim
-        self._kv_size = config.num_kv_heads * config.head_dim
+        if parallel is not None and config.tie_word_embeddings:  # the rank's rows of the replicated embedding
+            self.lm_head = parallel.shard.vocab_part(self.embed_tokens, config.vocab_size)
+        self.cos_sin_cache = ops.rope_cos_sin_cache(local.rope, local.head_dim, local.max_position_embeddings,
+                                                    device)
+        self._q_size = local.num_heads * local.head_dim
+        self._kv_size = local.num_kv_heads * local.head_dim
         # While True (graph_mode()), one-row matmuls go to ops.single_row_linear (a GEMV kernel on CUDA whose
         # Python launch cost only pays off when a CUDA graph replays it) and a one-token forward to
         # _forward_one_row (fused GEMVs).
@@ -57,9 +66,11 @@ class LlamaModel:
 
     @classmethod
     def random(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
-               ops: ModuleType = torch_ops) -> "LlamaModel":
-        """Random weights of the right shapes (speed does not depend on values)."""
-        return cls(config, random_weights(config, device, dtype, seed), device, dtype, ops)
+               ops: ModuleType = torch_ops, parallel: TensorParallel | None = None) -> "LlamaModel":
+        """Random weights of the right shapes (speed does not depend on values); with `parallel`, of the rank's
+        shard shapes (every rank draws the same numbers: the replicated embedding is the same everywhere)."""
+        shard = parallel.shard if parallel is not None else None
+        return cls(config, random_weights(config, device, dtype, seed, shard), device, dtype, ops, parallel)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
@@ -77,10 +88,11 @@ class LlamaModel:
             else:
                 x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
             qkv = self._linear(x, layer.qkv_proj, layer.qkv_bias)
-            hidden = self._linear(self._attend(qkv, positions, attention, kv_cache), layer.o_proj, layer.o_bias)
+            attended = self._attend(qkv, positions, attention, kv_cache)
+            hidden = self._row_parallel_linear(attended, layer.o_proj, layer.o_bias)
             x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, cfg.rms_norm_eps)
             gate_up = self._linear(x, layer.gate_up_proj, layer.gate_up_bias)
-            hidden = self._linear(ops.silu_and_mul(gate_up), layer.down_proj, layer.down_bias)
+            hidden = self._row_parallel_linear(ops.silu_and_mul(gate_up), layer.down_proj, layer.down_bias)
         out, _ = ops.add_rms_norm(hidden, residual, self.norm, cfg.rms_norm_eps)
         return out
 
@@ -124,24 +136,42 @@ class LlamaModel:
             return self.ops.single_row_linear(x, weight, bias)
         return F.linear(x, weight, bias)
 
+    def _row_parallel_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """o and down projections: each rank's product over its input columns is a partial sum; the all-reduce
+        completes it on every rank, then the bias (replicated) is added once."""
+        if self.parallel is None:
+            return self._linear(x, weight, bias)
+        out = self.parallel.all_reduce(self._linear(x, weight, None))
+        return out if bias is None else out + bias
+
     @contextmanager
     def graph_mode(self, fuse_one_row: bool = True) -> Iterator[None]:
         """For CUDA-graph warm-up and capture: one-row matmuls use ops.single_row_linear and, if fuse_one_row,
         a one-token forward runs _forward_one_row."""
         previous = self._single_row_kernels, self._fuse_one_row
-        self._single_row_kernels, self._fuse_one_row = True, fuse_one_row
+        # The fused one-row forward adds the o and down products into the residual inside the GEMV, before any
+        # all-reduce could complete them: tensor-parallel ranks run the unfused forward.
+        self._single_row_kernels, self._fuse_one_row = True, fuse_one_row and self.parallel is None
         try:
             yield
         finally:
             self._single_row_kernels, self._fuse_one_row = previous
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """[N, H] -> [N, V] float32. One row (decode at batch 1) reads the whole LM head for one token: the
-        GEMV kernel of ops.single_row_linear, worth its launch cost there."""
+        GEMV kernel of ops.single_row_linear, worth its launch cost there. Tensor-parallel: each rank computes
+        its rows of the vocabulary and rank 0 gathers them (the others get None); N is the same on every rank."""
         if hidden.shape[0] == 1:
-            return self.ops.single_row_linear(hidden, self.lm_head).float()
-        return F.linear(hidden, self.lm_head).float()
+            local = self.ops.single_row_linear(hidden, self.lm_head)
+        else:
+            local = F.linear(hidden, self.lm_head)
+        if self.parallel is None:
+            return local.float()
+        if hidden.shape[0] == 0:  # nothing to gather (a step without sampled rows)
+            return local.new_empty(0, self.config.vocab_size, dtype=torch.float32)
+        gathered = self.parallel.gather_vocab(local, self.config.vocab_size)
+        return None if gathered is None else gathered.float()
 
 
 class _Weights:
@@ -185,13 +215,15 @@ def _layer(w: _Weights, cfg: ModelConfig, i: int) -> LayerWeights:
     )
 
 
-def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF name -> shape of every weight the model loads."""
+def weight_shapes(cfg: ModelConfig, shard: Shard | None = None) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every weight the model loads (with `shard`: of that rank's part, parallel.py)."""
+    full = cfg
+    cfg = shard.local_config(cfg) if shard is not None else cfg
     q, kv, h, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, \
         cfg.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+        shapes["lm_head.weight"] = (shard.vocab_rows(full.vocab_size) if shard is not None else cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         shapes.update({
@@ -212,10 +244,11 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_weights(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_weights(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                   shard: Shard | None = None) -> dict[str, torch.Tensor]:
     gen = torch.Generator(device=device).manual_seed(seed)
     weights = {}
-    for name, shape in weight_shapes(cfg).items():
+    for name, shape in weight_shapes(cfg, shard).items():
         if name.endswith("norm.weight"):
             weights[name] = torch.ones(shape, device=device, dtype=dtype)
         else:  # drawn in the target dtype: no float32 temporaries (twice the size) to fragment device memory

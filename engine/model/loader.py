@@ -27,6 +27,7 @@ from tqdm import tqdm  # the type of _gguf_bar's stand-in
 
 from pie_server.engine.config import ModelConfig
 from pie_server.engine.model.default_model import locate_default_model
+from pie_server.engine.model.parallel import Shard
 from pie_server.engine.processes import is_alive
 from pie_server.engine.progress import progress_bar, progress_spinner
 
@@ -274,11 +275,13 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
 
 
 def load_weights(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu", *,
-                 progress: bool = True) -> dict[str, torch.Tensor]:
+                 progress: bool = True, shard: Shard | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the directory's safetensors files by its Hugging Face name.
 
     Floating-point tensors are cast to `dtype` and moved to `device`; others keep their dtype. With progress,
     a bar over the files' bytes (advanced per tensor) goes to stderr where engine/progress.py says to draw.
+    With `shard` (a tensor-parallel rank), only that rank's part of each tensor is read (parallel.py): a 70B
+    model's eight ranks do not each hold the whole model in host memory.
     """
     files = safetensors_files(model_dir)
     device = torch.device(device)
@@ -298,11 +301,16 @@ def load_weights(model_dir: str | Path, dtype: torch.dtype, device: str | torch.
                 for name in names:
                     if name in weights:
                         raise ValueError(f"tensor {name} appears in more than one file of {model_dir}")
-                    tensor = handle.get_tensor(name)
+                    tensor = handle.get_tensor(name) if shard is None else _read_shard(handle, name, shard)
                     bar.update(tensor.nbytes)
                     weights[name] = _cast(tensor, dtype, device)
             bar.update(done_before + file_sizes[path] - bar.n)  # the file's header: the bar ends at its size
     return weights
+
+
+def _read_shard(handle: Any, name: str, shard: Shard) -> torch.Tensor:
+    part = handle.get_slice(name)
+    return shard.read(name, part, tuple(part.get_shape()))
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
