@@ -3,13 +3,14 @@ each (name, size, created, tenant). On disk so that uploads survive restarts and
 the same ones (a volume in compose); compiled code is cached apart, by the runtime (engine/runtime/programs.py).
 
 Names: a record per tenant and name, pointing to the bytes last uploaded under that name. Uploading the same
-bytes again returns the same id, under every name it was given. The bytes go when no record names them. Writes
-go to a temporary file first and are renamed into place, so a reader never sees half a file.
+bytes again returns the same id, under every name it was given. The bytes go when no record names them (deleted,
+or the name now points to other bytes). Writes go to a temporary file first and are renamed into place, so a
+reader never sees half a file.
 
-Tenants see only their own records, and the built-in ones: the server's own inferlets (the default inferlet) live
-in the namespace BUILTIN_TENANT, which only the server writes; a name resolves in the tenant's own records first,
-then there (so a tenant's upload of the same name shadows the built-in one for that tenant only). A tenant cannot
-delete a built-in inferlet (403).
+Tenants see only their own records, and the built-in ones: the server's own inferlets (the default inferlet, the
+preinstalled contrib ones: app/preinstalled.py) live in the namespace BUILTIN_TENANT, which only the server
+writes; a name resolves in the tenant's own records first, then there (so a tenant's upload of the same name
+shadows the built-in one for that tenant only). A tenant cannot delete a built-in inferlet (403).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Collection
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")
@@ -46,7 +48,7 @@ class InferletRecord:
 
     def public(self) -> dict[str, object]:
         return {"object": "inferlet", "id": self.id, "name": self.name, "size": self.size, "created": self.created,
-                "builtin": self.tenant == BUILTIN_TENANT}
+                "builtin": self.tenant == BUILTIN_TENANT, "status": "ready"}
 
 
 class InferletStore:
@@ -63,8 +65,15 @@ class InferletStore:
         with self._lock:
             if not self._wasm_path(record.id).is_file():
                 _write_atomically(self._wasm_path(record.id), wasm)
+            replaced = _read_record(self._record_path(tenant, name))
             _write_atomically(self._record_path(tenant, name), json.dumps(asdict(record)).encode())
+            if replaced is not None and replaced.id != record.id:
+                self._drop_if_unnamed(replaced.id)
         return record
+
+    def find(self, id_or_name: str, tenant: str) -> InferletRecord | None:
+        """The tenant's own record by name or id (no built-in one), or None."""
+        return self._find(id_or_name, tenant)
 
     def get(self, id_or_name: str, tenant: str) -> InferletRecord:
         """By name, or by id (its newest name): the tenant's own, else a built-in one."""
@@ -96,9 +105,22 @@ class InferletStore:
             records = [first] if first.name == id_or_name else [r for r in self._records(tenant) if r.id == first.id]
             for record in records:
                 self._record_path(tenant, record.name).unlink(missing_ok=True)
-            if not any(r.id == first.id for r in map(_read_record, (self.root / "records").glob("*/*.json")) if r):
-                self._wasm_path(first.id).unlink(missing_ok=True)
+            self._drop_if_unnamed(first.id)
         return records
+
+    def retain(self, tenant: str, names: Collection[str]) -> None:
+        """Removes the tenant's records of other names (the server's built-in namespace keeps only the inferlets
+        this version ships: a contrib folder that went is no longer offered)."""
+        with self._lock:
+            for record in self._records(tenant):
+                if record.name not in names:
+                    self._record_path(tenant, record.name).unlink(missing_ok=True)
+                    self._drop_if_unnamed(record.id)
+
+    def _drop_if_unnamed(self, inferlet_id: str) -> None:
+        """Removes the bytes once no record of any tenant names them (the caller holds the lock)."""
+        if not any(r.id == inferlet_id for r in map(_read_record, (self.root / "records").glob("*/*.json")) if r):
+            self._wasm_path(inferlet_id).unlink(missing_ok=True)
 
     def _find(self, id_or_name: str, tenant: str) -> InferletRecord | None:
         if NAME_PATTERN.match(id_or_name):

@@ -1,6 +1,8 @@
 """The server's state, kept in the Starlette app's lifespan state (no globals): the engine, loaded in the
 background so /health can answer 503 while it loads; the default inferlet's program; metrics; the slots that
-bound how many inferlet instances run at once (the rest queue); and whose a request is (its tenant)."""
+bound how many inferlet instances run at once (the rest queue); whose a request is (its tenant); and which inferlet
+a name means to a tenant (its own upload, else a built-in one: the default, or a preinstalled contrib inferlet,
+built on first use)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,15 +16,17 @@ from pie_server.app.auth import TENANT_SCOPE_KEY
 from pie_server.app.config import ServerConfig
 from pie_server.app.engine_view import EngineView
 from pie_server.app.errors import ApiError
-from pie_server.app.inferlet_build import default_cache_dir
+from pie_server.app.inferlet_build import BuildError, default_cache_dir
 from pie_server.app.inferlet_run import InferletRun, InstanceHandle, PromptInfo
 from pie_server.app.inferlet_runs import RunRegistry
 from pie_server.app.inferlet_store import BUILTIN_TENANT, InferletRecord, InferletStore, StoreError
 from pie_server.app.metrics import EngineGauges, Metrics
+from pie_server.app.preinstalled import PreinstalledInferlets, discover
 from pie_server.engine.control.admission import Admission, pages_for
 from pie_server.app.openai.params import INFERLET_MODEL_PREFIX, ModelLimits
 from pie_server.engine.runtime.config import InstanceLimits
 from pie_server.engine.runtime.tenant_quota import TenantQuotaError
+from pie_server.inferlets import CONTRIB_DIR
 
 log = logging.getLogger("pie.app")
 
@@ -48,6 +52,9 @@ class AppState:
         self.admission: Admission | None = None  # the engine's (engine/control/admission.py), once loaded
         self._loader: asyncio.Task[None] | None = None
         self.inferlets = InferletStore(config.inferlet_dir or default_cache_dir().parent / "uploads")
+        # The contrib folders present now, each under its folder name; built on first use, never here.
+        self.preinstalled = PreinstalledInferlets(self.inferlets, discover(CONTRIB_DIR, {DEFAULT_INFERLET_NAME}))
+        self.inferlets.retain(BUILTIN_TENANT, {DEFAULT_INFERLET_NAME, *self.preinstalled.names})
         self.program_hashes: dict[str, str] = {}  # uploaded inferlet id -> its program in this front end's runtime
         self._program_sources: dict[str, InferletRecord] = {}  # program -> an inferlet record of its Wasm bytes
         self.runs = RunRegistry()
@@ -156,15 +163,66 @@ class AppState:
         await asyncio.to_thread(view.load_program, wasm)
 
     async def program_hash_for_model(self, model: str, request: Any) -> str | None:
-        """None for the served model (the default inferlet); the uploaded inferlet's for "inferlet:NAME"."""
+        """None for the served model (the default inferlet); the named inferlet's for "inferlet:NAME"."""
         if not model.startswith(INFERLET_MODEL_PREFIX):
             return None
         try:
-            record = self.inferlets.get(model[len(INFERLET_MODEL_PREFIX):], self.tenant_of(request))
-        except StoreError:
-            raise ApiError(f"The model `{model}` does not exist: no inferlet of that name was uploaded.", 404,
-                           param="model", code="model_not_found") from None
+            record = await self.find_inferlet(model[len(INFERLET_MODEL_PREFIX):], self.tenant_of(request))
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            raise ApiError(f"The model `{model}` does not exist: no inferlet of that name was uploaded or is built "
+                           "in.", 404, param="model", code="model_not_found") from None
         return await self.program_hash_of(record)
+
+    # inferlets by name, as a tenant sees them -----------------------------------------------------
+    async def find_inferlet(self, ref: str, tenant: str) -> InferletRecord:
+        """By name or id: the tenant's own upload, else a preinstalled contrib inferlet (built now if it is not
+        yet), else another built-in one. ApiError: 404 (inferlet_not_found), 500 if the build fails."""
+        own = self.inferlets.find(ref, tenant)
+        if own is not None:
+            return own
+        if ref in self.preinstalled.names:
+            try:
+                return await self.preinstalled.ensure(ref)
+            except (BuildError, OSError) as exc:
+                raise ApiError(f"the preinstalled inferlet {ref!r} could not be built: {exc}", 500) from None
+        try:
+            return self.inferlets.get(ref, tenant)
+        except StoreError as exc:
+            raise ApiError(str(exc), exc.status, code="inferlet_not_found") from None
+
+    def has_inferlet(self, ref: str, tenant: str) -> bool:
+        """Whether ref names one for tenant (without building anything)."""
+        if ref in self.preinstalled.names:
+            return True
+        try:
+            self.inferlets.get(ref, tenant)
+        except StoreError:
+            return False
+        return True
+
+    async def describe_inferlet(self, ref: str, tenant: str) -> dict[str, Any]:
+        """GET /v1/inferlets/{ref}: a preinstalled one not built yet is described by its status (not built)."""
+        if ref in self.preinstalled.names and self.inferlets.find(ref, tenant) is None:
+            await self.preinstalled.adopt_built([ref])
+            return self.preinstalled.entry(ref)
+        return (await self.find_inferlet(ref, tenant)).public()
+
+    async def list_inferlets(self, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's uploads and the built-in inferlets it does not shadow: the store's (whose records of
+        preinstalled names may be an earlier start's builds: left out), then the preinstalled ones by name."""
+        await self.preinstalled.adopt_built()
+        records = self.inferlets.list(tenant)
+        own_names = {r.name for r in records if r.tenant == tenant}
+        listed = [r.public() for r in records if r.tenant == tenant or r.name not in self.preinstalled.names]
+        return listed + [self.preinstalled.entry(name) for name in sorted(self.preinstalled.names - own_names)]
+
+    def delete_inferlet(self, ref: str, tenant: str) -> list[InferletRecord]:
+        """The tenant's own (StoreError: 404 unknown, 403 built in, preinstalled ones built or not)."""
+        if ref in self.preinstalled.names and self.inferlets.find(ref, tenant) is None:
+            raise StoreError(f"{ref!r} is a built-in inferlet: it cannot be deleted", 403)
+        return self.inferlets.delete(ref, tenant)
 
     def ready(self) -> tuple[EngineView, ModelLimits]:
         if self.status == "loading":

@@ -7,7 +7,9 @@ the server's size limit. POST /v1/inferlets/{id or name}/runs {"args": [...], "s
 -> SSE `event: message` per message and a last `event: done` with {"status", "error"?}; or one JSON run object
 with its messages. A streamed run's id is in the `x-run-id` header. A run belongs to its request: a client that
 goes away cancels it (its pages are freed). Everything is the requesting tenant's (app/auth.py); another
-tenant's inferlets and runs are 404, as if they did not exist. Over the tenant's quota of instances: 429.
+tenant's inferlets and runs are 404, as if they did not exist. Over the tenant's quota of instances: 429. The
+built-in inferlets (the default one, the preinstalled contrib ones: app/preinstalled.py) are every tenant's; a
+preinstalled one is built on its first run, and listed with its status until then.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from pie_server.app.errors import ApiError, invalid
 from pie_server.app.inferlet_runs import Run
-from pie_server.app.inferlet_store import InferletRecord, StoreError
+from pie_server.app.inferlet_store import StoreError
 from pie_server.app.relay import ClientGone, SSEResponse, read_json, until_disconnected
 from pie_server.app.run_limits import limit_error, parse_limits
 from pie_server.app.state import AppState
@@ -32,11 +34,12 @@ def _state(request: Request) -> AppState:
     return request.state.pie
 
 
-def _record(state: AppState, request: HTTPConnection) -> InferletRecord:
-    try:
-        return state.inferlets.get(request.path_params["ref"], state.tenant_of(request))
-    except StoreError as exc:
-        raise ApiError(str(exc), exc.status, code="inferlet_not_found") from None
+def _require_inferlet(state: AppState, connection: HTTPConnection) -> str:
+    """404 unless the path's inferlet is one the tenant may run (nothing is built here); returns the tenant."""
+    tenant = state.tenant_of(connection)
+    if not state.has_inferlet(connection.path_params["ref"], tenant):
+        raise ApiError(f"no inferlet {connection.path_params['ref']!r}", 404, code="inferlet_not_found")
+    return tenant
 
 
 async def upload(request: Request) -> Response:
@@ -60,18 +63,18 @@ async def upload(request: Request) -> Response:
 
 async def list_inferlets(request: Request) -> Response:
     state = _state(request)
-    records = state.inferlets.list(state.tenant_of(request))
-    return JSONResponse({"object": "list", "data": [r.public() for r in records]})
+    return JSONResponse({"object": "list", "data": await state.list_inferlets(state.tenant_of(request))})
 
 
 async def get_inferlet(request: Request) -> Response:
-    return JSONResponse(_record(_state(request), request).public())
+    state = _state(request)
+    return JSONResponse(await state.describe_inferlet(request.path_params["ref"], state.tenant_of(request)))
 
 
 async def delete_inferlet(request: Request) -> Response:
     state = _state(request)
     try:
-        records = state.inferlets.delete(request.path_params["ref"], state.tenant_of(request))
+        records = state.delete_inferlet(request.path_params["ref"], state.tenant_of(request))
     except StoreError as exc:  # unknown (404), or built in (403)
         raise ApiError(str(exc), exc.status, code="inferlet_not_found" if exc.status == 404 else None) from None
     return JSONResponse({"object": "inferlet.deleted", "id": records[0].id, "names": [r.name for r in records],
@@ -82,12 +85,12 @@ async def launch_run(state: AppState, connection: HTTPConnection, args: Any, lim
     """Starts a run of the inferlet the path names (HTTP and WebSocket alike) with the request's "limits"
     (app/run_limits.py); ApiError for what is wrong."""
     state.ready()
-    record = _record(state, connection)
+    tenant = _require_inferlet(state, connection)
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise invalid("args must be a list of strings", param="args")
     instance_limits = parse_limits(limits)
+    record = await state.find_inferlet(connection.path_params["ref"], tenant)  # a preinstalled one: built now
     program_hash = await state.program_hash_of(record)
-    tenant = state.tenant_of(connection)
     try:
         handle = await state.launch(program_hash, args, tenant, instance_limits)
     except LimitError as exc:
@@ -100,7 +103,7 @@ async def launch_run(state: AppState, connection: HTTPConnection, args: Any, lim
 async def start_run(request: Request) -> Response:
     state = _state(request)
     state.ready()
-    _record(state, request)  # 404 for an unknown inferlet before the body is read
+    _require_inferlet(state, request)  # 404 for an unknown inferlet before the body is read
     body = await read_json(request)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):

@@ -164,8 +164,10 @@ async function refreshInferlets() {
   const records = (await getJson("/v1/inferlets")).data;
   page.inferletNames = new Map();
   for (const r of records) page.inferletNames.set(r.id, [...(page.inferletNames.get(r.id) || []), r.name]);
-  $("inferlet-table").tBodies[0].replaceChildren(...records.map((r) => row([
-    r.name, el("code", "", r.id.slice(0, 12)), formatBytes(r.size), formatTime(r.created)])));
+  // A preinstalled inferlet not built yet has no id, size or date, only its status (built on its first run).
+  $("inferlet-table").tBodies[0].replaceChildren(...records.map((r) => row(r.id ? [
+    r.name, el("code", "", r.id.slice(0, 12)), formatBytes(r.size), formatTime(r.created)]
+    : [r.name, r.status.replace("_", " "), "", ""])));
   const select = $("run-inferlet");
   const chosen = select.value;
   select.replaceChildren(...records.map((r) => new Option(r.name, r.name)));

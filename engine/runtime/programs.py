@@ -22,9 +22,13 @@ import time
 from pathlib import Path
 
 import wasmtime
-from wasmtime.component import Component
+from wasmtime.component import Component, FuncType
 
 ARTIFACT_SUFFIX = ".cwasm"
+# The inferlet world (inferlets/wit): a component exports the function `run` and imports only WASI and
+# pie:inferlet interfaces; any other component could never be instantiated by the runtime's linker.
+WORLD_IMPORT_PREFIXES = ("wasi:", "pie:inferlet/")
+_CORE_MODULE_HEADER = b"\0asm\x01\0\0\0"  # magic, version 1, layer 0 (a component's layer is 1)
 STALE_TEMP_S = 3600.0  # a temporary file this old is left over from a crashed writer
 
 
@@ -104,7 +108,11 @@ class ProgramCache:
         try:
             component = Component(self._engine, wasm)
         except wasmtime.WasmtimeError as error:
+            if wasm.startswith(_CORE_MODULE_HEADER):
+                raise ValueError("a core WebAssembly module, not a component: build inferlets with `pie build` "
+                                 "(componentize-py) or wrap a module with `wasm-tools component new`") from None
             raise ValueError(f"not a valid WebAssembly component: {str(error).splitlines()[0]}") from None
+        check_world(self._engine, component)
         self.num_compiled += 1
         return self._save(program_hash, component)
 
@@ -148,6 +156,18 @@ class ProgramCache:
             self.num_evicted += 1
             with self._lock:
                 self._components.pop(path.name.split("-", 1)[0], None)
+
+
+def check_world(engine: wasmtime.Engine, component: Component) -> None:
+    """ValueError unless the component is of the inferlet world (checked once, before it is cached)."""
+    kind = component.type
+    foreign = sorted(name for name in kind.imports(engine) if not name.startswith(WORLD_IMPORT_PREFIXES))
+    if foreign:
+        raise ValueError(f"not a component of the pie:inferlet world: it imports {', '.join(foreign[:3])}, which "
+                         "this host does not provide")
+    run = kind.exports(engine).get("run")
+    if run is None or not isinstance(run.ty, FuncType):
+        raise ValueError("not a component of the pie:inferlet world: it does not export the function `run`")
 
 
 def _touch(path: Path) -> bool:

@@ -55,9 +55,22 @@ def test_upload_gives_the_sha256_and_the_same_bytes_the_same_id(real_server, tex
         assert raw_http.request(f"{real_server.url}/v1/inferlets/{ref}")[1]["id"] == uploaded["id"]
 
 
-def test_bytes_that_are_no_component_get_400(real_server) -> None:
-    status, body, _ = _upload(real_server.url, b"\0asm\x01\0\0\0not really", "junk")
-    assert status == 400 and body["error"]["code"] == "invalid_inferlet"
+def _wat(text: str) -> bytes:
+    import wasmtime
+
+    return wasmtime.wat2wasm(text)
+
+
+@pytest.mark.parametrize("wasm, says", [
+    (b"Hello, I am not WebAssembly at all", "not a valid WebAssembly component"),
+    (b"\0asm\x01\0\0\0not really", "a core WebAssembly module, not a component"),
+    (_wat('(module (func (export "run")))'), "a core WebAssembly module, not a component"),
+    (_wat("(component)"), "does not export the function `run`"),  # a component of another (empty) world
+    (_wat('(component (import "acme:other/api" (instance)))'), "imports acme:other/api"),
+], ids=["garbage", "broken-module", "core-module", "no-run-export", "foreign-import"])
+def test_bytes_that_are_no_inferlet_component_get_400(real_server, wasm: bytes, says: str) -> None:
+    status, body, _ = _upload(real_server.url, wasm, "junk")
+    assert status == 400 and body["error"]["code"] == "invalid_inferlet" and says in body["error"]["message"]
     assert all(r["name"] != "junk" for r in raw_http.request(real_server.url + "/v1/inferlets")[1]["data"])
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from pie_server.app.auth import key_tenant, read_keys_file
 from pie_server.app.config import ServerConfig
+from pie_server.app.preinstalled import discover
+from pie_server.inferlets import CONTRIB_DIR
 from tests.app import raw_http
 from tests.app.conftest import client_for
 from tests.app.server_thread import ServerThread
@@ -40,6 +42,8 @@ def _upload(server: ServerThread, wasm: bytes, name: str, headers: dict[str, str
 
 
 def test_another_tenants_inferlet_is_not_there(make_fake_server) -> None:
+    from websockets.sync.client import connect
+
     server = make_fake_server(api_keys=KEYS)
     status, mine = _upload(server, b"alice's component", "mine", A)
     assert status == 201 and mine["builtin"] is False
@@ -50,7 +54,15 @@ def test_another_tenants_inferlet_is_not_there(make_fake_server) -> None:
         status, body, _ = raw_http.request(f"{server.url}/v1/inferlets/{ref}", "DELETE", headers=B)
         assert status == 404 and body["error"]["code"] == "inferlet_not_found"
     listed = {r["name"]: r for r in raw_http.request(server.url + "/v1/inferlets", headers=B)[1]["data"]}
-    assert set(listed) == {"default"} and listed["default"]["builtin"] is True
+    assert set(listed) == {"default"} | set(discover(CONTRIB_DIR))  # the built-in ones only
+    assert all(r["builtin"] for r in listed.values())
+    status, body, _ = raw_http.request(server.url + "/v1/chat/completions", "POST",
+                                       {"model": "inferlet:mine", "messages": MESSAGES}, headers=B)
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    with connect(server.url.replace("http://", "ws://") + "/v1/inferlets/mine/ws", open_timeout=30,
+                 additional_headers=B) as ws:
+        ws.send(json.dumps({"args": [REQUEST]}))
+        assert json.loads(ws.recv(timeout=30))["error"]["code"] == "inferlet_not_found"
     assert raw_http.request(f"{server.url}/v1/inferlets/mine", headers=A)[1]["id"] == mine["id"]
     assert _upload(server, b"bob's own component", "mine", B)[0] == 201  # the same name: bob's own
     assert raw_http.request(f"{server.url}/v1/inferlets/mine", headers=A)[1]["id"] == mine["id"]

@@ -60,11 +60,14 @@ def test_bad_programs_are_refused(runtime: Runtime) -> None:
         runtime.launch("0" * 64)
 
 
-def test_component_without_run_export_fails_cleanly(runtime: Runtime) -> None:
+def test_a_component_of_another_world_or_a_core_module_is_refused_at_load(runtime: Runtime) -> None:
     import wasmtime
-    empty = wasmtime.wat2wasm("(component)")
-    end = runtime.launch(runtime.load(empty)).messages(timeout=10)[-1]
-    assert isinstance(end, Terminated) and not end.ok and "does not export run" in (end.error or "")
+    with pytest.raises(ValueError, match="does not export the function `run`"):
+        runtime.load(wasmtime.wat2wasm("(component)"))
+    with pytest.raises(ValueError, match="imports acme:other/api"):
+        runtime.load(wasmtime.wat2wasm('(component (import "acme:other/api" (instance)))'))
+    with pytest.raises(ValueError, match="a core WebAssembly module, not a component"):
+        runtime.load(wasmtime.wat2wasm("(module)"))
 
 
 def test_compiled_code_cache_hits_on_disk(control: FakeControl, tmp_path: Path) -> None:
