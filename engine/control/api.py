@@ -85,6 +85,11 @@ class Control(Protocol):
 
     def list_exports(self) -> list[str]: ...
 
+    def page_usage(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId] | None
+                   ) -> tuple[int, int, int]:
+        """(ids, distinct physical pages they name, of those the ones referenced more than once anywhere)
+        for page_ids (None: every page the instance holds)."""
+
     def prefix_lookup(self, instance_id: InstanceId, token_ids: Sequence[TokenId]) -> tuple[list[VirtualPageId], int]:
         """Share into the instance the pages of the longest cached page-aligned prefix of token_ids;
         returns (pages, number of tokens they hold)."""

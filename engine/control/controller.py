@@ -178,6 +178,17 @@ class Controller:
         with self._locked(mutating=False):
             return sorted(self.state.res.exports)
 
+    def page_usage(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId] | None
+                   ) -> tuple[int, int, int]:
+        """(ids, distinct blocks they name, blocks among those with refcount > 1: read-only). None: every
+        page the instance holds (ids freed while a queued command still uses them included)."""
+        with self._locked(mutating=False):
+            table = self.state.get(instance_id).table
+            block_ids = [b for _, b in table.items()] if page_ids is None else table.blocks(list(page_ids))
+            distinct = set(block_ids)
+            pool = self.state.res.pool
+            return len(block_ids), len(distinct), sum(1 for b in distinct if pool.refcount(b) > 1)
+
     # -- prefix cache -------------------------------------------------------------------------------------
     def prefix_lookup(self, instance_id: InstanceId, token_ids: Sequence[TokenId]
                       ) -> tuple[list[VirtualPageId], int]:

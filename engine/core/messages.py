@@ -77,6 +77,7 @@ PLAIN_METHODS: dict[str, Any] = {
     "import_pages": tuple[str, str],
     "unexport_pages": tuple[str],
     "list_exports": tuple[()],
+    "page_usage": tuple[str, list[int] | None],
     "prefix_lookup": tuple[str, list[int]],
     "prefix_publish": tuple[str, list[int], list[int]],
     "clear_prefix_cache": tuple[()],
@@ -87,6 +88,7 @@ PLAIN_VALUES: dict[str, Any] = {
     "share_pages": list[int],
     "import_pages": list[int],
     "list_exports": list[str],
+    "page_usage": tuple[int, int, int],
     "prefix_lookup": tuple[list[int], int],
     "stats": ControlStats,
 }

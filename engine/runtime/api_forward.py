@@ -62,7 +62,6 @@ OUTPUT_REQUEST = ("record", ("index", "u32"), ("kind", ("variant", {"sample": SA
 FORWARD_REQUEST = ("record", ("token-ids", ("list", "u32")), ("positions", ("list", "u32")),
                    ("page-ids", ("list", "u32")), ("last-page-len", "u32"),
                    ("attention-mask", ("option", ("list", ("list", "bool")))), ("outputs", ("list", OUTPUT_REQUEST)))
-MAX_DISTRIBUTION_TOP_K = 1024
 
 
 def sampling_params(record: dict[str, Any], vocab_size: int) -> SamplingParams:
@@ -116,7 +115,8 @@ def _output_spec(request: dict[str, Any], num_tokens: int, vocab_size: int) -> O
     case, payload = request["kind"]
     if case == "sample":
         return OutputSpec(index=index, sampling=as_sampling(payload, vocab_size))
-    expect(0 < payload <= MAX_DISTRIBUTION_TOP_K, f"distribution top-k must be in [1, {MAX_DISTRIBUTION_TOP_K}]")
+    # Up to the whole vocabulary: k = vocab-size is the full distribution (its cost is the list it returns).
+    expect(0 < payload <= vocab_size, f"distribution top-k must be in [1, {vocab_size}] (the vocabulary size)")
     return OutputSpec(index=index, distribution_top_k=payload)
 
 

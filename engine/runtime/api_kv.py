@@ -16,6 +16,7 @@ from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
 PAGES_RESULT = ("result", ("list", "u32"), "string")
 UNIT_RESULT = ("result", None, "string")
 PREFIX_MATCH = ("record", ("page-ids", ("list", "u32")), ("num-tokens", "u32"))
+PAGE_USAGE = ("record", ("num-page-ids", "u32"), ("num-physical-pages", "u32"), ("num-shared-pages", "u32"))
 MAX_PAGES_PER_CALL = 1 << 16
 MAX_EXPORT_NAME_BYTES = 256
 
@@ -100,6 +101,12 @@ def functions(host: Host) -> list[HostFunction]:
         prefix = export_prefix(inst.tenant)
         return [name[len(prefix):] for name in control.list_exports() if name.startswith(prefix)]
 
+    def page_usage(inst: InstanceState, page_ids: list[int] | None) -> HostTaskGen:
+        expect(page_ids is None or len(page_ids) <= MAX_PAGES_PER_CALL,
+               f"at most {MAX_PAGES_PER_CALL} page ids per call")
+        num_ids, num_physical, num_shared = yield call_later(control, "page_usage", inst.id, page_ids)
+        return ("ok", {"num-page-ids": num_ids, "num-physical-pages": num_physical, "num-shared-pages": num_shared})
+
     def lookup(inst: InstanceState, token_ids: list[int]) -> HostTaskGen:
         check_token_ids(token_ids, host.model.vocab_size)
         page_ids, num_tokens = yield call_later(control, "prefix_lookup", inst.id, token_ids)
@@ -122,6 +129,7 @@ def functions(host: Host) -> list[HostFunction]:
         HostFunction("kv", "import-pages", import_pages, PAGES_RESULT),
         HostFunction("kv", "unexport-pages", unexport_pages, UNIT_RESULT),
         HostFunction("kv", "list-exports", list_exports, ("list", "string")),
+        HostFunction("kv", "page-usage", page_usage, ("result", PAGE_USAGE, "string")),
         HostFunction("prefix-cache", "lookup", lookup, ("result", PREFIX_MATCH, "string")),
         HostFunction("prefix-cache", "publish", publish, UNIT_RESULT),
     ]

@@ -84,8 +84,9 @@ class FakeHost:
         patches = {
             "kv": dict(allocate_pages=self.allocate_pages, free_pages=self.free_pages, copy_slots=self.copy_slots,
                        share_pages=self.share_pages, export_pages=self.export_pages,
-                       import_pages=self.import_pages, unexport_pages=self.unexport_pages),
-            "forward": dict(forward=self.forward),
+                       import_pages=self.import_pages, unexport_pages=self.unexport_pages,
+                       page_usage=self.page_usage),
+            "forward": dict(forward=self.forward, forward_all=self.forward_all),
             "generate": dict(generate=self.generate, generate_all=self.generate_all),
             "tokenize": dict(encode=lambda text: [ord(c) for c in text], decode=self.decode, Decoder=Decoder,
                              apply_chat_template=self.apply_chat_template),
@@ -169,6 +170,13 @@ class FakeHost:
         for page in self.exports.pop(name):
             self.refcounts[page] -= 1
 
+    def page_usage(self, page_ids: list[int] | None) -> Any:
+        from wit_world.imports import kv
+        self.calls.append("page_usage")
+        physical = self._resolve(list(self.table) if page_ids is None else page_ids)
+        distinct = set(physical)
+        return kv.PageCounts(len(physical), len(distinct), sum(1 for p in distinct if self.refcounts[p] > 1))
+
     def share_pages_physical(self, physical: list[int]) -> list[int]:
         for page in physical:
             self.refcounts[page] += 1
@@ -193,9 +201,10 @@ class FakeHost:
 
     # -- forward and generate ------------------------------------------------------------------------
 
-    def forward(self, request: Any) -> list[Any]:
+    def forward(self, request: Any, log: bool = True) -> list[Any]:
         from wit_world.imports import forward
-        self.calls.append("forward")
+        if log:
+            self.calls.append("forward")
         if self.fail_forward is not None:
             message, self.fail_forward = self.fail_forward, None
             raise _err(message)
@@ -210,6 +219,17 @@ class FakeHost:
                 from wit_world.imports import types
                 outputs.append(forward.Output(None, None, [], [types.TokenProb(token, 0.9)][:out.kind.value]))
         return outputs
+
+    def forward_all(self, requests: list[Any]) -> list[Any]:
+        from componentize_py_types import Err, Ok
+        self.calls.append("forward_all")
+        results: list[Any] = []
+        for request in requests:
+            try:
+                results.append(Ok(self.forward(request, log=False)))
+            except Err as error:
+                results.append(error)
+        return results
 
     def generate(self, request: Any) -> Any:
         from wit_world.imports import generate, types

@@ -7,22 +7,26 @@ State invariants (page_size = ps):
 - `next_position` is the RoPE position of the first pending token.
 - A call that fails leaves the state as it was (pages allocated for it are freed again).
 
-Work is lazy: `fill` only appends pending tokens; `generate`, `decode_step` and `next_distribution`
-process them together with the step they need, in one host call. Pages are the instance's own virtual ids;
-all of them are freed when the instance ends, so `release` only matters for long-running inferlets.
+Work is lazy: `fill` only appends pending tokens; `generate`, `decode_step`, `next_distribution` and
+`decode_draft` process them together with the step they need, in one host call. Pages are the instance's own
+virtual ids; all of them are freed when the instance ends, so `release` only matters for long-running
+inferlets. `page_ids` may hold spare pages after the ones in use (reused by later steps).
+
+Sharing: a page referenced more than once (a fork's full pages, imports, the prefix cache) is read-only.
+A context only ever writes after `kv_len`, into its private partial page or new pages; `rewind` is the one
+move back, and it copies a shared page it would write into (copy on write).
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Sequence
 
-from componentize_py_types import Ok
 from wit_world.imports import forward, generate, kv
 
 from .constraints import Constraint
 from .errors import PieError, call
 from .generation import Generation, from_wit, request_for
 from .model import ModelInfo, model_info
+from .pages import PageUsage, is_shared, page_usage
 from .sampling import Greedy, Sampler
 from .stop import StopCondition, StopTracker
 from .messaging import MAIN_CHANNEL, send
@@ -97,7 +101,7 @@ class Context:
                          stream: bool | int) -> generate.GenerateRequest:
         """The host request that continues this context (used by generate and generate_all)."""
         self._require_pending()
-        self._check_room(len(self.pending_ids))
+        self.check_room(len(self.pending_ids))
         num_used = self._num_used_pages(self.kv_len)
         return request_for(
             page_ids=self.page_ids[:num_used], last_page_len=self._last_page_len(self.kv_len, num_used),
@@ -120,28 +124,93 @@ class Context:
 
     def decode_step(self, sampler: Sampler = GREEDY, allowed_token_ids: Sequence[int] | None = None) -> int:
         """Process the pending tokens and sample the next one (engine-side); it becomes pending."""
+        [output] = self._forward(self.pending_ids, [self.sample_request(sampler, allowed_token_ids)])
+        return self.take_sample(output)
+
+    def next_distribution(self, k: int = 10) -> list[tuple[int, float]]:
+        """Process the pending tokens; returns the top-k next-token distribution [(token_id, prob)], most
+        likely first: the softmax of the raw logits (temperature 1, no penalties). k may be up to the
+        vocabulary size (the whole distribution). Nothing is pending afterwards: `append` the token you
+        choose, or `rewind()` to ask the same position again (a larger k, a sampler, a mask)."""
+        [output] = self._forward(self.pending_ids, [self.distribution_request(k)])
+        return self.take_distribution(output)
+
+    def decode_draft(self, draft_ids: Sequence[int], sampler: Sampler = GREEDY) -> list[int]:
+        """Speculative decoding's verification, in one forward pass: the pending tokens, then draft_ids (a
+        guess of what follows), sampled after the last pending token and after each draft token. Keeps the
+        longest prefix of the draft that agrees with the samples, plus the sample after it; returns those
+        tokens (at least one; they are appended, the last one pending) and drops the KV of the rest.
+
+        With Greedy() the tokens are exactly what as many decode_step() calls would give. With an unseeded
+        temperature sampler each kept token is a sample of its position given the ones before (a draft token
+        is kept only when the sampler drew it). A seeded sampler or penalties are refused: every position of
+        one pass would share the seed's draw and the penalties' history."""
+        draft = self._as_ids(draft_ids)
+        if sampler.seed is not None or sampler.uses_context:
+            raise ValueError("decode_draft takes a sampler without seed and penalties")
+        self._require_pending()
+        params = sampler.to_wit()
+        first = len(self.pending_ids) - 1
+        outputs = [forward.OutputRequest(first + j, forward.OutputKind_Sample(params)) for j in range(len(draft) + 1)]
+        results = self._forward(self.pending_ids + draft, outputs)
+        sampled = [self._sampled(output) for output in results]
+        num_kept = 0
+        while num_kept < len(draft) and draft[num_kept] == sampled[num_kept]:
+            num_kept += 1
+        num_dropped = len(draft) - num_kept  # their KV stays in the slots after kv_len, never read again
+        self.kv_len -= num_dropped
+        self.next_position -= num_dropped
+        kept = draft[:num_kept] + [sampled[num_kept]]
+        self.token_ids.extend(kept)
+        self.output_ids.extend(kept)
+        self.pending_ids = [kept[-1]]
+        return kept
+
+    def rewind(self, num_tokens: int = 1) -> None:
+        """Forget the KV of the last num_tokens processed tokens: they become pending again, so the next step
+        recomputes them and can ask their positions anew (after next_distribution: the same position with a
+        larger k, a sampler or a mask). The tokens stay in the sequence. A page that must be written again
+        and is shared (a fork's) is first copied into a private one. Costs the recomputation."""
+        if not 0 <= num_tokens <= self.kv_len:
+            raise ValueError(f"can rewind 0 to {self.kv_len} tokens, got {num_tokens}")
+        if num_tokens:
+            self._keep_slots(self.kv_len - num_tokens)
+            num_pending = len(self.pending_ids) + num_tokens
+            self.pending_ids = self.token_ids[len(self.token_ids) - num_pending:]
+            self.kv_len -= num_tokens
+            self.next_position -= num_tokens
+
+    # -- the pieces of a step (batch.py assembles several contexts' steps into one host call) -------------
+
+    def sample_request(self, sampler: Sampler, allowed_token_ids: Sequence[int] | None = None
+                       ) -> forward.OutputRequest:
+        """The output that samples after the last pending token."""
         self._require_pending()
         params = sampler.to_wit(self.prompt_ids, self.output_ids, allowed_token_ids)
-        request = forward.OutputRequest(len(self.pending_ids) - 1, forward.OutputKind_Sample(params))
-        [output] = self._forward(self.pending_ids, [request])
-        if output.token_id is None:
-            raise PieError("the host returned no token for a sample output")
-        token_id = output.token_id
+        return forward.OutputRequest(len(self.pending_ids) - 1, forward.OutputKind_Sample(params))
+
+    def distribution_request(self, k: int) -> forward.OutputRequest:
+        """The output that returns the top-k distribution after the last pending token."""
+        if not 1 <= k <= self.info.vocab_size:
+            raise ValueError(f"k must be in [1, {self.info.vocab_size}] (the vocabulary size), got {k}")
+        self._require_pending()
+        return forward.OutputRequest(len(self.pending_ids) - 1, forward.OutputKind_Distribution(k))
+
+    def take_sample(self, output: forward.Output) -> int:
+        """Append the token a sample output drew (it becomes pending); returns it."""
+        token_id = self._sampled(output)
         self.token_ids.append(token_id)
         self.output_ids.append(token_id)
         self.pending_ids = [token_id]
         return token_id
 
-    def next_distribution(self, k: int = 10) -> list[tuple[int, float]]:
-        """Process the pending tokens; returns the top-k next-token distribution [(token_id, prob)],
-        most likely first. Nothing is pending afterwards: `append` the token you choose."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self._require_pending()
-        request = forward.OutputRequest(len(self.pending_ids) - 1, forward.OutputKind_Distribution(k))
-        [output] = self._forward(self.pending_ids, [request])
+    def take_distribution(self, output: forward.Output) -> list[tuple[int, float]]:
         self.pending_ids = []
         return [(p.token_id, p.prob) for p in output.distribution]
+
+    def page_usage(self) -> PageUsage:
+        """The usage of the pages that hold this context's KV (shared ones are counted, see PageUsage)."""
+        return page_usage(self.page_ids[:self._num_used_pages(self.kv_len)])
 
     def append(self, token_id: int) -> None:
         """Add a token the inferlet chose itself (counts as generated output for the penalties)."""
@@ -204,35 +273,61 @@ class Context:
 
     def _forward(self, token_ids: list[int], outputs: list[forward.OutputRequest]) -> list[forward.Output]:
         """One forward pass writing token_ids' KV after the cached ones; allocates the pages it needs."""
-        self._check_room(len(token_ids))
+        self._require_pending()
+        self.check_room(len(token_ids))
+        missing = self.num_missing_pages(len(token_ids))
+        new_page_ids = call(kv.allocate_pages, missing) if missing else []
+        self.page_ids.extend(new_page_ids)
+        try:
+            results = call(forward.forward, self.forward_request(token_ids, outputs))
+        except BaseException:
+            self.drop_pages(new_page_ids)
+            raise
+        self.advance(len(token_ids))
+        return results
+
+    def num_missing_pages(self, num_new: int) -> int:
+        """Pages to allocate before num_new more tokens' KV fits."""
+        return max(0, self._num_used_pages(self.kv_len + num_new) - len(self.page_ids))
+
+    def forward_request(self, token_ids: list[int], outputs: list[forward.OutputRequest]) -> forward.ForwardRequest:
+        """The pass that writes token_ids after the kv_len cached slots (the pages must be there)."""
         new_len = self.kv_len + len(token_ids)
         num_used = self._num_used_pages(new_len)
-        new_page_ids = self._reserve_pages(num_used)
-        request = forward.ForwardRequest(
+        return forward.ForwardRequest(
             token_ids=list(token_ids), positions=list(range(self.next_position, self.next_position + len(token_ids))),
             page_ids=self.page_ids[:num_used], last_page_len=self._last_page_len(new_len, num_used),
             attention_mask=None, outputs=outputs)
-        try:
-            results = call(forward.forward, request)
-        except BaseException:
-            self._drop_pages(new_page_ids)
-            raise
-        self.kv_len = new_len
-        self.next_position += len(token_ids)
-        return results
 
-    def _reserve_pages(self, num_pages: int) -> list[int]:
-        missing = num_pages - len(self.page_ids)
-        if missing <= 0:
-            return []
-        new_page_ids = call(kv.allocate_pages, missing)
-        self.page_ids.extend(new_page_ids)
-        return new_page_ids
+    def advance(self, num_tokens: int) -> None:
+        """After a successful forward_request pass of num_tokens tokens."""
+        self.kv_len += num_tokens
+        self.next_position += num_tokens
 
-    def _drop_pages(self, page_ids: list[int]) -> None:
+    def drop_pages(self, page_ids: list[int]) -> None:
+        """Give back page_ids, the last ones of self.page_ids, allocated for a pass that failed."""
         if page_ids:
             del self.page_ids[-len(page_ids):]
             call(kv.free_pages, page_ids)
+
+    def _keep_slots(self, num_slots: int) -> None:
+        """Make the pages ready for writes from slot num_slots on: the pages after the one holding it are
+        freed; that one, when shared, is replaced by a private copy of its first slots."""
+        num_kept = self._num_used_pages(num_slots)
+        offset = num_slots - (num_kept - 1) * self.page_size if num_kept else 0
+        replace_last = offset < self.page_size and num_kept > 0 and is_shared(self.page_ids[num_kept - 1])
+        if replace_last:
+            [private] = call(kv.allocate_pages, 1)
+            try:
+                call(kv.copy_slots, self.page_ids[num_kept - 1], private, 0, 0, offset)
+            except BaseException:
+                call(kv.free_pages, [private])
+                raise
+            shared, self.page_ids[num_kept - 1] = self.page_ids[num_kept - 1], private
+            call(kv.free_pages, [shared])
+        spare, self.page_ids = self.page_ids[num_kept:], self.page_ids[:num_kept]
+        if spare:
+            call(kv.free_pages, spare)
 
     def _num_used_pages(self, num_slots: int) -> int:
         return -(-num_slots // self.page_size)
@@ -240,10 +335,15 @@ class Context:
     def _last_page_len(self, num_slots: int, num_pages: int) -> int:
         return num_slots - (num_pages - 1) * self.page_size if num_pages else 0
 
-    def _check_room(self, num_new: int) -> None:
+    def check_room(self, num_new: int) -> None:
         if self.kv_len + num_new > self.info.max_context_len:
             raise PieError(f"the context would hold {self.kv_len + num_new} tokens; the model's limit is "
                            f"{self.info.max_context_len}")
+
+    def _sampled(self, output: forward.Output) -> int:
+        if output.token_id is None:
+            raise PieError("the host returned no token for a sample output")
+        return output.token_id
 
     def _require_pending(self) -> None:
         if not self.pending_ids:
@@ -255,36 +355,6 @@ class Context:
         if bad:
             raise ValueError(f"token ids out of range [0, {self.info.vocab_size}): {bad[:5]}")
         return token_ids
-
-
-def generate_all(contexts: Sequence[Context], max_tokens: int = 256, *, sampler: Sampler = GREEDY,
-                 stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (), ignore_eos: bool = False,
-                 constraint: Constraint | None = None,
-                 stream_channels: Sequence[int] | None = None) -> list[Generation]:
-    """Generate for several contexts (e.g. forks) in lockstep: their steps share the engine's batches.
-    stream_channels: one client channel per context, or None to stream nothing. With a seeded sampler,
-    context i samples with seed + i: forks differ, and the whole call is reproducible."""
-    if stream_channels is not None and len(stream_channels) != len(contexts):
-        raise ValueError("give one stream channel per context")
-    condition = StopCondition.of(max_tokens, stop, stop_token_ids, ignore_eos)
-    requests = [ctx.generate_request(condition, _nth_seed(sampler, i), constraint,
-                                     False if stream_channels is None else stream_channels[i])
-                for i, ctx in enumerate(contexts)]
-    results = generate.generate_all(requests)
-    generations: list[Generation] = []
-    errors: list[str] = []
-    for i, (ctx, result) in enumerate(zip(contexts, results)):
-        if isinstance(result, Ok):
-            generations.append(ctx.absorb(result.value))
-        else:
-            errors.append(f"context {i}: {result.value}")
-    if errors:
-        raise PieError("generate_all failed for " + "; ".join(errors))
-    return generations
-
-
-def _nth_seed(sampler: Sampler, i: int) -> Sampler:
-    return sampler if sampler.seed is None else replace(sampler, seed=(sampler.seed + i) % 2 ** 64)
 
 
 def _channel(stream: bool | int) -> int | None:
