@@ -166,8 +166,10 @@ def test_chat_upload_run_and_engine_panel(browser, real_server, text_completion_
         for stat in ("stat-instances", "stat-requests-running", "stat-requests-waiting", "stat-runs-running"):
             assert text_of(browser, stat).isdigit(), stat
         wait_for(browser, lambda d: run_id[:16] in text_of(d, "run-table"), "the run in the runs table")
-        rows = {r.find_element(By.TAG_NAME, "code").text: r.text
-                for r in browser.find_elements(By.CSS_SELECTOR, "#run-table tbody tr")}
+        # Read in one script: the page re-renders the table as it polls, so row elements may go stale.
+        rows = dict(browser.execute_script(
+            "return Array.from(document.querySelectorAll('#run-table tbody tr'))"
+            ".map(r => [r.querySelector('code').textContent, r.innerText]);"))
         rows = {run: row for run, row in rows.items() if run not in earlier_run_ids}
         assert "text-completion" in rows[run_id[:16]] and "finished" in rows[run_id[:16]]
         # The page's two runs and the test's own run through the API.
