@@ -7,6 +7,9 @@
 #   bash scripts/gpu_serving.sh models                # only the model folders
 #   bash scripts/gpu_serving.sh tax SHAPE [N]         # bench/programmability_tax.py --api-processes N (default 0)
 #   bash scripts/gpu_serving.sh vllm SHAPE            # after ../shared/peers/vllm's assemble.sh installed vLLM
+#   bash scripts/gpu_serving.sh tp                    # tensor parallelism vs TP=1 (pytest -m gpu, needs 2+ GPUs)
+#   bash scripts/gpu_serving.sh tp-bench ARGS...      # python -m bench.tp_decode ARGS (consumes the rest)
+#   bash scripts/gpu_serving.sh gpu-tests             # the whole pytest -m gpu
 #   SHAPE: smollm2-135m or llama-3.1-8b. Several commands chain: `... setup pie smollm2-135m 1 pie llama-3.1-8b 1`
 #
 # The first call carries .whl/ (../shared/gpu/fetch-wheels with the client wheels of docs/benchmarks.md, msgspec
@@ -95,6 +98,12 @@ while [ $# -gt 0 ]; do
     models) make_models; shift ;;
     tax) tax "$2" "${3:-0}"; shift 3 ;;
     vllm) vllm_http "$2"; shift 2 ;;
+    tp) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/engine/model/test_tensor_parallel.py 2>&1 \
+          | tail -20 | tee "$OUT/tp_test.log"; shift ;;
+    tp-bench) shift; timeout 560 python3 -m bench.tp_decode "$@" 2>&1 | tee -a "$OUT/tp_bench.log"
+              cp bench/results/tp_decode.json "$OUT/" 2>/dev/null; shift $# ;;
+    gpu-tests) timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests 2>&1 | tail -25 \
+                 | tee "$OUT/gpu_tests.log"; shift ;;
     *) echo "unknown command $1"; exit 2 ;;
   esac
   stamp "done: rc=$?"
