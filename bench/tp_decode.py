@@ -21,10 +21,14 @@ Results: bench/results/tp_decode.json (CUDA only; the CPU smoke run prints its t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -140,13 +144,32 @@ def _cpu_copy_bandwidth(num_bytes: int = 256 << 20, iters: int = 5) -> float:
 # -- the parent: one child per (shape, TP), then the table --------------------------------------------------
 
 
-def _run_child(job: dict[str, Any]) -> list[dict[str, Any]]:
-    out = subprocess.run([sys.executable, "-m", "bench.tp_decode", "--one", json.dumps(job)],
-                         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
-    if out.returncode != 0:
-        print(f"{job['shape']} TP={job['tp']} failed (exit {out.returncode})", file=sys.stderr)
-        return [{"shape": job["shape"], "tp": job["tp"], "error": f"exit {out.returncode}"}]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _run_child(job: dict[str, Any], timeout_s: float) -> list[dict[str, Any]]:
+    """One (shape, TP) in a child of its own session; its rows come back in a file, not on stdout, which
+    the child's worker processes inherit (a worker slow to exit kept a stdout pipe open for minutes)."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "rows.json"
+        command = [sys.executable, "-m", "bench.tp_decode", "--one", json.dumps(job | {"result": str(result)})]
+        child = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+        try:
+            code: int | str = child.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            code = f"timeout after {timeout_s:.0f} s"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)  # stragglers: workers, compilers
+        child.wait()
+        if result.exists():
+            return json.loads(result.read_text())
+    print(f"{job['shape']} TP={job['tp']} failed ({code})", file=sys.stderr, flush=True)
+    return [{"shape": job["shape"], "tp": job["tp"], "error": str(code)}]
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    done = [r for r in rows if "error" not in r]
+    return format_table(
+        ["shape", "TP", "batch", "TPOT ms", "pipelined ms", "tok/s", "pipelined tok/s", "floor ms", "TPOT/floor"],
+        [[r["shape"], r["tp"], r["batch"], r["tpot_ms"], r["pipelined_tpot_ms"], r["tokens_per_s"],
+          r["pipelined_tokens_per_s"], r["floor_ms"], r["tpot_over_floor"]] for r in done])
 
 
 def main() -> None:
@@ -158,30 +181,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--child-timeout", type=float, default=900.0, help="seconds for one (shape, TP) run")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child's job (JSON)
     args = parser.parse_args()
     if args.one:
         job = json.loads(args.one)
-        print(json.dumps(run_one(**job)))
+        result = Path(job.pop("result"))
+        result.write_text(json.dumps(run_one(**job)))
         return
     num_devices = torch.cuda.device_count() if args.device == "cuda" else max(args.tp)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for shape in args.shapes:
         for tp in args.tp:
             if tp > num_devices or not fits(SHAPES[shape], tp, args.device):
                 print(f"skipping {shape} at TP={tp}: " + ("too few GPUs" if tp > num_devices else "does not fit"))
                 continue
             rows.extend(_run_child(dict(shape=shape, tp=tp, batches=args.batches, context=args.context,
-                                        steps=args.steps, device=args.device, cuda_graphs=not args.no_cuda_graphs)))
-    done = [r for r in rows if "error" not in r]
-    table = format_table(
-        ["shape", "TP", "batch", "TPOT ms", "pipelined ms", "tok/s", "pipelined tok/s", "floor ms", "TPOT/floor"],
-        [[r["shape"], r["tp"], r["batch"], r["tpot_ms"], r["pipelined_tpot_ms"], r["tokens_per_s"],
-          r["pipelined_tokens_per_s"], r["floor_ms"], r["tpot_over_floor"]] for r in done])
-    print(table)
-    if args.device == "cuda":
-        print("wrote", save_result("tp_decode", {"context": args.context, "nccl_nvls_enable": "0",
-                                                 "rows": rows, "table": table}))
+                                        steps=args.steps, device=args.device, cuda_graphs=not args.no_cuda_graphs),
+                                   args.child_timeout))
+            print(_table(rows), flush=True)
+            if args.device == "cuda":  # after every child: a later one that hangs loses nothing
+                save_result("tp_decode", {"context": args.context, "nccl_nvls_enable": "0", "rows": rows,
+                                          "table": _table(rows)})
 
 
 if __name__ == "__main__":

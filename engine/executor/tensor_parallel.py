@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
@@ -173,6 +174,9 @@ class WorkerRanks:
             process.join(timeout_s)
             if process.is_alive():
                 process.terminate()
+                process.join(timeout_s)
+            if process.is_alive():
+                process.kill()
                 process.join(timeout_s)
         for conn in self.connections:
             conn.close()
@@ -326,7 +330,12 @@ def _follow(executor: Executor, conn: Connection) -> None:
         if data == _STOP:
             break
         follow_step(executor, _DECODER.decode(data))
-    # NCCL communicators are left to the process's exit: destroying one after CUDA-graph capture of its
-    # collectives can hang (pytorch/pytorch#115388).
     if executor.device.type != "cuda":
         dist.destroy_process_group()
+        return
+    # NCCL: destroying the communicators after CUDA-graph capture of their collectives can hang
+    # (pytorch/pytorch#115388), and so did this process's normal exit on 2 H200s (minutes, holding the
+    # parent's stdout). Nothing is left to save: leave without the interpreter's finalisation.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
