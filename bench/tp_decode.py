@@ -155,9 +155,10 @@ def _run_child(job: dict[str, Any], timeout_s: float) -> list[dict[str, Any]]:
             code: int | str = child.wait(timeout_s)
         except subprocess.TimeoutExpired:
             code = f"timeout after {timeout_s:.0f} s"
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)  # stragglers: workers, compilers
-        child.wait()
+        finally:  # also when this parent is terminated (SIGTERM raises SystemExit: see main)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)  # stragglers: workers, compilers
+            child.wait()
         if result.exists():
             return json.loads(result.read_text())
     print(f"{job['shape']} TP={job['tp']} failed ({code})", file=sys.stderr, flush=True)
@@ -189,6 +190,7 @@ def main() -> None:
         result = Path(job.pop("result"))
         result.write_text(json.dumps(run_one(**job)))
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally that kills a child's session
     num_devices = torch.cuda.device_count() if args.device == "cuda" else max(args.tp)
     rows: list[dict[str, Any]] = []
     for shape in args.shapes:
