@@ -5,7 +5,9 @@ argument, the request as JSON. It answers with
   1. a JSON event {"type": "prompt", "prompt_tokens": [...], "max_tokens": [...]} once the prompts are
      tokenized and accepted, or {"type": "error", "status", "message", "param", "code"} if not;
      it then waits for the message "go" (sent once the engine's admission has reserved its KV pages);
-  2. text chunks, on channel i for choice i, as the choices are decoded;
+  2. text chunks, on channel i for choice i, as the choices are decoded, or (streamed logprobs) JSON events
+     {"type": "delta", "channel": i, "text", "logprobs": [...]}; with prompt logprobs asked, before them one
+     {"type": "prompt_logprobs", "prompt": p, "logprobs": [...]} per prompt;
   3. a JSON event {"type": "result", "choices": [...], "cached_tokens": [...]} with finish reasons, token
      counts, logprobs, and the prompt tokens per prompt that came from the prefix cache.
 The runtime then sends its own Terminated message (ok, or the error that ended the instance).
@@ -13,7 +15,7 @@ The runtime then sends its own Terminated message (ok, or the error that ended t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 from pie_server.app.errors import ApiError
@@ -40,10 +42,22 @@ class PromptInfo:
         return sum(self.prompt_tokens)
 
 
+# Per token: (token id, logprob, ((alternative id, logprob), ...)).
+TokenLogprobs = tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...]
+
+
 @dataclass(frozen=True)
 class TextDelta:
     index: int  # the choice
     text: str
+    logprobs: TokenLogprobs | None = None  # the logprobs of the tokens of this delta, when streamed with it
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    prompt: int  # the prompt's index
+    first_token_id: int  # the prompt's first token, which has no logprob
+    logprobs: TokenLogprobs  # for the prompt's tokens after the first
 
 
 @dataclass(frozen=True)
@@ -52,14 +66,14 @@ class ChoiceResult:
     text: str
     finish_reason: str  # "stop" or "length"
     num_tokens: int
-    # Per generated token: (token id, logprob, ((alternative id, logprob), ...)); None when not asked.
-    logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] | None
+    logprobs: TokenLogprobs | None  # per generated token; None when not asked
 
 
 @dataclass(frozen=True)
 class RunResult:
     choices: list[ChoiceResult]  # sorted by index
     cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+    prompt_logprobs: dict[int, "PromptLogprobs"] = field(default_factory=dict)  # per prompt index, when asked
 
     @property
     def num_completion_tokens(self) -> int:
@@ -69,9 +83,12 @@ class RunResult:
 class InferletRun:
     """Reads one instance's messages in protocol order; kill() ends it (pages freed by the runtime)."""
 
-    def __init__(self, handle: InstanceHandle) -> None:
+    def __init__(self, handle: InstanceHandle, inferlet_name: str | None = None) -> None:
         self.handle = handle
         self.finished = False
+        # What errors call it: the inferlet's name when the caller gives it, else no name (never "default" for
+        # an inferlet that is not the default one).
+        self.what = "the inferlet" if inferlet_name is None else f"the inferlet {inferlet_name!r}"
 
     async def start(self) -> PromptInfo:
         """Wait for the prompt event; an error event or an early end raises ApiError."""
@@ -83,17 +100,27 @@ class InferletRun:
         """Let the instance generate (its pages are reserved)."""
         self.handle.send("go")
 
-    async def outputs(self) -> AsyncIterator[TextDelta | RunResult]:
-        """Text deltas as they come, then the RunResult (last)."""
+    async def outputs(self) -> AsyncIterator[TextDelta | PromptLogprobs | RunResult]:
+        """Prompt logprobs and text deltas as they come, then the RunResult (last)."""
+        prompt_logprobs: dict[int, PromptLogprobs] = {}
         while True:
             message = await self._next()
             if isinstance(message, Text):
                 if message.text:
                     yield TextDelta(message.channel, message.text)
                 continue
-            payload = self._event(message, "result")
+            payload = self._event(message, "result", ("delta", "prompt_logprobs"))
+            if payload["type"] == "delta":
+                yield TextDelta(int(payload["channel"]), str(payload["text"]), _logprobs(payload["logprobs"]))
+                continue
+            if payload["type"] == "prompt_logprobs":
+                item = PromptLogprobs(int(payload["prompt"]), int(payload["first_token_id"]),
+                                      _logprobs(payload["logprobs"]))
+                prompt_logprobs[item.prompt] = item
+                yield item
+                continue
             yield RunResult(choices=sorted((_choice(c) for c in payload["choices"]), key=lambda c: c.index),
-                            cached_tokens=sum(payload.get("cached_tokens", [])))
+                            cached_tokens=sum(payload.get("cached_tokens", [])), prompt_logprobs=prompt_logprobs)
             await self._drain_termination()
             return
 
@@ -108,31 +135,33 @@ class InferletRun:
             self.finished = True
         return message
 
-    def _event(self, message: Message, expected: str) -> dict[str, Any]:
+    def _event(self, message: Message, expected: str, also: tuple[str, ...] = ()) -> dict[str, Any]:
         if isinstance(message, Terminated):
             detail = message.error or "it ended without answering"
-            raise ApiError(f"the default inferlet failed: {detail}", 500)
+            raise ApiError(f"{self.what} failed: {detail}", 500)
         if not isinstance(message, Event):
-            raise ApiError(f"the default inferlet sent text before its {expected!r} event", 500)
+            raise ApiError(f"{self.what} sent text before its {expected!r} event", 500)
         payload = json.loads(message.json)
         if payload.get("type") == "error":
             raise ApiError(str(payload.get("message", "error")), int(payload.get("status", 400)),
                            param=payload.get("param"), code=payload.get("code"))
-        if payload.get("type") != expected:
-            raise ApiError(f"the default inferlet sent {payload.get('type')!r}, expected {expected!r}", 500)
+        if payload.get("type") != expected and payload.get("type") not in also:
+            raise ApiError(f"{self.what} sent {payload.get('type')!r}, expected {expected!r}", 500)
         return payload
 
     async def _drain_termination(self) -> None:
         while not self.finished:
             message = await self._next()
             if isinstance(message, Terminated) and not message.ok:
-                raise ApiError(f"the default inferlet failed: {message.error}", 500)
+                raise ApiError(f"{self.what} failed: {message.error}", 500)
+
+
+def _logprobs(raw: list[Any]) -> TokenLogprobs:
+    return tuple((int(t), float(lp), tuple((int(a), float(alp)) for a, alp in top)) for t, lp, top in raw)
 
 
 def _choice(raw: dict[str, Any]) -> ChoiceResult:
     logprobs = raw.get("logprobs")
     return ChoiceResult(
         index=int(raw["index"]), text=str(raw["text"]), finish_reason=str(raw["finish_reason"]),
-        num_tokens=int(raw["num_tokens"]),
-        logprobs=None if logprobs is None else tuple(
-            (int(t), float(lp), tuple((int(a), float(alp)) for a, alp in top)) for t, lp, top in logprobs))
+        num_tokens=int(raw["num_tokens"]), logprobs=None if logprobs is None else _logprobs(logprobs))

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from pie_server.app.errors import ApiError
-from pie_server.app.inferlet_run import InferletRun, RunResult, TextDelta
+from pie_server.app.inferlet_run import InferletRun, PromptLogprobs, RunResult, TextDelta
 from pie_server.app.metrics import Metrics
 
 T = TypeVar("T")
@@ -96,9 +96,9 @@ class TimedRelay:
         self.arrival = arrival
         self._last: float | None = None
 
-    async def outputs(self) -> AsyncIterator[TextDelta | RunResult]:
+    async def outputs(self) -> AsyncIterator[TextDelta | PromptLogprobs | RunResult]:
         async for item in self.run.outputs():
-            if isinstance(item, TextDelta):
+            if isinstance(item, TextDelta) and item.text:
                 now = time.monotonic()
                 if self._last is None:
                     self.metrics.observe_ttft(now - self.arrival)

@@ -39,6 +39,9 @@ class Tokenizer:
         added = getattr(hf_tokenizer, "added_tokens_decoder", {})
         added_special_ids = {i for i, token in added.items() if getattr(token, "special", False)}
         self.special_token_ids: frozenset[TokenId] = frozenset(set(hf_tokenizer.all_special_ids) | added_special_ids)
+        # Added tokens (special or not) as written: vLLM's spaces_between_special_tokens=false joins them raw.
+        self.added_token_contents: dict[TokenId, str] = {
+            i: str(getattr(token, "content", token)) for i, token in added.items()}
         self.chat_template: str | None = getattr(hf_tokenizer, "chat_template", None) or None
         self._token_bytes: list[bytes] | None = None  # built on first vocab() call
 
@@ -120,9 +123,32 @@ class Tokenizer:
             return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
         return self._hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def incremental_decoder(self, skip_special_tokens: bool = False,
-                            context_ids: Sequence[TokenId] = ()) -> "IncrementalDecoder":
-        return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens, context_ids=context_ids)
+    def _decode_added_tokens_joined(self, token_ids: list[TokenId]) -> str:
+        """The decode with every added token that follows another added token written raw, without what the
+        decoder puts between them (vLLM's spaces_between_special_tokens=false); the text after such a run
+        is decoded with the run's last token as left context, so its own leading space stays."""
+        added = self.added_token_contents
+        pieces: list[str] = []
+        start = 0  # token_ids[start:i] is the segment not yet decoded
+        for i in range(1, len(token_ids)):
+            if token_ids[i] in added and token_ids[i - 1] in added:
+                pieces.append(self._decode_after(token_ids[start:i], token_ids[start - 1] if start else None))
+                pieces.append(added[token_ids[i]])
+                start = i + 1
+        pieces.append(self._decode_after(token_ids[start:], token_ids[start - 1] if start else None))
+        return "".join(pieces)
+
+    def _decode_after(self, token_ids: list[TokenId], left: TokenId | None) -> str:
+        if not token_ids:
+            return ""
+        if left is None:
+            return self._decode_checked(token_ids, False)
+        return self._decode_checked([left, *token_ids], False)[len(self._decode_checked([left], False)):]
+
+    def incremental_decoder(self, skip_special_tokens: bool = False, context_ids: Sequence[TokenId] = (),
+                            spaces_between_special_tokens: bool = True) -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens, context_ids=context_ids,
+                                  spaces_between_special_tokens=spaces_between_special_tokens)
 
     # ---------------------------------------------------------------------------------------- chat
 
@@ -173,10 +199,13 @@ class IncrementalDecoder:
     NUM_CONTEXT_IDS = 4
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False,
-                 context_ids: Sequence[TokenId] = ()) -> None:
-        """context_ids: ids that precede the stream (e.g. the prompt's end); they are never emitted."""
+                 context_ids: Sequence[TokenId] = (), spaces_between_special_tokens: bool = True) -> None:
+        """context_ids: ids that precede the stream (e.g. the prompt's end); they are never emitted.
+        skip_special_tokens, spaces_between_special_tokens: vLLM's request fields (see
+        Tokenizer._decode_added_tokens_joined)."""
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        self._spaces_between_special_tokens = spaces_between_special_tokens
         # Invariant: _window[:_num_read] was emitted (or is context) and decodes to _read_text, which does not
         # end inside a character; _window[_num_read:] is pending.
         self._window: list[TokenId] = self._trimmed_context(tokenizer.check_ids(context_ids))
@@ -228,6 +257,8 @@ class IncrementalDecoder:
         return context_ids[start:]
 
     def _decode(self, token_ids: list[TokenId]) -> str:
+        if not self._spaces_between_special_tokens and not self._skip_special_tokens:
+            return self._tokenizer._decode_added_tokens_joined(token_ids)
         return self._tokenizer._decode_checked(token_ids, self._skip_special_tokens)
 
 

@@ -22,6 +22,14 @@ class CompletionRequest:
     params: GenerationParams
     echo: bool
     logprobs: int | None
+    prompt_logprobs: int | None = None  # vLLM's field: top alternatives per prompt token (0: the token's own)
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """What the inferlet computes: echo with logprobs needs the prompt's too (OpenAI's legacy shape)."""
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
 
 
 def parse_completion_request(body: Mapping[str, Any], limits: ModelLimits) -> CompletionRequest:
@@ -29,8 +37,7 @@ def parse_completion_request(body: Mapping[str, Any], limits: ModelLimits) -> Co
     prompts = _prompts(body.get("prompt"), limits)
     logprobs = get_int(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
     echo = get_bool(body, "echo", False)
-    if echo and logprobs is not None:
-        raise invalid("'echo' together with 'logprobs' (prompt logprobs) is not supported", "echo")
+    prompt_logprobs = get_int(body, "prompt_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
     if get_str(body, "suffix", ""):
         raise invalid("'suffix' is not supported", "suffix")
     params = parse_generation(body, limits, logprobs)
@@ -40,7 +47,7 @@ def parse_completion_request(body: Mapping[str, Any], limits: ModelLimits) -> Co
         params = replace(params, max_tokens=16)  # OpenAI's default for completions
     return CompletionRequest(model=model, prompts=prompts,
                              params=replace(params, constraint=parse_response_format(body)),
-                             echo=echo, logprobs=logprobs)
+                             echo=echo, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 def _prompts(prompt: Any, limits: ModelLimits) -> tuple[Prompt, ...]:

@@ -16,7 +16,9 @@ def _common(params: GenerationParams) -> dict[str, Any]:
     return {"version": ARGS_VERSION, "n": params.n, "max_tokens": params.max_tokens,
             "sampling": params.sampling.to_json(), "stop": list(params.stop),
             "stop_token_ids": list(params.stop_token_ids), "ignore_eos": params.ignore_eos,
-            "constraint": params.constraint}
+            "constraint": params.constraint, "stream": params.stream,
+            "skip_special_tokens": params.skip_special_tokens,
+            "spaces_between_special_tokens": params.spaces_between_special_tokens}
 
 
 def chat_arguments(request: ChatRequest) -> str:
@@ -31,4 +33,5 @@ def completion_arguments(request: CompletionRequest, special_prefix_ids: list[in
     """special_prefix_ids: what the tokenizer adds in front of a text prompt (e.g. BOS)."""
     prompts = [{"text": p, "prefix_token_ids": special_prefix_ids} if isinstance(p, str) else {"token_ids": p}
                for p in request.prompts]
-    return json.dumps({**_common(request.params), "prompts": prompts})
+    return json.dumps({**_common(request.params), "prompts": prompts,
+                       "prompt_logprobs": request.num_prompt_logprobs})

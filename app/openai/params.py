@@ -67,6 +67,9 @@ class GenerationParams:
     include_usage: bool = False
     # A grammar the output must follow: {"type": "json_object"} or {"type": "json_schema", "schema": {...}}.
     constraint: dict[str, Any] | None = None
+    # vLLM's detokenization fields: special tokens (bos, eos, <|im_start|>, ...) are left out of the text.
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
 
 INFERLET_MODEL_PREFIX = "inferlet:"  # "model": "inferlet:NAME" runs the uploaded inferlet NAME
@@ -98,7 +101,9 @@ def parse_generation(body: Mapping[str, Any], limits: ModelLimits, num_logprobs:
     return GenerationParams(
         n=n, max_tokens=_max_tokens(body, limits, max_tokens_names), sampling=_sampling(body, limits, num_logprobs),
         stop=_stop_strings(body), stop_token_ids=tuple(_stop_token_ids(body, limits)),
-        ignore_eos=get_bool(body, "ignore_eos", False), stream=stream, include_usage=include_usage)
+        ignore_eos=get_bool(body, "ignore_eos", False), stream=stream, include_usage=include_usage,
+        skip_special_tokens=get_bool(body, "skip_special_tokens", True),
+        spaces_between_special_tokens=get_bool(body, "spaces_between_special_tokens", True))
 
 
 def _max_tokens(body: Mapping[str, Any], limits: ModelLimits, names: tuple[str, ...]) -> int | None:

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from pie_server.app.inferlet_run import ChoiceResult, PromptInfo, RunResult
+from pie_server.app.inferlet_run import ChoiceResult, PromptInfo, PromptLogprobs, RunResult, TokenLogprobs
 
 DONE = "data: [DONE]\n\n"
 TokenText = Callable[[int], str]  # token id -> its text
@@ -51,10 +51,12 @@ def _token_entry(token_id: int, logprob: float, token_text: TokenText) -> dict[s
 
 
 def chat_logprobs(choice: ChoiceResult, token_text: TokenText) -> dict[str, Any] | None:
-    if choice.logprobs is None:
-        return None
+    return None if choice.logprobs is None else chat_logprobs_of(choice.logprobs, token_text)
+
+
+def chat_logprobs_of(logprobs: TokenLogprobs, token_text: TokenText) -> dict[str, Any]:
     content = []
-    for token_id, logprob, top in choice.logprobs:
+    for token_id, logprob, top in logprobs:
         entry = _token_entry(token_id, logprob, token_text)
         entry["top_logprobs"] = [_token_entry(t, lp, token_text) for t, lp in top]
         content.append(entry)
@@ -62,11 +64,25 @@ def chat_logprobs(choice: ChoiceResult, token_text: TokenText) -> dict[str, Any]
 
 
 def completion_logprobs(choice: ChoiceResult, token_text: TokenText, text_offset: int = 0) -> dict[str, Any] | None:
-    if choice.logprobs is None:
-        return None
-    tokens, token_logprobs, tops, offsets = [], [], [], []
+    return None if choice.logprobs is None else completion_logprobs_of(choice.logprobs, token_text, text_offset)
+
+
+def completion_logprobs_of(logprobs: TokenLogprobs, token_text: TokenText, text_offset: int = 0,
+                           first_token_id: int | None = None) -> dict[str, Any]:
+    """OpenAI's legacy shape; first_token_id: a prompt's first token, listed first with null logprobs
+    (echo with logprobs)."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
     offset = text_offset
-    for token_id, logprob, top in choice.logprobs:
+    if first_token_id is not None:
+        tokens.append(token_text(first_token_id))
+        token_logprobs.append(None)
+        tops.append(None)
+        offsets.append(offset)
+        offset += len(tokens[0])
+    for token_id, logprob, top in logprobs:
         text = token_text(token_id)
         tokens.append(text)
         token_logprobs.append(_logprob(logprob))
@@ -74,6 +90,27 @@ def completion_logprobs(choice: ChoiceResult, token_text: TokenText, text_offset
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def join_completion_logprobs(first: dict[str, Any], second: dict[str, Any] | None) -> dict[str, Any]:
+    if second is None:
+        return first
+    return {key: first[key] + second[key] for key in first}
+
+
+def vllm_prompt_logprobs(prompt: PromptLogprobs, token_text: TokenText) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: null for the first token, then per token {id: {logprob, rank, decoded_token}}
+    for the token and its top alternatives (rank: 1-based among the alternatives; null when the token is not
+    among them)."""
+    out: list[dict[str, Any] | None] = [None]
+    for token_id, logprob, top in prompt.logprobs:
+        ranks = {t: rank for rank, (t, _) in enumerate(top, start=1)}
+        entry = {str(token_id): {"logprob": _logprob(logprob), "rank": ranks.get(token_id),
+                                 "decoded_token": token_text(token_id)}}
+        for t, lp in top:
+            entry.setdefault(str(t), {"logprob": _logprob(lp), "rank": ranks[t], "decoded_token": token_text(t)})
+        out.append(entry)
+    return out
 
 
 def chat_message(content: str | None, tool_calls: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:

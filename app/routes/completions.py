@@ -10,10 +10,11 @@ from starlette.responses import Response
 
 from pie_server.app.engine_view import EngineView
 from pie_server.app.errors import ApiError
-from pie_server.app.inferlet_run import PromptInfo, RunResult, TextDelta
+from pie_server.app.inferlet_run import ChoiceResult, PromptInfo, PromptLogprobs, RunResult, TextDelta
 from pie_server.app.openai import responses as R
 from pie_server.app.openai.completion_request import CompletionRequest, parse_completion_request
 from pie_server.app.openai.inferlet_args import completion_arguments
+from pie_server.app.openai.prompt_fit import fit_arguments
 from pie_server.app.relay import TimedRelay, read_json
 from pie_server.app.routes.run_response import run_and_respond
 from pie_server.app.state import AppState
@@ -28,13 +29,11 @@ async def completions(request: Request) -> Response:
     completion = parse_completion_request(await read_json(request), limits)
     meta = R.ResponseMeta.new("cmpl", completion.model)
     echoes = _echo_texts(completion, view)
-    arguments = completion_arguments(completion, view.special_prefix_ids)
+    arguments = await fit_arguments(completion_arguments(completion, view.special_prefix_ids), view, "prompt")
 
     def body(prompt: PromptInfo, result: RunResult) -> dict[str, Any]:
-        choices = [R.completion_choice(c.index, echoes[c.index] + c.text, c.finish_reason,
-                                       R.completion_logprobs(c, view.token_text, len(echoes[c.index])))
-                   for c in result.choices]
-        return R.completion(meta, choices, R.usage(prompt, result))
+        return R.completion(meta, [_choice(completion, c, result, echoes, view.token_text) for c in result.choices],
+                            R.usage(prompt, result))
 
     stream = (lambda prompt, relay: _stream(completion, meta, prompt, relay, view.token_text, echoes)) \
         if completion.params.stream else None
@@ -51,9 +50,36 @@ def _echo_texts(completion: CompletionRequest, view: EngineView) -> list[str]:
     return texts
 
 
+def _choice(completion: CompletionRequest, choice: ChoiceResult, result: RunResult, echoes: list[str],
+            token_text: R.TokenText) -> dict[str, Any]:
+    echo = echoes[choice.index]
+    logprobs = R.completion_logprobs(choice, token_text, len(echo))
+    prompt = result.prompt_logprobs.get(choice.index // completion.params.n)
+    if logprobs is not None and completion.echo and prompt is not None:
+        logprobs = R.join_completion_logprobs(_echo_logprobs(completion, prompt, token_text), logprobs)
+    out = R.completion_choice(choice.index, echo + choice.text, choice.finish_reason, logprobs)
+    if completion.prompt_logprobs is not None and prompt is not None:
+        out["prompt_logprobs"] = R.vllm_prompt_logprobs(prompt, token_text)
+    return out
+
+
+def _echo_logprobs(completion: CompletionRequest, prompt: PromptLogprobs, token_text: R.TokenText) -> dict[str, Any]:
+    """OpenAI's legacy echo: the prompt's tokens first, the first one with null logprobs (and the top
+    `logprobs` alternatives, though prompt_logprobs may have asked for more)."""
+    k = completion.logprobs or 0
+    entries = tuple((t, lp, top[:k]) for t, lp, top in prompt.logprobs)
+    return R.completion_logprobs_of(entries, token_text, 0, first_token_id=prompt.first_token_id)
+
+
 async def _stream(completion: CompletionRequest, meta: R.ResponseMeta, prompt: PromptInfo,
                   relay: TimedRelay, token_text: R.TokenText, echoes: list[str]) -> AsyncIterator[str]:
-    params = completion.params
+    """The echo (with the prompt's logprobs once they come, when asked), text deltas with their tokens'
+    logprobs, a last chunk per choice with its finish reason, the usage chunk, [DONE]."""
+    params, n = completion.params, completion.params.n
+    wants_logprobs = completion.logprobs is not None
+    echo_waits = completion.num_prompt_logprobs is not None  # the echo chunk waits for the prompt's logprobs
+    offsets = [len(echo) for echo in echoes]  # per choice: text_offset of its next token
+    logprobs_streamed: set[int] = set()
 
     def chunk(choices: list[dict[str, Any]]) -> str:
         body = R.completion(meta, choices, None, chunk=True)
@@ -61,18 +87,27 @@ async def _stream(completion: CompletionRequest, meta: R.ResponseMeta, prompt: P
 
     try:
         for index, echo in enumerate(echoes):
-            if echo:
+            if echo and not echo_waits:
                 yield chunk([R.completion_choice(index, echo, None, None)])
         result: RunResult | None = None
         async for item in relay.outputs():
-            if isinstance(item, TextDelta):
-                yield chunk([R.completion_choice(item.index, item.text, None, None)])
+            if isinstance(item, PromptLogprobs):
+                for index in range(item.prompt * n, (item.prompt + 1) * n):
+                    yield chunk([_first_choice(completion, index, echoes[index], item, token_text)])
+            elif isinstance(item, TextDelta):
+                logprobs = None
+                if item.logprobs is not None and wants_logprobs:
+                    logprobs_streamed.add(item.index)
+                    logprobs = R.completion_logprobs_of(item.logprobs, token_text, offsets[item.index])
+                    offsets[item.index] += sum(len(text) for text in logprobs["tokens"])
+                if item.text or logprobs:
+                    yield chunk([R.completion_choice(item.index, item.text, None, logprobs)])
             else:
                 result = item
         if result is None:
             raise ApiError("the default inferlet ended without a result", 500)
         for c in result.choices:
-            logprobs = R.completion_logprobs(c, token_text, len(echoes[c.index]))
+            logprobs = None if c.index in logprobs_streamed else R.completion_logprobs(c, token_text, offsets[c.index])
             yield chunk([R.completion_choice(c.index, "", c.finish_reason, logprobs)])
         relay.finish(prompt.num_prompt_tokens, result)
         if params.include_usage:
@@ -83,3 +118,14 @@ async def _stream(completion: CompletionRequest, meta: R.ResponseMeta, prompt: P
         log.exception("stream failed")
         yield ApiError(f"internal error: {type(exc).__name__}: {exc}", 500).sse_line()
     yield R.DONE
+
+
+def _first_choice(completion: CompletionRequest, index: int, echo: str, prompt: PromptLogprobs,
+                  token_text: R.TokenText) -> dict[str, Any]:
+    """The echo chunk of a choice once its prompt's logprobs came (and vLLM's prompt_logprobs when asked)."""
+    echoes_logprobs = completion.echo and completion.logprobs is not None
+    logprobs = _echo_logprobs(completion, prompt, token_text) if echoes_logprobs else None
+    out = R.completion_choice(index, echo, None, logprobs)
+    if completion.prompt_logprobs is not None:
+        out["prompt_logprobs"] = R.vllm_prompt_logprobs(prompt, token_text)
+    return out

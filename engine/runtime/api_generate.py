@@ -8,6 +8,7 @@ Sequence layout invariant: `pages` hold `context_len` tokens (the last page hold
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from pie_server.engine.runtime.host import Host
 from pie_server.engine.runtime.hostfn import GuestError, HostFunction, expect
 from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
 from pie_server.engine.runtime.grammar import GrammarError, GrammarMatcher, compiler_for
-from pie_server.engine.runtime.messages import Text
+from pie_server.engine.runtime.messages import Event, Text
 from pie_server.engine.runtime.stop_strings import StopMatcher
 from pie_server.engine.runtime.tokenizer import StreamDecoder
 
@@ -36,6 +37,10 @@ GENERATE_REQUEST = ("record", ("page-ids", ("list", "u32")), ("last-page-len", "
                     ("ignore-eos", "bool"), ("constraint", ("option", ("variant", {
                         "allowed-tokens": ("list", "u32"), "json-schema": "string", "regex": "string"}))),
                     ("stream-channel", ("option", "u32")))
+GENERATE_OPTIONS = ("record", ("skip-special-tokens", "bool"), ("spaces-between-special-tokens", "bool"),
+                    ("stream-logprobs", "bool"))
+# What generate and generate-all do (they predate the options): special tokens printed, text messages.
+DEFAULT_OPTIONS = {"skip-special-tokens": False, "spaces-between-special-tokens": True, "stream-logprobs": False}
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 
@@ -60,13 +65,23 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None
     grammar: GrammarMatcher | None = None  # a json-schema or regex constraint
+    stream_logprobs: bool = False  # deltas are JSON events with the logprobs of their tokens
+    num_sent_logprobs: int = 0  # logprobs already streamed (invariant: <= len(logprobs))
 
     @property
     def active(self) -> bool:
         return self.finish_reason is None and self.error is None
 
 
-def _sequence(request: dict[str, Any], host: Host) -> Sequence:
+def _new_decoder(host: Host, options: dict[str, Any]) -> StreamDecoder:
+    skip, spaces = options["skip-special-tokens"], options["spaces-between-special-tokens"]
+    if not skip and spaces:
+        return host.tokenizer.new_decoder()  # the default: any RuntimeTokenizer has it
+    new_decoder: Any = host.tokenizer.new_decoder  # this form is optional in RuntimeTokenizer
+    return new_decoder(skip_special_tokens=skip, spaces_between_special_tokens=spaces)  # type: ignore[no-any-return]
+
+
+def _sequence(request: dict[str, Any], host: Host, options: dict[str, Any] = DEFAULT_OPTIONS) -> Sequence:
     model = host.model
     pages, last_page_len, tokens = request["page-ids"], request["last-page-len"], request["input-token-ids"]
     expect(len(tokens) > 0, "input-token-ids must hold at least one token (the last one is what is sampled after)")
@@ -97,8 +112,10 @@ def _sequence(request: dict[str, Any], host: Host) -> Sequence:
            f"({model.max_context_len} tokens)")
     return Sequence(pages=list(pages), context_len=context_len, pending=list(tokens),
                     position=request["position"], params=params, max_tokens=request["max-tokens"],
-                    stop_token_ids=frozenset(stops), stop=StopMatcher(stop_strings), decoder=host.tokenizer.new_decoder(),
+                    stop_token_ids=frozenset(stops), stop=StopMatcher(stop_strings),
+                    decoder=_new_decoder(host, options),
                     stream_channel=request["stream-channel"], page_size=model.page_size,
+                    stream_logprobs=options["stream-logprobs"] and params.num_logprobs is not None,
                     penalized=params.presence_penalty != 0 or params.frequency_penalty != 0
                     or params.repetition_penalty != 1.0, grammar=grammar)
 
@@ -129,9 +146,22 @@ def _command(seq: Sequence, page_size: int) -> VirtualForward:
                           outputs=[OutputSpec(index=len(seq.pending) - 1, sampling=params)])
 
 
-def _emit(seq: Sequence, inst: InstanceState, text: str) -> None:
-    if text and seq.stream_channel is not None:
-        inst.outbox.put(Text(text, seq.stream_channel))
+def _emit(seq: Sequence, inst: InstanceState, text: str, last: bool = False) -> None:
+    """Stream a delta; with stream_logprobs it carries the logprobs not sent yet (the last one: even without
+    text, so every token's logprobs are streamed once)."""
+    if seq.stream_channel is None:
+        return
+    if not seq.stream_logprobs:
+        if text:
+            inst.outbox.put(Text(text, seq.stream_channel))
+        return
+    pending = seq.logprobs[seq.num_sent_logprobs:]
+    if text or (last and pending):
+        seq.num_sent_logprobs = len(seq.logprobs)
+        logprobs = [[p["token-id"], p["logprob"], [[t["token-id"], t["logprob"]] for t in p["top-logprobs"]]]
+                    for p in pending]
+        inst.outbox.put(Event(json.dumps({"type": "delta", "channel": seq.stream_channel, "text": text,
+                                          "logprobs": logprobs})))
 
 
 def _accept(seq: Sequence, inst: InstanceState, token_id: int, output: Any, max_context_len: int) -> None:
@@ -162,6 +192,8 @@ def _accept(seq: Sequence, inst: InstanceState, token_id: int, output: Any, max_
     if seq.finish_reason is not None and not seq.stop.stopped:
         _emit(seq, inst, seq.stop.add(seq.decoder.flush()))
         _emit(seq, inst, seq.stop.finish())
+    if seq.finish_reason is not None:
+        _emit(seq, inst, "", last=True)
 
 
 def _result(seq: Sequence) -> tuple[str, Any]:
@@ -284,7 +316,8 @@ def functions(host: Host) -> list[HostFunction]:
         results = yield from run_sequences(host, inst, [seq])
         return results[0]
 
-    def generate_all(inst: InstanceState, requests: list[dict[str, Any]]) -> HostTaskGen:
+    def generate_all(inst: InstanceState, requests: list[dict[str, Any]],
+                     options: dict[str, Any] = DEFAULT_OPTIONS) -> HostTaskGen:
         limit = host.config.max_generate_batch
         if len(requests) > limit:
             return [("err", f"at most {limit} requests per generate-all")] * len(requests)
@@ -292,7 +325,7 @@ def functions(host: Host) -> list[HostFunction]:
         errors: dict[int, str] = {}
         for i, request in enumerate(requests):
             try:
-                seqs.append(_sequence(request, host))
+                seqs.append(_sequence(request, host, options))
             except (GuestError, ControlError, ValueError) as error:
                 seqs.append(None)
                 errors[i] = str(error)
@@ -306,4 +339,6 @@ def functions(host: Host) -> list[HostFunction]:
         HostFunction("generate", "generate", generate, GENERATION_RESULT, (GENERATE_REQUEST,)),
         HostFunction("generate", "generate-all", generate_all, ("list", GENERATION_RESULT),
                      (("list", GENERATE_REQUEST),)),
+        HostFunction("generate", "generate-all-with", generate_all, ("list", GENERATION_RESULT),
+                     (("list", GENERATE_REQUEST), GENERATE_OPTIONS)),
     ]

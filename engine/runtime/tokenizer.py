@@ -28,7 +28,9 @@ class RuntimeTokenizer(Protocol):
     def vocabulary(self) -> list[bytes]:
         """The bytes of each token id, indexed by id."""
 
-    def new_decoder(self) -> StreamDecoder: ...
+    def new_decoder(self) -> StreamDecoder:
+        """Special tokens printed as the decoder spells them. A tokenizer that supports vLLM's options also
+        takes new_decoder(skip_special_tokens=..., spaces_between_special_tokens=...)."""
 
 
 class EngineTokenizerAdapter:
@@ -62,6 +64,8 @@ class EngineTokenizerAdapter:
                 self._vocabulary = [self.decode([i]).encode("utf-8") for i in range(size)]
         return self._vocabulary
 
-    def new_decoder(self) -> StreamDecoder:
+    def new_decoder(self, skip_special_tokens: bool = False,
+                    spaces_between_special_tokens: bool = True) -> StreamDecoder:
         from pie_server.engine.tokenizer import IncrementalDecoder  # written alongside; imported lazily
-        return IncrementalDecoder(self._tokenizer)  # type: ignore[no-any-return]
+        return IncrementalDecoder(self._tokenizer, skip_special_tokens=skip_special_tokens,
+                                  spaces_between_special_tokens=spaces_between_special_tokens)

@@ -39,6 +39,11 @@ def main(args):
     _send({"type": "prompt", "prompt_tokens": [len(ids) for ids in prompts], "max_tokens": max_tokens})
     if messaging.receive(None) != "go":  # the server reserves our KV pages first (it may queue us)
         return
+    num_prompt_logprobs = request.get("prompt_logprobs")
+    if num_prompt_logprobs is not None:
+        for p, ids in enumerate(prompts):
+            _send({"type": "prompt_logprobs", "prompt": p, "first_token_id": ids[0],
+                   "logprobs": _prompt_logprobs(ids, num_prompt_logprobs, info.page_size)})
     prefixes = [_shared_prefix(ids, n, info.page_size) for ids in prompts]
     requests, owners = [], []
     for p, (ids, (pages, num_cached)) in enumerate(zip(prompts, prefixes)):
@@ -47,7 +52,7 @@ def main(args):
             requests.append(_generate_request(request, ids, choice_pages, num_cached, info.page_size,
                                               max_tokens[p], p * n + j, j, constraint))
             owners.append(p)
-    generations = _generate(requests)
+    generations = _generate(requests, _options(request))
     for p, ids in enumerate(prompts):
         _publish(ids, generations[p * n], info.page_size)
     _send({"type": "result", "choices": [_choice(i, g, request) for i, g in enumerate(generations)],
@@ -103,6 +108,48 @@ def _constraint(spec):
     raise RequestError(f"unknown constraint {spec['type']!r}", "response_format")
 
 
+def _options(request):
+    """Detokenization as vLLM's request fields say (skip special tokens unless told not to); streamed deltas
+    carry their tokens' logprobs when the request streams and asks for logprobs."""
+    return generate.GenerateOptions(
+        skip_special_tokens=request.get("skip_special_tokens", True),
+        spaces_between_special_tokens=request.get("spaces_between_special_tokens", True),
+        stream_logprobs=bool(request.get("stream")) and request["sampling"]["num_logprobs"] is not None)
+
+
+def _prompt_logprobs(ids, k, page_size):
+    """[[token_id, logprob, top k]] for ids[1:] (the first token has none): one forward over ids[:-1] with a
+    sampled output per position, restricted to the actual next token (logprobs are taken before the mask,
+    so the output's logprob is that token's and its top k the model's). The full pages are then published,
+    so the generation that follows prefills only the unaligned tail again."""
+    num = len(ids) - 1
+    if num == 0:
+        return []
+    pages = _call(kv.allocate_pages, -(-num // page_size))
+    try:
+        outputs = [forward.OutputRequest(i, forward.OutputKind_Sample(_mask_to(ids[i + 1], k))) for i in range(num)]
+        outs = _call(forward.forward, forward.ForwardRequest(
+            token_ids=ids[:num], positions=list(range(num)), page_ids=pages,
+            last_page_len=num - (len(pages) - 1) * page_size, attention_mask=None, outputs=outputs))
+        aligned = num // page_size
+        if aligned:
+            try:
+                prefix_cache.publish(ids[:aligned * page_size], pages[:aligned])
+            except Err:
+                pass  # an optimisation only
+    finally:
+        _call(kv.free_pages, pages)
+    return [[ids[i + 1], out.logprob, [[t.token_id, t.logprob] for t in out.top_logprobs]]
+            for i, out in enumerate(outs)]
+
+
+def _mask_to(token_id, k):
+    return types.SamplingParams(
+        temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, presence_penalty=0.0, frequency_penalty=0.0,
+        repetition_penalty=1.0, prompt_token_ids=[], output_token_ids=[], logit_bias=[],
+        allowed_token_ids=[token_id], num_logprobs=k)
+
+
 def _shared_prefix(ids, n, page_size):
     """(read-only pages holding ids[:num], num): page-aligned, never all of ids (the last token is what
     the first sample comes after). For n > 1 the aligned part is prefilled here once for all choices."""
@@ -136,11 +183,9 @@ def _generate_request(request, ids, pages, num_cached, page_size, max_tokens, ch
         ignore_eos=request["ignore_eos"], constraint=constraint, stream_channel=channel)
 
 
-def _generate(requests):
-    if len(requests) == 1:
-        return [_call(generate.generate, requests[0])]
+def _generate(requests, options):
     generations = []
-    for i, result in enumerate(generate.generate_all(requests)):
+    for i, result in enumerate(generate.generate_all_with(requests, options)):
         if not isinstance(result, Ok):
             raise RuntimeError(f"choice {i}: {result.value}")
         generations.append(result.value)

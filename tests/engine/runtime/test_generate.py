@@ -115,3 +115,58 @@ def test_bad_inputs_are_errors(setup: Any) -> None:
         drive(fns["generate"](inst, request(**{"input-token-ids": [MODEL.vocab_size]})))
     with pytest.raises(GuestError, match="last-page-len"):
         drive(fns["generate"](inst, request(**{"page-ids": [0], "last-page-len": 0})))
+
+
+LOGPROBS = {**GREEDY, "num-logprobs": 1}
+
+
+def test_generate_all_with_streams_each_deltas_logprobs(setup: Any) -> None:
+    """stream-logprobs: every delta is an event with its own tokens' logprobs; together, the result's."""
+    import json
+
+    from pie_server.engine.runtime.messages import Event
+
+    _, inst, _, fns = setup
+    options = {"skip-special-tokens": False, "spaces-between-special-tokens": True, "stream-logprobs": True}
+    [(tag, gen)] = drive(fns["generate-all-with"](inst, [request(**{"stream-channel": 2, "sampling": LOGPROBS,
+                                                                    "max-tokens": 4})], options))
+    events = [json.loads(m.json) for m in iter(inst.outbox.try_get, None) if isinstance(m, Event)]
+    assert tag == "ok" and len(events) == 4 and all(e["type"] == "delta" and e["channel"] == 2 for e in events)
+    assert [e["text"] for e in events] == list(gen["text"])  # one byte token per delta here
+    assert [lp[0] for e in events for lp in e["logprobs"]] == gen["token-ids"]
+    assert [len(e["logprobs"]) for e in events] == [1, 1, 1, 1]
+    plain = dict(options, **{"stream-logprobs": False})  # without it: text messages, as generate-all
+    drive(fns["generate-all-with"](inst, [request(**{"stream-channel": 2, "sampling": LOGPROBS})], plain))
+    assert all(isinstance(m, Text) for m in iter(inst.outbox.try_get, None))
+
+
+def test_generate_all_with_passes_detokenization_options(setup: Any) -> None:
+    host, inst, _, fns = setup
+    asked: list[dict[str, bool]] = []
+    new_decoder = host.tokenizer.new_decoder
+    host.tokenizer.new_decoder = lambda **kwargs: asked.append(kwargs) or new_decoder()  # type: ignore[method-assign]
+    options = {"skip-special-tokens": True, "spaces-between-special-tokens": False, "stream-logprobs": False}
+    drive(fns["generate-all-with"](inst, [request(), request()], options))
+    assert asked == [{"skip_special_tokens": True, "spaces_between_special_tokens": False}] * 2
+
+
+def test_spaces_between_special_tokens_joins_added_tokens_raw() -> None:
+    """vLLM's spaces_between_special_tokens=false on a decoder that joins tokens with spaces (WordPiece)."""
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pie_server.engine.runtime.tokenizer import EngineTokenizerAdapter
+    from pie_server.engine.tokenizer import Tokenizer
+
+    vocab = {"hello": 0, "world": 1, "[CLS]": 2, "[SEP]": 3, "[UNK]": 4}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    adapter = EngineTokenizerAdapter(Tokenizer(PreTrainedTokenizerFast(
+        tokenizer_object=raw, cls_token="[CLS]", sep_token="[SEP]", unk_token="[UNK]")))
+
+    def text(**options: bool) -> str:
+        decoder = adapter.new_decoder(**options)
+        return "".join(decoder.add([i]) for i in [0, 2, 3, 1, 3]) + decoder.flush()
+
+    assert text() == "hello [CLS] [SEP] world [SEP]"
+    assert text(spaces_between_special_tokens=False) == "hello [CLS][SEP] world [SEP]"
