@@ -1,28 +1,38 @@
 """Runs of uploaded inferlets (`/v1/inferlets/{id}/runs`, `/v1/runs`): one instance each, its messages kept for
 the run's readers (an SSE stream, a waiting non-stream request, `GET /v1/runs/{id}`).
 
-A run is pumped by an asyncio task of the front end that launched it: every message the instance sends becomes
-one entry (text as it is, JSON events as their JSON text), then the run ends `finished`, `failed` (with the
-instance's error) or `cancelled` (DELETE, or the server stopping); the runtime frees its pages. Runs live in the
-memory of their front end; the newest MAX_KEPT_RUNS ended ones are kept for reading. A run keeps at most
+A run is pumped by an asyncio task of the front end that launched it (its owner): every message the instance
+sends becomes one entry (text as it is, JSON events as their JSON text), then the run ends `finished`, `failed`
+(with the instance's error) or `cancelled` (DELETE, or the server stopping); the runtime frees its pages. The
+owner keeps its runs in memory (the newest MAX_KEPT_RUNS ended ones are kept for reading); a run keeps at most
 MAX_MESSAGES messages: beyond that the oldest are dropped and counted (a slow or absent reader cannot make the
-server hold an endless stream).
+server hold an endless stream). With several front-end processes, every run is also written to the server's
+shared run table (app/run_table.py) every SYNC_INTERVAL_S, so any front end lists, reads and cancels it.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
 
 from pie_server.app.inferlet_run import InstanceHandle
+from pie_server.app.run_table import FILE_NAME, RunRow, RunTable, run_body, server_dir
 from pie_server.engine.runtime.messages import Event, Terminated, Text
+
+log = logging.getLogger("pie.app")
 
 MAX_MESSAGES = 10_000
 MAX_KEPT_RUNS = 1_000
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
+SYNC_INTERVAL_S = 0.05  # how often an owner writes its runs to the shared table and reads cancellations there
+REMOTE_CANCEL_WAIT_S = 5.0  # how long a DELETE for another front end's run waits for its owner to cancel it
+FROM_ENVIRONMENT = Path("@server-dir")  # RunRegistry's default: the table in server_dir(), if there is one
 
 
 @dataclass(eq=False)
@@ -37,16 +47,11 @@ class Run:
     messages: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=MAX_MESSAGES))
     num_messages: int = 0  # ever sent (messages holds the newest MAX_MESSAGES)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    on_change: Callable[["Run"], None] | None = None  # called after every message and at the end
 
     def public(self, with_messages: bool = False) -> dict[str, Any]:
-        body: dict[str, Any] = {"object": "run", "id": self.id, "inferlet_id": self.inferlet_id,
-                                "created": self.created, "status": self.status, "num_messages": self.num_messages}
-        if self.error is not None:
-            body["error"] = self.error
-        if with_messages:
-            body["messages"] = list(self.messages)
-            body["num_dropped_messages"] = self.num_messages - len(self.messages)
-        return body
+        return run_body(self.id, self.inferlet_id, self.created, self.status, self.num_messages, self.error,
+                        list(self.messages) if with_messages else None)
 
     @property
     def ended(self) -> bool:
@@ -75,17 +80,32 @@ class Run:
         self.messages.append(message)
         self.num_messages += 1
         self._changed.set()
+        if self.on_change is not None:
+            self.on_change(self)
 
     def _end(self, status: str, error: str | None = None) -> None:
         if not self.ended:
             self.status, self.error = status, error
             self._changed.set()
+            if self.on_change is not None:
+                self.on_change(self)
 
 
 class RunRegistry:
-    def __init__(self) -> None:
+    """The runs of one front end, and (with a shared table) every front end's runs as the API shows them."""
+
+    def __init__(self, shared_dir: Path | None = FROM_ENVIRONMENT, front_end: int | None = None) -> None:
+        """shared_dir: the folder the server's front ends share (default: server_dir()); None: memory only.
+        front_end: this front end's id in the table (default: the process id)."""
+        self.front_end = os.getpid() if front_end is None else front_end
+        folder = server_dir() if shared_dir is FROM_ENVIRONMENT else shared_dir
+        self._table = None if folder is None else RunTable(folder / FILE_NAME, self.front_end, MAX_MESSAGES,
+                                                           MAX_KEPT_RUNS)
         self._runs: dict[str, Run] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._changed: dict[str, Run] = {}  # runs with news the table has not had yet
+        self._num_written: dict[str, int] = {}  # run id -> messages the table has (of this front end's runs)
+        self._syncer: asyncio.Task[None] | None = None
 
     def start(self, inferlet_id: str, tenant: str, handle: InstanceHandle) -> Run:
         run = Run(f"run-{uuid.uuid4().hex}", inferlet_id, tenant, handle)
@@ -93,14 +113,21 @@ class RunRegistry:
         task = asyncio.get_running_loop().create_task(self._pump(run))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if self._table is not None:
+            run.on_change = self._note_change
+            self._note_change(run)
+            if self._syncer is None:
+                self._syncer = asyncio.get_running_loop().create_task(self._sync_forever())
         self._forget_old()
         return run
 
     def get(self, run_id: str, tenant: str) -> Run | None:
+        """This front end's run, or None."""
         run = self._runs.get(run_id)
         return run if run is not None and run.tenant == tenant else None
 
     def list(self, tenant: str) -> list[Run]:
+        """This front end's runs."""
         return [r for r in self._runs.values() if r.tenant == tenant]
 
     def cancel(self, run: Run) -> None:
@@ -108,12 +135,47 @@ class RunRegistry:
             run._end(CANCELLED)
             run.handle.kill()
 
+    async def describe(self, run_id: str, tenant: str, with_messages: bool = False) -> dict[str, Any] | None:
+        """The run of any front end as the API shows it; None if the tenant has none of that id."""
+        run = self.get(run_id, tenant)
+        if run is not None or self._table is None:
+            return None if run is None else run.public(with_messages)
+        return await asyncio.to_thread(self._table.read, run_id, tenant, with_messages)
+
+    async def describe_all(self, tenant: str) -> list[dict[str, Any]]:
+        """Every front end's runs of the tenant, oldest first; this front end's as they are now."""
+        mine = {r.id: r.public() for r in self.list(tenant)}
+        everyone = [] if self._table is None else await asyncio.to_thread(self._table.list, tenant)
+        merged = {body["id"]: mine.get(body["id"], body) for body in everyone} | mine
+        return sorted(merged.values(), key=lambda body: body["created"])  # stable: the table's order within a second
+
+    async def cancel_by_id(self, run_id: str, tenant: str) -> dict[str, Any] | None:
+        """Cancels the run of any front end (another's: asks its owner through the table and waits, at most
+        REMOTE_CANCEL_WAIT_S, for it to say so); the run as it is then, None if the tenant has none of that id."""
+        run = self.get(run_id, tenant)
+        if run is not None or self._table is None:
+            if run is not None:
+                self.cancel(run)
+            return None if run is None else run.public()
+        body = await asyncio.to_thread(self._table.request_cancel, run_id, tenant)
+        deadline = time.monotonic() + REMOTE_CANCEL_WAIT_S
+        while body is not None and body["status"] == RUNNING and time.monotonic() < deadline:
+            await asyncio.sleep(SYNC_INTERVAL_S)
+            body = await asyncio.to_thread(self._table.read, run_id, tenant, False)
+        return body
+
     async def close(self) -> None:
         for run in list(self._runs.values()):
             self.cancel(run)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._syncer is not None:
+            self._syncer.cancel()
+            await asyncio.gather(self._syncer, return_exceptions=True)
+        if self._table is not None:
+            await self._sync()  # the cancellations above, for the other front ends to see
+            await asyncio.to_thread(self._table.close)
 
     async def _pump(self, run: Run) -> None:
         try:
@@ -129,6 +191,43 @@ class RunRegistry:
         except asyncio.CancelledError:
             self.cancel(run)
             raise
+
+    def _note_change(self, run: Run) -> None:
+        self._changed[run.id] = run
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL_S)
+            await self._sync()
+
+    async def _sync(self) -> None:
+        """Writes what changed (read here, on the event loop, where the runs change) and acts on the
+        cancellations other front ends asked for. A table that fails is logged; the runs go on."""
+        assert self._table is not None
+        changed, self._changed = self._changed, {}
+        if not changed and not any(not r.ended for r in self._runs.values()):
+            return
+        rows = [self._row(run) for run in changed.values()]
+        try:
+            asked = await asyncio.to_thread(self._table.sync, rows)
+        except Exception:  # e.g. the server's folder went at shutdown
+            log.exception("the shared run table could not be written")
+            self._changed = changed | self._changed  # tried again next time
+            return
+        for row in rows:
+            self._num_written[row.id] = row.num_messages
+            if row.status != RUNNING:
+                self._num_written.pop(row.id)
+        for run_id in asked:
+            run = self._runs.get(run_id)
+            if run is not None:
+                self.cancel(run)
+
+    def _row(self, run: Run) -> RunRow:
+        first_kept = run.num_messages - len(run.messages)
+        start = max(self._num_written.get(run.id, 0), first_kept)
+        new = tuple((seq, run.messages[seq - first_kept]) for seq in range(start, run.num_messages))
+        return RunRow(run.id, run.tenant, run.inferlet_id, run.created, run.status, run.error, run.num_messages, new)
 
     def _forget_old(self) -> None:
         ended = [r for r in self._runs.values() if r.ended]

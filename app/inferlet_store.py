@@ -9,13 +9,21 @@ reader never sees half a file.
 
 Tenants see only their own records, and the built-in ones: the server's own inferlets (the default inferlet, the
 preinstalled contrib ones: app/preinstalled.py) live in the namespace BUILTIN_TENANT, which only the server
-writes; a name resolves in the tenant's own records first, then there (so a tenant's upload of the same name
-shadows the built-in one for that tenant only). A tenant cannot delete a built-in inferlet (403).
+writes; a name resolves in the tenant's own records first, then there (so a tenant's upload named after a
+preinstalled example shadows it for that tenant only). A tenant cannot delete a built-in inferlet (403).
+
+Reserved names (RESERVED_NAMES: `default`, the program behind the OpenAI routes) are the server's alone, as a
+served model name is in vLLM: an upload under one is refused (409), and a tenant's record of one never resolves.
+Earlier versions kept the server's copy of the default inferlet as an upload of tenant `openai`; opening the
+store renames every such record to `default.legacy-<first 8 hex digits of its id>` (its bytes stay, reachable by
+that name and by id), so the built-in default wins and nothing a user uploaded is lost.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -25,9 +33,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Collection
 
+log = logging.getLogger("pie.app")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ID_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 BUILTIN_TENANT = "@builtin"  # no tenant is named so (app/config.py TENANT_PATTERN has no '@')
+RESERVED_NAMES = frozenset({"default"})  # app/state.py DEFAULT_INFERLET_NAME
+LEGACY_SUFFIX = ".legacy-"
 
 
 class StoreError(Exception):
@@ -56,11 +67,19 @@ class InferletStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._rename_reserved_records()
 
-    def put(self, wasm: bytes, name: str, tenant: str) -> InferletRecord:
+    def check_name(self, name: str, tenant: str) -> None:
+        """StoreError unless tenant may upload under name: 400 for a malformed one, 409 for a reserved one."""
         if not NAME_PATTERN.match(name):
             raise StoreError("name must be 1-64 characters of letters, digits, '.', '_' or '-', starting with a "
                              "letter or digit")
+        if name in RESERVED_NAMES and tenant != BUILTIN_TENANT:
+            raise StoreError(f"{name!r} is the server's built-in inferlet and cannot be replaced; upload under "
+                             "another name", 409)
+
+    def put(self, wasm: bytes, name: str, tenant: str) -> InferletRecord:
+        self.check_name(name, tenant)
         record = InferletRecord(hashlib.sha256(wasm).hexdigest(), name, len(wasm), int(time.time()), tenant)
         with self._lock:
             if not self._wasm_path(record.id).is_file():
@@ -117,12 +136,31 @@ class InferletStore:
                     self._record_path(tenant, record.name).unlink(missing_ok=True)
                     self._drop_if_unnamed(record.id)
 
+    def _rename_reserved_records(self) -> None:
+        """Every tenant's record of a reserved name (only earlier versions wrote them) is renamed, keeping its
+        bytes: several processes may open the store at once, so each step is idempotent (the new name depends
+        only on the record, and the old record's removal tolerates another's)."""
+        builtin_dir = _tenant_dir(BUILTIN_TENANT)
+        with self._lock:
+            for name in sorted(RESERVED_NAMES):
+                for path in (self.root / "records").glob(f"*/{name}.json"):
+                    record = _read_record(path)
+                    if path.parent.name == builtin_dir or record is None:
+                        continue
+                    renamed = dataclasses.replace(record, name=f"{name}{LEGACY_SUFFIX}{record.id[:8]}")
+                    _write_atomically(path.parent / f"{renamed.name}.json", json.dumps(asdict(renamed)).encode())
+                    path.unlink(missing_ok=True)
+                    log.warning("the upload %r of tenant %r is now named %r: %r is the built-in inferlet's name",
+                                name, record.tenant, renamed.name, name)
+
     def _drop_if_unnamed(self, inferlet_id: str) -> None:
         """Removes the bytes once no record of any tenant names them (the caller holds the lock)."""
         if not any(r.id == inferlet_id for r in map(_read_record, (self.root / "records").glob("*/*.json")) if r):
             self._wasm_path(inferlet_id).unlink(missing_ok=True)
 
     def _find(self, id_or_name: str, tenant: str) -> InferletRecord | None:
+        if id_or_name in RESERVED_NAMES and tenant != BUILTIN_TENANT:
+            return None  # the server's name, whatever a tenant's folder holds (a record an old version wrote)
         if NAME_PATTERN.match(id_or_name):
             record = _read_record(self._record_path(tenant, id_or_name))
             if record is not None:
@@ -131,8 +169,10 @@ class InferletStore:
         return max(with_id, key=lambda r: r.created) if with_id else None
 
     def _records(self, tenant: str) -> list[InferletRecord]:
+        """The tenant's records (for a tenant, none of a reserved name: see _find)."""
         folder = self.root / "records" / _tenant_dir(tenant)
-        return [r for r in map(_read_record, folder.glob("*.json")) if r is not None] if folder.is_dir() else []
+        records = [r for r in map(_read_record, folder.glob("*.json")) if r is not None] if folder.is_dir() else []
+        return records if tenant == BUILTIN_TENANT else [r for r in records if r.name not in RESERVED_NAMES]
 
     def _wasm_path(self, inferlet_id: str) -> Path:
         return self.root / "wasm" / f"{inferlet_id}.wasm"

@@ -9,7 +9,9 @@ with its messages. A streamed run's id is in the `x-run-id` header. A run belong
 goes away cancels it (its pages are freed). Everything is the requesting tenant's (app/auth.py); another
 tenant's inferlets and runs are 404, as if they did not exist. Over the tenant's quota of instances: 429. The
 built-in inferlets (the default one, the preinstalled contrib ones: app/preinstalled.py) are every tenant's; a
-preinstalled one is built on its first run, and listed with its status until then.
+preinstalled one is built on its first run, and listed with its status until then. The name `default` is the
+server's: an upload under it is 409. The /v1/runs routes see the runs of every front-end process of the server
+(app/inferlet_runs.py); their answers, and a run's start, say in FRONT_END_HEADER which process answered.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from pie_server.app.relay import ClientGone, SSEResponse, read_json, until_disco
 from pie_server.app.run_limits import limit_error, parse_limits
 from pie_server.app.state import AppState
 from pie_server.engine.runtime.config import LimitError
+
+FRONT_END_HEADER = "x-pie-front-end"  # the answering front-end process's id (its pid): for logs and tests
 
 
 def _state(request: Request) -> AppState:
@@ -48,17 +52,26 @@ async def upload(request: Request) -> Response:
     name = request.query_params.get("name")
     if not name:
         raise invalid("give the inferlet a name: POST /v1/inferlets?name=NAME", param="name")
-    wasm = await _read_limited(request, state.config.max_inferlet_bytes)
+    tenant = state.tenant_of(request)
+    wasm = await _read_limited(request, state.config.max_inferlet_bytes)  # first: a client sending it hears us
+    try:
+        state.inferlets.check_name(name, tenant)  # before the bytes are compiled
+    except StoreError as exc:
+        raise _name_error(exc) from None
     try:
         program_hash = await asyncio.to_thread(view.load_program, wasm)
     except ValueError as exc:
         raise invalid(f"not an inferlet component: {exc}", code="invalid_inferlet") from None
     try:
-        record = await asyncio.to_thread(state.inferlets.put, wasm, name, state.tenant_of(request))
+        record = await asyncio.to_thread(state.inferlets.put, wasm, name, tenant)
     except StoreError as exc:
-        raise ApiError(str(exc), exc.status, param="name") from None
+        raise _name_error(exc) from None
     state.remember_program(record, program_hash)
     return JSONResponse(record.public(), status_code=201)
+
+
+def _name_error(exc: StoreError) -> ApiError:
+    return ApiError(str(exc), exc.status, param="name", code="inferlet_name_reserved" if exc.status == 409 else None)
 
 
 async def list_inferlets(request: Request) -> Response:
@@ -112,13 +125,17 @@ async def start_run(request: Request) -> Response:
     if stream:
         cleanup = contextlib.AsyncExitStack()
         cleanup.callback(state.runs.cancel, run)  # a no-op once the run ended
-        return SSEResponse(_sse(run), cleanup, {"x-run-id": run.id})  # type: ignore[return-value]
+        return SSEResponse(_sse(run), cleanup, {"x-run-id": run.id, **_front_end(state)})  # type: ignore[return-value]
     try:
         await until_disconnected(request, run.wait())
     except ClientGone:
         state.runs.cancel(run)
         raise
-    return JSONResponse(run.public(with_messages=True))
+    return JSONResponse(run.public(with_messages=True), headers=_front_end(state))
+
+
+def _front_end(state: AppState) -> dict[str, str]:
+    return {FRONT_END_HEADER: str(state.runs.front_end)}
 
 
 async def _sse(run: Run) -> AsyncIterator[str]:
@@ -132,25 +149,28 @@ async def _sse(run: Run) -> AsyncIterator[str]:
 
 async def list_runs(request: Request) -> Response:
     state = _state(request)
-    return JSONResponse({"object": "list", "data": [r.public() for r in state.runs.list(state.tenant_of(request))]})
+    runs = await state.runs.describe_all(state.tenant_of(request))
+    return JSONResponse({"object": "list", "data": runs}, headers=_front_end(state))
 
 
-def _run(request: Request) -> Run:
-    state = _state(request)
-    run = state.runs.get(request.path_params["run_id"], state.tenant_of(request))
-    if run is None:
-        raise ApiError(f"no run {request.path_params['run_id']!r}", 404, code="run_not_found")
-    return run
+def _found(body: dict[str, Any] | None, request: Request) -> JSONResponse:
+    """The run, or 404; either way saying which front end answered."""
+    if body is None:
+        response = ApiError(f"no run {request.path_params['run_id']!r}", 404, code="run_not_found").response()
+        response.headers.update(_front_end(_state(request)))
+        return response
+    return JSONResponse(body, headers=_front_end(_state(request)))
 
 
 async def get_run(request: Request) -> Response:
-    return JSONResponse(_run(request).public(with_messages=True))
+    state = _state(request)
+    return _found(await state.runs.describe(request.path_params["run_id"], state.tenant_of(request),
+                                            with_messages=True), request)
 
 
 async def cancel_run(request: Request) -> Response:
-    run = _run(request)
-    _state(request).runs.cancel(run)
-    return JSONResponse(run.public())
+    state = _state(request)
+    return _found(await state.runs.cancel_by_id(request.path_params["run_id"], state.tenant_of(request)), request)
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:

@@ -2,14 +2,29 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import itertools
+import os
+import sqlite3
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pie_server.engine.control.api import Control
+from pie_server.engine.core.process import ENV_VAR as CORE_ENV_VAR
+from pie_server.engine.core.process import CoreAddress
 from pie_server.engine.runtime.config import ModelInfo, RuntimeConfig
 from pie_server.engine.runtime.instance import InstanceState
 from pie_server.engine.runtime.tokenizer import RuntimeTokenizer, StreamDecoder
+
+STORE_FILE_NAME = "kv-store.sqlite3"
+FROM_ENVIRONMENT = "@server-dir"  # TenantStore's default path: shared_store_path()
+_STORE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    tenant TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, size INTEGER NOT NULL,
+    PRIMARY KEY (tenant, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage (tenant TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID;
+"""
 
 
 class BroadcastBus:
@@ -47,39 +62,83 @@ class BroadcastBus:
 
 
 class TenantStore:
-    """The per-tenant key-value store (in memory, thread-safe), with a byte quota per tenant."""
+    """The per-tenant key-value store (`store` interface), with a byte quota per tenant (keys and values, UTF-8).
+    Thread-safe.
 
-    def __init__(self, max_bytes_per_tenant: int) -> None:
+    One server's front-end processes share it: it is a SQLite file in the server's own folder (the engine core's
+    run directory, shared_store_path()), which `pie serve` makes for each start and removes when it stops; so
+    what an instance sets, any instance of the same tenant reads, whichever front end runs it, for as long as
+    the server runs (as exported KV pages, which live in the engine core). The quota is checked and the write
+    made in one transaction, so it holds for the front ends together. A runtime with no such folder (a server of
+    one process, tests) keeps the same table in memory. No fsync: the file does not outlive the server, and a
+    write costs tens of microseconds (host calls run on the scheduler thread)."""
+
+    def __init__(self, max_bytes_per_tenant: int, path: str | None = FROM_ENVIRONMENT) -> None:
+        """path: the SQLite file (default: shared_store_path()); None: in memory, this process's alone."""
         self._max_bytes = max_bytes_per_tenant
-        self._data: dict[str, dict[str, str]] = collections.defaultdict(dict)
-        self._bytes: dict[str, int] = collections.defaultdict(int)
+        where = shared_store_path() if path is FROM_ENVIRONMENT else path
+        self._db = sqlite3.connect(where or ":memory:", timeout=30, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
+        with self._lock:
+            if where is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=OFF")
+            self._db.executescript(_STORE_SCHEMA)
 
     def get(self, tenant: str, key: str) -> str | None:
         with self._lock:
-            return self._data[tenant].get(key)
+            row = self._db.execute("SELECT value FROM kv WHERE tenant = ? AND key = ?", (tenant, key)).fetchone()
+        return None if row is None else row[0]
 
     def set(self, tenant: str, key: str, value: str) -> None:
         size = len(key.encode()) + len(value.encode())
-        with self._lock:
-            old = self._data[tenant].get(key)
-            old_size = 0 if old is None else len(key.encode()) + len(old.encode())
-            if self._bytes[tenant] - old_size + size > self._max_bytes:
+        with self._lock, self._transaction():
+            old = self._db.execute("SELECT size FROM kv WHERE tenant = ? AND key = ?", (tenant, key)).fetchone()
+            used = self._db.execute("SELECT bytes FROM usage WHERE tenant = ?", (tenant,)).fetchone()
+            change = size - (0 if old is None else old[0])
+            if (0 if used is None else used[0]) + change > self._max_bytes:
                 raise ValueError(f"the tenant's store is full ({self._max_bytes} bytes)")
-            self._data[tenant][key] = value
-            self._bytes[tenant] += size - old_size
+            self._db.execute("INSERT OR REPLACE INTO kv (tenant, key, value, size) VALUES (?, ?, ?, ?)",
+                             (tenant, key, value, size))
+            self._add_usage(tenant, change)
 
     def delete(self, tenant: str, key: str) -> bool:
-        with self._lock:
-            old = self._data[tenant].pop(key, None)
+        with self._lock, self._transaction():
+            old = self._db.execute("SELECT size FROM kv WHERE tenant = ? AND key = ?", (tenant, key)).fetchone()
             if old is None:
                 return False
-            self._bytes[tenant] -= len(key.encode()) + len(old.encode())
+            self._db.execute("DELETE FROM kv WHERE tenant = ? AND key = ?", (tenant, key))
+            self._add_usage(tenant, -old[0])
             return True
 
     def keys(self, tenant: str, prefix: str) -> list[str]:
+        """Sorted by code point (SQLite's binary order of UTF-8 is that order): the keys from prefix on, while
+        they start with it."""
         with self._lock:
-            return sorted(k for k in self._data[tenant] if k.startswith(prefix))
+            rows = self._db.execute("SELECT key FROM kv WHERE tenant = ? AND key >= ? ORDER BY key", (tenant, prefix))
+            return list(itertools.takewhile(lambda key: key.startswith(prefix), (key for (key,) in rows)))
+
+    def _add_usage(self, tenant: str, change: int) -> None:
+        self._db.execute("INSERT INTO usage (tenant, bytes) VALUES (?, ?) "
+                         "ON CONFLICT (tenant) DO UPDATE SET bytes = bytes + excluded.bytes", (tenant, change))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE: the write lock at once (across processes), so the quota check and the write agree."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
+def shared_store_path() -> str | None:
+    """The store's file in the folder this server's processes share (engine/core/process.py: the engine core's
+    run directory, handed to the front ends in the environment); None in a server of one process."""
+    value = os.environ.get(CORE_ENV_VAR)
+    return None if not value else os.path.join(CoreAddress.from_env(value).run_dir, STORE_FILE_NAME)
 
 
 @dataclass

@@ -145,8 +145,37 @@ def test_limits_and_unknown_names(make_fake_server, tmp_path: Path) -> None:
     assert raw_http.request(server.url + "/v1/runs/run-nothing")[0] == 404
     status, body, _ = _upload(server.url, b"fake component", "ok")
     assert status == 201 and body["name"] == "ok"
+    status, body, _ = _upload(server.url, b"my own default", "default")  # the server's name (vLLM: a served one)
+    assert status == 409 and body["error"]["code"] == "inferlet_name_reserved" and body["error"]["param"] == "name"
+    assert raw_http.request(server.url + "/v1/inferlets/default")[1]["builtin"] is True
     status, body, _ = raw_http.request(server.url + "/v1/inferlets/ok/runs", "POST", {"args": "not a list"})
     assert status == 400 and body["error"]["param"] == "args"
+
+
+def test_an_inferlets_errors_name_that_inferlet(make_fake_server) -> None:
+    import asyncio
+
+    from pie_server.app.errors import ApiError
+    from pie_server.app.inferlet_run import InferletRun
+    from pie_server.engine.runtime.messages import Terminated
+    from tests.app.fake_engine import FakeEngine, FakeHandle
+
+    async def start(name: str | None) -> ApiError:
+        handle = FakeHandle("inst-1")
+        handle.outbox.put(Terminated(ok=False, error="it trapped"))
+        with pytest.raises(ApiError) as failed:
+            await InferletRun(handle, name).start()
+        return failed.value
+
+    named = asyncio.run(start("my-agent"))
+    assert named.status == 500 and named.message == "the inferlet 'my-agent' failed: it trapped"
+    assert asyncio.run(start(None)).message == "the inferlet failed: it trapped"
+    server = make_fake_server(FakeEngine(fail_after_tokens=1))
+    assert _upload(server.url, b"a custom component", "custom")[0] == 201
+    status, body, _ = raw_http.request(server.url + "/v1/chat/completions", "POST", {
+        "model": "inferlet:custom", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    assert status == 500 and "failed" in body["error"]["message"]
+    assert "default" not in body["error"]["message"]  # it was not the default inferlet that failed
 
 
 def _sse(url: str, body: dict) -> tuple[list[tuple[str, object]], dict[str, str]]:
