@@ -247,8 +247,9 @@ class AppState:
         finally:
             self.num_queued -= 1
         try:
-            run = InferletRun(await self.launch(program_hash or self.program_hash, [arguments],
-                                                tenant or self.config.tenant))
+            handle = await self.launch(program_hash or self.program_hash, [arguments], tenant or self.config.tenant)
+            source = self._program_sources.get(program_hash) if program_hash else None
+            run = InferletRun(handle, source.name if source else DEFAULT_INFERLET_NAME)
             self.num_running += 1
             try:
                 yield run
