@@ -52,12 +52,16 @@ def _interpolated(value: Any) -> Any:
 
 
 @cache
+def _compose_file(name: str) -> dict[str, Any]:
+    return _interpolated(yaml.safe_load((REPO_ROOT / name).read_text()))
+
+
 def _compose() -> dict[str, Any]:
-    return _interpolated(yaml.safe_load((REPO_ROOT / "compose.yaml").read_text()))
+    return _compose_file("compose.yaml")
 
 
-def _service(name: str) -> dict[str, Any]:
-    return _compose()["services"][name]
+def _service(name: str, stack: dict[str, Any] | None = None) -> dict[str, Any]:
+    return (stack or _compose())["services"][name]
 
 
 @dataclass(frozen=True)
@@ -133,24 +137,25 @@ def _lock_python(lock: str) -> str:
     return found[1]
 
 
-def _server_args(service: str) -> argparse.Namespace:
+def _server_args(service: str, stack: dict[str, Any] | None = None) -> argparse.Namespace:
     """The service's `pie serve` command line (its image's ENTRYPOINT + the service's command) through the real
     parser: a flag that does not exist or a bad value fails here, not in a container."""
-    entrypoint = json.loads(_only(_service(service)["build"]["dockerfile"], "ENTRYPOINT"))
+    spec = _service(service, stack)
+    entrypoint = json.loads(_only(spec["build"]["dockerfile"], "ENTRYPOINT"))
     assert entrypoint[:2] == ["pie", "serve"], entrypoint
     parser = argparse.ArgumentParser(prog="pie serve")
     serve.add_arguments(parser)
-    return parser.parse_args(entrypoint[2:] + _service(service).get("command", []))
+    return parser.parse_args(entrypoint[2:] + spec.get("command", []))
 
 
 def _container_port(mapping: str) -> int:
     return int(mapping.rsplit(":", 1)[-1].split("/")[0])
 
 
-def _bind_mounts(service: str) -> dict[str, Path]:
+def _bind_mounts(service: str, stack: dict[str, Any] | None = None) -> dict[str, Path]:
     """container path -> host path, for the short-syntax bind mounts of files in this repository."""
     mounts = {}
-    for volume in _service(service).get("volumes", []):
+    for volume in _service(service, stack).get("volumes", []):
         source, target = volume.split(":")[:2]
         if source.startswith("./"):
             mounts[target] = REPO_ROOT / source
