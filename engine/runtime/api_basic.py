@@ -10,7 +10,7 @@ from pie_server.engine.runtime.config import API_VERSION
 from pie_server.engine.runtime.host import Host
 from pie_server.engine.runtime.hostfn import HostFunction, expect
 from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
-from pie_server.engine.runtime.messages import Event, Mailbox, Text
+from pie_server.engine.runtime.messages import Event, Mailbox, Message, Text
 
 U32_MAX = (1 << 32) - 1
 MODEL_INFO = ("record", ("name", "string"), ("vocab-size", "u32"), ("page-size", "u32"),
@@ -45,24 +45,39 @@ def functions(host: Host) -> list[HostFunction]:
     def check_message(text: str, what: str) -> None:
         expect(len(text.encode()) <= max_message, f"{what} is larger than {max_message} bytes")
 
-    def send(inst: InstanceState, text: str) -> None:
+    max_outbox = host.config.max_outbox_bytes
+
+    def deliver(inst: InstanceState, message: Message, value: Any) -> Any:
+        """Puts the message in the outbox now, or (a generator) once the client has read it below its bound."""
+        if inst.outbox.num_bytes < max_outbox:
+            inst.outbox.put(message)
+            return value
+        return deliver_later(inst, message, value)
+
+    def deliver_later(inst: InstanceState, message: Message, value: Any) -> HostTaskGen:
+        room: Future = Future()
+        if inst.outbox.notify_when_below(max_outbox, lambda: resolve(room)):
+            yield room
+        inst.outbox.put(message)
+        return value
+
+    def send(inst: InstanceState, text: str) -> Any:
         if len(text.encode()) > max_message:  # no err channel: cut, and say so in the log
             text = text.encode()[:max_message].decode(errors="ignore")
-        inst.outbox.put(Text(text))
+        return deliver(inst, Text(text), None)
 
-    def send_on(inst: InstanceState, channel: int, text: str) -> None:
+    def send_on(inst: InstanceState, channel: int, text: str) -> Any:
         if len(text.encode()) > max_message:
             text = text.encode()[:max_message].decode(errors="ignore")
-        inst.outbox.put(Text(text, channel))
+        return deliver(inst, Text(text, channel), None)
 
-    def send_event(inst: InstanceState, payload: str) -> tuple[str, None]:
+    def send_event(inst: InstanceState, payload: str) -> Any:
         check_message(payload, "the event")
         try:
             json.loads(payload)
         except ValueError as error:
             raise ValueError(f"send-event needs a JSON value: {error}") from None
-        inst.outbox.put(Event(payload))
-        return ("ok", None)
+        return deliver(inst, Event(payload), ("ok", None))
 
     def wait_mailbox(mailbox: Mailbox, timeout_ms: int | None) -> HostTaskGen:
         item = mailbox.try_get()

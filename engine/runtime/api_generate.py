@@ -220,7 +220,13 @@ def _allocate(host: Host, inst: InstanceState, seqs: list[Sequence], room: list[
     """Pages for each sequence's pending tokens and `room` more tokens after them."""
     page_size = host.model.page_size
     need = [max(0, -(-(s.context_len + len(s.pending) + r) // page_size) - len(s.pages)) for s, r in zip(seqs, room)]
-    wanted = [(s, host.control.allocate_pages(inst.id, n)) for s, n in zip(seqs, need) if n]
+    wanted = []
+    for seq, num_pages in zip(seqs, need):
+        if num_pages:
+            try:
+                wanted.append((seq, host.control.allocate_pages(inst.id, num_pages)))
+            except ControlError as error:  # a quota refused at once: this sequence's error value, not the call's
+                seq.error = f"allocating pages failed: {error}"
     if wanted:
         outcomes = yield [future for _, future in wanted]
         for (seq, _), pages in zip(wanted, outcomes):
@@ -243,8 +249,12 @@ def _forward_per_token(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
             except GrammarError as error:
                 seq.error = str(error)
                 continue
+            try:
+                futures.append(control.forward(inst.id, command))
+            except ControlError as error:
+                seq.error = f"forward failed: {error}"
+                continue
             stepping.append(seq)
-            futures.append(control.forward(inst.id, command))
         outcomes = yield futures
         for seq, outcome in zip(stepping, outcomes):
             if isinstance(outcome, BaseException):

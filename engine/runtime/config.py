@@ -66,6 +66,10 @@ class RuntimeConfig:
     # a round trip (an allocation and a new decode) costs the sequence a step or two (engine/front.py).
     decode_room_pages: int = 1
     mailbox_capacity: int = 10_000  # undelivered client->inferlet or broadcast messages per instance
+    # Bytes of messages to the client not yet read, per instance: a guest's send waits while the outbox holds
+    # this many or more (backpressure from a slow client), so one instance's buffer stays under this plus one
+    # message. Host-side generate streams past it (its output is bounded by max-tokens).
+    max_outbox_bytes: int = 4 << 20
     extra_wasi_env: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -80,7 +84,7 @@ class RuntimeConfig:
                 raise ValueError(f"{name} must be positive (or None: no limit)")
         for name in ("http_max_response_bytes", "max_message_bytes", "max_store_key_bytes",
                      "max_store_value_bytes", "max_store_bytes_per_tenant", "max_generate_batch", "max_log_bytes",
-                     "mailbox_capacity", "decode_room_pages"):
+                     "mailbox_capacity", "decode_room_pages", "max_outbox_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
 from pie_server.engine.runtime.config import InstanceLimits
-from pie_server.engine.runtime.messages import Mailbox, Message
+from pie_server.engine.runtime.messages import Mailbox, Message, message_bytes
 from pie_server.engine.types import InstanceId
 
 HostTaskGen = Generator[Any, Any, Any]
@@ -36,7 +36,7 @@ class InstanceState:
     deadline: float  # time.monotonic() after which the instance is stopped
     limits: InstanceLimits = field(default_factory=InstanceLimits)  # resolved at launch (RuntimeConfig.limits_for)
     slot: int = field(default_factory=lambda: next(_slots))  # the C continuation's env
-    outbox: Mailbox[Message] = field(default_factory=Mailbox)
+    outbox: Mailbox[Message] = field(default_factory=lambda: Mailbox(message_bytes))  # counts its bytes
     inbox: Mailbox[str] = field(default_factory=Mailbox)
     broadcasts: Mailbox[tuple[str, str]] = field(default_factory=Mailbox)
     topics: set[str] = field(default_factory=set)

@@ -1,7 +1,9 @@
 """Messages an instance sends to its client, and the mailbox that carries them (and client input).
 
 A Mailbox is filled by any thread and drained either by a blocking `get` (tests, CLI) or by
-`await aget()` from one asyncio loop (the HTTP layer); the producer never blocks.
+`await aget()` from one asyncio loop (the HTTP layer); `put` never blocks. An instance's outbox counts the bytes
+it holds (`message_bytes`), so that the guest's sends can wait while a slow client has not read enough
+(api_basic.py: backpressure instead of unbounded server memory).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import collections
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Generic, TypeVar, Union
+from typing import Callable, Generic, TypeVar, Union
 
 
 @dataclass(frozen=True)
@@ -40,16 +42,30 @@ Message = Union[Text, Event, Terminated]
 T = TypeVar("T")
 
 
+def message_bytes(message: object) -> int:
+    """The payload bytes of a message to the client (what the outbox's bound counts)."""
+    if isinstance(message, Text):
+        return len(message.text.encode())
+    if isinstance(message, Event):
+        return len(message.json.encode())
+    return 0
+
+
 class Mailbox(Generic[T]):
-    def __init__(self) -> None:
+    def __init__(self, size: Callable[[T], int] | None = None) -> None:
         self._items: collections.deque[T] = collections.deque()
         self._cond = threading.Condition()
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
         self._listeners: list = []
+        self._size = size  # None: items are not counted (num_bytes stays 0)
+        self.num_bytes = 0  # the sizes of the items held (written under _cond)
+        self._room_listeners: list[tuple[int, Callable[[], None]]] = []  # (bound, listener)
 
     def put(self, item: T) -> None:
         with self._cond:
             self._items.append(item)
+            if self._size is not None:
+                self.num_bytes += self._size(item)
             self._cond.notify()
             waiter, self._waiter = self._waiter, None
             listeners, self._listeners = self._listeners, []
@@ -64,24 +80,54 @@ class Mailbox(Generic[T]):
 
     def try_get(self) -> T | None:
         with self._cond:
-            return self._items.popleft() if self._items else None
+            item = self._items.popleft() if self._items else None
+            roomy = self._took(item)
+        _call(roomy)
+        return item
 
     def get(self, timeout: float | None = None) -> T:
         """Block until an item comes; raises TimeoutError after timeout seconds."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._items, timeout):
                 raise TimeoutError("no message within the timeout")
-            return self._items.popleft()
+            item = self._items.popleft()
+            roomy = self._took(item)
+        _call(roomy)
+        return item
 
     async def aget(self) -> T:
         loop = asyncio.get_running_loop()
         while True:
             with self._cond:
                 if self._items:
-                    return self._items.popleft()
+                    item = self._items.popleft()
+                    roomy = self._took(item)
+                    break
                 future: asyncio.Future[None] = loop.create_future()
                 self._waiter = (loop, future)
             await future
+        _call(roomy)
+        return item
+
+    def notify_when_below(self, bound: int, listener: Callable[[], None]) -> bool:
+        """Call listener() (from the consumer's thread) once the items held total fewer than bound bytes;
+        False (and no call) if they already do."""
+        with self._cond:
+            if self.num_bytes < bound:
+                return False
+            self._room_listeners.append((bound, listener))
+            return True
+
+    def _took(self, item: T | None) -> list[Callable[[], None]]:
+        """Under _cond: count an item out; the room listeners whose bound is now met (to call unlocked)."""
+        if item is None or self._size is None:
+            return []
+        self.num_bytes -= self._size(item)
+        if not self._room_listeners:
+            return []
+        roomy = [listener for bound, listener in self._room_listeners if self.num_bytes < bound]
+        self._room_listeners = [(b, f) for b, f in self._room_listeners if self.num_bytes >= b]
+        return roomy
 
     def notify_once(self, listener) -> bool:  # type: ignore[no-untyped-def]
         """Call listener() (from the producer's thread) at the next put; False (and no call) if items are
@@ -96,6 +142,11 @@ class Mailbox(Generic[T]):
         with self._cond:
             if listener in self._listeners:
                 self._listeners.remove(listener)
+
+
+def _call(listeners: list[Callable[[], None]]) -> None:
+    for listener in listeners:
+        listener()
 
 
 class _LoopWaker:

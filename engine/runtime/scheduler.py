@@ -29,6 +29,7 @@ from pie_server.engine.runtime.hostfn import HostFunction
 from pie_server.engine.runtime.instance import HostTask, InstanceState
 
 log = logging.getLogger(__name__)
+MAX_GUEST_TAIL_CHARS = 500  # of the guest's own output, quoted in a trap's message
 
 
 class Scheduler:
@@ -313,7 +314,8 @@ class Scheduler:
         try:
             raw = outcome()
         except wasmtime.WasmtimeError as error:
-            self._stop(inst, False, _describe_trap(error))
+            log.warning("instance %s trapped: %s", inst.id, error)  # the backtrace: for the operator only
+            self._stop(inst, False, describe_trap(str(error), bytes(inst.log)))
             return
         if inst.phase == "instantiating":
             self._start_run(inst, raw)
@@ -354,8 +356,17 @@ class Scheduler:
             self.engine.increment_epoch()
 
 
-def _describe_trap(error: wasmtime.WasmtimeError) -> str:
-    text = str(error)
+def describe_trap(text: str, guest_output: bytes) -> str:
+    """What the client hears of a trap: wasmtime's reason (the text after "Caused by:", without the Wasm
+    backtrace, which names the guest's internals and is logged instead) and the tail of what the guest last
+    wrote to stdout/stderr (a panicking guest prints its own message there before it traps)."""
     if "epoch" in text or "interrupt" in text:
-        return f"stopped: exceeded its time budget ({text.splitlines()[0]})"
-    return f"trapped: {text}"
+        return "stopped: exceeded its time budget"
+    lines = [line.strip() for line in text.splitlines()]
+    if "Caused by:" in lines:
+        reason = "; ".join(line for line in lines[lines.index("Caused by:") + 1:] if line)
+    else:
+        reason = next((line for line in lines if line and "backtrace" not in line), "a trap")
+    message = f"trapped: {reason}"
+    tail = guest_output.decode("utf-8", errors="replace").strip()[-MAX_GUEST_TAIL_CHARS:]
+    return message + (f" (its last output: {tail})" if tail else "")

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pie_server.engine.runtime.messages import Terminated, Text
+from pie_server.engine.runtime.scheduler import describe_trap
 from tests.engine.runtime.conftest import make_runtime, wat
 from tests.engine.runtime.fakes import FakeControl
 
@@ -30,7 +31,17 @@ def _run_next_to_good(control: FakeControl, tmp_path: Path, bad_wasm: bytes, bad
 
 def test_trap_ends_only_its_instance(control: FakeControl, tmp_path: Path) -> None:
     end = _run_next_to_good(control, tmp_path, wat("trap.wat"))
-    assert end.error is not None and end.error.startswith("trapped:") and "unreachable" in end.error
+    assert end.error == "trapped: wasm trap: wasm `unreachable` instruction executed"  # no Wasm backtrace
+
+
+def test_a_trap_message_quotes_the_guests_last_output_not_the_backtrace() -> None:
+    text = ("error while executing at wasm backtrace:\n    0:     0x38 - M!<wasm function 0>\n\nCaused by:\n"
+            "    wasm trap: wasm `unreachable` instruction executed\n")
+    panic = b"starting\n" + b"x" * 1000 + b"\nthread panicked at src/lib.rs:3: boom\n"
+    message = describe_trap(text, panic)
+    assert message.startswith("trapped: wasm trap: wasm `unreachable` instruction executed (its last output: ")
+    assert message.endswith("thread panicked at src/lib.rs:3: boom)") and "starting" not in message
+    assert "0x38" not in message and describe_trap(text, b"") == message.split(" (its")[0]
 
 
 def test_infinite_loop_is_stopped_at_its_time_budget(control: FakeControl, tmp_path: Path) -> None:
