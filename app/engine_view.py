@@ -66,6 +66,12 @@ class EngineView:
         check = getattr(self.engine, "alive", None)
         return bool(check()) if callable(check) else True
 
+    @property
+    def can_restart(self) -> bool:
+        """Whether a new engine from the same factory replaces this one once it died (app/state.py _watch): a
+        front end's, whose engine core the serving process restarts (engine/core/supervisor.py)."""
+        return bool(getattr(self.engine, "can_restart", False))
+
     def control_stats(self) -> ControlStats:
         return self.engine.control.stats()
 

@@ -126,7 +126,7 @@ async def read_json(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer literal over 4300 digits
         raise ApiError(f"the request body is not valid JSON: {exc}", 400) from None
     except RecursionError:  # Python's decoder recurses per nesting level
         raise ApiError("the request body is nested too deeply", 400) from None

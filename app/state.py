@@ -2,13 +2,15 @@
 background so /health can answer 503 while it loads; the default inferlet's program; metrics; the slots that
 bound how many inferlet instances run at once (the rest queue); whose a request is (its tenant); and which inferlet
 a name means to a tenant (its own upload, else a built-in one: the default, or a preinstalled contrib inferlet,
-built on first use)."""
+built on first use). An engine that dies is restarted where it can be (a front end whose engine core the serving
+process restarts: `_watch`); a drain (SIGTERM, app/commands/serve_drain.py) refuses new requests."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -32,13 +34,16 @@ log = logging.getLogger("pie.app")
 
 EngineFactory = Callable[[], Any]
 DEFAULT_INFERLET_NAME = "default"
+WATCH_INTERVAL_S = 0.25  # how often a dead engine is looked for (RemoteControl notices a dead core in 0.2 s)
+RESTART_RETRY_S = 1.0  # between attempts to connect to a restarted engine core
+RESTART_TIMEOUT_S = 600.0  # then the server reports "failed" (a core that can no longer load its model)
 
 
 class AppState:
     def __init__(self, engine_factory: EngineFactory, config: ServerConfig) -> None:
         self.config = config
         self._engine_factory = engine_factory
-        self.status = "loading"  # loading | ready | failed | stopped
+        self.status = "loading"  # loading | ready | restarting | failed | stopped
         self.error: str | None = None
         self.view: EngineView | None = None
         self.limits: ModelLimits | None = None
@@ -51,6 +56,10 @@ class AppState:
         self._slots: asyncio.Semaphore | None = None
         self.admission: Admission | None = None  # the engine's (engine/control/admission.py), once loaded
         self._loader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.num_restarts = 0
+        self.draining = False  # set by a drain: every new HTTP request is answered 503 (app/server.py)
+        self.num_in_flight = 0  # HTTP requests being answered (app/server.py RequestGuard)
         self.inferlets = InferletStore(config.inferlet_dir or default_cache_dir().parent / "uploads")
         # The contrib folders present now, each under its folder name; built on first use, never here.
         self.preinstalled = PreinstalledInferlets(self.inferlets, discover(CONTRIB_DIR, {DEFAULT_INFERLET_NAME}))
@@ -64,12 +73,21 @@ class AppState:
         """Start loading in the background; the server answers (503) meanwhile."""
         self._slots = asyncio.Semaphore(self.config.max_running_requests)
         self._loader = asyncio.create_task(self._load())
+        self._watcher = asyncio.create_task(self._watch())
+
+    def begin_drain(self) -> None:
+        """From now on new requests get 503; those in flight go on (the server exits when they are done)."""
+        if not self.draining:
+            log.info("draining: %d requests in flight", self.num_in_flight)
+        self.draining = True
 
     async def wait_ready(self) -> None:
         if self._loader is not None:
             await asyncio.shield(self._loader)
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self.runs.close()
         if self._loader is not None and not self._loader.done():
             await asyncio.wait([self._loader])  # a load in a thread cannot be interrupted
@@ -90,6 +108,35 @@ class AppState:
         self.metrics.model_name = names[0]
         self.admission = view.admission
         self.view, self.status = view, "ready"
+
+    async def _watch(self) -> None:
+        """Restarts a dead engine that can be restarted (EngineView.can_restart); meanwhile /health answers 503
+        and requests fail at once (ready()); what ran on it has failed with the engine's error."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            view = self.view
+            if self.status == "ready" and view is not None and view.can_restart and not view.alive():
+                await self._restart(view)
+
+    async def _restart(self, dead: EngineView) -> None:
+        log.error("the engine has stopped; connecting to its restarted engine core")
+        self.status, self.error = "restarting", "the engine stopped and is being restarted"
+        await asyncio.to_thread(dead.close)
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:
+            try:
+                view = await asyncio.to_thread(self._load_engine)
+                break
+            except Exception as exc:  # the core not yet restarted, or still loading
+                if time.monotonic() > deadline:
+                    log.exception("the engine could not be restarted")
+                    self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"
+                    return
+                await asyncio.sleep(RESTART_RETRY_S)
+        # Uploaded programs are loaded again on their next launch (launch: KeyError -> _load_again).
+        self.admission, self.view, self.status, self.error = view.admission, view, "ready", None
+        self.num_restarts += 1
+        log.info("the engine is back (restart %d)", self.num_restarts)
 
     def _load_engine(self) -> EngineView:
         view = EngineView(self._engine_factory())
@@ -266,16 +313,18 @@ class AppState:
         run = await stack.enter_async_context(self.run(arguments, program_hash, tenant))
         prompt = await run.start()
         assert self.view is not None and self.admission is not None
-        admission = self.admission
+        view, admission = self.view, self.admission
         num_pages = pages_for(prompt.prompt_tokens, prompt.max_tokens, n, self.view.page_size,
                               self.config.max_output_reserve, admission.num_pages)
         self.num_queued += 1
         reserved = admission.reserve(num_pages)
         try:
             await asyncio.wrap_future(reserved)
-        except BaseException:
-            if not reserved.cancel():  # granted meanwhile: give the pages back
+        except BaseException as exc:
+            if not reserved.cancel() and reserved.exception() is None:  # granted meanwhile: give the pages back
                 admission.release(num_pages)
+            if isinstance(exc, Exception) and not view.alive():  # the engine died while the request waited
+                raise ApiError("the engine has stopped", 503) from None
             raise
         finally:
             self.num_queued -= 1

@@ -13,6 +13,7 @@ from pie_server.engine.config import EngineInfo
 from pie_server.engine.core.client import CoreGone, RemoteControl
 from pie_server.engine.core.process import CoreAddress
 from pie_server.engine.engine import model_info, with_decode_choice
+from pie_server.engine.processes import is_alive
 from pie_server.engine.runtime.config import RuntimeConfig
 from pie_server.engine.runtime.runtime import Runtime
 from pie_server.engine.runtime.tokenizer import EngineTokenizerAdapter
@@ -43,6 +44,9 @@ class FrontEngine:
         """Waits for the core to have loaded its model. Decoding runs in the core (one request per generate,
         its tokens streamed back): with the control layer in another process, a forward per token would cost
         a round trip each."""
+        core = core.current()  # the pid of the core running now (a restarted one has another)
+        if not is_alive(core.pid):
+            raise RuntimeError(core.load_error() or f"the engine core (process {core.pid}) is not running")
         try:
             control = RemoteControl(core.address, core.pid, core.run_dir)
         except CoreGone as gone:
@@ -55,6 +59,9 @@ class FrontEngine:
                           model_info(facts.model_name, tokenizer, facts.info, facts.vocab_size), config)
         log.info("front end ready: %s through the engine core (process %d)", facts.model_name, core.pid)
         return cls(facts.model_name, Path(facts.model_dir), facts.vocab_size, tokenizer, control, runtime)
+
+    # The serving process restarts a dead engine core (engine/core/supervisor.py): a new FrontEngine connects to it.
+    can_restart = True
 
     def alive(self) -> bool:
         return self.control.is_alive

@@ -120,6 +120,7 @@ def main(args: argparse.Namespace) -> int:
 def _serve_in_one_process(args: argparse.Namespace, engine_config, config: ServerConfig) -> int:  # type: ignore[no-untyped-def]
     import uvicorn
 
+    from pie_server.app.commands.serve_drain import serve
     from pie_server.app.server import create_app
 
     def engine_factory():  # type: ignore[no-untyped-def]
@@ -127,18 +128,21 @@ def _serve_in_one_process(args: argparse.Namespace, engine_config, config: Serve
 
         return Engine.start(args.model, engine_config, runtime_config=_runtime_config())
 
-    uvicorn.run(create_app(engine_factory, config), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_keep_alive=30)
+    serve(uvicorn.Config(create_app(engine_factory, config), host=args.host, port=args.port,
+                         log_level=args.log_level, timeout_keep_alive=30))
     return 0
 
 
 def _serve_with_engine_core(args: argparse.Namespace, engine_config, config: ServerConfig,  # type: ignore[no-untyped-def]
                             num_front_ends: int) -> int:
-    """The engine core in a process of its own; uvicorn runs the front ends: this process for one, else
-    num_front_ends worker processes sharing the listening socket (uvicorn spreads connections over them)."""
+    """The engine core in a process of its own, restarted if it ends (engine/core/supervisor.py); uvicorn runs the
+    front ends: this process for one, else num_front_ends worker processes sharing the listening socket (uvicorn
+    spreads connections over them)."""
     import uvicorn
 
-    from pie_server.engine.core.process import ENV_VAR, CoreSpec, start_core
+    from pie_server.app.commands.serve_drain import serve
+    from pie_server.engine.core.process import ENV_VAR, CoreSpec
+    from pie_server.engine.core.supervisor import CoreSupervisor
 
     run_dir = tempfile.mkdtemp(prefix="pie-serve-")
     if num_front_ends > 1:
@@ -146,16 +150,18 @@ def _serve_with_engine_core(args: argparse.Namespace, engine_config, config: Ser
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before any front end imports the client
         config = dataclasses.replace(config, metrics_dir=metrics_dir)
-    process, core = start_core(CoreSpec(args.model, engine_config, run_dir, log_level=args.log_level.upper()))
-    os.environ[ENV_VAR] = core.to_env()
+    supervisor = CoreSupervisor(CoreSpec(args.model, engine_config, run_dir, log_level=args.log_level.upper()))
+    os.environ[ENV_VAR] = supervisor.address.to_env()
     os.environ[CONFIG_ENV_VAR] = config.to_json()
     try:
-        app = f"{__name__}:front_app" if num_front_ends > 1 else front_app()
-        uvicorn.run(app, factory=num_front_ends > 1, workers=num_front_ends if num_front_ends > 1 else None,
-                    host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+        if num_front_ends > 1:
+            uvicorn.run(f"{__name__}:front_app", factory=True, workers=num_front_ends, host=args.host,
+                        port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+        else:
+            serve(uvicorn.Config(front_app(), host=args.host, port=args.port, log_level=args.log_level,
+                                 timeout_keep_alive=30))
     finally:
-        process.terminate()
-        process.join(10)
+        supervisor.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 

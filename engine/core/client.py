@@ -61,7 +61,11 @@ class RemoteControl:
         self._receiver = threading.Thread(target=self._receive, name="core-receiver", daemon=True)
         self._receiver.start()
         hello = self._start_call("hello", [os.getpid(), self._in_address], CoreFacts)
-        self.facts: CoreFacts = _wait(hello, connect_timeout_s, "the engine core did not answer")
+        try:
+            self.facts: CoreFacts = _wait(hello, connect_timeout_s, "the engine core did not answer")
+        except BaseException:
+            self.close()  # its socket's address is this process's: a later connection binds it again
+            raise
         self.info: EngineInfo = self.facts.info
         self.admission = RemoteAdmission(self, self.facts.admission_pages)
 

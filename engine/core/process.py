@@ -4,6 +4,7 @@ The core is spawned (not forked: CUDA and threads do not survive a fork) with a 
 model, builds the executor and the Controller, and serves them at `ipc://<run_dir>/core`. A front end finds
 it through a CoreAddress, which the server hands to its front-end processes in the environment.
 If loading fails, the core writes the error to `<run_dir>/error` before it exits, for the front ends to show.
+The pid of the core running now is in `<run_dir>/core.pid` (a restarted core has another: supervisor.py).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 from pie_server.engine.config import EngineConfig
 
 ENV_VAR = "PIE_ENGINE_CORE"
+PID_FILE = "core.pid"
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,13 @@ class CoreAddress:
         data = json.loads(value if value is not None else os.environ[ENV_VAR])
         return cls(str(data["address"]), int(data["pid"]), str(data["run_dir"]))
 
+    def current(self) -> "CoreAddress":
+        """This address with the pid of the core running now (start_core writes it)."""
+        try:
+            return CoreAddress(self.address, int((Path(self.run_dir) / PID_FILE).read_text()), self.run_dir)
+        except (OSError, ValueError):
+            return self
+
     def load_error(self) -> str | None:
         path = Path(self.run_dir) / "error"
         return path.read_text() if path.is_file() else None
@@ -55,13 +65,19 @@ def core_address_of(run_dir: str) -> str:
 def start_core(spec: CoreSpec) -> tuple[multiprocessing.process.BaseProcess, CoreAddress]:
     """Spawns the core; it answers front ends once its model is loaded (their calls queue until then)."""
     process = multiprocessing.get_context("spawn").Process(target=run_core, args=(spec,), name="pie-engine-core")
+    (Path(spec.run_dir) / "error").unlink(missing_ok=True)  # an earlier core's
     process.start()
     assert process.pid is not None
+    pid_file = Path(spec.run_dir) / PID_FILE
+    pid_file.with_suffix(".tmp").write_text(str(process.pid))
+    pid_file.with_suffix(".tmp").replace(pid_file)  # front ends never read half a pid
     return process, CoreAddress(core_address_of(spec.run_dir), process.pid, spec.run_dir)
 
 
 def run_core(spec: CoreSpec) -> None:
     """The core process's main: load, then serve until the process that started it is gone."""
+    # Ctrl-C reaches the whole process group: the serving process stops the core once its front ends drained.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
     from pie_server.engine.core.server import EngineCore
     from pie_server.engine.engine import start_core_parts
