@@ -1,0 +1,53 @@
+"""The agent's conversation: chat messages, and the one context that holds their tokens.
+
+Invariant: `text` is exactly what the context holds: the rendered prompt, then everything written or
+generated after it, in order. Appending a turn renders the whole conversation with the chat template and
+fills only what follows `text`, so the tokens of every earlier turn keep their KV (nothing is prefilled twice).
+"""
+from pie_sdk import Context, Generation, apply_chat_template, fill_cached
+
+
+class Transcript:
+    def __init__(self, messages: list[dict]) -> None:
+        self.messages = messages
+        self.text = apply_chat_template(messages)
+        self.ctx = Context()
+        self.num_cached = fill_cached(self.ctx, self.text)  # a prefix other runs computed is not prefilled again
+        self.templated = True  # False once the chat template turned out to rewrite earlier turns
+        self.num_prefilled_tokens = 0  # sent to the engine as input: filled, or the last token of a generation
+        self.num_generated_tokens = 0
+        self.num_generate_calls = 0
+
+    def write(self, text: str) -> None:
+        """Text the agent writes itself (its KV is computed with the next generation)."""
+        self.ctx.fill(text)
+        self.text += text
+
+    def generate(self, max_tokens: int, **options: object) -> Generation:
+        """Continues the context (pie_sdk's generate_detailed options, never streamed) and keeps the counts."""
+        self.num_prefilled_tokens += len(self.ctx.pending_ids)
+        gen = self.ctx.generate_detailed(max_tokens, stream=False, **options)
+        self.num_generated_tokens += len(gen.token_ids)
+        self.num_generate_calls += 1
+        self.text += gen.text
+        return gen
+
+    def end_turn(self, content: str) -> None:
+        """The assistant's turn so far (already in the context) is `content`."""
+        self.messages.append({"role": "assistant", "content": content})
+
+    def add_user_turn(self, content: str) -> None:
+        """A user turn (and the assistant's turn opened after it), filled as the chat template renders it."""
+        self.messages.append({"role": "user", "content": content})
+        rendered = apply_chat_template(self.messages) if self.templated else ""
+        if self.templated and rendered.startswith(self.text):
+            self.write(rendered[len(self.text):])
+        else:  # the template rewrites earlier turns: plain ReAct framing from here on, never a re-prefill
+            self.templated = False
+            self.write(f"\n{content}\n")
+
+    def counts(self) -> dict:
+        ctx = self.ctx
+        return {"num_cached_tokens": self.num_cached, "num_prefilled_tokens": self.num_prefilled_tokens,
+                "num_generated_tokens": self.num_generated_tokens, "num_generate_calls": self.num_generate_calls,
+                "kv_len": ctx.kv_len, "num_pages": len(ctx.page_ids), "page_size": ctx.page_size}

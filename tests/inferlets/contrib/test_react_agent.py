@@ -1,0 +1,124 @@
+"""react-agent end to end: the componentize-py build on the real runtime, control layer and executor (tiny random
+Llama with the default model's tokenizer, CPU), calling a tool server on loopback over the inferlet's HTTP.
+
+Its defining behaviour: the tool calls really happen (the server counts them, with the inputs the model wrote), and
+the context is never re-prefilled between steps: the executor computes each token's KV exactly once."""
+from __future__ import annotations
+
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from pie_server.app.inferlet_build import default_cache_dir
+from pie_server.engine.config import EngineConfig
+from pie_server.engine.engine import Engine
+from pie_server.engine.runtime.config import RuntimeConfig
+from tests.inferlets.contrib.conftest import PAGE_SIZE, Builder, assert_pages_free, events, ok, run
+
+NUM_CALLS = 3
+
+pytestmark = pytest.mark.timeout(600)
+INFERLETS = ("react-agent",)  # built in the background (conftest.py)
+
+
+class ToolServer:
+    """POST /NAME with a text body -> "result N: <the body reversed>"; records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.replies: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                reply = f"result {len(server.calls) + 1}: {body[::-1]}"
+                server.calls.append((self.path.lstrip("/"), body))
+                server.replies.append(reply)
+                data = reply.encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def tools() -> Iterator[ToolServer]:
+    server = ToolServer()
+    yield server
+    server.httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def agent_engine(tiny_llama_dir: Path, build: Builder) -> Iterator[Engine]:
+    """The shared engine's set-up, but its HTTP allow-list admits the loopback tool server."""
+    build.start("react-agent")  # builds while the engine starts
+    config = EngineConfig(device="cpu", dtype="float32", page_size=PAGE_SIZE, num_pages=96)
+    runtime_config = RuntimeConfig(cache_dir=str(default_cache_dir().parent / "compiled"),
+                                   http_allowed_hosts=("127.0.0.1",))
+    started = Engine.start(tiny_llama_dir, config, runtime_config=runtime_config, progress=False)
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def program(agent_engine: Engine, build: Builder) -> str:
+    return build("react-agent", engine=agent_engine)
+
+
+def _count_executor_tokens(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """[tokens of every forward command the executor ran since], counted as it submits steps."""
+    count = [0]
+    submit = engine.executor.submit
+
+    def counted(batch):  # noqa: ANN001, ANN202
+        count[0] += sum(len(command.token_ids) for command in batch.forwards)
+        return submit(batch)
+
+    monkeypatch.setattr(engine.executor, "submit", counted)
+    return count
+
+
+@pytest.mark.parametrize("options", [["--action-format", "template"],
+                                     ["--action-format", "template", "--uniform-values"],
+                                     ["--action-format", "json"]], ids=["template", "template-uniform", "json"])
+def test_the_agent_calls_its_tools_and_never_prefills_the_conversation_again(
+        agent_engine: Engine, program: str, tools: ToolServer, monkeypatch: pytest.MonkeyPatch,
+        options: list[str]) -> None:
+    engine = agent_engine
+    executor_tokens = _count_executor_tokens(engine, monkeypatch)
+    tools.calls.clear()
+    tools.replies.clear()
+    args = [*options, "--question", "What is the capital of France?", "--tool-url", tools.url,
+            "--tool", "search: looks a fact up", "--tool", "calculate: evaluates arithmetic",
+            "--min-calls", str(NUM_CALLS), "--max-calls", str(NUM_CALLS), "--thought-chars", "8",
+            "--input-chars", "12"]
+    messages = run(engine, program, args)
+    ok(messages)
+    *steps, answer = events(messages)
+    # Every action the model wrote reached the tool server, in order, and its reply came back as the observation.
+    assert len(tools.calls) == NUM_CALLS == len(steps) == answer["num_calls"]
+    assert [(s["tool"], s["input"]) for s in steps] == tools.calls
+    assert all(s["tool"] in ("search", "calculate") and len(s["input"]) <= 12 for s in steps)
+    if "--uniform-values" in options:
+        assert all(re.fullmatch("[a-z ]{12}", s["input"]) and re.fullmatch("[a-z ]{8}", s["thought"]) for s in steps)
+    assert [s["observation"] for s in steps] == [" ".join(r.split()) for r in tools.replies]
+    assert answer["type"] == "answer" and answer["num_steps"] == NUM_CALLS + 1 and len(answer["answer"]) <= 12
+    # The KV stays in the server: the executor computed each token of the final context once (the cached
+    # prefix not at all). A loop that sent the conversation again each step would have computed far more.
+    assert executor_tokens[0] == answer["kv_len"] - answer["num_cached_tokens"]
+    assert answer["num_prefilled_tokens"] + answer["num_generated_tokens"] - answer["num_generate_calls"] == \
+        answer["kv_len"] - answer["num_cached_tokens"]
+    assert answer["num_pages"] == -(-answer["kv_len"] // PAGE_SIZE)
+    assert_pages_free(engine)
