@@ -47,6 +47,9 @@ from pie_server.inferlets import CONTRIB_DIR
 TOOLS = {"search": "looks a fact up on the web", "calculate": "evaluates an arithmetic expression"}
 CITIES = ["Lyon", "Porto", "Kyoto", "Quito", "Oslo", "Cairo", "Perth", "Lima", "Turin", "Dakar", "Hanoi", "Basel"]
 INFERLET_NAME = "react-agent"
+# Uploaded under a name of its own (compiled before timing) and deleted at the end: an upload named react-agent
+# would shadow the preinstalled one in the user's store after the bench.
+UPLOAD_NAME = "bench-react-agent"
 WARM_UP_TASK = 1_000_000
 
 
@@ -189,7 +192,7 @@ async def inferlet_task(server_url: str, workload: Workload, task: int, tool_url
     """(a): one run of the react-agent inferlet; the server does the whole loop, tool calls included."""
     started = time.perf_counter()
     body = json.dumps({"args": inferlet_args(workload, task, tool_url, action_format), "stream": False}).encode()
-    run = json.loads(await _post(f"{server_url}/v1/inferlets/{INFERLET_NAME}/runs", body))
+    run = json.loads(await _post(f"{server_url}/v1/inferlets/{UPLOAD_NAME}/runs", body))
     latency = time.perf_counter() - started
     if run["status"] != "finished":
         raise RuntimeError(f"task {task}: the run {run['status']}: {run.get('error')}")
@@ -340,10 +343,14 @@ def main() -> None:
     serve_args = ["--device", args.device, "--http-allow", "127.0.0.1", *args.serve_args.split()]
     server = LocalServer(args.model, args.num_pages or max(1024, 48 * max(args.concurrency)), serve_args)
     try:
-        request = urllib.request.Request(f"{server.url}/v1/inferlets?name={INFERLET_NAME}", data=wasm.read_bytes(),
+        request = urllib.request.Request(f"{server.url}/v1/inferlets?name={UPLOAD_NAME}", data=wasm.read_bytes(),
                                          headers={"content-type": "application/wasm"}, method="POST")
         urllib.request.urlopen(request, timeout=900).close()  # the server compiles it (cached on disk)
-        rows = asyncio.run(measure(args, server.url, workload))
+        try:
+            rows = asyncio.run(measure(args, server.url, workload))
+        finally:
+            delete = urllib.request.Request(f"{server.url}/v1/inferlets/{UPLOAD_NAME}", method="DELETE")
+            urllib.request.urlopen(delete, timeout=60).close()
     finally:
         server.close()
     if args.json:
