@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from pie_server.engine.core.process import ENV_VAR as CORE_ENV_VAR
 from pie_server.engine.core.process import CoreAddress
+from pie_server.engine.processes import is_alive
 
 FILE_NAME = "runs.sqlite3"
 RUNNING = "running"
@@ -156,7 +157,7 @@ class RunTable:
     def _settled(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
         """The row, written `failed` first if it is running and its owner process is gone."""
         run_id, _, _, _, status, _, _, owner = row
-        if status != RUNNING or owner == self.front_end or _process_alive(owner):
+        if status != RUNNING or owner == self.front_end or is_alive(owner):
             return row
         self._db.execute("UPDATE runs SET status = 'failed', error = ?, ended_at = ? WHERE id = ? AND status = ?",
                          (OWNER_GONE, time.time(), run_id, RUNNING))
@@ -180,13 +181,3 @@ class _Transaction:
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
