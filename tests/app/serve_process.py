@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from tests.app import raw_http
 
@@ -54,3 +56,14 @@ class ServeProcess:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+@contextmanager
+def healthy_server(args: list[str], log_path: Path) -> Iterator[ServeProcess]:
+    """A started `pie serve` once /health is 200; stopped on the way out, also when it never got healthy."""
+    served = ServeProcess(args, log_path)
+    try:
+        served.wait_healthy()
+        yield served
+    finally:
+        served.stop()

@@ -15,7 +15,7 @@ import pytest
 
 from tests.app import raw_http
 from tests.app.conftest import all_pages_free, start_real
-from tests.app.serve_process import ServeProcess
+from tests.app.serve_process import ServeProcess, healthy_server
 from tests.app.server_thread import ServerThread
 
 CHAT = "/v1/chat/completions"
@@ -101,15 +101,10 @@ def _wait_for(predicate: Any, timeout_s: float = 30.0) -> None:
 def served_with_core(tiny_llama_dir: Path, default_inferlet_wasm: Path,
                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """`pie serve --api-processes 1`: one front end beside an engine-core process (tiny model)."""
-    served = ServeProcess(["--model", str(tiny_llama_dir), "--num-pages", "256", "--api-processes", "1",
-                           "--served-model-name", "default", "--default-inferlet", str(default_inferlet_wasm),
-                           "--max-running-requests", "1"],
-                          tmp_path_factory.mktemp("serve") / "serve.log")
-    try:
-        served.wait_healthy()
+    with healthy_server(["--model", str(tiny_llama_dir), "--num-pages", "256", "--api-processes", "1",
+                         "--served-model-name", "default", "--default-inferlet", str(default_inferlet_wasm),
+                         "--max-running-requests", "1"], tmp_path_factory.mktemp("serve") / "serve.log") as served:
         yield served
-    finally:
-        served.stop()
 
 
 def test_a_dead_engine_core_fails_waiting_requests_and_is_restarted(served_with_core: ServeProcess) -> None:

@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from tests.app import raw_http
-from tests.app.serve_process import ServeProcess
+from tests.app.serve_process import ServeProcess, healthy_server
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
@@ -22,14 +22,10 @@ MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 @pytest.fixture(scope="module")
 def served(default_model_dir: Path, default_inferlet_wasm: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    process = ServeProcess(["--model", str(default_model_dir), "--served-model-name", "default", "--num-pages", "128",
-                            "--default-inferlet", str(default_inferlet_wasm)],
-                           tmp_path_factory.mktemp("serve") / "serve.log")
-    try:
-        process.wait_healthy()
+    with healthy_server(["--model", str(default_model_dir), "--served-model-name", "default", "--num-pages", "128",
+                         "--default-inferlet", str(default_inferlet_wasm)],
+                        tmp_path_factory.mktemp("serve") / "serve.log") as process:
         yield process
-    finally:
-        process.stop()
 
 
 def test_a_20_mb_unknown_field_as_the_first_chat_request_answers(served: ServeProcess) -> None:
