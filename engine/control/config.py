@@ -18,14 +18,14 @@ class ControlConfig:
     # None: taken from the executor's model_config when it has one, else unchecked.
     vocab_size: int | None = None
     max_position: int | None = None  # positions must be < this
-    # Gathering (see Controller._gather): after a step, wait for the instances whose forwards it resolved to
+    # Gathering (see StepLoop._gather): after a step, wait for the instances whose forwards it resolved to
     # submit their next ones, so one logical batch is not split into alternating halves. The wait ends when
     # all have submitted, when none arrived for gather_idle_s, or at min(gather_max_s, gather_fraction * the
     # step's duration). gather_max_s = 0 turns it off (Pie's plain adaptive policy).
     gather_max_s: float = 0.005
     gather_idle_s: float = 0.001
     gather_fraction: float = 0.5
-    # Submit step N + 1 before delivering step N (Controller._step_pipelined): the host's work overlaps the
+    # Submit step N + 1 before delivering step N (StepLoop._step_pipelined): the host's work overlaps the
     # device's. Needs an executor with submit(); pays off where the device runs asynchronously (CUDA).
     pipeline: bool = False
 

@@ -1,12 +1,13 @@
-"""The control layer (engine/control/api.py's Control) over one executor: the API, the lock and the run loop.
+"""The control layer (engine/control/api.py's Control) over one executor: the API and the lock.
 
-The bookkeeping is ControlState's (state.py); forming a step and delivering its results, StepBuilder's
-(scheduling.py). The Controller calls both with its lock held and settles futures after releasing it.
+One job: the facade the runtime calls (instances, pages, prefix cache, forwards, decodes, stats). The
+bookkeeping is ControlState's (state.py); running steps, StepLoop's (step_loop.py: forming a step and
+delivering its results is StepBuilder's, scheduling.py). The Controller owns all three.
 
-Threading: every public method may be called from any thread; state is guarded by one lock. Futures are
-settled after the lock is released (their callbacks may call back in). The executor runs one step at a
-time, WITHOUT the lock: `start()` runs steps on a thread of its own whenever there is work (everything
-queued when a step ends forms the next one); tests may call `step()` instead.
+Threading: every public method may be called from any thread; state is guarded by one lock, taken through
+StepLoop.locked(), which wakes the loop and settles futures after the lock is released (their callbacks may
+call back in). The executor runs one step at a time, WITHOUT the lock: `start()` runs steps on a thread of
+its own whenever there is work; tests may call `step()` instead.
 
 Out of pages: allocations wait in a queue of page demands (together with preempted instances waiting to
 swap back in), served oldest instance first and FIFO per instance (see DemandQueue). When the head demand
@@ -19,12 +20,9 @@ waiting (a true deadlock) or when it asks for more pages than the pool has.
 """
 from __future__ import annotations
 
-import logging
 import threading
-import time
-from collections import deque
 from concurrent.futures import Future
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.control.admission import Admission
@@ -34,39 +32,18 @@ from pie_server.engine.control.decoding import DecodeRequest, DecodeStream
 from pie_server.engine.control.instance import Allocation, InstanceState
 from pie_server.engine.control.page_table import PageTable
 from pie_server.engine.control.resources import Resources
-from pie_server.engine.control.scheduling import StepBuilder
 from pie_server.engine.control.state import ControlState
+from pie_server.engine.control.step_loop import Executor, StepLoop
 from pie_server.engine.control.swap import nonresident_blocks
-from pie_server.engine.futures import settle
-from pie_server.engine.control.work import (ForwardItem, Limits, check_copy, first_item, prepare_forward,
-                                            queued_page_ids)
-from pie_server.engine.step import Batch, CommandResult, StepResult
+from pie_server.engine.control.work import Limits, check_copy, first_item, prepare_forward, queued_page_ids
+from pie_server.engine.step import CommandResult
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
-
-log = logging.getLogger(__name__)
-
-
-class PendingStep(Protocol):
-    step_id: int
-
-    def result(self) -> StepResult: ...
-
-
-class Executor(Protocol):
-    info: EngineInfo
-    num_swap_slots: int
-
-    def execute(self, batch: Batch) -> StepResult: ...
-
-    def submit(self, batch: Batch) -> PendingStep:
-        """Only with ControlConfig.pipeline: enqueue the step, results later (engine/step.py's fed_token)."""
 
 
 class Controller:
     def __init__(self, executor: Executor, config: ControlConfig | None = None) -> None:
         self.config = config = config or ControlConfig()
         self.info: EngineInfo = executor.info
-        self._executor = executor
         model = getattr(executor, "model_config", None)
         limits = Limits(
             page_size=self.info.page_size, max_context_len=self.info.max_context_len,
@@ -77,20 +54,12 @@ class Controller:
         self.state = ControlState(config, Resources(self.info.num_pages, self.info.page_size,
                                                     executor.num_swap_slots), limits)
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._generation = 0  # bumped by every call that may create work
-        self._idle_generation = -1  # the generation at which a step found nothing to do
-        self._loop_waiting = False  # the run loop sleeps on _changed
+        self._loop = StepLoop(self.state, executor, config, self._lock)
+        # `with self._locked():` holds the lock; on exit, wakes the loop (if mutating: the call may have
+        # created work) and settles the futures the call resolved, after releasing the lock. Bound once:
+        # no extra call per API call.
+        self._locked = self._loop.locked
         self._num_instances_opened = 0
-        self._step_lock = threading.Lock()  # one step at a time
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._awaited: set[InstanceState] = set()  # resolved by the last step, next forward not yet submitted
-        self._step_end = 0.0  # monotonic
-        self._last_arrival: float | None = None  # of an awaited submission since the last step's end
-        self._last_step_s = 0.0
-        self._step_listeners: list[Callable[[], None]] = []
-        self._pending: deque[PendingStep] = deque()  # submitted, not delivered (pipelined), oldest first
 
     # -- instances ----------------------------------------------------------------------------------------
     def open_instance(self, instance_id: InstanceId, max_pages: int | None = None) -> None:
@@ -109,7 +78,7 @@ class Controller:
                 raise ControlError(f"unknown instance {instance_id!r}")
             self.state.drop_instance(instance, InstanceClosed(f"instance {instance_id!r} was closed"))
             instance.closed = True
-            self._awaited.discard(instance)
+            self._loop.forget(instance)
             self.state.serve_demands()
 
     # -- pages --------------------------------------------------------------------------------------------
@@ -221,7 +190,9 @@ class Controller:
         future: Future[CommandResult] = Future()
         with self._locked():
             instance = self.state.get(instance_id)
-            self._submit(instance, prepare_forward(command, instance.table, self.state.limits, future))
+            item = prepare_forward(command, instance.table, self.state.limits, future)
+            self.state.check_writable(item.written_ids, item.written_block_ids)
+            self._loop.enqueue(instance, item)
         return future
 
     def decode(self, instance_id: InstanceId, request: DecodeRequest,
@@ -232,7 +203,9 @@ class Controller:
         stream = DecodeStream() if stream is None else stream
         with self._locked():
             instance = self.state.get(instance_id)
-            self._submit(instance, first_item(request, stream, instance.table, self.state.limits))
+            item = first_item(request, stream, instance.table, self.state.limits)
+            self.state.check_writable(item.written_ids, item.written_block_ids)
+            self._loop.enqueue(instance, item)
         return stream
 
     def stop_decode(self, instance_id: InstanceId, stream: DecodeStream) -> None:
@@ -258,186 +231,25 @@ class Controller:
                 num_prefix_queries=cache.num_queries, num_prefix_hit_tokens=cache.num_hit_tokens,
                 num_prefix_query_tokens=cache.num_query_tokens)
 
-    # -- stepping -----------------------------------------------------------------------------------------
+    # -- stepping (the loop's: step_loop.py) ---------------------------------------------------------------
     def add_step_listener(self, listener: Callable[[], None]) -> None:
         """listener() runs on the stepping thread after each step that ran, once its futures are settled
         and its outputs pushed (the engine core sends them to the front ends then)."""
-        self._step_listeners.append(listener)
+        self._loop.add_listener(listener)
 
     def step(self) -> bool:
         """Forms and runs one batch (pipelined: submits one and delivers the one before); False when there
         was nothing to do."""
-        ran = self._step_pipelined() if self.config.pipeline else self._step()
-        if ran:
-            for listener in self._step_listeners:
-                listener()
-        return ran
-
-    def _step(self) -> bool:
-        with self._step_lock:
-            with self._locked(mutating=False):
-                batch = StepBuilder(self.state).form()
-                if batch is None:
-                    self._idle_generation = self._generation
-                    return False
-                resolving = [chunk.instance for chunk in self.state.inflight_chunks() if chunk.is_last]
-            started = time.monotonic()
-            try:
-                result = self._executor.execute(batch)
-            except Exception as exc:  # the step's commands fail; the engine keeps going
-                log.exception("executor step %d failed", batch.step_id)
-                with self._locked(mutating=False):
-                    StepBuilder(self.state).fail_inflight(ControlError(f"the executor failed this step: {exc!r}"))
-                return True
-            with self._locked(mutating=False):
-                StepBuilder(self.state).deliver(result)
-                self._step_end, self._last_arrival = time.monotonic(), None
-                self._last_step_s = self._step_end - started
-                self._awaited = {i for i in resolving if not i.closed and i.failure is None
-                                 and not i.num_queued_forwards}
-            return True
-
-    def _step_pipelined(self) -> bool:
-        """Step N + 1 is formed and submitted before step N's results are delivered, so the host's work of
-        both overlaps the device's (docs/decisions/pipelined-steps.md); decodes running in step N continue
-        in step N + 1 with the token it samples, fed on the device. Forwards of the API come back one step
-        later than unpipelined, so there is no gathering."""
-        with self._step_lock:
-            with self._locked(mutating=False):
-                batch = StepBuilder(self.state).form(speculate=True)
-                if batch is None and not self._pending:
-                    self._idle_generation = self._generation
-                    return False
-            if batch is not None:
-                try:
-                    self._pending.append(self._executor.submit(batch))
-                except Exception as exc:
-                    self._fail_running(batch.step_id, exc)
-                    return True
-            if len(self._pending) > 1 or batch is None:
-                self._deliver_oldest()
-            return True
-
-    def _deliver_oldest(self) -> None:
-        pending = self._pending.popleft()
-        try:
-            result = pending.result()
-        except Exception as exc:
-            self._fail_running(pending.step_id, exc)
-            return
-        with self._locked(mutating=False):
-            StepBuilder(self.state).deliver(result)
-
-    def _fail_running(self, step_id: int, exc: Exception) -> None:
-        """A failed step fails every running step (the later ones were fed from it); the engine goes on."""
-        log.error("executor step %d failed", step_id, exc_info=exc)
-        for pending in self._pending:
-            try:
-                pending.result()
-            except Exception:
-                pass
-        self._pending.clear()
-        error = ControlError(f"the executor failed this step: {exc!r}")
-        with self._locked(mutating=False):
-            while self.state.running:
-                StepBuilder(self.state).fail_inflight(error)
+        return self._loop.step()
 
     def start(self) -> None:
         """Runs steps on a background thread until stop()."""
-        with self._lock:
-            if self._thread is not None:
-                raise RuntimeError("the controller is already running")
-            self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="control-loop", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     @property
     def is_running(self) -> bool:
         """The run thread is alive (start() was called and neither stop() nor a crash ended it)."""
-        thread = self._thread
-        return thread is not None and thread.is_alive()
+        return self._loop.is_running
 
     def stop(self) -> None:
-        with self._lock:
-            thread, self._thread = self._thread, None
-            self._stopping = True
-            self._changed.notify_all()
-        if thread is not None:
-            thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and self._generation == self._idle_generation:
-                    self._loop_waiting = True
-                    self._changed.wait()
-                    self._loop_waiting = False
-                if self._stopping:
-                    break
-            try:
-                if self.step():
-                    self._gather()
-            except Exception:  # a bug in the control layer itself: log, and wait for new work
-                log.exception("control loop step failed")
-                with self._lock:
-                    self._idle_generation = self._generation
-        with self._step_lock:  # stopped: what still runs on the device is delivered, not dropped
-            while self._pending:
-                self._deliver_oldest()
-
-    def _gather(self) -> None:
-        """Pie's adaptive policy starts a step as soon as the last one ends. But the instances whose forwards
-        that step resolved need a moment (their guest and host code) to submit the next ones; a step formed
-        without them runs half a batch, and the two halves then alternate, doubling the steps per token.
-        So wait for them, briefly: see ControlConfig's gather_* fields."""
-        cfg = self.config
-        with self._lock:
-            hard_deadline = self._step_end + min(cfg.gather_max_s, cfg.gather_fraction * self._last_step_s)
-            while self._awaited and not self._stopping:
-                deadline = hard_deadline
-                if self._last_arrival is not None:  # once they come, a pause in arrivals ends the wait
-                    deadline = min(deadline, self._last_arrival + cfg.gather_idle_s)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._loop_waiting = True
-                self._changed.wait(remaining)
-                self._loop_waiting = False
-            self._awaited = set()
-
-    # -- internals (called with the lock held) -------------------------------------------------------------
-    def _submit(self, instance: InstanceState, item: ForwardItem) -> None:
-        """Queues a validated forward; an instance the run loop is gathering for has now arrived."""
-        self.state.check_writable(item.written_ids, item.written_block_ids)
-        self.state.enqueue(instance, item)
-        if instance in self._awaited:
-            self._awaited.discard(instance)
-            self._last_arrival = time.monotonic()
-
-    def _locked(self, mutating: bool = True) -> "_Locked":
-        """`with self._locked():` holds the lock; on exit, wakes the run loop (if mutating: the call may
-        have created work) and settles the futures the call resolved, after releasing the lock."""
-        return _Locked(self, mutating)
-
-
-class _Locked:
-    __slots__ = ("controller", "mutating", "outbox")
-
-    def __init__(self, controller: Controller, mutating: bool) -> None:
-        self.controller, self.mutating = controller, mutating
-
-    def __enter__(self) -> None:
-        self.controller._lock.acquire()
-
-    def __exit__(self, *exc_info: object) -> None:
-        c = self.controller
-        try:
-            if self.mutating:
-                c._generation += 1
-                if c._loop_waiting:
-                    c._changed.notify()
-            outbox = c.state.take_outbox()
-        finally:
-            c._lock.release()
-        for future, value, error in outbox:
-            settle(future, value, error)  # False: the caller cancelled it
+        self._loop.stop()
