@@ -5,9 +5,14 @@ A run is pumped by an asyncio task of the front end that launched it (its owner)
 sends becomes one entry (text as it is, JSON events as their JSON text), then the run ends `finished`, `failed`
 (with the instance's error) or `cancelled` (DELETE, or the server stopping); the runtime frees its pages. The
 owner keeps its runs in memory (the newest MAX_KEPT_RUNS ended ones are kept for reading); a run keeps at most
-MAX_MESSAGES messages: beyond that the oldest are dropped and counted (a slow or absent reader cannot make the
-server hold an endless stream). With several front-end processes, every run is also written to the server's
-shared run table (app/run_table.py) every SYNC_INTERVAL_S, so any front end lists, reads and cancels it.
+MAX_MESSAGES messages and MAX_BUFFER_BYTES of them (UTF-8; the newest message is kept even when it alone is
+larger): beyond that the oldest are dropped and counted (`num_dropped_messages`), so a slow or absent reader
+cannot make the server hold an endless stream. Dropping the oldest, not backpressure (the inferlet's send
+waiting, as its outbox does for a client reading an instance directly), is a decision: a detached run is
+expected to go on and finish while nobody reads, and a reader that comes later sees the newest messages and
+how many it missed; one following the stream skips those dropped before it got to them. With several
+front-end processes, every run is also written to the server's shared run table (app/run_table.py) every
+SYNC_INTERVAL_S, so any front end lists, reads and cancels it.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from pie_server.engine.runtime.messages import Event, Terminated, Text
 log = logging.getLogger("pie.app")
 
 MAX_MESSAGES = 10_000
+MAX_BUFFER_BYTES = 8 << 20  # per run; with MAX_KEPT_RUNS ended runs kept, set it with the server's memory in mind
 MAX_KEPT_RUNS = 1_000
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
 SYNC_INTERVAL_S = 0.05  # how often an owner writes its runs to the shared table and reads cancellations there
@@ -44,8 +50,12 @@ class Run:
     created: int = field(default_factory=lambda: int(time.time()))
     status: str = RUNNING
     error: str | None = None
-    messages: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=MAX_MESSAGES))
-    num_messages: int = 0  # ever sent (messages holds the newest MAX_MESSAGES)
+    messages: collections.deque[str] = field(default_factory=collections.deque)  # the newest, see _add
+    num_messages: int = 0  # ever sent
+    max_messages: int = MAX_MESSAGES
+    max_bytes: int = MAX_BUFFER_BYTES
+    num_bytes: int = 0  # of messages, UTF-8
+    _sizes: collections.deque[int] = field(default_factory=collections.deque)  # of messages, in bytes
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     on_change: Callable[["Run"], None] | None = None  # called after every message and at the end
 
@@ -77,8 +87,16 @@ class Run:
             await self._changed.wait()
 
     def _add(self, message: str) -> None:
+        """Keeps the message, dropping the oldest beyond max_messages or max_bytes (never the newest)."""
+        size = len(message.encode("utf-8", "surrogatepass"))
         self.messages.append(message)
+        self._sizes.append(size)
+        self.num_bytes += size
         self.num_messages += 1
+        while len(self.messages) > self.max_messages or (
+                self.num_bytes > self.max_bytes and len(self.messages) > 1):
+            self.messages.popleft()
+            self.num_bytes -= self._sizes.popleft()
         self._changed.set()
         if self.on_change is not None:
             self.on_change(self)
@@ -94,9 +112,14 @@ class Run:
 class RunRegistry:
     """The runs of one front end, and (with a shared table) every front end's runs as the API shows them."""
 
-    def __init__(self, shared_dir: Path | None = FROM_ENVIRONMENT, front_end: int | None = None) -> None:
+    def __init__(self, shared_dir: Path | None = FROM_ENVIRONMENT, front_end: int | None = None,
+                 max_bytes: int = MAX_BUFFER_BYTES) -> None:
         """shared_dir: the folder the server's front ends share (default: server_dir()); None: memory only.
-        front_end: this front end's id in the table (default: the process id)."""
+        front_end: this front end's id in the table (default: the process id). max_bytes: of the messages
+        each run keeps (see the module doc)."""
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.max_bytes = max_bytes
         self.front_end = os.getpid() if front_end is None else front_end
         folder = server_dir() if shared_dir is FROM_ENVIRONMENT else shared_dir
         self._table = None if folder is None else RunTable(folder / FILE_NAME, self.front_end, MAX_MESSAGES,
@@ -108,7 +131,7 @@ class RunRegistry:
         self._syncer: asyncio.Task[None] | None = None
 
     def start(self, inferlet_id: str, tenant: str, handle: InstanceHandle) -> Run:
-        run = Run(f"run-{uuid.uuid4().hex}", inferlet_id, tenant, handle)
+        run = Run(f"run-{uuid.uuid4().hex}", inferlet_id, tenant, handle, max_bytes=self.max_bytes)
         self._runs[run.id] = run
         task = asyncio.get_running_loop().create_task(self._pump(run))
         self._tasks.add(task)
@@ -227,7 +250,8 @@ class RunRegistry:
         first_kept = run.num_messages - len(run.messages)
         start = max(self._num_written.get(run.id, 0), first_kept)
         new = tuple((seq, run.messages[seq - first_kept]) for seq in range(start, run.num_messages))
-        return RunRow(run.id, run.tenant, run.inferlet_id, run.created, run.status, run.error, run.num_messages, new)
+        return RunRow(run.id, run.tenant, run.inferlet_id, run.created, run.status, run.error, run.num_messages, new,
+                      first_kept)
 
     def _forget_old(self) -> None:
         ended = [r for r in self._runs.values() if r.ended]

@@ -72,6 +72,7 @@ class RunRow:
     error: str | None
     num_messages: int
     new_messages: tuple[tuple[int, str], ...] = ()
+    first_kept: int = 0  # the seq of the oldest message the owner keeps: older ones are dropped here too
 
 
 class RunTable:
@@ -141,9 +142,9 @@ class RunTable:
              self.front_end, ended_at))
         self._db.executemany("INSERT OR REPLACE INTO messages (run_id, seq, text) VALUES (?, ?, ?)",
                              [(row.id, seq, text) for seq, text in row.new_messages])
-        if row.num_messages > self._max_messages:
-            self._db.execute("DELETE FROM messages WHERE run_id = ? AND seq < ?",
-                             (row.id, row.num_messages - self._max_messages))
+        first_kept = max(row.first_kept, row.num_messages - self._max_messages)
+        if first_kept > 0:
+            self._db.execute("DELETE FROM messages WHERE run_id = ? AND seq < ?", (row.id, first_kept))
 
     def _forget_old(self) -> None:
         """Keeps the newest max_ended_runs ended runs (of every front end)."""

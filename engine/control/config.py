@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pie_server.engine.config import EngineConfig, ModelConfig
 
 
+DEFAULT_MAX_PAGE_IDS = 1 << 16
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     max_batch_tokens: int = 4096  # new tokens per step (decodes + prefill chunks)
@@ -13,7 +16,10 @@ class ControlConfig:
     # A forward with at most this many (remaining) tokens counts as a decode: decodes join a step before
     # prefill chunks do, and are never the ones split to fit the budget unless nothing else is left.
     decode_max_tokens: int = 8
-    default_max_pages: int | None = None  # per-instance quota of virtual pages when open_instance gives none
+    # Per-instance quota of virtual page ids when open_instance gives none. Every fork or share maps ids of its
+    # own without taking a physical page, so this is what bounds forks (and the host memory of a page table)
+    # where no quota is set; 65,536 ids is 1M tokens at 16 a page, far past one context. None: unbounded.
+    default_max_pages: int | None = DEFAULT_MAX_PAGE_IDS
     # Bounds checked on every forward so one bad command cannot fail a whole batch in the executor.
     # None: taken from the executor's model_config when it has one, else unchecked.
     vocab_size: int | None = None

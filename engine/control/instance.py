@@ -12,6 +12,7 @@ from pie_server.engine.control.work import CopyItem, ForwardItem
 from pie_server.engine.types import InstanceId, VirtualPageId
 
 _arrivals = itertools.count()
+_demotions = itertools.count(1)
 
 
 @dataclass(eq=False)
@@ -25,6 +26,18 @@ class InstanceState:
     # Set when the instance was preempted without swap space (the last resort): every later call fails.
     failure: str | None = None
     closed: bool = False
+    # 0, or when the instance last lost pages held beyond its fair share (a count): see rank.
+    demotion: int = 0
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Its age for serving and preemption (smaller: older, served first, preempted last). An instance that
+        lost pages for holding more than its fair share ranks after every other, as if it had just arrived,
+        so it cannot take them back at once by age (docs/decisions/kv-fair-share.md)."""
+        return self.demotion, self.seq
+
+    def demote(self) -> None:
+        self.demotion = next(_demotions)
 
     @property
     def num_queued_forwards(self) -> int:
@@ -58,7 +71,8 @@ class DemandQueue:
     Ordering by instance age rather than by request time is a decision: it is first-come-first-served per
     instance (as vLLM serves requests), and it makes preemption one-directional (the head demand may only take
     pages from newer instances), so instances do not swap each other out in turn, and the oldest
-    instance always gets what it needs and finishes.
+    instance always gets what it needs and finishes. Age is InstanceState.rank: an instance that lost pages
+    for holding more than its fair share ranks as the newest (docs/decisions/kv-fair-share.md).
     """
 
     def __init__(self) -> None:
@@ -75,16 +89,31 @@ class DemandQueue:
         return self._demands[0]
 
     def push(self, demand: Demand) -> None:
-        bisect.insort(self._demands, demand, key=lambda d: (d.instance.seq, d.arrival))
+        bisect.insort(self._demands, demand, key=_order)
+
+    def reorder(self) -> None:
+        """After an instance's rank changed."""
+        self._demands.sort(key=_order)
 
     def pop_head(self) -> Demand:
         return self._demands.pop(0)
+
+    def remove(self, demand: Demand) -> None:
+        self._demands.remove(demand)
 
     def remove_instance(self, instance: InstanceState) -> list[Demand]:
         removed = [d for d in self._demands if d.instance is instance]
         self._demands = [d for d in self._demands if d.instance is not instance]
         return removed
 
+    def has_others(self, instance: InstanceState) -> bool:
+        """A demand of another instance waits too."""
+        return any(d.instance is not instance for d in self._demands)
+
     def waiting_instances(self) -> set[int]:
         """ids of the instances with a waiting demand."""
         return {id(d.instance) for d in self._demands}
+
+
+def _order(demand: Demand) -> tuple[tuple[int, int], int]:
+    return demand.instance.rank, demand.arrival

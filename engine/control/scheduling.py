@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pie_server.engine.control.api import ControlError
 from pie_server.engine.control.batcher import Chunk, StepPlan, plan_step
-from pie_server.engine.control.instance import Allocation, InstanceState, SwapIn
+from pie_server.engine.control.instance import Allocation, Demand, InstanceState, SwapIn
 from pie_server.engine.control.pages import BlockId
 from pie_server.engine.control.state import ControlState, RunningStep, Sources
 from pie_server.engine.control.work import next_item
-from pie_server.engine.control.swap import choose_victim, nonresident_blocks
+from pie_server.engine.control.swap import choose_hoarder, choose_victim, nonresident_blocks
 from pie_server.engine.step import Batch, CommandResult, ForwardCommand, PageCopy, PageSwap, StepResult, TokenRef
 
 PLACEHOLDER_TOKEN = 0  # a speculated decode forward's token until the device feeds (or the host patches) it
@@ -104,9 +104,16 @@ class StepBuilder:
         return runnable
 
     def _preempt(self) -> bool:
-        """Frees pages for the head demand by preempting a victim; False if there is none."""
-        choice = choose_victim(self.s.instances.values(), self.s.demands.head.instance, self.pool,
-                               self.swapped_in)
+        """Frees pages for the head demand by preempting a victim: by age (swap.choose_victim), else, for a
+        demand within its fair share, pages held beyond theirs (swap.choose_hoarder), else by age for the
+        queue's head if head_demand passed it over (as before fair share: no new deadlock); False if none."""
+        head = self.s.head_demand()
+        choice = choose_victim(self.s.instances.values(), head.instance, self.pool, self.swapped_in)
+        if choice is None and self._preempt_hoarder(head):
+            return True
+        if choice is None and head is not self.s.demands.head:  # the queue's head was passed over for head
+            choice = choose_victim(self.s.instances.values(), self.s.demands.head.instance, self.pool,
+                                   self.swapped_in)
         if choice is None:
             return False
         victim, block_ids = choice
@@ -116,9 +123,34 @@ class StepBuilder:
             self.s.fail_instance(victim, f"instance {victim.instance_id!r} was preempted: out of KV pages and "
                                         "of host swap space (the last resort; its pages were dropped)")
         else:
-            self.swap_outs.extend(self.pool.swap_out(block_id) for block_id in block_ids[:num_slots])
-            self.moved.append(victim)
+            self._swap_out(victim, block_ids[:num_slots])
         return True
+
+    def _preempt_hoarder(self, head: Demand) -> bool:
+        """Swaps out pages an instance holds beyond its fair share, as many as head lacks, if meeting head keeps
+        its own instance within its share (docs/decisions/kv-fair-share.md); the victim is demoted. Never the
+        last resort: without a free swap slot the hoarder keeps its pages and head waits."""
+        share = self.s.fair_share()
+        if self.s.num_pages_held(head) > share:
+            return False
+        num_wanted = self.s.num_pages_wanted(head) - self.s.res.num_available_pages()
+        choice = choose_hoarder(self.s.instances.values(), head.instance, self.pool, share, num_wanted,
+                                self.swapped_in)
+        if choice is None:
+            return False
+        victim, block_ids = choice
+        self.s.res.reclaim_swap_slots(len(block_ids))
+        num_slots = min(len(block_ids), self.pool.num_free_swap_slots)
+        if num_slots == 0:
+            return False
+        self._swap_out(victim, block_ids[:num_slots])
+        victim.demote()
+        self.s.demands.reorder()
+        return True
+
+    def _swap_out(self, victim: InstanceState, block_ids: list[BlockId]) -> None:
+        self.swap_outs.extend(self.pool.swap_out(block_id) for block_id in block_ids)
+        self.moved.append(victim)
 
     def _deadlocked(self) -> bool:
         """True when every instance holding device pages is itself waiting for pages."""

@@ -17,7 +17,7 @@ from pie_server.engine.control.api import ControlError
 from pie_server.engine.control.batcher import Chunk
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.decoding import END_CANCELLED, DecodeStream, Decoding
-from pie_server.engine.control.instance import Allocation, DemandQueue, InstanceState
+from pie_server.engine.control.instance import Allocation, Demand, DemandQueue, InstanceState
 from pie_server.engine.control.pages import BlockId
 from pie_server.engine.control.resources import Resources
 from pie_server.engine.control.swap import nonresident_blocks
@@ -187,14 +187,45 @@ class ControlState:
         self.settle(decoding.stream.done, reason)
 
     # -- admission ----------------------------------------------------------------------------------------
+    def fair_share(self) -> int:
+        """Pages of the pool per contender: per open instance that maps pages or waits for some (at least 1)."""
+        waiting = self.demands.waiting_instances()
+        num_contenders = sum(1 for i in self.instances.values() if i.failure is None and (
+            i.table.num_pages or i.table.has_retired or id(i) in waiting))
+        return max(1, self.res.pool.num_pages // max(1, num_contenders))
+
+    def head_demand(self) -> Demand:
+        """The demand to meet next: the queue's head (oldest instance first), unless that instance already holds
+        more than its fair share; then the first demand of an instance within its share, if one waits. So the
+        demands of an instance that took the pool wait behind those of the instances it starves."""
+        head = self.demands.head
+        if not self.demands.has_others(head.instance):
+            return head
+        share = self.fair_share()
+        for demand in self.demands:
+            if _holds_at_most(demand.instance, share):
+                return demand
+        return head
+
+    @staticmethod
+    def num_pages_held(demand: Demand) -> int:
+        """Distinct pages the demand's instance holds once it is met (wherever they live)."""
+        num_new = demand.num_pages if isinstance(demand, Allocation) else 0
+        return len(demand.instance.table.block_counts()) + num_new
+
+    def num_pages_wanted(self, demand: Demand) -> int:
+        """Free pages the demand needs: its new pages and its instance's swapped-out blocks."""
+        num_new = demand.num_pages if isinstance(demand, Allocation) else 0
+        return num_new + len(nonresident_blocks(demand.instance, self.res.pool))
+
     def serve_demands(self, swap_in: SwapInFn | None = None) -> None:
-        """Meets waiting demands in order while pages allow. A demand of an instance with swapped-out
-        blocks brings them back first, which only a step being formed (swap_in) can do."""
+        """Meets waiting demands in order (head_demand) while pages allow. A demand of an instance with
+        swapped-out blocks brings them back first, which only a step being formed (swap_in) can do."""
         while self.demands:
-            demand = self.demands.head
+            demand = self.head_demand()
             instance = demand.instance
             if isinstance(demand, Allocation) and demand.future.cancelled():
-                self.demands.pop_head()
+                self.demands.remove(demand)
                 instance.num_pages_requested -= demand.num_pages
                 continue
             num_new = demand.num_pages if isinstance(demand, Allocation) else 0
@@ -203,7 +234,7 @@ class ControlState:
                 return
             if not self.res.make_free(len(missing) + num_new):
                 return
-            self.demands.pop_head()
+            self.demands.remove(demand)
             if missing:
                 swap_in(instance, missing)  # type: ignore[misc]
             if isinstance(demand, Allocation):
@@ -211,3 +242,11 @@ class ControlState:
                 self.settle(demand.future, instance.table.add(self.res.pool.allocate(num_new)))
             else:
                 instance.swap_in_queued = False
+
+
+def _holds_at_most(instance: InstanceState, num_pages: int) -> bool:
+    """The instance's table names at most num_pages distinct blocks (virtual ids bound them: cheap first)."""
+    table = instance.table
+    if table.num_pages <= num_pages and not table.has_retired:
+        return True
+    return len(table.block_counts()) <= num_pages

@@ -16,6 +16,7 @@ import pytest
 
 from pie_server.app.inferlet_build import build_inferlet, default_cache_dir
 from pie_server.engine.config import EngineConfig
+from pie_server.engine.control.config import DEFAULT_MAX_PAGE_IDS
 from pie_server.engine.engine import Engine
 from pie_server.engine.runtime.config import InstanceLimits, RuntimeConfig
 from pie_server.engine.runtime.messages import Event, Message, Terminated, Text
@@ -233,12 +234,54 @@ def tiny_pool(tiny_llama_dir: Path) -> Iterator[Engine]:
     started.close()
 
 
+@pytest.fixture(scope="module")
+def tiny_program(tiny_pool: Engine, hostile_wasm: bytes) -> str:
+    return tiny_pool.runtime.load(hostile_wasm)
+
+
+def test_a_hoarder_without_a_quota_does_not_stall_a_later_request(
+        tiny_pool: Engine, tiny_program: str, alone: list[int]) -> None:
+    """No per-instance quota (the default): the hoarder takes the whole pool and lingers (its budget is 60 s);
+    a request arriving after it gets the pages it lacks from the hoarder's excess over its fair share
+    (swapped to host memory: docs/decisions/kv-fair-share.md) and runs as if alone."""
+    hoarder = tiny_pool.runtime.launch(tiny_program, ["hoard"])
+    report = _next_event(hoarder)
+    assert report["held"] == TINY_POOL_PAGES and f"the pool has {TINY_POOL_PAGES}" in report["error"]
+    started = time.monotonic()
+    good = tiny_pool.runtime.launch(tiny_program, _good_args(PROMPT, NUM_GOOD_TOKENS))
+    assert _tokens(good.messages(TIMEOUT_S)) == alone
+    elapsed = time.monotonic() - started
+    assert not hoarder._state.finished and tiny_pool.control.stats().num_swapped == 1  # it lives, trimmed
+    assert elapsed < 10.0, f"the request waited {elapsed:.1f} s for the hoarder"
+    hoarder.send("go")
+    end = _end(hoarder.messages(TIMEOUT_S))
+    assert end.error is not None and f"the pool has {TINY_POOL_PAGES}" in end.error
+    print(f"\nbeside a hoarder of all {TINY_POOL_PAGES} pages: {NUM_GOOD_TOKENS} tokens in {elapsed:.2f} s")
+
+
+def test_a_fork_bomb_without_a_quota_stops_at_the_default_page_id_limit(
+        tiny_pool: Engine, tiny_program: str, alone: list[int]) -> None:
+    """Forks of full pages take no new page, only page ids: without a quota the control layer's default limit
+    of DEFAULT_MAX_PAGE_IDS ids per instance refuses the fork that would pass it (the instance's own error)."""
+    num_full_pages = 16
+    started = time.monotonic()
+    attacker = tiny_pool.runtime.launch(tiny_program, ["fork-bomb", "--full-pages", str(num_full_pages)])
+    report = _next_event(attacker)
+    elapsed = time.monotonic() - started
+    assert report["forks"] == DEFAULT_MAX_PAGE_IDS // num_full_pages - 1  # the parent maps 16 ids too
+    assert "page quota exceeded" in report["error"] and f"its limit is {DEFAULT_MAX_PAGE_IDS}" in report["error"]
+    end = _end(attacker.messages(TIMEOUT_S))
+    assert end.error is not None and "page quota exceeded" in end.error
+    good = tiny_pool.runtime.launch(tiny_program, _good_args(PROMPT, NUM_GOOD_TOKENS))
+    assert _tokens(good.messages(TIMEOUT_S)) == alone
+    print(f"\n{report['forks']} forks refused after {elapsed:.1f} s")
+
+
 def test_many_long_runs_on_a_tiny_pool_all_complete_with_their_uncontended_output(
-        engine: Engine, program: str, tiny_pool: Engine, hostile_wasm: bytes) -> None:
+        engine: Engine, program: str, tiny_pool: Engine, tiny_program: str) -> None:
     prompts = [f"Story {i}: once upon a time" for i in range(NUM_LONG_RUNS)]
     expected = [_tokens(engine.runtime.launch(program, _good_args(p, NUM_LONG_TOKENS)).messages(TIMEOUT_S))
                 for p in prompts]
-    tiny_program = tiny_pool.runtime.load(hostile_wasm)
     peaks = {"num_waiting": 0, "num_swapped": 0}
     started = time.monotonic()
     handles = [tiny_pool.runtime.launch(tiny_program, _good_args(p, NUM_LONG_TOKENS)) for p in prompts]

@@ -8,7 +8,7 @@ import pytest
 from tests.engine.control.fake_executor import FakeExecutor
 from pie_server.engine.config import EngineConfig, ModelConfig
 from pie_server.engine.control.api import ControlError, VirtualForward
-from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.config import DEFAULT_MAX_PAGE_IDS, ControlConfig
 from pie_server.engine.control.controller import Controller
 from tests.engine.control.conftest import Controllers
 from pie_server.engine.step import OutputSpec, SamplingParams
@@ -76,6 +76,21 @@ def test_quota(make: Make) -> None:
     controller.unexport_pages("x")
     controller.close_instance(A)
     controller.close_instance(B)
+
+
+def test_forks_are_bounded_by_the_default_page_id_quota(make: Make) -> None:
+    """A fork (share_pages) takes no physical page, only ids: without a quota of its own an instance may map
+    DEFAULT_MAX_PAGE_IDS of them, then the share is refused and the instance goes on."""
+    controller, _ = make()
+    controller.open_instance(A)
+    pages = alloc(controller, A, 16)  # the whole pool
+    for _ in range(DEFAULT_MAX_PAGE_IDS // 16 - 1):
+        controller.share_pages(A, pages)
+    with pytest.raises(ControlError, match=f"page quota exceeded.*its limit is {DEFAULT_MAX_PAGE_IDS}"):
+        controller.share_pages(A, pages[:1])
+    controller.free_pages(A, pages)
+    assert len(controller.share_pages(A, [pages[0] + 16])) == 1  # ids freed make room again
+    controller.close_instance(A)
 
 
 def test_invalid_arguments(make: Make) -> None:

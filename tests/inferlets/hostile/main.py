@@ -11,7 +11,10 @@
     hostile import --name X                    imports the pages of export X (kv.import-pages); fails with
                                                the host's error if it may not
     hostile http --url U                       fetches a URL off the allow-list; fails with the error
-    hostile fork-bomb --prompt P               forks its context until refused; reports the count, then fails
+    hostile fork-bomb --prompt P [--full-pages N]
+                                               forks its context (the prompt, or N full pages of token 1: each
+                                               fork then maps N page ids and takes no new page) until refused;
+                                               reports the count, then fails
     hostile generate-oom --prompt P --contexts K --max-tokens N
                                                generate_all over K forks needing more pages than it may hold;
                                                reports the error, then generates once more (the instance lives)
@@ -30,6 +33,7 @@ def main(args: list[str]) -> None:
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--size", type=int, default=1000)
     parser.add_argument("--contexts", type=int, default=4)
+    parser.add_argument("--full-pages", type=int, default=0)
     parser.add_argument("--name", default="hostile")
     parser.add_argument("--url", default="http://example.com/")
     opts = parser.parse_args(args)
@@ -104,7 +108,8 @@ def http(opts) -> None:
 
 def fork_bomb(opts) -> None:
     parent = Context()
-    parent.fill(opts.prompt)
+    # + 1: the last token stays pending (flush writes the others' KV), so the KV fills whole pages.
+    parent.fill([1] * (opts.full_pages * parent.page_size + 1) if opts.full_pages else opts.prompt)
     forks = []
     try:
         while True:
