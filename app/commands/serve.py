@@ -19,6 +19,7 @@ from pie_server.app.config import ServerConfig
 DEFAULT_PORT = 8000
 CONFIG_ENV_VAR = "PIE_SERVER_CONFIG"  # the ServerConfig of front-end processes
 RUNTIME_ENV_VAR = "PIE_RUNTIME_LIMITS"  # their inferlet sandbox limits (JSON)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # The parser's help texts (app/cli.py).
 SUMMARY = "start the OpenAI-compatible HTTP server"
@@ -95,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     try:
         engine_config = _engine_config(args)
         num_front_ends = _num_front_ends(args.api_processes, engine_config.device)
@@ -140,7 +141,7 @@ def _serve_with_engine_core(args: argparse.Namespace, engine_config, config: Ser
     spreads connections over them)."""
     import uvicorn
 
-    from pie_server.app.commands.serve_drain import serve
+    from pie_server.app.commands.serve_drain import serve, serve_workers
     from pie_server.engine.core.process import ENV_VAR, CoreSpec
     from pie_server.engine.core.supervisor import CoreSupervisor
 
@@ -155,8 +156,9 @@ def _serve_with_engine_core(args: argparse.Namespace, engine_config, config: Ser
     os.environ[CONFIG_ENV_VAR] = config.to_json()
     try:
         if num_front_ends > 1:
-            uvicorn.run(f"{__name__}:front_app", factory=True, workers=num_front_ends, host=args.host,
-                        port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+            serve_workers(uvicorn.Config(f"{__name__}:front_app", factory=True, workers=num_front_ends,
+                                         host=args.host, port=args.port, log_level=args.log_level,
+                                         timeout_keep_alive=30))
         else:
             serve(uvicorn.Config(front_app(), host=args.host, port=args.port, log_level=args.log_level,
                                  timeout_keep_alive=30))
@@ -172,6 +174,9 @@ def front_app():  # type: ignore[no-untyped-def]
     from pie_server.engine.core.process import CoreAddress
 
     core, config = CoreAddress.from_env(), ServerConfig.from_json(os.environ[CONFIG_ENV_VAR])
+    if not logging.getLogger().handlers:  # a worker process uvicorn spawned: it configured only its own loggers,
+        # at --log-level; the server's (pie.*) get the same level and main's format
+        logging.basicConfig(level=logging.getLogger("uvicorn.error").level, format=LOG_FORMAT)
 
     def engine_factory():  # type: ignore[no-untyped-def]
         from pie_server.engine.front import FrontEngine

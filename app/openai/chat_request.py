@@ -82,9 +82,11 @@ def _content(content: Any, param: str) -> str | None:
         raise invalid(f"'{param}' must be a string or an array of content parts", param)
     texts = []
     for part in content:
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+        if not isinstance(part, dict) or part.get("type") != "text":
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise invalid(f"'{param}' holds a {kind!r} part; only text parts are supported", param)
+        if not isinstance(part.get("text"), str):
+            raise invalid(f"'{param}' holds a text part whose 'text' is not a string", param)
         texts.append(part["text"])
     return "".join(texts)
 
