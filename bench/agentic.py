@@ -5,7 +5,8 @@ response format, the conversation sent again each step, the server's prefix cach
 
     .venv/bin/python -m bench.agentic --quick          # a small CPU run with the default model (< 3 minutes)
     .venv/bin/python -m bench.agentic [--model PATH] [--device cuda] [--concurrency 1 2 4 8 16 32 64 128]
-        [--tasks-per-level 0] [--calls 8] [--tool-latency-ms 100] [--modes inferlet inferlet-json client]
+        [--tasks-per-level 0] [--tasks-per-agent 1] [--calls 8] [--tool-latency-ms 100]
+        [--modes inferlet inferlet-json client]
         [--json bench/results/agentic.json]
 
 Per task: a distinct question, then `--calls` tool calls (the grammar offers `finish` only after them, then forces
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import sys
 import threading
@@ -268,7 +270,8 @@ def summary(wall_s: float, results: list[TaskResult], workload: Workload) -> dic
             "processed_tokens_per_task": sum(r.num_processed_tokens for r in results) / num_tasks}
 
 
-async def measure(args: argparse.Namespace, server_url: str, workload: Workload) -> list[dict[str, Any]]:
+async def measure(args: argparse.Namespace, server_url: str, workload: Workload,
+                  on_level: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
     tools = ToolServer(workload.tool_latency_s, args.observation_words)
     client = openai.AsyncOpenAI(base_url=server_url + "/v1", api_key="none", max_retries=0, timeout=3600)
     every_mode: dict[str, Callable[[int], Awaitable[TaskResult]]] = {
@@ -282,7 +285,7 @@ async def measure(args: argparse.Namespace, server_url: str, workload: Workload)
     print(f"warm-up task, actions equal in every mode: {len({json.dumps(a) for a in warm.values()}) == 1}", flush=True)
     rows, next_task = [], 0
     for level, concurrency in enumerate(args.concurrency):
-        num_tasks = max(concurrency, args.tasks_per_level)
+        num_tasks = max(concurrency * args.tasks_per_agent, args.tasks_per_level)
         row: dict[str, Any] = {"concurrency": concurrency, "num_tasks": num_tasks}
         # Distinct questions per mode: only the system prompt is in the prefix cache for both. The order of the
         # modes alternates from level to level, so that load drifting on the machine does not always favour one.
@@ -297,6 +300,7 @@ async def measure(args: argparse.Namespace, server_url: str, workload: Workload)
         row["speedup"] = row["inferlet"]["tasks_per_s"] / row["client"]["tasks_per_s"]
         rows.append(row)
         print(_line(row), flush=True)
+        on_level(rows)
     return rows
 
 
@@ -311,6 +315,15 @@ def _line(row: dict[str, Any]) -> str:
     return "  |  ".join(parts) + f"  |  x{row['speedup']:.2f}"
 
 
+def _delete_upload(server_url: str) -> None:
+    """Best effort: under `timeout` the server gets the signal too and may already answer 503."""
+    delete = urllib.request.Request(f"{server_url}/v1/inferlets/{UPLOAD_NAME}", method="DELETE")
+    try:
+        urllib.request.urlopen(delete, timeout=60).close()
+    except OSError as error:
+        print(f"could not delete the upload {UPLOAD_NAME}: {error}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small CPU run: concurrency 1 and 4")
@@ -318,6 +331,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
     parser.add_argument("--tasks-per-level", type=int, default=0, help="tasks per level (at least its concurrency)")
+    parser.add_argument("--tasks-per-agent", type=int, default=1,
+                        help="a level runs at least concurrency x this many tasks (2: each agent runs twice, so "
+                             "the level's wall time is not one task's tail)")
     parser.add_argument("--modes", nargs="+", default=["inferlet", "client"],
                         choices=["inferlet", "inferlet-json", "client"],
                         help="inferlet: the react-agent writing each action's fixed JSON itself (its default); "
@@ -339,6 +355,18 @@ def main() -> None:
     workload = Workload(args.calls, args.thought_chars, args.input_chars, args.tool_latency_ms / 1000,
                         args.observation_words)
     load_before = os.getloadavg()[0]  # the machine may be shared: the 1-minute load before the run
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        """The JSON after every level: a run cut short (a time limit on the GPU machine) keeps its levels."""
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({
+                "command": " ".join(["python -m bench.agentic", *sys.argv[1:]]), "workload": asdict(workload),
+                "device": args.device, "model": args.model or "SmolLM2-135M-Instruct", "cpu_count": os.cpu_count(),
+                "load_average_before": load_before, "levels": rows}, indent=1) + "\n")
+
+    # SIGTERM (`timeout`) unwinds like an exception, so the finally below stops the server subprocess.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     wasm = build_inferlet(CONTRIB_DIR / INFERLET_NAME, Path("/tmp/pie-bench-react-agent.wasm"), progress=False)
     serve_args = ["--device", args.device, "--http-allow", "127.0.0.1", *args.serve_args.split()]
     server = LocalServer(args.model, args.num_pages or max(1024, 48 * max(args.concurrency)), serve_args)
@@ -347,18 +375,11 @@ def main() -> None:
                                          headers={"content-type": "application/wasm"}, method="POST")
         urllib.request.urlopen(request, timeout=900).close()  # the server compiles it (cached on disk)
         try:
-            rows = asyncio.run(measure(args, server.url, workload))
+            rows = asyncio.run(measure(args, server.url, workload, save))
         finally:
-            delete = urllib.request.Request(f"{server.url}/v1/inferlets/{UPLOAD_NAME}", method="DELETE")
-            urllib.request.urlopen(delete, timeout=60).close()
+            _delete_upload(server.url)
     finally:
         server.close()
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "command": " ".join(["python -m bench.agentic", *sys.argv[1:]]), "workload": asdict(workload),
-            "device": args.device, "model": args.model or "SmolLM2-135M-Instruct", "cpu_count": os.cpu_count(),
-            "load_average_before": load_before, "levels": rows}, indent=1) + "\n")
     print(f"speedup: {rows[-1]['speedup']:.2f}", file=sys.stdout, flush=True)
 
 

@@ -38,7 +38,7 @@ class LocalServer:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        command = [str(Path(sys.executable).with_name("pie")), "serve", "--port", str(port),
+        command = [*_pie_command(), "serve", "--port", str(port),
                    "--served-model-name", "default", "--log-level", "warning"]
         command += ["--model", model] if model else []
         command += ["--num-pages", str(num_pages)] if num_pages else []
@@ -61,6 +61,13 @@ class LocalServer:
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=60)
+
+
+def _pie_command() -> list[str]:
+    """The console script beside this interpreter; where the package is importable but not installed (the GPU
+    machine: PYTHONPATH links, scripts/gpu_serving.sh) there is none, and the module runs the same CLI."""
+    script = Path(sys.executable).with_name("pie")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "pie_server.app.cli"]
 
 
 async def main_async(args: argparse.Namespace, url: str) -> list[LevelReport]:

@@ -6,16 +6,20 @@
 #   bash scripts/gpu_serving.sh pie SHAPE [N]         # pie serve --api-processes N (default 1)
 #   bash scripts/gpu_serving.sh models                # only the model folders
 #   bash scripts/gpu_serving.sh tax SHAPE [N]         # bench/programmability_tax.py --api-processes N (default 0)
+#   bash scripts/gpu_serving.sh agentic SHAPE ARGS... # python -m bench.agentic on SHAPE (consumes the rest; ARGS
+#                                                     # override, e.g. --concurrency 1 16 128); $OUT/agentic_SHAPE.json
 #   bash scripts/gpu_serving.sh vllm SHAPE            # after ../shared/peers/vllm's assemble.sh installed vLLM
 #   bash scripts/gpu_serving.sh tp                    # tensor parallelism vs TP=1 (pytest -m gpu, needs 2+ GPUs)
 #   bash scripts/gpu_serving.sh tp-bench ARGS...      # python -m bench.tp_decode ARGS (consumes the rest)
 #   bash scripts/gpu_serving.sh gpu-tests             # the whole pytest -m gpu
 #   SHAPE: smollm2-135m or llama-3.1-8b. Several commands chain: `... setup pie smollm2-135m 1 pie llama-3.1-8b 1`
 #
-# The first call carries .whl/ (../shared/gpu/fetch-wheels with the client wheels of docs/benchmarks.md, msgspec
-# and pyzmq) and .gpu-model/ (smollm2/ config and tokenizer, llama-3.1-8b/ config and a gzipped tokenizer of
-# 128,256 ids, pie-cache/inferlets/<hash>.wasm.gz, vllm-serve.sh = ../shared/peers/vllm/serve.sh); they are copied
-# to /tmp/carry, which later calls of the same warm machine use. Results: $OUT/{pie,vllm}_SHAPE*_{lo,hi}.json.
+# The first call carries .whl/ (../shared/gpu/fetch-wheels with the client wheels of docs/benchmarks.md, msgspec,
+# pyzmq; llguidance 1.9.1 by pip download, manylinux_2_31) and .gpu-model/ (smollm2/ config and tokenizer,
+# llama-3.1-8b/ config and a gzipped tokenizer of 128,256 ids, pie-cache/inferlets/<hash>.wasm.gz of the default
+# and react-agent inferlets (built here; the key covers the SDK and WIT, so rebuild them after changing those),
+# vllm-serve.sh = ../shared/peers/vllm/serve.sh); they are copied to /tmp/carry, which later calls of the same
+# warm machine use. Results: $OUT/{pie,vllm}_SHAPE*_{lo,hi}.json, $OUT/agentic_SHAPE.json.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 ROOT=$PWD; OUT=${OUT:-/tmp/out}; C=/tmp/carry; M=/tmp/models; mkdir -p "$OUT"
@@ -30,9 +34,16 @@ env_setup() {
   # componentize-py is not carried (too big); its version is part of the inferlet cache key.
   mkdir -p /tmp/site/componentize_py-0.25.1.dist-info
   printf 'Metadata-Version: 2.1\nName: componentize-py\nVersion: 0.25.1\n' > /tmp/site/componentize_py-0.25.1.dist-info/METADATA
+  # Every carried build (the default inferlet, react-agent for `agentic`) lands in the build cache under its key,
+  # so build_inferlet finds it and never runs componentize-py here.
   export PIE_CACHE_DIR=/tmp/pie-cache; mkdir -p $PIE_CACHE_DIR/inferlets
-  local gz; gz=$(ls $C/.gpu-model/pie-cache/inferlets/*.wasm.gz | head -1)
-  WASM=$PIE_CACHE_DIR/inferlets/$(basename "$gz" .gz); [ -f "$WASM" ] || gunzip -c "$gz" > "$WASM"
+  local gz wasm
+  for gz in $C/.gpu-model/pie-cache/inferlets/*.wasm.gz; do
+    wasm=$PIE_CACHE_DIR/inferlets/$(basename "$gz" .gz); [ -f "$wasm" ] || gunzip -c "$gz" > "$wasm"
+  done
+  WASM=$PIE_CACHE_DIR/inferlets/$(python3 -c "from pie_server.app.inferlet_build import find_source, source_hash
+from pie_server.inferlets import DEFAULT_INFERLET_SOURCE as s; print(source_hash(find_source(s)))").wasm
+  [ -f "$WASM" ] || echo "no carried build of the default inferlet for this checkout: $WASM"
 }
 
 make_models() {
@@ -82,6 +93,14 @@ vllm_http() {  # shape
   kill "$pid"; wait "$pid" 2>/dev/null; pkill -f vllm.entrypoints 2>/dev/null; sleep 5
 }
 
+agentic() {  # shape [bench.agentic args...]: react-agent inferlet vs. OpenAI-client loop (docs/benchmarks.md)
+  [ -f $M/$1/model.safetensors ] || make_models > /dev/null
+  local shape=$1; shift
+  timeout "${AGENTIC_TIMEOUT_S:-450}" python3 -m bench.agentic --model $M/$shape --device cuda --tasks-per-agent 2 \
+    --concurrency 1 2 4 8 16 32 64 128 "$@" --json "$OUT/agentic_$shape.json" 2>&1 | tee "$OUT/agentic_$shape.log" \
+    | grep -E "^(c=|warm-up|speedup|Traceback|RuntimeError)"
+}
+
 tax() {  # shape api_processes
   timeout 400 python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch 1 8 32 64 --max-tokens 64 \
     --repeats 3 --num-pages 2048 --api-processes "$2" --json "$OUT/tax_$1_ap$2.json" 2>&1 | grep "^batch"
@@ -97,6 +116,7 @@ while [ $# -gt 0 ]; do
     pie) pie_http "$2" "${3:-1}"; shift 3 ;;
     models) make_models; shift ;;
     tax) tax "$2" "${3:-0}"; shift 3 ;;
+    agentic) shift; agentic "$@"; shift $# ;;
     vllm) vllm_http "$2"; shift 2 ;;
     tp) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/engine/model/test_tensor_parallel.py 2>&1 \
           | tail -20 | tee "$OUT/tp_test.log"; shift ;;
