@@ -34,6 +34,11 @@ class ServerConfig:
     # Uploaded inferlets (/v1/inferlets; app/inferlet_store.py). None: $PIE_CACHE_DIR/uploads (~/.cache/pie/uploads).
     inferlet_dir: Path | None = None
     max_inferlet_bytes: int = 64 << 20  # an upload's size limit (larger: 413)
+    # True: the server takes connections while its engine loads (/health and requests answer 503 "loading").
+    # False: its lifespan waits for the engine first, so it takes none before it can serve. Several front ends
+    # share one socket and load each on its own: with True, one would answer /health 200 while another still
+    # answered requests "loading" (seen on the H200 with --api-processes 2).
+    accept_before_ready: bool = True
 
     def __post_init__(self) -> None:
         if self.max_running_requests <= 0 or self.max_output_reserve <= 0 or self.max_inferlet_bytes <= 0:

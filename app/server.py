@@ -36,6 +36,8 @@ def create_app(engine_factory: EngineFactory, config: ServerConfig = ServerConfi
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
         await state.start()
+        if not config.accept_before_ready:
+            await state.wait_ready()  # a failed load is served too: /health and requests answer 503 with its error
         try:
             yield {"pie": state}
         finally:

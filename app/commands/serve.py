@@ -150,7 +150,8 @@ def _serve_with_engine_core(args: argparse.Namespace, engine_config, config: Ser
         metrics_dir = Path(run_dir) / "metrics"
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before any front end imports the client
-        config = dataclasses.replace(config, metrics_dir=metrics_dir)
+        # Every front end takes connections only once it can serve (ServerConfig.accept_before_ready).
+        config = dataclasses.replace(config, metrics_dir=metrics_dir, accept_before_ready=False)
     supervisor = CoreSupervisor(CoreSpec(args.model, engine_config, run_dir, log_level=args.log_level.upper()))
     os.environ[ENV_VAR] = supervisor.address.to_env()
     os.environ[CONFIG_ENV_VAR] = config.to_json()

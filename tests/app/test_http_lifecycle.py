@@ -53,6 +53,34 @@ def test_health_is_503_when_the_engine_failed(dummy_wasm) -> None:
         assert status == 503 and "no weights here" in body["detail"]
 
 
+def test_a_server_that_does_not_accept_before_ready_starts_serving_only_when_loaded(dummy_wasm) -> None:
+    """accept_before_ready=False (each of several front ends): the lifespan waits for the engine, so the server
+    takes no connection that it would answer "loading"; a failed load is still served (503 with its error)."""
+    release = threading.Event()
+
+    def slow_factory() -> FakeEngine:
+        release.wait(10)
+        return FakeEngine()
+
+    def failing_factory() -> FakeEngine:
+        raise RuntimeError("no weights here")
+
+    async def enter(app) -> str:  # the lifespan's startup, as uvicorn runs it before it serves
+        async with app.router.lifespan_context(app) as state:
+            return state["pie"].status
+
+    async def scenario() -> None:
+        config = ServerConfig(inferlet_wasm=dummy_wasm, accept_before_ready=False)
+        startup = asyncio.ensure_future(enter(create_app(slow_factory, config)))
+        await asyncio.sleep(0.3)
+        assert not startup.done()  # still loading: no connection would be taken yet
+        release.set()
+        assert await asyncio.wait_for(startup, 10) == "ready"
+        assert await asyncio.wait_for(enter(create_app(failing_factory, config)), 10) == "failed"
+
+    asyncio.run(scenario())
+
+
 def test_api_key_enforced(make_fake_server) -> None:
     server = make_fake_server(api_key="sekrit")
     with pytest.raises(openai.AuthenticationError):
