@@ -98,7 +98,6 @@ class _Loop:
         """The next step over what is known now; with overlap, decodes take the last step's tokens on the
         device (TokenRef) instead of waiting for them."""
         commands, owners, budget = [], [], self.token_budget
-        refs: list[TokenRef | None] = []
         for req in self.running:
             if req.is_decoding and not req.is_scheduled:
                 known = len(req.token_ids) > req.num_cached
