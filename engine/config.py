@@ -125,6 +125,10 @@ class EngineConfig:
     # `device` cuda:N, or P processes on CPU (gloo; for tests). The model's heads, KV heads and MLP width must be
     # multiples of it (checked when the model is known).
     tensor_parallel_size: int = 1
+    # Host memory for KV pages swapped out under pressure (vLLM's --swap-space), per rank, in GiB. Preempted
+    # instances wait there; what wants more than the pool plus this fails a victim (docs/reliability.md).
+    # None: min(1 GiB, as many pages as the pool).
+    swap_space_gib: float | None = None
 
     def __post_init__(self) -> None:
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -139,6 +143,8 @@ class EngineConfig:
             raise ValueError("max_batch_tokens and max_batch_size must be positive")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
+        if self.swap_space_gib is not None and not self.swap_space_gib > 0:
+            raise ValueError(f"swap_space_gib must be positive, got {self.swap_space_gib}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and self.device.split(":")[0] not in ("cpu", "cuda"):

@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-pages", type=int, default=None, help="KV pages (default: sized from free memory)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="CUDA: share of the GPU's memory for weights, activations, graphs and the KV cache")
+    parser.add_argument("--swap-space", type=float, default=None, metavar="GIB",
+                        help="host memory (GiB, per GPU) for KV pages swapped out under pressure (default: 1 GiB, "
+                             "at most the pool's size)")
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens per engine step")
     parser.add_argument("--max-batch-size", type=int, default=256, help="sequences per engine step")
     parser.add_argument("--max-running-requests", type=int, default=256,
@@ -238,7 +241,7 @@ def _engine_config(args: argparse.Namespace):  # -> EngineConfig
     return EngineConfig(device=args.device, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
                         cuda_graphs=not args.no_cuda_graphs, gpu_memory_utilization=args.gpu_memory_utilization,
-                        tensor_parallel_size=args.tensor_parallel_size)
+                        tensor_parallel_size=args.tensor_parallel_size, swap_space_gib=args.swap_space)
 
 
 def _cache_root() -> Path:

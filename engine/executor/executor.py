@@ -22,7 +22,7 @@ import torch
 
 from pie_server.engine.config import EngineConfig, EngineInfo, ModelConfig
 from pie_server.engine.step import Batch, StepResult
-from pie_server.engine.executor.kv_pool import KVPool, kv_bytes_per_page, plan_num_pages
+from pie_server.engine.executor.kv_pool import KVPool, kv_bytes_per_page, plan_num_pages, plan_num_swap_slots
 from pie_server.engine.executor.memory import MemoryPlan, decode_probe, prefill_probe, probe_num_pages
 from pie_server.engine.executor.pending import PendingStep, StepOutputs
 from pie_server.engine.executor.sampler import Sampler
@@ -74,7 +74,9 @@ class Executor:
             num_pages = plan_num_pages(local_config, engine_config, self.dtype, engine_config.tensor_parallel_size)
         if parallel is not None:  # every rank's pool must hold the same pages
             num_pages = parallel.agree_min(num_pages, self.device)
-        self.kv = KVPool(local_config, num_pages, engine_config.page_size, self.dtype, self.device)
+        num_swap_slots = plan_num_swap_slots(
+            num_pages, kv_bytes_per_page(local_config, engine_config.page_size, self.dtype), engine_config.swap_space_gib)
+        self.kv = KVPool(local_config, num_pages, engine_config.page_size, self.dtype, self.device, num_swap_slots)
         self.decode_graphs = _decode_graphs(self.model, self.kv, self.attention, engine_config)
         if self.device.type == "cuda":  # JIT-compile the one-row LM head kernel now, not on a first request
             self.model.logits(torch.zeros(1, model_config.hidden_size, device=self.device, dtype=self.dtype))

@@ -6,7 +6,7 @@ import torch
 from pie_server.engine.config import EngineConfig, ModelConfig
 from pie_server.engine.step import PageCopy, PageSwap
 
-_SWAP_BYTES_CAP = 1 << 30  # host memory for swapped-out pages
+_SWAP_BYTES_CAP = 1 << 30  # host memory for swapped-out pages when no swap space is configured
 
 
 def kv_bytes_per_page(model: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
@@ -28,6 +28,13 @@ def plan_num_pages(model: ModelConfig, engine: EngineConfig, dtype: torch.dtype,
     return num_pages
 
 
+def plan_num_swap_slots(num_pages: int, bytes_per_page: int, swap_space_gib: float | None) -> int:
+    """Host swap slots: swap_space_gib's worth of pages (at least one), else min(1 GiB, the pool's size)."""
+    if swap_space_gib is None:
+        return min(num_pages, max(1, _SWAP_BYTES_CAP // bytes_per_page))
+    return max(1, int(swap_space_gib * (1 << 30)) // bytes_per_page)
+
+
 def _available_host_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -47,7 +54,7 @@ class KVPool:
         self.layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
         per_page = kv_bytes_per_page(model, page_size, dtype)
         if num_swap_slots is None:
-            num_swap_slots = min(num_pages, max(1, _SWAP_BYTES_CAP // per_page))
+            num_swap_slots = plan_num_swap_slots(num_pages, per_page, None)
         self.num_swap_slots = num_swap_slots
         swap_shape = (model.num_layers, num_swap_slots, *shape[1:])
         self._swap = torch.empty(swap_shape, dtype=dtype, pin_memory=device.type == "cuda")

@@ -40,8 +40,9 @@ def hostile_wasm(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return build_inferlet(HOSTILE_DIR, tmp_path_factory.mktemp("hostile") / "hostile.wasm", progress=False).read_bytes()
 
 
-def _start(model_dir: Path, num_pages: int, **runtime: Any) -> Engine:
-    config = EngineConfig(device="cpu", dtype="float32", page_size=PAGE_SIZE, num_pages=num_pages)
+def _start(model_dir: Path, num_pages: int, swap_space_gib: float | None = None, **runtime: Any) -> Engine:
+    config = EngineConfig(device="cpu", dtype="float32", page_size=PAGE_SIZE, num_pages=num_pages,
+                          swap_space_gib=swap_space_gib)
     runtime_config = RuntimeConfig(cache_dir=str(default_cache_dir().parent / "compiled"), time_budget_s=60.0,
                                    **runtime)
     return Engine.start(model_dir, config, runtime_config=runtime_config, progress=False)
@@ -279,7 +280,27 @@ def test_a_fork_bomb_without_a_quota_stops_at_the_default_page_id_limit(
 
 def test_many_long_runs_on_a_tiny_pool_all_complete_with_their_uncontended_output(
         engine: Engine, program: str, tiny_pool: Engine, tiny_program: str) -> None:
-    prompts = [f"Story {i}: once upon a time" for i in range(NUM_LONG_RUNS)]
+    _assert_all_complete_as_alone(engine, program, tiny_pool, tiny_program, NUM_LONG_RUNS, TINY_POOL_PAGES)
+
+
+def test_a_larger_swap_space_carries_runs_that_want_three_times_pool_and_default_swap(
+        engine: Engine, program: str, tiny_llama_dir: Path, hostile_wasm: bytes) -> None:
+    """8 runs x 9 pages on a 12-page pool: 72 pages wanted, three times the pool plus its default swap (12
+    slots), which failed a victim; with --swap-space for 64 pages they all complete."""
+    num_pages, num_runs = 12, 8
+    per_page = engine.executor.info.kv_bytes_per_page  # the same model and page size
+    small = _start(tiny_llama_dir, num_pages, swap_space_gib=64 * per_page / (1 << 30))
+    try:
+        assert small.executor.num_swap_slots == 64
+        _assert_all_complete_as_alone(engine, program, small, small.runtime.load(hostile_wasm), num_runs, num_pages)
+    finally:
+        small.close()
+
+
+def _assert_all_complete_as_alone(engine: Engine, program: str, pool: Engine, pool_program: str, num_runs: int,
+                                  num_pages: int) -> None:
+    tiny_pool, tiny_program = pool, pool_program
+    prompts = [f"Story {i}: once upon a time" for i in range(num_runs)]
     expected = [_tokens(engine.runtime.launch(program, _good_args(p, NUM_LONG_TOKENS)).messages(TIMEOUT_S))
                 for p in prompts]
     peaks = {"num_waiting": 0, "num_swapped": 0}
@@ -294,5 +315,5 @@ def test_many_long_runs_on_a_tiny_pool_all_complete_with_their_uncontended_outpu
     elapsed = time.monotonic() - started
     assert outputs == expected  # none failed for lack of pages, none deadlocked, all as if alone
     assert peaks["num_waiting"] > 0 or peaks["num_swapped"] > 0, "the pool was never short: no contention tested"
-    print(f"\n{NUM_LONG_RUNS} runs x {NUM_LONG_TOKENS} tokens on {TINY_POOL_PAGES} pages: {elapsed:.1f} s, "
+    print(f"\n{num_runs} runs x {NUM_LONG_TOKENS} tokens on {num_pages} pages: {elapsed:.1f} s, "
           f"peaks {peaks}")
