@@ -52,8 +52,10 @@ class _Cursor:
     position: int = 0  # next queue index to consider
     done: bool = False
     took_forward: bool = False
-    read_ids: set[VirtualPageId] = field(default_factory=set)  # pages of the forwards taken this step
-    write_ids: set[VirtualPageId] = field(default_factory=set)  # pages they write
+    # Pages of the forwards taken this step, and the pages they write: built by _add only when a further
+    # forward of the queue may be considered (most steps take one forward per instance).
+    read_ids: set[VirtualPageId] | None = None
+    write_ids: set[VirtualPageId] | None = None
 
 
 class _Planner:
@@ -75,18 +77,19 @@ class _Planner:
                 self.plan.copies.append((instance, item))
                 cursor.position += 1
                 continue
-            if decodes_only and item.num_remaining > self.config.decode_max_tokens:
+            remaining = item.num_tokens - item.num_scheduled  # item.num_remaining (no property call)
+            if decodes_only and remaining > self.config.decode_max_tokens:
                 return  # the prefill pass takes it (and maybe chunks it)
-            if not self._take_forward(instance, cursor, item, decodes_only):
+            if not self._take_forward(instance, cursor, item, remaining, decodes_only):
                 return
 
-    def _take_forward(self, instance: InstanceState, cursor: _Cursor, item: ForwardItem,
+    def _take_forward(self, instance: InstanceState, cursor: _Cursor, item: ForwardItem, remaining: int,
                       decodes_only: bool) -> bool:
         """Takes item whole (True: look further) or as a last chunk, or stops (False)."""
-        if self.seats == 0 or self._conflicts(cursor, item):
+        if self.seats == 0 or (cursor.took_forward and self._conflicts(cursor, item)):
             cursor.done = True
             return False
-        start, remaining = item.num_scheduled, item.num_remaining
+        start = item.num_scheduled
         if remaining <= self.budget:
             self._add(instance, cursor, item, start, item.num_tokens, decodes_only)
             cursor.position += 1
@@ -111,15 +114,17 @@ class _Planner:
         self.seats -= 1
         cursor.took_forward = True
         if cursor.position + 1 < len(instance.queue):  # only needed if a further forward is considered
+            if cursor.read_ids is None or cursor.write_ids is None:
+                cursor.read_ids, cursor.write_ids = set(), set()
             cursor.read_ids.update(item.page_ids)
             cursor.write_ids.update(item.written_ids)
 
     @staticmethod
     def _conflicts(cursor: _Cursor, item: ForwardItem) -> bool:
         """Whether item writes a page an earlier forward of the step uses, or uses one it writes."""
-        if not cursor.took_forward:
-            return False
         read_ids, write_ids = cursor.read_ids, cursor.write_ids
+        if not cursor.took_forward or read_ids is None or write_ids is None:
+            return False  # None: no forward was taken with a further one in view (see _add)
         return any(p in read_ids for p in item.written_ids) or any(p in write_ids for p in item.page_ids)
 
 
@@ -129,6 +134,7 @@ def plan_step(instances: Iterable[InstanceState], config: ControlConfig) -> Step
     cursors = {instance: _Cursor() for instance in instances}
     for decodes_only in (True, False):
         for instance, cursor in cursors.items():
-            planner.advance(instance, cursor, decodes_only)
+            if not cursor.done and cursor.position < len(instance.queue):  # advance's own test, hoisted
+                planner.advance(instance, cursor, decodes_only)
     planner.plan.num_consumed = {inst: c.position for inst, c in cursors.items() if c.position}
     return planner.plan

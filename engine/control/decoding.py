@@ -91,7 +91,7 @@ def _wake_at_end(lock: threading.Lock, waiter_box: list[Future[None]], _: Future
         settle(waiter)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Decoding:
     """The control layer's record of one decode (attached to each forward it queues)."""
 
@@ -110,7 +110,7 @@ class Decoding:
 
     def can_continue_after(self, position: int, context_len: int, page_size: int, max_context_len: int) -> bool:
         """Whether a decode whose forward at position (over context_len slots) is running may go on after it,
-        unless it samples a stop token: _end_after's test, made before the output is known."""
+        unless it samples a stop token: accept's test, made before the output is known."""
         return not self.stream.stop_requested and self._limit_after(
             self.num_generated + 1, position + 1, context_len, len(self.page_ids) * page_size, max_context_len) is None
 
@@ -130,17 +130,14 @@ class Decoding:
         """Takes a sampled output (its token now pending at next_position, after context_len tokens): streams
         it, and says which waiter to settle and why decoding ends (None: it goes on)."""
         self.num_generated += 1
-        waiter = self.stream.push(output)
-        return waiter, self._end_after(output.token_id, next_position, context_len,
-                                       len(self.page_ids) * page_size, max_context_len)
-
-    def _end_after(self, token_id: TokenId, next_position: int, context_len: int, num_slots: int,
-                   max_context_len: int) -> str | None:
-        if self.stream.stop_requested:
-            return END_CANCELLED
-        if token_id in self.stop_token_ids:
-            return END_STOP
-        return self._limit_after(self.num_generated, next_position, context_len, num_slots, max_context_len)
+        stream = self.stream
+        waiter = stream.push(output)
+        if stream.stop_requested:
+            return waiter, END_CANCELLED
+        if output.token_id in self.stop_token_ids:
+            return waiter, END_STOP
+        return waiter, self._limit_after(self.num_generated, next_position, context_len,
+                                         len(self.page_ids) * page_size, max_context_len)
 
     def _limit_after(self, num_generated: int, next_position: int, context_len: int, num_slots: int,
                      max_context_len: int) -> str | None:

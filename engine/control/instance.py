@@ -15,7 +15,7 @@ _arrivals = itertools.count()
 _demotions = itertools.count(1)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class InstanceState:
     instance_id: InstanceId
     seq: int  # open order: a larger seq is a newer instance (preempted first)

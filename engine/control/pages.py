@@ -15,6 +15,7 @@ that batch (swap_outs run first), while a slot freed by a swap-in is reusable on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from pie_server.engine.step import PageSwap
 from pie_server.engine.types import PageId
@@ -59,6 +60,14 @@ class PagePool:
 
     def refcount(self, block_id: BlockId) -> int:
         return self._get(block_id).refcount
+
+    def first_shared(self, block_ids: Sequence[BlockId], start: int = 0) -> int:
+        """The index of the first of block_ids[start:] with more than one reference (read-only), or -1."""
+        blocks = self._blocks
+        for index in range(start, len(block_ids)):
+            if blocks[block_ids[index]].refcount > 1:
+                return index
+        return -1
 
     def is_resident(self, block_id: BlockId) -> bool:
         return self._get(block_id).page is not None

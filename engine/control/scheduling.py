@@ -18,10 +18,9 @@ from pie_server.engine.control.pages import BlockId
 from pie_server.engine.control.state import ControlState, RunningStep, Sources
 from pie_server.engine.control.work import next_item
 from pie_server.engine.control.swap import choose_hoarder, choose_victim, nonresident_blocks
-from pie_server.engine.step import Batch, CommandResult, ForwardCommand, PageCopy, PageSwap, StepResult, TokenRef
+from pie_server.engine.step import Batch, CommandResult, ForwardCommand, PageCopy, PageSwap, StepResult
 
 PLACEHOLDER_TOKEN = 0  # a speculated decode forward's token until the device feeds (or the host patches) it
-
 
 
 class StepBuilder:
@@ -53,23 +52,30 @@ class StepBuilder:
                      step_id=self.s.step_id)
 
     def _speculate(self, running: RunningStep) -> None:
-        """Queues the next forward of every decode in running that may go on after it (decoding.py)."""
-        limits = self.s.limits
+        """Queues the next forward of every decode in running that may go on after it (decoding.py). The hot
+        loop of pipelined decoding: one pass, locals, no property or helper call a plain test can replace."""
+        state, limits, pool = self.s, self.s.limits, self.pool
+        page_size, max_context_len = limits.page_size, limits.max_context_len
+        refs = state.token_refs(len(running.sources))
         for command_index, (chunk, _) in enumerate(running.sources):
-            item, instance = chunk.item, chunk.instance
+            item = chunk.item
             decoding = item.decoding
-            if decoding is None or not chunk.is_last or item.cancelled or item.wasted or decoding.speculated \
-                    or instance.closed or instance.failure is not None or not decoding.can_continue_after(
-                        item.positions[-1], item.context_len, limits.page_size, limits.max_context_len):
+            if decoding is None or chunk.end != item.num_tokens or item.cancelled or item.wasted \
+                    or decoding.speculated is not None:
+                continue
+            instance = chunk.instance
+            if instance.closed or instance.failure is not None or not decoding.can_continue_after(
+                    item.positions[-1], item.context_len, page_size, max_context_len):
                 continue
             try:
                 successor = next_item(item, PLACEHOLDER_TOKEN, instance.table, limits)
-                self.s.check_writable(successor.written_ids, successor.written_block_ids)
             except ControlError:
                 continue  # a page of the decode was freed: it ends when the running forward returns
-            successor.fed = TokenRef(command_index)
+            if pool.first_shared(successor.block_ids, successor.write_start) >= 0:
+                continue  # a written page got shared (state.check_writable): the same, as for a freed page
+            successor.fed = refs[command_index]
             decoding.speculated = successor
-            self.s.enqueue(instance, successor)
+            state.enqueue(instance, successor)
 
     def swap_in(self, instance: InstanceState, block_ids: list[BlockId]) -> None:
         """Brings the blocks back to the device (the caller has made the pages free)."""
@@ -94,6 +100,8 @@ class StepBuilder:
 
     def _runnable(self) -> list[InstanceState]:
         """Instances with queued work whose blocks are all resident; the others get a swap-in demand."""
+        if self.pool.num_swapped_blocks == 0:  # every block is resident (nonresident_blocks' shortcut, hoisted)
+            return list(self.s.active)
         runnable = []
         for instance in self.s.active:
             if not nonresident_blocks(instance, self.pool):
@@ -182,21 +190,25 @@ class StepBuilder:
             copies.append(PageCopy(page(copy.src_block_id), page(copy.dst_block_id), copy.src_offset,
                                    copy.dst_offset, copy.num_slots))
         forwards, sources = [], []
+        pages = self.pool.pages
+        chunked: set[InstanceState] = set()  # instances in the middle of a chunked prefill
         for chunk in plan.chunks:
             item = chunk.item
-            command, output_ids = item.command(chunk.start, chunk.end, self.pool.pages(item.block_ids))
-            item.num_scheduled = chunk.end
-            if item.decoding is not None:
-                item.decoding.num_in_flight += 1
+            command, output_ids = item.command(chunk.start, chunk.end, pages(item.block_ids))
+            item.num_scheduled = end = chunk.end
+            if end != item.num_tokens:
+                chunked.add(chunk.instance)
+            decoding = item.decoding
+            if decoding is not None:
+                decoding.num_in_flight += 1
             forwards.append(command)
             sources.append((chunk, output_ids))
-        active = self.s.active
+        active, unqueue = self.s.active, self.s.unqueue
         for instance, num_consumed in plan.num_consumed.items():
             for _ in range(num_consumed):
-                self.s.unqueue(instance)
+                unqueue(instance)
         # Round robin: an instance whose commands were all taken goes to the back; one in the middle of a
         # chunked prefill keeps its place (prefills finish in arrival order).
-        chunked = {chunk.instance for chunk in plan.chunks if not chunk.is_last}
         for instance in {chunk.instance: None for chunk in plan.chunks} | plan.num_consumed:
             if instance not in chunked:
                 active.pop(instance, None)
@@ -221,8 +233,11 @@ class StepBuilder:
                 self._fail_chunk(chunk, ControlError(f"the executor returned {len(command_result.outputs)} "
                                                      f"outputs for {num_wanted} requested"))
                 continue
-            if output_ids is None:  # the whole forward in one command: its result as it is
-                self._finish(chunk, command_result)
+            if output_ids is None:  # the whole forward in one command: its result as it is (_finish, inlined)
+                if item.decoding is None:
+                    self.s.settle(item.future, command_result)
+                else:
+                    self.s.continue_decode(chunk.instance, item, command_result.outputs[0])
                 continue
             item.add_results(output_ids, command_result.outputs)
             if chunk.is_last:

@@ -22,7 +22,7 @@ from pie_server.engine.control.pages import BlockId
 from pie_server.engine.control.resources import Resources
 from pie_server.engine.control.swap import nonresident_blocks
 from pie_server.engine.control.work import CopyItem, ForwardItem, Limits, next_item, queued_page_ids
-from pie_server.engine.step import OutputResult
+from pie_server.engine.step import OutputResult, TokenRef
 from pie_server.engine.types import InstanceId, VirtualPageId
 
 # Brings an instance's swapped-out blocks back in the step being formed (StepBuilder.swap_in).
@@ -44,6 +44,9 @@ class ControlState:
         self.limits = limits
         self.instances: dict[InstanceId, InstanceState] = {}
         self.active: dict[InstanceState, None] = {}  # instances with queued work, oldest first
+        # TokenRef(i) at index i: a TokenRef is immutable, so one per command index serves every step (building
+        # one per speculated forward cost about as much as the rest of its bookkeeping).
+        self._token_refs: list[TokenRef] = []
         self.demands = DemandQueue()
         # The steps submitted and not yet delivered, oldest first: one, or two when steps are pipelined.
         self.running: deque[RunningStep] = deque()
@@ -92,13 +95,20 @@ class ControlState:
         if not instance.queue:
             self.active.pop(instance, None)
 
+    def token_refs(self, num_commands: int) -> list[TokenRef]:
+        """A list whose item i is TokenRef(i), for i < num_commands at least (grown on demand)."""
+        refs = self._token_refs
+        while len(refs) < num_commands:
+            refs.append(TokenRef(len(refs)))
+        return refs
+
     def check_writable(self, page_ids: Sequence[VirtualPageId], block_ids: Sequence[BlockId]) -> None:
         """The sharing invariant: pages with more than one reference are read-only."""
-        for page_id, block_id in zip(page_ids, block_ids):
-            refcount = self.res.pool.refcount(block_id)
-            if refcount > 1:
-                raise ControlError(f"page {page_id} is shared ({refcount} references) and so read-only; copy "
-                                   "its slots to a private page before writing")
+        index = self.res.pool.first_shared(block_ids)
+        if index >= 0:
+            refcount = self.res.pool.refcount(block_ids[index])
+            raise ControlError(f"page {page_ids[index]} is shared ({refcount} references) and so read-only; copy "
+                               "its slots to a private page before writing")
 
     @staticmethod
     def check_not_being_written(instance: InstanceState, page_ids: Sequence[VirtualPageId]) -> None:

@@ -18,6 +18,16 @@ from pie_server.engine.step import CommandResult, ForwardCommand, OutputResult, 
 from pie_server.engine.types import PageId, VirtualPageId
 
 
+# The per-token constructors of the decode path pass their fields positionally (keywords cost about a third
+# more per call there), in this order; tests/engine/control/test_hot_path.py checks it against the classes.
+HOT_FIELD_ORDER = {
+    "ForwardItem": ("token_ids", "positions", "page_ids", "block_ids", "context_len", "page_size", "outputs", "mask",
+                    "chunkable", "future"),
+    "ForwardCommand": ("token_ids", "positions", "page_ids", "last_page_len", "outputs", "attention_mask",
+                       "fed_token"),
+}
+
+
 @dataclass(frozen=True)
 class Limits:
     page_size: int
@@ -45,7 +55,7 @@ class CopyItem:
         return (self.dst_page_id,)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ForwardItem:
     """A validated forward. Its blocks are resolved at submission: a virtual id names the same block for as
     long as a queued command uses it (see PageTable), while the block's physical page may change."""
@@ -92,11 +102,10 @@ class ForwardItem:
         """The command for tokens [start, end) over the physical pages of the whole context; also the
         indices (into outputs) of the outputs it carries, in its order (None: all of them, as they are)."""
         page_size = self.page_size
-        if start == 0 and end == self.num_tokens:
-            return ForwardCommand(
-                token_ids=self.token_ids, positions=self.positions, page_ids=pages,
-                last_page_len=self.context_len - (len(pages) - 1) * page_size, outputs=self.outputs,
-                attention_mask=self.mask, fed_token=self.fed), None
+        if start == 0 and end == self.num_tokens:  # every decode step: positional, see HOT_FIELD_ORDER
+            return ForwardCommand(self.token_ids, self.positions, pages,
+                                  self.context_len - (len(pages) - 1) * page_size, self.outputs, self.mask,
+                                  self.fed), None
         chunk_context = self.base + end
         num_pages = -(-chunk_context // page_size)
         output_ids = [k for k, o in enumerate(self.outputs) if start <= o.index < end]
@@ -177,10 +186,11 @@ def next_item(item: ForwardItem, token_id: int, table: PageTable, limits: Limits
             and (limits.max_position is None or position < limits.max_position) \
             and 0 <= token_id and (limits.vocab_size is None or token_id < limits.vocab_size):
         # The common step: the same pages as item, validated at this table version (no page freed or masked
-        # since), so prepare_forward's checks would all pass and give item's blocks again.
-        successor = ForwardItem(token_ids=[token_id], positions=[position], page_ids=item.page_ids,
-                                block_ids=item.block_ids, context_len=context_len, page_size=limits.page_size,
-                                outputs=item.outputs, mask=None, chunkable=True, future=item.future)
+        # since), so prepare_forward's checks would all pass and give item's blocks again. Positional (see
+        # HOT_FIELD_ORDER): token_ids, positions, page_ids, block_ids, context_len, page_size, outputs, mask,
+        # chunkable, future.
+        successor = ForwardItem([token_id], [position], item.page_ids, item.block_ids, context_len,
+                                limits.page_size, item.outputs, None, True, item.future)
         successor.decoding = decoding
         return successor
     return _decode_item(decoding, [token_id], position, item.context_len, table, limits)

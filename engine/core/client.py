@@ -209,7 +209,7 @@ class RemoteControl:
         if isinstance(event, Output):
             stream = self._pending[event.call_id][0]
             assert isinstance(stream, DecodeStream)
-            waiter = stream.push(OutputResult(event.token_id, event.logprob, tuple(event.top_logprobs)))
+            waiter = stream.push(OutputResult(event.token_id, event.logprob, event.top_logprobs))
             if waiter is not None:
                 settle(waiter, None, None)
             return

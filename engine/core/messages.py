@@ -41,7 +41,8 @@ class Output(msgspec.Struct, array_like=True, tag=2):
     call_id: int
     token_id: int
     logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] = []
+    # A tuple (not a list): as OutputResult's, so neither end copies it per token; the same msgpack array.
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 class End(msgspec.Struct, array_like=True, tag=3):

@@ -81,7 +81,7 @@ class RelayStream(DecodeStream):
         self.done.add_done_callback(self._ended)
 
     def push(self, output: OutputResult) -> None:
-        self.link.emit(Output(self.call_id, output.token_id or 0, output.logprob, list(output.top_logprobs)))
+        self.link.emit(Output(self.call_id, output.token_id or 0, output.logprob, output.top_logprobs))
         return None
 
     def _ended(self, done: Future[str]) -> None:
