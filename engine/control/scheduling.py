@@ -125,8 +125,7 @@ class StepBuilder:
         if choice is None:
             return False
         victim, block_ids = choice
-        self.s.res.reclaim_swap_slots(len(block_ids))
-        num_slots = min(len(block_ids), self.pool.num_free_swap_slots)
+        num_slots = self._free_swap_slots(len(block_ids))
         if num_slots == 0:
             self.s.fail_instance(victim, f"instance {victim.instance_id!r} was preempted: out of KV pages and "
                                         "of host swap space (the last resort; its pages were dropped)")
@@ -147,14 +146,18 @@ class StepBuilder:
         if choice is None:
             return False
         victim, block_ids = choice
-        self.s.res.reclaim_swap_slots(len(block_ids))
-        num_slots = min(len(block_ids), self.pool.num_free_swap_slots)
+        num_slots = self._free_swap_slots(len(block_ids))
         if num_slots == 0:
             return False
         self._swap_out(victim, block_ids[:num_slots])
         victim.demote()
         self.s.demands.reorder()
         return True
+
+    def _free_swap_slots(self, num_wanted: int) -> int:
+        """How many of num_wanted blocks can be swapped out now (cached pages' slots reclaimed first)."""
+        self.s.res.reclaim_swap_slots(num_wanted)
+        return min(num_wanted, self.pool.num_free_swap_slots)
 
     def _swap_out(self, victim: InstanceState, block_ids: list[BlockId]) -> None:
         self.swap_outs.extend(self.pool.swap_out(block_id) for block_id in block_ids)
