@@ -53,16 +53,24 @@ def test_more_requests_than_the_kv_cache_holds_queue_and_complete(small_kv_serve
     pool_tokens = small_kv_server.engine.info.num_pages * small_kv_server.engine.info.page_size
     num_requests, max_tokens = 12, 40
 
-    async def main() -> list:
+    async def main() -> tuple[list, list]:
         client = openai.AsyncOpenAI(base_url=small_kv_server.url + "/v1", api_key="x", max_retries=0, timeout=300)
-        outs = await asyncio.gather(*[client.completions.create(
-            model=MODEL, prompt=f"Request number {i}: " + "tell me more " * 8, max_tokens=max_tokens,
-            temperature=0, extra_body={"ignore_eos": True}) for i in range(num_requests)])
-        await client.close()
-        return outs
 
-    outs = asyncio.run(main())
+        def request(i: int):  # type: ignore[no-untyped-def]
+            return client.completions.create(
+                model=MODEL, prompt=f"Request number {i}: " + "tell me more " * 8, max_tokens=max_tokens,
+                temperature=0, extra_body={"ignore_eos": True})
+
+        alone = [await request(i) for i in range(num_requests)]  # uncontended: one at a time
+        together = await asyncio.gather(*[request(i) for i in range(num_requests)])
+        await client.close()
+        return alone, together
+
+    alone, outs = asyncio.run(main())
     needed = sum(o.usage.total_tokens for o in outs)
     assert needed > 2 * pool_tokens  # the requests together need far more KV than there is
     assert all(o.usage.completion_tokens == max_tokens and o.choices[0].finish_reason == "length" for o in outs)
+    # Greedy: queued (admission) or preempted, each gets exactly the text it gets alone.
+    texts = [o.choices[0].text for o in outs]
+    assert texts == [o.choices[0].text for o in alone] and len(set(texts)) > 1, texts[:3]
     assert all_pages_free(small_kv_server)
