@@ -14,7 +14,8 @@
 #   bash scripts/gpu_serving.sh gpu-tests             # the whole pytest -m gpu
 #   SHAPE: smollm2-135m or llama-3.1-8b. Several commands chain: `... setup pie smollm2-135m 1 pie llama-3.1-8b 1`
 #
-# The first call carries .whl/ (../shared/gpu/fetch-wheels with the client wheels of docs/benchmarks.md, msgspec,
+# `bash scripts/gpu_prepare.sh` builds both carried folders on the CPU machine. The first call carries .whl/
+# (../shared/gpu/fetch-wheels with the client wheels of docs/benchmarks.md, msgspec,
 # pyzmq; llguidance 1.9.1 by pip download, manylinux_2_31) and .gpu-model/ (smollm2/ config and tokenizer,
 # llama-3.1-8b/ config and a gzipped tokenizer of 128,256 ids, pie-cache/inferlets/<hash>.wasm.gz of the default
 # and react-agent inferlets (built here; the key covers the SDK and WIT, so rebuild them after changing those),
