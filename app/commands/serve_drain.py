@@ -39,9 +39,9 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         self._drain_deadline = time.monotonic() + self.drain_timeout_s
+        state.begin_drain()  # before the log line: who reads "draining" in the log finds new requests refused
         log.info("signal %d: draining %d requests in flight (at most %.0f s)", sig, state.num_in_flight,
                  self.drain_timeout_s)
-        state.begin_drain()
 
     async def on_tick(self, counter: int) -> bool:
         if self._drain_deadline is not None and not self.should_exit:
