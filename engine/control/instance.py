@@ -53,6 +53,10 @@ class Allocation:
     future: Future[list[VirtualPageId]]
     arrival: int = field(default_factory=lambda: next(_arrivals))
 
+    @property
+    def num_new_pages(self) -> int:
+        return self.num_pages
+
 
 @dataclass(eq=False)
 class SwapIn:
@@ -60,6 +64,7 @@ class SwapIn:
 
     instance: InstanceState
     arrival: int = field(default_factory=lambda: next(_arrivals))
+    num_new_pages = 0  # it only brings its own blocks back
 
 
 Demand = Allocation | SwapIn

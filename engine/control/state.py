@@ -220,13 +220,11 @@ class ControlState:
     @staticmethod
     def num_pages_held(demand: Demand) -> int:
         """Distinct pages the demand's instance holds once it is met (wherever they live)."""
-        num_new = demand.num_pages if isinstance(demand, Allocation) else 0
-        return len(demand.instance.table.block_counts()) + num_new
+        return len(demand.instance.table.block_counts()) + demand.num_new_pages
 
     def num_pages_wanted(self, demand: Demand) -> int:
         """Free pages the demand needs: its new pages and its instance's swapped-out blocks."""
-        num_new = demand.num_pages if isinstance(demand, Allocation) else 0
-        return num_new + len(nonresident_blocks(demand.instance, self.res.pool))
+        return demand.num_new_pages + len(nonresident_blocks(demand.instance, self.res.pool))
 
     def serve_demands(self, swap_in: SwapInFn | None = None) -> None:
         """Meets waiting demands in order (head_demand) while pages allow. A demand of an instance with
@@ -238,7 +236,7 @@ class ControlState:
                 self.demands.remove(demand)
                 instance.num_pages_requested -= demand.num_pages
                 continue
-            num_new = demand.num_pages if isinstance(demand, Allocation) else 0
+            num_new = demand.num_new_pages
             missing = nonresident_blocks(instance, self.res.pool)
             if missing and swap_in is None:
                 return

@@ -58,7 +58,7 @@ def choose_hoarder(instances: Iterable[InstanceState], head: InstanceState, pool
     (choose_victim) never touches an older instance, this does, but only its pages beyond its share, and only
     when the head demand can be met no other way (the caller tries choose_victim first). The caller demotes
     the victim (InstanceState.demote), so it cannot take the pages back by age at once."""
-    best: tuple[int, InstanceState] | None = None
+    best: tuple[int, InstanceState, list[BlockId]] | None = None
     for instance in instances:
         if instance is head or instance.failure is not None or instance.closed:
             continue
@@ -66,9 +66,8 @@ def choose_hoarder(instances: Iterable[InstanceState], head: InstanceState, pool
         if excess > 0 and (best is None or excess > best[0] or (excess == best[0] and instance.rank > best[1].rank)):
             block_ids = swappable_blocks(instance, pool, keep)
             if block_ids:
-                best = (excess, instance)
+                best = (excess, instance, block_ids)
     if best is None:
         return None
-    excess, victim = best
-    block_ids = swappable_blocks(victim, pool, keep)
+    excess, victim, block_ids = best
     return victim, block_ids[-min(excess, max(1, num_wanted), len(block_ids)):]
