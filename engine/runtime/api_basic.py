@@ -61,15 +61,16 @@ def functions(host: Host) -> list[HostFunction]:
         inst.outbox.put(message)
         return value
 
+    def clipped(text: str) -> str:
+        """At most max_message bytes: send has no error channel, so a longer text is cut (at a character)."""
+        data = text.encode()
+        return text if len(data) <= max_message else data[:max_message].decode(errors="ignore")
+
     def send(inst: InstanceState, text: str) -> Any:
-        if len(text.encode()) > max_message:  # no err channel: cut, and say so in the log
-            text = text.encode()[:max_message].decode(errors="ignore")
-        return deliver(inst, Text(text), None)
+        return deliver(inst, Text(clipped(text)), None)
 
     def send_on(inst: InstanceState, channel: int, text: str) -> Any:
-        if len(text.encode()) > max_message:
-            text = text.encode()[:max_message].decode(errors="ignore")
-        return deliver(inst, Text(text, channel), None)
+        return deliver(inst, Text(clipped(text), channel), None)
 
     def send_event(inst: InstanceState, payload: str) -> Any:
         check_message(payload, "the event")
