@@ -314,7 +314,7 @@ class AppState:
         prompt = await run.start()
         assert self.view is not None and self.admission is not None
         view, admission = self.view, self.admission
-        num_pages = pages_for(prompt.prompt_tokens, prompt.max_tokens, n, self.view.page_size,
+        num_pages = pages_for(prompt.prompt_tokens, prompt.max_tokens, n, view.page_size,
                               self.config.max_output_reserve, admission.num_pages)
         self.num_queued += 1
         reserved = admission.reserve(num_pages)
