@@ -11,6 +11,7 @@ import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import Future
 from typing import Any
 
 from pie_server.engine.runtime.host import Host
@@ -65,7 +66,7 @@ def _read(response: Any, max_bytes: int) -> dict[str, Any]:
 def functions(host: Host) -> list[HostFunction]:
     config = host.config
 
-    def fetch(inst: InstanceState, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> HostTaskGen:
+    def start(method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Future:
         method = method.upper()
         expect(method in METHODS, f"method must be one of {', '.join(METHODS)}")
         parsed = urllib.parse.urlsplit(url)
@@ -74,9 +75,32 @@ def functions(host: Host) -> list[HostFunction]:
                f"host {parsed.hostname!r} is not on the server's HTTP allow-list")
         expect(len(body) <= MAX_REQUEST_BODY_BYTES, f"request body exceeds {MAX_REQUEST_BODY_BYTES} bytes")
         expect(all("\n" not in k + v and "\r" not in k + v for k, v in headers), "header names/values must not contain newlines")
-        outcome = yield host.run_blocking(lambda: _fetch(method, url, headers, bytes(body), config.http_timeout_s,
-                                                         config.http_max_response_bytes))
+        return host.run_blocking(lambda: _fetch(method, url, headers, bytes(body), config.http_timeout_s,
+                                                config.http_max_response_bytes))
+
+    def fetch(inst: InstanceState, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> HostTaskGen:
+        outcome = yield start(method, url, headers, body)
+        return ("ok", outcome)
+
+    def fetch_start(inst: InstanceState, method: str, url: str, headers: list[tuple[str, str]],
+                    body: bytes) -> tuple[str, int]:
+        maximum = config.http_max_pending_per_instance
+        expect(len(inst.pending_fetches) < maximum,
+               f"{maximum} fetches are already in flight for this instance (fetch-wait for one first)")
+        future = start(method, url, headers, body)
+        if inst.num_fetches_started == 0:  # an instance that ends does not leave its queued requests to the pool
+            inst.on_exit.append(lambda ended: [f.cancel() for f in ended.pending_fetches.values()])
+        inst.num_fetches_started += 1
+        inst.pending_fetches[inst.num_fetches_started] = future
+        return ("ok", inst.num_fetches_started)
+
+    def fetch_wait(inst: InstanceState, handle: int) -> HostTaskGen:
+        future = inst.pending_fetches.pop(handle, None)
+        expect(future is not None, f"no fetch {handle} is in flight (each started fetch is waited for once)")
+        outcome = yield future
         return ("ok", outcome)
 
     params = ("string", "string", ("list", ("tuple", "string", "string")), ("list", "u8"))
-    return [HostFunction("http", "fetch", fetch, ("result", RESPONSE, "string"), params)]
+    return [HostFunction("http", "fetch", fetch, ("result", RESPONSE, "string"), params),
+            HostFunction("http", "fetch-start", fetch_start, ("result", "u32", "string"), params),
+            HostFunction("http", "fetch-wait", fetch_wait, ("result", RESPONSE, "string"), ("u32",))]

@@ -52,6 +52,11 @@ class RuntimeConfig:
     http_allowed_hosts: tuple[str, ...] = ()  # exact host names, or "*.example.com" for subdomains
     http_timeout_s: float = 30.0
     http_max_response_bytes: int = 8 << 20
+    # Fetches in flight at once over all instances (threads of the runtime's I/O pool; more wait their turn):
+    # an agent per task with a 100 ms tool keeps one busy per agent, so 8 made 128 agents queue for 1.6 s.
+    http_max_in_flight: int = 128
+    # fetch-start requests one instance may have in flight (each holds a slot of the pool above)
+    http_max_pending_per_instance: int = 16
     max_message_bytes: int = 1 << 20  # one message to or from the client, or one broadcast
     max_store_key_bytes: int = 256
     max_store_value_bytes: int = 1 << 20
@@ -82,9 +87,10 @@ class RuntimeConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive (or None: no limit)")
-        for name in ("http_max_response_bytes", "max_message_bytes", "max_store_key_bytes",
-                     "max_store_value_bytes", "max_store_bytes_per_tenant", "max_generate_batch", "max_log_bytes",
-                     "mailbox_capacity", "decode_room_pages", "max_outbox_bytes"):
+        for name in ("http_max_response_bytes", "http_max_in_flight", "http_max_pending_per_instance",
+                     "max_message_bytes", "max_store_key_bytes", "max_store_value_bytes",
+                     "max_store_bytes_per_tenant", "max_generate_batch", "max_log_bytes", "mailbox_capacity",
+                     "decode_room_pages", "max_outbox_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 

@@ -41,6 +41,9 @@ class InstanceState:
     broadcasts: Mailbox[tuple[str, str]] = field(default_factory=Mailbox)
     topics: set[str] = field(default_factory=set)
     decoder_reps: set[int] = field(default_factory=set)
+    # http fetch-start handle -> its concurrent.futures.Future; fetch-wait takes it out (each is waited for once)
+    pending_fetches: dict[int, Any] = field(default_factory=dict)
+    num_fetches_started: int = 0  # the last handle given
     log: bytearray = field(default_factory=bytearray)  # WASI stdout+stderr, first `max_log_bytes` kept
     log_path: str | None = None  # where the log is written when the instance ends (if a log_dir is set)
     # wasmtime objects, owned by the scheduler thread

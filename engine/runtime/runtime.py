@@ -109,7 +109,8 @@ class Runtime:
         self.tenant_pages = None if self.config.max_pages_per_tenant is None \
             else TenantPages(self.config.max_pages_per_tenant)
         host_control = control if self.tenant_pages is None else QuotaControl(control, self.tenant_pages)
-        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="inferlet-io")
+        self._io = ThreadPoolExecutor(max_workers=self.config.http_max_in_flight,
+                                      thread_name_prefix="inferlet-io")
         self._scheduler = Scheduler(self.engine, self.config.epoch_tick_s, self._on_stop)
         self._host = Host(control=host_control, tokenizer=tokenizer, model=model_info, config=self.config,
                           call_later=self._scheduler.call_later, run_blocking=self._io.submit,

@@ -9,7 +9,10 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -52,7 +55,8 @@ def components(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, F
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir: Path) -> Iterator[Engine]:
     config = EngineConfig(device="cpu", dtype="float32", page_size=PAGE_SIZE, num_pages=NUM_PAGES)
-    runtime_config = RuntimeConfig(cache_dir=str(default_cache_dir().parent / "compiled"))  # shared per session
+    runtime_config = RuntimeConfig(cache_dir=str(default_cache_dir().parent / "compiled"),  # shared per session
+                                   http_allowed_hosts=("127.0.0.1",))
     started = Engine.start(tiny_llama_dir, config, runtime_config=runtime_config, progress=False)
     yield started
     started.close()
@@ -193,6 +197,53 @@ def test_errors_end_only_with_a_clear_message(engine: Engine, programs: dict[str
     [report] = _events(bad)
     assert report["error"] and "987654" in report["error"]
     assert "out of range" in report["value_error"] and report["text"]
+
+
+class SlowServer:
+    """POST /N -> "reply N" after latency_s; records the most requests it held at once."""
+
+    def __init__(self, latency_s: float) -> None:
+        self.num_open = self.max_open = 0
+        lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                with lock:
+                    server.num_open += 1
+                    server.max_open = max(server.max_open, server.num_open)
+                time.sleep(latency_s)
+                with lock:
+                    server.num_open -= 1
+                data = f"reply {self.path.lstrip('/')}".encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_started_fetches_run_at_once_up_to_the_instances_limit(engine: Engine, programs: dict[str, str]) -> None:
+    server = SlowServer(latency_s=0.3)
+    limit = RuntimeConfig().http_max_pending_per_instance
+    try:
+        messages = _messages(engine, programs["probe"], ["fetch", "--url", server.url, "--count", str(limit + 1)])
+    finally:
+        server.httpd.shutdown()
+    _ok(messages)  # ended with a fetch in flight that it never waited for: a normal end
+    [report] = _events(messages)
+    assert report["bodies"] == [f"reply {i}" for i in range(limit)]
+    assert report["refused"] == [f"{limit} fetches are already in flight for this instance (fetch-wait for one "
+                                 "first)"]
+    assert server.max_open == limit  # all in flight together: started, not fetched one after the other
+    assert "no fetch 1 is in flight" in report["again"] and "no fetch 987654 is in flight" in report["unknown"]
 
 
 def test_pie_run_prints_the_stream_and_reports_failures(engine: Engine, programs: dict[str, str],

@@ -11,17 +11,20 @@ or random model writes a well-formed call. The agent POSTs the input to TOOL_URL
 server's --http-allow list); `finish` ends the loop and its input is the answer.
 
 Invariant: the context is never prefilled again. Its KV stays in the server between steps and each step sends
-the engine only what is new: the observation's turn, the action's fixed text, the last sampled token. The final
-event reports the counts that show it: kv_len = tokens whose KV this run computed + the cached prefix.
+the engine only what is new: the observation's turn, the action's fixed text, the last sampled token. What does
+not depend on the tool's answer (the action's end, the observation turn's head) is prefilled while the tool
+works (http fetch-start), which an agent outside the server cannot do. The final event reports the counts that show it: kv_len = tokens whose KV this run computed + the cached prefix.
 """
 import argparse
+from typing import Callable
 
-from pie_sdk import ArgumentParser, HostError, PieError, fetch, monotonic_ns, publish_prefix, send_event
+from pie_sdk import ArgumentParser, HostError, PieError, fetch_start, monotonic_ns, publish_prefix, send_event
 
 from actions import json_action, template_action
 from transcript import Transcript
 
 FINISH = "finish"
+OBSERVATION = "Observation: "  # a user turn's start, before the tool's answer
 ACTION_FORMATS = {"template": template_action, "json": json_action}
 
 
@@ -44,9 +47,12 @@ def main(args: list[str]) -> None:
             publish_prefix(transcript.ctx)  # the prompt's full pages, for later agents with the same system prompt
         if action["tool"] == FINISH:
             break
-        observation = _call_tool(opts.tool_url, action["tool"], action["input"], opts.max_observation_chars)
+        # While the tool works, the context takes the text that does not depend on its answer (the turn's
+        # end, the observation turn's head): the next generation has only the answer to prefill.
+        observation = _call_tool(opts.tool_url, action["tool"], action["input"], opts.max_observation_chars,
+                                 meanwhile=lambda: transcript.open_user_turn(OBSERVATION.rstrip()))
         observed = monotonic_ns()
-        transcript.add_user_turn(f"Observation: {observation}")
+        transcript.add_user_turn(OBSERVATION + observation)
         num_calls += 1
         send_event({"type": "step", "step": num_calls, "thought": action.get("thought"), "tool": action["tool"],
                     "input": action["input"], "observation": observation, "action_ms": (acted - started) / 1e6,
@@ -96,12 +102,22 @@ def _system_prompt(tools: dict[str, str]) -> str:
             f"Tools:\n{listed}\n- {FINISH}: gives the final answer as its input.")
 
 
-def _call_tool(tool_url: str, name: str, tool_input: str, max_chars: int) -> str:
-    """The tool's response text on one line; a failure becomes the observation (the model may react to it)."""
+def _call_tool(tool_url: str, name: str, tool_input: str, max_chars: int, meanwhile: Callable[[], None]) -> str:
+    """The tool's response text on one line; a failure becomes the observation (the model may react to it).
+    meanwhile() runs while the request is in flight."""
+    failure: HostError | None = None
     try:
-        response = fetch(f"{tool_url.rstrip('/')}/{name}", method="POST", body=tool_input,
-                         headers={"content-type": "text/plain; charset=utf-8"})
+        pending = fetch_start(f"{tool_url.rstrip('/')}/{name}", method="POST", body=tool_input,
+                              headers={"content-type": "text/plain; charset=utf-8"})
     except HostError as error:
-        return f"error: {error}"[:max_chars]
+        failure = error
+    meanwhile()
+    if failure is None:
+        try:
+            response = pending.wait()
+        except HostError as error:
+            failure = error
+    if failure is not None:
+        return f"error: {failure}"[:max_chars]
     text = response.text if 200 <= response.status < 300 else f"error {response.status}: {response.text}"
     return " ".join(text.split())[:max_chars]

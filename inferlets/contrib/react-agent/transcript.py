@@ -6,6 +6,8 @@ fills only what follows `text`, so the tokens of every earlier turn keep their K
 """
 from pie_sdk import Context, Generation, apply_chat_template, fill_cached
 
+CONTENT_MARK = "\x00"  # where a turn's content goes on in a rendering: a character no template writes itself
+
 
 class Transcript:
     def __init__(self, messages: list[dict]) -> None:
@@ -23,6 +25,12 @@ class Transcript:
         self.ctx.fill(text)
         self.text += text
 
+    def flush(self) -> None:
+        """Computes the KV of the pending tokens now (but the last, kept to predict from), not with the next
+        generation: worth it while the agent waits anyway, for a tool."""
+        self.num_prefilled_tokens += max(0, len(self.ctx.pending_ids) - 1)
+        self.ctx.flush()
+
     def generate(self, max_tokens: int, **options: object) -> Generation:
         """Continues the context (pie_sdk's generate_detailed options, never streamed) and keeps the counts."""
         self.num_prefilled_tokens += len(self.ctx.pending_ids)
@@ -35,6 +43,18 @@ class Transcript:
     def end_turn(self, content: str) -> None:
         """The assistant's turn so far (already in the context) is `content`."""
         self.messages.append({"role": "assistant", "content": content})
+
+    def open_user_turn(self, content_start: str) -> None:
+        """Writes what the chat template renders before a user turn whose content starts with content_start,
+        that start included, and flushes it: add_user_turn(content) then writes only the rest."""
+        if not self.templated:
+            return
+        turn = {"role": "user", "content": content_start + CONTENT_MARK}
+        rendered = apply_chat_template([*self.messages, turn])
+        head = rendered[:rendered.find(CONTENT_MARK)]
+        if CONTENT_MARK in rendered and head.startswith(self.text):
+            self.write(head[len(self.text):])
+            self.flush()
 
     def add_user_turn(self, content: str) -> None:
         """A user turn (and the assistant's turn opened after it), filled as the chat template renders it."""

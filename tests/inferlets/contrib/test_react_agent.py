@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,16 +27,22 @@ INFERLETS = ("react-agent",)  # built in the background (conftest.py)
 
 
 class ToolServer:
-    """POST /NAME with a text body -> "result N: <the body reversed>"; records every call."""
+    """POST /NAME with a text body -> "result N: <the body reversed>" after latency_s; records every call and
+    when it was served (perf_counter seconds, from the request read to the reply)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
         self.replies: list[str] = []
+        self.windows: list[tuple[float, float]] = []
+        self.latency_s = 0.0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                started = time.perf_counter()
+                time.sleep(server.latency_s)
+                server.windows.append((started, time.perf_counter()))
                 reply = f"result {len(server.calls) + 1}: {body[::-1]}"
                 server.calls.append((self.path.lstrip("/"), body))
                 server.replies.append(reply)
@@ -77,13 +84,18 @@ def program(agent_engine: Engine, build: Builder) -> str:
     return build("react-agent", engine=agent_engine)
 
 
-def _count_executor_tokens(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """[tokens of every forward command the executor ran since], counted as it submits steps."""
+def _count_executor_tokens(engine: Engine, monkeypatch: pytest.MonkeyPatch,
+                           submitted: list[tuple[float, int]] | None = None) -> list[int]:
+    """[tokens of every forward command the executor ran since], counted as it submits steps; each step's
+    (perf_counter time, tokens) is appended to `submitted` if given."""
     count = [0]
     submit = engine.executor.submit
 
     def counted(batch):  # noqa: ANN001, ANN202
-        count[0] += sum(len(command.token_ids) for command in batch.forwards)
+        num_tokens = sum(len(command.token_ids) for command in batch.forwards)
+        count[0] += num_tokens
+        if submitted is not None:
+            submitted.append((time.perf_counter(), num_tokens))
         return submit(batch)
 
     monkeypatch.setattr(engine.executor, "submit", counted)
@@ -122,3 +134,24 @@ def test_the_agent_calls_its_tools_and_never_prefills_the_conversation_again(
         answer["kv_len"] - answer["num_cached_tokens"]
     assert answer["num_pages"] == -(-answer["kv_len"] // PAGE_SIZE)
     assert_pages_free(engine)
+
+
+def test_the_agent_prefills_while_its_tool_works(agent_engine: Engine, program: str, tools: ToolServer,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The action's end and the observation turn's head do not wait for the tool's answer: the engine computes
+    them while the request is in flight (an OpenAI client's server would be idle then)."""
+    submitted: list[tuple[float, int]] = []
+    _count_executor_tokens(agent_engine, monkeypatch, submitted)
+    tools.windows.clear()
+    monkeypatch.setattr(tools, "latency_s", 0.5)
+    args = ["--question", "What is the capital of France?", "--tool-url", tools.url, "--tool", "search: looks up",
+            "--min-calls", "2", "--max-calls", "2", "--thought-chars", "0", "--input-chars", "8"]
+    messages = run(agent_engine, program, args)
+    ok(messages)
+    assert len(tools.windows) == 2
+    for _, replied in tools.windows:
+        # The last forward before the reply is the turn's fixed text (the value's last token, <|im_end|>, the
+        # user turn's head, "Observation:": ~10 tokens), not the action's last decode step (1 token).
+        [*_, (_, num_tokens)] = [step for step in submitted if step[0] < replied]
+        assert num_tokens >= 5, (submitted, tools.windows)
+    assert_pages_free(agent_engine)

@@ -11,22 +11,27 @@
     probe constrained --prompt P               a regex and a JSON schema constraint on generate
     probe bad-page                             a call with a page id it does not own: a clear error, and the
                                                instance goes on
+    probe fetch --url U --count N              starts N POSTs to U/0 .. U/N-1 at once (fetch_start), then waits
+                                               for each; reports the bodies, the refused starts, and the errors of
+                                               waiting on a used and on an unknown handle; ends with one more
+                                               fetch started and never waited for
     probe fail                                 raises ValueError
 """
-from wit_world.imports import kv
+from wit_world.imports import http, kv
 
 import pie_sdk
-from pie_sdk import ArgumentParser, Context, generate_all, receive, send_event
+from pie_sdk import ArgumentParser, Context, HostError, generate_all, receive, send_event
 
 
 def main(args: list[str]) -> None:
     parser = ArgumentParser(prog="probe")
-    parser.add_argument("scenario", choices=["paths", "fork", "prefix", "export", "import", "constrained", "bad-page",
-                                                 "fail"])
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("--prompt", default="Hello")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--forks", type=int, default=2)
     parser.add_argument("--name", default="probe")
+    parser.add_argument("--url", default="http://127.0.0.1/")
+    parser.add_argument("--count", type=int, default=2)
     opts = parser.parse_args(args)
     SCENARIOS[opts.scenario](opts)
 
@@ -118,10 +123,31 @@ def bad_page(opts) -> None:
     send_event({"error": error, "value_error": value_error, "text": ctx.generate(2, stream=False)})
 
 
+def fetch(opts) -> None:
+    pending, refused = [], []
+    for i in range(opts.count):
+        try:
+            pending.append(pie_sdk.fetch_start(f"{opts.url}/{i}", method="POST", body=str(i)))
+        except HostError as error:
+            refused.append(str(error))
+    bodies = [p.wait().text for p in pending]
+    send_event({"bodies": bodies, "refused": refused, "again": _wait_error(1), "unknown": _wait_error(987654)})
+    pie_sdk.fetch_start(f"{opts.url}/last", method="POST", body="last")
+
+
+def _wait_error(handle: int) -> str | None:
+    try:
+        http.fetch_wait(handle)
+        return None
+    except Exception as exc:  # the binding raises Err(message)
+        return str(getattr(exc, "value", exc))
+
+
 def fail(opts) -> None:
     print("probe: about to fail")
     raise ValueError("probe failure")
 
 
 SCENARIOS = {"paths": paths, "fork": fork, "prefix": prefix, "export": export, "import": import_,
-             "constrained": constrained, "bad-page": bad_page, "fail": fail}
+             "constrained": constrained, "bad-page": bad_page, "fetch": fetch,
+             "fail": fail}

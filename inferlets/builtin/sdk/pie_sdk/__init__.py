@@ -15,8 +15,8 @@ from .model import ModelInfo, list_models, model_info
 from .pages import PageUsage, page_usage
 from .runtime import ArgumentParser, api_version, args, instance_id
 from .sampling import Greedy, Sampler
-from .services import (Response, fetch, monotonic_ns, now_ns, sleep_ms, store_delete, store_get, store_keys,
-                       store_set)
+from .services import (PendingFetch, Response, fetch, fetch_start, monotonic_ns, now_ns, sleep_ms, store_delete,
+                       store_get, store_keys, store_set)
 from .sharing import export_context, fill_cached, import_context, publish_prefix, unexport_context
 from .stop import StopCondition, StopTracker
 from .tokenizer import Decoder, apply_chat_template, decode, encode, vocabulary
@@ -27,8 +27,8 @@ __all__ = [
     "Broadcast", "broadcast", "receive", "receive_broadcast", "send", "send_event", "subscribe", "unsubscribe",
     "ModelInfo", "list_models", "model_info", "PageUsage", "page_usage", "ArgumentParser", "api_version", "args",
     "instance_id",
-    "Greedy", "Sampler", "Response", "fetch", "monotonic_ns", "now_ns", "sleep_ms", "store_delete", "store_get",
-    "store_keys", "store_set", "export_context", "fill_cached", "import_context", "publish_prefix",
-    "unexport_context", "StopCondition", "StopTracker", "Decoder", "apply_chat_template", "decode", "encode",
+    "Greedy", "Sampler", "PendingFetch", "Response", "fetch", "fetch_start", "monotonic_ns", "now_ns", "sleep_ms",
+    "store_delete", "store_get", "store_keys", "store_set", "export_context", "fill_cached", "import_context",
+    "publish_prefix", "unexport_context", "StopCondition", "StopTracker", "Decoder", "apply_chat_template", "decode", "encode",
     "vocabulary",
 ]

@@ -44,12 +44,38 @@ class Response:
 def fetch(url: str, method: str = "GET", headers: Mapping[str, str] | None = None,
           body: bytes | str = b"") -> Response:
     """One HTTP request to an allow-listed host; an HTTP error status is a normal Response."""
+    raw = call(http.fetch, *_request(url, method, headers, body))
+    return Response(raw.status, tuple(raw.headers), bytes(raw.body))
+
+
+class PendingFetch:
+    """A request in flight (fetch_start); wait() blocks for its Response, once."""
+
+    def __init__(self, handle: int) -> None:
+        self._handle: int | None = handle
+
+    def wait(self) -> Response:
+        if self._handle is None:
+            raise RuntimeError("this fetch was already waited for")
+        handle, self._handle = self._handle, None
+        raw = call(http.fetch_wait, handle)
+        return Response(raw.status, tuple(raw.headers), bytes(raw.body))
+
+
+def fetch_start(url: str, method: str = "GET", headers: Mapping[str, str] | None = None,
+                body: bytes | str = b"") -> PendingFetch:
+    """Starts fetch's request and returns at once: compute (fill, flush, generate) while it is in flight, then
+    wait() for the Response. The host checks it here as fetch does; at most 16 may be in flight (by default)."""
+    return PendingFetch(call(http.fetch_start, *_request(url, method, headers, body)))
+
+
+def _request(url: str, method: str, headers: Mapping[str, str] | None,
+             body: bytes | str) -> tuple[str, str, list[tuple[str, str]], bytes]:
     method = method.upper()
     if method not in HTTP_METHODS:
         raise ValueError(f"unsupported HTTP method {method!r}; use one of {HTTP_METHODS}")
     data = body.encode() if isinstance(body, str) else bytes(body)
-    raw = call(http.fetch, method, url, list((headers or {}).items()), data)
-    return Response(raw.status, tuple(raw.headers), bytes(raw.body))
+    return method, url, list((headers or {}).items()), data
 
 
 def now_ns() -> int:
