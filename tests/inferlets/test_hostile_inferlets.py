@@ -159,6 +159,16 @@ def test_a_flood_to_a_client_that_does_not_read_waits_within_the_outbox_bound(
     assert _events(messages) == [{"sent": count}]
 
 
+def test_a_text_over_the_message_limit_is_cut_at_a_character(engine: Engine, program: str) -> None:
+    """send has no error channel: a text over max_message_bytes arrives cut to the limit, never mid-character."""
+    limit = RuntimeConfig().max_message_bytes
+    messages = engine.runtime.launch(program, ["flood", "--count", "1", "--size", str(limit // 3 + 10),
+                                               "--char", "\u20ac"]).messages(TIMEOUT_S)  # 3 bytes each
+    assert _end(messages).ok
+    [text] = [m.text for m in messages if isinstance(m, Text)]
+    assert text == "\u20ac" * (limit // 3)  # 1,048,575 bytes: the 1,048,576th byte would split a character
+
+
 def test_hoarding_pages_stops_at_the_instance_quota(engine: Engine, program: str, alone: list[int]) -> None:
     attacker = engine.runtime.launch(program, ["hoard"])
     report = _next_event(attacker)

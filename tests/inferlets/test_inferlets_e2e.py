@@ -12,7 +12,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,6 +28,7 @@ from pie_server.engine.model.loader import load_model_config, load_weights
 from pie_server.engine.runtime.config import RuntimeConfig
 from pie_server.engine.runtime.messages import Event, Message, Terminated, Text
 from pie_server.inferlets import CONTRIB_DIR
+from tests.inferlets.loopback import LoopbackServer
 
 SOURCES = {"text-completion": CONTRIB_DIR / "text-completion",
            "probe": Path(__file__).resolve().parent / "probe"}
@@ -203,40 +203,29 @@ class SlowServer:
     """POST /N -> "reply N" after latency_s; records the most requests it held at once."""
 
     def __init__(self, latency_s: float) -> None:
+        self.latency_s = latency_s
         self.num_open = self.max_open = 0
-        lock = threading.Lock()
-        server = self
+        self._lock = threading.Lock()
+        self.server = LoopbackServer(self._reply)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                with lock:
-                    server.num_open += 1
-                    server.max_open = max(server.max_open, server.num_open)
-                time.sleep(latency_s)
-                with lock:
-                    server.num_open -= 1
-                data = f"reply {self.path.lstrip('/')}".encode()
-                self.send_response(200)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def _reply(self, name: str, body: str) -> str:
+        with self._lock:
+            self.num_open += 1
+            self.max_open = max(self.max_open, self.num_open)
+        time.sleep(self.latency_s)
+        with self._lock:
+            self.num_open -= 1
+        return f"reply {name}"
 
 
 def test_started_fetches_run_at_once_up_to_the_instances_limit(engine: Engine, programs: dict[str, str]) -> None:
     server = SlowServer(latency_s=0.3)
     limit = RuntimeConfig().http_max_pending_per_instance
     try:
-        messages = _messages(engine, programs["probe"], ["fetch", "--url", server.url, "--count", str(limit + 1)])
+        messages = _messages(engine, programs["probe"], ["fetch", "--url", server.server.url, "--count",
+                                                         str(limit + 1)])
     finally:
-        server.httpd.shutdown()
+        server.server.close()
     _ok(messages)  # ended with a fetch in flight that it never waited for: a normal end
     [report] = _events(messages)
     assert report["bodies"] == [f"reply {i}" for i in range(limit)]

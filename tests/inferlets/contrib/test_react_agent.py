@@ -6,11 +6,9 @@ the context is never re-prefilled between steps: the executor computes each toke
 from __future__ import annotations
 
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 
@@ -19,6 +17,7 @@ from pie_server.engine.config import EngineConfig
 from pie_server.engine.engine import Engine
 from pie_server.engine.runtime.config import RuntimeConfig
 from tests.inferlets.contrib.conftest import PAGE_SIZE, Builder, assert_pages_free, events, ok, run
+from tests.inferlets.loopback import LoopbackServer
 
 NUM_CALLS = 3
 
@@ -35,36 +34,24 @@ class ToolServer:
         self.replies: list[str] = []
         self.windows: list[tuple[float, float]] = []
         self.latency_s = 0.0
-        server = self
+        self.server = LoopbackServer(self._reply)
+        self.url = self.server.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
-                started = time.perf_counter()
-                time.sleep(server.latency_s)
-                server.windows.append((started, time.perf_counter()))
-                reply = f"result {len(server.calls) + 1}: {body[::-1]}"
-                server.calls.append((self.path.lstrip("/"), body))
-                server.replies.append(reply)
-                data = reply.encode()
-                self.send_response(200)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def _reply(self, name: str, body: str) -> str:
+        started = time.perf_counter()
+        time.sleep(self.latency_s)
+        self.windows.append((started, time.perf_counter()))
+        reply = f"result {len(self.calls) + 1}: {body[::-1]}"
+        self.calls.append((name, body))
+        self.replies.append(reply)
+        return reply
 
 
 @pytest.fixture(scope="module")
 def tools() -> Iterator[ToolServer]:
     server = ToolServer()
     yield server
-    server.httpd.shutdown()
+    server.server.close()
 
 
 @pytest.fixture(scope="module")

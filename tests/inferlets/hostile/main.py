@@ -1,7 +1,9 @@
 """A hostile test inferlet (and one well-behaved scenario to run beside it); each reports through JSON events.
 
     hostile good --prompt P --max-tokens N     greedy generate; reports the token ids (the control group)
-    hostile flood --count N --size S           N text messages of S bytes as fast as it can, then {"sent": N}
+    hostile flood --count N --size S [--char C]
+                                               N text messages of S characters C (default x) as fast as it can,
+                                               then {"sent": N}
     hostile hoard                              allocates one page at a time until refused, reports how many it
                                                got and why not, waits for a client message holding them, then
                                                fails with the refusal
@@ -32,6 +34,7 @@ def main(args: list[str]) -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--size", type=int, default=1000)
+    parser.add_argument("--char", default="x")
     parser.add_argument("--contexts", type=int, default=4)
     parser.add_argument("--full-pages", type=int, default=0)
     parser.add_argument("--name", default="hostile")
@@ -48,7 +51,7 @@ def good(opts) -> None:
 
 
 def flood(opts) -> None:
-    chunk = "x" * opts.size
+    chunk = opts.char * opts.size
     for _ in range(opts.count):
         send(chunk)
     send_event({"sent": opts.count})
