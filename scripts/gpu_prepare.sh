@@ -2,7 +2,7 @@
 # On the CPU machine, before a GPU session: builds what scripts/gpu_serving.sh and scripts/gpu_session.sh carry
 # (both git-ignored, so a fresh checkout has neither):
 #   .whl/        ../shared/gpu/fetch-wheels with the extra wheels the benchmarks and tests use there (the OpenAI
-#                client, msgspec, pyzmq, prometheus-client, jsonschema, llguidance), Python 3.12 x86_64
+#                client, msgspec, pyzmq, prometheus-client, jsonschema, llguidance, py-spy), Python 3.12 x86_64
 #   .gpu-model/  smollm2/ (the default model's config and tokenizer), llama-3.1-8b/ (Llama-3.1-8B's config and
 #                SmolLM2's tokenizer padded to 128,256 ids, gzipped: random weights emit any id), pie-cache/
 #                inferlets/<key>.wasm.gz (the default and react-agent inferlets built here: nothing is compiled
@@ -21,6 +21,8 @@ for d in /.whl/ /.gpu-model/; do grep -qxF "$d" .git/info/exclude 2>/dev/null ||
   jsonschema jsonschema-specifications referencing rpds-py attrs
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 -d .whl llguidance==1.9.1
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_5_x86_64 -d .whl py-spy==0.4.3  # `gpu_serving.sh profile` (a binary in /tmp/site/bin)
 
 rm -rf "$G" && mkdir -p "$G/smollm2" "$G/llama-3.1-8b" "$G/pie-cache/inferlets"
 cp ../shared/peers/vllm/serve.sh "$G/vllm-serve.sh"

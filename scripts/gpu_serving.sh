@@ -8,6 +8,8 @@
 #   bash scripts/gpu_serving.sh tax SHAPE [N]         # bench/programmability_tax.py --api-processes N (default 0)
 #   bash scripts/gpu_serving.sh agentic SHAPE ARGS... # python -m bench.agentic on SHAPE (consumes the rest; ARGS
 #                                                     # override, e.g. --concurrency 1 16 128); $OUT/agentic_SHAPE.json
+#   bash scripts/gpu_serving.sh profile SHAPE N C [S] # py-spy over `pie serve --api-processes N` for S seconds (15)
+#                                                     # under bench/http_load.py at concurrency C: $OUT/profile_*.txt
 #   bash scripts/gpu_serving.sh vllm SHAPE            # after ../shared/peers/vllm's assemble.sh installed vLLM
 #   bash scripts/gpu_serving.sh tp                    # tensor parallelism vs TP=1 (pytest -m gpu, needs 2+ GPUs)
 #   bash scripts/gpu_serving.sh tp-bench ARGS...      # python -m bench.tp_decode ARGS (consumes the rest)
@@ -102,6 +104,25 @@ agentic() {  # shape [bench.agentic args...]: react-agent inferlet vs. OpenAI-cl
     | grep -E "^(c=|warm-up|speedup|Traceback|RuntimeError)"
 }
 
+profile() {  # shape api_processes concurrency [seconds]: where the server's host time goes under load
+  local shape=$1 port=8010 secs=${4:-15} tag=profile_$1_ap$2_c$3
+  python3 -m pie_server.app.cli serve --model $M/$shape --device "${DEVICE:-cuda}" --port $port \
+    --served-model-name "$shape" --default-inferlet "$WASM" --log-level warning --api-processes "$2" \
+    > "$OUT/serve_$tag.log" 2>&1 &
+  local pid=$!
+  wait_health $port $pid || { tail -30 "$OUT/serve_$tag.log"; return 1; }
+  timeout $((secs + 90)) python3 bench/http_load.py --url "http://127.0.0.1:$port" --model "$shape" \
+    --concurrency "$3" --requests-per-level $(($3 * 16)) --max-tokens 512 --json "$OUT/$tag.json" \
+    > "$OUT/$tag.load.log" 2>&1 &
+  local load=$!
+  sleep "${PROFILE_WARMUP_S:-8}"  # past the first requests' prefills: steady decoding
+  /tmp/site/bin/py-spy record --pid $pid --subprocesses --threads --nonblocking --rate 200 --duration "$secs" \
+    --format raw -o "$OUT/$tag.raw" > "$OUT/$tag.pyspy.log" 2>&1 || tail -3 "$OUT/$tag.pyspy.log"
+  python3 scripts/profile_summary.py "$OUT/$tag.raw" --top 40 > "$OUT/$tag.txt" && head -50 "$OUT/$tag.txt"
+  kill $load $pid 2>/dev/null; wait $load $pid 2>/dev/null
+  sleep 2
+}
+
 tax() {  # shape api_processes
   timeout 400 python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch 1 8 32 64 --max-tokens 64 \
     --repeats 3 --num-pages 2048 --api-processes "$2" --json "$OUT/tax_$1_ap$2.json" 2>&1 | grep "^batch"
@@ -117,6 +138,7 @@ while [ $# -gt 0 ]; do
     pie) pie_http "$2" "${3:-1}"; shift 3 ;;
     models) make_models; shift ;;
     tax) tax "$2" "${3:-0}"; shift 3 ;;
+    profile) profile "$2" "$3" "$4" "${5:-15}"; shift 5 ;;
     agentic) shift; agentic "$@"; shift $# ;;
     vllm) vllm_http "$2"; shift 2 ;;
     tp) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/engine/model/test_tensor_parallel.py 2>&1 \
