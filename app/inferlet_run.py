@@ -27,6 +27,8 @@ class InstanceHandle(Protocol):
 
     async def next_message(self) -> Message: ...
 
+    def try_next_message(self) -> Message | None: ...
+
     def send(self, message: str) -> None: ...
 
     def kill(self) -> None: ...
@@ -86,6 +88,7 @@ class InferletRun:
     def __init__(self, handle: InstanceHandle, inferlet_name: str | None = None) -> None:
         self.handle = handle
         self.finished = False
+        self._held: Message | None = None  # read ahead by _waiting_text, not yet taken by _next
         # What errors call it: the inferlet's name when the caller gives it, else no name (never "default" for
         # an inferlet that is not the default one).
         self.what = "the inferlet" if inferlet_name is None else f"the inferlet {inferlet_name!r}"
@@ -106,8 +109,9 @@ class InferletRun:
         while True:
             message = await self._next()
             if isinstance(message, Text):
-                if message.text:
-                    yield TextDelta(message.channel, message.text)
+                text = message.text + self._waiting_text(message.channel)
+                if text:
+                    yield TextDelta(message.channel, text)
                 continue
             payload = self._event(message, "result", ("delta", "prompt_logprobs"))
             if payload["type"] == "delta":
@@ -130,10 +134,29 @@ class InferletRun:
             self.handle.kill()
 
     async def _next(self) -> Message:
-        message = await self.handle.next_message()
+        if self._held is not None:
+            message, self._held = self._held, None
+        else:
+            message = await self.handle.next_message()
         if isinstance(message, Terminated):
             self.finished = True
         return message
+
+    def _waiting_text(self, channel: int) -> str:
+        """The text of the Text messages on channel that already wait behind the one just read: a client
+        slower than the engine gets them as one delta (as vLLM's output collector merges a slow consumer's
+        outputs), which costs the front end one chunk instead of one per token. The first other message is
+        held for _next."""
+        parts = []
+        while self._held is None:
+            message = self.handle.try_next_message()
+            if message is None:
+                break
+            if isinstance(message, Text) and message.channel == channel:
+                parts.append(message.text)
+            else:
+                self._held = message
+        return "".join(parts)
 
     def _event(self, message: Message, expected: str, also: tuple[str, ...] = ()) -> dict[str, Any]:
         if isinstance(message, Terminated):

@@ -63,6 +63,10 @@ class Tokenizer:
 
     def check_ids(self, token_ids: int | Iterable[int]) -> list[TokenId]:
         """The ids as a list of ints; ValueError naming the first one that is not a token of this vocabulary."""
+        if type(token_ids) is int and 0 <= token_ids < self.vocab_size:
+            return [token_ids]  # the hot path: one sampled token (no exception raised to tell a list from an int)
+        if type(token_ids) is list and all(type(t) is int and 0 <= t < self.vocab_size for t in token_ids):
+            return list(token_ids)
         if isinstance(token_ids, (str, bytes)):
             raise ValueError(f"token ids must be integers, got {type(token_ids).__name__}")
         items = [token_ids] if _is_integer_like(token_ids) else list(token_ids)

@@ -116,7 +116,9 @@ profile() {  # shape api_processes concurrency [seconds]: where the server's hos
     > "$OUT/$tag.load.log" 2>&1 &
   local load=$!
   sleep "${PROFILE_WARMUP_S:-8}"  # past the first requests' prefills: steady decoding
-  /tmp/site/bin/py-spy record --pid $pid --subprocesses --threads --nonblocking --rate 200 --duration "$secs" \
+  # Blocking sampling (each sample stops the process briefly): --nonblocking misattributed leaves on the CPU
+  # machine (a 0.4 us tokenizer check took a fifth of a thread's samples).
+  /tmp/site/bin/py-spy record --pid $pid --subprocesses --threads --rate 100 --duration "$secs" \
     --format raw -o "$OUT/$tag.raw" > "$OUT/$tag.pyspy.log" 2>&1 || tail -3 "$OUT/$tag.pyspy.log"
   python3 scripts/profile_summary.py "$OUT/$tag.raw" --top 40 > "$OUT/$tag.txt" && head -50 "$OUT/$tag.txt"
   kill $load $pid 2>/dev/null; wait $load $pid 2>/dev/null

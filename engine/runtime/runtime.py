@@ -64,6 +64,10 @@ class InstanceHandle:
     async def next_message(self) -> Message:
         return await self._state.outbox.aget()
 
+    def try_next_message(self) -> Message | None:
+        """A message that is already waiting, or None: never waits."""
+        return self._state.outbox.try_get()
+
     def get_message(self, timeout: float | None = None) -> Message:
         """Blocking variant of next_message; raises TimeoutError."""
         return self._state.outbox.get(timeout)

@@ -50,6 +50,9 @@ class FakeHandle:
     async def next_message(self) -> Message:
         return await self.outbox.aget()
 
+    def try_next_message(self) -> Message | None:
+        return self.outbox.try_get()
+
     def kill(self) -> None:
         self.killed.set()
 
