@@ -13,9 +13,10 @@ Out of pages: allocations wait in a queue of page demands (together with preempt
 swap back in), served oldest instance first and FIFO per instance (see DemandQueue). When the head demand
 cannot be met and nothing can run, the newest instance newer than the head's with exclusively owned pages
 is preempted: its pages go to host swap slots in the next batch and its work pauses until pages are free
-to bring them back (to any pages: its blocks are remapped). Only when no swap slot is left is a victim
-failed instead (the last resort: its futures get ControlError saying it was preempted, and so does every
-later call for it, until it is closed). A demand fails only when every instance holding pages is itself
+to bring them back (to any pages: its blocks are remapped). When no swap slot is left, the demand waits
+while some instance holding pages is not itself waiting for pages (it may still free them); only in that
+deadlock is a victim failed instead (the last resort: its futures get ControlError saying it was preempted,
+and so does every later call for it, until it is closed). A demand fails only when every instance holding pages is itself
 waiting (a true deadlock) or when it asks for more pages than the pool has.
 """
 from __future__ import annotations

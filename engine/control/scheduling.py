@@ -2,8 +2,8 @@
 
 Forming a step, in order:
 1. admission: meet page demands (allocations, swap-ins) FIFO; while the head demand cannot be met and no
-   instance can run, preempt (swap out, or as the last resort fail, a victim) or, in a true deadlock, fail
-   the head demand;
+   instance can run, preempt (swap out a victim; without a swap slot, and only when every instance holding
+   pages waits for pages, fail it: the last resort) or, in a true deadlock, fail the head demand;
 2. batching: plan_step picks the copies and forward chunks of the runnable instances;
 3. translation: virtual pages -> blocks -> physical pages, at this moment (blocks may have moved since the
    command was queued). The batch carries this round's swap-outs and swap-ins, which run before its copies
@@ -114,7 +114,8 @@ class StepBuilder:
     def _preempt(self) -> bool:
         """Frees pages for the head demand by preempting a victim: by age (swap.choose_victim), else, for a
         demand within its fair share, pages held beyond theirs (swap.choose_hoarder), else by age for the
-        queue's head if head_demand passed it over (as before fair share: no new deadlock); False if none."""
+        queue's head if head_demand passed it over (as before fair share: no new deadlock); False if none, or
+        if the victim cannot be swapped out and some holder of pages is not waiting for pages (then head waits)."""
         head = self.s.head_demand()
         choice = choose_victim(self.s.instances.values(), head.instance, self.pool, self.swapped_in)
         if choice is None and self._preempt_hoarder(head):
@@ -126,11 +127,13 @@ class StepBuilder:
             return False
         victim, block_ids = choice
         num_slots = self._free_swap_slots(len(block_ids))
-        if num_slots == 0:
-            self.s.fail_instance(victim, f"instance {victim.instance_id!r} was preempted: out of KV pages and "
-                                        "of host swap space (the last resort; its pages were dropped)")
-        else:
+        if num_slots > 0:
             self._swap_out(victim, block_ids[:num_slots])
+            return True
+        if not self._deadlocked():
+            return False  # no room to swap, but a holder is still running: its pages may come back; wait
+        self.s.fail_instance(victim, f"instance {victim.instance_id!r} was preempted: out of KV pages and "
+                                    "of host swap space (the last resort; its pages were dropped)")
         return True
 
     def _preempt_hoarder(self, head: Demand) -> bool:

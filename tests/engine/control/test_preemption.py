@@ -154,6 +154,25 @@ def test_last_resort_fails_the_victim_when_no_swap_space(make: Make) -> None:
     controller.close_instance(A)
 
 
+def test_without_swap_space_a_holder_that_is_not_waiting_is_waited_for_not_failed(make: Make) -> None:
+    """The last resort is for a deadlock only: B holds pages but waits for none (its program is busy elsewhere,
+    e.g. on a tool's HTTP answer), so it may still free them; A waits instead of B being failed."""
+    controller, _ = make(num_swap_slots=0)
+    controller.open_instance(A)
+    controller.open_instance(B)
+    controller.allocate_pages(A, 1).result(timeout=0)
+    b_pages = controller.allocate_pages(B, 2).result(timeout=0)
+    a_more = controller.allocate_pages(A, 2)
+    assert controller.step() is False and not a_more.done()
+    b_next = controller.forward(B, fwd([1, 2, 3], 0, b_pages))  # B lives, its pages intact
+    assert run(controller, b_next).outputs[0].token_id == 6 and not a_more.done()
+    controller.free_pages(B, b_pages)
+    controller.step()
+    assert len(a_more.result(timeout=0)) == 2
+    controller.close_instance(B)
+    controller.close_instance(A)
+
+
 def test_true_deadlock_fails_the_head_request(make: Make) -> None:
     controller, _ = make()
     controller.open_instance(A)
