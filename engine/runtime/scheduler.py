@@ -53,6 +53,9 @@ class Scheduler:
         self._stopping = False
         self.num_polls = 0
         self._ready = ffi_async.DoneFlag(done=True)  # the continuation of calls answered at once
+        # Set while any instance lives (written by the scheduler thread only): the epoch ticker sleeps otherwise,
+        # so an idle server does not wake 1 / epoch_tick_s times a second for nothing.
+        self._live = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="inferlet-scheduler", daemon=True)
         self._ticker = threading.Thread(target=self._tick, args=(epoch_tick_s,), name="inferlet-epoch",
                                         daemon=True)
@@ -76,6 +79,7 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        self._live.set()  # the ticker sees _stopping
         # (the loop re-checks _stopping before every wait)
         self._thread.join(timeout=5)
         self._ticker.join(timeout=5)
@@ -87,6 +91,7 @@ class Scheduler:
     # ------------------------------------------------------------------ scheduler thread
     def add(self, inst: InstanceState, start: Callable[[InstanceState], None]) -> None:
         self._by_slot[inst.slot] = inst
+        self._live.set()
         self._lean_tasks[inst.slot] = hostcalls.lean_task(lambda done: self._post_completion(inst, done))
         try:
             start(inst)
@@ -348,10 +353,13 @@ class Scheduler:
         inst.store = None
         inst.context_ptr = None
         self._by_slot.pop(inst.slot, None)
+        if not self._by_slot:
+            self._live.clear()
         self._on_stop(inst, ok, error)
 
     def _tick(self, tick_s: float) -> None:
         while not self._stopping:
+            self._live.wait()
             time.sleep(tick_s)
             self.engine.increment_epoch()
 

@@ -1,6 +1,7 @@
 """A misbehaving instance ends alone, with a clear error, and all its pages come back."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,33 @@ def test_a_trap_message_quotes_the_guests_last_output_not_the_backtrace() -> Non
 def test_infinite_loop_is_stopped_at_its_time_budget(control: FakeControl, tmp_path: Path) -> None:
     end = _run_next_to_good(control, tmp_path, wat("infinite_loop.wat"), bad_budget_s=1.0)
     assert end.error is not None and "time budget" in end.error
+
+
+def test_the_epoch_ticker_sleeps_while_no_instance_lives(control: FakeControl, tmp_path: Path) -> None:
+    """An idle server does not wake every epoch tick (5 ms); a live instance gets its ticks (its yields and its
+    time budget depend on them)."""
+    runtime = make_runtime(control, tmp_path)
+    scheduler, ticks = runtime._scheduler, [0]
+    engine = scheduler.engine
+
+    class CountingEngine:
+        def increment_epoch(self) -> None:
+            ticks[0] += 1
+            engine.increment_epoch()
+
+    try:
+        scheduler.engine = CountingEngine()
+        time.sleep(0.3)
+        assert ticks[0] <= 1  # (one tick may have been under way)
+        end = runtime.launch(runtime.load(wat("infinite_loop.wat")), time_budget_s=0.5).messages(timeout=30)[-1]
+        assert isinstance(end, Terminated) and "time budget" in (end.error or "")
+        assert ticks[0] >= 20  # 0.5 s of 5 ms ticks, give or take a loaded machine
+        time.sleep(0.05)
+        idle = ticks[0]
+        time.sleep(0.3)
+        assert ticks[0] - idle <= 1
+    finally:
+        runtime.close()
 
 
 def test_memory_bomb_hits_the_limit_and_traps(control: FakeControl, tmp_path: Path) -> None:
