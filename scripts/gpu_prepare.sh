@@ -16,9 +16,15 @@ ROOT=$PWD; PY=$ROOT/.venv/bin/python; G=$ROOT/.gpu-model
 [ -x "$PY" ] || { echo "run make install first"; exit 2; }
 for d in /.whl/ /.gpu-model/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
 
-../shared/gpu/fetch-wheels msgspec pyzmq prometheus-client openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 \
-  truststore pydantic==2.14.4 pydantic-core==2.50.5 jiter annotated-types typing-inspection idna click \
-  jsonschema jsonschema-specifications referencing rpds-py attrs
+# The server's packages at requirements/gpu.lock's versions (fetch-wheels names some unpinned: wasmtime 51 came
+# out on 2026-12-04, and the runtime refuses any wasmtime but its pinned one); .whl/ starts empty, so no
+# earlier download is installed beside them.
+pinned() { for name in "$@"; do grep -m1 -i "^$name==" requirements/gpu.lock | cut -d' ' -f1; done; }
+rm -rf .whl
+../shared/gpu/fetch-wheels $(pinned wasmtime starlette uvicorn sse-starlette h11 anyio sniffio msgspec pyzmq \
+  prometheus-client jsonschema jsonschema-specifications referencing rpds-py attrs) \
+  openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore pydantic==2.14.4 pydantic-core==2.50.5 jiter \
+  annotated-types typing-inspection idna click
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 -d .whl llguidance==1.9.1
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

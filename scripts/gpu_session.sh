@@ -9,8 +9,8 @@
 #   Triton's compiled kernels go to $OUT/triton-cache.tar.gz; carry it back as .fi-cache/triton-cache.tar.gz.
 #
 # Needs, in the working tree (git-ignored, passed with the device tool's `carry`):
-#   .whl/                 ../shared/gpu/fetch-wheels prometheus-client (plus the client wheels of docs/benchmarks.md
-#                         for `http`)
+#   .whl/                 bash scripts/gpu_prepare.sh (the wheels at requirements/gpu.lock's versions: plain
+#                         ../shared/gpu/fetch-wheels now fetches wasmtime 51, which the runtime refuses)
 #   .fi-cache/aot.tar.gz  python -m bench.common_gpu export-aot, from an earlier GPU run (else ~2 min of JIT)
 #   .gpu-model/           for `http`: what scripts/gpu_serving.sh's header lists (smollm2/, llama-3.1-8b/,
 #                         pie-cache/inferlets/<hash>.wasm.gz: the default inferlet as `make serve` built it on the
