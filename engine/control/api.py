@@ -25,6 +25,11 @@ class ControlError(Exception):
     """An instance asked for something invalid (bad page id, over quota, bad shapes)."""
 
 
+# Every error about pages whose KV the last resort of preemption dropped starts with this (docs/reliability.md):
+# the instance lives on, and a caller that knows the tokens (pie_sdk's Context) computes them again.
+KV_EVICTED = "KV evicted"
+
+
 class InstanceClosed(ControlError):
     """The instance was closed (finished, killed or its client went away); its pending work is dropped."""
 
@@ -52,6 +57,7 @@ class ControlStats:
     num_prefix_queries: int
     num_prefix_hit_tokens: int
     num_prefix_query_tokens: int
+    num_evictions: int = 0  # instances whose KV the last resort of preemption dropped (KV_EVICTED), since start
 
 
 class Control(Protocol):

@@ -15,8 +15,9 @@ cannot be met and nothing can run, the newest instance newer than the head's wit
 is preempted: its pages go to host swap slots in the next batch and its work pauses until pages are free
 to bring them back (to any pages: its blocks are remapped). When no swap slot is left, the demand waits
 while some instance holding pages is not itself waiting for pages (it may still free them); only in that
-deadlock is a victim failed instead (the last resort: its futures get ControlError saying it was preempted,
-and so does every later call for it, until it is closed). A demand fails only when every instance holding pages is itself
+deadlock is a victim evicted instead (the last resort: its pages are dropped, its pending futures get a
+ControlError starting with KV_EVICTED, and so does a later call naming one of its old page ids; the instance
+lives on, and pie_sdk's Context computes the lost KV again from its tokens). A demand fails only when every instance holding pages is itself
 waiting (a true deadlock) or when it asks for more pages than the pool has.
 """
 from __future__ import annotations
@@ -230,7 +231,7 @@ class Controller:
                 num_instances=len(self.state.instances), num_running=len(running),
                 num_waiting=len(self.state.demands.waiting_instances()), num_swapped=len(swapped),
                 num_prefix_queries=cache.num_queries, num_prefix_hit_tokens=cache.num_hit_tokens,
-                num_prefix_query_tokens=cache.num_query_tokens)
+                num_prefix_query_tokens=cache.num_query_tokens, num_evictions=self.state.num_evictions)
 
     # -- stepping (the loop's: step_loop.py) ---------------------------------------------------------------
     def add_step_listener(self, listener: Callable[[], None]) -> None:

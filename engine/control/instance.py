@@ -23,7 +23,7 @@ class InstanceState:
     queue: deque[ForwardItem | CopyItem] = field(default_factory=deque)  # submission order
     num_pages_requested: int = 0  # by allocations still waiting in the demand queue
     swap_in_queued: bool = False
-    # Set when the instance was preempted without swap space (the last resort): every later call fails.
+    # Set when the instance lost its KV for good (a failed step that was moving it): every later call fails.
     failure: str | None = None
     closed: bool = False
     # 0, or when the instance last lost pages held beyond its fair share (a count): see rank.

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import AbstractSet, Iterable, Iterator, Sequence
 
-from pie_server.engine.control.api import ControlError
+from pie_server.engine.control.api import KV_EVICTED, ControlError
 from pie_server.engine.control.pages import BlockId
 from pie_server.engine.types import VirtualPageId
 
@@ -27,6 +27,7 @@ class PageTable:
         # Hidden slots per page: a list of page_size bools (False = hidden); absent = all visible.
         self._visibility: dict[VirtualPageId, list[bool]] = {}
         self._next_id: VirtualPageId = 0
+        self._evicted_below: VirtualPageId = 0  # ids under this that are unmapped lost their KV to an eviction
         # Bumped whenever a mapped id goes away or a page's visibility changes: a caller that validated some
         # ids at one version may take them as still valid, mapped to the same blocks, at the same version.
         self.version = 0
@@ -135,7 +136,14 @@ class PageTable:
     def has_hidden_slots(self, page_ids: Iterable[VirtualPageId]) -> bool:
         return bool(self._visibility) and any(p in self._visibility for p in page_ids)
 
+    def evict_all(self) -> list[BlockId]:
+        """remove_all for an eviction: later uses of the ids it unmapped say so (KV_EVICTED)."""
+        self._evicted_below = self._next_id
+        return self.remove_all()
+
     def _unknown(self, page_id: object) -> str:
+        if isinstance(page_id, int) and 0 <= page_id < self._evicted_below:
+            return f"{KV_EVICTED}: page {page_id} was dropped when the instance was preempted without swap space"
         if isinstance(page_id, int) and 0 <= page_id < self._next_id:
             return f"page {page_id} was already freed"
         return f"unknown page id {page_id!r}"

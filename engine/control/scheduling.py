@@ -3,7 +3,8 @@
 Forming a step, in order:
 1. admission: meet page demands (allocations, swap-ins) FIFO; while the head demand cannot be met and no
    instance can run, preempt (swap out a victim; without a swap slot, and only when every instance holding
-   pages waits for pages, fail it: the last resort) or, in a true deadlock, fail the head demand;
+   pages waits for pages, evict it: its KV is dropped, the last resort) or, in a true deadlock, fail the head
+   demand;
 2. batching: plan_step picks the copies and forward chunks of the runnable instances;
 3. translation: virtual pages -> blocks -> physical pages, at this moment (blocks may have moved since the
    command was queued). The batch carries this round's swap-outs and swap-ins, which run before its copies
@@ -132,8 +133,7 @@ class StepBuilder:
             return True
         if not self._deadlocked():
             return False  # no room to swap, but a holder is still running: its pages may come back; wait
-        self.s.fail_instance(victim, f"instance {victim.instance_id!r} was preempted: out of KV pages and "
-                                    "of host swap space (the last resort; its pages were dropped)")
+        self.s.evict_instance(victim)  # the last resort: its KV is dropped, the instance lives on
         return True
 
     def _preempt_hoarder(self, head: Demand) -> bool:
@@ -176,8 +176,15 @@ class StepBuilder:
         return True
 
     def _fail_head(self) -> None:
+        """A true deadlock: the head demand's own instance is evicted if that frees device pages (the newest
+        waiting gives way, as a newer victim would have: its pending work fails with KV_EVICTED); otherwise the
+        demand fails."""
+        instance = self.s.demands.head.instance
+        pool = self.pool
+        if any(pool.refcount(block_id) == 1 and pool.is_resident(block_id) for _, block_id in instance.table.items()):
+            self.s.evict_instance(instance)
+            return
         demand = self.s.demands.pop_head()
-        instance = demand.instance
         reason = (f"out of KV pages: {self.pool.num_free_pages} of {self.pool.num_pages} are free, the rest are "
                   "held by exports or by instances that are all waiting for pages, and none can be preempted")
         if isinstance(demand, Allocation):

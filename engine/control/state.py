@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from pie_server.engine.control.api import ControlError
+from pie_server.engine.control.api import KV_EVICTED, ControlError
 from pie_server.engine.control.batcher import Chunk
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.decoding import END_CANCELLED, DecodeStream, Decoding
@@ -51,6 +51,7 @@ class ControlState:
         # The steps submitted and not yet delivered, oldest first: one, or two when steps are pipelined.
         self.running: deque[RunningStep] = deque()
         self.step_id = 0
+        self.num_evictions = 0
         self.outbox: list[tuple[Future[Any], Any, BaseException | None]] = []
 
     def inflight_chunks(self) -> Iterator[Chunk]:
@@ -125,8 +126,9 @@ class ControlState:
             item.cancelled = True
             self.settle(item.future, error=error)
 
-    def drop_instance(self, instance: InstanceState, error: ControlError) -> None:
-        """Fails all of the instance's pending work with error and drops all its page references."""
+    def drop_instance(self, instance: InstanceState, error: ControlError, evicted: bool = False) -> None:
+        """Fails all of the instance's pending work with error and drops all its page references (evicted: later
+        uses of its page ids say KV_EVICTED)."""
         for item in instance.queue:
             self.cancel(item, error)
         instance.queue.clear()
@@ -139,12 +141,20 @@ class ControlState:
         instance.num_pages_requested = 0
         instance.swap_in_queued = False
         self.active.pop(instance, None)
-        self.res.drop(instance.table.remove_all())
+        self.res.drop(instance.table.evict_all() if evicted else instance.table.remove_all())
 
     def fail_instance(self, instance: InstanceState, reason: str) -> None:
-        """The last resort of preemption, or lost KV: every pending and later call of the instance fails."""
+        """Lost KV: every pending and later call of the instance fails."""
         instance.failure = reason
         self.drop_instance(instance, ControlError(reason))
+
+    def evict_instance(self, instance: InstanceState) -> None:
+        """The last resort of preemption: the instance's pages are dropped and its pending work fails with
+        KV_EVICTED; the instance lives on (its owner may compute the KV again in new pages)."""
+        self.num_evictions += 1
+        self.drop_instance(instance, ControlError(
+            f"{KV_EVICTED}: instance {instance.instance_id!r} was preempted with no host swap space left, and its "
+            "pages were dropped (the last resort; compute them again)"), evicted=True)
 
     def stop_queued_decode(self, instance: InstanceState, stream: DecodeStream) -> None:
         """Takes the decode's forward off the queue if no part of it was scheduled; the decode ends now, or,

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pie_server.engine.control.api import ControlError, VirtualForward
+from pie_server.engine.control.api import KV_EVICTED, ControlError, VirtualForward
 from pie_server.engine.control.decoding import DecodeRequest, DecodeStream, wait_any
 from pie_server.engine.step import OutputSpec, SamplingParams
 from pie_server.engine.runtime.api_forward import SAMPLING_PARAMS, as_sampling
@@ -67,6 +67,7 @@ class Sequence:
     grammar: GrammarMatcher | None = None  # a json-schema or regex constraint
     stream_logprobs: bool = False  # deltas are JSON events with the logprobs of their tokens
     num_sent_logprobs: int = 0  # logprobs already streamed (invariant: <= len(logprobs))
+    evicted: bool = False  # its KV was dropped by the last resort of preemption (finish reason "evicted")
 
     @property
     def active(self) -> bool:
@@ -164,6 +165,20 @@ def _emit(seq: Sequence, inst: InstanceState, text: str, last: bool = False) -> 
                                           "logprobs": logprobs})))
 
 
+def _fail(seq: Sequence, inst: InstanceState, what: str, error: object) -> None:
+    """A sequence's allocation or forward failed. When the last resort of preemption dropped its KV, the
+    generation ends with what it decoded so far (finish reason "evicted", its text streamed out) and no pages,
+    so the caller can compute the context again and go on; any other failure is the sequence's error."""
+    if str(error).startswith(KV_EVICTED):
+        seq.evicted = True
+        seq.finish_reason = "evicted"
+        _emit(seq, inst, seq.stop.add(seq.decoder.flush()))
+        _emit(seq, inst, seq.stop.finish())
+        _emit(seq, inst, "", last=True)
+    else:
+        seq.error = f"{what} failed: {error}"
+
+
 def _accept(seq: Sequence, inst: InstanceState, token_id: int, output: Any, max_context_len: int) -> None:
     """Take one sampled token: stop conditions, detokenization, streaming."""
     seq.position += len(seq.pending)
@@ -226,12 +241,12 @@ def _allocate(host: Host, inst: InstanceState, seqs: list[Sequence], room: list[
             try:
                 wanted.append((seq, host.control.allocate_pages(inst.id, num_pages)))
             except ControlError as error:  # a quota refused at once: this sequence's error value, not the call's
-                seq.error = f"allocating pages failed: {error}"
+                _fail(seq, inst, "allocating pages", error)
     if wanted:
         outcomes = yield [future for _, future in wanted]
         for (seq, _), pages in zip(wanted, outcomes):
             if isinstance(pages, BaseException):
-                seq.error = f"allocating pages failed: {pages}"
+                _fail(seq, inst, "allocating pages", pages)
             else:
                 seq.pages.extend(pages)
                 seq.allocated.extend(pages)
@@ -252,13 +267,13 @@ def _forward_per_token(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
             try:
                 futures.append(control.forward(inst.id, command))
             except ControlError as error:
-                seq.error = f"forward failed: {error}"
+                _fail(seq, inst, "forward", error)
                 continue
             stepping.append(seq)
         outcomes = yield futures
         for seq, outcome in zip(stepping, outcomes):
             if isinstance(outcome, BaseException):
-                seq.error = f"forward failed: {outcome}"
+                _fail(seq, inst, "forward", outcome)
                 continue
             output = outcome.outputs[0]
             _accept(seq, inst, output.token_id, output, host.model.max_context_len)
@@ -282,7 +297,7 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
                     context_len=seq.context_len, sampling=seq.params,
                     max_new_tokens=seq.max_tokens - len(seq.generated), stop_token_ids=seq.stop_token_ids)))
             except ControlError as error:
-                seq.error = f"forward failed: {error}"
+                _fail(seq, inst, "forward", error)
         while streams:
             for key, (seq, stream) in list(streams.items()):
                 ended = stream.done.done()  # read first: every output is pushed before the end is settled
@@ -294,7 +309,7 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
                 if ended:
                     error = stream.done.exception()
                     if error is not None and seq.active:
-                        seq.error = f"forward failed: {error}"
+                        _fail(seq, inst, "forward", error)
                     del streams[key]
             if streams:
                 waiter = wait_any([stream for _, stream in streams.values()])
@@ -307,7 +322,9 @@ def _release(host: Host, inst: InstanceState, seqs: list[Sequence]) -> None:
     the context (the pages then hold exactly context_len tokens, as the result says)."""
     page_size = host.model.page_size
     for seq in seqs:
-        if seq.error is not None:
+        if seq.evicted:
+            seq.pages, seq.context_len, unused = [], 0, []  # every page of the instance was dropped
+        elif seq.error is not None:
             unused = seq.allocated
         else:
             num_kept, allocated = -(-seq.context_len // page_size), set(seq.allocated)

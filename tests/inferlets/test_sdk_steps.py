@@ -136,3 +136,22 @@ def test_page_usage_counts_shared_pages_once(sdk: ModuleType, host: FakeHost) ->
         child.release()
     assert parent.page_usage() == sdk.PageUsage(num_page_ids=4, num_physical_pages=4, num_shared_pages=0)
     assert next_token(_ids(PROMPT)) == parent.decode_step()
+
+
+def test_a_context_whose_kv_was_evicted_computes_it_again_and_goes_on(sdk: ModuleType, host: FakeHost) -> None:
+    """The server's last resort of preemption drops every page of the instance (its calls then fail with
+    "KV evicted ..."): the next step computes the whole context again, in the same pass, and continues as if
+    nothing happened."""
+    ctx = sdk.Context()
+    ctx.fill(PROMPT)
+    steps = [ctx.decode_step() for _ in range(3)]
+    host.table.clear(), host.refcounts.clear(), host.slots.clear()  # the eviction: every page gone
+    host.fail_forward = "KV evicted: page 100 was dropped when the instance was preempted without swap space"
+    steps.append(ctx.decode_step())
+    assert steps == reference_generation(_ids(PROMPT), 4)
+    assert ctx.kv_len == len(PROMPT) + 3 and ctx.pending_ids == steps[-1:]
+    assert host.num_used_pages == len(ctx.page_ids) == -(-ctx.kv_len // PAGE_SIZE)
+    assert ctx.decode_step() == reference_generation(_ids(PROMPT), 5)[-1]
+    host.fail_forward = "boom"  # any other refusal is the caller's, as before
+    with pytest.raises(sdk.HostError, match="boom"):
+        ctx.decode_step()

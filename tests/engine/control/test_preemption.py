@@ -8,7 +8,7 @@ from typing import Callable
 import pytest
 
 from tests.engine.control.fake_executor import FakeExecutor
-from pie_server.engine.control.api import ControlError, InstanceClosed, VirtualForward
+from pie_server.engine.control.api import KV_EVICTED, ControlError, InstanceClosed, VirtualForward
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.controller import Controller
 from tests.engine.control.conftest import Controllers
@@ -135,21 +135,26 @@ def test_waiting_victim_is_swapped_and_resumes_after_its_allocation(make: Make) 
     controller.close_instance(B)
 
 
-def test_last_resort_fails_the_victim_when_no_swap_space(make: Make) -> None:
+def test_last_resort_evicts_the_victim_when_no_swap_space(make: Make) -> None:
+    """A deadlock with no swap slot: the newest holder's pages are dropped (its pending work fails with
+    KV_EVICTED, and so does a later use of its old page ids), and it lives on with new pages."""
     controller, _ = make(num_swap_slots=0)
     controller.open_instance(A)
     controller.open_instance(B)
     controller.allocate_pages(A, 1).result(timeout=0)
-    controller.allocate_pages(B, 2).result(timeout=0)
+    b_pages = controller.allocate_pages(B, 2).result(timeout=0)
     a_more = controller.allocate_pages(A, 2)
     b_more = controller.allocate_pages(B, 1)
     assert controller.step() is False  # no batch: B's pages were simply dropped
     assert len(a_more.result(timeout=0)) == 2
-    with pytest.raises(ControlError, match="preempted: out of KV pages and of host swap space"):
+    with pytest.raises(ControlError, match=f"^{KV_EVICTED}: instance 'b' was preempted"):
         b_more.result(timeout=0)
-    with pytest.raises(ControlError, match="preempted"):
-        controller.allocate_pages(B, 1)
+    with pytest.raises(ControlError, match=f"^{KV_EVICTED}: page {b_pages[0]} was dropped"):
+        controller.forward(B, fwd([1, 2], 0, b_pages))
     assert controller.stats().num_free_pages == 1
+    b_new = controller.allocate_pages(B, 1).result(timeout=0)  # B computes its KV again in a new page
+    b_next = controller.forward(B, fwd([1, 2, 3], 0, b_new))
+    assert run(controller, b_next).outputs[0].token_id == 6
     controller.close_instance(B)
     controller.close_instance(A)
 
@@ -173,7 +178,9 @@ def test_without_swap_space_a_holder_that_is_not_waiting_is_waited_for_not_faile
     controller.close_instance(A)
 
 
-def test_true_deadlock_fails_the_head_request(make: Make) -> None:
+def test_true_deadlock_evicts_the_head_requests_instance(make: Make) -> None:
+    """Everyone holding pages waits for pages and no newer instance can give any (B's are exported): the head's
+    own instance A gives way, its KV evicted (it may compute it again), and B goes on."""
     controller, _ = make()
     controller.open_instance(A)
     controller.open_instance(B)
@@ -182,13 +189,33 @@ def test_true_deadlock_fails_the_head_request(make: Make) -> None:
     controller.export_pages(B, b_pages, "x")  # B's pages cannot be swapped out: the export holds them
     a_more = controller.allocate_pages(A, 1)
     b_more = controller.allocate_pages(B, 1)
-    assert controller.step() is False  # everyone holding pages waits for pages, nobody can be preempted
-    with pytest.raises(ControlError, match="cannot allocate 1 pages: out of KV pages"):
+    controller.step()
+    with pytest.raises(ControlError, match=f"^{KV_EVICTED}"):
         a_more.result(timeout=0)
-    assert not b_more.done()  # A may still free its pages: B waits
-    controller.close_instance(A)
     assert len(b_more.result(timeout=0)) == 1
     controller.unexport_pages("x")
+    controller.close_instance(A)
+    controller.close_instance(B)
+
+
+def test_true_deadlock_fails_the_head_request_when_its_instance_has_nothing_to_give(make: Make) -> None:
+    controller, _ = make(num_pages=2)
+    controller.open_instance(A)
+    controller.open_instance(B)
+    a_pages = controller.allocate_pages(A, 1).result(timeout=0)
+    b_pages = controller.allocate_pages(B, 1).result(timeout=0)
+    controller.export_pages(A, a_pages, "a")  # exported: neither instance owns a page alone
+    controller.export_pages(B, b_pages, "b")
+    a_more = controller.allocate_pages(A, 1)
+    b_more = controller.allocate_pages(B, 1)
+    assert controller.step() is False
+    with pytest.raises(ControlError, match="cannot allocate 1 pages: out of KV pages"):
+        a_more.result(timeout=0)
+    assert not b_more.done()  # A waits no more, so it may still free its page: B waits
+    controller.unexport_pages("a")
+    controller.close_instance(A)
+    assert len(b_more.result(timeout=0)) == 1
+    controller.unexport_pages("b")
     controller.close_instance(B)
 
 

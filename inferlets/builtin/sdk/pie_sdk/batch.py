@@ -15,9 +15,9 @@ from componentize_py_types import Ok
 from wit_world.imports import forward, generate, kv
 
 from .constraints import Constraint
-from .context import GREEDY, Context
-from .errors import PieError, call
-from .generation import Generation
+from .context import GREEDY, MAX_EVICTIONS, Context
+from .errors import KV_EVICTED, PieError, call
+from .generation import Generation, joined
 from .sampling import Sampler
 from .stop import StopCondition
 
@@ -32,15 +32,33 @@ def generate_all(contexts: Sequence[Context], max_tokens: int = 256, *, sampler:
     if stream_channels is not None and len(stream_channels) != len(contexts):
         raise ValueError("give one stream channel per context")
     condition = StopCondition.of(max_tokens, stop, stop_token_ids, ignore_eos)
-    requests = [ctx.generate_request(condition, nth_seed(sampler, i), constraint,
-                                     False if stream_channels is None else stream_channels[i])
-                for i, ctx in enumerate(contexts)]
+    conditions = {i: condition for i in range(len(contexts))}  # the contexts (still) to generate for
+    generations: dict[int, Generation] = {}
+    for _ in range(MAX_EVICTIONS):
+        for i, gen in _generate_some(contexts, conditions, sampler, constraint, stream_channels).items():
+            generations[i] = joined(generations[i], gen) if i in generations else gen
+        # A context whose KV the server evicted goes on (computed again) with the tokens it has left.
+        conditions = {i: rest for i, rest in ((i, contexts[i].rest_after_eviction(generations[i], conditions[i],
+                                                                                  constraint))
+                                              for i in conditions) if rest is not None}
+        if not conditions:
+            return [generations[i] for i in range(len(contexts))]
+    raise PieError(f"{KV_EVICTED} {MAX_EVICTIONS} times in a row: the server is short of KV pages")
+
+
+def _generate_some(contexts: Sequence[Context], conditions: dict[int, StopCondition], sampler: Sampler,
+                   constraint: Constraint | None, stream_channels: Sequence[int] | None) -> dict[int, Generation]:
+    """One generate-all call for the contexts conditions names (by index); their generations, absorbed."""
+    indices = list(conditions)
+    requests = [contexts[i].generate_request(conditions[i], nth_seed(sampler, i), constraint,
+                                             False if stream_channels is None else stream_channels[i])
+                for i in indices]
     results = generate.generate_all(requests)
-    generations: list[Generation] = []
+    generations: dict[int, Generation] = {}
     errors: list[str] = []
-    for i, (ctx, result) in enumerate(zip(contexts, results)):
+    for i, result in zip(indices, results):
         if isinstance(result, Ok):
-            generations.append(ctx.absorb(result.value))
+            generations[i] = contexts[i].absorb(result.value)
         else:
             errors.append(f"context {i}: {result.value}")
     if errors:

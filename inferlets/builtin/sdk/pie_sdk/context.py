@@ -18,21 +18,23 @@ move back, and it copies a shared page it would write into (copy on write).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
-from wit_world.imports import forward, generate, kv
+from wit_world.imports import forward, generate, kv, types
 
-from .constraints import Constraint
-from .errors import PieError, call
-from .generation import Generation, from_wit, request_for
+from .constraints import Constraint, JsonSchema, Regex
+from .errors import KV_EVICTED, HostError, PieError, call, is_kv_evicted
+from .generation import Generation, from_wit, joined, request_for
 from .model import ModelInfo, model_info
 from .pages import PageUsage, is_shared, page_usage
 from .sampling import Greedy, Sampler
-from .stop import StopCondition, StopTracker
+from .stop import FINISH_EVICTED, StopCondition, StopTracker
 from .messaging import MAIN_CHANNEL, send
 from .tokenizer import Decoder, encode
 
 GREEDY = Greedy()
+MAX_EVICTIONS = 16  # of one call in a row before it gives up (the server is short of pages for it)
 
 
 class Context:
@@ -94,8 +96,25 @@ class Context:
                           stream: bool | int = True) -> Generation:
         """Like generate, but returns the tokens, finish reason and logprobs too."""
         condition = StopCondition.of(max_tokens, stop, stop_token_ids, ignore_eos)
-        request = self.generate_request(condition, sampler, constraint, stream)
-        return self.absorb(call(generate.generate, request))
+        gen = self.absorb(call(generate.generate, self.generate_request(condition, sampler, constraint, stream)))
+        for _ in range(MAX_EVICTIONS):
+            rest = self.rest_after_eviction(gen, condition, constraint)
+            if rest is None:
+                return gen
+            gen = joined(gen, self.absorb(call(generate.generate, self.generate_request(rest, sampler, constraint,
+                                                                                         stream))))
+        raise PieError(f"{KV_EVICTED} {MAX_EVICTIONS} times in a row: the server is short of KV pages")
+
+    def rest_after_eviction(self, gen: Generation, condition: StopCondition,
+                            constraint: Constraint | None) -> StopCondition | None:
+        """After a generation that the server's last resort of preemption cut short (its KV is computed again
+        by the next call: absorb made every token pending), the condition of the rest; None if gen is whole.
+        Limits: a stop string across the cut is not seen, and a seeded sampler starts its stream again."""
+        if gen.finish_reason != FINISH_EVICTED:
+            return None
+        if isinstance(constraint, (JsonSchema, Regex)):
+            raise PieError(f"{KV_EVICTED} in a grammar-constrained generation, which cannot go on where it was cut")
+        return dataclasses.replace(condition, max_tokens=max(1, condition.max_tokens - len(gen.token_ids)))
 
     def generate_request(self, condition: StopCondition, sampler: Sampler, constraint: Constraint | None,
                          stream: bool | int) -> generate.GenerateRequest:
@@ -110,7 +129,14 @@ class Context:
             stream_channel=_channel(stream))
 
     def absorb(self, raw: generate.Generation) -> Generation:
-        """Take over the pages and tokens of a finished host generation of this context."""
+        """Take over the pages and tokens of a finished host generation of this context (after an eviction:
+        its tokens, and every token pending again)."""
+        if raw.finish_reason == types.FinishReason.EVICTED:
+            self.lose_kv()
+            self.token_ids.extend(raw.token_ids)
+            self.output_ids.extend(raw.token_ids)
+            self.pending_ids = list(self.token_ids)
+            return from_wit(raw)
         spare = self.page_ids[self._num_used_pages(self.kv_len):]
         self.page_ids = list(raw.page_ids) + spare
         self.kv_len = (len(raw.page_ids) - 1) * self.page_size + raw.last_page_len if raw.page_ids else 0
@@ -267,12 +293,44 @@ class Context:
         self.kv_len = self.next_position = 0
         self.token_ids, self.pending_ids, self.prompt_ids, self.output_ids = [], [], [], []
         if page_ids:
-            call(kv.free_pages, page_ids)
+            try:
+                call(kv.free_pages, page_ids)
+            except HostError as error:
+                if not is_kv_evicted(error):
+                    raise
+
+    def lose_kv(self) -> None:
+        """The server dropped this instance's pages (KV evicted): every token becomes pending again, so the next
+        step computes the whole context anew. Only a plain context (positions 0, 1, ... over its tokens) can."""
+        if self.next_position != self.kv_len or self.kv_len + len(self.pending_ids) != len(self.token_ids):
+            raise PieError(f"{KV_EVICTED}, and this context (its own positions) cannot be computed again")
+        self.page_ids, self.kv_len, self.next_position = [], 0, 0
+        self.pending_ids = list(self.token_ids)
 
     # -- internals --------------------------------------------------------------------------------------
 
     def _forward(self, token_ids: list[int], outputs: list[forward.OutputRequest]) -> list[forward.Output]:
-        """One forward pass writing token_ids' KV after the cached ones; allocates the pages it needs."""
+        """One forward pass writing token_ids' KV after the cached ones; allocates the pages it needs. When the
+        server evicted the instance's KV, the whole context is computed again first (in the same pass)."""
+        num_before, lost = self.kv_len, False  # tokens computed before (token_ids start with the pending ones)
+        for _ in range(MAX_EVICTIONS):
+            try:
+                if not lost:
+                    return self._forward_once(token_ids, outputs)
+                return self._forward_once(self.token_ids[:num_before] + token_ids, outputs, num_before)
+            except HostError as error:
+                if not is_kv_evicted(error):
+                    raise
+                self.lose_kv()
+                lost = True
+        raise PieError(f"{KV_EVICTED} {MAX_EVICTIONS} times in a row: the server is short of KV pages")
+
+    def _forward_once(self, token_ids: list[int], outputs: list[forward.OutputRequest],
+                      num_before: int = 0) -> list[forward.Output]:
+        """The pass itself; outputs' indices count from token_ids[num_before] (tokens computed again come
+        first)."""
+        if num_before:
+            outputs = [forward.OutputRequest(o.index + num_before, o.kind) for o in outputs]
         self._require_pending()
         self.check_room(len(token_ids))
         missing = self.num_missing_pages(len(token_ids))

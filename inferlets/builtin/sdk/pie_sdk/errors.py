@@ -21,6 +21,15 @@ class HostError(PieError):
     """The host refused a call (bad page id, over quota, host not allowed, ...); the message says why."""
 
 
+# The host's errors about KV that the last resort of preemption dropped start with this (the server's
+# engine.control.api.KV_EVICTED): the instance lives on, and a Context computes its KV again.
+KV_EVICTED = "KV evicted"
+
+
+def is_kv_evicted(error: BaseException) -> bool:
+    return isinstance(error, HostError) and str(error).startswith(KV_EVICTED)
+
+
 class UsageError(PieError):
     """The inferlet was launched with bad arguments (raised by pie_sdk.ArgumentParser)."""
 

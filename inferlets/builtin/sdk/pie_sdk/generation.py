@@ -7,9 +7,10 @@ from typing import Sequence
 from wit_world.imports import generate, types
 
 from .constraints import Constraint, to_wit as constraint_to_wit
-from .stop import FINISH_LENGTH, FINISH_STOP, StopCondition
+from .stop import FINISH_EVICTED, FINISH_LENGTH, FINISH_STOP, StopCondition
 
-_FINISH_REASONS = {types.FinishReason.STOP: FINISH_STOP, types.FinishReason.LENGTH: FINISH_LENGTH}
+_FINISH_REASONS = {types.FinishReason.STOP: FINISH_STOP, types.FinishReason.LENGTH: FINISH_LENGTH,
+                   types.FinishReason.EVICTED: FINISH_EVICTED}
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,12 @@ class Generation:
     token_ids: tuple[int, ...]  # every sampled token, including a final eos/stop token
     finish_reason: str  # "stop" (eos, stop token or string) or "length"
     logprobs: tuple[TokenLogprobs, ...]  # one per token when the sampler asked for num_logprobs
+
+
+def joined(first: Generation, then: Generation) -> Generation:
+    """One generation continued by another (after an eviction): the second one's finish reason."""
+    return Generation(text=first.text + then.text, token_ids=first.token_ids + then.token_ids,
+                      finish_reason=then.finish_reason, logprobs=first.logprobs + then.logprobs)
 
 
 def from_wit(raw: generate.Generation) -> Generation:

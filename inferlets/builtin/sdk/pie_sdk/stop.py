@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+FINISH_EVICTED = "evicted"  # a host generation cut short by the last resort of preemption (Context goes on)
 
 
 @dataclass(frozen=True)
