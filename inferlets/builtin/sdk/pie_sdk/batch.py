@@ -15,8 +15,9 @@ from componentize_py_types import Ok
 from wit_world.imports import forward, generate, kv
 
 from .constraints import Constraint
-from .context import GREEDY, MAX_EVICTIONS, Context
-from .errors import KV_EVICTED, PieError, call
+from .context import GREEDY, Context
+from .errors import PieError, call
+from .eviction import MAX_EVICTIONS, rest_after_eviction, too_many_evictions
 from .generation import Generation, joined
 from .sampling import Sampler
 from .stop import StopCondition
@@ -38,12 +39,11 @@ def generate_all(contexts: Sequence[Context], max_tokens: int = 256, *, sampler:
         for i, gen in _generate_some(contexts, conditions, sampler, constraint, stream_channels).items():
             generations[i] = joined(generations[i], gen) if i in generations else gen
         # A context whose KV the server evicted goes on (computed again) with the tokens it has left.
-        conditions = {i: rest for i, rest in ((i, contexts[i].rest_after_eviction(generations[i], conditions[i],
-                                                                                  constraint))
+        conditions = {i: rest for i, rest in ((i, rest_after_eviction(generations[i], conditions[i], constraint))
                                               for i in conditions) if rest is not None}
         if not conditions:
             return [generations[i] for i in range(len(contexts))]
-    raise PieError(f"{KV_EVICTED} {MAX_EVICTIONS} times in a row: the server is short of KV pages")
+    raise too_many_evictions()
 
 
 def _generate_some(contexts: Sequence[Context], conditions: dict[int, StopCondition], sampler: Sampler,

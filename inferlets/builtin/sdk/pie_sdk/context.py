@@ -18,23 +18,22 @@ move back, and it copies a shared page it would write into (copy on write).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 from wit_world.imports import forward, generate, kv, types
 
-from .constraints import Constraint, JsonSchema, Regex
+from .constraints import Constraint
 from .errors import KV_EVICTED, HostError, PieError, call, is_kv_evicted
+from .eviction import MAX_EVICTIONS, rest_after_eviction, too_many_evictions
 from .generation import Generation, from_wit, joined, request_for
 from .model import ModelInfo, model_info
 from .pages import PageUsage, is_shared, page_usage
 from .sampling import Greedy, Sampler
-from .stop import FINISH_EVICTED, StopCondition, StopTracker
+from .stop import StopCondition, StopTracker
 from .messaging import MAIN_CHANNEL, send
 from .tokenizer import Decoder, encode
 
 GREEDY = Greedy()
-MAX_EVICTIONS = 16  # of one call in a row before it gives up (the server is short of pages for it)
 
 
 class Context:
@@ -98,23 +97,12 @@ class Context:
         condition = StopCondition.of(max_tokens, stop, stop_token_ids, ignore_eos)
         gen = self.absorb(call(generate.generate, self.generate_request(condition, sampler, constraint, stream)))
         for _ in range(MAX_EVICTIONS):
-            rest = self.rest_after_eviction(gen, condition, constraint)
+            rest = rest_after_eviction(gen, condition, constraint)
             if rest is None:
                 return gen
             gen = joined(gen, self.absorb(call(generate.generate, self.generate_request(rest, sampler, constraint,
                                                                                          stream))))
-        raise PieError(f"{KV_EVICTED} {MAX_EVICTIONS} times in a row: the server is short of KV pages")
-
-    def rest_after_eviction(self, gen: Generation, condition: StopCondition,
-                            constraint: Constraint | None) -> StopCondition | None:
-        """After a generation that the server's last resort of preemption cut short (its KV is computed again
-        by the next call: absorb made every token pending), the condition of the rest; None if gen is whole.
-        Limits: a stop string across the cut is not seen, and a seeded sampler starts its stream again."""
-        if gen.finish_reason != FINISH_EVICTED:
-            return None
-        if isinstance(constraint, (JsonSchema, Regex)):
-            raise PieError(f"{KV_EVICTED} in a grammar-constrained generation, which cannot go on where it was cut")
-        return dataclasses.replace(condition, max_tokens=max(1, condition.max_tokens - len(gen.token_ids)))
+        raise too_many_evictions()
 
     def generate_request(self, condition: StopCondition, sampler: Sampler, constraint: Constraint | None,
                          stream: bool | int) -> generate.GenerateRequest:
@@ -323,7 +311,7 @@ class Context:
                     raise
                 self.lose_kv()
                 lost = True
-        raise PieError(f"{KV_EVICTED} {MAX_EVICTIONS} times in a row: the server is short of KV pages")
+        raise too_many_evictions()
 
     def _forward_once(self, token_ids: list[int], outputs: list[forward.OutputRequest],
                       num_before: int = 0) -> list[forward.Output]:

@@ -1,0 +1,28 @@
+"""Going on after the server evicted the instance's KV (the last resort of preemption, docs/sdk.md): the
+generation it cut continues with the tokens it has left, after Context.lose_kv made every token pending."""
+from __future__ import annotations
+
+import dataclasses
+
+from .constraints import Constraint, JsonSchema, Regex
+from .errors import KV_EVICTED, PieError
+from .generation import Generation
+from .stop import FINISH_EVICTED, StopCondition
+
+MAX_EVICTIONS = 16  # of one call in a row before it gives up (the server is short of pages for it)
+
+
+def rest_after_eviction(gen: Generation, condition: StopCondition,
+                        constraint: Constraint | None) -> StopCondition | None:
+    """The condition of the rest of a generation that an eviction cut short; None if gen is whole.
+    Limits: a stop string across the cut is not seen, and a seeded sampler starts its stream again."""
+    if gen.finish_reason != FINISH_EVICTED:
+        return None
+    if isinstance(constraint, (JsonSchema, Regex)):
+        raise PieError(f"{KV_EVICTED} in a grammar-constrained generation, which cannot go on where it was cut")
+    # (a generation is cut while it waits for pages, so it has tokens left: max_tokens stays >= 1)
+    return dataclasses.replace(condition, max_tokens=max(1, condition.max_tokens - len(gen.token_ids)))
+
+
+def too_many_evictions() -> PieError:
+    return PieError(f"{KV_EVICTED} {MAX_EVICTIONS} times in a row: the server is short of KV pages")
