@@ -81,7 +81,7 @@ class EngineView:
         return EngineGauges(num_requests_running=num_running,
                             num_requests_waiting=num_queued + stats.num_waiting,
                             kv_cache_usage=used, prefix_cache_queries=stats.num_prefix_query_tokens,
-                            prefix_cache_hits=stats.num_prefix_hit_tokens)
+                            prefix_cache_hits=stats.num_prefix_hit_tokens, num_preemptions=stats.num_evictions)
 
     def close(self) -> None:
         self.engine.close()

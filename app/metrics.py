@@ -38,6 +38,7 @@ class EngineGauges:
     kv_cache_usage: float = 0.0  # fraction in [0, 1]
     prefix_cache_queries: int = 0  # tokens looked up
     prefix_cache_hits: int = 0  # tokens found
+    num_preemptions: int = 0  # instances whose KV the last resort evicted (to be computed again)
 
 
 class _EngineCollector(Collector):
@@ -64,6 +65,8 @@ class _EngineCollector(Collector):
                      gauges.prefix_cache_queries)
         yield family(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                      gauges.prefix_cache_hits)
+        yield family(CounterMetricFamily, "num_preemptions", "Instances whose KV cache was evicted, to be computed "
+                     "again (out of pages and swap space).", gauges.num_preemptions)
 
 
 class Metrics:

@@ -3,7 +3,10 @@ concurrent requests than the KV cache holds queue up and all complete."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -73,4 +76,33 @@ def test_more_requests_than_the_kv_cache_holds_queue_and_complete(small_kv_serve
     # Greedy: queued (admission) or preempted, each gets exactly the text it gets alone.
     texts = [o.choices[0].text for o in outs]
     assert texts == [o.choices[0].text for o in alone] and len(set(texts)) > 1, texts[:3]
+    assert all_pages_free(small_kv_server)
+
+
+def test_runs_that_want_more_than_pool_and_swap_complete_with_their_kv_evicted(small_kv_server) -> None:
+    """Inferlet runs are not admitted by a reservation: 10 runs of 200 tokens want 130 pages of a 24-page pool with
+    24 swap slots. The last resort evicts a victim's KV (pie:num_preemptions_total counts it), the SDK computes it
+    again, and every run completes with exactly the text it gets alone (docs/reliability.md)."""
+    url = small_kv_server.url
+
+    def run(i: int) -> dict:
+        body = json.dumps({"args": ["--prompt", f"Story {i}: once upon a time", "--max-tokens", "200"],
+                           "stream": False}).encode()
+        request = urllib.request.Request(f"{url}/v1/inferlets/text-completion/runs", data=body, method="POST",
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.loads(response.read())
+
+    def preemptions() -> float:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+            lines = response.read().decode().splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("pie:num_preemptions_total"))
+
+    alone = [run(i) for i in range(10)]
+    before = preemptions()
+    with ThreadPoolExecutor(10) as pool:
+        together = list(pool.map(run, range(10)))
+    assert [r["status"] for r in together] == ["finished"] * 10, [r.get("error") for r in together]
+    assert [r["messages"] for r in together] == [r["messages"] for r in alone]
+    assert preemptions() > before, "no eviction happened: the last resort was not tested"
     assert all_pages_free(small_kv_server)

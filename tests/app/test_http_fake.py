@@ -207,10 +207,11 @@ def test_metrics(fake_server) -> None:
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prompt_tokens_total",
                  "generation_tokens_total", "time_to_first_token_seconds_bucket",
                  "inter_token_latency_seconds_count", "e2e_request_latency_seconds_sum",
-                 "prefix_cache_queries_total", "prefix_cache_hits_total"):
+                 "prefix_cache_queries_total", "prefix_cache_hits_total", "num_preemptions_total"):
         assert f"pie:{name}{{" in text, name
     samples = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("pie:") and "_bucket" not in line}
     assert samples["pie:generation_tokens_total"] >= 3 and samples["pie:prompt_tokens_total"] >= PROMPT_TOKENS
     assert samples["pie:time_to_first_token_seconds_count"] >= 1
     assert samples["pie:prefix_cache_hits_total"] == 16
+    assert samples["pie:num_preemptions_total"] == 0

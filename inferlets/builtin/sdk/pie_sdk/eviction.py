@@ -9,7 +9,10 @@ from .errors import KV_EVICTED, PieError
 from .generation import Generation
 from .stop import FINISH_EVICTED, StopCondition
 
-MAX_EVICTIONS = 16  # of one call in a row before it gives up (the server is short of pages for it)
+# Evictions of one call in a row before it gives up. The victim is the newest instance, so the older ones finish
+# and free their pages: a victim evicted again and again waits for them (16 was seen to be too few: 8 runs on a
+# 12-page pool). The bound is only a guard against a host that evicts forever.
+MAX_EVICTIONS = 1000
 
 
 def rest_after_eviction(gen: Generation, condition: StopCondition,
