@@ -58,6 +58,7 @@ class FakeHost:
     store: dict[str, str] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
     fail_forward: str | None = None  # the next forward fails with this message
+    evict_after: int | None = None  # the next generation is cut after this many tokens: every page dropped
     _next_virtual: int = 100
 
     # -- wiring --------------------------------------------------------------------------------------
@@ -254,6 +255,14 @@ class FakeHost:
                 break
             if len(sampled) >= request.max_tokens:
                 break
+            if len(sampled) == self.evict_after:  # the server's last resort: the instance's KV is dropped
+                self.evict_after = None
+                self.table.clear(), self.refcounts.clear(), self.slots.clear()
+                if request.stream_channel is not None:
+                    self.sent.extend((request.stream_channel, c) for c in text)
+                return generate.Generation(token_ids=sampled, text=text, finish_reason=types.FinishReason.EVICTED,
+                                           logprobs=[], page_ids=[], last_page_len=0, pending_token_ids=[],
+                                           next_position=position)
             inputs = [token]
         if request.stream_channel is not None:  # streamed per character, after the stop-string cut
             self.sent.extend((request.stream_channel, c) for c in text)

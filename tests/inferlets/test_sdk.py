@@ -281,3 +281,46 @@ def test_argument_parser_reports_usage_and_sends_help(sdk: ModuleType, host: Fak
     assert _run(sdk, main) is None
     assert "usage: demo" in host.sent[0][1] and "--max-tokens" in host.sent[0][1]
 
+
+
+def test_a_generation_cut_by_an_eviction_goes_on_as_if_whole(sdk: ModuleType, host: FakeHost) -> None:
+    """The server drops the instance's KV after 4 of 12 tokens (finish reason "evicted", no pages): generate
+    computes the context again and decodes the 8 left; the result, the stream and the state are as without it."""
+    ctx = sdk.Context()
+    ctx.fill(PROMPT)
+    host.evict_after = 4
+    gen = ctx.generate_detailed(12)
+    expected = reference_generation(_ids(PROMPT), 12)
+    assert list(gen.token_ids) == expected and gen.finish_reason == "length"
+    assert "".join(text for _, text in host.sent) == gen.text == _text(expected)  # streamed once, nothing twice
+    assert host.calls.count("generate") == 2 and ctx.token_ids == _ids(PROMPT) + expected
+    assert ctx.kv_len == len(PROMPT) + 11 and ctx.pending_ids == [expected[-1]]
+    assert host.num_used_pages == len(ctx.page_ids) == -(-ctx.kv_len // PAGE_SIZE)
+
+
+def test_a_grammar_generation_cut_by_an_eviction_starts_over_unless_streamed(sdk: ModuleType,
+                                                                             host: FakeHost) -> None:
+    """A grammar's state cannot be resumed: a generation under one starts over with its cut tokens dropped (the
+    fake host ignores the grammar, so the output is the plain greedy one), or fails if it streamed already."""
+    ctx = sdk.Context()
+    ctx.fill(PROMPT)
+    host.evict_after = 3
+    gen = ctx.generate_detailed(8, constraint=sdk.Regex("[a-z ]{8}"), stream=False)
+    expected = reference_generation(_ids(PROMPT), 8)
+    assert list(gen.token_ids) == expected and ctx.token_ids == _ids(PROMPT) + expected
+    assert host.calls.count("generate") == 2 and ctx.kv_len == len(PROMPT) + 7
+    streamed = sdk.Context()
+    streamed.fill(PROMPT)
+    host.evict_after = 3
+    with pytest.raises(sdk.PieError, match="KV evicted in a streamed grammar-constrained generation"):
+        streamed.generate(8, constraint=sdk.Regex("[a-z ]{8}"))
+
+
+def test_generate_all_goes_on_for_the_contexts_an_eviction_cut(sdk: ModuleType, host: FakeHost) -> None:
+    contexts = [sdk.Context() for _ in range(2)]
+    for ctx, prompt in zip(contexts, (PROMPT, "Hello there")):
+        ctx.fill(prompt)
+    host.evict_after = 5  # the first context's generation is cut (the fake drops every page of the instance)
+    gens = sdk.generate_all(contexts, 9)
+    assert [list(g.token_ids) for g in gens] == [reference_generation(_ids(p), 9) for p in (PROMPT, "Hello there")]
+    assert all(g.finish_reason == "length" for g in gens)

@@ -35,12 +35,17 @@ def generate_all(contexts: Sequence[Context], max_tokens: int = 256, *, sampler:
     condition = StopCondition.of(max_tokens, stop, stop_token_ids, ignore_eos)
     conditions = {i: condition for i in range(len(contexts))}  # the contexts (still) to generate for
     generations: dict[int, Generation] = {}
+    over: set[int] = set()  # contexts whose generation starts over (a grammar's, cut by an eviction)
     for _ in range(MAX_EVICTIONS):
         for i, gen in _generate_some(contexts, conditions, sampler, constraint, stream_channels).items():
-            generations[i] = joined(generations[i], gen) if i in generations else gen
+            generations[i] = joined(generations[i], gen) if i in generations and i not in over else gen
         # A context whose KV the server evicted goes on (computed again) with the tokens it has left.
-        conditions = {i: rest for i, rest in ((i, rest_after_eviction(generations[i], conditions[i], constraint))
-                                              for i in conditions) if rest is not None}
+        afters = {i: rest_after_eviction(generations[i], conditions[i], constraint, stream_channels is not None)
+                  for i in conditions}
+        conditions = {i: after[0] for i, after in afters.items() if after is not None}
+        over = {i for i, after in afters.items() if after is not None and after[1]}
+        for i in over:
+            contexts[i].forget_last(len(generations[i].token_ids))
         if not conditions:
             return [generations[i] for i in range(len(contexts))]
     raise too_many_evictions()

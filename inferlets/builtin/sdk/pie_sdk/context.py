@@ -97,12 +97,23 @@ class Context:
         condition = StopCondition.of(max_tokens, stop, stop_token_ids, ignore_eos)
         gen = self.absorb(call(generate.generate, self.generate_request(condition, sampler, constraint, stream)))
         for _ in range(MAX_EVICTIONS):
-            rest = rest_after_eviction(gen, condition, constraint)
-            if rest is None:
+            after = rest_after_eviction(gen, condition, constraint, _channel(stream) is not None)
+            if after is None:
                 return gen
-            gen = joined(gen, self.absorb(call(generate.generate, self.generate_request(rest, sampler, constraint,
-                                                                                         stream))))
+            rest, over = after
+            if over:
+                self.forget_last(len(gen.token_ids))
+            more = self.absorb(call(generate.generate, self.generate_request(rest, sampler, constraint, stream)))
+            gen = more if over else joined(gen, more)
         raise too_many_evictions()
+
+    def forget_last(self, num_tokens: int) -> None:
+        """Drops the last num_tokens tokens, all pending (after an eviction: those of a generation that starts
+        over)."""
+        if num_tokens:
+            if num_tokens > len(self.pending_ids):
+                raise PieError("only pending tokens can be forgotten")
+            del self.token_ids[-num_tokens:], self.pending_ids[-num_tokens:], self.output_ids[-num_tokens:]
 
     def generate_request(self, condition: StopCondition, sampler: Sampler, constraint: Constraint | None,
                          stream: bool | int) -> generate.GenerateRequest:

@@ -15,16 +15,20 @@ from .stop import FINISH_EVICTED, StopCondition
 MAX_EVICTIONS = 1000
 
 
-def rest_after_eviction(gen: Generation, condition: StopCondition,
-                        constraint: Constraint | None) -> StopCondition | None:
-    """The condition of the rest of a generation that an eviction cut short; None if gen is whole.
+def rest_after_eviction(gen: Generation, condition: StopCondition, constraint: Constraint | None,
+                        streamed: bool) -> tuple[StopCondition, bool] | None:
+    """What follows a generation that an eviction cut short: (the condition of the next call, whether it starts
+    over), or None if gen is whole. A grammar's state cannot be resumed where it was cut: a generation under one
+    starts over (its cut tokens dropped by the caller), unless its text was streamed already (then it fails).
     Limits: a stop string across the cut is not seen, and a seeded sampler starts its stream again."""
     if gen.finish_reason != FINISH_EVICTED:
         return None
     if isinstance(constraint, (JsonSchema, Regex)):
-        raise PieError(f"{KV_EVICTED} in a grammar-constrained generation, which cannot go on where it was cut")
+        if streamed:
+            raise PieError(f"{KV_EVICTED} in a streamed grammar-constrained generation, which cannot go on")
+        return condition, True
     # (a generation is cut while it waits for pages, so it has tokens left: max_tokens stays >= 1)
-    return dataclasses.replace(condition, max_tokens=max(1, condition.max_tokens - len(gen.token_ids)))
+    return dataclasses.replace(condition, max_tokens=max(1, condition.max_tokens - len(gen.token_ids))), False
 
 
 def too_many_evictions() -> PieError:
