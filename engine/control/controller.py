@@ -17,8 +17,9 @@ to bring them back (to any pages: its blocks are remapped). When no swap slot is
 while some instance holding pages is not itself waiting for pages (it may still free them); only in that
 deadlock is a victim evicted instead (the last resort: its pages are dropped, its pending futures get a
 ControlError starting with KV_EVICTED, and so does a later call naming one of its old page ids; the instance
-lives on, and pie_sdk's Context computes the lost KV again from its tokens). A demand fails only when every instance holding pages is itself
-waiting (a true deadlock) or when it asks for more pages than the pool has.
+lives on, and pie_sdk's Context computes the lost KV again from its tokens); with no newer victim, the head's
+own instance is. A demand fails only in such a deadlock when its instance holds no page of its own, or when it
+asks for more pages than the pool has.
 """
 from __future__ import annotations
 

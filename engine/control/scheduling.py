@@ -18,7 +18,7 @@ from pie_server.engine.control.instance import Allocation, Demand, InstanceState
 from pie_server.engine.control.pages import BlockId
 from pie_server.engine.control.state import ControlState, RunningStep, Sources
 from pie_server.engine.control.work import next_item
-from pie_server.engine.control.swap import choose_hoarder, choose_victim, nonresident_blocks
+from pie_server.engine.control.swap import choose_hoarder, choose_victim, nonresident_blocks, swappable_blocks
 from pie_server.engine.step import Batch, CommandResult, ForwardCommand, PageCopy, PageSwap, StepResult
 
 PLACEHOLDER_TOKEN = 0  # a speculated decode forward's token until the device feeds (or the host patches) it
@@ -180,8 +180,7 @@ class StepBuilder:
         waiting gives way, as a newer victim would have: its pending work fails with KV_EVICTED); otherwise the
         demand fails."""
         instance = self.s.demands.head.instance
-        pool = self.pool
-        if any(pool.refcount(block_id) == 1 and pool.is_resident(block_id) for _, block_id in instance.table.items()):
+        if swappable_blocks(instance, self.pool):  # device pages it alone holds
             self.s.evict_instance(instance)
             return
         demand = self.s.demands.pop_head()

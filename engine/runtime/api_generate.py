@@ -42,6 +42,7 @@ GENERATE_OPTIONS = ("record", ("skip-special-tokens", "bool"), ("spaces-between-
 # What generate and generate-all do (they predate the options): special tokens printed, text messages.
 DEFAULT_OPTIONS = {"skip-special-tokens": False, "spaces-between-special-tokens": True, "stream-logprobs": False}
 MAX_STOP_STRINGS = 16
+FINISH_EVICTED = "evicted"  # the last resort of preemption dropped the instance's KV (the WIT's finish-reason)
 MAX_STOP_STRING_CHARS = 256
 
 
@@ -67,7 +68,6 @@ class Sequence:
     grammar: GrammarMatcher | None = None  # a json-schema or regex constraint
     stream_logprobs: bool = False  # deltas are JSON events with the logprobs of their tokens
     num_sent_logprobs: int = 0  # logprobs already streamed (invariant: <= len(logprobs))
-    evicted: bool = False  # its KV was dropped by the last resort of preemption (finish reason "evicted")
 
     @property
     def active(self) -> bool:
@@ -170,11 +170,8 @@ def _fail(seq: Sequence, inst: InstanceState, what: str, error: object) -> None:
     generation ends with what it decoded so far (finish reason "evicted", its text streamed out) and no pages,
     so the caller can compute the context again and go on; any other failure is the sequence's error."""
     if str(error).startswith(KV_EVICTED):
-        seq.evicted = True
-        seq.finish_reason = "evicted"
-        _emit(seq, inst, seq.stop.add(seq.decoder.flush()))
-        _emit(seq, inst, seq.stop.finish())
-        _emit(seq, inst, "", last=True)
+        seq.finish_reason = FINISH_EVICTED
+        _end_stream(seq, inst)
     else:
         seq.error = f"{what} failed: {error}"
 
@@ -204,11 +201,17 @@ def _accept(seq: Sequence, inst: InstanceState, token_id: int, output: Any, max_
                 seq.finish_reason = "stop"
     if seq.finish_reason is None and (len(seq.generated) >= seq.max_tokens or seq.position + 1 >= max_context_len):
         seq.finish_reason = "length"
-    if seq.finish_reason is not None and not seq.stop.stopped:
+    if seq.finish_reason is not None:
+        _end_stream(seq, inst)
+
+
+def _end_stream(seq: Sequence, inst: InstanceState) -> None:
+    """The sequence finished: what the decoder and the stop matcher still hold (unless a stop string ended
+    it), then the last delta."""
+    if not seq.stop.stopped:
         _emit(seq, inst, seq.stop.add(seq.decoder.flush()))
         _emit(seq, inst, seq.stop.finish())
-    if seq.finish_reason is not None:
-        _emit(seq, inst, "", last=True)
+    _emit(seq, inst, "", last=True)
 
 
 def _result(seq: Sequence) -> tuple[str, Any]:
@@ -322,7 +325,7 @@ def _release(host: Host, inst: InstanceState, seqs: list[Sequence]) -> None:
     the context (the pages then hold exactly context_len tokens, as the result says)."""
     page_size = host.model.page_size
     for seq in seqs:
-        if seq.evicted:
+        if seq.finish_reason == FINISH_EVICTED:
             seq.pages, seq.context_len, unused = [], 0, []  # every page of the instance was dropped
         elif seq.error is not None:
             unused = seq.allocated

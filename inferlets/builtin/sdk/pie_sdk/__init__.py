@@ -29,6 +29,6 @@ __all__ = [
     "instance_id",
     "Greedy", "Sampler", "PendingFetch", "Response", "fetch", "fetch_start", "monotonic_ns", "now_ns", "sleep_ms",
     "store_delete", "store_get", "store_keys", "store_set", "export_context", "fill_cached", "import_context",
-    "publish_prefix", "unexport_context", "StopCondition", "StopTracker", "Decoder", "apply_chat_template", "decode", "encode",
-    "vocabulary",
+    "publish_prefix", "unexport_context", "StopCondition", "StopTracker", "Decoder", "apply_chat_template",
+    "decode", "encode", "vocabulary",
 ]

@@ -131,10 +131,9 @@ class Context:
         """Take over the pages and tokens of a finished host generation of this context (after an eviction:
         its tokens, and every token pending again)."""
         if raw.finish_reason == types.FinishReason.EVICTED:
-            self.lose_kv()
-            self.token_ids.extend(raw.token_ids)
-            self.output_ids.extend(raw.token_ids)
-            self.pending_ids = list(self.token_ids)
+            self.lose_kv()  # every token pending, those it generated too
+            for tokens in (self.token_ids, self.pending_ids, self.output_ids):
+                tokens.extend(raw.token_ids)
             return from_wit(raw)
         spare = self.page_ids[self._num_used_pages(self.kv_len):]
         self.page_ids = list(raw.page_ids) + spare
