@@ -39,6 +39,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[TokenId, float], ...] = ()
     allowed_token_ids: tuple[TokenId, ...] | None = None  # a logit mask: only these may be sampled
+    # The same mask as packed bits (a grammar's allowed set can be most of the vocabulary: 6 KB, not 33k ids):
+    # token t may be sampled iff bit t % 8 of byte t // 8 is set (numpy's bitorder="little", which is also
+    # llguidance's int32 bitmask read as bytes); at least ceil(V / 8) bytes, no bit set at or beyond V.
+    allowed_token_mask: bytes | None = None
     prompt_token_ids: tuple[TokenId, ...] = ()
     output_token_ids: tuple[TokenId, ...] = ()
     num_logprobs: int | None = None  # None: no logprobs; 0: the sampled token's; N: also the top N
@@ -60,6 +64,11 @@ class SamplingParams:
             raise ValueError(f"num_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise ValueError("allowed_token_ids must not be empty")
+        if self.allowed_token_mask is not None:
+            if self.allowed_token_ids is not None:
+                raise ValueError("give allowed tokens as ids or as a mask, not both")
+            if self.allowed_token_mask.count(0) == len(self.allowed_token_mask):
+                raise ValueError("allowed_token_mask allows no token")
 
     @property
     def is_greedy(self) -> bool:

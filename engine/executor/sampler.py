@@ -102,6 +102,7 @@ def _is_plain_greedy(spec: OutputSpec) -> bool:
         and p.presence_penalty == 0.0
         and not p.logit_bias
         and p.allowed_token_ids is None
+        and p.allowed_token_mask is None
     )
 
 

@@ -1,5 +1,6 @@
 """Penalties, logit bias and allowed-token masks, applied sparsely: only the listed token ids are gathered,
-changed and scattered back (never a dense [R, V] pass). Also the host-to-device shipping of row inputs."""
+changed and scattered back (never a dense [R, V] pass), except packed masks, which are dense over the rows that
+have one (a grammar's mask: a bit per token). Also the host-to-device shipping of row inputs."""
 from __future__ import annotations
 
 import math
@@ -69,6 +70,8 @@ class Penalties:
     bias_values: torch.Tensor | None = None  # f32
     allowed_flat_ids: torch.Tensor | None = None
     restricted_rows: torch.Tensor | None = None  # rows with an allowed-token list
+    allowed_masks: torch.Tensor | None = None  # uint8 [M, ceil(V / 8)]: packed bits, bitorder little
+    masked_rows: torch.Tensor | None = None  # int64 [M]: the rows those masks belong to
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], vocab_size: int) -> Penalties:
@@ -92,11 +95,34 @@ class Penalties:
             groups["allowed_flat_ids"] = _flat_token_ids(allowed, vocab_size, "allowed_token_ids")[0]
             restricted = [r for r, p in enumerate(params) if p.allowed_token_ids is not None]
             groups["restricted_rows"] = torch.tensor(restricted, dtype=torch.int64)
+        if any(p.allowed_token_mask is not None for p in params):
+            masked = [r for r, p in enumerate(params) if p.allowed_token_mask is not None]
+            groups["allowed_masks"] = _packed_masks([params[r].allowed_token_mask or b"" for r in masked], vocab_size)
+            groups["masked_rows"] = torch.tensor(masked, dtype=torch.int64)
         return cls(**groups)
 
     @property
     def is_empty(self) -> bool:
         return all(getattr(self, f.name) is None for f in fields(self))
+
+
+def _packed_masks(masks: Sequence[bytes], vocab_size: int) -> torch.Tensor:
+    """uint8 [M, ceil(V / 8)] of packed allowed-token masks; raises ValueError on a mask that is too short,
+    allows a token at or beyond V, or allows nothing."""
+    num_bytes = -(-vocab_size // 8)
+    rows = []
+    for mask in masks:
+        if len(mask) < num_bytes:
+            raise ValueError(f"allowed_token_mask has {len(mask)} bytes, the vocabulary needs {num_bytes}")
+        if mask.count(0, num_bytes) != len(mask) - num_bytes:
+            raise ValueError(f"allowed_token_mask allows a token outside the vocabulary [0, {vocab_size})")
+        rows.append(mask[:num_bytes])
+    packed = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), num_bytes)
+    if vocab_size % 8 and (packed[:, -1] >> (vocab_size % 8)).any():
+        raise ValueError(f"allowed_token_mask allows a token outside the vocabulary [0, {vocab_size})")
+    if not packed.any(axis=1).all():
+        raise ValueError("allowed_token_mask allows no token")
+    return torch.from_numpy(packed.copy())
 
 
 def per_row(values: list[float], rows: np.ndarray | None = None) -> torch.Tensor:
@@ -145,4 +171,10 @@ def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
         values = flat.index_select(0, p.allowed_flat_ids)
         x.index_fill_(0, p.restricted_rows, -math.inf)
         flat.index_copy_(0, p.allowed_flat_ids, values)
+    if p.allowed_masks is not None and p.masked_rows is not None:
+        shifts = torch.arange(8, dtype=torch.uint8, device=x.device)
+        bits = (p.allowed_masks.unsqueeze(-1) >> shifts) & 1  # [M, ceil(V / 8), 8]: bit t % 8 of byte t // 8
+        allowed = bits.view(bits.shape[0], -1)[:, :x.shape[1]].bool()
+        rows = x.index_select(0, p.masked_rows)
+        x.index_copy_(0, p.masked_rows, rows.masked_fill_(~allowed, -math.inf))
     return x

@@ -139,7 +139,7 @@ def _command(seq: Sequence, page_size: int) -> VirtualForward:
     if seq.penalized:
         params = dataclasses.replace(params, output_token_ids=tuple(seq.generated))
     if seq.grammar is not None:  # raises GrammarError
-        params = dataclasses.replace(params, allowed_token_ids=seq.grammar.allowed_token_ids())
+        params = dataclasses.replace(params, allowed_token_mask=seq.grammar.allowed_token_mask())
     return VirtualForward(token_ids=list(seq.pending),
                           positions=list(range(seq.position, seq.position + len(seq.pending))),
                           page_ids=list(seq.pages),

@@ -11,8 +11,6 @@ import json
 import threading
 from typing import Any, Sequence
 
-import numpy as np
-
 # JSON is written compactly but readably ({"a": 1, "b": [2, 3]}): a free-whitespace grammar lets small
 # models wander into endless whitespace.
 JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False, "lenient": True}
@@ -39,7 +37,6 @@ class GrammarMatcher:
         import llguidance.numpy as lln
 
         self._matcher = matcher
-        self._vocab_size = vocab_size
         self._bitmask = lln.allocate_token_bitmask(1, vocab_size)
         self._fill = lln.fill_next_token_bitmask
 
@@ -48,14 +45,14 @@ class GrammarMatcher:
         """Nothing but the end may follow (the caller finishes the sequence)."""
         return bool(self._matcher.is_stopped())
 
-    def allowed_token_ids(self) -> tuple[int, ...]:
+    def allowed_token_mask(self) -> bytes:
+        """The tokens allowed next as SamplingParams.allowed_token_mask: llguidance's int32 bitmask (token t is
+        bit t % 32 of word t // 32) read as little-endian bytes, which is bit t % 8 of byte t // 8."""
         self._check()
         self._fill(self._matcher, self._bitmask)
-        bits = np.unpackbits(self._bitmask[0].view(np.uint8), bitorder="little")[:self._vocab_size]
-        allowed = np.flatnonzero(bits)
-        if allowed.size == 0:
+        if not self._bitmask.any():
             raise GrammarError("the grammar allows no token here")
-        return tuple(allowed.tolist())
+        return self._bitmask[0].astype("<i4", copy=False).tobytes()
 
     def accept(self, token_id: int) -> None:
         self._matcher.consume_token(token_id)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +39,17 @@ def tokens_of(results: list[OutputResult]) -> list[int]:
     return [r.token_id for r in results]  # type: ignore[misc]
 
 
+def packed(allowed: tuple[int, ...], vocab_size: int, num_bytes: int | None = None) -> bytes:
+    """SamplingParams.allowed_token_mask for `allowed`: bit t % 8 of byte t // 8."""
+    bits = np.zeros(8 * (num_bytes or -(-vocab_size // 8)), dtype=bool)
+    bits[list(allowed)] = True
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def unpacked(mask: bytes) -> list[int]:
+    return np.flatnonzero(np.unpackbits(np.frombuffer(mask, dtype=np.uint8), bitorder="little")).tolist()
+
+
 def reference_penalties(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The formulas written out token by token (the slow, obvious way)."""
     out = logits.clone().float()
@@ -50,9 +62,10 @@ def reference_penalties(logits: torch.Tensor, params: list[SamplingParams]) -> t
             out[r, t] -= p.frequency_penalty * count + p.presence_penalty
         for t, bias in dict(p.logit_bias).items():
             out[r, t] += bias
-        if p.allowed_token_ids is not None:
+        allowed = p.allowed_token_ids if p.allowed_token_mask is None else unpacked(p.allowed_token_mask)
+        if allowed is not None:
             banned = torch.ones(out.shape[1], dtype=torch.bool)
-            banned[list(p.allowed_token_ids)] = False
+            banned[list(allowed)] = False
             out[r, banned] = -math.inf
     return out
 
@@ -221,6 +234,50 @@ def test_allowed_tokens_are_respected(device: torch.device) -> None:
     logits[0, 250] = 1.0
     greedy = Sampler(seed=0).sample(logits[:1], [sampling(allowed_token_ids=allowed)])
     assert greedy[0].token_id == 250
+
+
+@pytest.mark.parametrize("vocab_size", [296, 301])  # a whole number of bytes, and a last byte used in part
+def test_a_packed_mask_acts_as_the_same_ids(vocab_size: int, device: torch.device) -> None:
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, vocab_size, generator=gen) * 3
+    sets = [tuple(sorted(torch.randperm(vocab_size, generator=gen)[:k].tolist())) for k in (1, 5, 150, 290)]
+    sets.append((vocab_size - 1,))  # the last token, in the last byte's highest used bit
+    rows_ids = [SamplingParams(allowed_token_ids=a) for a in sets] + [SamplingParams()]
+    # Masks one byte longer than needed (llguidance pads to whole int32 words); the extra byte is zero.
+    rows_mask = [SamplingParams(allowed_token_mask=packed(a, vocab_size, -(-vocab_size // 8) + 1)) for a in sets]
+    rows_mask.append(SamplingParams())
+    by_ids = apply_penalties(logits.to(device), ship([Penalties.build(rows_ids, vocab_size)], device)[0]).cpu()
+    by_mask = apply_penalties(logits.to(device), ship([Penalties.build(rows_mask, vocab_size)], device)[0]).cpu()
+    assert torch.equal(by_mask, by_ids)
+    torch.testing.assert_close(by_mask, reference_penalties(logits, rows_mask), rtol=0, atol=0)
+    specs = [OutputSpec(index=0, sampling=p) for p in rows_mask]
+    greedy = tokens_of(Sampler(seed=0).sample(logits.to(device), specs))
+    assert all(t in a for t, a in zip(greedy, sets)) and greedy[-2] == vocab_size - 1
+    drawn = tokens_of(Sampler(seed=0).sample(logits[3:4].repeat(300, 1).to(device),
+                                             [sampling(temperature=5.0, allowed_token_mask=packed(sets[2], vocab_size))
+                                              for _ in range(300)]))
+    assert set(drawn) <= set(sets[2]) and len(set(drawn)) > 20
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (packed((3,), 50)[:-1], "has 6 bytes, the vocabulary needs 7"),
+        (packed((3, 50), 50), "outside the vocabulary"),  # bit 50 is in the last byte, beyond V
+        (packed((3,), 50) + b"\x01", "outside the vocabulary"),  # a byte past the vocabulary's
+        (packed((), 50) + b"\x01", "outside the vocabulary"),
+    ],
+)
+def test_bad_masks_raise_value_error(mask: bytes, message: str, device: torch.device) -> None:
+    with pytest.raises(ValueError, match=message):
+        Sampler().sample(torch.zeros(2, 50, device=device), [sampling(), sampling(allowed_token_mask=mask)])
+
+
+def test_a_mask_must_allow_a_token_and_not_come_with_ids() -> None:
+    with pytest.raises(ValueError, match="allows no token"):
+        SamplingParams(allowed_token_mask=bytes(7))
+    with pytest.raises(ValueError, match="not both"):
+        SamplingParams(allowed_token_ids=(1,), allowed_token_mask=packed((1,), 50))
 
 
 def test_a_row_with_every_token_banned_still_gets_a_valid_id(device: torch.device) -> None:
