@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from typing import Any, Sequence
 
 # JSON is written compactly but readably ({"a": 1, "b": [2, 3]}): a free-whitespace grammar lets small
 # models wander into endless whitespace.
 JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False, "lenient": True}
+# Pristine matchers kept by grammar text: a schema or regex seen before is not validated and compiled again
+# (~1 ms), and a copy starts with the lexer states its first mask built (a fresh matcher's first masks cost
+# ~0.4 ms each, a copy's ~0.01 ms). Agents and OpenAI clients send the same few grammars again and again.
+MAX_CACHED_GRAMMARS = 64
 
 
 class GrammarError(ValueError):
@@ -73,6 +78,8 @@ class GrammarCompiler:
         self._encode = encode
         self._tokenizer: Any = None
         self._lock = threading.Lock()
+        self._pristine: OrderedDict[str, Any] = OrderedDict()  # grammar text -> llguidance.LLMatcher, LRU order
+        self._pristine_lock = threading.Lock()
 
     def json_schema(self, schema_json: str) -> GrammarMatcher:
         import llguidance
@@ -95,7 +102,22 @@ class GrammarCompiler:
         return self._matcher(llguidance.LLMatcher.grammar_from_regex(pattern))
 
     def _matcher(self, grammar: str) -> GrammarMatcher:
+        with self._pristine_lock:
+            pristine = self._pristine.get(grammar)
+            if pristine is not None:
+                self._pristine.move_to_end(grammar)
+        if pristine is None:
+            pristine = self._compile(grammar)
+            with self._pristine_lock:
+                self._pristine[grammar] = pristine
+                while len(self._pristine) > MAX_CACHED_GRAMMARS:
+                    self._pristine.popitem(last=False)
+        return GrammarMatcher(pristine.deep_copy(), self._vocab_size)
+
+    def _compile(self, grammar: str) -> Any:
+        """A validated matcher at the grammar's start whose first mask is computed (its lazy states built)."""
         import llguidance
+        import llguidance.numpy as lln
 
         tokenizer = self._llg_tokenizer()
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
@@ -104,7 +126,8 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"invalid grammar: {matcher.get_error()}")
-        return GrammarMatcher(matcher, self._vocab_size)
+        lln.fill_next_token_bitmask(matcher, lln.allocate_token_bitmask(1, self._vocab_size))
+        return matcher
 
     def _llg_tokenizer(self) -> Any:
         with self._lock:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pie_server.engine.runtime import grammar as grammar_module
 from pie_server.engine.runtime.grammar import GrammarCompiler, GrammarError, json_schema_problem
 from pie_server.engine.tokenizer import Tokenizer
 
@@ -80,3 +81,20 @@ def test_bad_schemas_are_reported(compiler) -> None:
         grammars.json_schema("{not json")
     with pytest.raises(GrammarError):
         grammars.json_schema(json.dumps({"type": "nonsense"}))
+
+
+def test_a_repeated_grammar_gives_independent_matchers_and_the_cache_is_bounded(compiler, monkeypatch) -> None:
+    grammars, tokenizer, _ = compiler
+    first = grammars.regex("[0-9]{2}")
+    second = grammars.regex("[0-9]{2}")  # from the cache
+    for token in tokenizer.encode("42"):
+        first.accept(token)
+    assert first.stopped and not second.stopped
+    assert set(allowed_ids(second)) == set(allowed_ids(grammars.regex("[0-9]{2}")))
+    for _ in range(2):  # a bad grammar is not cached: it fails every time
+        with pytest.raises(GrammarError):
+            grammars.regex("[0-9")
+    monkeypatch.setattr(grammar_module, "MAX_CACHED_GRAMMARS", 3)
+    for n in range(5):
+        grammars.regex(f"[a-z]{{{n + 1}}}")
+    assert len(grammars._pristine) == 3
