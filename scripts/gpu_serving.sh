@@ -10,6 +10,8 @@
 #                                                     # override, e.g. --concurrency 1 16 128); $OUT/agentic_SHAPE.json
 #   bash scripts/gpu_serving.sh profile SHAPE N C [S] # py-spy over `pie serve --api-processes N` for S seconds (15)
 #                                                     # under bench/http_load.py at concurrency C: $OUT/profile_*.txt
+#   bash scripts/gpu_serving.sh agentic-profile SHAPE C [S] # py-spy over bench.agentic at concurrency C for S seconds
+#                                                     # (20) after a 35 s warm-up: $OUT/agentic_profile_SHAPE_cC.txt
 #   bash scripts/gpu_serving.sh vllm SHAPE            # after ../shared/peers/vllm's assemble.sh installed vLLM
 #   bash scripts/gpu_serving.sh tp                    # tensor parallelism vs TP=1 (pytest -m gpu, needs 2+ GPUs)
 #   bash scripts/gpu_serving.sh tp-bench ARGS...      # python -m bench.tp_decode ARGS (consumes the rest)
@@ -125,6 +127,19 @@ profile() {  # shape api_processes concurrency [seconds]: where the server's hos
   sleep 2
 }
 
+agentic_profile() {  # shape concurrency [seconds]: where the agents' time goes (both modes run; the inferlet first)
+  [ -f $M/$1/model.safetensors ] || make_models > /dev/null
+  local tag=agentic_profile_$1_c$2
+  python3 -m bench.agentic --model $M/$1 --device cuda --tasks-per-agent 4 --concurrency "$2" \
+    > "$OUT/$tag.log" 2>&1 &
+  local bench=$!
+  sleep "${PROFILE_WARMUP_S:-35}"
+  /tmp/site/bin/py-spy record --pid $bench --subprocesses --threads --rate 100 --duration "${3:-20}" \
+    --format raw -o "$OUT/$tag.raw" > "$OUT/$tag.pyspy.log" 2>&1 || tail -3 "$OUT/$tag.pyspy.log"
+  python3 scripts/profile_summary.py "$OUT/$tag.raw" --top 40 > "$OUT/$tag.txt" && grep -E "==|thread" "$OUT/$tag.txt"
+  wait $bench; grep -E "^(c=|speedup)" "$OUT/$tag.log"
+}
+
 tax() {  # shape api_processes
   timeout 400 python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch 1 8 32 64 --max-tokens 64 \
     --repeats 3 --num-pages 2048 --api-processes "$2" --json "$OUT/tax_$1_ap$2.json" 2>&1 | grep "^batch"
@@ -140,8 +155,11 @@ while [ $# -gt 0 ]; do
     pie) pie_http "$2" "${3:-1}"; shift 3 ;;
     models) make_models; shift ;;
     tax) tax "$2" "${3:-0}"; shift 3 ;;
-    profile) profile "$2" "$3" "$4" "${5:-15}"; shift 5 ;;
+    profile) if [[ ${5:-} =~ ^[0-9]+$ ]]; then profile "$2" "$3" "$4" "$5"; shift 5
+             else profile "$2" "$3" "$4" 15; shift 4; fi ;;
     agentic) shift; agentic "$@"; shift $# ;;
+    agentic-profile) if [[ ${4:-} =~ ^[0-9]+$ ]]; then agentic_profile "$2" "$3" "$4"; shift 4
+                     else agentic_profile "$2" "$3" 20; shift 3; fi ;;
     vllm) vllm_http "$2"; shift 2 ;;
     tp) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/engine/model/test_tensor_parallel.py 2>&1 \
           | tail -20 | tee "$OUT/tp_test.log"; shift ;;
