@@ -126,9 +126,15 @@ class StepLoop:
     def _step_pipelined(self) -> bool:
         """Step N + 1 is formed and submitted before step N's results are delivered, so the host's work of
         both overlaps the device's (docs/decisions/pipelined-steps.md); decodes running in step N continue
-        in step N + 1 with the token it samples, fed on the device. Forwards of the API come back one step
-        later than unpipelined, so there is no gathering."""
+        in step N + 1 with the token it samples, fed on the device. A forward of the API resolved by step N
+        is gathered (see _gather) into step N + 2, formed while N + 1 runs."""
         with self._step_lock:
+            if self._pending and self._nothing_to_speculate():
+                # The running step's forwards all go back to their callers, whose next ones come after it is
+                # delivered: a step formed now would run without them, and its callers and theirs would then
+                # alternate between two half batches (each token two steps). Deliver first and gather instead.
+                self._deliver_oldest()
+                return True
             with self.locked(mutating=False):
                 batch = StepBuilder(self._state).form(speculate=True)
                 if batch is None and not self._pending:
@@ -144,6 +150,12 @@ class StepLoop:
                 self._deliver_oldest()
             return True
 
+    def _nothing_to_speculate(self) -> bool:
+        """The newest running step has no decode of the control layer (nothing to continue on the device)."""
+        with self.locked(mutating=False):
+            newest = self._state.running[-1] if self._state.running else None
+            return newest is not None and all(chunk.item.decoding is None for chunk, _ in newest.sources)
+
     def _deliver_oldest(self) -> None:
         pending = self._pending.popleft()
         try:
@@ -152,7 +164,17 @@ class StepLoop:
             self._fail_running(pending.step_id, exc)
             return
         with self.locked(mutating=False):
+            # Forwards of the API resolved by this step: their callers answer with the next one while the
+            # step after it runs, so gathering waits for them before forming the step after that (without,
+            # each of their tokens takes two pipelined steps). A decode in the control layer needs nobody.
+            resolving = [chunk.instance for chunk, _ in self._state.running[0].sources
+                         if chunk.is_last and chunk.item.decoding is None] if self._state.running else []
             StepBuilder(self._state).deliver(result)
+            now = time.monotonic()
+            self._last_step_s = now - self._step_end if self._step_end else 0.0  # delivery to delivery
+            self._step_end, self._last_arrival = now, None
+            self._awaited = {i for i in resolving if not i.closed and i.failure is None
+                             and not i.num_queued_forwards}
 
     def _fail_running(self, step_id: int, exc: Exception) -> None:
         """A failed step fails every running step (the later ones were fed from it); the engine goes on."""

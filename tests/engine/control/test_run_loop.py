@@ -58,6 +58,13 @@ def test_gathering_keeps_one_step_per_token() -> None:
     assert _steps_per_token(ControlConfig(gather_max_s=0.005)) <= 1.35
 
 
+def test_pipelined_steps_gather_callers_too() -> None:
+    """Pipelined, a step formed before the running one is delivered would lack that step's callers: with only
+    forwards of callers running (nothing to continue on the device), the loop delivers first and gathers.
+    Without that, the callers split into two cohorts in alternate steps (2.0 steps per token)."""
+    assert _steps_per_token(ControlConfig(pipeline=True, gather_max_s=0.005)) <= 1.35
+
+
 def test_without_gathering_the_batch_splits() -> None:
     """The failure the gather fixes, shown with it off (so the test above can fail)."""
     assert _steps_per_token(ControlConfig(gather_max_s=0.0)) >= 1.5
