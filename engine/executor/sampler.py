@@ -220,16 +220,26 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, plan: _Plan) -> list[torc
     parts = [x.gather(1, tokens[:, None])[:, 0] - log_total]
     num_top = min(max(plan.num_logprobs), x.shape[1])
     if num_top > 0:
-        top = x.topk(num_top, dim=-1)
-        parts.extend([top.values - log_total[:, None], top.indices])
+        values, ids = _top(x, num_top)
+        parts.extend([values - log_total[:, None], ids])
     return parts
+
+
+def _top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x.topk(k) in the order (value descending, then token id ascending): equal values (frequent in bf16
+    logits) come in the order argmax breaks ties in, so a greedy token is its row's first top entry."""
+    top = x.topk(k, dim=-1)
+    by_id = top.indices.argsort(dim=-1)
+    values, ids = top.values.gather(1, by_id), top.indices.gather(1, by_id)
+    by_value = values.argsort(dim=-1, descending=True, stable=True)
+    return values.gather(1, by_value), ids.gather(1, by_value)
 
 
 def _distributions(raw: torch.Tensor, top_k: int) -> list[torch.Tensor]:
     """[D, k] probabilities and ids of the k most probable tokens of softmax(raw), descending."""
     x = raw.float()
-    top = x.topk(min(top_k, x.shape[1]), dim=-1)
-    return [(top.values - x.logsumexp(dim=-1, keepdim=True)).exp_(), top.indices]
+    values, ids = _top(x, min(top_k, x.shape[1]))
+    return [(values - x.logsumexp(dim=-1, keepdim=True)).exp_(), ids]
 
 
 def _unpack(values: list[float], plan: _Plan, vocab_size: int) -> list[OutputResult]:

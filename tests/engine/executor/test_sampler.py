@@ -335,6 +335,19 @@ def test_logprobs_are_raw_log_softmax(dtype: torch.dtype, device: torch.device) 
         assert len({t for t, _ in result.top_logprobs}) == n
 
 
+def test_equal_logits_rank_by_token_id_so_greedy_comes_first(device: torch.device) -> None:
+    # bf16 logits tie often (8 bits of mantissa); topk alone may order equal values either way.
+    logits = torch.full((1, 4096), -4.0)
+    logits[0, [3001, 7, 2048, 515]] = 2.0  # four equal maxima
+    logits[0, [4000, 9]] = 1.0
+    logits = logits.to(torch.bfloat16).to(device)
+    greedy, = Sampler(seed=0).sample(logits, [sampling(num_logprobs=6)])
+    assert greedy.token_id == 7
+    assert [t for t, _ in greedy.top_logprobs] == [7, 515, 2048, 3001, 9, 4000]
+    shown, = Sampler(seed=0).sample(logits, [distribution(5)])
+    assert [t for t, _ in shown.distribution] == [7, 515, 2048, 3001, 9]
+
+
 def test_distribution_is_the_top_of_the_raw_softmax(device: torch.device) -> None:
     logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(6))
     results = Sampler(seed=0).sample(logits.to(device), [distribution(5), distribution(100)])
