@@ -94,6 +94,11 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return single_row_linear(x, weight, bias) if x.shape[0] == 1 else F.linear(x, weight, bias)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear (cuBLAS); one-row GEMVs are chosen by the model in graph mode (single_row_linear)."""
+    return F.linear(x, weight, bias)
+
+
 def rms_norm_qkv_rope_append(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                              bias: torch.Tensor | None, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                              kv_cache: torch.Tensor, write_index: torch.Tensor, num_q_heads: int,

@@ -23,9 +23,30 @@ class RopeParams(Protocol):
     original_max_position_embeddings: int
 
 
+# float32 CPU matmuls of up to this many rows go through weight @ x.T (see linear).
+MAX_TRANSPOSED_ROWS = 8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [M, K], weight [N, K] -> [M, N].
+
+    Decode on CPU streams every weight once per step. MKL's float32 x @ weight.T at 1 to 8 rows reads weight
+    well below the memory bandwidth (at one row it is a GEMV on one thread), weight @ x.T near it: SmolLM2's 30
+    layers and LM head at 1 / 2 / 4 rows, 45 / 82 / 64 ms -> 20 / 22 / 28 ms on 2 cores (floor 16.5 ms), about
+    1.5x at 5-8 rows, even beyond (bench/cpu_matmul.py). One row goes as two (a GEMM, not the GEMV). bf16 and
+    CUDA gain nothing."""
+    num_rows = x.shape[0]
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or not 0 < num_rows <= MAX_TRANSPOSED_ROWS:
+        return F.linear(x, weight, bias)
+    # x.T must be a transposed view of a row-major x: for a row-major x.T MKL takes the slow path again.
+    rows = x.contiguous() if num_rows > 1 else x.repeat(2, 1)
+    out = torch.mm(weight, rows.t()).t()[:num_rows].contiguous()  # collectives (all-reduce) need contiguous
+    return out if bias is None else out.add_(bias)
+
+
 def single_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] @ weight [N, K].T (+ bias): F.linear here; a GEMV kernel on CUDA (kernels/gpu_ops.py)."""
-    return F.linear(x, weight, bias)
+    """x [1, K] @ weight [N, K].T (+ bias): linear() here; a GEMV kernel on CUDA (kernels/gpu_ops.py)."""
+    return linear(x, weight, bias)
 
 
 def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,

@@ -134,7 +134,7 @@ class LlamaModel:
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._single_row_kernels and x.shape[0] == 1:
             return self.ops.single_row_linear(x, weight, bias)
-        return F.linear(x, weight, bias)
+        return self.ops.linear(x, weight, bias)
 
     def _row_parallel_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """o and down projections: each rank's product over its input columns is a partial sum; the all-reduce
@@ -165,7 +165,7 @@ class LlamaModel:
         if hidden.shape[0] == 1:
             local = self.ops.single_row_linear(hidden, self.lm_head)
         else:
-            local = F.linear(hidden, self.lm_head)
+            local = self.ops.linear(hidden, self.lm_head)
         if self.parallel is None:
             return local.float()
         if hidden.shape[0] == 0:  # nothing to gather (a step without sampled rows)
