@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,10 +109,24 @@ def start_core_parts(model: str | Path | None, config: EngineConfig, model_name:
 
 def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineConfig,
                    progress: bool) -> tuple[Executor, Controller]:
-    executor = start_executor(model_dir, model_config, config, progress)  # rank 0 of --tensor-parallel-size
+    if config.device.split(":")[0] == "cpu":
+        executor = _load_on_a_passing_thread(model_dir, model_config, config, progress)
+    else:
+        executor = start_executor(model_dir, model_config, config, progress)  # rank 0 of --tensor-parallel-size
     control = Controller(executor, ControlConfig.for_engine(config, model_config))
     control.start()
     return executor, control
+
+
+def _load_on_a_passing_thread(model_dir: Path, model_config: ModelConfig, config: EngineConfig,
+                              progress: bool) -> Executor:
+    """start_executor on a thread that then ends. OpenMP (libgomp) keeps a pool of workers for every thread that
+    ever ran a parallel region; once the pools hold more threads than there are cores, workers stop spinning
+    between regions and each of the control loop's matmuls waits for a wake-up (2 cores: a SmolLM2 decode step
+    takes 28 ms on the thread that loaded the model, 44 ms on another one; `pie serve` c=1 TPOT 45 -> 30 ms). A
+    pool dies with its thread: the control loop's thread is left the only one computing."""
+    with ThreadPoolExecutor(1, thread_name_prefix="load") as loader:
+        return loader.submit(start_executor, model_dir, model_config, config, progress).result()
 
 
 def _freeze_heap() -> None:

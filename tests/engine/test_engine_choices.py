@@ -1,11 +1,15 @@
-"""The engine's choices by device: where the host-side generate decodes (docs/decisions/decoding-in-control.md)
-and whether steps are pipelined (docs/decisions/pipelined-steps.md)."""
+"""The engine's choices by device: where the host-side generate decodes (docs/decisions/decoding-in-control.md),
+whether steps are pipelined (docs/decisions/pipelined-steps.md) and which thread loads a CPU model."""
 from __future__ import annotations
+
+import threading
+from pathlib import Path
 
 import pytest
 
 from pie_server.engine.config import EngineConfig
 from pie_server.engine.control.config import ControlConfig
+from pie_server.engine import engine as engine_module
 from pie_server.engine.engine import with_decode_choice
 from pie_server.engine.runtime.config import RuntimeConfig
 
@@ -25,3 +29,23 @@ def test_steps_are_pipelined_on_cuda_only() -> None:
     assert ControlConfig.for_engine(EngineConfig(device="cuda")).pipeline is True
     assert ControlConfig.for_engine(EngineConfig(device="cpu")).pipeline is False
     assert ControlConfig.for_engine(EngineConfig(device="cuda"), pipeline=False).pipeline is False
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_cpu_model_loads_on_a_thread_that_is_gone_before_the_control_loop_starts(
+        device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """So the control loop's thread is the only OpenMP pool left (engine._load_on_a_passing_thread)."""
+    loaders: list[threading.Thread] = []
+
+    def fake_start_executor(*args: object) -> object:
+        loaders.append(threading.current_thread())
+        raise RuntimeError("loaded")  # stop before the Controller: what matters is where this ran
+
+    monkeypatch.setattr(engine_module, "start_executor", fake_start_executor)
+    with pytest.raises(RuntimeError, match="loaded"):  # a failed load reaches the caller
+        engine_module._start_control(Path("."), None, EngineConfig(device=device), progress=False)  # type: ignore[arg-type]
+    [loader] = loaders
+    if device == "cpu":
+        assert loader is not threading.current_thread() and not loader.is_alive()
+    else:
+        assert loader is threading.current_thread()
