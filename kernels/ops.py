@@ -23,21 +23,27 @@ class RopeParams(Protocol):
     original_max_position_embeddings: int
 
 
-# float32 CPU matmuls of up to this many rows go through weight @ x.T (see linear).
-MAX_TRANSPOSED_ROWS = 8
+# float32 CPU matmuls of up to this many rows go through weight @ x.T, larger ones through oneDNN (see linear).
+MAX_TRANSPOSED_ROWS = 4
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [M, K], weight [N, K] -> [M, N].
+    """F.linear(x, weight, bias) for x [M, K], weight [N, K] -> [M, N] (contiguous).
 
-    Decode on CPU streams every weight once per step. MKL's float32 x @ weight.T at 1 to 8 rows reads weight
-    well below the memory bandwidth (at one row it is a GEMV on one thread), weight @ x.T near it: SmolLM2's 30
-    layers and LM head at 1 / 2 / 4 rows, 45 / 82 / 64 ms -> 20 / 22 / 28 ms on 2 cores (floor 16.5 ms), about
-    1.5x at 5-8 rows, even beyond (bench/cpu_matmul.py). One row goes as two (a GEMM, not the GEMV). bf16 and
-    CUDA gain nothing."""
+    Every step streams all the weights from memory, and F.linear (MKL's x @ weight.T) does not do it well in
+    float32 on CPU: at one row it is a GEMV on one thread, at 2 to 256 rows it reaches a third to two thirds of
+    the memory bandwidth or of the compute. Instead: up to 4 rows weight @ x.T (MKL's GEMM the other way round,
+    near the bandwidth; one row goes as two), beyond that oneDNN's linear (what torch.compile's CPU backend calls).
+    SmolLM2's 30 layers and LM head on 2 cores (bench/cpu_matmul.py, floor 16.5 ms): see docs/benchmarks.md.
+    bf16 and CUDA keep F.linear."""
     num_rows = x.shape[0]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or not 0 < num_rows <= MAX_TRANSPOSED_ROWS:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or num_rows == 0:
         return F.linear(x, weight, bias)
+    if num_rows > MAX_TRANSPOSED_ROWS:
+        if _ONEDNN_LINEAR is None:
+            return F.linear(x, weight, bias)
+        return _ONEDNN_LINEAR(x.contiguous(), weight, bias, "none", [], "")
     # x.T must be a transposed view of a row-major x: for a row-major x.T MKL takes the slow path again.
     rows = x.contiguous() if num_rows > 1 else x.repeat(2, 1)
     out = torch.mm(weight, rows.t()).t()[:num_rows].contiguous()  # collectives (all-reduce) need contiguous
