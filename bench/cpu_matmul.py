@@ -1,5 +1,5 @@
-"""The decoder's matmuls on CPU at a few rows: F.linear against kernels.ops.linear (weight @ x.T) over the default
-model's float32 weights, next to the memory-bandwidth floor (one multi-threaded pass over the same bytes).
+"""The decoder's matmuls on CPU: F.linear against kernels.ops.linear (weight @ x.T up to 4 rows, oneDNN beyond) over
+the default model's float32 weights, next to the memory-bandwidth floor (one multi-threaded pass over the same bytes).
 
     .venv/bin/python bench/cpu_matmul.py [--model PATH] [--rows 1 2 4 8 16 32] [--repeats 9] [--json PATH]
 

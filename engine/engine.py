@@ -109,7 +109,7 @@ def start_core_parts(model: str | Path | None, config: EngineConfig, model_name:
 
 def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineConfig,
                    progress: bool) -> tuple[Executor, Controller]:
-    if config.device.split(":")[0] == "cpu":
+    if config.device == "cpu":  # as ControlConfig.for_engine tells the CPU apart
         executor = _load_on_a_passing_thread(model_dir, model_config, config, progress)
     else:
         executor = start_executor(model_dir, model_config, config, progress)  # rank 0 of --tensor-parallel-size

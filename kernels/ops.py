@@ -35,7 +35,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     float32 on CPU: at one row it is a GEMV on one thread, at 2 to 256 rows it reaches a third to two thirds of
     the memory bandwidth or of the compute. Instead: up to 4 rows weight @ x.T (MKL's GEMM the other way round,
     near the bandwidth; one row goes as two), beyond that oneDNN's linear (what torch.compile's CPU backend calls).
-    SmolLM2's 30 layers and LM head on 2 cores (bench/cpu_matmul.py, floor 16.5 ms): see docs/benchmarks.md.
+    SmolLM2's 30 layers and LM head on 2 cores: bench/cpu_matmul.py, table in docs/benchmarks.md.
     bf16 and CUDA keep F.linear."""
     num_rows = x.shape[0]
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or num_rows == 0:
