@@ -5,6 +5,7 @@ The HTTP app and the CLI reach all of it through one Engine object (held in Star
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -18,6 +19,7 @@ from pie_server.engine.control.controller import Controller
 from pie_server.engine.core.messages import CoreFacts
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.executor.tensor_parallel import start_executor
+from pie_server.engine.grammar import GrammarCompiler, LazyCompiler
 from pie_server.engine.model.default_model import DEFAULT_MODEL_NAME
 from pie_server.engine.model.loader import load_model_config, resolve_model_dir
 from pie_server.engine.runtime.config import ModelInfo, RuntimeConfig
@@ -102,7 +104,7 @@ def start_core_parts(model: str | Path | None, config: EngineConfig, model_name:
     executor, control = _start_control(model_dir, model_config, config, progress)
     facts = CoreFacts(model_name=model_name_of(model, model_name), model_dir=str(model_dir),
                       vocab_size=model_config.vocab_size, info=executor.info,
-                      admission_pages=control.admission.num_pages)
+                      admission_pages=control.admission.num_pages, can_decode_grammar=control.can_decode_grammar)
     _freeze_heap()
     return control, facts
 
@@ -113,9 +115,16 @@ def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineCon
         executor = _load_on_a_passing_thread(model_dir, model_config, config, progress)
     else:
         executor = start_executor(model_dir, model_config, config, progress)  # rank 0 of --tensor-parallel-size
-    control = Controller(executor, ControlConfig.for_engine(config, model_config))
+    control = Controller(executor, ControlConfig.for_engine(config, model_config),
+                         LazyCompiler(functools.partial(_grammar_compiler, model_dir, model_config.vocab_size)))
     control.start()
     return executor, control
+
+
+def _grammar_compiler(model_dir: Path, vocab_size: int) -> GrammarCompiler:
+    """The control layer's, for decodes under a grammar: made on the first one (the engine core has no tokenizer
+    of its own until then)."""
+    return GrammarCompiler.for_tokenizer(Tokenizer.from_dir(model_dir), vocab_size)
 
 
 def _load_on_a_passing_thread(model_dir: Path, model_config: ModelConfig, config: EngineConfig,

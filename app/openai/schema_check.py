@@ -8,7 +8,7 @@ from pie_server.app.errors import invalid
 
 
 def check_json_schema(schema: dict[str, Any], param: str) -> None:
-    from pie_server.engine.runtime.grammar import json_schema_problem
+    from pie_server.engine.grammar import json_schema_problem
 
     problem = json_schema_problem(schema)
     if problem is not None:

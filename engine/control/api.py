@@ -62,6 +62,7 @@ class ControlStats:
 
 class Control(Protocol):
     info: EngineInfo
+    can_decode_grammar: bool  # decode() takes a DecodeRequest with a grammar
 
     def open_instance(self, instance_id: InstanceId, max_pages: int | None = None) -> None: ...
 
@@ -109,7 +110,8 @@ class Control(Protocol):
 
     def decode(self, instance_id: InstanceId, request: "DecodeRequest") -> "DecodeStream":
         """Decode one sequence in the control layer, a forward per step with no round trip per token
-        (engine/control/decoding.py); raises ControlError when its first forward is invalid."""
+        (engine/control/decoding.py); raises ControlError when its first forward is invalid, or when it has a
+        grammar and can_decode_grammar is False."""
 
     def stop_decode(self, instance_id: InstanceId, stream: "DecodeStream") -> None:
         """End a decode early (its stream's done says when nothing of it runs any more)."""

@@ -39,13 +39,18 @@ from pie_server.engine.control.state import ControlState
 from pie_server.engine.control.step_loop import Executor, StepLoop
 from pie_server.engine.control.swap import nonresident_blocks
 from pie_server.engine.control.work import Limits, check_copy, first_item, prepare_forward, queued_page_ids
+from pie_server.engine.grammar import GrammarError, GrammarMatcher, GrammarSpec, LazyCompiler
 from pie_server.engine.step import CommandResult
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
 
 class Controller:
-    def __init__(self, executor: Executor, config: ControlConfig | None = None) -> None:
+    def __init__(self, executor: Executor, config: ControlConfig | None = None,
+                 grammars: LazyCompiler | None = None) -> None:
+        """grammars: the compiler of decodes under a grammar (DecodeRequest.grammar); without it they are refused."""
         self.config = config = config or ControlConfig()
+        self._grammars = grammars
+        self.can_decode_grammar = grammars is not None
         self.info: EngineInfo = executor.info
         model = getattr(executor, "model_config", None)
         limits = Limits(
@@ -204,12 +209,21 @@ class Controller:
         stop_decode (engine/control/decoding.py); the first forward is validated like forward()'s. stream:
         where the outputs go (the engine core relays them to its front ends); default a new DecodeStream."""
         stream = DecodeStream() if stream is None else stream
+        grammar = None if request.grammar is None else self._matcher(request.grammar)  # unlocked: may compile
         with self._locked():
             instance = self.state.get(instance_id)
-            item = first_item(request, stream, instance.table, self.state.limits)
+            item = first_item(request, stream, instance.table, self.state.limits, grammar)
             self.state.check_writable(item.written_ids, item.written_block_ids)
             self._loop.enqueue(instance, item)
         return stream
+
+    def _matcher(self, spec: GrammarSpec) -> GrammarMatcher:
+        if self._grammars is None:
+            raise ControlError("this control layer was given no grammar compiler: it cannot decode under a grammar")
+        try:
+            return self._grammars.get().matcher(spec)
+        except GrammarError as error:
+            raise ControlError(str(error)) from None
 
     def stop_decode(self, instance_id: InstanceId, stream: DecodeStream) -> None:
         """Ends the decode: at once if its next forward is only queued, else when the running one returns."""

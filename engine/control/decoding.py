@@ -8,9 +8,15 @@ runtime's), when the pages given have no slot left for the next token ("room": t
 decodes again), when the caller stops it, or with an error (the instance closed or failed, the executor failed).
 The stream's `done` Future gets the end (a reason string, or the error); it is settled only when no forward of
 the decoding is queued or running, so the caller may free the pages once it has seen it.
+
+A decode under a grammar (DecodeRequest.grammar: a JSON schema or regex, engine/grammar.py) keeps its matcher
+here: each forward samples under the mask of the tokens the grammar allows next, each sampled token is accepted
+into it, and a grammar that allows nothing more ends the decode (stop). Its next forward needs the mask that
+the token just sampled leaves, so it is never queued ahead of that token (no speculation, scheduling.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from concurrent.futures import Future
@@ -19,6 +25,7 @@ from typing import Any, Sequence
 
 from pie_server.engine.control.api import ControlError, VirtualForward
 from pie_server.engine.futures import settle
+from pie_server.engine.grammar import GrammarError, GrammarMatcher, GrammarSpec
 from pie_server.engine.step import CommandResult, OutputResult, OutputSpec, SamplingParams
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
@@ -36,6 +43,7 @@ class DecodeRequest:
     sampling: SamplingParams
     max_new_tokens: int  # >= 1
     stop_token_ids: frozenset[TokenId] = frozenset()
+    grammar: GrammarSpec | None = None  # what the sampled tokens must follow (from its accepted tokens on)
 
     def __post_init__(self) -> None:
         if not self.token_ids or self.max_new_tokens < 1 or self.context_len < 0:
@@ -107,11 +115,14 @@ class Decoding:
     speculated: Any = None  # ForwardItem | None (work.py imports this module)
     end_reason: str | None = None
     table_version: int = -1  # the page table's version when this decode's last forward was fully validated
+    grammar: GrammarMatcher | None = None  # at the state after the last accepted token
+    failure: ControlError | None = None  # the grammar rejected a sampled token: the decode ends with this error
 
     def can_continue_after(self, position: int, context_len: int, page_size: int, max_context_len: int) -> bool:
         """Whether a decode whose forward at position (over context_len slots) is running may go on after it,
-        unless it samples a stop token: accept's test, made before the output is known."""
-        return not self.stream.stop_requested and self._limit_after(
+        unless it samples a stop token: accept's test, made before the output is known. Never under a grammar:
+        the next forward's mask depends on that output."""
+        return self.grammar is None and not self.stream.stop_requested and self._limit_after(
             self.num_generated + 1, position + 1, context_len, len(self.page_ids) * page_size, max_context_len) is None
 
     def forward(self, token_ids: list[TokenId], position: int, context_len: int, page_size: int) -> VirtualForward:
@@ -123,7 +134,15 @@ class Decoding:
                                f"slots; its context and pending tokens need {num_slots}")
         return VirtualForward(token_ids=token_ids, positions=list(range(position, position + len(token_ids))),
                               page_ids=self.page_ids[:num_pages], last_page_len=num_slots - (num_pages - 1) * page_size,
-                              outputs=[OutputSpec(index=len(token_ids) - 1, sampling=self.sampling)])
+                              outputs=[OutputSpec(index=len(token_ids) - 1, sampling=self._next_sampling())])
+
+    def _next_sampling(self) -> SamplingParams:
+        if self.grammar is None:
+            return self.sampling
+        try:
+            return dataclasses.replace(self.sampling, allowed_token_mask=self.grammar.allowed_token_mask())
+        except GrammarError as error:
+            raise ControlError(str(error)) from None
 
     def accept(self, output: OutputResult, next_position: int, context_len: int, page_size: int,
                max_context_len: int) -> tuple[Future[None] | None, str | None]:
@@ -136,6 +155,14 @@ class Decoding:
             return waiter, END_CANCELLED
         if output.token_id in self.stop_token_ids:
             return waiter, END_STOP
+        if self.grammar is not None:
+            try:
+                self.grammar.accept(output.token_id)
+            except GrammarError as error:
+                self.failure = ControlError(str(error))
+                return waiter, END_STOP
+            if self.grammar.stopped:  # nothing but the end may follow
+                return waiter, END_STOP
         return waiter, self._limit_after(self.num_generated, next_position, context_len,
                                          len(self.page_ids) * page_size, max_context_len)
 
@@ -150,13 +177,15 @@ class Decoding:
         return None
 
 
-def decode_by_forwards(control: Any, instance_id: InstanceId, request: DecodeRequest) -> DecodeStream:
+def decode_by_forwards(control: Any, instance_id: InstanceId, request: DecodeRequest,
+                       grammar: GrammarMatcher | None = None) -> DecodeStream:
     """A decode through the Control's forward(), each result's callback submitting the next forward: for
-    Controls without a decode of their own (test fakes). Same ends as the Controller's decode."""
+    Controls without a decode of their own (test fakes). Same ends as the Controller's decode; grammar:
+    request.grammar's matcher."""
     stream = DecodeStream()
     page_size, max_context_len = control.info.page_size, control.info.max_context_len
     decoding = Decoding(stream, request.max_new_tokens, request.stop_token_ids, request.sampling,
-                        list(request.page_ids))
+                        list(request.page_ids), grammar=grammar)
 
     def submit(token_ids: list[TokenId], position: int, context_len: int) -> None:
         future = control.forward(instance_id, decoding.forward(token_ids, position, context_len, page_size))
@@ -170,6 +199,9 @@ def decode_by_forwards(control: Any, instance_id: InstanceId, request: DecodeReq
         waiter, end = decoding.accept(output, next_position, context_len, page_size, max_context_len)
         if waiter is not None:
             settle(waiter)
+        if decoding.failure is not None:
+            stream.done.set_exception(decoding.failure)
+            return
         if end is not None:
             stream.done.set_result(end)
             return

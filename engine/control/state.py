@@ -204,7 +204,10 @@ class ControlState:
             successor.wasted = True  # it runs; the end is said when it comes back
             decoding.end_reason = reason
             return
-        self.settle(decoding.stream.done, reason)
+        if decoding.failure is not None:  # a grammar decode (never speculated) whose grammar broke
+            self.settle(decoding.stream.done, error=decoding.failure)
+        else:
+            self.settle(decoding.stream.done, reason)
 
     # -- admission ----------------------------------------------------------------------------------------
     def fair_share(self) -> int:

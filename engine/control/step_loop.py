@@ -151,10 +151,12 @@ class StepLoop:
             return True
 
     def _nothing_to_speculate(self) -> bool:
-        """The newest running step has no decode of the control layer (nothing to continue on the device)."""
+        """The newest running step has no decode of the control layer that goes on without its token (one under a
+        grammar needs the token's mask first: decoding.py), so nothing continues on the device."""
         with self.locked(mutating=False):
             newest = self._state.running[-1] if self._state.running else None
-            return newest is not None and all(chunk.item.decoding is None for chunk, _ in newest.sources)
+            return newest is not None and all(chunk.item.decoding is None or chunk.item.decoding.grammar is not None
+                                              for chunk, _ in newest.sources)
 
     def _deliver_oldest(self) -> None:
         pending = self._pending.popleft()

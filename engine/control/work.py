@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 
 from pie_server.engine.control.api import ControlError, VirtualForward
 from pie_server.engine.control.decoding import DecodeRequest, DecodeStream, Decoding
+from pie_server.engine.grammar import GrammarMatcher
 from pie_server.engine.control.page_table import PageTable
 from pie_server.engine.control.pages import BlockId
 from pie_server.engine.step import CommandResult, ForwardCommand, OutputResult, OutputSpec, TokenRef
@@ -169,10 +170,12 @@ def prepare_forward(command: VirtualForward, table: PageTable, limits: Limits,
                        future=future)
 
 
-def first_item(request: DecodeRequest, stream: DecodeStream, table: PageTable, limits: Limits) -> ForwardItem:
-    """The first forward of a decode: request's pending tokens over the pages that their context needs."""
+def first_item(request: DecodeRequest, stream: DecodeStream, table: PageTable, limits: Limits,
+               grammar: GrammarMatcher | None = None) -> ForwardItem:
+    """The first forward of a decode: request's pending tokens over the pages that their context needs (grammar:
+    request.grammar's matcher)."""
     decoding = Decoding(stream, request.max_new_tokens, request.stop_token_ids, request.sampling,
-                        page_ids=list(request.page_ids))
+                        page_ids=list(request.page_ids), grammar=grammar)
     return _decode_item(decoding, list(request.token_ids), request.position, request.context_len, table, limits)
 
 
@@ -182,11 +185,13 @@ def next_item(item: ForwardItem, token_id: int, table: PageTable, limits: Limits
     assert decoding is not None
     position, context_len = item.positions[-1] + 1, item.context_len + 1
     if decoding.table_version == table.version and item.mask is None and item.num_tokens == 1 \
+            and decoding.grammar is None \
             and context_len <= min(len(item.page_ids) * limits.page_size, limits.max_context_len) \
             and (limits.max_position is None or position < limits.max_position) \
             and 0 <= token_id and (limits.vocab_size is None or token_id < limits.vocab_size):
         # The common step: the same pages as item, validated at this table version (no page freed or masked
-        # since), so prepare_forward's checks would all pass and give item's blocks again. Positional (see
+        # since), so prepare_forward's checks would all pass and give item's blocks again; the same outputs
+        # (a grammar's mask changes every step). Positional (see
         # HOT_FIELD_ORDER): token_ids, positions, page_ids, block_ids, context_len, page_size, outputs, mask,
         # chunkable, future.
         successor = ForwardItem([token_id], [position], item.page_ids, item.block_ids, context_len,

@@ -68,6 +68,7 @@ class RemoteControl:
             raise
         self.info: EngineInfo = self.facts.info
         self.admission = RemoteAdmission(self, self.facts.admission_pages)
+        self.can_decode_grammar = self.facts.can_decode_grammar
 
     @property
     def is_alive(self) -> bool:

@@ -64,6 +64,7 @@ class CoreFacts(msgspec.Struct):
     vocab_size: int
     info: EngineInfo
     admission_pages: int
+    can_decode_grammar: bool = False  # the core's control layer runs decodes under a grammar (DecodeRequest.grammar)
 
 
 # Controller methods served as they are: name -> argument types. The value (or error) is the reply.

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import msgspec
@@ -106,6 +106,9 @@ class EngineCore:
             "decode": self._decode, "stop_decode": self._stop_decode, "reserve": self._reserve,
             "cancel_reserve": self._cancel_reserve, "release": self._release}
         control.add_step_listener(self.flush)
+        # Starts decodes under a grammar off the serving loop, in arrival order (a stop_decode that comes first
+        # finds the stream registered and ends the decode after its first forward).
+        self._grammar_starter = ThreadPoolExecutor(1, thread_name_prefix="grammar")
 
     # -- the loop -------------------------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -124,6 +127,7 @@ class EngineCore:
         self._stopping = True
 
     def close(self) -> None:
+        self._grammar_starter.shutdown(wait=True)
         for link in list(self._fronts.values()):
             link.close()
         self._inbox.close()
@@ -203,11 +207,19 @@ class EngineCore:
         instance_id, request = msgspec.convert(call.args, tuple[str, DecodeRequest])
         stream = RelayStream(link, call.call_id)
         link.streams[call.call_id] = stream
+        if request.grammar is not None:  # compiling it may take a while (the first one loads the tokenizer)
+            self._grammar_starter.submit(self._start_decode, link, call, instance_id, request, stream)
+        else:
+            self._start_decode(link, call, instance_id, request, stream)
+
+    def _start_decode(self, link: FrontLink, call: Call, instance_id: str, request: DecodeRequest,
+                      stream: RelayStream) -> None:
         try:
             self.control.decode(instance_id, request, stream)
         except Exception as exc:  # its first forward is invalid: the decode ends at once
             link.streams.pop(call.call_id, None)
             link.emit(End(call.call_id, None, error_of(exc)))
+            link.flush()  # on the grammar thread, no step or received call may flush it soon
 
     def _stop_decode(self, link: FrontLink, call: Call) -> None:
         instance_id, decode_call_id = msgspec.convert(call.args, tuple[str, int])

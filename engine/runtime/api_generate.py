@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pie_server.engine.control.api import KV_EVICTED, ControlError, VirtualForward
-from pie_server.engine.control.decoding import DecodeRequest, DecodeStream, wait_any
+from pie_server.engine.control.decoding import END_STOP, DecodeRequest, DecodeStream, wait_any
+from pie_server.engine.grammar import GrammarCompiler, GrammarError, GrammarMatcher, GrammarSpec
 from pie_server.engine.step import OutputSpec, SamplingParams
 from pie_server.engine.runtime.api_forward import SAMPLING_PARAMS, as_sampling
 from pie_server.engine.runtime.api_kv import check_token_ids
 from pie_server.engine.runtime.host import Host
 from pie_server.engine.runtime.hostfn import GuestError, HostFunction, expect
 from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
-from pie_server.engine.runtime.grammar import GrammarError, GrammarMatcher, compiler_for
 from pie_server.engine.runtime.messages import Event, Text
 from pie_server.engine.runtime.stop_strings import StopMatcher
 from pie_server.engine.runtime.tokenizer import StreamDecoder
@@ -65,7 +65,8 @@ class Sequence:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
-    grammar: GrammarMatcher | None = None  # a json-schema or regex constraint
+    grammar_spec: GrammarSpec | None = None  # a json-schema or regex constraint
+    grammar: GrammarMatcher | None = None  # its matcher, while the host runs it (forward by forward)
     stream_logprobs: bool = False  # deltas are JSON events with the logprobs of their tokens
     num_sent_logprobs: int = 0  # logprobs already streamed (invariant: <= len(logprobs))
 
@@ -96,9 +97,10 @@ def _sequence(request: dict[str, Any], host: Host, options: dict[str, Any] = DEF
     expect(all(len(s) <= MAX_STOP_STRING_CHARS for s in stop_strings),
            f"a stop string has at most {MAX_STOP_STRING_CHARS} characters")
     params = as_sampling(request["sampling"], model.vocab_size)
-    grammar = None
+    grammar_spec, grammar = None, None
     if request["constraint"] is not None and request["constraint"][0] != "allowed-tokens":
-        grammar = _grammar(request["constraint"], host)
+        grammar_spec = GrammarSpec(*request["constraint"])
+        grammar = _grammar(grammar_spec, host)  # compiled here too: a bad grammar is the call's error at once
     elif request["constraint"] is not None:
         _, allowed = request["constraint"]
         expect(len(allowed) > 0, "allowed-tokens must not be empty")
@@ -118,16 +120,23 @@ def _sequence(request: dict[str, Any], host: Host, options: dict[str, Any] = DEF
                     stream_channel=request["stream-channel"], page_size=model.page_size,
                     stream_logprobs=options["stream-logprobs"] and params.num_logprobs is not None,
                     penalized=params.presence_penalty != 0 or params.frequency_penalty != 0
-                    or params.repetition_penalty != 1.0, grammar=grammar)
+                    or params.repetition_penalty != 1.0, grammar_spec=grammar_spec, grammar=grammar)
 
 
-def _grammar(constraint: tuple[str, Any], host: Host) -> GrammarMatcher:
-    case, spec = constraint
+def _grammar(spec: GrammarSpec, host: Host) -> GrammarMatcher:
     try:
-        compiler = compiler_for(host)
-        return compiler.json_schema(spec) if case == "json-schema" else compiler.regex(spec)
+        return _compiler(host).matcher(spec)
     except GrammarError as error:
         raise GuestError(str(error)) from None
+
+
+def _compiler(host: Host) -> GrammarCompiler:
+    """The runtime's compiler (kept on the Host; made on first use from its tokenizer and model info)."""
+    if host.grammars is None:
+        model = host.model
+        host.grammars = GrammarCompiler(host.tokenizer.vocabulary(), model.vocab_size, model.eos_token_ids,
+                                        model.bos_token_id, host.tokenizer.encode)
+    return host.grammars  # type: ignore[no-any-return]
 
 
 def _last_page_len(num_tokens: int, num_pages: int, page_size: int) -> int:
@@ -224,9 +233,13 @@ def _result(seq: Sequence) -> tuple[str, Any]:
 
 
 def run_sequences(host: Host, inst: InstanceState, seqs: list[Sequence]) -> HostTaskGen:
-    """Decodes the sequences to their ends. Plain ones decode in the control layer (one call per page of
-    tokens); a grammar or penalties need the host between tokens, so those go forward by forward."""
-    if host.config.decode_in_control is not False and all(s.grammar is None and not s.penalized for s in seqs):
+    """Decodes the sequences to their ends. They decode in the control layer (one call per page of tokens; a
+    grammar runs there too where the control can), unless penalties (the output so far in every step's
+    parameters) or a grammar the control cannot run need the host between tokens: then forward by forward."""
+    in_control = all(not s.penalized and (s.grammar_spec is None or host.control.can_decode_grammar) for s in seqs)
+    if host.config.decode_in_control is not False and in_control:
+        for seq in seqs:
+            seq.grammar = None  # the control layer runs it, from grammar_spec and the tokens generated so far
         yield from _decode_in_control(host, inst, seqs)
     else:
         yield from _forward_per_token(host, inst, seqs)
@@ -298,7 +311,8 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
                 streams[id(seq)] = (seq, control.decode(inst.id, DecodeRequest(
                     token_ids=tuple(seq.pending), position=seq.position, page_ids=tuple(seq.pages),
                     context_len=seq.context_len, sampling=seq.params,
-                    max_new_tokens=seq.max_tokens - len(seq.generated), stop_token_ids=seq.stop_token_ids)))
+                    max_new_tokens=seq.max_tokens - len(seq.generated), stop_token_ids=seq.stop_token_ids,
+                    grammar=_resumed(seq.grammar_spec, seq.generated))))
             except ControlError as error:
                 _fail(seq, inst, "forward", error)
         while streams:
@@ -313,11 +327,21 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
                     error = stream.done.exception()
                     if error is not None and seq.active:
                         _fail(seq, inst, "forward", error)
+                    elif seq.active and stream.done.result() == END_STOP:  # its grammar allows nothing more
+                        seq.finish_reason = "stop"
+                        _end_stream(seq, inst)
                     del streams[key]
             if streams:
                 waiter = wait_any([stream for _, stream in streams.values()])
                 if waiter is not None:
                     yield waiter
+
+
+def _resumed(spec: GrammarSpec | None, generated: list[int]) -> GrammarSpec | None:
+    """spec after the tokens a decode of an earlier round generated (none ended it, so the grammar took each)."""
+    if spec is None or not generated:
+        return spec
+    return dataclasses.replace(spec, accepted_token_ids=tuple(generated))
 
 
 def _release(host: Host, inst: InstanceState, seqs: list[Sequence]) -> None:

@@ -152,4 +152,4 @@ class Host:
     bus: BroadcastBus = field(default_factory=BroadcastBus)
     store: TenantStore = field(default_factory=lambda: TenantStore(64 << 20))
     decoders: dict[int, tuple[InstanceState, StreamDecoder]] = field(default_factory=dict)
-    grammars: Any = None  # engine.runtime.grammar.GrammarCompiler, made on first use
+    grammars: Any = None  # engine.grammar.GrammarCompiler, made on first use (api_generate.py)

@@ -5,7 +5,8 @@ It checks every batch against the protocol of engine/step.py and, with simulate_
 token id written into every KV slot (device pages and host swap slots), applying swaps, copies and writes
 in the protocol's order. An output's token is next_token(input token, visible context), where the visible
 context is the list of token ids in the slots its row may attend to (causal, or the command's mask); so a
-test can tell whether a command saw the right KV after swaps, copies, chunking and remapping.
+test can tell whether a command saw the right KV after swaps, copies, chunking and remapping. Under an allowed-
+token mask, the first allowed token from that one on is sampled.
 """
 from __future__ import annotations
 
@@ -146,6 +147,8 @@ class FakeExecutor:
             if self.simulate_kv:
                 self.contexts.append(context)
             next_id = self.next_token(token, context) % self.vocab_size
+            if spec.sampling is not None and spec.sampling.allowed_token_mask is not None:
+                next_id = _first_allowed(spec.sampling.allowed_token_mask, next_id, self.vocab_size)
             if spec.sampling is not None:
                 outputs.append(OutputResult(token_id=next_id, logprob=0.0))
             else:
@@ -169,6 +172,14 @@ class FakeExecutor:
 
     def _slot(self, cmd: ForwardCommand, j: int) -> tuple[int, int]:
         return cmd.page_ids[j // self.info.page_size], j % self.info.page_size
+
+
+def _first_allowed(mask: bytes, token_id: int, vocab_size: int) -> int:
+    """The first token from token_id on (wrapping around) that mask allows: bit t % 8 of byte t // 8."""
+    for t in (*range(token_id, vocab_size), *range(token_id)):
+        if mask[t // 8] >> (t % 8) & 1:
+            return t
+    raise ValueError("the mask allows no token")
 
 
 def _require(condition: bool, message: str) -> None:

@@ -19,18 +19,21 @@ from pie_server.engine.core.client import RemoteControl
 from pie_server.engine.core.messages import CoreFacts
 from pie_server.engine.core.process import core_address_of
 from pie_server.engine.core.server import EngineCore
+from pie_server.engine.grammar import GrammarSpec, LazyCompiler
 from pie_server.engine.step import OutputSpec, SamplingParams
 from tests.engine.control.fake_executor import FakeExecutor
+from tests.engine.control.byte_grammar import GRAMMARS, VOCAB_SIZE
 
 GREEDY = SamplingParams()
 
 
 class Core:
-    def __init__(self, run_dir: Path, executor: FakeExecutor) -> None:
-        self.controller = Controller(executor, ControlConfig())
+    def __init__(self, run_dir: Path, executor: FakeExecutor, grammars: LazyCompiler | None = None) -> None:
+        self.controller = Controller(executor, ControlConfig(), grammars)
         self.controller.start()
         facts = CoreFacts(model_name="fake", model_dir=str(run_dir), vocab_size=executor.vocab_size,
-                          info=executor.info, admission_pages=self.controller.admission.num_pages)
+                          info=executor.info, admission_pages=self.controller.admission.num_pages,
+                          can_decode_grammar=self.controller.can_decode_grammar)
         self.core = EngineCore(self.controller, facts, core_address_of(str(run_dir)))
         self.thread = threading.Thread(target=self.core.serve_forever, daemon=True)
         self.thread.start()
@@ -57,6 +60,7 @@ def test_handshake_reports_the_engine(core: Core) -> None:
     assert core.remote.info == core.controller.info
     assert core.remote.facts.model_name == "fake"
     assert core.remote.admission.num_pages == core.controller.admission.num_pages
+    assert not core.remote.can_decode_grammar  # its Controller was given no grammar compiler
 
 
 def test_forward_and_pages_round_trip(core: Core) -> None:
@@ -100,6 +104,25 @@ def test_decode_streams_every_token_then_the_end(core: Core) -> None:
                                                stop_token_ids=frozenset({23})))
     assert stopped.done.result(5) == "stop" and [o.token_id for o in stopped.drain()] == [21, 22, 23]
     remote.close_instance("a")
+
+
+def test_a_decode_under_a_grammar_crosses_the_wire(tmp_path: Path) -> None:
+    made = Core(tmp_path, FakeExecutor(num_pages=32, page_size=4, vocab_size=VOCAB_SIZE), GRAMMARS)
+    remote = made.remote
+    assert remote.can_decode_grammar
+    remote.open_instance("a")
+    pages = remote.allocate_pages("a", 4).result(5)
+    # Resumed after "ab" (accepted before): the fake would write "c" after "b" unmasked, the grammar wants "x".
+    stream = remote.decode("a", DecodeRequest([ord("b")], 0, pages, 0, GREEDY, max_new_tokens=9,
+                                              grammar=GrammarSpec("regex", "abx{3}", (ord("a"), ord("b")))))
+    assert stream.done.result(5) == "stop" and bytes(o.token_id for o in stream.drain()) == b"xxx"
+    bad = remote.decode("a", DecodeRequest([1], 0, pages, 0, GREEDY, max_new_tokens=2,
+                                           grammar=GrammarSpec("json-schema", "[")))
+    with pytest.raises(ControlError, match="not valid JSON"):
+        bad.done.result(5)
+    remote.close_instance("a")
+    made.close()
+    assert made.controller.stats().num_free_pages == 32
 
 
 def test_a_decode_with_a_bad_page_ends_with_its_error(core: Core) -> None:

@@ -49,6 +49,8 @@ class FakeControl:
         self._thread.start()
 
     # ---------------------------------------------------------------- decoding (through forward())
+    can_decode_grammar = False  # grammars run in the host, forward by forward
+
     def decode(self, instance_id: InstanceId, request: DecodeRequest) -> DecodeStream:
         return decode_by_forwards(self, instance_id, request)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pie_server.engine.runtime import grammar as grammar_module
-from pie_server.engine.runtime.grammar import GrammarCompiler, GrammarError, json_schema_problem
+from pie_server.engine import grammar as grammar_module
+from pie_server.engine.grammar import GrammarCompiler, GrammarError, json_schema_problem
 from pie_server.engine.tokenizer import Tokenizer
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]},
