@@ -11,8 +11,9 @@ the decoding is queued or running, so the caller may free the pages once it has 
 
 A decode under a grammar (DecodeRequest.grammar: a JSON schema or regex, engine/grammar.py) keeps its matcher
 here: each forward samples under the mask of the tokens the grammar allows next, each sampled token is accepted
-into it, and a grammar that allows nothing more ends the decode (stop). Its next forward needs the mask that
-the token just sampled leaves, so it is never queued ahead of that token (no speculation, scheduling.py).
+into it, and a grammar that allows nothing more ends the decode (stop). A decode with penalties keeps its output
+so far (sampling.output_token_ids at the start) and gives it to each forward. Either way the next forward needs
+the token just sampled, so it is never queued ahead of that token (no speculation, scheduling.py).
 """
 from __future__ import annotations
 
@@ -117,12 +118,28 @@ class Decoding:
     table_version: int = -1  # the page table's version when this decode's last forward was fully validated
     grammar: GrammarMatcher | None = None  # at the state after the last accepted token
     failure: ControlError | None = None  # the grammar rejected a sampled token: the decode ends with this error
+    output_token_ids: list[TokenId] | None = None  # with penalties: the output so far, in every forward's params
+
+    @classmethod
+    def of(cls, request: DecodeRequest, stream: DecodeStream, grammar: GrammarMatcher | None) -> "Decoding":
+        """request's decode (grammar: request.grammar's matcher), streaming into stream."""
+        sampling = request.sampling
+        penalized = sampling.presence_penalty != 0 or sampling.frequency_penalty != 0 \
+            or sampling.repetition_penalty != 1.0
+        return cls(stream, request.max_new_tokens, request.stop_token_ids, sampling, list(request.page_ids),
+                   grammar=grammar, output_token_ids=list(sampling.output_token_ids) if penalized else None)
+
+    @property
+    def follows_tokens(self) -> bool:
+        """Whether each forward's parameters depend on the token sampled before (a grammar's mask, the output
+        that penalties count): its next forward is never queued ahead of that token."""
+        return self.grammar is not None or self.output_token_ids is not None
 
     def can_continue_after(self, position: int, context_len: int, page_size: int, max_context_len: int) -> bool:
         """Whether a decode whose forward at position (over context_len slots) is running may go on after it,
-        unless it samples a stop token: accept's test, made before the output is known. Never under a grammar:
-        the next forward's mask depends on that output."""
-        return self.grammar is None and not self.stream.stop_requested and self._limit_after(
+        unless it samples a stop token: accept's test, made before the output is known. Never when it follows
+        tokens: the next forward's parameters depend on that output."""
+        return not self.follows_tokens and not self.stream.stop_requested and self._limit_after(
             self.num_generated + 1, position + 1, context_len, len(self.page_ids) * page_size, max_context_len) is None
 
     def forward(self, token_ids: list[TokenId], position: int, context_len: int, page_size: int) -> VirtualForward:
@@ -137,10 +154,13 @@ class Decoding:
                               outputs=[OutputSpec(index=len(token_ids) - 1, sampling=self._next_sampling())])
 
     def _next_sampling(self) -> SamplingParams:
+        sampling = self.sampling
+        if self.output_token_ids is not None:
+            sampling = dataclasses.replace(sampling, output_token_ids=tuple(self.output_token_ids))
         if self.grammar is None:
-            return self.sampling
+            return sampling
         try:
-            return dataclasses.replace(self.sampling, allowed_token_mask=self.grammar.allowed_token_mask())
+            return dataclasses.replace(sampling, allowed_token_mask=self.grammar.allowed_token_mask())
         except GrammarError as error:
             raise ControlError(str(error)) from None
 
@@ -149,6 +169,8 @@ class Decoding:
         """Takes a sampled output (its token now pending at next_position, after context_len tokens): streams
         it, and says which waiter to settle and why decoding ends (None: it goes on)."""
         self.num_generated += 1
+        if self.output_token_ids is not None:
+            self.output_token_ids.append(output.token_id)
         stream = self.stream
         waiter = stream.push(output)
         if stream.stop_requested:
@@ -184,8 +206,7 @@ def decode_by_forwards(control: Any, instance_id: InstanceId, request: DecodeReq
     request.grammar's matcher."""
     stream = DecodeStream()
     page_size, max_context_len = control.info.page_size, control.info.max_context_len
-    decoding = Decoding(stream, request.max_new_tokens, request.stop_token_ids, request.sampling,
-                        list(request.page_ids), grammar=grammar)
+    decoding = Decoding.of(request, stream, grammar)
 
     def submit(token_ids: list[TokenId], position: int, context_len: int) -> None:
         future = control.forward(instance_id, decoding.forward(token_ids, position, context_len, page_size))

@@ -204,7 +204,7 @@ class ControlState:
             successor.wasted = True  # it runs; the end is said when it comes back
             decoding.end_reason = reason
             return
-        if decoding.failure is not None:  # a grammar decode (never speculated) whose grammar broke
+        if decoding.failure is not None:  # a grammar decode (never speculated, so no successor) whose grammar broke
             self.settle(decoding.stream.done, error=decoding.failure)
         else:
             self.settle(decoding.stream.done, reason)

@@ -151,11 +151,11 @@ class StepLoop:
             return True
 
     def _nothing_to_speculate(self) -> bool:
-        """The newest running step has no decode of the control layer that goes on without its token (one under a
-        grammar needs the token's mask first: decoding.py), so nothing continues on the device."""
+        """The newest running step has no decode of the control layer that goes on without its token (one that
+        follows tokens needs it first: decoding.py), so nothing continues on the device."""
         with self.locked(mutating=False):
             newest = self._state.running[-1] if self._state.running else None
-            return newest is not None and all(chunk.item.decoding is None or chunk.item.decoding.grammar is not None
+            return newest is not None and all(chunk.item.decoding is None or chunk.item.decoding.follows_tokens
                                               for chunk, _ in newest.sources)
 
     def _deliver_oldest(self) -> None:

@@ -174,8 +174,7 @@ def first_item(request: DecodeRequest, stream: DecodeStream, table: PageTable, l
                grammar: GrammarMatcher | None = None) -> ForwardItem:
     """The first forward of a decode: request's pending tokens over the pages that their context needs (grammar:
     request.grammar's matcher)."""
-    decoding = Decoding(stream, request.max_new_tokens, request.stop_token_ids, request.sampling,
-                        page_ids=list(request.page_ids), grammar=grammar)
+    decoding = Decoding.of(request, stream, grammar)
     return _decode_item(decoding, list(request.token_ids), request.position, request.context_len, table, limits)
 
 
@@ -185,13 +184,13 @@ def next_item(item: ForwardItem, token_id: int, table: PageTable, limits: Limits
     assert decoding is not None
     position, context_len = item.positions[-1] + 1, item.context_len + 1
     if decoding.table_version == table.version and item.mask is None and item.num_tokens == 1 \
-            and decoding.grammar is None \
+            and not decoding.follows_tokens \
             and context_len <= min(len(item.page_ids) * limits.page_size, limits.max_context_len) \
             and (limits.max_position is None or position < limits.max_position) \
             and 0 <= token_id and (limits.vocab_size is None or token_id < limits.vocab_size):
         # The common step: the same pages as item, validated at this table version (no page freed or masked
         # since), so prepare_forward's checks would all pass and give item's blocks again; the same outputs
-        # (a grammar's mask changes every step). Positional (see
+        # (unless it follows tokens: a grammar's mask, penalties' output). Positional (see
         # HOT_FIELD_ORDER): token_ids, positions, page_ids, block_ids, context_len, page_size, outputs, mask,
         # chunkable, future.
         successor = ForwardItem([token_id], [position], item.page_ids, item.block_ids, context_len,

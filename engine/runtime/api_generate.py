@@ -234,9 +234,9 @@ def _result(seq: Sequence) -> tuple[str, Any]:
 
 def run_sequences(host: Host, inst: InstanceState, seqs: list[Sequence]) -> HostTaskGen:
     """Decodes the sequences to their ends. They decode in the control layer (one call per page of tokens; a
-    grammar runs there too where the control can), unless penalties (the output so far in every step's
-    parameters) or a grammar the control cannot run need the host between tokens: then forward by forward."""
-    in_control = all(not s.penalized and (s.grammar_spec is None or host.control.can_decode_grammar) for s in seqs)
+    grammar and penalties run there too), unless a grammar the control cannot run needs the host between tokens:
+    then forward by forward."""
+    in_control = all(s.grammar_spec is None for s in seqs) or host.control.can_decode_grammar
     if host.config.decode_in_control is not False and in_control:
         for seq in seqs:
             seq.grammar = None  # the control layer runs it, from grammar_spec and the tokens generated so far
@@ -310,7 +310,7 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
             try:
                 streams[id(seq)] = (seq, control.decode(inst.id, DecodeRequest(
                     token_ids=tuple(seq.pending), position=seq.position, page_ids=tuple(seq.pages),
-                    context_len=seq.context_len, sampling=seq.params,
+                    context_len=seq.context_len, sampling=_with_output(seq),
                     max_new_tokens=seq.max_tokens - len(seq.generated), stop_token_ids=seq.stop_token_ids,
                     grammar=_resumed(seq.grammar_spec, seq.generated))))
             except ControlError as error:
@@ -335,6 +335,11 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
                 waiter = wait_any([stream for _, stream in streams.values()])
                 if waiter is not None:
                     yield waiter
+
+
+def _with_output(seq: Sequence) -> SamplingParams:
+    """seq's parameters; with penalties, also the output so far (the control layer adds each new token)."""
+    return dataclasses.replace(seq.params, output_token_ids=tuple(seq.generated)) if seq.penalized else seq.params
 
 
 def _resumed(spec: GrammarSpec | None, generated: list[int]) -> GrammarSpec | None:

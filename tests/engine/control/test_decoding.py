@@ -181,3 +181,18 @@ def test_slots_masked_mid_decode_are_hidden_from_its_later_forwards(controllers:
     assert later and all(command.attention_mask is not None and not command.attention_mask[-1][0]
                          and all(command.attention_mask[-1][1:]) for command in later)
     controller.close_instance(instance)
+
+
+def test_a_decode_with_penalties_gives_each_forward_its_output_so_far(controllers: Controllers,
+                                                                      pipeline: bool) -> None:
+    controller, executor = _make(controllers, pipeline)
+    controller.start()
+    instance, pages = _open(controller, "a", 5)
+    penalized = SamplingParams(presence_penalty=0.5, output_token_ids=(3, 4))  # 3, 4: an earlier round's output
+    tokens, end = _drain_all(controller.decode(instance, DecodeRequest(
+        token_ids=PROMPT, position=0, page_ids=pages, context_len=0, sampling=penalized, max_new_tokens=5)))
+    assert tokens == [11, 12, 13, 14, 15] and end == END_LENGTH
+    outputs = [c.outputs[0].sampling.output_token_ids for b in executor.batches for c in b.forwards]
+    assert outputs == [(3, 4), (3, 4, 11), (3, 4, 11, 12), (3, 4, 11, 12, 13), (3, 4, 11, 12, 13, 14)]
+    assert executor.num_fed == 0  # never queued ahead of its token: the next forward's parameters need it
+    controller.close_instance(instance)

@@ -72,6 +72,18 @@ def test_generate_runs_until_max_tokens_and_reports_pages(setup: Any) -> None:
     assert [c.last_page_len for c in commands] == [2, 3, 4, 1, 2]
 
 
+def test_penalties_see_the_output_so_far_in_every_forward(setup: Any) -> None:
+    """On both paths (in the control layer: across its rounds of one page each), each forward's parameters hold
+    the tokens generated before it and the prompt, and nothing is queued ahead of a token."""
+    _, inst, control, fns = setup
+    tag, gen = drive(fns["generate"](inst, request(**{"max-tokens": 16, "sampling": {
+        **GREEDY, "frequency-penalty": 0.5}})))
+    assert tag == "ok" and gen["token-ids"] == list(b"cdefghijklmnopqr")
+    params = [c.outputs[0].sampling for i, c in control.commands if i == inst.id]
+    assert [p.output_token_ids for p in params] == [tuple(b"cdefghijklmnopqr"[:n]) for n in range(16)]
+    assert all(p.prompt_token_ids == tuple(b"ab") and p.frequency_penalty == 0.5 for p in params)
+
+
 def test_stop_string_across_tokens_is_cut_and_never_streamed(setup: Any) -> None:
     _, inst, _, fns = setup
     tag, gen = drive(fns["generate"](inst, request(**{"stop-strings": ["de"], "stream-channel": 0, "max-tokens": 10})))
