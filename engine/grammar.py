@@ -58,10 +58,12 @@ def json_schema_problem(schema: dict[str, Any]) -> str | None:
 
 
 class GrammarMatcher:
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, pool: Callable[[], Any]) -> None:
         import llguidance.numpy as lln
 
         self._matcher = matcher
+        self._vocab_size = vocab_size
+        self._pool = pool  # its compiler's llguidance.LLExecutor (made on first use), for fill_masks
         self._bitmask = lln.allocate_token_bitmask(1, vocab_size)
         self._fill = lln.fill_next_token_bitmask
 
@@ -92,6 +94,43 @@ class GrammarMatcher:
             raise GrammarError(f"grammar error: {self._matcher.get_error()}")
 
 
+# From this many matchers on, fill_masks computes their masks in llguidance's thread pool (native threads, the
+# GIL released); below, one by one (2-core CPU, masks inside a JSON string value: 8 masks 0.04 ms one by one
+# against 0.07 ms in the pool; 32: 0.15 against 0.11; 128: 0.60 against 0.20).
+MIN_POOLED_MASKS = 16
+
+
+def fill_masks(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]:
+    """Each matcher's allowed_token_mask(), or the GrammarError it would raise. Matchers of one compiler."""
+    if len(matchers) < MIN_POOLED_MASKS:
+        return [_mask_or_error(m) for m in matchers]
+    import llguidance.numpy as lln
+
+    masks: list[bytes | GrammarError | None] = [None] * len(matchers)
+    rows = []
+    for i, matcher in enumerate(matchers):
+        try:
+            matcher._check()
+            rows.append((matcher._matcher, len(rows), i))
+        except GrammarError as error:
+            masks[i] = error
+    bitmask = lln.allocate_token_bitmask(len(rows), matchers[0]._vocab_size)
+    if rows:
+        lln.fill_next_token_bitmask_par(matchers[0]._pool(), [(m, row) for m, row, _ in rows], bitmask)
+    empty = ~bitmask.any(axis=1)
+    words = bitmask.astype("<i4", copy=False)
+    for _, row, i in rows:
+        masks[i] = GrammarError("the grammar allows no token here") if empty[row] else words[row].tobytes()
+    return masks  # type: ignore[return-value]
+
+
+def _mask_or_error(matcher: GrammarMatcher) -> bytes | GrammarError:
+    try:
+        return matcher.allowed_token_mask()
+    except GrammarError as error:
+        return error
+
+
 class GrammarCompiler:
     def __init__(self, token_bytes: Sequence[bytes], vocab_size: int, eos_token_ids: Sequence[int],
                  bos_token_id: int | None, encode: Any) -> None:
@@ -104,6 +143,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._pristine: OrderedDict[str, Any] = OrderedDict()  # grammar text -> llguidance.LLMatcher, LRU order
         self._pristine_lock = threading.Lock()
+        self._executor: Any = None  # llguidance.LLExecutor, made on first use (_pool)
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, vocab_size: int) -> "GrammarCompiler":
@@ -150,7 +190,7 @@ class GrammarCompiler:
                 self._pristine[grammar] = pristine
                 while len(self._pristine) > MAX_CACHED_GRAMMARS:
                     self._pristine.popitem(last=False)
-        return GrammarMatcher(pristine.deep_copy(), self._vocab_size)
+        return GrammarMatcher(pristine.deep_copy(), self._vocab_size, self._pool)
 
     def _compile(self, grammar: str) -> Any:
         """A validated matcher at the grammar's start whose first mask is computed (its lazy states built)."""
@@ -166,6 +206,15 @@ class GrammarCompiler:
             raise GrammarError(f"invalid grammar: {matcher.get_error()}")
         lln.fill_next_token_bitmask(matcher, lln.allocate_token_bitmask(1, self._vocab_size))
         return matcher
+
+    def _pool(self) -> Any:
+        """The thread pool of fill_masks (llguidance's default size: 80 % of the CPUs, at most 32)."""
+        with self._lock:
+            if self._executor is None:
+                import llguidance
+
+                self._executor = llguidance.LLExecutor()
+            return self._executor
 
     def _llg_tokenizer(self) -> Any:
         with self._lock:

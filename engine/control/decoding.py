@@ -119,6 +119,7 @@ class Decoding:
     grammar: GrammarMatcher | None = None  # at the state after the last accepted token
     failure: ControlError | None = None  # the grammar rejected a sampled token: the decode ends with this error
     output_token_ids: list[TokenId] | None = None  # with penalties: the output so far, in every forward's params
+    next_mask: bytes | GrammarError | None = None  # the grammar's next mask, when computed with others' (fill_masks)
 
     @classmethod
     def of(cls, request: DecodeRequest, stream: DecodeStream, grammar: GrammarMatcher | None) -> "Decoding":
@@ -159,10 +160,15 @@ class Decoding:
             sampling = dataclasses.replace(sampling, output_token_ids=tuple(self.output_token_ids))
         if self.grammar is None:
             return sampling
+        mask, self.next_mask = self.next_mask, None
         try:
-            return dataclasses.replace(sampling, allowed_token_mask=self.grammar.allowed_token_mask())
+            if mask is None:
+                mask = self.grammar.allowed_token_mask()
+            elif isinstance(mask, GrammarError):
+                raise mask
         except GrammarError as error:
             raise ControlError(str(error)) from None
+        return dataclasses.replace(sampling, allowed_token_mask=mask)
 
     def accept(self, output: OutputResult, next_position: int, context_len: int, page_size: int,
                max_context_len: int) -> tuple[Future[None] | None, str | None]:

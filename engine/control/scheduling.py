@@ -254,6 +254,7 @@ class StepBuilder:
             item.add_results(output_ids, command_result.outputs)
             if chunk.is_last:
                 self._finish(chunk, item.result())
+        self.s.continue_grammar_decodes()
 
     def _finish(self, chunk: Chunk, result: CommandResult) -> None:
         item = chunk.item

@@ -22,6 +22,7 @@ from pie_server.engine.control.pages import BlockId
 from pie_server.engine.control.resources import Resources
 from pie_server.engine.control.swap import nonresident_blocks
 from pie_server.engine.control.work import CopyItem, ForwardItem, Limits, next_item, queued_page_ids
+from pie_server.engine.grammar import fill_masks
 from pie_server.engine.step import OutputResult, TokenRef
 from pie_server.engine.types import InstanceId, VirtualPageId
 
@@ -53,6 +54,8 @@ class ControlState:
         self.step_id = 0
         self.num_evictions = 0
         self.outbox: list[tuple[Future[Any], Any, BaseException | None]] = []
+        # Grammar decodes whose token a delivery took: (instance, the forward that sampled it, the token).
+        self.masks_due: list[tuple[InstanceState, ForwardItem, int]] = []
 
     def inflight_chunks(self) -> Iterator[Chunk]:
         for step in self.running:
@@ -190,11 +193,26 @@ class ControlState:
             successor.token_ids[-1] = output.token_id
             if successor.num_scheduled == 0:  # still queued: it takes the token from the host after all
                 successor.fed = None
+        elif decoding.grammar is not None:
+            self.masks_due.append((instance, item, output.token_id))  # continue_grammar_decodes goes on
         else:
-            try:
-                self.enqueue(instance, next_item(item, output.token_id, instance.table, self.limits))
-            except ControlError as error:  # a page of the decode was freed meanwhile
-                self.settle(decoding.stream.done, error=error)
+            self._continue(instance, item, output.token_id)
+
+    def continue_grammar_decodes(self) -> None:
+        """Queues the next forwards of the grammar decodes that continue_decode took tokens of (since the last
+        call), their masks computed together: in parallel threads when there are many (engine/grammar.py)."""
+        due, self.masks_due = self.masks_due, []
+        if not due:
+            return
+        for (instance, item, token_id), mask in zip(due, fill_masks([i.decoding.grammar for _, i, _ in due])):
+            item.decoding.next_mask = mask  # type: ignore[union-attr]
+            self._continue(instance, item, token_id)
+
+    def _continue(self, instance: InstanceState, item: ForwardItem, token_id: int) -> None:
+        try:
+            self.enqueue(instance, next_item(item, token_id, instance.table, self.limits))
+        except ControlError as error:  # a page of the decode was freed meanwhile, or its grammar allows nothing
+            self.settle(item.decoding.stream.done, error=error)  # type: ignore[union-attr]
 
     def _end_decode(self, instance: InstanceState, decoding: Decoding, successor: ForwardItem | None,
                     reason: str) -> None:

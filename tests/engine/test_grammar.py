@@ -98,3 +98,23 @@ def test_a_repeated_grammar_gives_independent_matchers_and_the_cache_is_bounded(
     for n in range(5):
         grammars.regex(f"[a-z]{{{n + 1}}}")
     assert len(grammars._pristine) == 3
+
+
+@pytest.mark.parametrize("num_matchers", [3, grammar_module.MIN_POOLED_MASKS + 4])
+def test_fill_masks_equals_each_matchers_own_mask_or_error(compiler, num_matchers: int) -> None:
+    grammars, tokenizer, eos = compiler
+    matchers = []
+    for i in range(num_matchers):  # matchers at different states of different grammars
+        matcher = grammars.json_schema(json.dumps(SCHEMA)) if i % 2 else grammars.regex(r"[0-9]{3}-[a-z]{2}")
+        for token in tokenizer.encode('{"ok": true, "color": "red"' if i % 2 else "123-a")[:i % 5]:
+            matcher.accept(token)
+        matchers.append(matcher)
+    broken = grammars.regex("[0-9]+")
+    with pytest.raises(GrammarError):
+        broken.accept(tokenizer.encode("x")[0])
+    matchers.insert(1, broken)
+    masks = grammar_module.fill_masks(matchers)
+    assert isinstance(masks[1], GrammarError) and "grammar error" in str(masks[1])
+    expected = [m.allowed_token_mask() for i, m in enumerate(matchers) if i != 1]
+    assert [m for i, m in enumerate(masks) if i != 1] == expected
+    assert len(set(expected)) >= 2  # the matchers were in different states

@@ -16,7 +16,7 @@ from pie_server.engine.control.api import ControlError
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.controller import Controller
 from pie_server.engine.control.decoding import END_LENGTH, END_ROOM, END_STOP, DecodeRequest, DecodeStream
-from pie_server.engine.grammar import GrammarSpec, LazyCompiler
+from pie_server.engine.grammar import MIN_POOLED_MASKS, GrammarSpec, LazyCompiler
 from pie_server.engine.step import SamplingParams
 from pie_server.engine.types import InstanceId
 
@@ -25,9 +25,9 @@ PAGE_SIZE = 4
 PROMPT = list(b"say: ")
 
 
-def _make(controllers: Controllers, pipeline: bool, grammars: LazyCompiler | None = GRAMMARS
-          ) -> tuple[Controller, FakeExecutor]:
-    executor = FakeExecutor(num_pages=32, page_size=PAGE_SIZE, vocab_size=VOCAB_SIZE)
+def _make(controllers: Controllers, pipeline: bool, grammars: LazyCompiler | None = GRAMMARS,
+          num_pages: int = 32) -> tuple[Controller, FakeExecutor]:
+    executor = FakeExecutor(num_pages=num_pages, page_size=PAGE_SIZE, vocab_size=VOCAB_SIZE)
     controller = Controller(executor, ControlConfig(pipeline=pipeline), grammars)
     controllers.made.append(controller)
     controller.start()
@@ -101,6 +101,18 @@ def test_grammar_decodes_beside_plain_ones_keep_their_own_rules(controllers: Con
     assert all(text == "!\"#$%&'(" for text, _ in results[::2])
     assert all(text == "xyxyxyxy" for text, _ in results[1::2])
     assert (executor.num_fed > 0) == pipeline  # the plain ones are still fed on the device
+    for instance, _ in opened:
+        controller.close_instance(instance)
+
+
+def test_many_grammar_decodes_get_their_masks_together(controllers: Controllers, pipeline: bool) -> None:
+    """From MIN_POOLED_MASKS decodes on, a delivery computes their next masks in llguidance's thread pool."""
+    controller, _ = _make(controllers, pipeline, num_pages=4 * (MIN_POOLED_MASKS + 4))
+    opened = [_open(controller, f"i{i}", 4) for i in range(MIN_POOLED_MASKS + 4)]
+    streams = [controller.decode(instance, _request(pages, GrammarSpec("regex", "(xy){4}" if i % 3 else "[0-9]{6}")))
+               for i, (instance, pages) in enumerate(opened)]
+    for i, stream in enumerate(streams):
+        assert _text(stream) == ("xyxyxyxy" if i % 3 else "012345", END_STOP)
     for instance, _ in opened:
         controller.close_instance(instance)
 
