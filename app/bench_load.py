@@ -35,6 +35,7 @@ class LoadConfig:
     max_tokens: int  # per request, all generated (ignore_eos)
     api_key: str | None = None
     timeout_s: float = 600.0  # per request
+    json_schema: dict[str, Any] | None = None  # every request's output follows it (response_format json_schema)
     endpoint: Endpoint = field(init=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +88,8 @@ async def one_request(config: LoadConfig, index: int, max_tokens: int) -> Sample
     body = {"model": config.model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "messages": [{"role": "user", "content": f"{PROMPTS[index % len(PROMPTS)]} (#{index})"}],
             "stream": True, "stream_options": {"include_usage": True}}
+    if config.json_schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "load", "schema": config.json_schema}}
     started = time.perf_counter()
     stamps: list[float] = []
     num_tokens = None

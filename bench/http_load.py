@@ -7,6 +7,7 @@ bench/serving_table.py rely on.
     .venv/bin/python bench/http_load.py --url http://host:8000 --model NAME
     options: --concurrency 1 8 32  --requests-per-level 32  --max-tokens 64  --json bench/results/http_load.json
              --serve-args '--api-processes 2'     # more options for the local `pie serve`
+             --json-schema                        # structured output: every answer under STRUCTURED_SCHEMA
 
 Each request streams (stream_options.include_usage) a fixed number of tokens (ignore_eos). Per request:
 TTFT = first content chunk - send; TPOT = (last chunk - first chunk) / (output tokens - 1); ITL = gaps
@@ -27,6 +28,11 @@ import urllib.request
 from pathlib import Path
 
 from pie_server.app.bench_load import LevelReport, LoadConfig, results_json, run_level, warm_up
+
+# --json-schema: an array of at least 64 short strings, so an answer of --max-tokens tokens never ends early
+# (what a model writes under it only picks the strings' letters).
+STRUCTURED_SCHEMA = {"type": "object", "required": ["items"], "additionalProperties": False, "properties": {
+    "items": {"type": "array", "minItems": 64, "items": {"type": "string", "pattern": "^[a-z]{1,8}$"}}}}
 
 
 class LocalServer:
@@ -72,7 +78,8 @@ def _pie_command() -> list[str]:
 
 async def main_async(args: argparse.Namespace, url: str) -> list[LevelReport]:
     config = LoadConfig(url=url, model=args.model, concurrency=tuple(args.concurrency),
-                        num_requests=args.requests_per_level, max_tokens=args.max_tokens, api_key=args.api_key)
+                        num_requests=args.requests_per_level, max_tokens=args.max_tokens, api_key=args.api_key,
+                        json_schema=STRUCTURED_SCHEMA if args.json_schema else None)
     failed_warm_up = await warm_up(config)
     if failed_warm_up:
         print(f"warm-up failed: {failed_warm_up}", file=sys.stderr, flush=True)
@@ -109,6 +116,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--json", default=None)
     parser.add_argument("--serve-args", default="", help="more `pie serve` options, e.g. '--api-processes 2'")
+    parser.add_argument("--json-schema", action="store_true",
+                        help="structured output: each request's response_format is STRUCTURED_SCHEMA")
     args = parser.parse_args()
     server = None if args.url else LocalServer(args.model_path, args.num_pages, args.serve_args.split())
     try:

@@ -72,11 +72,12 @@ wait_health() {  # port pid
   echo "health timeout"; return 1
 }
 
-load() {  # url name tag
+load() {  # url name tag; LOAD_ARGS: more bench/http_load.py options, LOAD_TAG: appended to the tag (e.g.
+          # LOAD_ARGS=--json-schema LOAD_TAG=_json: structured output, into *_json_{lo,hi}.json)
   timeout 150 python3 bench/http_load.py --url "$1" --model "$2" --concurrency 1 16 --requests-per-level "${LO_REQUESTS:-32}" \
-    --max-tokens 128 --json "$OUT/$3_lo.json" | tail -2
+    --max-tokens 128 --json "$OUT/$3${LOAD_TAG:-}_lo.json" ${LOAD_ARGS:-} | tail -2
   timeout 240 python3 bench/http_load.py --url "$1" --model "$2" --concurrency 64 256 \
-    --requests-per-level "$(requests_high "$2")" --max-tokens 128 --json "$OUT/$3_hi.json" | tail -2
+    --requests-per-level "$(requests_high "$2")" --max-tokens 128 --json "$OUT/$3${LOAD_TAG:-}_hi.json" ${LOAD_ARGS:-} | tail -2
 }
 
 pie_http() {  # shape api_processes

@@ -124,3 +124,15 @@ def test_http_load_writes_what_serving_table_reads(make_fake_server, tmp_path: P
     assert table.returncode == 0, table.stderr
     rows = json.loads((tmp_path / "table.json").read_text())["rows"]
     assert [row["concurrency"] for row in rows] == [1, 2] and all(row["pie"]["out_tok_s"] > 0 for row in rows)
+
+
+def test_http_load_json_schema_asks_every_request_for_structured_output(make_fake_server) -> None:
+    server = make_fake_server()
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "http_load.py"), "--url", server.url, "--model",
+                           "fake-model", "--concurrency", "2", "--requests-per-level", "3", "--max-tokens", "4",
+                           "--json-schema"], capture_output=True, text=True, timeout=120, cwd=REPO.parent)
+    assert done.returncode == 0, done.stderr
+    sent = server.engine.runtime.arguments
+    assert len(sent) == 1 + 3  # the warm-up too
+    assert all(request["constraint"]["schema"]["properties"]["items"]["minItems"] == 64 for request in sent), \
+        sent[0]["constraint"]
