@@ -210,6 +210,8 @@ def decode_by_forwards(control: Any, instance_id: InstanceId, request: DecodeReq
     """A decode through the Control's forward(), each result's callback submitting the next forward: for
     Controls without a decode of their own (test fakes). Same ends as the Controller's decode; grammar:
     request.grammar's matcher."""
+    if request.grammar is not None and grammar is None:
+        raise ControlError("this control cannot decode under a grammar (can_decode_grammar is False)")
     stream = DecodeStream()
     page_size, max_context_len = control.info.page_size, control.info.max_context_len
     decoding = Decoding.of(request, stream, grammar)

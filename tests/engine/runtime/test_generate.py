@@ -6,11 +6,15 @@ from typing import Any, Iterator
 
 import pytest
 
+from pie_server.engine.control.api import ControlError
+from pie_server.engine.control.decoding import DecodeRequest
+from pie_server.engine.grammar import GrammarSpec
 from pie_server.engine.runtime import api_generate
 from pie_server.engine.runtime.config import RuntimeConfig
 from pie_server.engine.runtime.host import Host
 from pie_server.engine.runtime.instance import InstanceState
 from pie_server.engine.runtime.messages import Text
+from pie_server.engine.step import SamplingParams
 from pie_server.engine.types import InstanceId
 from tests.engine.runtime.conftest import MODEL, PAGE_SIZE
 from tests.engine.runtime.fakes import ByteTokenizer, FakeControl
@@ -182,3 +186,17 @@ def test_spaces_between_special_tokens_joins_added_tokens_raw() -> None:
 
     assert text() == "hello [CLS] [SEP] world [SEP]"
     assert text(spaces_between_special_tokens=False) == "hello [CLS][SEP] world [SEP]"
+
+
+def test_a_control_that_cannot_run_grammars_refuses_a_decode_with_one() -> None:
+    """decode_by_forwards (the fakes' decode) has no compiler: a grammar it was not given is an error, never
+    silently dropped (the runtime sends such grammars forward by forward instead: can_decode_grammar)."""
+    control = FakeControl(num_pages=8, page_size=PAGE_SIZE)
+    control.open_instance(InstanceId("g"))
+    pages = control.allocate_pages(InstanceId("g"), 2).result(timeout=10)
+    with pytest.raises(ControlError, match="cannot decode under a grammar"):
+        control.decode(InstanceId("g"), DecodeRequest(token_ids=[1], position=0, page_ids=pages, context_len=0,
+                                                      sampling=SamplingParams(), max_new_tokens=2,
+                                                      grammar=GrammarSpec("regex", "[a-c]")))
+    control.close_instance(InstanceId("g"))
+    control.stop()
