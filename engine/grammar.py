@@ -30,6 +30,9 @@ class GrammarError(ValueError):
     """The schema or regex cannot be compiled; the message says why."""
 
 
+NO_TOKEN_ALLOWED = "the grammar allows no token here"
+
+
 @dataclass(frozen=True)
 class GrammarSpec:
     """A constraint as data: its kind (GRAMMAR_KINDS), its text (a JSON schema or a regex), and the tokens the
@@ -78,7 +81,7 @@ class GrammarMatcher:
         self._check()
         self._fill(self._matcher, self._bitmask)
         if not self._bitmask.any():
-            raise GrammarError("the grammar allows no token here")
+            raise GrammarError(NO_TOKEN_ALLOWED)
         return self._bitmask[0].astype("<i4", copy=False).tobytes()
 
     def accept(self, token_id: int) -> None:
@@ -120,7 +123,7 @@ def fill_masks(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]
     empty = ~bitmask.any(axis=1)
     words = bitmask.astype("<i4", copy=False)
     for _, row, i in rows:
-        masks[i] = GrammarError("the grammar allows no token here") if empty[row] else words[row].tobytes()
+        masks[i] = GrammarError(NO_TOKEN_ALLOWED) if empty[row] else words[row].tobytes()
     return masks  # type: ignore[return-value]
 
 

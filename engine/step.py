@@ -74,6 +74,11 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def is_penalized(self) -> bool:
+        """A penalty reads the tokens so far (output_token_ids, and for repetition prompt_token_ids too)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
 
 @dataclass(frozen=True)
 class OutputSpec:

@@ -125,10 +125,8 @@ class Decoding:
     def of(cls, request: DecodeRequest, stream: DecodeStream, grammar: GrammarMatcher | None) -> "Decoding":
         """request's decode (grammar: request.grammar's matcher), streaming into stream."""
         sampling = request.sampling
-        penalized = sampling.presence_penalty != 0 or sampling.frequency_penalty != 0 \
-            or sampling.repetition_penalty != 1.0
         return cls(stream, request.max_new_tokens, request.stop_token_ids, sampling, list(request.page_ids),
-                   grammar=grammar, output_token_ids=list(sampling.output_token_ids) if penalized else None)
+                   grammar=grammar, output_token_ids=list(sampling.output_token_ids) if sampling.is_penalized else None)
 
     @property
     def follows_tokens(self) -> bool:
@@ -155,20 +153,24 @@ class Decoding:
                               outputs=[OutputSpec(index=len(token_ids) - 1, sampling=self._next_sampling())])
 
     def _next_sampling(self) -> SamplingParams:
-        sampling = self.sampling
+        changes: dict[str, Any] = {}
         if self.output_token_ids is not None:
-            sampling = dataclasses.replace(sampling, output_token_ids=tuple(self.output_token_ids))
-        if self.grammar is None:
-            return sampling
+            changes["output_token_ids"] = tuple(self.output_token_ids)
+        if self.grammar is not None:
+            changes["allowed_token_mask"] = self._next_mask(self.grammar)
+        return dataclasses.replace(self.sampling, **changes) if changes else self.sampling
+
+    def _next_mask(self, grammar: GrammarMatcher) -> bytes:
+        """The mask computed with others' (next_mask, taken), else the matcher's own; ControlError if none."""
         mask, self.next_mask = self.next_mask, None
         try:
             if mask is None:
-                mask = self.grammar.allowed_token_mask()
-            elif isinstance(mask, GrammarError):
+                return grammar.allowed_token_mask()
+            if isinstance(mask, GrammarError):
                 raise mask
         except GrammarError as error:
             raise ControlError(str(error)) from None
-        return dataclasses.replace(sampling, allowed_token_mask=mask)
+        return mask
 
     def accept(self, output: OutputResult, next_position: int, context_len: int, page_size: int,
                max_context_len: int) -> tuple[Future[None] | None, str | None]:

@@ -97,9 +97,7 @@ def _is_plain_greedy(spec: OutputSpec) -> bool:
         p is not None
         and p.is_greedy
         and p.num_logprobs is None
-        and p.repetition_penalty == 1.0
-        and p.frequency_penalty == 0.0
-        and p.presence_penalty == 0.0
+        and not p.is_penalized
         and not p.logit_bias
         and p.allowed_token_ids is None
         and p.allowed_token_mask is None

@@ -119,8 +119,7 @@ def _sequence(request: dict[str, Any], host: Host, options: dict[str, Any] = DEF
                     decoder=_new_decoder(host, options),
                     stream_channel=request["stream-channel"], page_size=model.page_size,
                     stream_logprobs=options["stream-logprobs"] and params.num_logprobs is not None,
-                    penalized=params.presence_penalty != 0 or params.frequency_penalty != 0
-                    or params.repetition_penalty != 1.0, grammar_spec=grammar_spec, grammar=grammar)
+                    penalized=params.is_penalized, grammar_spec=grammar_spec, grammar=grammar)
 
 
 def _grammar(spec: GrammarSpec, host: Host) -> GrammarMatcher:
