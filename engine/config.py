@@ -120,6 +120,9 @@ class EngineConfig:
     # CUDA graphs: Triton kernels that fuse RoPE, the KV append, norms, SiLU and residual adds into their
     # neighbours at small batches (engine/executor/cuda_graphs.py). False: the unfused kernels (A/B runs).
     fused_decode: bool = True
+    # CUDA graphs: steps with prefill tokens (up to 512) replay all but attention from per-layer graphs
+    # (engine/executor/piecewise_graphs.py). False: they run eagerly (A/B runs).
+    piecewise_graphs: bool = True
     seed: int = 0
     # Ranks that split the model Megatron-style (engine/model/parallel.py), one device each: cuda:N..N+P-1 from
     # `device` cuda:N, or P processes on CPU (gloo; for tests). The model's heads, KV heads and MLP width must be

@@ -23,8 +23,9 @@ import torch
 from pie_server.engine.config import EngineConfig, EngineInfo, ModelConfig
 from pie_server.engine.step import Batch, StepResult
 from pie_server.engine.executor.kv_pool import KVPool, kv_bytes_per_page, plan_num_pages, plan_num_swap_slots
-from pie_server.engine.executor.memory import MemoryPlan, decode_probe, prefill_probe, probe_num_pages
+from pie_server.engine.executor.memory import MemoryPlan, decode_probe, pieces_probe, prefill_probe, probe_num_pages
 from pie_server.engine.executor.pending import PendingStep, StepOutputs
+from pie_server.engine.executor.piecewise_graphs import PiecewiseConfig, PiecewiseGraphs
 from pie_server.engine.executor.sampler import Sampler
 from pie_server.engine.executor.step_inputs import StepInputs, build_step_inputs
 from pie_server.engine.model.llama import LlamaModel
@@ -66,6 +67,7 @@ class Executor:
         self._previous: StepOutputs | None = None  # the last launched step's tokens (see pending.py)
         self.memory_plan: MemoryPlan | None = None
         self.decode_graphs = None  # captured once the pool exists
+        self.piecewise_graphs = None  # likewise
         if engine_config.num_pages is None and self.device.type == "cuda":
             self.memory_plan = self._plan_memory()
             num_pages = self.memory_plan.num_pages(kv_bytes_per_page(local_config, engine_config.page_size,
@@ -78,6 +80,7 @@ class Executor:
             num_pages, kv_bytes_per_page(local_config, engine_config.page_size, self.dtype), engine_config.swap_space_gib)
         self.kv = KVPool(local_config, num_pages, engine_config.page_size, self.dtype, self.device, num_swap_slots)
         self.decode_graphs = _decode_graphs(self.model, self.kv, self.attention, engine_config)
+        self.piecewise_graphs = _piecewise_graphs(self.model, self.kv, self.attention, engine_config)
         if self.device.type == "cuda":  # JIT-compile the one-row LM head kernel now, not on a first request
             self.model.logits(torch.zeros(1, model_config.hidden_size, device=self.device, dtype=self.dtype))
         self.info = EngineInfo(
@@ -92,6 +95,9 @@ class Executor:
                          num_swap_slots=1)
         activation_bytes = self._peak_bytes(prefill_probe(self.model_config, cfg))
         graph_bytes = self._peak_bytes(decode_probe(cfg)) + WORKSPACE_BYTES if cfg.cuda_graphs else 0
+        if _uses_piecewise_graphs(self.model, self.attention, cfg):  # their pool: one step of the largest bucket
+            pieces = PiecewiseConfig.for_step_budget(cfg.max_batch_tokens)
+            graph_bytes += self._peak_bytes(pieces_probe(self.model_config, cfg, pieces.max_tokens))
         del self.kv
         self._previous = None
         torch.cuda.empty_cache()
@@ -186,9 +192,11 @@ class Executor:
                        fed: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
         """The step's forward and the logits of its output rows; fed: ([F] rows, [F] token ids) on the device,
         the tokens that replace those rows' ids. None on tensor-parallel ranks other than 0."""
-        graphs = self.decode_graphs
+        graphs, pieces = self.decode_graphs, self.piecewise_graphs
         if graphs is not None and graphs.supports(inputs.attention):
             hidden = graphs.forward(inputs.token_ids, inputs.positions, inputs.attention, fed)
+        elif pieces is not None and pieces.supports(inputs.attention):
+            hidden = pieces.forward(inputs.token_ids, inputs.positions, inputs.attention, self.attention, fed)
         else:
             self.attention.plan(inputs.attention)
             input_ids = to_device(inputs.token_ids, self.device)
@@ -206,6 +214,20 @@ def _decode_graphs(model: LlamaModel, kv: KVPool, attention: AttentionBackend, e
         return None
     from pie_server.engine.executor.cuda_graphs import build_decode_graphs
     return build_decode_graphs(model, kv.layers, kv.page_size, engine.max_batch_size, engine.fused_decode)
+
+
+def _uses_piecewise_graphs(model: LlamaModel, attention: AttentionBackend, engine: EngineConfig) -> bool:
+    """Piecewise graphs on CUDA with FlashInfer, graphs and them enabled; not yet under tensor parallelism
+    (every rank would have to capture and replay the same pieces)."""
+    return model.device.type == "cuda" and engine.cuda_graphs and engine.piecewise_graphs and \
+        attention.supports_cuda_graphs and model.parallel is None
+
+
+def _piecewise_graphs(model: LlamaModel, kv: KVPool, attention: AttentionBackend,
+                      engine: EngineConfig) -> PiecewiseGraphs | None:
+    if not _uses_piecewise_graphs(model, attention, engine):
+        return None
+    return PiecewiseGraphs.for_model(model, kv.layers, PiecewiseConfig.for_step_budget(engine.max_batch_tokens))
 
 
 def _kernels_for(device: torch.device) -> tuple[ModuleType, AttentionBackend]:

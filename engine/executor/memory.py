@@ -4,7 +4,8 @@ weights, the peak activations of the largest step, and the decode graphs' memory
 Measured, not estimated: before the pool exists the executor runs its largest prefill step (max_batch_tokens
 tokens, up to max_batch_size sampled rows) and its largest decode step (max_batch_size sequences) eagerly on
 a small probe pool and reads PyTorch's peak allocation over each. A captured decode graph keeps about one
-eager decoder pass's activations in its private pool, plus its own attention workspace.
+eager decoder pass's activations in its private pool, plus its own attention workspace; piecewise graphs keep
+those of one step of their largest bucket (pieces_probe).
 """
 from __future__ import annotations
 
@@ -62,14 +63,26 @@ def probe_num_pages(engine: EngineConfig) -> int:
 
 def prefill_probe(model: ModelConfig, engine: EngineConfig) -> list[ForwardCommand]:
     """One sequence of max_batch_tokens tokens whose last min(max_batch_size, tokens) rows are sampled."""
-    num_tokens, page_size = engine.max_batch_tokens, engine.page_size
-    num_pages = -(-num_tokens // page_size)
+    num_tokens = engine.max_batch_tokens
     num_outputs = min(engine.max_batch_size, num_tokens)
     outputs = [OutputSpec(index=i, sampling=_PROBE_SAMPLING) for i in range(num_tokens - num_outputs, num_tokens)]
-    return [ForwardCommand(token_ids=[0] * num_tokens,
-                           positions=[p % model.max_position_embeddings for p in range(num_tokens)],
-                           page_ids=list(range(num_pages)), last_page_len=num_tokens - (num_pages - 1) * page_size,
-                           outputs=outputs)]
+    return [_one_sequence(model, engine, num_tokens, outputs)]
+
+
+def pieces_probe(model: ModelConfig, engine: EngineConfig, num_tokens: int) -> list[ForwardCommand]:
+    """One sequence of num_tokens tokens, no outputs: the activations that piecewise graphs of that many tokens
+    keep in their pool (the LM head and sampling run outside them)."""
+    return [_one_sequence(model, engine, num_tokens, [])]
+
+
+def _one_sequence(model: ModelConfig, engine: EngineConfig, num_tokens: int,
+                  outputs: list[OutputSpec]) -> ForwardCommand:
+    page_size = engine.page_size
+    num_pages = -(-num_tokens // page_size)
+    return ForwardCommand(token_ids=[0] * num_tokens,
+                          positions=[p % model.max_position_embeddings for p in range(num_tokens)],
+                          page_ids=list(range(num_pages)), last_page_len=num_tokens - (num_pages - 1) * page_size,
+                          outputs=outputs)
 
 
 def decode_probe(engine: EngineConfig) -> list[ForwardCommand]:

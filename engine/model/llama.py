@@ -78,22 +78,44 @@ class LlamaModel:
         """input_ids, positions [T] int64 -> final hidden states [T, H] (attention already planned)."""
         if self._fuse_one_row and input_ids.shape[0] == 1:
             return self._forward_one_row(input_ids, positions, attention, kv_caches)
-        cfg, ops = self.config, self.ops
-        hidden = F.embedding(input_ids, self.embed_tokens)
-        residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            if residual is None:
-                residual = hidden
-                x = ops.rms_norm(hidden, layer.input_norm, cfg.rms_norm_eps)
-            else:
-                x, residual = ops.add_rms_norm(hidden, residual, layer.input_norm, cfg.rms_norm_eps)
-            qkv = self._linear(x, layer.qkv_proj, layer.qkv_bias)
-            attended = self._attend(qkv, positions, attention, kv_cache)
-            hidden = self._row_parallel_linear(attended, layer.o_proj, layer.o_bias)
-            x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, cfg.rms_norm_eps)
-            gate_up = self._linear(x, layer.gate_up_proj, layer.gate_up_bias)
-            hidden = self._row_parallel_linear(ops.silu_and_mul(gate_up), layer.down_proj, layer.down_bias)
-        out, _ = ops.add_rms_norm(hidden, residual, self.norm, cfg.rms_norm_eps)
+        hidden, residual = self.embed(input_ids), None
+        for index, kv_cache in enumerate(kv_caches):
+            qkv, residual = self.before_attention(index, hidden, residual)
+            attended = self.attend(qkv, positions, attention, kv_cache)
+            hidden, residual = self.after_attention(index, attended, residual)
+        return self.final_norm(hidden, residual)
+
+    # The pieces of forward() (engine/executor/piecewise_graphs.py replays all but attend() from CUDA graphs).
+    # Invariant: each piece only maps rows to rows (row t of every output depends on row t of the inputs
+    # alone), so padding rows never change real ones.
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] -> hidden [T, H]."""
+        return F.embedding(input_ids, self.embed_tokens)
+
+    def before_attention(self, index: int, hidden: torch.Tensor,
+                         residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s input norm and qkv projection: (qkv [T, (Hq + 2 Hkv) D], residual [T, H]).
+        residual None: the first layer (hidden is the embedding). GPU ops update hidden/residual in place."""
+        layer, eps = self.layers[index], self.config.rms_norm_eps
+        if residual is None:
+            residual, x = hidden, self.ops.rms_norm(hidden, layer.input_norm, eps)
+        else:
+            x, residual = self.ops.add_rms_norm(hidden, residual, layer.input_norm, eps)
+        return self._linear(x, layer.qkv_proj, layer.qkv_bias), residual
+
+    def after_attention(self, index: int, attended: torch.Tensor,
+                        residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s o projection and MLP: attended [T, Hq D] -> (hidden [T, H], residual [T, H])."""
+        layer, ops = self.layers[index], self.ops
+        hidden = self._row_parallel_linear(attended, layer.o_proj, layer.o_bias)
+        x, residual = ops.add_rms_norm(hidden, residual, layer.post_norm, self.config.rms_norm_eps)
+        gate_up = self._linear(x, layer.gate_up_proj, layer.gate_up_bias)
+        return self._row_parallel_linear(ops.silu_and_mul(gate_up), layer.down_proj, layer.down_bias), residual
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The last layer's output -> final hidden states [T, H]."""
+        out, _ = self.ops.add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)
         return out
 
     def _forward_one_row(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
@@ -108,7 +130,7 @@ class LlamaModel:
         for layer, kv_cache in zip(self.layers, kv_caches):
             if write_index is None:
                 qkv = ops.rms_norm_linear(residual, layer.input_norm, eps, layer.qkv_proj, layer.qkv_bias)
-                out = self._attend(qkv, positions, attention, kv_cache)
+                out = self.attend(qkv, positions, attention, kv_cache)
             else:
                 q = ops.rms_norm_qkv_rope_append(residual, layer.input_norm, eps, layer.qkv_proj, layer.qkv_bias,
                                                  positions, self.cos_sin_cache, kv_cache, write_index,
@@ -119,8 +141,8 @@ class LlamaModel:
             ops.linear_add_(act, layer.down_proj, layer.down_bias, residual)
         return ops.rms_norm(residual, self.norm, cfg.rms_norm_eps)
 
-    def _attend(self, qkv: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
-                kv_cache: torch.Tensor) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
+               kv_cache: torch.Tensor) -> torch.Tensor:
         """qkv [T, (Hq + 2 Hkv) D] -> attention output [T, Hq D] (RoPE, K/V appended to kv_cache)."""
         cfg = self.config
         num_tokens = qkv.shape[0]

@@ -63,10 +63,10 @@ def hf_model() -> torch.nn.Module:
     return model.to("cuda", torch.bfloat16)
 
 
-def _executor(hf_model: torch.nn.Module, cuda_graphs: bool = True):
+def _executor(hf_model: torch.nn.Module, cuda_graphs: bool = True, piecewise: bool = True):
     from pie_server.engine.executor.executor import Executor
     engine = EngineConfig(device="cuda", dtype="bfloat16", num_pages=256, page_size=PAGE_SIZE, max_batch_size=8,
-                          cuda_graphs=cuda_graphs)
+                          cuda_graphs=cuda_graphs, piecewise_graphs=piecewise)
     return Executor(ModelConfig.from_hf(hf_model.config), engine, hf_model.state_dict())
 
 
@@ -173,6 +173,41 @@ def test_cuda_graph_decode_equals_eager(hf_model: torch.nn.Module) -> None:
             token_ids=context[-1:], positions=[len(context) - 1], page_ids=seq.page_ids,
             last_page_len=(len(context) - 1) % PAGE_SIZE + 1, outputs=[OutputSpec(index=0, sampling=GREEDY)])])))
     assert _relative_error(logits[0], logits[1]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_piecewise_graph_steps_equal_eager(hf_model: torch.nn.Module) -> None:
+    """Prompt chunks, and chunks beside decode rows, replayed as pieces (engine/executor/piecewise_graphs.py)
+    give the eager forward's logits at every row, and the same greedy continuation."""
+    from pie_server.engine.executor.direct import DirectGenerator
+    prompts = _prompts()
+    runs = []
+    for piecewise in (True, False):
+        executor = _executor(hf_model, piecewise=piecewise)
+        assert (executor.piecewise_graphs is not None) == piecewise
+        gen = DirectGenerator(executor, scatter_pages=True)
+        seqs = [gen.start(p) for p in prompts]
+        for seq, prompt in zip(seqs, prompts):
+            gen._reserve(seq, len(prompt) + 1)
+        chunks = []  # each step: every prompt's next chunk of up to 24 tokens (a mixed step once short ones end)
+        for start in range(0, max(map(len, prompts)), 24):
+            commands = []
+            for seq, prompt in zip(seqs, prompts):
+                end = min(start + 24, len(prompt))
+                if start < end:
+                    commands.append(ForwardCommand(
+                        token_ids=prompt[start:end], positions=list(range(start, end)),
+                        page_ids=seq.page_ids[:-(-end // PAGE_SIZE)], last_page_len=(end - 1) % PAGE_SIZE + 1,
+                        outputs=[OutputSpec(index=i, sampling=GREEDY) for i in range(end - start)]))
+            chunks.append(executor.logits(Batch(forwards=commands)))
+        runs.append((torch.cat(chunks), executor))
+    (pieces, graphed), (eager, _) = runs
+    assert graphed.piecewise_graphs.num_replays == -(-max(PROMPT_LENS) // 24)
+    assert _relative_error(pieces, eager) < 1e-2
+    assert (pieces.argmax(-1) == eager.argmax(-1)).float().mean().item() > 0.97
+    for prompt, got, want in zip(prompts, _generate(_executor(hf_model), prompts),
+                                 _generate(_executor(hf_model, piecewise=False), prompts)):
+        _assert_same_tokens(hf_model, prompt, got, want)
 
 
 @pytest.mark.gpu
