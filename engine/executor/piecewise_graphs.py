@@ -107,9 +107,11 @@ class PiecewiseGraphs:
         self.num_replays = 0
         self._pieces: dict[int, list[Callable[[], None]]] = {}
         pool = torch.cuda.graph_pool_handle() if config.capture else None
+        warm_up = torch.cuda.Stream(device) if config.capture else None
         for size in reversed(config.buckets):  # largest first: later captures reuse its memory
             pieces = self._pieces_of(self._carried(size))
-            self._pieces[size] = [self._capture(piece, pool) for piece in pieces] if config.capture else pieces
+            self._pieces[size] = [self._capture(piece, pool, warm_up) for piece in pieces] if config.capture \
+                else pieces
         if config.capture:
             torch.cuda.synchronize(device)
 
@@ -182,9 +184,8 @@ class PiecewiseGraphs:
 
         return [first, *(between(i) for i in range(1, num_layers)), last]
 
-    def _capture(self, piece: Callable[[], None], pool: object) -> Callable[[], None]:
+    def _capture(self, piece: Callable[[], None], pool: object, stream: torch.cuda.Stream) -> Callable[[], None]:
         device = self.model.device
-        stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.inference_mode(), torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, JIT
             piece()
