@@ -83,7 +83,9 @@ class AttentionBackend(ABC):
         return None
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-        """Attention alone, the step's K/V already written (only where kv_write_index() is not None)."""
+        """Attention alone, the step's K/V already written by the caller: the fused one-row forward (where
+        kv_write_index() is not None) and piecewise graphs (engine/executor/piecewise_graphs.py), which write
+        it at the step's slot_ids."""
         raise NotImplementedError(f"{type(self).__name__} appends K/V itself: use forward()")
 
 
@@ -131,6 +133,10 @@ class TorchAttention(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         kv_cache[self._write_page, 0, self._write_offset] = k.to(kv_cache.dtype)
         kv_cache[self._write_page, 1, self._write_offset] = v.to(kv_cache.dtype)
+        return self.attend(q, kv_cache)
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Attention over K/V already written (forward() writes it; piecewise graphs write it themselves)."""
         num_seqs, max_q, max_pages = self._shape
         num_heads, head_dim = q.shape[1], q.shape[2]
         _, _, page_size, num_kv_heads, _ = kv_cache.shape

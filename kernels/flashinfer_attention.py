@@ -252,11 +252,18 @@ class FlashInferAttention(AttentionBackend):
         wrapper = self._decode if self._is_decode else self._prefill
         return wrapper.run(q, kv_cache)
 
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Attention over K/V the caller wrote at the step's slots (piecewise graphs); q [T, Hq, D]."""
+        self._check_planned(q, kv_cache[0, 0])
+        wrapper = self._decode if self._is_decode else self._prefill
+        return wrapper.run(q, kv_cache)
+
     def _check_planned(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """k: [*, Hkv, D] (the step's keys, or a page's)."""
         if self._step is None:
             raise RuntimeError("plan() must run before forward()")
         if self._planned_for is None:
-            self._plan_kernels(AttentionShape(q.shape[1], k.shape[1], q.shape[2], q.dtype))
+            self._plan_kernels(AttentionShape(q.shape[1], k.shape[-2], q.shape[2], q.dtype))
 
 
 def append_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_index: torch.Tensor,

@@ -6,18 +6,20 @@ a fast GPU costs several times the work itself. Attention is what depends on the
 pages, masks); everything else in a layer maps each token's row to a row. So, as vLLM's piecewise graphs do,
 each bucket of N tokens captures L + 1 graphs of the row-wise work between the attentions:
 
-    piece 0:      embed, layer 0 before attention              -> qkv, residual
-    piece l:      layer l-1 after attention, layer l before it  -> qkv, residual      (l = 1 .. L-1)
-    piece L:      layer L-1 after attention, the final norm     -> hidden
+    piece 0:      embed, layer 0 before attention, its RoPE and K/V write   -> q, residual
+    piece l:      layer l-1 after attention, layer l up to its K/V write    -> q, residual   (l = 1 .. L-1)
+    piece L:      layer L-1 after attention, the final norm                 -> hidden
 
-and a step of T <= N tokens replays them in order with layer l's attention run eagerly in between (RoPE, the
-K/V append and FlashInfer's prefill kernel, planned once per step for the real T tokens).
+and a step of T <= N tokens replays them in order with layer l's attention kernel run eagerly in between
+(FlashInfer's prefill kernel, planned once per step for the real T tokens, over the K/V the piece wrote).
 
 Invariants:
-- The carried buffers (token ids, positions, qkv, residual, attention output, final hidden) are allocated once
-  for the largest bucket; bucket N uses their first N rows, and the graphs read and write only those buffers.
+- The carried buffers (token ids, positions, K/V write index, q, residual, attention output, final hidden) are
+  allocated once for the largest bucket; bucket N uses their first N rows, and the graphs read and write only
+  those buffers (and the KV cache, at the write index).
 - Rows T..N-1 are padding (token 0 at position 0): the pieces are row-wise (LlamaModel's invariant), so they
-  never change rows < T, and attention reads and writes only rows < T. Padding K/V is never written.
+  never change rows < T, and attention reads only rows < T. A padding row writes row 0's K/V into row 0's slot
+  (its source row is 0), so padding never changes the cache.
 - Pieces of all buckets share one memory pool; only one piece runs at a time (one stream).
 
 `capture=False` runs the same pieces without graphs (CPU tests check padding and order against forward()).
@@ -51,8 +53,8 @@ class PiecewiseDecoder(Protocol):
     def before_attention(self, index: int, hidden: torch.Tensor,
                          residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def attend(self, qkv: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
-               kv_cache: torch.Tensor) -> torch.Tensor: ...
+    def rope_and_write_kv(self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                          write_index: torch.Tensor, source_rows: torch.Tensor) -> torch.Tensor: ...
 
     def after_attention(self, index: int, attended: torch.Tensor,
                         residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -86,7 +88,9 @@ class _Carried:
 
     input_ids: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] int64
-    qkv: torch.Tensor  # [N, (Hq + 2 Hkv) D]
+    write_index: torch.Tensor  # [2, N] int64: each row's page, then its offset in the page
+    source_rows: torch.Tensor  # [N] int64: the row whose K/V each row writes (itself, 0 for padding)
+    q: torch.Tensor  # [N, Hq, D], rotated
     residual: torch.Tensor  # [N, H]
     attended: torch.Tensor  # [N, Hq D]
     hidden: torch.Tensor  # [N, H], the final hidden states
@@ -95,31 +99,35 @@ class _Carried:
 class PiecewiseGraphs:
     """Runs steps of up to config.max_tokens tokens as pieces; supports() says which, forward() runs one."""
 
-    def __init__(self, model: PiecewiseDecoder, kv_caches: list[torch.Tensor], hidden_size: int, qkv_size: int,
-                 attended_size: int, config: PiecewiseConfig = PiecewiseConfig()) -> None:
+    def __init__(self, model: PiecewiseDecoder, kv_caches: list[torch.Tensor], hidden_size: int,
+                 q_shape: tuple[int, int], config: PiecewiseConfig = PiecewiseConfig()) -> None:
+        """q_shape: (Hq, D)."""
         self.model, self.kv_caches, self.config = model, kv_caches, config
         rows, device, dtype = config.max_tokens, model.device, model.dtype
-        self._ids = torch.zeros(2, rows, dtype=torch.long, device=device)  # token ids; positions
-        self._qkv = torch.zeros(rows, qkv_size, dtype=dtype, device=device)
+        # token ids; positions; K/V pages; offsets; source rows (all zeros: a warm-up writes page 0, restored)
+        self._ids = torch.zeros(5, rows, dtype=torch.long, device=device)
+        self._q = torch.zeros(rows, *q_shape, dtype=dtype, device=device)
         self._residual = torch.zeros(rows, hidden_size, dtype=dtype, device=device)
-        self._attended = torch.zeros(rows, attended_size, dtype=dtype, device=device)
+        self._attended = torch.zeros(rows, q_shape[0] * q_shape[1], dtype=dtype, device=device)
         self._hidden = torch.zeros(rows, hidden_size, dtype=dtype, device=device)
         self.num_replays = 0
         self._pieces: dict[int, list[Callable[[], None]]] = {}
         pool = torch.cuda.graph_pool_handle() if config.capture else None
         warm_up = torch.cuda.Stream(device) if config.capture else None
+        saved = [cache[0].clone() for cache in kv_caches] if config.capture else []
         for size in reversed(config.buckets):  # largest first: later captures reuse its memory
             pieces = self._pieces_of(self._carried(size))
             self._pieces[size] = [self._capture(piece, pool, warm_up) for piece in pieces] if config.capture \
                 else pieces
+        for cache, page in zip(kv_caches, saved):
+            cache[0].copy_(page)
         if config.capture:
             torch.cuda.synchronize(device)
 
     @classmethod
     def for_model(cls, model: "LlamaModel", kv_caches: list[torch.Tensor], config: PiecewiseConfig) -> "PiecewiseGraphs":
         cfg = model.config
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        return cls(model, kv_caches, cfg.hidden_size, q_size + 2 * kv_size, q_size, config)
+        return cls(model, kv_caches, cfg.hidden_size, (cfg.num_heads, cfg.head_dim), config)
 
     def supports(self, step: AttentionStep) -> bool:
         return 1 <= step.num_tokens <= self.config.max_tokens
@@ -142,15 +150,16 @@ class PiecewiseGraphs:
         size = self.bucket(num_tokens)
         attention.plan(step)
         pad = np.zeros(size - num_tokens, np.int64)
-        inputs = pinned(np.concatenate([token_ids, pad, positions, pad]), self.model.device)
-        self._ids[:, :size].copy_(inputs.view(2, size), non_blocking=True)
+        slots = np.concatenate([np.asarray(step.slot_ids, np.int64), pad + step.slot_ids[0]])
+        rows = np.concatenate([token_ids, pad, positions, pad, slots // step.page_size, slots % step.page_size,
+                               np.arange(num_tokens), pad])
+        self._ids[:, :size].copy_(pinned(rows, self.model.device).view(5, size), non_blocking=True)
         if fed is not None:
             self._ids[0].index_copy_(0, *fed)
-        pieces = self._pieces[size]
-        qkv, row_positions = self._qkv[:num_tokens], self._ids[1, :num_tokens]
+        pieces, q = self._pieces[size], self._q[:num_tokens]
         pieces[0]()
         for index, kv_cache in enumerate(self.kv_caches):
-            self._attended[:num_tokens].copy_(self.model.attend(qkv, row_positions, attention, kv_cache))
+            self._attended[:num_tokens].copy_(attention.attend(q, kv_cache).reshape(num_tokens, -1))
             pieces[index + 1]()
         self.num_replays += 1
         return self._hidden[:num_tokens]
@@ -158,31 +167,34 @@ class PiecewiseGraphs:
     # -- pieces -----------------------------------------------------------------------------------------
 
     def _carried(self, size: int) -> _Carried:
-        return _Carried(self._ids[0, :size], self._ids[1, :size], self._qkv[:size], self._residual[:size],
+        ids = self._ids[:, :size]
+        return _Carried(ids[0], ids[1], ids[2:4], ids[4], self._q[:size], self._residual[:size],
                         self._attended[:size], self._hidden[:size])
 
     def _pieces_of(self, carried: _Carried) -> list[Callable[[], None]]:
         """The L + 1 row-wise pieces of one bucket, each reading and writing only `carried`."""
-        model, num_layers = self.model, len(self.kv_caches)
+        model, kv_caches = self.model, self.kv_caches
+
+        def through_kv_write(index: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+            qkv, residual = model.before_attention(index, hidden, residual)
+            q = model.rope_and_write_kv(qkv, carried.positions, kv_caches[index], carried.write_index,
+                                        carried.source_rows)
+            _store(carried.q, q)
+            _store(carried.residual, residual)
 
         def first() -> None:
-            qkv, residual = model.before_attention(0, model.embed(carried.input_ids), None)
-            _store(carried.qkv, qkv)
-            _store(carried.residual, residual)
+            through_kv_write(0, model.embed(carried.input_ids), None)
 
         def between(index: int) -> Callable[[], None]:
             def piece() -> None:
-                hidden, residual = model.after_attention(index - 1, carried.attended, carried.residual)
-                qkv, residual = model.before_attention(index, hidden, residual)
-                _store(carried.qkv, qkv)
-                _store(carried.residual, residual)
+                through_kv_write(index, *model.after_attention(index - 1, carried.attended, carried.residual))
             return piece
 
         def last() -> None:
-            hidden, residual = model.after_attention(num_layers - 1, carried.attended, carried.residual)
+            hidden, residual = model.after_attention(len(kv_caches) - 1, carried.attended, carried.residual)
             _store(carried.hidden, model.final_norm(hidden, residual))
 
-        return [first, *(between(i) for i in range(1, num_layers)), last]
+        return [first, *(between(i) for i in range(1, len(kv_caches))), last]
 
     def _capture(self, piece: Callable[[], None], pool: object, stream: torch.cuda.Stream) -> Callable[[], None]:
         device = self.model.device
@@ -198,5 +210,5 @@ class PiecewiseGraphs:
 
 def _store(buffer: torch.Tensor, value: torch.Tensor) -> None:
     """buffer := value, unless value is buffer itself (GPU ops update the residual in place)."""
-    if value.data_ptr() != buffer.data_ptr():
+    if value.data_ptr() != buffer.data_ptr() or value.stride() != buffer.stride():
         buffer.copy_(value)

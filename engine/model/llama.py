@@ -104,6 +104,21 @@ class LlamaModel:
             x, residual = self.ops.add_rms_norm(hidden, residual, layer.input_norm, eps)
         return self._linear(x, layer.qkv_proj, layer.qkv_bias), residual
 
+    def rope_and_write_kv(self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                          write_index: torch.Tensor, source_rows: torch.Tensor) -> torch.Tensor:
+        """What piecewise graphs do before attend(): RoPE on q and k at positions [N], and row t's K/V
+        (that of row source_rows[t]) written to page write_index[0, t], offset write_index[1, t] of kv_cache.
+        qkv [N, (Hq + 2 Hkv) D] -> q [N, Hq, D] (rotated; a view of qkv where the ops rotate in place)."""
+        cfg = self.config
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
+        q, k = self.ops.apply_rope(q.reshape(num_tokens, cfg.num_heads, cfg.head_dim),
+                                   k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), positions,
+                                   self.cos_sin_cache)
+        pair = torch.stack((k, v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)), dim=1)
+        kv_cache[write_index[0], :, write_index[1]] = pair.index_select(0, source_rows).to(kv_cache.dtype)
+        return q
+
     def after_attention(self, index: int, attended: torch.Tensor,
                         residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index`'s o projection and MLP: attended [T, Hq D] -> (hidden [T, H], residual [T, H])."""

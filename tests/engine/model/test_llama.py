@@ -41,7 +41,7 @@ def _step(positions: list[int]) -> AttentionStep:
 
 
 class _CallerAppends(TorchAttention):
-    """The reference backend, letting the model write K/V itself (kv_write_index) and attending with attend()."""
+    """The reference backend, letting the model write K/V itself (kv_write_index); it then calls attend()."""
 
     def plan(self, step: AttentionStep) -> None:
         super().plan(step)
@@ -51,10 +51,6 @@ class _CallerAppends(TorchAttention):
     def kv_write_index(self) -> torch.Tensor:
         return self._write_index
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-        num_tokens = q.shape[0]
-        pages, offsets = self._write_index[:num_tokens], self._write_index[num_tokens:]
-        return self.forward(q, kv_cache[pages, 0, offsets], kv_cache[pages, 1, offsets], kv_cache)
 
 
 def _forward(model: LlamaModel, token_ids: list[int], positions: list[int], caches: list[torch.Tensor],
