@@ -324,3 +324,20 @@ def test_generate_all_goes_on_for_the_contexts_an_eviction_cut(sdk: ModuleType, 
     gens = sdk.generate_all(contexts, 9)
     assert [list(g.token_ids) for g in gens] == [reference_generation(_ids(p), 9) for p in (PROMPT, "Hello there")]
     assert all(g.finish_reason == "length" for g in gens)
+
+
+def test_short_texts_are_encoded_by_the_host_once(sdk: ModuleType, host: FakeHost,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    texts: list[str] = []
+    monkeypatch.setattr(sdk.tokenizer.tokenize, "encode", lambda text: texts.append(text) or _ids(text))
+    monkeypatch.setattr(sdk.tokenizer, "_memo", {})
+    key = '", "input": "'
+    first = sdk.encode(key)
+    first.append(0)  # the caller owns what it gets: the memo is not changed through it
+    assert sdk.encode(key) == sdk.encode(key) == _ids(key)
+    long_text = "x" * (sdk.tokenizer.MAX_MEMO_CHARS + 1)
+    assert sdk.encode(long_text) == sdk.encode(long_text) == _ids(long_text)
+    assert texts == [key, long_text, long_text]
+    ctx = sdk.Context()
+    ctx.fill(key)
+    assert ctx.token_ids == _ids(key) and texts[-1] == long_text, "fill used the memo"

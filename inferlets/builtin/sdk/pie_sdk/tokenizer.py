@@ -9,9 +9,23 @@ from wit_world.imports import tokenize
 from .errors import call
 
 
+# Short texts an instance encodes again and again (an agent's JSON keys, a chat turn's head) are answered from
+# memory, not by a host call: the tokenizer never changes while an instance runs.
+MAX_MEMO_CHARS = 64
+MAX_MEMO_TEXTS = 256
+_memo: dict[str, tuple[int, ...]] = {}
+
+
 def encode(text: str) -> list[int]:
     """Text to token ids; adds no special tokens (chat templates carry their own)."""
-    return list(tokenize.encode(text))
+    if len(text) > MAX_MEMO_CHARS:
+        return list(tokenize.encode(text))
+    token_ids = _memo.get(text)
+    if token_ids is None:
+        token_ids = tuple(tokenize.encode(text))
+        if len(_memo) < MAX_MEMO_TEXTS:
+            _memo[text] = token_ids
+    return list(token_ids)
 
 
 def decode(token_ids: Sequence[int]) -> str:
