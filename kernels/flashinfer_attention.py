@@ -249,12 +249,14 @@ class FlashInferAttention(AttentionBackend):
         self._check_planned(q, k)
         # Graph mode: padding rows repeat the K/V of the row they copy.
         append_kv(kv_cache, k, v, self._write_index, self._source_rows if self.graph_batch_size else None)
-        wrapper = self._decode if self._is_decode else self._prefill
-        return wrapper.run(q, kv_cache)
+        return self._run(q, kv_cache)
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """Attention over K/V the caller wrote at the step's slots (piecewise graphs); q [T, Hq, D]."""
         self._check_planned(q, kv_cache[0, 0])
+        return self._run(q, kv_cache)
+
+    def _run(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         wrapper = self._decode if self._is_decode else self._prefill
         return wrapper.run(q, kv_cache)
 

@@ -244,7 +244,8 @@ def _engine_config(args: argparse.Namespace):  # -> EngineConfig
     return EngineConfig(device=args.device, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
                         cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=not args.no_piecewise_graphs,
-                        gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size, swap_space_gib=args.swap_space)
+                        gpu_memory_utilization=args.gpu_memory_utilization,
+                        tensor_parallel_size=args.tensor_parallel_size, swap_space_gib=args.swap_space)
 
 
 def _cache_root() -> Path:

@@ -88,7 +88,7 @@ class _Carried:
 
     input_ids: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] int64
-    write_index: torch.Tensor  # [2, N] int64: each row's page, then its offset in the page
+    write_index: torch.Tensor  # [2N] int64: each row's page, then each row's offset in its page
     source_rows: torch.Tensor  # [N] int64: the row whose K/V each row writes (itself, 0 for padding)
     q: torch.Tensor  # [N, Hq, D], rotated
     residual: torch.Tensor  # [N, H]
@@ -104,8 +104,9 @@ class PiecewiseGraphs:
         """q_shape: (Hq, D)."""
         self.model, self.kv_caches, self.config = model, kv_caches, config
         rows, device, dtype = config.max_tokens, model.device, model.dtype
-        # token ids; positions; K/V pages; offsets; source rows (all zeros: a warm-up writes page 0, restored)
-        self._ids = torch.zeros(5, rows, dtype=torch.long, device=device)
+        # Bucket N's int64 inputs, its first 5N entries: token ids, positions, K/V pages, offsets, source rows (all
+        # zeros: a warm-up writes page 0, restored).
+        self._inputs = torch.zeros(5 * rows, dtype=torch.long, device=device)
         self._q = torch.zeros(rows, *q_shape, dtype=dtype, device=device)
         self._residual = torch.zeros(rows, hidden_size, dtype=dtype, device=device)
         self._attended = torch.zeros(rows, q_shape[0] * q_shape[1], dtype=dtype, device=device)
@@ -125,7 +126,8 @@ class PiecewiseGraphs:
             torch.cuda.synchronize(device)
 
     @classmethod
-    def for_model(cls, model: "LlamaModel", kv_caches: list[torch.Tensor], config: PiecewiseConfig) -> "PiecewiseGraphs":
+    def for_model(cls, model: "LlamaModel", kv_caches: list[torch.Tensor],
+                  config: PiecewiseConfig) -> "PiecewiseGraphs":
         cfg = model.config
         return cls(model, kv_caches, cfg.hidden_size, (cfg.num_heads, cfg.head_dim), config)
 
@@ -153,9 +155,9 @@ class PiecewiseGraphs:
         slots = np.concatenate([np.asarray(step.slot_ids, np.int64), pad + step.slot_ids[0]])
         rows = np.concatenate([token_ids, pad, positions, pad, slots // step.page_size, slots % step.page_size,
                                np.arange(num_tokens), pad])
-        self._ids[:, :size].copy_(pinned(rows, self.model.device).view(5, size), non_blocking=True)
+        self._inputs[:5 * size].copy_(pinned(rows, self.model.device), non_blocking=True)
         if fed is not None:
-            self._ids[0].index_copy_(0, *fed)
+            self._inputs.index_copy_(0, *fed)  # token ids come first
         pieces, q = self._pieces[size], self._q[:num_tokens]
         pieces[0]()
         for index, kv_cache in enumerate(self.kv_caches):
@@ -167,9 +169,9 @@ class PiecewiseGraphs:
     # -- pieces -----------------------------------------------------------------------------------------
 
     def _carried(self, size: int) -> _Carried:
-        ids = self._ids[:, :size]
-        return _Carried(ids[0], ids[1], ids[2:4], ids[4], self._q[:size], self._residual[:size],
-                        self._attended[:size], self._hidden[:size])
+        inputs = self._inputs
+        return _Carried(inputs[:size], inputs[size:2 * size], inputs[2 * size:4 * size], inputs[4 * size:5 * size],
+                        self._q[:size], self._residual[:size], self._attended[:size], self._hidden[:size])
 
     def _pieces_of(self, carried: _Carried) -> list[Callable[[], None]]:
         """The L + 1 row-wise pieces of one bucket, each reading and writing only `carried`."""

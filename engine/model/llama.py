@@ -22,6 +22,7 @@ import pie_server.kernels.ops as torch_ops
 from pie_server.engine.config import ModelConfig
 from pie_server.engine.model.parallel import Shard, TensorParallel
 from pie_server.kernels.attention import AttentionBackend
+from pie_server.kernels.flashinfer_attention import append_kv
 
 
 @dataclass
@@ -106,17 +107,12 @@ class LlamaModel:
 
     def rope_and_write_kv(self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                           write_index: torch.Tensor, source_rows: torch.Tensor) -> torch.Tensor:
-        """What piecewise graphs do before attend(): RoPE on q and k at positions [N], and row t's K/V
-        (that of row source_rows[t]) written to page write_index[0, t], offset write_index[1, t] of kv_cache.
+        """What piecewise graphs do before attend(): RoPE on q and k at positions [N], and row t's K/V (that of
+        row source_rows[t]) written to kv_cache at write_index [2N] (pages, then offsets: append_kv's layout).
         qkv [N, (Hq + 2 Hkv) D] -> q [N, Hq, D] (rotated; a view of qkv where the ops rotate in place)."""
-        cfg = self.config
-        num_tokens = qkv.shape[0]
-        q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
-        q, k = self.ops.apply_rope(q.reshape(num_tokens, cfg.num_heads, cfg.head_dim),
-                                   k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), positions,
-                                   self.cos_sin_cache)
-        pair = torch.stack((k, v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)), dim=1)
-        kv_cache[write_index[0], :, write_index[1]] = pair.index_select(0, source_rows).to(kv_cache.dtype)
+        q, k, v = self._heads(qkv)
+        q, k = self.ops.apply_rope(q, k, positions, self.cos_sin_cache)
+        append_kv(kv_cache, k, v, write_index, source_rows)
         return q
 
     def after_attention(self, index: int, attended: torch.Tensor,
@@ -159,14 +155,16 @@ class LlamaModel:
     def attend(self, qkv: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
                kv_cache: torch.Tensor) -> torch.Tensor:
         """qkv [T, (Hq + 2 Hkv) D] -> attention output [T, Hq D] (RoPE, K/V appended to kv_cache)."""
-        cfg = self.config
-        num_tokens = qkv.shape[0]
-        q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
-        q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self._heads(qkv)
         out = attention.rope_and_forward(q, k, v, positions, self.cos_sin_cache, kv_cache, self.ops.apply_rope)
-        return out.reshape(num_tokens, self._q_size)
+        return out.reshape(qkv.shape[0], self._q_size)
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [T, (Hq + 2 Hkv) D] -> views q [T, Hq, D], k and v [T, Hkv, D]."""
+        cfg, num_tokens = self.config, qkv.shape[0]
+        q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
+        kv_shape = (num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        return q.reshape(num_tokens, cfg.num_heads, cfg.head_dim), k.reshape(kv_shape), v.reshape(kv_shape)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._single_row_kernels and x.shape[0] == 1:
