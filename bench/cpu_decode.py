@@ -12,14 +12,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from bench.timing import median_rate
 from pie_server.engine.config import EngineConfig
 from pie_server.engine.executor.direct import DirectGenerator
 from pie_server.engine.executor.executor import Executor
@@ -27,16 +26,6 @@ from pie_server.engine.model.loader import load_model_config, load_weights, reso
 from pie_server.engine.tokenizer import Tokenizer
 
 PROMPT = "Write a short story about a robot who learns to paint."
-
-
-def _median_tps(run: Callable[[], int], repeats: int) -> float:
-    run()  # warm-up
-    rates = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        num_tokens = run()
-        rates.append(num_tokens / (time.perf_counter() - started))
-    return statistics.median(rates)
 
 
 def main() -> None:
@@ -71,9 +60,9 @@ def main() -> None:
         return out.shape[1] - hf_input.shape[1]
 
     rows = {
-        "hf_generate_1": _median_tps(hf_generate, args.repeats),
-        "pie_executor_1": _median_tps(ours(1), args.repeats),
-        f"pie_executor_{args.batch}": _median_tps(ours(args.batch), args.repeats),
+        "hf_generate_1": median_rate(hf_generate, args.repeats),
+        "pie_executor_1": median_rate(ours(1), args.repeats),
+        f"pie_executor_{args.batch}": median_rate(ours(args.batch), args.repeats),
     }
     base = rows["hf_generate_1"]
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -13,30 +13,19 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from bench.timing import median_ms
 from pie_server.engine.model.llama import LlamaModel
 from pie_server.engine.model.loader import load_model_config, load_weights, resolve_model_dir
 from pie_server.kernels import ops
 
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
 
 
 def _weights(model: LlamaModel) -> list[torch.Tensor]:
@@ -68,7 +57,7 @@ def main() -> None:
     weights = _weights(model)
     num_bytes = sum(w.numel() * w.element_size() for w in weights)
     stream = torch.cat([w.reshape(-1) for w in weights])
-    floor_ms = _median_ms(stream.sum, args.repeats)
+    floor_ms = median_ms(stream.sum, args.repeats)
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}; {model_dir.name} float32, {num_bytes / 1e6:.0f} MB of weights per pass; "
           f"floor (one read of them) {floor_ms:.1f} ms = {num_bytes / floor_ms / 1e6:.1f} GB/s; "
@@ -76,8 +65,8 @@ def main() -> None:
     print(f"{'rows':>5}{'F.linear ms':>13}{'ops.linear ms':>15}{'speedup':>9}{'x floor':>9}")
     rows = []
     for num_rows in args.rows:
-        base = _median_ms(_one_pass(weights, F.linear, num_rows), args.repeats)
-        ours = _median_ms(_one_pass(weights, ops.linear, num_rows), args.repeats)
+        base = median_ms(_one_pass(weights, F.linear, num_rows), args.repeats)
+        ours = median_ms(_one_pass(weights, ops.linear, num_rows), args.repeats)
         rows.append({"rows": num_rows, "f_linear_ms": base, "ops_linear_ms": ours})
         print(f"{num_rows:>5}{base:>13.1f}{ours:>15.1f}{base / ours:>9.2f}{ours / floor_ms:>9.2f}")
     if args.json:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
-import statistics
-import time
 from multiprocessing.connection import Connection
 
 from bench.common_gpu import MODEL_SHAPES, format_table
+from bench.timing import median_ms
 from pie_server.engine.step import (Batch, CommandResult, ForwardCommand, OutputResult, OutputSpec,
                                    SamplingParams, StepResult)
 from pie_server.engine.executor.step_inputs import build_step_inputs
@@ -38,15 +37,6 @@ def _serve(conn: Connection) -> None:
         conn.send_bytes(pickle.dumps(_step_result(len(pickle.loads(data).forwards)), protocol=5))
 
 
-def _median_ms(fn, iters: int = 50) -> float:
-    times = []
-    for _ in range(iters):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
-
-
 def main() -> None:
     cfg = MODEL_SHAPES["llama-3.1-8b"]
     parent, child = mp.Pipe()
@@ -61,8 +51,8 @@ def main() -> None:
             pickle.loads(parent.recv_bytes())
 
         round_trip()
-        rows.append([num_seqs, _median_ms(round_trip), len(pickle.dumps(batch, protocol=5)),
-                     _median_ms(lambda: build_step_inputs(batch.forwards, cfg, 16, 1 << 20))])
+        rows.append([num_seqs, median_ms(round_trip, 50, warmup=0), len(pickle.dumps(batch, protocol=5)),
+                     median_ms(lambda: build_step_inputs(batch.forwards, cfg, 16, 1 << 20), 50, warmup=0)])
     parent.send_bytes(b"")
     server.join(timeout=5)
     print(format_table(["decode batch", "pipe round trip ms", "batch bytes", "in-process build_step_inputs ms"],

@@ -16,13 +16,14 @@ Random bf16 weights of real shapes (speed does not depend on values; K/V left at
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
-import statistics
 import time
 
 import torch
 
 from bench.common_gpu import MODEL_SHAPES, device_info, format_table, save_result
+from bench.timing import median_ms
 from pie_server.engine.config import EngineConfig
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.step import Batch, ForwardCommand, OutputSpec, SamplingParams
@@ -38,17 +39,6 @@ def _command(seq: int, context: int, num_new: int, pages_per_seq: int) -> Forwar
                           page_ids=list(range(seq * pages_per_seq, seq * pages_per_seq + num_pages)),
                           last_page_len=(context - 1) % PAGE_SIZE + 1,
                           outputs=[OutputSpec(index=num_new - 1, sampling=GREEDY)])
-
-
-def _median_ms(executor: Executor, batch: Batch, steps: int) -> float:
-    for _ in range(3):
-        executor.execute(batch)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        executor.execute(batch)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
 
 
 def _scenarios(args: argparse.Namespace, pages_per_seq: int) -> list[tuple[str, int, Batch]]:
@@ -72,9 +62,10 @@ def bench_shape(name: str, args: argparse.Namespace) -> list[dict]:
     pieces = executor.piecewise_graphs
     rows = []
     for label, num_tokens, batch in _scenarios(args, pages_per_seq):
-        graphed_ms = _median_ms(executor, batch, args.steps)
+        step = functools.partial(executor.execute, batch)
+        graphed_ms = median_ms(step, args.steps, warmup=3)
         executor.piecewise_graphs = None
-        eager_ms = _median_ms(executor, batch, args.steps)
+        eager_ms = median_ms(step, args.steps, warmup=3)
         executor.piecewise_graphs = pieces
         rows.append({"shape": name, "step": label, "tokens": num_tokens, "context": args.context,
                      "graphs_ms": graphed_ms, "eager_ms": eager_ms, "speedup": eager_ms / graphed_ms,

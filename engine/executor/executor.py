@@ -76,8 +76,8 @@ class Executor:
             num_pages = plan_num_pages(local_config, engine_config, self.dtype, engine_config.tensor_parallel_size)
         if parallel is not None:  # every rank's pool must hold the same pages
             num_pages = parallel.agree_min(num_pages, self.device)
-        num_swap_slots = plan_num_swap_slots(
-            num_pages, kv_bytes_per_page(local_config, engine_config.page_size, self.dtype), engine_config.swap_space_gib)
+        page_bytes = kv_bytes_per_page(local_config, engine_config.page_size, self.dtype)
+        num_swap_slots = plan_num_swap_slots(num_pages, page_bytes, engine_config.swap_space_gib)
         self.kv = KVPool(local_config, num_pages, engine_config.page_size, self.dtype, self.device, num_swap_slots)
         self.decode_graphs = _decode_graphs(self.model, self.kv, self.attention, engine_config)
         self.piecewise_graphs = _piecewise_graphs(self.model, self.kv, self.attention, engine_config)
@@ -95,8 +95,8 @@ class Executor:
                          num_swap_slots=1)
         activation_bytes = self._peak_bytes(prefill_probe(self.model_config, cfg))
         graph_bytes = self._peak_bytes(decode_probe(cfg)) + WORKSPACE_BYTES if cfg.cuda_graphs else 0
-        if _uses_piecewise_graphs(self.model, self.attention, cfg):  # their pool: one step of the largest bucket
-            pieces = PiecewiseConfig.for_step_budget(cfg.max_batch_tokens)
+        pieces = _piecewise_config(self.model, self.attention, cfg)
+        if pieces is not None:  # their pool: one step of the largest bucket
             graph_bytes += self._peak_bytes(pieces_probe(self.model_config, cfg, pieces.max_tokens))
         del self.kv
         self._previous = None
@@ -216,18 +216,19 @@ def _decode_graphs(model: LlamaModel, kv: KVPool, attention: AttentionBackend, e
     return build_decode_graphs(model, kv.layers, kv.page_size, engine.max_batch_size, engine.fused_decode)
 
 
-def _uses_piecewise_graphs(model: LlamaModel, attention: AttentionBackend, engine: EngineConfig) -> bool:
+def _piecewise_config(model: LlamaModel, attention: AttentionBackend, engine: EngineConfig) -> PiecewiseConfig | None:
     """Piecewise graphs on CUDA with FlashInfer, graphs and them enabled; not yet under tensor parallelism
-    (every rank would have to capture and replay the same pieces)."""
-    return model.device.type == "cuda" and engine.cuda_graphs and engine.piecewise_graphs and \
-        attention.supports_cuda_graphs and model.parallel is None
+    (every rank would have to capture and replay the same pieces). None: eager steps."""
+    if model.device.type == "cuda" and engine.cuda_graphs and engine.piecewise_graphs and \
+            attention.supports_cuda_graphs and model.parallel is None:
+        return PiecewiseConfig.for_step_budget(engine.max_batch_tokens)
+    return None
 
 
 def _piecewise_graphs(model: LlamaModel, kv: KVPool, attention: AttentionBackend,
                       engine: EngineConfig) -> PiecewiseGraphs | None:
-    if not _uses_piecewise_graphs(model, attention, engine):
-        return None
-    return PiecewiseGraphs.for_model(model, kv.layers, PiecewiseConfig.for_step_budget(engine.max_batch_tokens))
+    config = _piecewise_config(model, attention, engine)
+    return None if config is None else PiecewiseGraphs.for_model(model, kv.layers, config)
 
 
 def _kernels_for(device: torch.device) -> tuple[ModuleType, AttentionBackend]:
