@@ -53,11 +53,13 @@ class Engine:
         model_dir = resolve_model_dir(model)
         model_config = load_model_config(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
-        executor, control = _start_control(model_dir, model_config, config, progress)
+        # one compiler for the control layer's grammar decodes and the runtime's checks of them
+        grammars = LazyCompiler(functools.partial(GrammarCompiler.for_tokenizer, tokenizer, model_config.vocab_size))
+        executor, control = _start_control(model_dir, model_config, config, progress, grammars)
         name = model_name_of(model, model_name)
         runtime = Runtime(control, EngineTokenizerAdapter(tokenizer),
                           model_info(name, tokenizer, executor.info, model_config.vocab_size),
-                          with_decode_choice(runtime_config or RuntimeConfig()))
+                          with_decode_choice(runtime_config or RuntimeConfig()), grammars)
         log.info("engine ready: %s, %d KV pages of %d tokens", name, executor.info.num_pages,
                  executor.info.page_size)
         _freeze_heap()
@@ -109,14 +111,15 @@ def start_core_parts(model: str | Path | None, config: EngineConfig, model_name:
     return control, facts
 
 
-def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineConfig,
-                   progress: bool) -> tuple[Executor, Controller]:
+def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineConfig, progress: bool,
+                   grammars: LazyCompiler | None = None) -> tuple[Executor, Controller]:
+    """grammars: for decodes under a grammar; None: a compiler of its own, made on the first such decode."""
     if config.device == "cpu":  # as ControlConfig.for_engine tells the CPU apart
         executor = _load_on_a_passing_thread(model_dir, model_config, config, progress)
     else:
         executor = start_executor(model_dir, model_config, config, progress)  # rank 0 of --tensor-parallel-size
-    control = Controller(executor, ControlConfig.for_engine(config, model_config),
-                         LazyCompiler(functools.partial(_grammar_compiler, model_dir, model_config.vocab_size)))
+    grammars = grammars or LazyCompiler(functools.partial(_grammar_compiler, model_dir, model_config.vocab_size))
+    control = Controller(executor, ControlConfig.for_engine(config, model_config), grammars)
     control.start()
     return executor, control
 

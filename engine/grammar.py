@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 # JSON is written compactly but readably ({"a": 1, "b": [2, 3]}): a free-whitespace grammar lets small
 # models wander into endless whitespace.
 JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False, "lenient": True}
-# Pristine matchers kept by grammar text: a schema or regex seen before is not validated and compiled again
-# (~1 ms), and a copy starts with the lexer states its first mask built (a fresh matcher's first masks cost
+# Pristine matchers kept by constraint (kind and text): a schema or regex seen before is not parsed, validated and
+# compiled again (~1 ms), and a copy starts with the lexer states its first mask built (a fresh matcher's first masks cost
 # ~0.4 ms each, a copy's ~0.01 ms). Agents and OpenAI clients send the same few grammars again and again.
 MAX_CACHED_GRAMMARS = 64
 
@@ -144,7 +144,8 @@ class GrammarCompiler:
         self._encode = encode
         self._tokenizer: Any = None
         self._lock = threading.Lock()
-        self._pristine: OrderedDict[str, Any] = OrderedDict()  # grammar text -> llguidance.LLMatcher, LRU order
+        # (kind, text) -> llguidance.LLMatcher, LRU order
+        self._pristine: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._pristine_lock = threading.Lock()
         self._executor: Any = None  # llguidance.LLExecutor, made on first use (_pool)
 
@@ -156,44 +157,35 @@ class GrammarCompiler:
                    tokenizer.encode)
 
     def json_schema(self, schema_json: str) -> GrammarMatcher:
-        import llguidance
-
-        try:
-            schema = json.loads(schema_json)
-        except json.JSONDecodeError as error:
-            raise GrammarError(f"the JSON schema is not valid JSON: {error}") from None
-        if not isinstance(schema, dict):
-            raise GrammarError("a JSON schema must be a JSON object")
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-        except ValueError as error:
-            raise GrammarError(f"invalid JSON schema: {error}") from None
-        return self._matcher(grammar)
+        return self.matcher(GrammarSpec("json-schema", schema_json))
 
     def regex(self, pattern: str) -> GrammarMatcher:
-        import llguidance
-
-        return self._matcher(llguidance.LLMatcher.grammar_from_regex(pattern))
+        return self.matcher(GrammarSpec("regex", pattern))
 
     def matcher(self, spec: GrammarSpec) -> GrammarMatcher:
         """A matcher for spec, past its accepted tokens (GrammarError if the grammar rejects one)."""
-        matcher = self.json_schema(spec.text) if spec.kind == "json-schema" else self.regex(spec.text)
+        matcher = GrammarMatcher(self._pristine_of(spec).deep_copy(), self._vocab_size, self._pool)
         if spec.accepted_token_ids:
             matcher.accept_all(spec.accepted_token_ids)
         return matcher
 
-    def _matcher(self, grammar: str) -> GrammarMatcher:
+    def check(self, spec: GrammarSpec) -> None:
+        """GrammarError unless spec's grammar compiles; compiles it into the cache (no matcher is made)."""
+        self._pristine_of(spec)
+
+    def _pristine_of(self, spec: GrammarSpec) -> Any:
+        key = (spec.kind, spec.text)  # a hit costs no JSON parsing or grammar building
         with self._pristine_lock:
-            pristine = self._pristine.get(grammar)
+            pristine = self._pristine.get(key)
             if pristine is not None:
-                self._pristine.move_to_end(grammar)
-        if pristine is None:
-            pristine = self._compile(grammar)
-            with self._pristine_lock:
-                self._pristine[grammar] = pristine
-                while len(self._pristine) > MAX_CACHED_GRAMMARS:
-                    self._pristine.popitem(last=False)
-        return GrammarMatcher(pristine.deep_copy(), self._vocab_size, self._pool)
+                self._pristine.move_to_end(key)
+                return pristine
+        pristine = self._compile(_grammar_of(spec))
+        with self._pristine_lock:
+            self._pristine[key] = pristine
+            while len(self._pristine) > MAX_CACHED_GRAMMARS:
+                self._pristine.popitem(last=False)
+        return pristine
 
     def _compile(self, grammar: str) -> Any:
         """A validated matcher at the grammar's start whose first mask is computed (its lazy states built)."""
@@ -231,6 +223,24 @@ class GrammarCompiler:
                 self._tokenizer = llguidance.LLTokenizer(wrapper, n_vocab=self._vocab_size,
                                                          eos_token=self._eos_token_ids)
             return self._tokenizer
+
+
+def _grammar_of(spec: GrammarSpec) -> str:
+    """llguidance's grammar text for a JSON schema or a regex (GrammarError if the schema is not one)."""
+    import llguidance
+
+    if spec.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(spec.text)
+    try:
+        schema = json.loads(spec.text)
+    except json.JSONDecodeError as error:
+        raise GrammarError(f"the JSON schema is not valid JSON: {error}") from None
+    if not isinstance(schema, dict):
+        raise GrammarError("a JSON schema must be a JSON object")
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except ValueError as error:
+        raise GrammarError(f"invalid JSON schema: {error}") from None
 
 
 class LazyCompiler:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pie_server.engine.control.api import KV_EVICTED, ControlError, VirtualForward
 from pie_server.engine.control.decoding import END_STOP, DecodeRequest, DecodeStream, wait_any
-from pie_server.engine.grammar import GrammarCompiler, GrammarError, GrammarMatcher, GrammarSpec
+from pie_server.engine.grammar import GrammarError, GrammarMatcher, GrammarSpec
 from pie_server.engine.step import OutputSpec, SamplingParams
 from pie_server.engine.runtime.api_forward import SAMPLING_PARAMS, as_sampling
 from pie_server.engine.runtime.api_kv import check_token_ids
@@ -97,10 +97,10 @@ def _sequence(request: dict[str, Any], host: Host, options: dict[str, Any] = DEF
     expect(all(len(s) <= MAX_STOP_STRING_CHARS for s in stop_strings),
            f"a stop string has at most {MAX_STOP_STRING_CHARS} characters")
     params = as_sampling(request["sampling"], model.vocab_size)
-    grammar_spec, grammar = None, None
+    grammar_spec = None
     if request["constraint"] is not None and request["constraint"][0] != "allowed-tokens":
         grammar_spec = GrammarSpec(*request["constraint"])
-        grammar = _grammar(grammar_spec, host)  # compiled here too: a bad grammar is the call's error at once
+        _check_grammar(grammar_spec, host)  # compiled (or found compiled) here: a bad grammar fails the call at once
     elif request["constraint"] is not None:
         _, allowed = request["constraint"]
         expect(len(allowed) > 0, "allowed-tokens must not be empty")
@@ -119,23 +119,21 @@ def _sequence(request: dict[str, Any], host: Host, options: dict[str, Any] = DEF
                     decoder=_new_decoder(host, options),
                     stream_channel=request["stream-channel"], page_size=model.page_size,
                     stream_logprobs=options["stream-logprobs"] and params.num_logprobs is not None,
-                    penalized=params.is_penalized, grammar_spec=grammar_spec, grammar=grammar)
+                    penalized=params.is_penalized, grammar_spec=grammar_spec)
 
 
-def _grammar(spec: GrammarSpec, host: Host) -> GrammarMatcher:
+def _check_grammar(spec: GrammarSpec, host: Host) -> None:
     try:
-        return _compiler(host).matcher(spec)
+        host.grammars.get().check(spec)  # type: ignore[union-attr]
     except GrammarError as error:
         raise GuestError(str(error)) from None
 
 
-def _compiler(host: Host) -> GrammarCompiler:
-    """The runtime's compiler (kept on the Host; made on first use from its tokenizer and model info)."""
-    if host.grammars is None:
-        model = host.model
-        host.grammars = GrammarCompiler(host.tokenizer.vocabulary(), model.vocab_size, model.eos_token_ids,
-                                        model.bos_token_id, host.tokenizer.encode)
-    return host.grammars  # type: ignore[no-any-return]
+def _grammar(spec: GrammarSpec, host: Host) -> GrammarMatcher:
+    try:
+        return host.grammars.get().matcher(spec)  # type: ignore[union-attr]
+    except GrammarError as error:
+        raise GuestError(str(error)) from None
 
 
 def _last_page_len(num_tokens: int, num_pages: int, page_size: int) -> int:
@@ -237,10 +235,11 @@ def run_sequences(host: Host, inst: InstanceState, seqs: list[Sequence]) -> Host
     then forward by forward."""
     in_control = all(s.grammar_spec is None for s in seqs) or host.control.can_decode_grammar
     if host.config.decode_in_control is not False and in_control:
-        for seq in seqs:
-            seq.grammar = None  # the control layer runs it, from grammar_spec and the tokens generated so far
-        yield from _decode_in_control(host, inst, seqs)
+        yield from _decode_in_control(host, inst, seqs)  # the control layer runs grammars from their specs
     else:
+        for seq in seqs:
+            if seq.grammar_spec is not None:
+                seq.grammar = _grammar(seq.grammar_spec, host)
         yield from _forward_per_token(host, inst, seqs)
     _release(host, inst, seqs)
     return [_result(s) for s in seqs]

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 from pie_server.engine.control.api import Control
 from pie_server.engine.core.process import ENV_VAR as CORE_ENV_VAR
 from pie_server.engine.core.process import CoreAddress
+from pie_server.engine.grammar import GrammarCompiler, LazyCompiler
 from pie_server.engine.runtime.config import ModelInfo, RuntimeConfig
 from pie_server.engine.runtime.instance import InstanceState
 from pie_server.engine.runtime.tokenizer import RuntimeTokenizer, StreamDecoder
@@ -152,4 +153,15 @@ class Host:
     bus: BroadcastBus = field(default_factory=BroadcastBus)
     store: TenantStore = field(default_factory=lambda: TenantStore(64 << 20))
     decoders: dict[int, tuple[InstanceState, StreamDecoder]] = field(default_factory=dict)
-    grammars: Any = None  # engine.grammar.GrammarCompiler, made on first use (api_generate.py)
+    # The grammar compiler of constrained `generate` calls (api_generate.py), built on first use; a server of one
+    # process shares the control layer's (one vocabulary table for llguidance, one cache of compiled grammars).
+    grammars: LazyCompiler | None = None
+
+    def __post_init__(self) -> None:
+        if self.grammars is None:
+            self.grammars = LazyCompiler(self._grammar_compiler)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        model, tokenizer = self.model, self.tokenizer
+        return GrammarCompiler(tokenizer.vocabulary(), model.vocab_size, model.eos_token_ids, model.bos_token_id,
+                               tokenizer.encode)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import wasmtime
 
 from pie_server.engine.control.api import Control, call_later
+from pie_server.engine.grammar import LazyCompiler
 from pie_server.engine.runtime import api_tokenize, ffi_async
 from pie_server.engine.runtime.config import InstanceLimits, ModelInfo, RuntimeConfig
 from pie_server.engine.runtime.host import Host, TenantStore
@@ -96,7 +97,8 @@ class InstanceHandle:
 
 class Runtime:
     def __init__(self, control: Control, tokenizer: RuntimeTokenizer, model_info: ModelInfo,
-                 config: RuntimeConfig | None = None) -> None:
+                 config: RuntimeConfig | None = None, grammars: LazyCompiler | None = None) -> None:
+        """grammars: the grammar compiler to share (the control layer's, in one process); None: its own."""
         ffi_async.check_wasmtime_version()
         self.config = config or RuntimeConfig()
         self.control = control
@@ -118,7 +120,7 @@ class Runtime:
         self._scheduler = Scheduler(self.engine, self.config.epoch_tick_s, self._on_stop)
         self._host = Host(control=host_control, tokenizer=tokenizer, model=model_info, config=self.config,
                           call_later=self._scheduler.call_later, run_blocking=self._io.submit,
-                          store=TenantStore(self.config.max_store_bytes_per_tenant))
+                          store=TenantStore(self.config.max_store_bytes_per_tenant), grammars=grammars)
         self._linker, self._callbacks = build_linker(self.engine, self._host, self._scheduler.make_callback)
         self._ids = itertools.count(1)
         self._closed = False

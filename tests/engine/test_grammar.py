@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pie_server.engine import grammar as grammar_module
-from pie_server.engine.grammar import GrammarCompiler, GrammarError, json_schema_problem
+from pie_server.engine.grammar import GrammarCompiler, GrammarError, GrammarSpec, json_schema_problem
 from pie_server.engine.tokenizer import Tokenizer
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]},
@@ -98,6 +98,25 @@ def test_a_repeated_grammar_gives_independent_matchers_and_the_cache_is_bounded(
     for n in range(5):
         grammars.regex(f"[a-z]{{{n + 1}}}")
     assert len(grammars._pristine) == 3
+
+
+def test_check_compiles_a_constraint_once_and_a_matcher_reuses_it(compiler, monkeypatch) -> None:
+    grammars, tokenizer, eos = compiler
+    compiled = []
+    real_compile = grammars._compile
+    monkeypatch.setattr(grammars, "_compile", lambda text: compiled.append(text) or real_compile(text))
+    schema = json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 99}}, "required": ["n"],
+                         "additionalProperties": False})
+    spec = GrammarSpec("json-schema", schema)
+    grammars.check(spec)
+    grammars.check(spec)
+    matcher = grammars.matcher(spec)  # from the cache: no parsing, no compiling
+    assert len(compiled) == 1
+    assert isinstance(json.loads(walk(matcher, tokenizer, eos, seed=1))["n"], int)
+    for bad in (GrammarSpec("json-schema", "{not json"), GrammarSpec("regex", "[0-9")):
+        with pytest.raises(GrammarError):
+            grammars.check(bad)
+    assert len(compiled) == 2  # the bad regex got as far as compiling; the bad JSON did not
 
 
 @pytest.mark.parametrize("num_matchers", [3, grammar_module.MIN_POOLED_MASKS + 4])

@@ -15,6 +15,7 @@ import pytest
 from pie_server.app.inferlet_build import default_cache_dir
 from pie_server.engine.config import EngineConfig
 from pie_server.engine.engine import Engine
+from pie_server.engine.grammar import GrammarCompiler
 from pie_server.engine.runtime.config import RuntimeConfig
 from tests.inferlets.contrib.conftest import PAGE_SIZE, Builder, assert_pages_free, events, ok, run
 from tests.inferlets.loopback import LoopbackServer
@@ -142,3 +143,18 @@ def test_the_agent_prefills_while_its_tool_works(agent_engine: Engine, program: 
         [*_, (_, num_tokens)] = [step for step in submitted if step[0] < replied]
         assert num_tokens >= 5, (submitted, tools.windows)
     assert_pages_free(agent_engine)
+
+
+def test_a_grammar_is_compiled_once_for_the_runtime_and_the_control_layer(
+        agent_engine: Engine, program: str, tools: ToolServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one process the runtime (which checks a generate call's grammar) and the control layer (which decodes
+    under it) share one compiler and its cache."""
+    compiled: list[str] = []
+    compile_grammar = GrammarCompiler._compile
+    monkeypatch.setattr(GrammarCompiler, "_compile",
+                        lambda self, text: compiled.append(text) or compile_grammar(self, text))
+    args = ["--action-format", "template", "--uniform-values", "--question", "Which grammar?", "--tool-url",
+            tools.url, "--tool", "search: looks a fact up", "--min-calls", "2", "--max-calls", "2",
+            "--thought-chars", "0", "--input-chars", "11"]  # one grammar, [a-z ]{11}, new to this engine
+    ok(run(agent_engine, program, args))
+    assert len(compiled) == 1
