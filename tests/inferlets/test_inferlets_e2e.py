@@ -261,3 +261,13 @@ def test_pie_run_command_end_to_end(engine: Engine, programs: dict[str, str], co
     failed = subprocess.run(command[:-2] + ["--max-tokens", "0"], cwd=tempfile.gettempdir(), capture_output=True, text=True,
                             timeout=TIMEOUT_S)
     assert failed.returncode == 1 and "--max-tokens must be at least 1" in failed.stderr
+
+
+def test_the_start_up_heap_is_frozen_so_collections_do_not_walk_it(engine: Engine, programs: dict[str, str]) -> None:
+    """pie_sdk.export freezes the heap that the component's snapshot holds: an instance's collections walk only
+    the objects it made itself, never write into the pages of its copy-on-write start-up image."""
+    messages = _messages(engine, programs["probe"], ["heap"])
+    _ok(messages)
+    [report] = _events(messages)
+    assert report["frozen"] > 10 * report["tracked"] > 0, report
+    assert report["frozen_after_collect"] == report["frozen"]

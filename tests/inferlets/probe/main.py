@@ -15,6 +15,8 @@
                                                for each; reports the bodies, the refused starts, and the errors of
                                                waiting on a used and on an unknown handle; ends with one more
                                                fetch started and never waited for
+    probe heap                                 the guest's garbage collector: objects frozen at start-up, and
+                                               whether a collection now still finds them
     probe fail                                 raises ValueError
 """
 from wit_world.imports import http, kv
@@ -143,6 +145,13 @@ def _wait_error(handle: int) -> str | None:
         return str(getattr(exc, "value", exc))
 
 
+def heap(opts) -> None:
+    import gc
+    frozen = gc.get_freeze_count()
+    gc.collect()
+    send_event({"frozen": frozen, "frozen_after_collect": gc.get_freeze_count(), "tracked": len(gc.get_objects())})
+
+
 def fail(opts) -> None:
     print("probe: about to fail")
     raise ValueError("probe failure")
@@ -150,4 +159,4 @@ def fail(opts) -> None:
 
 SCENARIOS = {"paths": paths, "fork": fork, "prefix": prefix, "export": export, "import": import_,
              "constrained": constrained, "bad-page": bad_page, "fetch": fetch,
-             "fail": fail}
+             "heap": heap, "fail": fail}
