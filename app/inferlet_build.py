@@ -116,6 +116,7 @@ def source_hash(src: InferletSource) -> str:
     """SHA-256 over every input of the build (paths and bytes), hex."""
     digest = hashlib.sha256()
     digest.update(f"componentize-py {_componentize_version()} world {WORLD} entry {src.module}\n".encode())
+    digest.update(_ENTRY_TEMPLATE.encode())  # the generated entry module is an input too
     for label, root, files in (("src", src.root, src.files), ("sdk", SDK_DIR, _tree(SDK_DIR, "*.py")),
                                ("wit", WIT_DIR, _tree(WIT_DIR, "*.wit"))):
         for rel in files:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pie_server.app import cli
+from pie_server.app import inferlet_build
 from pie_server.app.inferlet_build import BuildError, build_inferlet, find_source, is_cached, source_hash
 
 MAIN = "def main(args: list[str]) -> None:\n    pass\n"
@@ -53,7 +54,7 @@ def test_a_folder_needs_main_py_and_brings_its_modules(tmp_path: Path) -> None:
     assert (alone.module, alone.name, alone.files) == ("solo", "solo", (Path("solo.py"),))
 
 
-def test_the_cache_key_covers_every_source_byte(tmp_path: Path) -> None:
+def test_the_cache_key_covers_every_source_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "app"
     _write(folder / "main.py", MAIN)
     helper = _write(folder / "helper.py", "A = 1\n")
@@ -63,6 +64,9 @@ def test_the_cache_key_covers_every_source_byte(tmp_path: Path) -> None:
     assert source_hash(find_source(folder)) != first
     helper.write_text("A = 1\n")
     assert source_hash(find_source(folder)) == first
+    monkeypatch.setattr(inferlet_build, "_ENTRY_TEMPLATE", inferlet_build._ENTRY_TEMPLATE + "\n")
+    assert source_hash(find_source(folder)) != first  # the generated entry module counts too
+    monkeypatch.undo()
     assert not is_cached(folder, cache_dir=tmp_path / "cache")
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / f"{first}.wasm").write_bytes(b"\0asm")
