@@ -283,6 +283,31 @@ def test_argument_parser_reports_usage_and_sends_help(sdk: ModuleType, host: Fak
 
 
 
+def test_help_is_plain_text_of_78_columns_whatever_the_environment_says(
+        sdk: ModuleType, host: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An inferlet has no terminal: the parser asks nothing of the environment (argparse would, for every
+    add_argument) and wraps help at argparse's own no-terminal width."""
+    import argparse
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    long_help = "a sentence that keeps going " * 8
+    host.arguments = ["--help"]
+
+    def main(args: list[str]) -> None:
+        parser = sdk.ArgumentParser(prog="demo")
+        parser.add_argument("--count", type=int, help=long_help)
+        parser.parse_args(args)
+
+    assert _run(sdk, main) is None
+    text = host.sent[-1][1]
+    assert "\x1b[" not in text and max(map(len, text.splitlines())) <= sdk.runtime.HELP_WIDTH < 200
+    assert len(text.splitlines()) > 4  # the long help was wrapped
+    raw = sdk.ArgumentParser(prog="demo", formatter_class=argparse.RawTextHelpFormatter)
+    raw.add_argument("--count", help=long_help)
+    assert long_help.strip() in raw.format_help()  # a formatter the author chose is kept
+
+
 def test_a_generation_cut_by_an_eviction_goes_on_as_if_whole(sdk: ModuleType, host: FakeHost) -> None:
     """The server drops the instance's KV after 4 of 12 tokens (finish reason "evicted", no pages): generate
     computes the context again and decodes the 8 left; the result, the stream and the state are as without it."""
