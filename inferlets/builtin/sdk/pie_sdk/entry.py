@@ -10,6 +10,7 @@ with err("<Type>: <message>") followed by the traceback, which the host reports 
 from __future__ import annotations
 
 import gc
+import sys
 import traceback
 from typing import Callable
 
@@ -26,11 +27,13 @@ def export(main: Main) -> type:
     """The WitWorld class for main. Called as the app module's import ends, while componentize-py snapshots the
     start-up heap: it freezes that heap (gc.freeze), so no collection of a running instance walks it. Every
     instance starts from a copy-on-write image of the snapshot; a collection that walked it would write into
-    (and so copy) every page that holds a tracked object."""
+    (and so copy) every page that holds a tracked object. Outside the sandbox (the SDK's tests under CPython)
+    nothing is snapshotted, and the caller's heap is left as it is."""
     if not callable(main):
         raise TypeError(f"the inferlet's main must be callable, got {type(main).__name__}")
-    gc.collect()
-    gc.freeze()
+    if sys.platform == "wasi":
+        gc.collect()
+        gc.freeze()
 
     class WitWorld(wit_world.WitWorld):
         def run(self) -> None:
