@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from pie_server.engine.control.api import KV_EVICTED, ControlError, VirtualForward
+from pie_server.engine.control.api import KV_EVICTED, ControlError, VirtualForward, call_later
 from pie_server.engine.control.decoding import END_STOP, DecodeRequest, DecodeStream, wait_any
 from pie_server.engine.grammar import GrammarError, GrammarMatcher, GrammarSpec
 from pie_server.engine.step import OutputSpec, SamplingParams
@@ -24,6 +26,8 @@ from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
 from pie_server.engine.runtime.messages import Event, Text
 from pie_server.engine.runtime.stop_strings import StopMatcher
 from pie_server.engine.runtime.tokenizer import StreamDecoder
+
+log = logging.getLogger(__name__)
 
 TOKEN_LOGPROB = ("record", ("token-id", "u32"), ("logprob", "f32"))
 POSITION_LOGPROBS = ("record", ("token-id", "u32"), ("logprob", "f32"), ("top-logprobs", ("list", TOKEN_LOGPROB)))
@@ -100,7 +104,7 @@ def _sequence(request: dict[str, Any], host: Host, options: dict[str, Any] = DEF
     grammar_spec = None
     if request["constraint"] is not None and request["constraint"][0] != "allowed-tokens":
         grammar_spec = GrammarSpec(*request["constraint"])
-        _check_grammar(grammar_spec, host)  # compiled (or found compiled) here: a bad grammar fails the call at once
+        _grammar(grammar_spec, host, matcher=False)  # compiled (or found compiled) here: a bad grammar fails the call at once
     elif request["constraint"] is not None:
         _, allowed = request["constraint"]
         expect(len(allowed) > 0, "allowed-tokens must not be empty")
@@ -122,16 +126,11 @@ def _sequence(request: dict[str, Any], host: Host, options: dict[str, Any] = DEF
                     penalized=params.is_penalized, grammar_spec=grammar_spec)
 
 
-def _check_grammar(spec: GrammarSpec, host: Host) -> None:
+def _grammar(spec: GrammarSpec, host: Host, matcher: bool = True) -> GrammarMatcher | None:
+    """A matcher for spec (matcher=False: only compiles it, into the cache); a bad grammar is the guest's error."""
+    compiler = host.grammars.get()  # type: ignore[union-attr]
     try:
-        host.grammars.get().check(spec)  # type: ignore[union-attr]
-    except GrammarError as error:
-        raise GuestError(str(error)) from None
-
-
-def _grammar(spec: GrammarSpec, host: Host) -> GrammarMatcher:
-    try:
-        return host.grammars.get().matcher(spec)  # type: ignore[union-attr]
+        return compiler.matcher(spec) if matcher else compiler.check(spec)
     except GrammarError as error:
         raise GuestError(str(error)) from None
 
@@ -361,10 +360,17 @@ def _release(host: Host, inst: InstanceState, seqs: list[Sequence]) -> None:
             unused = [p for p in seq.pages[num_kept:] if p in allocated]
             seq.pages = seq.pages[:num_kept]
         if unused:
-            try:
-                host.control.free_pages(inst.id, unused)
-            except ControlError:
-                pass  # the instance is closing: its pages go anyway
+            # Not waited for: the scheduler thread serves every instance, and a round trip to an engine core per
+            # generate held all of them (~7 % of that thread in the agentic profile). The core serves a front
+            # end's calls in order, so the instance's next call sees the pages freed; the one expected error
+            # (the instance is closing: its pages go anyway) is dropped.
+            call_later(host.control, "free_pages", inst.id, unused).add_done_callback(_drop_closing_error)
+
+
+def _drop_closing_error(done: Future[None]) -> None:
+    error = None if done.cancelled() else done.exception()
+    if error is not None and not isinstance(error, ControlError):
+        log.error("freeing a generate's unused pages failed", exc_info=error)
 
 
 def functions(host: Host) -> list[HostFunction]:

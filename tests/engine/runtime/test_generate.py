@@ -200,3 +200,39 @@ def test_a_control_that_cannot_run_grammars_refuses_a_decode_with_one() -> None:
                                                       grammar=GrammarSpec("regex", "[a-c]")))
     control.close_instance(InstanceId("g"))
     control.stop()
+
+
+class WireControl(FakeControl):
+    """A Control whose call_later sends free_pages without answering (as RemoteControl does before the engine
+    core's reply arrives): the call is held until the test delivers it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sent: list[tuple[Any, list[int], Future[None]]] = []
+
+    def call_later(self, method: str, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        if method == "free_pages":
+            self.sent.append((args[0], list(args[1]), future))
+            return future
+        future.set_result(getattr(self, method)(*args))
+        return future
+
+
+def test_a_generate_frees_its_room_pages_without_waiting_for_the_reply() -> None:
+    control = WireControl(num_pages=64, page_size=PAGE_SIZE)
+    host = Host(control=control, tokenizer=ByteTokenizer(), model=MODEL, config=RuntimeConfig(),
+                call_later=lambda delay, fn: None, run_blocking=lambda fn: Future())
+    inst = InstanceState(id=InstanceId("gen"), program_hash="", arguments=(), tenant="t", deadline=1e18)
+    control.open_instance(inst.id)
+    generate = {f.name: f.impl for f in api_generate.functions(host)}["generate"]
+    prompt = [MODEL.vocab_size - 2]  # the fake samples 255, then eos: 2 tokens of KV, far fewer than 40 allow
+    tag, gen = drive(generate(inst, request(**{"input-token-ids": prompt, "max-tokens": 40})))
+    assert tag == "ok" and gen["finish-reason"] == "stop"  # returned while the free is still on the wire
+    [(instance_id, freed, reply)] = control.sent
+    assert instance_id == inst.id and freed and not set(freed) & set(gen["page-ids"])
+    control.free_pages(instance_id, freed)  # the core serves it ...
+    reply.set_exception(ControlError("instance closing"))  # ... and the expected error is dropped quietly
+    control.close_instance(inst.id)
+    assert control.num_free_pages == control.info.num_pages
+    control.stop()
