@@ -6,7 +6,8 @@ gathers the commands' fields column-wise, and every check and index computation 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -42,9 +43,7 @@ def build_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, pa
     context_lens = (num_cmd_pages - 1) * page_size + last_lens
     _check(context_lens < num_tokens, "has more tokens than context slots")
 
-    token_ids = np.asarray(cols.token_ids, np.int64)
-    positions = np.asarray(cols.positions, np.int64)
-    page_ids = np.asarray(cols.page_ids, np.int64)
+    token_ids, positions, page_ids = cols.token_ids, cols.positions, cols.page_ids
     token_cmd = np.repeat(cmd_ids, num_tokens)
     page_cmd = np.repeat(cmd_ids, num_cmd_pages)
     _check_range(token_ids, model.vocab_size, token_cmd, "token id")
@@ -76,43 +75,47 @@ def build_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, pa
 
 @dataclass
 class _Columns:
-    """The commands' fields gathered column-wise in ONE pass over the commands (the per-command cost)."""
+    """The commands' fields gathered column-wise: one comprehension per field, each a tight loop over the
+    commands (64 decodes: 45 us here against 110 us for one loop that appends every field in turn)."""
 
-    token_ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    page_ids: list[int] = field(default_factory=list)
-    num_tokens: list[int] = field(default_factory=list)
-    num_positions: list[int] = field(default_factory=list)
-    num_pages: list[int] = field(default_factory=list)
-    last_page_lens: list[int] = field(default_factory=list)
-    masks: list = field(default_factory=list)
-    has_mask: bool = False
-    output_indices: list[int] = field(default_factory=list)
-    output_specs: list[OutputSpec] = field(default_factory=list)
-    num_outputs: list[int] = field(default_factory=list)
-    fed_commands: list[int] = field(default_factory=list)
-    fed_refs: list[TokenRef] = field(default_factory=list)
+    token_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [sum of the commands' positions] int64
+    page_ids: np.ndarray  # [sum of their pages] int64
+    num_tokens: list[int]
+    num_positions: list[int]
+    num_pages: list[int]
+    last_page_lens: list[int]
+    masks: list
+    has_mask: bool
+    output_indices: list[int]
+    output_specs: list[OutputSpec]
+    num_outputs: list[int]
+    fed_commands: list[int]
+    fed_refs: list[TokenRef]
 
     @classmethod
     def gather(cls, commands: Sequence[ForwardCommand]) -> "_Columns":
-        cols = cls()
-        for b, c in enumerate(commands):
-            if c.fed_token is not None:
-                cols.fed_commands.append(b)
-                cols.fed_refs.append(c.fed_token)
-            cols.token_ids.extend(c.token_ids)
-            cols.num_tokens.append(len(c.token_ids))
-            cols.positions.extend(c.positions)
-            cols.num_positions.append(len(c.positions))
-            cols.page_ids.extend(c.page_ids)
-            cols.num_pages.append(len(c.page_ids))
-            cols.last_page_lens.append(c.last_page_len)
-            cols.masks.append(c.attention_mask)
-            cols.has_mask = cols.has_mask or c.attention_mask is not None
-            cols.output_specs.extend(c.outputs)
-            cols.output_indices.extend(o.index for o in c.outputs)
-            cols.num_outputs.append(len(c.outputs))
-        return cols
+        num_tokens = [len(c.token_ids) for c in commands]
+        num_positions = [len(c.positions) for c in commands]
+        num_pages = [len(c.page_ids) for c in commands]
+        masks = [c.attention_mask for c in commands]
+        output_specs = [o for c in commands for o in c.outputs]
+        fed = [(b, c.fed_token) for b, c in enumerate(commands) if c.fed_token is not None]
+        return cls(
+            token_ids=_flat([c.token_ids for c in commands], sum(num_tokens)),
+            positions=_flat([c.positions for c in commands], sum(num_positions)),
+            page_ids=_flat([c.page_ids for c in commands], sum(num_pages)),
+            num_tokens=num_tokens, num_positions=num_positions, num_pages=num_pages,
+            last_page_lens=[c.last_page_len for c in commands],
+            masks=masks, has_mask=any(m is not None for m in masks),
+            output_indices=[o.index for o in output_specs], output_specs=output_specs,
+            num_outputs=[len(c.outputs) for c in commands],
+            fed_commands=[b for b, _ in fed], fed_refs=[ref for _, ref in fed])
+
+
+def _flat(parts: list[Sequence[int]], total: int) -> np.ndarray:
+    """[total] int64: the parts one after another (ids outside int64 raise, as np.asarray would)."""
+    return np.fromiter(itertools.chain.from_iterable(parts), np.int64, count=total)
 
 
 def _indptr(counts: np.ndarray) -> np.ndarray:
