@@ -76,7 +76,8 @@ def build_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, pa
 @dataclass
 class _Columns:
     """The commands' fields gathered column-wise: one comprehension per field, each a tight loop over the
-    commands (64 decodes: 45 us here against 110 us for one loop that appends every field in turn)."""
+    commands (cheaper than one loop that appends every field in turn: build_step_inputs over 64 decodes 152 ->
+    136 us on the 2-core CPU machine)."""
 
     token_ids: np.ndarray  # [T] int64
     positions: np.ndarray  # [sum of the commands' positions] int64
