@@ -105,6 +105,22 @@ def device_info() -> dict[str, Any]:
     return info
 
 
+def graph_replay_s(executor: Any, batch: int, iters: int = 50) -> float | None:
+    """GPU seconds of one captured decode forward of `batch`'s bucket (as last planned), replayed back to back;
+    None without decode graphs."""
+    graphs = executor.decode_graphs
+    if graphs is None:
+        return None
+    entry = graphs._graphs[graphs.bucket(batch)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        entry.graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
 def save_result(name: str, record: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
     """Writes bench/results/<name>.json with the card, the command line and the numbers."""
     results_dir.mkdir(parents=True, exist_ok=True)

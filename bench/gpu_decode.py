@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from bench.common_gpu import MODEL_SHAPES, copy_bandwidth, decode_floor_s, format_table, save_result
+from bench.common_gpu import (MODEL_SHAPES, copy_bandwidth, decode_floor_s, format_table, graph_replay_s,
+                              save_result)
 from pie_server.engine.config import EngineConfig
 from pie_server.engine.step import SamplingParams
 from pie_server.engine.executor.direct import DirectGenerator
@@ -54,19 +55,6 @@ def _pipelined_step_s(gen: DirectGenerator, seqs: list, num_steps: int) -> float
     return statistics.median(runs)
 
 
-def _replay_gpu_s(executor: Executor, batch: int, iters: int = 50) -> float:
-    """GPU time of one captured forward (the graph as last planned), back to back."""
-    graphs = executor.decode_graphs
-    entry = graphs._graphs[graphs.bucket(batch)]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        entry.graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
-
-
 def bench_shape(name: str, batches: list[int], context: int, steps: int, bandwidth: float,
                 fused: bool = True) -> list[dict]:
     cfg = MODEL_SHAPES[name]
@@ -88,7 +76,7 @@ def bench_shape(name: str, batches: list[int], context: int, steps: int, bandwid
         tpot, times = _median_step_s(gen, seqs, steps)
         pipelined_context = len(seqs[0].token_ids) + PIPELINED_RUNS * steps // 2
         pipelined = _pipelined_step_s(gen, seqs, steps)
-        replay = _replay_gpu_s(executor, batch)
+        replay = graph_replay_s(executor, batch)
         graphs, executor.decode_graphs = executor.decode_graphs, None
         eager, _ = _median_step_s(gen, seqs, max(8, steps // 4))
         executor.decode_graphs = graphs

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from bench.common_gpu import MODEL_SHAPES, format_table, save_result
+from bench.common_gpu import MODEL_SHAPES, format_table, graph_replay_s, save_result
 from pie_server.engine.config import EngineConfig
 from pie_server.engine.executor import cuda_graphs, executor as executor_module
 from pie_server.engine.executor.direct import DirectGenerator
@@ -89,20 +89,6 @@ def _ready_sequences(gen: DirectGenerator, batch: int, context: int, vocab_size:
     return seqs
 
 
-def _graph_gpu_s(executor: Executor, batch: int, iters: int = 50) -> float | None:
-    graphs = executor.decode_graphs
-    if graphs is None:
-        return None
-    entry = graphs._graphs[graphs.bucket(batch)]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        entry.graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
-
-
 def measure(executor: Executor, batch: int, context: int, steps: int, runs: int = 3) -> dict[str, Any]:
     vocab_size = executor.model_config.vocab_size
     per_run = []
@@ -124,7 +110,7 @@ def measure(executor: Executor, batch: int, context: int, steps: int, runs: int 
     names = sorted({name for _, parts in per_run for name in parts})
     parts_ms = {name: statistics.median(parts.get(name, 0.0) for _, parts in per_run) / steps * 1e3
                 for name in names}
-    gpu = _graph_gpu_s(executor, batch)
+    gpu = graph_replay_s(executor, batch)
     return {"batch": batch, "context": context, "steps": steps, "step_ms": step_ms,
             "graph_gpu_ms": None if gpu is None else gpu * 1e3, "parts_ms": parts_ms}
 
