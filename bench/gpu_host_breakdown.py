@@ -68,14 +68,17 @@ def patched(timers: Timers, executor: Executor) -> Iterator[None]:
         targets.append((type(graphs), "forward", "graph forward"))
         for backend in {type(entry.attention) for entry in graphs._graphs.values()}:
             targets.append((backend, "plan", f"attention plan ({backend.__name__})"))
-    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
+    saved = [(owner, attr, owner.__dict__.get(attr)) for owner, attr, _ in targets]  # None: inherited
     for owner, attr, name in targets:
         setattr(owner, attr, timers.wrap(name, getattr(owner, attr)))
     try:
         yield
     finally:
         for owner, attr, original in saved:
-            setattr(owner, attr, original)
+            if original is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
 
 
 def _ready_sequences(gen: DirectGenerator, batch: int, context: int, vocab_size: int) -> list:
@@ -132,8 +135,8 @@ def main() -> None:
     executor = Executor(MODEL_SHAPES[args.shape], engine)
     rows = [measure(executor, batch, args.context, args.steps) for batch in args.batches]
     names = sorted({name for row in rows for name in row["parts_ms"]}, key=lambda n: -rows[-1]["parts_ms"].get(n, 0))
-    table = [["step (wall)", *(f"{row['step_ms']:.3f}" for row in rows)],
-             ["graph GPU time", *("-" if row["graph_gpu_ms"] is None else f"{row['graph_gpu_ms']:.3f}" for row in rows)]]
+    gpu_ms = ["-" if row["graph_gpu_ms"] is None else f"{row['graph_gpu_ms']:.3f}" for row in rows]
+    table = [["step (wall)", *(f"{row['step_ms']:.3f}" for row in rows)], ["graph GPU time", *gpu_ms]]
     table += [[name, *(f"{row['parts_ms'].get(name, 0.0):.3f}" for row in rows)] for name in names]
     print(f"{args.shape}, context {args.context}, {args.steps} pipelined steps, host ms per step:")
     print(format_table(["part", *(f"batch {row['batch']}" for row in rows)], table))

@@ -17,9 +17,10 @@ from typing import Any, Callable, Sequence
 # JSON is written compactly but readably ({"a": 1, "b": [2, 3]}): a free-whitespace grammar lets small
 # models wander into endless whitespace.
 JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False, "lenient": True}
-# Pristine matchers kept by constraint (kind and text): a schema or regex seen before is not parsed, validated and
-# compiled again (~1 ms), and a copy starts with the lexer states its first mask built (a fresh matcher's first masks cost
-# ~0.4 ms each, a copy's ~0.01 ms). Agents and OpenAI clients send the same few grammars again and again.
+# Pristine matchers kept by constraint (kind and text): a schema or regex seen before is not parsed, validated
+# and compiled again (~1 ms), and a copy starts with the lexer states its first mask built (a fresh matcher's
+# first masks cost ~0.4 ms each, a copy's ~0.01 ms). Agents and OpenAI clients send the same few grammars again
+# and again.
 MAX_CACHED_GRAMMARS = 64
 
 

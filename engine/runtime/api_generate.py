@@ -104,7 +104,8 @@ def _sequence(request: dict[str, Any], host: Host, options: dict[str, Any] = DEF
     grammar_spec = None
     if request["constraint"] is not None and request["constraint"][0] != "allowed-tokens":
         grammar_spec = GrammarSpec(*request["constraint"])
-        _grammar(grammar_spec, host, matcher=False)  # compiled (or found compiled) here: a bad grammar fails the call at once
+        # compiled (or found compiled) here: a bad grammar fails the call at once
+        _grammar(grammar_spec, host, matcher=False)
     elif request["constraint"] is not None:
         _, allowed = request["constraint"]
         expect(len(allowed) > 0, "allowed-tokens must not be empty")
