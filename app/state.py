@@ -7,9 +7,11 @@ process restarts: `_watch`); a drain (SIGTERM, app/commands/serve_drain.py) refu
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -37,6 +39,7 @@ DEFAULT_INFERLET_NAME = "default"
 WATCH_INTERVAL_S = 0.25  # how often a dead engine is looked for (RemoteControl notices a dead core in 0.2 s)
 RESTART_RETRY_S = 1.0  # between attempts to connect to a restarted engine core
 RESTART_TIMEOUT_S = 600.0  # then the server reports "failed" (a core that can no longer load its model)
+RECONNECT_POLL_S = 0.05  # how often a restart looks whether its connection is made
 
 
 class AppState:
@@ -125,7 +128,7 @@ class AppState:
         deadline = time.monotonic() + RESTART_TIMEOUT_S
         while True:
             try:
-                view = await asyncio.to_thread(self._load_engine)
+                view = await self._load_abandonably()
                 break
             except Exception as exc:  # the core not yet restarted, or still loading
                 if time.monotonic() > deadline:
@@ -137,6 +140,28 @@ class AppState:
         self.admission, self.view, self.status, self.error = view.admission, view, "ready", None
         self.num_restarts += 1
         log.info("the engine is back (restart %d)", self.num_restarts)
+
+    async def _load_abandonably(self) -> EngineView:
+        """_load_engine in a daemon thread that a stop does not wait for. Decision: a front end's connection to a
+        restarted core waits until that core has loaded its model, and the serving process stops the core only
+        after its front ends have exited; joined at exit (as asyncio.to_thread's threads are), it held SIGTERM up
+        for as long as the new core took to load. A view that arrives after the stop is closed, not leaked."""
+        loading: concurrent.futures.Future[EngineView] = concurrent.futures.Future()
+
+        def load() -> None:
+            try:
+                loading.set_result(self._load_engine())
+            except BaseException as exc:  # delivered to the awaiting task
+                loading.set_exception(exc)
+
+        threading.Thread(target=load, name="engine-reconnect", daemon=True).start()
+        try:
+            while not loading.done():
+                await asyncio.sleep(RECONNECT_POLL_S)
+        except asyncio.CancelledError:
+            loading.add_done_callback(_close_late_view)
+            raise
+        return loading.result()
 
     def _load_engine(self) -> EngineView:
         view = EngineView(self._engine_factory())
@@ -336,3 +361,8 @@ class AppState:
         if self.view is None:
             return EngineGauges(num_requests_waiting=self.num_queued)
         return self.view.gauges(self.num_running, self.num_queued)
+
+
+def _close_late_view(loading: concurrent.futures.Future[EngineView]) -> None:
+    if loading.exception() is None:
+        loading.result().close()

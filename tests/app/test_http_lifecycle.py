@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import openai
 import pytest
 
 from pie_server.app.config import ServerConfig
 from pie_server.app.server import create_app
+from pie_server.app.state import AppState
 from tests.app import raw_http
 from tests.app.conftest import client_for
 from tests.app.fake_engine import REPLY, FakeEngine
@@ -197,3 +201,78 @@ def test_an_error_mid_stream_is_an_sse_data_line(make_fake_server) -> None:
     status, body, _ = raw_http.request(server.url + "/v1/chat/completions", "POST",
                                        {"messages": MESSAGES, "max_tokens": 10})
     assert status == 500 and "executor failed" in body["error"]["message"]
+
+
+_RESTART_THAT_NEVER_CONNECTS = """
+import asyncio, sys, threading
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from pie_server.app.config import ServerConfig
+from pie_server.app.state import AppState
+from tests.app.fake_engine import FakeEngine
+
+class FrontEngine(FakeEngine):  # a front end's engine: restartable, and it can die
+    can_restart, is_alive = True, True
+
+    def alive(self) -> bool:
+        return self.is_alive
+
+engines = []
+
+def factory():
+    if engines:  # the restarted engine core is still loading its model: no answer yet
+        threading.Event().wait()
+    engines.append(FrontEngine())
+    return engines[-1]
+
+async def main():
+    state = AppState(factory, ServerConfig(inferlet_wasm=sys.argv[1], inferlet_dir=Path(sys.argv[3])))
+    await state.start()
+    await state.wait_ready()
+    engines[0].is_alive = False
+    while state.status != "restarting":
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(state.stop(), 5)
+
+asyncio.run(main())
+print("stopped", flush=True)
+"""
+
+
+def test_a_front_end_exits_while_its_restart_waits_for_the_engine_core(dummy_wasm, tmp_path) -> None:
+    """SIGTERM during a restart: the serving process stops the restarted engine core only after its front ends
+    have exited, so a front end must not wait (not even at interpreter exit) for its connection to that core,
+    which comes only once the core has loaded its model. CI once saw `pie serve` take over 20 s to stop so."""
+    repo_root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-c", _RESTART_THAT_NEVER_CONNECTS, str(dummy_wasm), str(repo_root), str(tmp_path)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the process did not exit within 30 s after its state stopped") from None
+    assert done.returncode == 0 and "stopped" in done.stdout, done.stderr
+
+
+def test_an_engine_that_connects_after_the_stop_is_closed(dummy_wasm, tmp_path) -> None:
+    release = threading.Event()
+    engines: list[FakeEngine] = []
+
+    def factory() -> FakeEngine:
+        if engines:
+            release.wait(10)
+        engine = FakeEngine()
+        engine.can_restart = True  # type: ignore[attr-defined]
+        engine.alive = lambda: engine is not engines[0]  # type: ignore[method-assign]
+        engines.append(engine)
+        return engine
+
+    async def scenario() -> None:
+        state = AppState(factory, ServerConfig(inferlet_wasm=dummy_wasm, inferlet_dir=tmp_path))
+        await state.start()
+        await state.wait_ready()  # the first engine is dead at once: the watcher restarts it
+        while state.status != "restarting":
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(state.stop(), 5)
+
+    asyncio.run(scenario())
+    release.set()
+    assert wait_until(lambda: len(engines) == 2 and engines[1].closed), "the late engine was left open"
