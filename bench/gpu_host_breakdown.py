@@ -83,13 +83,7 @@ def patched(timers: Timers, executor: Executor) -> Iterator[None]:
 
 def _ready_sequences(gen: DirectGenerator, batch: int, context: int, vocab_size: int) -> list:
     """Sequences with context - 1 cached slots and one token to feed (no prefill)."""
-    seqs = []
-    for b in range(batch):
-        seq = gen.start([(b * 7919 + i) % vocab_size for i in range(context)])
-        gen._reserve(seq, context)
-        seq.num_cached = context - 1
-        seqs.append(seq)
-    return seqs
+    return [gen.start_cached([(b * 7919 + i) % vocab_size for i in range(context)]) for b in range(batch)]
 
 
 def measure(executor: Executor, batch: int, context: int, steps: int, runs: int = 3) -> dict[str, Any]:

@@ -37,6 +37,14 @@ class DirectGenerator:
     def start(self, prompt_ids: Sequence[int]) -> DirectSequence:
         return DirectSequence(token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids))
 
+    def start_cached(self, prompt_ids: Sequence[int]) -> DirectSequence:
+        """A sequence whose prompt, but its last token, counts as cached: its pages are reserved and left
+        holding whatever they hold (speed measurements that must not prefill; its outputs mean nothing)."""
+        seq = self.start(prompt_ids)
+        self._reserve(seq, len(seq.token_ids))
+        seq.num_cached = len(seq.token_ids) - 1
+        return seq
+
     def step(self, seqs: Sequence[DirectSequence], sampling: SamplingParams,
              max_tokens_per_seq: int | None = None) -> list[int | None]:
         """One executor call: feed each sequence's uncached tokens (up to max_tokens_per_seq); sample the next

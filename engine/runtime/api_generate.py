@@ -7,12 +7,13 @@ Sequence layout invariant: `pages` hold `context_len` tokens (the last page hold
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from pie_server.engine.control.api import KV_EVICTED, ControlError, VirtualForward, call_later
 from pie_server.engine.control.decoding import END_STOP, DecodeRequest, DecodeStream, wait_any
@@ -104,8 +105,8 @@ def _sequence(request: dict[str, Any], host: Host, options: dict[str, Any] = DEF
     grammar_spec = None
     if request["constraint"] is not None and request["constraint"][0] != "allowed-tokens":
         grammar_spec = GrammarSpec(*request["constraint"])
-        # compiled (or found compiled) here: a bad grammar fails the call at once
-        _grammar(grammar_spec, host, matcher=False)
+        with _grammar_errors():  # compiled (or found compiled) here: a bad grammar fails the call at once
+            host.grammars.get().check(grammar_spec)  # type: ignore[union-attr]
     elif request["constraint"] is not None:
         _, allowed = request["constraint"]
         expect(len(allowed) > 0, "allowed-tokens must not be empty")
@@ -127,11 +128,11 @@ def _sequence(request: dict[str, Any], host: Host, options: dict[str, Any] = DEF
                     penalized=params.is_penalized, grammar_spec=grammar_spec)
 
 
-def _grammar(spec: GrammarSpec, host: Host, matcher: bool = True) -> GrammarMatcher | None:
-    """A matcher for spec (matcher=False: only compiles it, into the cache); a bad grammar is the guest's error."""
-    compiler = host.grammars.get()  # type: ignore[union-attr]
+@contextlib.contextmanager
+def _grammar_errors() -> Iterator[None]:
+    """A grammar that does not compile is the guest's error."""
     try:
-        return compiler.matcher(spec) if matcher else compiler.check(spec)
+        yield
     except GrammarError as error:
         raise GuestError(str(error)) from None
 
@@ -239,7 +240,8 @@ def run_sequences(host: Host, inst: InstanceState, seqs: list[Sequence]) -> Host
     else:
         for seq in seqs:
             if seq.grammar_spec is not None:
-                seq.grammar = _grammar(seq.grammar_spec, host)
+                with _grammar_errors():
+                    seq.grammar = host.grammars.get().matcher(seq.grammar_spec)  # type: ignore[union-attr]
         yield from _forward_per_token(host, inst, seqs)
     _release(host, inst, seqs)
     return [_result(s) for s in seqs]

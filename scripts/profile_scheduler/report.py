@@ -27,7 +27,7 @@ def main() -> None:
               f"callbacks in polls {delta['step_callbacks'][1] / tasks * 1e3:.1f} ms, guest ~{guest / tasks * 1e3:.1f} ms")
         if show_all:
             for key, (n, s) in sorted(delta.items(), key=lambda item: -item[1][1]):
-                if n and key.startswith(("cb:", "lean_run:")):
+                if n and key.startswith(("cb:", "lean_run:", "guest>")):
                     print(f"  {key:<40} {n / tasks:6.1f} per task  {s / tasks * 1e3:7.2f} ms  {s / n * 1e6:7.1f} us each")
 
 

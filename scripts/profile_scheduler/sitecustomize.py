@@ -25,7 +25,9 @@ if os.environ.get("PIE_PROF"):
     from pie_server.engine.runtime import hostcalls
 
     stats = collections.defaultdict(lambda: [0, 0.0])
-    state = {"callbacks_s": 0.0, "name": "?"}
+    # last: when the guest last got control back in this poll (poll start or a callback's return); the guest's
+    # time up to the next callback is counted under "guest>NAME" (the segment that ends calling NAME)
+    state = {"callbacks_s": 0.0, "name": "?", "last": 0.0}
 
     def _count(key, seconds, n=1):
         entry = stats[key]
@@ -39,10 +41,12 @@ if os.environ.get("PIE_PROF"):
 
         def timed(*args):
             started = time.perf_counter()
+            _count("guest>" + name, started - state["last"])
             try:
                 return callback(*args)
             finally:
-                elapsed = time.perf_counter() - started
+                state["last"] = ended = time.perf_counter()
+                elapsed = ended - started
                 state["callbacks_s"] += elapsed
                 _count("cb:" + name, elapsed)
         return real_callback_type(timed)
@@ -76,8 +80,9 @@ if os.environ.get("PIE_PROF"):
     def _step(self, inst):
         callbacks_before = state["callbacks_s"]
         usage_before = resource.getrusage(resource.RUSAGE_THREAD)
-        started = time.perf_counter()
+        state["last"] = started = time.perf_counter()
         real_step(self, inst)
+        _count("guest>(poll end)", time.perf_counter() - state["last"])
         elapsed = time.perf_counter() - started
         usage = resource.getrusage(resource.RUSAGE_THREAD)
         _count("step_total", elapsed)
