@@ -9,7 +9,8 @@ engine/runtime/scheduler.py and breaks when they change).
 Per process it appends a JSON line of cumulative counters to PREFIX.<pid> every 0.5 s: each host callback by
 name (count, wall s), the polls (`step_total` wall s, `step_cpu` the thread's CPU s, `step_faults` its minor
 page faults, `step_callbacks` wall s of callbacks inside polls), lean impls run after polls, `add` (instance
-starts) and `wait` (idle). Guest time ~ step_total - step_callbacks - lean runs.
+starts) and `wait` (idle). Guest time ~ step_total - step_callbacks - lean runs; `guest>NAME` splits it by
+the host call that ends each stretch (`guest>(poll end)`: from the last callback to the poll's return).
 """
 import os
 
