@@ -13,6 +13,7 @@ the device, so the next step can be submitted before this one's tokens reach the
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -78,6 +79,14 @@ class SamplingParams:
     def is_penalized(self) -> bool:
         """A penalty reads the tokens so far (output_token_ids, and for repetition prompt_token_ids too)."""
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @functools.cached_property
+    def is_plain_greedy(self) -> bool:
+        """Argmax of the raw logits is the whole answer: no penalties, bias, mask or logprobs. Cached (in the
+        instance's __dict__, outside the fields): the sampler asks it of every output row of every step, and a
+        decode's rows share one SamplingParams from step to step."""
+        return self.is_greedy and self.num_logprobs is None and not self.is_penalized and not self.logit_bias \
+            and self.allowed_token_ids is None and self.allowed_token_mask is None
 
 
 @dataclass(frozen=True)

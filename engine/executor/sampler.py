@@ -90,20 +90,6 @@ def _params(spec: OutputSpec) -> SamplingParams:
     return spec.sampling
 
 
-def _is_plain_greedy(spec: OutputSpec) -> bool:
-    """Argmax of the raw logits is the whole answer: no penalties, bias, mask or logprobs."""
-    p = spec.sampling
-    return (
-        p is not None
-        and p.is_greedy
-        and p.num_logprobs is None
-        and not p.is_penalized
-        and not p.logit_bias
-        and p.allowed_token_ids is None
-        and p.allowed_token_mask is None
-    )
-
-
 def _check_inputs(logits: torch.Tensor, specs: Sequence[OutputSpec]) -> None:
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point [N, V] tensor, got {logits.dtype} {tuple(logits.shape)}")
@@ -162,7 +148,7 @@ class Sampler:
     def launch(self, logits: torch.Tensor, specs: Sequence[OutputSpec]) -> SampledOutputs:
         """Enqueues sampling of logits [N, V] (row i answers specs[i]); ValueError on bad input."""
         _check_inputs(logits, specs)
-        if all(_is_plain_greedy(s) for s in specs):  # (also the empty batch)
+        if all(s.sampling is not None and s.sampling.is_plain_greedy for s in specs):  # (also the empty batch)
             tokens = argmax_rows(logits)
             return SampledOutputs(tokens, tokens, lambda ids: [OutputResult(token_id=t) for t in ids])
         plan = _Plan.build(specs)
