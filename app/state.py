@@ -155,7 +155,7 @@ class AppState:
                 loading.set_exception(exc)
 
         threading.Thread(target=load, name="engine-reconnect", daemon=True).start()
-        try:
+        try:  # polled rather than wrapped (asyncio.wrap_future): the thread may finish after this loop has closed
             while not loading.done():
                 await asyncio.sleep(RECONNECT_POLL_S)
         except asyncio.CancelledError:

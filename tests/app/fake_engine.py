@@ -184,3 +184,17 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+class RestartableEngine(FakeEngine):
+    """A front end's engine as AppState sees it: one that can die (is_alive = False) and be replaced by a new one
+    from the same factory (app/state.py `_watch`)."""
+
+    can_restart = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.is_alive = True
+
+    def alive(self) -> bool:
+        return self.is_alive

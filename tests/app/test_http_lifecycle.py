@@ -16,7 +16,7 @@ from pie_server.app.server import create_app
 from pie_server.app.state import AppState
 from tests.app import raw_http
 from tests.app.conftest import client_for
-from tests.app.fake_engine import REPLY, FakeEngine
+from tests.app.fake_engine import REPLY, FakeEngine, RestartableEngine
 from tests.app.server_thread import ServerThread
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -209,20 +209,14 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from pie_server.app.config import ServerConfig
 from pie_server.app.state import AppState
-from tests.app.fake_engine import FakeEngine
-
-class FrontEngine(FakeEngine):  # a front end's engine: restartable, and it can die
-    can_restart, is_alive = True, True
-
-    def alive(self) -> bool:
-        return self.is_alive
+from tests.app.fake_engine import RestartableEngine
 
 engines = []
 
 def factory():
     if engines:  # the restarted engine core is still loading its model: no answer yet
         threading.Event().wait()
-    engines.append(FrontEngine())
+    engines.append(RestartableEngine())
     return engines[-1]
 
 async def main():
@@ -254,21 +248,19 @@ def test_a_front_end_exits_while_its_restart_waits_for_the_engine_core(dummy_was
 
 def test_an_engine_that_connects_after_the_stop_is_closed(dummy_wasm, tmp_path) -> None:
     release = threading.Event()
-    engines: list[FakeEngine] = []
+    engines: list[RestartableEngine] = []
 
-    def factory() -> FakeEngine:
+    def factory() -> RestartableEngine:
         if engines:
             release.wait(10)
-        engine = FakeEngine()
-        engine.can_restart = True  # type: ignore[attr-defined]
-        engine.alive = lambda: engine is not engines[0]  # type: ignore[method-assign]
-        engines.append(engine)
-        return engine
+        engines.append(RestartableEngine())
+        return engines[-1]
 
     async def scenario() -> None:
         state = AppState(factory, ServerConfig(inferlet_wasm=dummy_wasm, inferlet_dir=tmp_path))
         await state.start()
-        await state.wait_ready()  # the first engine is dead at once: the watcher restarts it
+        await state.wait_ready()
+        engines[0].is_alive = False  # the watcher restarts it
         while state.status != "restarting":
             await asyncio.sleep(0.01)
         await asyncio.wait_for(state.stop(), 5)
