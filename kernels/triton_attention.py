@@ -15,13 +15,15 @@ stays valid. Padding rows (copies of row 0, see engine/executor/cuda_graphs.py) 
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from pie_server.kernels import decode_triton
 from pie_server.kernels.attention import AttentionBackend, AttentionStep, RopeFn
 from pie_server.kernels.flashinfer_attention import AttentionShape, append_kv, build_host_metadata
-from pie_server.kernels.transfer import pinned
+from pie_server.kernels.transfer import PinnedStaging
 
 # Buckets up to this size use these kernels (measured on the H100: bench/gpu_decode.py --probe-attention);
 # larger batches fill the GPU without splitting and go to FlashInfer.
@@ -30,6 +32,12 @@ MAX_BATCH_SIZE = 8
 
 def is_available() -> bool:
     return decode_triton.triton is not None and torch.cuda.is_available()
+
+
+def max_batch_size() -> int:
+    """The largest graph bucket these kernels serve: MAX_BATCH_SIZE, or PIE_TRITON_DECODE_MAX_BATCH (A/B
+    benchmarks: their plan is host work that FlashInfer's larger buckets pay more of, bench/gpu_host_breakdown.py)."""
+    return int(os.environ.get("PIE_TRITON_DECODE_MAX_BATCH", MAX_BATCH_SIZE))
 
 
 class TritonDecodeAttention(AttentionBackend):
@@ -56,6 +64,7 @@ class TritonDecodeAttention(AttentionBackend):
         self._page_ids = self._int32[2 * batch_size + 1:]
         self._write_index, self._source_rows = self._int64[:2 * batch_size], self._int64[2 * batch_size:]
         self._planned = False
+        self._staging = PinnedStaging(self.device)
 
     def plan(self, step: AttentionStep) -> None:
         meta = build_host_metadata(step)
@@ -64,11 +73,12 @@ class TritonDecodeAttention(AttentionBackend):
         num_pages = len(meta.kv_page_ids)
         if num_pages > self.max_pages:
             raise ValueError(f"the step uses {num_pages} pages, more than this backend's {self.max_pages}")
-        host32 = np.concatenate([meta.kv_page_indptr, meta.kv_last_page_lens, meta.kv_page_ids]).astype(np.int32)
-        host64 = np.concatenate([meta.write_index, meta.source_rows]).astype(np.int64)
+        host32, host64 = self._staging.stage(
+            np.concatenate([meta.kv_page_indptr, meta.kv_last_page_lens, meta.kv_page_ids]).astype(np.int32),
+            np.concatenate([meta.write_index, meta.source_rows]).astype(np.int64))
         # In place: a captured graph reads these very buffers. Page ids past this step's are never read.
-        self._int32[:len(host32)].copy_(pinned(host32, self.device), non_blocking=True)
-        self._int64.copy_(pinned(host64, self.device), non_blocking=True)
+        self._int32[:len(host32)].copy_(host32, non_blocking=True)
+        self._int64.copy_(host64, non_blocking=True)
         self._planned = True
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:

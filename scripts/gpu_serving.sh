@@ -16,6 +16,9 @@
 #   bash scripts/gpu_serving.sh tp                    # tensor parallelism vs TP=1 (pytest -m gpu, needs 2+ GPUs)
 #   bash scripts/gpu_serving.sh tp-bench ARGS...      # python -m bench.tp_decode ARGS (consumes the rest)
 #   bash scripts/gpu_serving.sh gpu-tests             # the whole pytest -m gpu
+#   bash scripts/gpu_serving.sh breakdown SHAPE TAG   # python -m bench.gpu_host_breakdown: $OUT/breakdown_SHAPE_TAG.txt
+#   bash scripts/gpu_serving.sh base-breakdown SHAPE TAG # the same over .base/ (carried: `git archive REV engine
+#                                                     # kernels bench app inferlets/__init__.py | tar -x -C .base`)
 #   SHAPE: smollm2-135m or llama-3.1-8b. Several commands chain: `... setup pie smollm2-135m 1 pie llama-3.1-8b 1`
 #
 # `bash scripts/gpu_prepare.sh` builds both carried folders on the CPU machine. The first call carries .whl/
@@ -59,6 +62,15 @@ make_models() {
     [ -f $M/$shape/model.safetensors ] || python3 bench/make_random_model.py $M/$shape --device cuda > /dev/null
   done
   ls -la $M/*/model.safetensors
+}
+
+breakdown() {  # shape tag tree: bench.gpu_host_breakdown of that tree's code, env as given to this script
+  (cd "$3" && timeout 300 python3 -m bench.gpu_host_breakdown --shape "$1" --batches 16 64 2>&1 | tail -22 \
+    | tee "$OUT/breakdown_$1_$2.txt")
+}
+
+base_site() {  # /tmp/sitebase/pie_server: the carried .base/ tree (an older commit's code) for A/B runs
+  mkdir -p /tmp/sitebase/pie_server && for d in app engine kernels inferlets; do ln -sfn "$ROOT/.base/$d" /tmp/sitebase/pie_server/$d; done
 }
 
 requests_high() { [ "$1" = smollm2-135m ] && echo 512 || echo 256; }
@@ -167,6 +179,8 @@ while [ $# -gt 0 ]; do
     tp-bench) shift; timeout 560 python3 -m bench.tp_decode "$@" 2>&1 | tee -a "$OUT/tp_bench.log"
               cp bench/results/tp_decode.json "$OUT/" 2>/dev/null; shift $# ;;
     # test_schemathesis.py imports schemathesis, which is not carried (it has no GPU tests)
+    breakdown) breakdown "$2" "$3" "$ROOT"; shift 3 ;;
+    base-breakdown) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH breakdown "$2" "base_$3" "$ROOT/.base"; shift 3 ;;
     gpu-tests) timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rs --ignore=tests/app/test_schemathesis.py \
                  tests 2>&1 | tail -25 \
                  | tee "$OUT/gpu_tests.log"; shift ;;

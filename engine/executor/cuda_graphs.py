@@ -29,7 +29,7 @@ from pie_server.kernels import triton_attention
 from pie_server.kernels.attention import AttentionBackend, AttentionStep
 from pie_server.kernels.flashinfer_attention import WORKSPACE_BYTES, AttentionShape, FlashInferAttention
 from pie_server.kernels.triton_attention import TritonDecodeAttention
-from pie_server.kernels.transfer import pinned
+from pie_server.kernels.transfer import PinnedStaging
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
@@ -88,6 +88,7 @@ class CudaGraphDecoder:
         self._page_ids = torch.zeros(config.max_pages_per_step, dtype=torch.int32, device=device)
         max_size = config.sizes[-1]
         self._inputs = torch.zeros(2, max_size, dtype=torch.long, device=device)  # token ids; positions
+        self._staging = PinnedStaging(torch.device(device))
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[int, _Graph] = {}
         self.num_replays = 0
@@ -128,8 +129,7 @@ class CudaGraphDecoder:
         entry = self._graphs[size]
         entry.attention.plan(self._padded(step, size))
         pad = np.zeros(size - num_seqs, np.int64)
-        inputs = pinned(np.concatenate([token_ids, pad + token_ids[0], positions, pad + positions[0]]),
-                        self.model.device)
+        inputs, = self._staging.stage(np.concatenate([token_ids, pad + token_ids[0], positions, pad + positions[0]]))
         self._inputs[:, :size].copy_(inputs.view(2, size), non_blocking=True)
         if fed is not None:
             self._inputs[0].index_copy_(0, *fed)
@@ -156,7 +156,7 @@ class CudaGraphDecoder:
         return _Graph(graph, attention, hidden)
 
     def _attention_for(self, size: int) -> AttentionBackend:
-        if self.config.fused and size <= triton_attention.MAX_BATCH_SIZE and triton_attention.is_available():
+        if self.config.fused and size <= triton_attention.max_batch_size() and triton_attention.is_available():
             return TritonDecodeAttention(self.model.device, self.shape, size, self.config.max_pages_per_step)
         # FlashInfer buckets share the workspace and the page-id buffer: only one of them runs at a time.
         return FlashInferAttention(self.model.device, self.shape, workspace=self._workspace,
