@@ -17,8 +17,9 @@
 #   bash scripts/gpu_serving.sh tp-bench ARGS...      # python -m bench.tp_decode ARGS (consumes the rest)
 #   bash scripts/gpu_serving.sh gpu-tests             # the whole pytest -m gpu
 #   bash scripts/gpu_serving.sh breakdown SHAPE TAG   # python -m bench.gpu_host_breakdown: $OUT/breakdown_SHAPE_TAG.txt
-#   bash scripts/gpu_serving.sh base-breakdown SHAPE TAG # the same over .base/ (carried: `git archive REV engine
-#                                                     # kernels bench app inferlets/__init__.py | tar -x -C .base`)
+#   bash scripts/gpu_serving.sh base-breakdown SHAPE TAG # the same over an older commit's code, carried as .base/tree.tgz
+#                                                     # (`git archive --format=tar.gz REV engine kernels bench app
+#                                                     # inferlets/__init__.py > .base/tree.tgz`), kept in /tmp/base
 #   SHAPE: smollm2-135m or llama-3.1-8b. Several commands chain: `... setup pie smollm2-135m 1 pie llama-3.1-8b 1`
 #
 # `bash scripts/gpu_prepare.sh` builds both carried folders on the CPU machine. The first call carries .whl/
@@ -69,8 +70,9 @@ breakdown() {  # shape tag tree: bench.gpu_host_breakdown of that tree's code, e
     | tee "$OUT/breakdown_$1_$2.txt")
 }
 
-base_site() {  # /tmp/sitebase/pie_server: the carried .base/ tree (an older commit's code) for A/B runs
-  mkdir -p /tmp/sitebase/pie_server && for d in app engine kernels inferlets; do ln -sfn "$ROOT/.base/$d" /tmp/sitebase/pie_server/$d; done
+base_site() {  # /tmp/sitebase/pie_server: the carried .base/tree.tgz (an older commit's code) for A/B runs
+  [ -f "$ROOT/.base/tree.tgz" ] && rm -rf /tmp/base && mkdir -p /tmp/base && tar -xzf "$ROOT/.base/tree.tgz" -C /tmp/base
+  mkdir -p /tmp/sitebase/pie_server && for d in app engine kernels inferlets; do ln -sfn /tmp/base/$d /tmp/sitebase/pie_server/$d; done
 }
 
 requests_high() { [ "$1" = smollm2-135m ] && echo 512 || echo 256; }
@@ -180,7 +182,7 @@ while [ $# -gt 0 ]; do
               cp bench/results/tp_decode.json "$OUT/" 2>/dev/null; shift $# ;;
     # test_schemathesis.py imports schemathesis, which is not carried (it has no GPU tests)
     breakdown) breakdown "$2" "$3" "$ROOT"; shift 3 ;;
-    base-breakdown) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH breakdown "$2" "base_$3" "$ROOT/.base"; shift 3 ;;
+    base-breakdown) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH breakdown "$2" "base_$3" /tmp/base; shift 3 ;;
     gpu-tests) timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rs --ignore=tests/app/test_schemathesis.py \
                  tests 2>&1 | tail -25 \
                  | tee "$OUT/gpu_tests.log"; shift ;;
