@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu_serving.sh setup                 # first call: wheels, model folders (random bf16), a gpu test
 #   bash scripts/gpu_serving.sh pie SHAPE [N]         # pie serve --api-processes N (default 1)
+#   bash scripts/gpu_serving.sh base-pie SHAPE N      # the same over .base/tree.tgz's code (see base-breakdown)
 #   bash scripts/gpu_serving.sh models                # only the model folders
 #   bash scripts/gpu_serving.sh tax SHAPE [N]         # bench/programmability_tax.py --api-processes N (default 0)
 #   bash scripts/gpu_serving.sh agentic SHAPE ARGS... # python -m bench.agentic on SHAPE (consumes the rest; ARGS
@@ -19,7 +20,7 @@
 #   bash scripts/gpu_serving.sh breakdown SHAPE TAG   # python -m bench.gpu_host_breakdown: $OUT/breakdown_SHAPE_TAG.txt
 #   bash scripts/gpu_serving.sh base-breakdown SHAPE TAG # the same over an older commit's code, carried as .base/tree.tgz
 #                                                     # (`git archive --format=tar.gz REV engine kernels bench app
-#                                                     # inferlets/__init__.py > .base/tree.tgz`), kept in /tmp/base
+#                                                     # inferlets ':!bench/results' > .base/tree.tgz`), kept in /tmp/base
 #   SHAPE: smollm2-135m or llama-3.1-8b. Several commands chain: `... setup pie smollm2-135m 1 pie llama-3.1-8b 1`
 #
 # `bash scripts/gpu_prepare.sh` builds both carried folders on the CPU machine. The first call carries .whl/
@@ -94,14 +95,14 @@ load() {  # url name tag; LOAD_ARGS: more bench/http_load.py options, LOAD_TAG: 
     --requests-per-level "$(requests_high "$2")" --max-tokens 128 --json "$OUT/$3${LOAD_TAG:-}_hi.json" ${LOAD_ARGS:-} | tail -2
 }
 
-pie_http() {  # shape api_processes
-  local port=8000
+pie_http() {  # shape api_processes; PIE_TAG names the results (pie_base for base-pie)
+  local port=8000 tag=${PIE_TAG:-pie}
   python3 -m pie_server.app.cli serve --model $M/$1 --device cuda --port $port --served-model-name "$1" \
-    --default-inferlet "$WASM" --log-level warning --api-processes "$2" > "$OUT/serve_pie_$1_ap$2.log" 2>&1 &
+    --default-inferlet "$WASM" --log-level warning --api-processes "$2" > "$OUT/serve_${tag}_$1_ap$2.log" 2>&1 &
   local pid=$!
-  wait_health $port $pid || { tail -30 "$OUT/serve_pie_$1_ap$2.log"; return 1; }
-  stamp "pie $1 api-processes $2 ready"
-  load "http://127.0.0.1:$port" "$1" "pie_$1_ap$2"
+  wait_health $port $pid || { tail -30 "$OUT/serve_${tag}_$1_ap$2.log"; return 1; }
+  stamp "$tag $1 api-processes $2 ready"
+  load "http://127.0.0.1:$port" "$1" "${tag}_$1_ap$2"
   kill $pid; wait $pid 2>/dev/null
   sleep 2
 }
@@ -168,6 +169,7 @@ while [ $# -gt 0 ]; do
            timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/control/test_pipeline_gpu.py 2>&1 | tail -3
            shift ;;
     pie) pie_http "$2" "${3:-1}"; shift 3 ;;
+    base-pie) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH PIE_TAG=pie_base pie_http "$2" "${3:-1}"; shift 3 ;;
     models) make_models; shift ;;
     tax) tax "$2" "${3:-0}"; shift 3 ;;
     profile) if [[ ${5:-} =~ ^[0-9]+$ ]]; then profile "$2" "$3" "$4" "$5"; shift 5
