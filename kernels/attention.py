@@ -82,10 +82,10 @@ class AttentionBackend(ABC):
         default): forward() and rope_and_forward() append."""
         return None
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Attention alone, the step's K/V already written by the caller: the fused one-row forward (where
         kv_write_index() is not None) and piecewise graphs (engine/executor/piecewise_graphs.py), which write
-        it at the step's slot_ids."""
+        it at the step's slot_ids. out: [T, Hq, D] in q's dtype to write the result into (returned)."""
         raise NotImplementedError(f"{type(self).__name__} appends K/V itself: use forward()")
 
 
@@ -135,7 +135,7 @@ class TorchAttention(AttentionBackend):
         kv_cache[self._write_page, 1, self._write_offset] = v.to(kv_cache.dtype)
         return self.attend(q, kv_cache)
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Attention over K/V already written (forward() writes it; piecewise graphs write it themselves)."""
         num_seqs, max_q, max_pages = self._shape
         num_heads, head_dim = q.shape[1], q.shape[2]
@@ -151,7 +151,8 @@ class TorchAttention(AttentionBackend):
             q_padded = q.new_zeros(num_seqs * max_q, num_heads, head_dim)
             q_padded[self._row_idx] = q
             q_padded = q_padded.view(num_seqs, max_q, num_heads, head_dim)
-        out = F.scaled_dot_product_attention(q_padded.transpose(1, 2), kv[0].to(q.dtype), kv[1].to(q.dtype),
-                                             attn_mask=self._attn_mask, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)
-        return out if self._is_packed else out[self._row_idx]
+        result = F.scaled_dot_product_attention(q_padded.transpose(1, 2), kv[0].to(q.dtype), kv[1].to(q.dtype),
+                                                attn_mask=self._attn_mask, enable_gqa=True)
+        result = result.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)
+        result = result if self._is_packed else result[self._row_idx]
+        return result if out is None else out.copy_(result)

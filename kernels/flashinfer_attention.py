@@ -260,14 +260,16 @@ class FlashInferAttention(AttentionBackend):
         append_kv(kv_cache, k, v, self._write_index, self._source_rows if self.graph_batch_size else None)
         return self._run(q, kv_cache)
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-        """Attention over K/V the caller wrote at the step's slots (piecewise graphs); q [T, Hq, D]."""
-        self._check_planned(q, kv_cache[0, 0])
-        return self._run(q, kv_cache)
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over K/V the caller wrote at the step's slots (piecewise graphs, once per layer: no
+        per-call checks once planned); q [T, Hq, D]."""
+        if self._planned_for is None:
+            self._check_planned(q, kv_cache[0, 0])
+        return self._run(q, kv_cache, out)
 
-    def _run(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    def _run(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         wrapper = self._decode if self._is_decode else self._prefill
-        return wrapper.run(q, kv_cache)
+        return wrapper.run(q, kv_cache, out=out)
 
     def _check_planned(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """k: [*, Hkv, D] (the step's keys, or a page's)."""

@@ -97,9 +97,9 @@ class TritonDecodeAttention(AttentionBackend):
         """At batch 1 (no padding rows) the model may write the token's K/V itself (in the qkv projection)."""
         return self._write_index if self.batch_size == 1 and self._planned else None
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check_planned(q)
-        return self._attend(q, kv_cache)
+        return self._attend(q, kv_cache, out)
 
     def _check_planned(self, q: torch.Tensor) -> None:
         if not self._planned:
@@ -107,6 +107,6 @@ class TritonDecodeAttention(AttentionBackend):
         if q.shape[0] != self.batch_size:
             raise ValueError(f"q has {q.shape[0]} rows, this backend's steps have {self.batch_size}")
 
-    def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return decode_triton.decode_attention(q, kv_cache, self._indptr, self._page_ids, self._last_lens,
-                                              self.num_splits)
+                                              self.num_splits, out)

@@ -161,9 +161,10 @@ class PiecewiseGraphs:
         if fed is not None:
             self._inputs.index_copy_(0, *fed)  # token ids come first
         pieces, q = self._pieces[size], self._q[:num_tokens]
+        attended = self._attended[:num_tokens].view(q.shape)  # [T, Hq, D]: the backend writes into it
         pieces[0]()
         for index, kv_cache in enumerate(self.kv_caches):
-            self._attended[:num_tokens].copy_(attention.attend(q, kv_cache).reshape(num_tokens, -1))
+            attention.attend(q, kv_cache, out=attended)
             pieces[index + 1]()
         self.num_replays += 1
         return self._hidden[:num_tokens]
