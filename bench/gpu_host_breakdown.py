@@ -24,14 +24,13 @@ import torch
 
 from bench.common_gpu import MODEL_SHAPES, format_table, graph_replay_s, save_result
 from pie_server.engine.config import EngineConfig
-from pie_server.engine.executor import executor as executor_module
+from pie_server.engine.executor import cuda_graphs, executor as executor_module
 from pie_server.engine.executor.direct import DirectGenerator
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.executor.pending import PendingStep
 from pie_server.engine.executor.sampler import Sampler
 from pie_server.engine.step import SamplingParams
 from pie_server.kernels import flashinfer_attention, triton_attention
-from pie_server.kernels.transfer import PinnedStaging
 
 GREEDY = SamplingParams()
 
@@ -63,7 +62,7 @@ def patched(timers: Timers, executor: Executor) -> Iterator[None]:
         (executor.model, "logits", "LM head"),
         (Sampler, "launch", "sampler launch"),
         (PendingStep, "result", "result (waits for the GPU)"),
-        (PinnedStaging, "stage", "pinned staging (every owner)"),
+        (cuda_graphs, "pinned", "graph inputs"),
         (flashinfer_attention, "build_host_metadata", "attention host metadata"),
         (triton_attention, "build_host_metadata", "attention host metadata"),
     ]

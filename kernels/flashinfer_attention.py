@@ -22,7 +22,7 @@ import torch
 
 from pie_server.kernels import decode_triton
 from pie_server.kernels.attention import AttentionBackend, AttentionStep, RopeFn
-from pie_server.kernels.transfer import PinnedStaging
+from pie_server.kernels.transfer import pinned, to_device
 
 # FlashInfer's CUDA norm kernels (one nvcc-compiled module, cacheable) rather than its CuTe-DSL ones.
 os.environ.setdefault("FLASHINFER_USE_CUDA_NORM", "1")
@@ -164,8 +164,6 @@ class FlashInferAttention(AttentionBackend):
         # Recorded after each plan's copies: FlashInfer stages its plan in a pinned host buffer that it copies
         # to the device asynchronously; the next plan must not overwrite it before that copy has run.
         self._plan_copied: torch.cuda.Event | None = None
-        self._staging = PinnedStaging(self.device)
-        self._plan_inputs: tuple[torch.Tensor, ...] = ()  # indptr, last page lens (host), page ids, qo_indptr
         if graph_batch_size is None:
             self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 workspace, "NHD", use_tensor_cores=decode_uses_tensor_cores(shape, graph_mode=False))
@@ -200,35 +198,28 @@ class FlashInferAttention(AttentionBackend):
 
     def plan(self, step: AttentionStep) -> None:
         meta = build_host_metadata(step)
-        graph_mode = self.graph_batch_size is not None
-        if graph_mode and (not meta.is_decode or step.num_seqs != self.graph_batch_size):
-            raise ValueError(f"this CUDA-graph backend runs decode steps of exactly "
-                             f"{self.graph_batch_size} sequences")
-        # One staging call per step: the kernels' plan reads the first five arrays on the host.
-        arrays = [meta.kv_page_indptr, meta.kv_last_page_lens, meta.kv_page_ids, meta.qo_indptr, meta.write_index]
-        if graph_mode:
-            arrays.append(meta.source_rows)
-        if meta.mask is not None:
-            arrays.append(meta.mask)
-        staged = self._staging.stage(*arrays)
-        if graph_mode:  # in place: a captured graph reads these very buffers
-            self._write_index.copy_(staged[4], non_blocking=True)
-            self._source_rows.copy_(staged[5], non_blocking=True)
+        if self.graph_batch_size is not None:
+            if not meta.is_decode or step.num_seqs != self.graph_batch_size:
+                raise ValueError(f"this CUDA-graph backend runs decode steps of exactly "
+                                 f"{self.graph_batch_size} sequences")
+            # In place: a captured graph reads these very buffers.
+            self._write_index.copy_(pinned(meta.write_index, self.device), non_blocking=True)
+            self._source_rows.copy_(pinned(meta.source_rows, self.device), non_blocking=True)
         else:
-            self._write_index = staged[4].to(self.device, non_blocking=True)
+            self._write_index = to_device(meta.write_index, self.device)
         self._is_decode = meta.is_decode
-        self._mask = None if meta.mask is None else staged[-1].to(self.device, non_blocking=True)
+        self._mask = None if meta.mask is None else to_device(meta.mask, self.device)
         self._step, self._planned_for = meta, None
-        # The page ids go to the device here: given a host tensor, FlashInfer's graph-mode plan copies them
-        # synchronously.
-        self._plan_inputs = (*staged[:2], staged[2].to(self.device, non_blocking=True), staged[3])
         if self.shape is not None:
             self._plan_kernels(self.shape)
 
     def _plan_kernels(self, shape: AttentionShape) -> None:
         meta = self._step
         assert meta is not None
-        indptr, last_lens, indices, qo_indptr = self._plan_inputs
+        # Host arrays FlashInfer reads while planning go pinned; the page ids (only copied) go to the device
+        # here, as a CPU tensor would make FlashInfer's graph-mode plan copy them synchronously.
+        indptr, last_lens = pinned(meta.kv_page_indptr, self.device), pinned(meta.kv_last_page_lens, self.device)
+        indices = to_device(meta.kv_page_ids, self.device)
         heads = (shape.num_qo_heads, shape.num_kv_heads, shape.head_dim)
         if self._plan_copied is None:
             self._plan_copied = torch.cuda.Event()
@@ -238,7 +229,7 @@ class FlashInferAttention(AttentionBackend):
             self._decode.plan(indptr, indices, last_lens, *heads, meta.page_size,
                               q_data_type=shape.dtype, kv_data_type=shape.dtype)
         else:
-            self._prefill.plan(qo_indptr, indptr, indices, last_lens, *heads,
+            self._prefill.plan(pinned(meta.qo_indptr, self.device), indptr, indices, last_lens, *heads,
                                meta.page_size, custom_mask=self._mask, causal=self._mask is None,
                                q_data_type=shape.dtype, kv_data_type=shape.dtype)
         self._plan_copied.record()

@@ -1,4 +1,4 @@
-"""Decode attention for CUDA graphs at small batches: Triton kernels (kernels/decode_triton.py) behind
+"""Decode attention for CUDA graphs up to 64 sequences (MAX_BATCH_SIZE): Triton kernels (kernels/decode_triton.py) behind
 kernels/attention.py's AttentionBackend.
 
 Why: at batch 1, FlashInfer's decode kernel spends ~19 us per Llama-3.1-8B layer on a 1024-token context
@@ -6,7 +6,8 @@ Why: at batch 1, FlashInfer's decode kernel spends ~19 us per Llama-3.1-8B layer
 kernel rotates q and k and writes K/V (rope_and_forward), and a split-KV kernel spreads each sequence's
 pages over enough programs to fill the GPU, then a second kernel merges the splits (a merge inside the split
 kernel measured slower: kernels/decode_triton.py). At batch 1 the model writes K/V itself in the qkv
-projection (kv_write_index).
+projection (kv_write_index). At 16-64 sequences its graphs ran faster than FlashInfer's, and its plan is two
+host-to-device copies where FlashInfer's decode plan also computes its work split on the host (MAX_BATCH_SIZE).
 
 Decode steps only, a fixed batch size (the graph's bucket): plan() writes the step's metadata into static
 device buffers in place (two asynchronous copies from pinned memory), so a graph captured around forward()
@@ -23,11 +24,14 @@ import torch
 from pie_server.kernels import decode_triton
 from pie_server.kernels.attention import AttentionBackend, AttentionStep, RopeFn
 from pie_server.kernels.flashinfer_attention import AttentionShape, append_kv, build_host_metadata
-from pie_server.kernels.transfer import PinnedStaging
+from pie_server.kernels.transfer import pinned
 
-# Buckets up to this size use these kernels (measured on the H100: bench/gpu_decode.py --probe-attention);
-# larger batches fill the GPU without splitting and go to FlashInfer.
-MAX_BATCH_SIZE = 8
+# Buckets up to this size use these kernels; larger ones go to FlashInfer. H100, 2026-12-05, bench/gpu_host_breakdown.py
+# (context 512, pipelined, same process and machine, 8 against 64): at batches 16 and 64 the graph's GPU time fell
+# 1.169 -> 1.075 and 1.569 -> 1.393 ms for SmolLM2 and 6.654 -> 6.578 and 8.449 -> 8.081 ms for Llama-3.1-8B, and
+# the host's plan 0.34-0.54 -> 0.17 ms (FlashInfer plans its split on the host). Buckets of 128 and 256 stay
+# with FlashInfer: not measured.
+MAX_BATCH_SIZE = 64
 
 
 def is_available() -> bool:
@@ -35,8 +39,8 @@ def is_available() -> bool:
 
 
 def max_batch_size() -> int:
-    """The largest graph bucket these kernels serve: MAX_BATCH_SIZE, or PIE_TRITON_DECODE_MAX_BATCH (A/B
-    benchmarks: their plan is host work that FlashInfer's larger buckets pay more of, bench/gpu_host_breakdown.py)."""
+    """The largest graph bucket these kernels serve: MAX_BATCH_SIZE, or PIE_TRITON_DECODE_MAX_BATCH (for A/B
+    benchmarks, e.g. bench/gpu_host_breakdown.py; 0: FlashInfer for every bucket)."""
     return int(os.environ.get("PIE_TRITON_DECODE_MAX_BATCH", MAX_BATCH_SIZE))
 
 
@@ -64,7 +68,6 @@ class TritonDecodeAttention(AttentionBackend):
         self._page_ids = self._int32[2 * batch_size + 1:]
         self._write_index, self._source_rows = self._int64[:2 * batch_size], self._int64[2 * batch_size:]
         self._planned = False
-        self._staging = PinnedStaging(self.device)
 
     def plan(self, step: AttentionStep) -> None:
         meta = build_host_metadata(step)
@@ -73,12 +76,11 @@ class TritonDecodeAttention(AttentionBackend):
         num_pages = len(meta.kv_page_ids)
         if num_pages > self.max_pages:
             raise ValueError(f"the step uses {num_pages} pages, more than this backend's {self.max_pages}")
-        host32, host64 = self._staging.stage(
-            np.concatenate([meta.kv_page_indptr, meta.kv_last_page_lens, meta.kv_page_ids]).astype(np.int32),
-            np.concatenate([meta.write_index, meta.source_rows]).astype(np.int64))
+        host32 = np.concatenate([meta.kv_page_indptr, meta.kv_last_page_lens, meta.kv_page_ids]).astype(np.int32)
+        host64 = np.concatenate([meta.write_index, meta.source_rows]).astype(np.int64)
         # In place: a captured graph reads these very buffers. Page ids past this step's are never read.
-        self._int32[:len(host32)].copy_(host32, non_blocking=True)
-        self._int64.copy_(host64, non_blocking=True)
+        self._int32[:len(host32)].copy_(pinned(host32, self.device), non_blocking=True)
+        self._int64.copy_(pinned(host64, self.device), non_blocking=True)
         self._planned = True
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:

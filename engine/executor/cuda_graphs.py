@@ -29,7 +29,7 @@ from pie_server.kernels import triton_attention
 from pie_server.kernels.attention import AttentionBackend, AttentionStep
 from pie_server.kernels.flashinfer_attention import WORKSPACE_BYTES, AttentionShape, FlashInferAttention
 from pie_server.kernels.triton_attention import TritonDecodeAttention
-from pie_server.kernels.transfer import PinnedStaging
+from pie_server.kernels.transfer import pinned
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
@@ -53,7 +53,7 @@ class GraphConfig:
     max_pages_per_step: int  # capacity of the static page-id buffer shared by all buckets
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
     # Fused kernels: Triton decode attention (RoPE + KV append in one kernel) for buckets up to
-    # triton_attention.MAX_BATCH_SIZE and the fused one-row forward at batch 1. Off: FlashInfer and the
+    # triton_attention.max_batch_size() and the fused one-row forward at batch 1. Off: FlashInfer and the
     # unfused kernels everywhere (for A/B benchmarks).
     fused: bool = True
 
@@ -88,7 +88,6 @@ class CudaGraphDecoder:
         self._page_ids = torch.zeros(config.max_pages_per_step, dtype=torch.int32, device=device)
         max_size = config.sizes[-1]
         self._inputs = torch.zeros(2, max_size, dtype=torch.long, device=device)  # token ids; positions
-        self._staging = PinnedStaging(torch.device(device))
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[int, _Graph] = {}
         self.num_replays = 0
@@ -129,7 +128,8 @@ class CudaGraphDecoder:
         entry = self._graphs[size]
         entry.attention.plan(self._padded(step, size))
         pad = np.zeros(size - num_seqs, np.int64)
-        inputs, = self._staging.stage(np.concatenate([token_ids, pad + token_ids[0], positions, pad + positions[0]]))
+        inputs = pinned(np.concatenate([token_ids, pad + token_ids[0], positions, pad + positions[0]]),
+                        self.model.device)
         self._inputs[:, :size].copy_(inputs.view(2, size), non_blocking=True)
         if fed is not None:
             self._inputs[0].index_copy_(0, *fed)

@@ -32,7 +32,7 @@ from pie_server.engine.model.llama import LlamaModel
 from pie_server.engine.model.parallel import TensorParallel
 from pie_server.kernels.attention import AttentionBackend, TorchAttention
 from pie_server.kernels.flashinfer_attention import WORKSPACE_BYTES
-from pie_server.kernels.transfer import PinnedStaging
+from pie_server.kernels.transfer import to_device
 
 if TYPE_CHECKING:
     from pie_server.engine.executor.tensor_parallel import WorkerRanks
@@ -64,7 +64,6 @@ class Executor:
             torch.cuda.empty_cache()
         self.attention = attention or default_attention
         self.sampler = Sampler(seed=engine_config.seed)
-        self._staging = PinnedStaging(self.device, num_slots=8)  # up to three stage() calls a step
         self._previous: StepOutputs | None = None  # the last launched step's tokens (see pending.py)
         self.memory_plan: MemoryPlan | None = None
         self.decode_graphs = None  # captured once the pool exists
@@ -182,7 +181,7 @@ class Executor:
         fed = None
         if feed is not None:
             assert previous is not None
-            index = self._to_device(np.concatenate([inputs.fed_rows, feed]))
+            index = to_device(np.concatenate([inputs.fed_rows, feed]), self.device)
             rows, sources = index.split(len(feed))
             fed = (rows, previous.tokens.index_select(0, sources))  # ([F] token rows, [F] token ids)
             if self.parallel is not None:  # the other ranks take the tokens from rank 0 (tensor_parallel.py)
@@ -200,17 +199,13 @@ class Executor:
             hidden = pieces.forward(inputs.token_ids, inputs.positions, inputs.attention, self.attention, fed)
         else:
             self.attention.plan(inputs.attention)
-            input_ids, positions = self._to_device(inputs.token_ids, inputs.positions)
+            input_ids = to_device(inputs.token_ids, self.device)
             if fed is not None:
                 input_ids.index_copy_(0, *fed)
+            positions = to_device(inputs.positions, self.device)
             hidden = self.model.forward(input_ids, positions, self.attention, self.kv.layers)
-        rows = self._to_device(inputs.output_rows)
+        rows = to_device(inputs.output_rows, self.device)
         return self.model.logits(hidden.index_select(0, rows))
-
-    def _to_device(self, *arrays: np.ndarray) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """The arrays on the device (through pinned staging: no host wait), one tensor, or a tuple of them."""
-        moved = tuple(t.to(self.device, non_blocking=True) for t in self._staging.stage(*arrays))
-        return moved[0] if len(moved) == 1 else moved
 
 
 def _decode_graphs(model: LlamaModel, kv: KVPool, attention: AttentionBackend, engine: EngineConfig):

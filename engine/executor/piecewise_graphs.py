@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pie_server.kernels.attention import AttentionBackend, AttentionStep
-from pie_server.kernels.transfer import PinnedStaging
+from pie_server.kernels.transfer import pinned
 
 if TYPE_CHECKING:
     from pie_server.engine.model.llama import LlamaModel
@@ -107,7 +107,6 @@ class PiecewiseGraphs:
         # Bucket N's int64 inputs, its first 5N entries: token ids, positions, K/V pages, offsets, source rows (all
         # zeros: a warm-up writes page 0, restored).
         self._inputs = torch.zeros(5 * rows, dtype=torch.long, device=device)
-        self._staging = PinnedStaging(torch.device(device))
         self._q = torch.zeros(rows, *q_shape, dtype=dtype, device=device)
         self._residual = torch.zeros(rows, hidden_size, dtype=dtype, device=device)
         self._attended = torch.zeros(rows, q_shape[0] * q_shape[1], dtype=dtype, device=device)
@@ -156,8 +155,7 @@ class PiecewiseGraphs:
         slots = np.concatenate([np.asarray(step.slot_ids, np.int64), pad + step.slot_ids[0]])
         rows = np.concatenate([token_ids, pad, positions, pad, slots // step.page_size, slots % step.page_size,
                                np.arange(num_tokens), pad])
-        staged, = self._staging.stage(rows)
-        self._inputs[:5 * size].copy_(staged, non_blocking=True)
+        self._inputs[:5 * size].copy_(pinned(rows, self.model.device), non_blocking=True)
         if fed is not None:
             self._inputs.index_copy_(0, *fed)  # token ids come first
         pieces, q = self._pieces[size], self._q[:num_tokens]

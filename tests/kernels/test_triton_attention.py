@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pie_server.kernels import decode_triton
+from pie_server.kernels import decode_triton, triton_attention
 from pie_server.kernels.attention import AttentionStep
 from pie_server.kernels.flashinfer_attention import AttentionShape
 from pie_server.kernels.triton_attention import TritonDecodeAttention
@@ -85,3 +85,11 @@ def test_backend_matches_the_torch_reference_under_the_interpreter() -> None:
     results = run_interpreted(_SCRIPT, [[1], [5, 16, 9]])
     for r in results:  # bf16 inputs; the reference computes in fp32 from the same bf16 values
         assert r["out_err"] < 3e-2 and r["cache_err"] < 3e-2, r
+
+
+def test_graph_buckets_up_to_64_use_these_kernels_unless_the_environment_says_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PIE_TRITON_DECODE_MAX_BATCH", raising=False)
+    assert triton_attention.max_batch_size() == triton_attention.MAX_BATCH_SIZE == 64
+    monkeypatch.setenv("PIE_TRITON_DECODE_MAX_BATCH", "0")
+    assert triton_attention.max_batch_size() == 0
