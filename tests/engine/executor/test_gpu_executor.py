@@ -63,10 +63,10 @@ def hf_model() -> torch.nn.Module:
     return model.to("cuda", torch.bfloat16)
 
 
-def _executor(hf_model: torch.nn.Module, cuda_graphs: bool = True, piecewise: bool = True):
+def _executor(hf_model: torch.nn.Module, cuda_graphs: bool = True, piecewise: bool = True, max_batch_size: int = 8):
     from pie_server.engine.executor.executor import Executor
-    engine = EngineConfig(device="cuda", dtype="bfloat16", num_pages=256, page_size=PAGE_SIZE, max_batch_size=8,
-                          cuda_graphs=cuda_graphs, piecewise_graphs=piecewise)
+    engine = EngineConfig(device="cuda", dtype="bfloat16", num_pages=256, page_size=PAGE_SIZE,
+                          max_batch_size=max_batch_size, cuda_graphs=cuda_graphs, piecewise_graphs=piecewise)
     return Executor(ModelConfig.from_hf(hf_model.config), engine, hf_model.state_dict())
 
 
@@ -173,6 +173,28 @@ def test_cuda_graph_decode_equals_eager(hf_model: torch.nn.Module) -> None:
             token_ids=context[-1:], positions=[len(context) - 1], page_ids=seq.page_ids,
             last_page_len=(len(context) - 1) % PAGE_SIZE + 1, outputs=[OutputSpec(index=0, sampling=GREEDY)])])))
     assert _relative_error(logits[0], logits[1]) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("triton_max_batch", ["64", "8"])
+def test_a_16_bucket_decode_graph_equals_eager(hf_model: torch.nn.Module, triton_max_batch: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """12 sequences replay the 16-bucket (4 padding rows) with Triton's decode attention (the default, up to 64)
+    or FlashInfer's (PIE_TRITON_DECODE_MAX_BATCH=8); either gives eager's tokens."""
+    from pie_server.kernels.flashinfer_attention import FlashInferAttention
+    from pie_server.kernels.triton_attention import TritonDecodeAttention
+    monkeypatch.setenv("PIE_TRITON_DECODE_MAX_BATCH", triton_max_batch)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 1024, (5 + 9 * i,), generator=gen).tolist() for i in range(12)]
+    graphed_executor, eager_executor = (_executor(hf_model, cuda_graphs=graphs, max_batch_size=16)
+                                        for graphs in (True, False))
+    backend = graphed_executor.decode_graphs._graphs[16].attention
+    assert isinstance(backend, TritonDecodeAttention if triton_max_batch == "64" else FlashInferAttention)
+    graphed = _generate(graphed_executor, prompts, num_new=8)
+    assert graphed_executor.decode_graphs.num_replays == 7
+    eager = _generate(eager_executor, prompts, num_new=8)
+    for prompt, got, want in zip(prompts, graphed, eager):
+        _assert_same_tokens(hf_model, prompt, got, want)
 
 
 @pytest.mark.gpu
