@@ -13,6 +13,7 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
+from pie_server.app.import_path import drop_checkout_root
 from pie_server.engine.progress import ENV_VAR as PROGRESS_ENV_VAR
 
 COMMAND_GROUPS = (
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    drop_checkout_root()  # before any command imports transformers (app/import_path.py)
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
