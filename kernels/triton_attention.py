@@ -1,5 +1,5 @@
-"""Decode attention for CUDA graphs up to 64 sequences (MAX_BATCH_SIZE): Triton kernels (kernels/decode_triton.py) behind
-kernels/attention.py's AttentionBackend.
+"""Decode attention for CUDA graphs up to 64 sequences (MAX_BATCH_SIZE): Triton kernels (kernels/decode_triton.py)
+behind kernels/attention.py's AttentionBackend.
 
 Why: at batch 1, FlashInfer's decode kernel spends ~19 us per Llama-3.1-8B layer on a 1024-token context
 (4 MB of K/V: ~2 us at the H100's bandwidth) and RoPE + the KV append take three more kernels. Here one
@@ -26,11 +26,11 @@ from pie_server.kernels.attention import AttentionBackend, AttentionStep, RopeFn
 from pie_server.kernels.flashinfer_attention import AttentionShape, append_kv, build_host_metadata
 from pie_server.kernels.transfer import pinned
 
-# Buckets up to this size use these kernels; larger ones go to FlashInfer. H100, 2026-12-05, bench/gpu_host_breakdown.py
-# (context 512, pipelined, same process and machine, 8 against 64): at batches 16 and 64 the graph's GPU time fell
-# 1.169 -> 1.075 and 1.569 -> 1.393 ms for SmolLM2 and 6.654 -> 6.578 and 8.449 -> 8.081 ms for Llama-3.1-8B, and
-# the host's plan 0.34-0.54 -> 0.17 ms (FlashInfer plans its split on the host). Buckets of 128 and 256 stay
-# with FlashInfer: not measured.
+# Buckets up to this size use these kernels; larger ones go to FlashInfer. H100, 2026-12-05,
+# bench/gpu_host_breakdown.py (context 512, pipelined, same machine, PIE_TRITON_DECODE_MAX_BATCH 8 against 256):
+# at batches 16 and 64 the graph's GPU time fell 1.169 -> 1.075 and 1.569 -> 1.393 ms for SmolLM2 and
+# 6.654 -> 6.578 and 8.449 -> 8.081 ms for Llama-3.1-8B, and the host's plan 0.34-0.54 -> 0.17 ms (FlashInfer
+# plans its split on the host). Buckets of 128 and 256 stay with FlashInfer: not measured.
 MAX_BATCH_SIZE = 64
 
 

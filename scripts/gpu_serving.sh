@@ -182,9 +182,9 @@ while [ $# -gt 0 ]; do
           | tail -20 | tee "$OUT/tp_test.log"; shift ;;
     tp-bench) shift; timeout 560 python3 -m bench.tp_decode "$@" 2>&1 | tee -a "$OUT/tp_bench.log"
               cp bench/results/tp_decode.json "$OUT/" 2>/dev/null; shift $# ;;
-    # test_schemathesis.py imports schemathesis, which is not carried (it has no GPU tests)
     breakdown) breakdown "$2" "$3" "$ROOT"; shift 3 ;;
     base-breakdown) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH breakdown "$2" "base_$3" /tmp/base; shift 3 ;;
+    # test_schemathesis.py imports schemathesis, which is not carried (it has no GPU tests)
     gpu-tests) timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rs --ignore=tests/app/test_schemathesis.py \
                  tests 2>&1 | tail -25 \
                  | tee "$OUT/gpu_tests.log"; shift ;;

@@ -14,7 +14,8 @@ from pie_server.engine.config import EngineConfig, ModelConfig
 from pie_server.engine.step import Batch, ForwardCommand, OutputSpec, SamplingParams
 from pie_server.engine.executor.cuda_graphs import CudaGraphDecoder, GraphConfig
 from pie_server.kernels.attention import AttentionStep
-from pie_server.kernels.flashinfer_attention import build_host_metadata
+from pie_server.kernels.flashinfer_attention import FlashInferAttention, build_host_metadata
+from pie_server.kernels.triton_attention import TritonDecodeAttention
 
 GREEDY = SamplingParams()
 PROMPT_LENS = (5, 37, 100, 16, 64)
@@ -181,8 +182,6 @@ def test_a_16_bucket_decode_graph_equals_eager(hf_model: torch.nn.Module, triton
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """12 sequences replay the 16-bucket (4 padding rows) with Triton's decode attention (the default, up to 64)
     or FlashInfer's (PIE_TRITON_DECODE_MAX_BATCH=8); either gives eager's tokens."""
-    from pie_server.kernels.flashinfer_attention import FlashInferAttention
-    from pie_server.kernels.triton_attention import TritonDecodeAttention
     monkeypatch.setenv("PIE_TRITON_DECODE_MAX_BATCH", triton_max_batch)
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, 1024, (5 + 9 * i,), generator=gen).tolist() for i in range(12)]
