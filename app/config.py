@@ -39,10 +39,14 @@ class ServerConfig:
     # share one socket and load each on its own: with True, one would answer /health 200 while another still
     # answered requests "loading" (seen on the H200 with --api-processes 2).
     accept_before_ready: bool = True
+    # Instances of the default inferlet each front end keeps started ahead of requests (engine/runtime/warm.py).
+    warm_instances: int = 0
 
     def __post_init__(self) -> None:
         if self.max_running_requests <= 0 or self.max_output_reserve <= 0 or self.max_inferlet_bytes <= 0:
             raise ValueError("max_running_requests, max_output_reserve and max_inferlet_bytes must be positive")
+        if self.warm_instances < 0:
+            raise ValueError("warm_instances must be at least 0")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty (use None for no key)")
         tenants: dict[str, str] = {}

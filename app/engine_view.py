@@ -62,6 +62,12 @@ class EngineView:
             return self.engine.runtime.launch(program_hash, arguments, tenant)
         return self.engine.runtime.launch(program_hash, arguments, tenant, limits=limits)
 
+    def keep_warm(self, program_hash: str, num_instances: int) -> None:
+        """Keep instances of the program started ahead of their launch (an engine without warm instances: none)."""
+        keep_warm = getattr(self.engine.runtime, "keep_warm", None)
+        if keep_warm is not None and num_instances > 0:
+            keep_warm(program_hash, num_instances)
+
     def alive(self) -> bool:
         check = getattr(self.engine, "alive", None)
         return bool(check()) if callable(check) else True

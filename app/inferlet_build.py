@@ -44,7 +44,7 @@ import {module} as _inferlet
 WitWorld = getattr(_inferlet, "WitWorld", None)
 if WitWorld is None:
     from pie_sdk import export as _export
-    WitWorld = _export(_inferlet.main)
+    WitWorld = _export(_inferlet.main, getattr(_inferlet, "prepare", None))
 '''
 
 

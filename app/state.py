@@ -168,6 +168,7 @@ class AppState:
         try:
             wasm = self._default_inferlet_wasm()
             self.program_hash = view.load_program(wasm)
+            view.keep_warm(self.program_hash, self.config.warm_instances)
         except Exception:
             view.close()
             raise

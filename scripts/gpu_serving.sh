@@ -95,10 +95,12 @@ load() {  # url name tag; LOAD_ARGS: more bench/http_load.py options, LOAD_TAG: 
     --requests-per-level "$(requests_high "$2")" --max-tokens 128 --json "$OUT/$3${LOAD_TAG:-}_hi.json" ${LOAD_ARGS:-} | tail -2
 }
 
-pie_http() {  # shape api_processes; PIE_TAG names the results (pie_base for base-pie)
+pie_http() {  # shape api_processes; PIE_TAG names the results (pie_base for base-pie), PIE_SERVE_ARGS: more
+             # `pie serve` flags (e.g. PIE_SERVE_ARGS="--warm-instances 0" PIE_TAG=cold)
   local port=8000 tag=${PIE_TAG:-pie}
   python3 -m pie_server.app.cli serve --model $M/$1 --device cuda --port $port --served-model-name "$1" \
-    --default-inferlet "$WASM" --log-level warning --api-processes "$2" > "$OUT/serve_${tag}_$1_ap$2.log" 2>&1 &
+    --default-inferlet "$WASM" --log-level warning --api-processes "$2" ${PIE_SERVE_ARGS:-} \
+    > "$OUT/serve_${tag}_$1_ap$2.log" 2>&1 &
   local pid=$!
   wait_health $port $pid || { tail -30 "$OUT/serve_${tag}_$1_ap$2.log"; return 1; }
   stamp "$tag $1 api-processes $2 ready"

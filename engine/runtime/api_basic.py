@@ -129,13 +129,24 @@ def functions(host: Host) -> list[HostFunction]:
         host.store.set(inst.tenant, key, value)
         return ("ok", None)
 
+    def arguments(inst: InstanceState) -> list[str] | HostTaskGen:
+        if inst.launched is None or inst.launched.done():
+            return list(inst.arguments)
+        return wait_for_launch(inst)
+
+    def wait_for_launch(inst: InstanceState) -> HostTaskGen:
+        inst.parked = True  # a warm instance: its launch sets the arguments
+        yield inst.launched
+        return list(inst.arguments)
+
     def sleep(inst: InstanceState, duration_ms: int) -> HostTaskGen:
         yield sleep_future(host, duration_ms / 1000.0)
 
     return [
         HostFunction("runtime", "version", lambda inst: API_VERSION, "string"),
         HostFunction("runtime", "instance-id", lambda inst: str(inst.id), "string"),
-        HostFunction("runtime", "arguments", lambda inst: list(inst.arguments), ("list", "string")),
+        HostFunction("runtime", "arguments", arguments, ("list", "string")),
+        HostFunction("runtime", "started-ahead", lambda inst: inst.launched is not None, "bool"),
         HostFunction("model", "list-models", lambda inst: [model.name], ("list", "string")),
         HostFunction("model", "info", lambda inst: info, MODEL_INFO),
         HostFunction("clocks", "now", lambda inst: time.time_ns(), "u64"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
@@ -55,6 +56,12 @@ class InstanceState:
     task: HostTask | None = None
     context_ptr: Any = None  # the store context of the host call being served
     kill_reason: str | None = None  # set to stop the instance after the current poll
+    # A warm instance (engine/runtime/warm.py), started ahead of its launch: runtime.arguments waits on this
+    # Future, which its launch completes (after setting arguments, tenant and deadline). None: a plain launch.
+    launched: Future[None] | None = None
+    parked: bool = False  # a warm instance waiting in runtime.arguments for its launch
+    background: bool = False  # polled only when nothing else can run (a warm instance until its launch)
+    counted: bool = True  # in its tenant's live instances (TenantInstances); a warm instance from its launch
     on_exit: list[Callable[["InstanceState"], None]] = field(default_factory=list)
 
     @property

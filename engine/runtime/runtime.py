@@ -8,6 +8,7 @@ Public API (for the HTTP layer and the CLI):
     await handle.next_message()   # Text | Event | ..., finally Terminated(ok, error)
     handle.get_message(timeout)   # the blocking variant (thread-safe)
     handle.send("client input"); handle.kill()
+    runtime.keep_warm(program_hash, 8)   # launches with the default limits take instances started ahead
     runtime.close()
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import tempfile
 import time
 import uuid
@@ -36,6 +38,7 @@ from pie_server.engine.runtime.programs import ProgramCache
 from pie_server.engine.runtime.scheduler import Scheduler
 from pie_server.engine.runtime.tenant_quota import QuotaControl, TenantInstances, TenantPages
 from pie_server.engine.runtime.tokenizer import RuntimeTokenizer
+from pie_server.engine.runtime.warm import WarmInstances
 from pie_server.engine.types import InstanceId
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,7 @@ class Runtime:
                           store=TenantStore(self.config.max_store_bytes_per_tenant), grammars=grammars)
         self._linker, self._callbacks = build_linker(self.engine, self._host, self._scheduler.make_callback)
         self._ids = itertools.count(1)
+        self.warm = WarmInstances()
         self._closed = False
 
     def _engine_config(self) -> wasmtime.Config:
@@ -151,16 +155,51 @@ class Runtime:
         resolved = self.config.limits_for(limits)
         if sum(len(a.encode()) for a in arguments) > MAX_ARGUMENTS_BYTES:
             raise ValueError(f"arguments exceed {MAX_ARGUMENTS_BYTES} bytes")
-        instance_id = InstanceId(f"inst-{next(self._ids)}-{uuid.uuid4().hex[:8]}")
+        warm = self.warm.take(program_hash, resolved)
+        if warm is not None:
+            return self._launch_warm(warm, arguments, tenant, on_exit)
         assert resolved.time_budget_s is not None
-        state = InstanceState(id=instance_id, program_hash=program_hash, arguments=arguments, tenant=tenant,
-                              deadline=time.monotonic() + resolved.time_budget_s, limits=resolved,
-                              log_path=None if self._log_dir is None else str(self._log_dir / f"{instance_id}.log"))
+        state = self._new_state(program_hash, arguments, tenant, resolved, time.monotonic() + resolved.time_budget_s)
         if on_exit is not None:
             state.on_exit.append(on_exit)
         self.tenant_instances.acquire(tenant)  # last: released by _on_stop, which every added instance reaches
         self._scheduler.post(lambda: self._scheduler.add(state, lambda s: self._start(s, component)))
         return InstanceHandle(state, self)
+
+    def keep_warm(self, program_hash: str, num_instances: int) -> None:
+        """Keep num_instances of the program started ahead of their launch (engine/runtime/warm.py); launches
+        with the default limits take them. 0 stops starting new ones. KeyError for an unknown program."""
+        if self._closed:
+            raise RuntimeError("the runtime is closed")
+        self.warm.keep(program_hash, self.programs.get(program_hash), self.config.limits_for(None), num_instances)
+        self._start_warm(program_hash)
+
+    def _start_warm(self, program_hash: str) -> None:
+        num_missing, component, limits = self.warm.num_missing(program_hash)
+        for _ in range(num_missing):
+            assert limits is not None
+            state = self._new_state(program_hash, (), "", limits, math.inf)
+            state.launched, state.background, state.counted = Future(), True, False
+            self.warm.add(program_hash, state)
+            self._scheduler.post(lambda s=state: self._scheduler.add(s, lambda s: self._start(s, component)))
+
+    def _launch_warm(self, state: InstanceState, arguments: tuple[str, ...], tenant: str,
+                     on_exit: Callable[[InstanceState], None] | None) -> InstanceHandle:
+        try:
+            self.tenant_instances.acquire(tenant)
+        except Exception:
+            self.warm.give_back(state)
+            raise
+        self._scheduler.post(lambda: self._wake_warm(state, arguments, tenant, on_exit))
+        self._start_warm(state.program_hash)  # its replacement
+        return InstanceHandle(state, self)
+
+    def _new_state(self, program_hash: str, arguments: tuple[str, ...], tenant: str, limits: InstanceLimits,
+                   deadline: float) -> InstanceState:
+        instance_id = InstanceId(f"inst-{next(self._ids)}-{uuid.uuid4().hex[:8]}")
+        return InstanceState(id=instance_id, program_hash=program_hash, arguments=arguments, tenant=tenant,
+                             deadline=deadline, limits=limits,
+                             log_path=None if self._log_dir is None else str(self._log_dir / f"{instance_id}.log"))
 
     @property
     def num_instances(self) -> int:
@@ -192,7 +231,7 @@ class Runtime:
         if opened.done() and opened.exception() is not None:
             raise opened.exception()  # type: ignore[misc]
         opened.add_done_callback(lambda done: _log_failure(done, f"open_instance({state.id})"))
-        if self.tenant_pages is not None:
+        if self.tenant_pages is not None and state.counted:  # a warm instance's tenant is known at its launch
             self.tenant_pages.open(state.id, state.tenant)
         store = wasmtime.Store(self.engine)
         store.set_limits(memory_size=state.limits.memory_limit_bytes)
@@ -208,6 +247,24 @@ class Runtime:
         state.call, state.call_outcome = ffi_async.instantiate_async(self._linker, store, component)
         state.phase = "instantiating"
 
+    def _wake_warm(self, state: InstanceState, arguments: tuple[str, ...], tenant: str,
+                   on_exit: Callable[[InstanceState], None] | None) -> None:
+        """The launch of a warm instance (tenant already counted): it goes on with these arguments."""
+        if on_exit is not None:
+            state.on_exit.append(on_exit)
+        state.arguments, state.tenant, state.counted = arguments, tenant, True
+        if state.finished:  # it ended meanwhile (a shutdown); its Terminated message says why
+            self.tenant_instances.release(tenant)
+            _run_exit_callbacks(state)
+            return
+        if self.tenant_pages is not None:
+            self.tenant_pages.open(state.id, tenant)
+        assert state.limits.time_budget_s is not None and state.launched is not None
+        state.deadline = time.monotonic() + state.limits.time_budget_s
+        state.parked = False
+        self._scheduler.launch_warm(state)
+        state.launched.set_result(None)
+
     def _on_stop(self, state: InstanceState, ok: bool, error: str | None) -> None:
         try:  # never let cleanup of one instance disturb the others
             closed = call_later(self.control, "close_instance", state.id)
@@ -216,7 +273,10 @@ class Runtime:
             log.exception("close_instance(%s) failed", state.id)
         if self.tenant_pages is not None:
             self.tenant_pages.close(state.id)
-        self.tenant_instances.release(state.tenant)
+        if state.counted:
+            self.tenant_instances.release(state.tenant)
+        else:
+            self.warm.discard(state)
         self._host.bus.drop(state)
         api_tokenize.drop_instance_decoders(self._host, state)
         if state.log_path is not None:
@@ -225,11 +285,16 @@ class Runtime:
             except OSError:
                 log.exception("writing the log of %s failed", state.id)
         state.outbox.put(Terminated(ok=ok, error=error))
-        for callback in state.on_exit:
-            try:
-                callback(state)
-            except Exception:
-                log.exception("on_exit callback of %s failed", state.id)
+        if state.counted:  # a warm instance's callbacks come with its launch
+            _run_exit_callbacks(state)
+
+
+def _run_exit_callbacks(state: InstanceState) -> None:
+    for callback in state.on_exit:
+        try:
+            callback(state)
+        except Exception:
+            log.exception("on_exit callback of %s failed", state.id)
 
 
 def _log_failure(done: Future[Any], what: str) -> None:

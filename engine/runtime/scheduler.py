@@ -7,7 +7,8 @@ the instance again. Thus 1000 instances issue their forward calls in one round a
 (docs/decisions/execution-model.md has the measurements against one thread per instance.)
 
 Invariants: all wasmtime objects and all InstanceState fields are touched only by the scheduler thread;
-other threads talk to it with post(). An instance is stopped only between polls (a kill during a poll is
+other threads talk to it with post(). A background instance (a warm one, engine/runtime/warm.py, until its
+launch) is polled only when nothing else is waiting: no event, no completion, no other runnable instance. An instance is stopped only between polls (a kill during a poll is
 deferred); stopping deletes its call future (cancelling the guest), then its store.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import collections
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 import types
@@ -41,6 +43,7 @@ class Scheduler:
         self._events: collections.deque[Callable[[], None]] = collections.deque()
         self._sleeping = False  # the loop waits on _cond: a poster must notify (read without the lock)
         self._runnable: collections.deque[InstanceState] = collections.deque()
+        self._background: collections.deque[InstanceState] = collections.deque()  # runnable, polled when idle
         # (instance, future) of lean-path waits whose future completed (appended by any thread)
         self._completed: collections.deque[tuple[InstanceState, Future]] = collections.deque()
         # slot -> the instance's LeanTask (made at add(); its DoneFlag continues every suspended call)
@@ -53,8 +56,9 @@ class Scheduler:
         self._stopping = False
         self.num_polls = 0
         self._ready = ffi_async.DoneFlag(done=True)  # the continuation of calls answered at once
-        # Set while any instance lives (written by the scheduler thread only): the epoch ticker sleeps otherwise,
-        # so an idle server does not wake 1 / epoch_tick_s times a second for nothing.
+        # Clear while the loop sleeps (no guest runs then; written by the scheduler thread only): the epoch ticker
+        # sleeps too, so an idle server, warm instances parked in it or not, does not wake 1 / epoch_tick_s
+        # times a second for nothing.
         self._live = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="inferlet-scheduler", daemon=True)
         self._ticker = threading.Thread(target=self._tick, args=(epoch_tick_s,), name="inferlet-epoch",
@@ -98,9 +102,26 @@ class Scheduler:
         except Exception as error:  # a bad component, a failed store setup: the instance ends
             self._stop(inst, False, f"failed to start: {error}")
             return
-        self.call_later(max(0.0, inst.deadline - time.monotonic()),
-                        lambda: self.kill(inst, inst.over_budget_reason))
-        self._runnable.append(inst)
+        self._start_deadline(inst)
+        self._requeue(inst)
+
+    def launch_warm(self, inst: InstanceState) -> None:
+        """A warm instance was launched (its deadline set): from now on polled as any other, and stopped at
+        its deadline."""
+        inst.background = False
+        if inst in self._background:
+            self._background.remove(inst)
+            self._runnable.append(inst)
+        self._start_deadline(inst)
+
+    def _start_deadline(self, inst: InstanceState) -> None:
+        if math.isfinite(inst.deadline):  # a warm instance's runs from its launch
+            self.call_later(max(0.0, inst.deadline - time.monotonic()),
+                            lambda: self.kill(inst, inst.over_budget_reason))
+
+    def _requeue(self, inst: InstanceState) -> None:
+        """inst can be polled again."""
+        (self._background if inst.background else self._runnable).append(inst)
 
     def kill(self, inst: InstanceState, reason: str) -> None:
         if inst.finished:
@@ -182,7 +203,7 @@ class Scheduler:
             if failure is not None:
                 self._stop(inst, False, failure)
             else:
-                self._runnable.append(inst)
+                self._requeue(inst)
 
     # ---------------------------------------------------------- lean waits: one Future, no generator
     def _lean_callback(self, fn: HostFunction, decode: Any, encode: Any) -> Any:
@@ -242,7 +263,7 @@ class Scheduler:
         if task.internal_error is not None:
             self._stop(inst, False, task.internal_error)
         else:
-            self._runnable.append(inst)
+            self._requeue(inst)
 
     def _loop(self) -> None:
         while True:
@@ -260,6 +281,8 @@ class Scheduler:
             runnable = self._runnable
             for _ in range(len(runnable)):
                 self._step(runnable.popleft())
+            if self._background and not (self._runnable or self._events or self._completed):
+                self._step(self._background.popleft())
         for inst in list(self._by_slot.values()):
             self._stop(inst, False, "the runtime shut down")
 
@@ -267,14 +290,17 @@ class Scheduler:
         """Sleep until an event is posted, a timer is due or shutdown."""
         with self._cond:
             self._sleeping = True
+            self._live.clear()
             try:
-                while not self._events and not self._runnable and not self._completed and not self._stopping:
+                while not self._events and not self._runnable and not self._completed and not self._stopping \
+                        and not self._background:
                     timeout = self._timers[0][0] - time.monotonic() if self._timers else None
                     if timeout is not None and timeout <= 0:
                         break
                     self._cond.wait(timeout)
             finally:
                 self._sleeping = False
+                self._live.set()
 
     def _run_guarded(self, fn: Callable[[], None]) -> None:
         try:
@@ -311,7 +337,7 @@ class Scheduler:
             if time.monotonic() > inst.deadline:
                 self._stop(inst, False, inst.over_budget_reason)
             else:
-                self._runnable.append(inst)
+                self._requeue(inst)
 
     def _finish_call(self, inst: InstanceState) -> None:
         outcome = inst.call_outcome
@@ -337,7 +363,7 @@ class Scheduler:
             return
         inst.call, inst.call_outcome = ffi_async.call_run_async(func, inst.store)
         inst.phase = "running"
-        self._runnable.append(inst)
+        self._requeue(inst)
 
     def _stop(self, inst: InstanceState, ok: bool, error: str | None) -> None:
         if inst.finished:
@@ -353,8 +379,6 @@ class Scheduler:
         inst.store = None
         inst.context_ptr = None
         self._by_slot.pop(inst.slot, None)
-        if not self._by_slot:
-            self._live.clear()
         self._on_stop(inst, ok, error)
 
     def _tick(self, tick_s: float) -> None:

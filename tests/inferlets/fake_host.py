@@ -47,6 +47,7 @@ def next_token(visible: list[int]) -> int:
 class FakeHost:
     num_pages: int = 256
     arguments: list[str] = field(default_factory=list)
+    started_ahead: bool = False  # a warm instance (runtime.started-ahead)
     inbox: list[str] = field(default_factory=list)  # messages from the client, oldest first
     slots: dict[int, list[int | None]] = field(default_factory=dict)  # physical page -> token per slot
     refcounts: dict[int, int] = field(default_factory=dict)
@@ -93,7 +94,7 @@ class FakeHost:
                              apply_chat_template=self.apply_chat_template),
             "model": dict(info=self.info, list_models=lambda: ["fake"]),
             "runtime": dict(arguments=lambda: list(host.arguments), instance_id=lambda: "fake-1",
-                            version=lambda: "0.1.0"),
+                            version=lambda: "0.1.0", started_ahead=lambda: host.started_ahead),
             "messaging": dict(send=lambda text: host.sent.append((0, text)),
                               send_on=lambda ch, text: host.sent.append((ch, text)),
                               send_event=lambda js: host.events.append(js),

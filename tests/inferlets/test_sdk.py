@@ -268,6 +268,33 @@ def test_entry_turns_main_outcomes_into_run_results(sdk: ModuleType, host: FakeH
     assert _run(sdk, exits(3)) == "exit status 3"
 
 
+def test_prepare_runs_first_only_in_an_instance_started_ahead(sdk: ModuleType, host: FakeHost,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    host.arguments = ["--n", "3"]
+    calls: list[str] = []
+
+    def prepare() -> None:
+        calls.append("prepare")
+
+    def main(args: list[str]) -> None:
+        calls.append(f"main {args}")
+
+    sdk.export(main, prepare)().run()
+    assert calls == ["main ['--n', '3']"]  # launched as usual: no prepare
+    host.started_ahead, calls[:] = True, []
+    sdk.export(main, prepare)().run()
+    assert calls == ["prepare", "main ['--n', '3']"]
+
+    def broken() -> None:
+        raise ValueError("no model info")
+
+    calls[:] = []
+    sdk.export(main, broken)().run()  # an optimisation that failed: the request is served all the same
+    assert calls == ["main ['--n', '3']"] and "ValueError: no model info" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="prepare must be callable"):
+        sdk.export(main, "prepare")
+
+
 def test_argument_parser_reports_usage_and_sends_help(sdk: ModuleType, host: FakeHost) -> None:
     def main(args: list[str]) -> None:
         parser = sdk.ArgumentParser(prog="demo")
