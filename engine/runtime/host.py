@@ -7,6 +7,7 @@ import itertools
 import os
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -20,6 +21,7 @@ from pie_server.engine.runtime.tokenizer import RuntimeTokenizer, StreamDecoder
 
 STORE_FILE_NAME = "kv-store.sqlite3"
 FROM_ENVIRONMENT = "@server-dir"  # TenantStore's default path: shared_store_path()
+SET_UP_TIMEOUT_S = 30.0  # TenantStore: how long to retry a file another process is setting up
 _STORE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
     tenant TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, size INTEGER NOT NULL,
@@ -81,10 +83,24 @@ class TenantStore:
         self._db = sqlite3.connect(where or ":memory:", timeout=30, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
         with self._lock:
-            if where is not None:
-                self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=OFF")
-            self._db.executescript(_STORE_SCHEMA)
+            self._set_up(shared=where is not None)
+
+    def _set_up(self, shared: bool) -> None:
+        """Several front ends open the file at once when a server starts. Switching it to WAL takes an exclusive
+        lock, and SQLite answers a second connection that tries meanwhile "database is locked" at once, without
+        waiting out the busy timeout (seen with `pie serve --api-processes 2`: a front end failed to start)."""
+        deadline = time.monotonic() + SET_UP_TIMEOUT_S
+        while True:
+            try:
+                if shared:
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=OFF")
+                self._db.executescript(_STORE_SCHEMA)
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def get(self, tenant: str, key: str) -> str | None:
         with self._lock:

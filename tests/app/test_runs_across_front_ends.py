@@ -11,11 +11,13 @@ shared table (as two front ends), a run whose front end died, and two stores ove
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import multiprocessing
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -278,3 +280,25 @@ def test_two_stores_over_one_file_are_one_store(tmp_path: Path) -> None:
     assert first.keys("alice", "k") == ["k1", "k2"] and first.keys("bob", "") == []
     assert first.delete("alice", "k2") and not second.delete("alice", "k2")
     assert TenantStore(30, None).get("alice", "k1") is None  # without a file: this process's own, in memory
+
+
+def _open_store(path: str, start: Any) -> None:
+    start.wait()
+    TenantStore(30, path).set(f"t{os.getpid()}", "k", "v")
+
+
+def test_front_ends_opening_a_new_store_file_at_once_all_start(tmp_path: Path) -> None:
+    """Each of a server's front ends opens the store as it starts: the switch to WAL of one must not make
+    another fail with "database is locked" (it did, one start in a few with --api-processes 2)."""
+    context = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        path = str(tmp_path / f"kv{attempt}.sqlite3")
+        start = context.Barrier(6)
+        processes = [context.Process(target=_open_store, args=(path, start)) for _ in range(6)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(30)
+        assert [p.exitcode for p in processes] == [0] * 6
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("SELECT COUNT(*) FROM kv").fetchone()[0] == 6  # each one's write landed
