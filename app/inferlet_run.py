@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 from pie_server.app.errors import ApiError
+from pie_server.app.request_trace import RequestTrace
 from pie_server.engine.runtime.messages import Event, Message, Terminated, Text
 
 
@@ -88,6 +89,7 @@ class InferletRun:
     def __init__(self, handle: InstanceHandle, inferlet_name: str | None = None) -> None:
         self.handle = handle
         self.finished = False
+        self.trace = RequestTrace()  # where its time to first token goes (app/request_trace.py)
         self._held: Message | None = None  # read ahead by _waiting_text, not yet taken by _next
         # What errors call it: the inferlet's name when the caller gives it, else no name (never "default" for
         # an inferlet that is not the default one).

@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 from pie_server.app.errors import ApiError
 from pie_server.app.inferlet_run import InferletRun, PromptLogprobs, RunResult, TextDelta
 from pie_server.app.metrics import Metrics
+from pie_server.app.request_trace import TraceWriter
 
 T = TypeVar("T")
 
@@ -90,10 +91,11 @@ async def _aclose(events: AsyncIterator[Any]) -> None:
 class TimedRelay:
     """Reads a run's outputs while recording TTFT, inter-token latency and end-to-end latency."""
 
-    def __init__(self, run: InferletRun, metrics: Metrics, arrival: float) -> None:
+    def __init__(self, run: InferletRun, metrics: Metrics, arrival: float, trace: TraceWriter | None = None) -> None:
         self.run = run
         self.metrics = metrics
         self.arrival = arrival
+        self._trace = trace
         self._last: float | None = None
 
     async def outputs(self) -> AsyncIterator[TextDelta | PromptLogprobs | RunResult]:
@@ -102,6 +104,9 @@ class TimedRelay:
                 now = time.monotonic()
                 if self._last is None:
                     self.metrics.observe_ttft(now - self.arrival)
+                    if self._trace is not None:
+                        self.run.trace.marks["first_token"] = now
+                        self._trace.write(self.run.trace, self.arrival)
                 else:
                     self.metrics.observe_itl(now - self._last)
                 self._last = now

@@ -26,6 +26,7 @@ from pie_server.app.inferlet_runs import RunRegistry
 from pie_server.app.inferlet_store import BUILTIN_TENANT, InferletRecord, InferletStore, StoreError
 from pie_server.app.metrics import EngineGauges, Metrics
 from pie_server.app.preinstalled import PreinstalledInferlets, discover
+from pie_server.app.request_trace import TraceWriter
 from pie_server.engine.control.admission import Admission, pages_for
 from pie_server.app.openai.params import INFERLET_MODEL_PREFIX, ModelLimits
 from pie_server.engine.runtime.config import InstanceLimits
@@ -70,6 +71,7 @@ class AppState:
         self.program_hashes: dict[str, str] = {}  # uploaded inferlet id -> its program in this front end's runtime
         self._program_sources: dict[str, InferletRecord] = {}  # program -> an inferlet record of its Wasm bytes
         self.runs = RunRegistry()
+        self.trace_writer = TraceWriter.from_env()  # PIE_REQUEST_TRACE: per-request phase times
 
     # lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -320,9 +322,13 @@ class AppState:
         finally:
             self.num_queued -= 1
         try:
+            launch_started = time.monotonic()
             handle = await self.launch(program_hash or self.program_hash, [arguments], tenant or self.config.tenant)
             source = self._program_sources.get(program_hash) if program_hash else None
             run = InferletRun(handle, source.name if source else DEFAULT_INFERLET_NAME)
+            run.trace.marks["slot"] = launch_started
+            run.trace.in_flight = self.num_in_flight
+            run.trace.mark("launched")
             self.num_running += 1
             try:
                 yield run
@@ -338,6 +344,7 @@ class AppState:
         event, reserve the pages the request may need (queueing while the KV cache is committed), go."""
         run = await stack.enter_async_context(self.run(arguments, program_hash, tenant))
         prompt = await run.start()
+        run.trace.mark("prompt")
         assert self.view is not None and self.admission is not None
         view, admission = self.view, self.admission
         num_pages = pages_for(prompt.prompt_tokens, prompt.max_tokens, n, view.page_size,
@@ -355,6 +362,7 @@ class AppState:
         finally:
             self.num_queued -= 1
         stack.callback(admission.release, num_pages)
+        run.trace.mark("admitted")
         run.proceed()
         return run, prompt
 

@@ -25,7 +25,7 @@ async def run_and_respond(request: Request, state: AppState, arrival: float, mod
     try:
         run, prompt = await until_disconnected(request, state.enter_run(stack, arguments, n, program_hash,
                                                                         state.tenant_of(request)))
-        relay = TimedRelay(run, state.metrics, arrival)
+        relay = TimedRelay(run, state.metrics, arrival, state.trace_writer)
         if stream is not None:
             response = SSEResponse(stream(prompt, relay), stack)
             stack = contextlib.AsyncExitStack()  # the response owns the instance now

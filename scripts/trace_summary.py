@@ -1,0 +1,36 @@
+"""Summarises PIE_REQUEST_TRACE files (app/request_trace.py): per band of load (the HTTP requests in flight in the
+request's front end when its run began), the median and p90 of each phase's share of the time to first token.
+
+    python scripts/trace_summary.py PATH     # reads PATH.* (one file per front-end process)
+"""
+from __future__ import annotations
+
+import glob
+import json
+import statistics
+import sys
+
+from pie_server.app.request_trace import PHASES
+
+BANDS = ((1, 1), (2, 8), (9, 32), (33, 128), (129, 1 << 30))
+
+
+def main() -> None:
+    path = sys.argv[1]
+    rows = [json.loads(line) for name in sorted(glob.glob(f"{path}.*")) for line in open(name)]
+    print(f"{len(rows)} requests; per phase: ms since the previous one, median / p90")
+    print(f"{'in flight':>10} {'n':>5} " + " ".join(f"{p:>17}" for p in PHASES))
+    for low, high in BANDS:
+        band = [r for r in rows if low <= r["in_flight"] <= high and all(p in r for p in PHASES)]
+        if not band:
+            continue
+        cells = []
+        for i, phase in enumerate(PHASES):
+            spans = sorted(r[phase] - (r[PHASES[i - 1]] if i else 0.0) for r in band)
+            cells.append(f"{statistics.median(spans):8.1f} / {spans[int(len(spans) * 0.9)]:6.1f}")
+        label = f"{low}" if low == high else f"{low}-{high if high < 1 << 30 else ''}"
+        print(f"{label:>10} {len(band):5d} " + " ".join(f"{c:>17}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
