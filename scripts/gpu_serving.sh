@@ -97,8 +97,9 @@ load() {  # url name tag; LOAD_ARGS: more bench/http_load.py options, LOAD_TAG: 
 
 pie_http() {  # shape api_processes; PIE_TAG names the results (pie_base for base-pie), PIE_SERVE_ARGS: more
              # `pie serve` flags (e.g. PIE_SERVE_ARGS="--warm-instances 0" PIE_TAG=cold)
-  local port=8000 tag=${PIE_TAG:-pie}
-  python3 -m pie_server.app.cli serve --model $M/$1 --device cuda --port $port --served-model-name "$1" \
+  local port=8000 tag=${PIE_TAG:-pie} trace=/tmp/trace_${PIE_TAG:-pie}_$1_ap$2
+  rm -f $trace.*
+  PIE_REQUEST_TRACE=$trace python3 -m pie_server.app.cli serve --model $M/$1 --device cuda --port $port --served-model-name "$1" \
     --default-inferlet "$WASM" --log-level warning --api-processes "$2" ${PIE_SERVE_ARGS:-} \
     > "$OUT/serve_${tag}_$1_ap$2.log" 2>&1 &
   local pid=$!
@@ -106,6 +107,7 @@ pie_http() {  # shape api_processes; PIE_TAG names the results (pie_base for bas
   stamp "$tag $1 api-processes $2 ready"
   load "http://127.0.0.1:$port" "$1" "${tag}_$1_ap$2"
   kill $pid; wait $pid 2>/dev/null
+  python3 scripts/trace_summary.py $trace | tee "$OUT/trace_${tag}_$1_ap$2.txt"  # app/request_trace.py
   sleep 2
 }
 
