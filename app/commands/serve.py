@@ -19,7 +19,7 @@ from pie_server.app.config import ServerConfig
 DEFAULT_PORT = 8000
 CONFIG_ENV_VAR = "PIE_SERVER_CONFIG"  # the ServerConfig of front-end processes
 RUNTIME_ENV_VAR = "PIE_RUNTIME_LIMITS"  # their inferlet sandbox limits (JSON)
-DEFAULT_WARM_INSTANCES = 16  # per front end, on CUDA (docs/decisions/warm-instances.md)
+DEFAULT_WARM_INSTANCES = 32  # per front end, on CUDA (docs/decisions/warm-instances.md)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # The parser's help texts (app/cli.py).
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-instances", type=int, default=None, metavar="N",
                         help="instances of the default inferlet each front end starts ahead of requests, in its idle "
                              "time (a request then skips instantiation and first-call costs; about 8 MiB each; "
-                             "default: 16 on CUDA, 0 on CPU; docs/decisions/warm-instances.md)")
+                             "default: 32 on CUDA, 0 on CPU; docs/decisions/warm-instances.md)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run every step without CUDA graphs")
     parser.add_argument("--no-piecewise-graphs", action="store_true",
                         help="run steps with prefill tokens eagerly (default: all but attention from CUDA graphs, "

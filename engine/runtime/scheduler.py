@@ -7,9 +7,10 @@ the instance again. Thus 1000 instances issue their forward calls in one round a
 (docs/decisions/execution-model.md has the measurements against one thread per instance.)
 
 Invariants: all wasmtime objects and all InstanceState fields are touched only by the scheduler thread;
-other threads talk to it with post(). A background instance (a warm one, engine/runtime/warm.py, until its
-launch) is polled only when nothing else is waiting: no event, no completion, no other runnable instance. An instance is stopped only between polls (a kill during a poll is
-deferred); stopping deletes its call future (cancelling the guest), then its store.
+other threads talk to it with post(). An instance is stopped only between polls (a kill during a poll is
+deferred); stopping deletes its call future (cancelling the guest), then its store. A background instance (a
+warm one until its launch, engine/runtime/warm.py) is polled only when no event, no completion and no other
+instance waits.
 """
 from __future__ import annotations
 

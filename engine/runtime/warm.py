@@ -14,6 +14,9 @@ Decisions:
 - A warm instance counts in its tenant's live instances from its launch; before that it belongs to nobody.
 - A warm instance that ends before its launch (a trap in prepare(), a shutdown) is not replaced until the next
   take: a program that fails while warming must not restart itself in a loop.
+- take() runs in the launching thread and reads two fields the scheduler thread writes (parked, finished);
+  the pool's lock makes each instance taken once, and one that ends just after it was taken reports its end
+  to the launch's handle as any instance does.
 """
 from __future__ import annotations
 
