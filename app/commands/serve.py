@@ -19,7 +19,6 @@ from pie_server.app.config import ServerConfig
 DEFAULT_PORT = 8000
 CONFIG_ENV_VAR = "PIE_SERVER_CONFIG"  # the ServerConfig of front-end processes
 RUNTIME_ENV_VAR = "PIE_RUNTIME_LIMITS"  # their inferlet sandbox limits (JSON)
-DEFAULT_WARM_INSTANCES = 32  # per front end, on CUDA (docs/decisions/warm-instances.md)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # The parser's help texts (app/cli.py).
@@ -65,10 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-running-requests", type=int, default=256,
                         help="requests whose inferlet runs at once in each front-end process; later ones queue "
                              "there (the engine core batches at most its own --max-batch-size per step)")
-    parser.add_argument("--warm-instances", type=int, default=None, metavar="N",
+    parser.add_argument("--warm-instances", type=int, default=0, metavar="N",
                         help="instances of the default inferlet each front end starts ahead of requests, in its idle "
                              "time (a request then skips instantiation and first-call costs; about 8 MiB each; "
-                             "default: 32 on CUDA, 0 on CPU; docs/decisions/warm-instances.md)")
+                             "default: 0, docs/decisions/warm-instances.md has the measurements)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run every step without CUDA graphs")
     parser.add_argument("--no-piecewise-graphs", action="store_true",
                         help="run steps with prefill tokens eagerly (default: all but attention from CUDA graphs, "
@@ -116,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
         config = ServerConfig(api_keys=_api_keys(args), served_model_names=tuple(args.served_model_name or ()),
                               max_running_requests=args.max_running_requests,
                               inferlet_wasm=args.default_inferlet,
-                              warm_instances=_warm_instances(args.warm_instances, engine_config.device))
+                              warm_instances=args.warm_instances)
     except (ValueError, OSError) as error:
         print(f"pie serve: error: {error}")
         return 2
@@ -197,14 +196,6 @@ def front_app():  # type: ignore[no-untyped-def]
         return FrontEngine.connect(core, _runtime_config())
 
     return create_app(engine_factory, config)
-
-
-def _warm_instances(warm_instances: int | None, device: str) -> int:
-    if warm_instances is None:  # measured: docs/decisions/warm-instances.md
-        return 0 if device == "cpu" else DEFAULT_WARM_INSTANCES
-    if warm_instances < 0:
-        raise ValueError("--warm-instances must be >= 0")
-    return warm_instances
 
 
 def _num_front_ends(api_processes: int | None, device: str) -> int:

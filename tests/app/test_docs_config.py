@@ -13,7 +13,7 @@ from pie_server.app.cli import build_parser
 from pie_server.app.commands import serve
 
 # Flags whose default depends on the device: the page gives both values, which must be the resolver's.
-DEVICE_DEFAULTS = {"--api-processes": serve._num_front_ends, "--warm-instances": serve._warm_instances}
+DEVICE_DEFAULTS = {"--api-processes": serve._num_front_ends}
 
 CONFIGURATION = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 _ROW = re.compile(r"^\| (`--[^|]*`) \| ([^|]*) \|", re.M)  # a flags table row: flag cell, default cell
