@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from pie_server.app.config import ServerConfig
+from pie_server.engine.gil import set_server_switch_interval
 
 DEFAULT_PORT = 8000
 CONFIG_ENV_VAR = "PIE_SERVER_CONFIG"  # the ServerConfig of front-end processes
@@ -107,6 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    set_server_switch_interval()  # the one-process server's (front ends and the core set their own)
     try:
         engine_config = _engine_config(args)
         num_front_ends = _num_front_ends(args.api_processes, engine_config.device)
@@ -186,6 +188,7 @@ def front_app():  # type: ignore[no-untyped-def]
     from pie_server.engine.core.process import CoreAddress
 
     core, config = CoreAddress.from_env(), ServerConfig.from_json(os.environ[CONFIG_ENV_VAR])
+    set_server_switch_interval()
     if not logging.getLogger().handlers:  # a worker process uvicorn spawned: it configured only its own loggers,
         # at --log-level; the server's (pie.*) get the same level and main's format
         logging.basicConfig(level=logging.getLogger("uvicorn.error").level, format=LOG_FORMAT)

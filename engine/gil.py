@@ -1,0 +1,20 @@
+"""The GIL's switch interval in the server's processes (`pie serve`: the one process, each front end, the engine
+core).
+
+A thread that wants the GIL gets it when the holder gives it up, which a busy Python thread does only every
+`sys.getswitchinterval()`, 5 ms by default. In a front end every host call of a Wasm guest is a ctypes callback
+that must take the GIL again, so while another thread is busy (the event loop streaming tokens) each call can
+wait up to that long: on the 2-core CPU machine, the default inferlet's start (launch to its "prompt" event,
+about 15 host calls) took 2.8 ms alone, 79-82 ms beside one busy thread and 253 ms beside two; with 0.5 ms,
+16 and 31 ms (0.2 ms: 12 and 18 ms). The H100 trace of 2026-12-06 had the same start at a median of 54-240 ms
+under load. 0.5 ms: the start alone stays at 2.8-3.1 ms; docs/decisions/gil-switch-interval.md.
+"""
+from __future__ import annotations
+
+import sys
+
+SWITCH_INTERVAL_S = 0.0005
+
+
+def set_server_switch_interval() -> None:
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
