@@ -268,7 +268,7 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
-            if not self._events and not self._runnable and not self._completed:
+            if not self._events and not self._runnable and not self._completed and not self._background:
                 self._wait()
             if self._stopping:
                 break
