@@ -17,6 +17,7 @@ from tests.app import raw_http
 from tests.app.conftest import all_pages_free, start_real
 from tests.app.serve_process import ServeProcess, healthy_server
 from tests.app.server_thread import ServerThread
+from tests.polling import wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -74,7 +75,7 @@ def test_an_executor_fault_fails_only_its_batch(one_slot_server: ServerThread) -
         assert b"chat.completion.chunk" in first
         later = threading.Thread(target=waiting)
         later.start()
-        _wait_for(lambda: one_slot_server.state.num_queued >= 1)  # type: ignore[attr-defined]
+        wait_until(lambda: one_slot_server.state.num_queued >= 1)  # type: ignore[attr-defined]
         fault.armed.set()
         rest = response.read().decode()
         conn.close()
@@ -88,13 +89,6 @@ def test_an_executor_fault_fails_only_its_batch(one_slot_server: ServerThread) -
     assert status == 200 and body["choices"][0]["message"]["content"] == expected  # unaffected, same output
     assert raw_http.request(one_slot_server.url + "/health")[0] == 200
     assert all_pages_free(one_slot_server)
-
-
-def _wait_for(predicate: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

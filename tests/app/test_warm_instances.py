@@ -3,7 +3,6 @@ cold ones, and leave no page behind."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -13,16 +12,10 @@ import pytest
 from pie_server.engine.runtime.messages import Event, Terminated
 from tests.app.conftest import start_real
 from tests.app.server_thread import ServerThread
+from tests.polling import wait_until
 
 MODEL = "default"
 NUM_WARM = 2
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

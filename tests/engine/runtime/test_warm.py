@@ -12,13 +12,11 @@ from pie_server.engine.runtime.runtime import Runtime
 from pie_server.engine.runtime.tenant_quota import TenantQuotaError
 from tests.engine.runtime.conftest import make_runtime, wat
 from tests.engine.runtime.fakes import FakeControl
+from tests.polling import wait_until as _wait_until
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+def wait_until(condition: Callable[[], bool]) -> None:
+    _wait_until(condition, timeout_s=10.0)
 
 
 def warm_runtime(runtime: Runtime, num_instances: int) -> str:
