@@ -8,13 +8,30 @@ wait up to that long: on the 2-core CPU machine, the default inferlet's start (l
 about 15 host calls) took 2.8 ms alone, 79-82 ms beside one busy thread and 253 ms beside two; with 0.5 ms,
 16 and 31 ms (0.2 ms: 12 and 18 ms). The H100 trace of 2026-12-06 had the same start at a median of 54-240 ms
 under load. 0.5 ms: the start alone stays at 2.8-3.1 ms; docs/decisions/gil-switch-interval.md.
+
+`PIE_GIL_SWITCH_INTERVAL_MS` overrides the value (inherited by the front ends and the engine core), for A/B runs.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 SWITCH_INTERVAL_S = 0.0005
+ENV_VAR = "PIE_GIL_SWITCH_INTERVAL_MS"
+
+
+def server_switch_interval_s() -> float:
+    raw = os.environ.get(ENV_VAR)
+    if raw is None or raw == "":
+        return SWITCH_INTERVAL_S
+    try:
+        interval_ms = float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_VAR}={raw!r}: not a number of milliseconds") from None
+    if not 0 < interval_ms <= 1000:
+        raise ValueError(f"{ENV_VAR}={raw!r}: must be in (0, 1000] milliseconds")
+    return interval_ms / 1000
 
 
 def set_server_switch_interval() -> None:
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    sys.setswitchinterval(server_switch_interval_s())

@@ -32,7 +32,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 
 rm -rf "$G" && mkdir -p "$G/smollm2" "$G/llama-3.1-8b" "$G/pie-cache/inferlets"
 cp ../shared/peers/vllm/serve.sh "$G/vllm-serve.sh"
-"$PY" - "$G" <<'EOF'
+# -P: the checkout is not put on sys.path (its kernels/ folder would shadow the `kernels` package transformers probes)
+"$PY" -P - "$G" <<'EOF'
 import gzip, json, shutil, sys
 from pathlib import Path
 

@@ -96,10 +96,11 @@ load() {  # url name tag; LOAD_ARGS: more bench/http_load.py options, LOAD_TAG: 
 }
 
 pie_http() {  # shape api_processes; PIE_TAG names the results (pie_base for base-pie), PIE_SERVE_ARGS: more
-             # `pie serve` flags (e.g. PIE_SERVE_ARGS="--warm-instances 0" PIE_TAG=cold)
+             # `pie serve` flags (e.g. PIE_SERVE_ARGS="--warm-instances 0" PIE_TAG=cold), PIE_SERVE_ENV: its
+             # environment (e.g. PIE_SERVE_ENV=PIE_GIL_SWITCH_INTERVAL_MS=5 PIE_TAG=gil5)
   local port=8000 tag=${PIE_TAG:-pie} trace=/tmp/trace_${PIE_TAG:-pie}_$1_ap$2
   rm -f $trace.*
-  PIE_REQUEST_TRACE=$trace python3 -m pie_server.app.cli serve --model $M/$1 --device cuda --port $port --served-model-name "$1" \
+  PIE_REQUEST_TRACE=$trace env ${PIE_SERVE_ENV:-} python3 -m pie_server.app.cli serve --model $M/$1 --device cuda --port $port --served-model-name "$1" \
     --default-inferlet "$WASM" --log-level warning --api-processes "$2" ${PIE_SERVE_ARGS:-} \
     > "$OUT/serve_${tag}_$1_ap$2.log" 2>&1 &
   local pid=$!

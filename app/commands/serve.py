@@ -108,8 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
-    set_server_switch_interval()  # the one-process server's (front ends and the core set their own)
     try:
+        set_server_switch_interval()  # the one-process server's (front ends and the core set their own)
         engine_config = _engine_config(args)
         num_front_ends = _num_front_ends(args.api_processes, engine_config.device)
         os.environ[RUNTIME_ENV_VAR] = json.dumps(_runtime_limits(args, max(1, num_front_ends)))
