@@ -326,7 +326,8 @@ def _delete_upload(server_url: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small CPU run: concurrency 1 and 4")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small CPU run: concurrency 1 and 4, each agent running 2 tasks (as the GPU runs do)")
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
@@ -350,6 +351,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.concurrency = [1, 4]
+        args.tasks_per_agent = max(args.tasks_per_agent, 2)
     if not {"inferlet", "client"} <= set(args.modes):
         parser.error("--modes needs inferlet and client (the speedup is their ratio)")
     workload = Workload(args.calls, args.thought_chars, args.input_chars, args.tool_latency_ms / 1000,
