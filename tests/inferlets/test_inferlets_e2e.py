@@ -199,28 +199,30 @@ def test_errors_end_only_with_a_clear_message(engine: Engine, programs: dict[str
     assert "out of range" in report["value_error"] and report["text"]
 
 
-class SlowServer:
-    """POST /N -> "reply N" after latency_s; records the most requests it held at once."""
+class GatheringServer:
+    """POST /N -> "reply N" once `expected` requests are open at the same time, or after wait_s; records the
+    most requests it held at once. Fetches started together all return as soon as the last one arrives, however
+    loaded the machine is; fetches made one after the other each wait wait_s and never overlap."""
 
-    def __init__(self, latency_s: float) -> None:
-        self.latency_s = latency_s
+    def __init__(self, expected: int, wait_s: float) -> None:
+        self.expected, self.wait_s = expected, wait_s
         self.num_open = self.max_open = 0
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self.server = LoopbackServer(self._reply)
 
     def _reply(self, name: str, body: str) -> str:
-        with self._lock:
+        with self._changed:
             self.num_open += 1
             self.max_open = max(self.max_open, self.num_open)
-        time.sleep(self.latency_s)
-        with self._lock:
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: self.max_open >= self.expected, self.wait_s)
             self.num_open -= 1
         return f"reply {name}"
 
 
 def test_started_fetches_run_at_once_up_to_the_instances_limit(engine: Engine, programs: dict[str, str]) -> None:
-    server = SlowServer(latency_s=0.3)
     limit = RuntimeConfig().http_max_pending_per_instance
+    server = GatheringServer(expected=limit, wait_s=2.0)
     try:
         messages = _messages(engine, programs["probe"], ["fetch", "--url", server.server.url, "--count",
                                                          str(limit + 1)])
