@@ -5,9 +5,9 @@ import time
 from typing import Callable
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    """Returns once condition() is true; fails the test after timeout_s."""
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "the condition") -> None:
+    """Returns once condition() is true; fails the test after timeout_s, saying what it waited for."""
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
         time.sleep(0.005)

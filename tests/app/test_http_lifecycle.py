@@ -18,17 +18,9 @@ from tests.app import raw_http
 from tests.app.conftest import client_for
 from tests.app.fake_engine import REPLY, FakeEngine, RestartableEngine
 from tests.app.server_thread import ServerThread
+from tests.polling import wait_until
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
-
-
-def wait_until(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_health_is_503_while_loading_then_200(dummy_wasm) -> None:
@@ -44,7 +36,7 @@ def test_health_is_503_while_loading_then_200(dummy_wasm) -> None:
         status, body, _ = raw_http.request(server.url + "/v1/chat/completions", "POST", {"messages": MESSAGES})
         assert status == 503 and body["error"]["type"] == "service_unavailable"
         release.set()
-        assert wait_until(lambda: raw_http.request(server.url + "/health")[0] == 200)
+        wait_until(lambda: raw_http.request(server.url + "/health")[0] == 200)
 
 
 def test_health_is_503_when_the_engine_failed(dummy_wasm) -> None:
@@ -52,7 +44,7 @@ def test_health_is_503_when_the_engine_failed(dummy_wasm) -> None:
         raise RuntimeError("no weights here")
 
     with ServerThread(create_app(factory, ServerConfig(inferlet_wasm=dummy_wasm))) as server:
-        assert wait_until(lambda: raw_http.request(server.url + "/health")[1].get("status") == "failed")
+        wait_until(lambda: raw_http.request(server.url + "/health")[1].get("status") == "failed")
         status, body, _ = raw_http.request(server.url + "/health")
         assert status == 503 and "no weights here" in body["detail"]
 
@@ -114,9 +106,9 @@ def test_disconnect_kills_the_instance(make_fake_server, stream: bool) -> None:
     else:
         with pytest.raises(openai.APITimeoutError):
             client.chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=100)
-    assert wait_until(lambda: engine.runtime.num_live == 0, 3.0), "the instance outlived its client"
+    wait_until(lambda: engine.runtime.num_live == 0, 3.0, "the instance to end with its client")
     assert engine.runtime.launched[-1].killed.is_set()
-    assert wait_until(lambda: server.state.num_running == 0, 3.0)
+    wait_until(lambda: server.state.num_running == 0, 3.0)
 
 
 def test_many_timed_out_requests_then_one_completes(make_fake_server) -> None:
@@ -137,7 +129,7 @@ def test_many_timed_out_requests_then_one_completes(make_fake_server) -> None:
         return time.monotonic() - start
 
     assert asyncio.run(main()) < 2.0
-    assert wait_until(lambda: engine.runtime.num_live == 0 and server.state.num_queued == 0, 5.0)
+    wait_until(lambda: engine.runtime.num_live == 0 and server.state.num_queued == 0, 5.0)
 
 
 def test_requests_beyond_the_running_limit_queue_and_complete(make_fake_server) -> None:
@@ -267,4 +259,4 @@ def test_an_engine_that_connects_after_the_stop_is_closed(dummy_wasm, tmp_path) 
 
     asyncio.run(scenario())
     release.set()
-    assert wait_until(lambda: len(engines) == 2 and engines[1].closed), "the late engine was left open"
+    wait_until(lambda: len(engines) == 2 and engines[1].closed, 10.0, "the late engine to be closed")
