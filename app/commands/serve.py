@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "first three, never raise them)")
     limits.add_argument("--inferlet-time-budget", type=float, default=600.0, metavar="SECONDS",
                         help="wall-clock time an instance may run, waiting included (default: 600)")
+    limits.add_argument("--inferlet-time-slice-ms", type=float, default=5.0, metavar="MS",
+                        help="how long a guest runs before its front end's scheduler polls the others (the "
+                             "epoch tick; default: 5)")
     limits.add_argument("--inferlet-memory-mib", type=int, default=256, metavar="MIB",
                         help="linear memory per instance (default: 256)")
     limits.add_argument("--inferlet-max-pages", type=int, default=None, metavar="PAGES",
@@ -222,7 +225,9 @@ def _runtime_limits(args: argparse.Namespace, num_front_ends: int) -> dict[str, 
     each gets its share (a tenant's requests spread over the front ends)."""
     if args.compile_cache_mib <= 0:
         raise ValueError("--compile-cache-mib must be positive")
-    return {"time_budget_s": args.inferlet_time_budget, "memory_limit_bytes": args.inferlet_memory_mib << 20,
+    if not 0 < args.inferlet_time_slice_ms <= 1000:
+        raise ValueError("--inferlet-time-slice-ms must be in (0, 1000]")
+    return {"time_budget_s": args.inferlet_time_budget, "epoch_tick_s": args.inferlet_time_slice_ms / 1000, "memory_limit_bytes": args.inferlet_memory_mib << 20,
             "max_pages_per_instance": args.inferlet_max_pages, "http_allowed_hosts": list(args.http_allow),
             "max_instances_per_tenant": _share(args.tenant_max_instances, num_front_ends),
             "max_pages_per_tenant": _share(args.tenant_max_pages, num_front_ends),

@@ -95,3 +95,23 @@ def test_pie_serve_subprocess(tiny_llama_dir: Path, default_inferlet_wasm: Path,
             stopped = False
         log.close()
     assert stopped, "pie serve did not stop within 20 s of SIGTERM:\n" + (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def test_the_time_slice_reaches_every_front_ends_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pie_server.app.cli import build_parser
+    from pie_server.app.commands import serve
+
+    args = build_parser().parse_args(["serve", "--inferlet-time-slice-ms", "20"])
+    monkeypatch.setenv(serve.RUNTIME_ENV_VAR, json.dumps(serve._runtime_limits(args, 2)))
+    assert serve._runtime_config().epoch_tick_s == pytest.approx(0.020)
+    default = build_parser().parse_args(["serve"])
+    monkeypatch.setenv(serve.RUNTIME_ENV_VAR, json.dumps(serve._runtime_limits(default, 2)))
+    assert serve._runtime_config().epoch_tick_s == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "5000"])
+def test_a_bad_time_slice_is_a_clean_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from pie_server.app.cli import main
+
+    assert main(["serve", "--port", "1", "--inferlet-time-slice-ms", value]) == 2
+    assert "--inferlet-time-slice-ms must be in (0, 1000]" in capsys.readouterr().out
