@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-processes", type=int, default=None,
                         help="front-end processes (HTTP, SSE, detokenisation, inferlets) beside one engine-core "
                              "process (control layer + executor); 0: everything in one process "
-                             "(default: 0 on CPU, 2 on CUDA; docs/decisions/engine-core.md)")
+                             "(default: 0 on CPU, 4 on CUDA; docs/decisions/engine-core.md)")
     limits = parser.add_argument_group(
         "inferlet sandbox limits (every instance, the default inferlet's too; a run's \"limits\" may lower the "
         "first three, never raise them)")
@@ -206,7 +206,7 @@ def front_app():  # type: ignore[no-untyped-def]
 
 def _num_front_ends(api_processes: int | None, device: str) -> int:
     if api_processes is None:  # measured: docs/decisions/engine-core.md
-        return 0 if device == "cpu" else 2
+        return 0 if device == "cpu" else 4
     if api_processes < 0:
         raise ValueError("--api-processes must be >= 0")
     return api_processes

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pie_server.engine.config import EngineConfig
-from pie_server.engine.gil import set_server_switch_interval
+from pie_server.engine.gil import CORE_SWITCH_INTERVAL_S, set_server_switch_interval
 
 ENV_VAR = "PIE_ENGINE_CORE"
 PID_FILE = "core.pid"
@@ -79,7 +79,7 @@ def run_core(spec: CoreSpec) -> None:
     """The core process's main: load, then serve until the process that started it is gone."""
     # Ctrl-C reaches the whole process group: the serving process stops the core once its front ends drained.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    set_server_switch_interval()
+    set_server_switch_interval(CORE_SWITCH_INTERVAL_S)
     logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
     from pie_server.engine.core.server import EngineCore
     from pie_server.engine.engine import start_core_parts

@@ -18,6 +18,15 @@ def test_the_server_sets_half_a_millisecond_by_default(monkeypatch: pytest.Monke
     assert sys.getswitchinterval() == pytest.approx(0.0005)
 
 
+def test_the_engine_core_keeps_pythons_default_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(gil.ENV_VAR, raising=False)
+    gil.set_server_switch_interval(gil.CORE_SWITCH_INTERVAL_S)
+    assert sys.getswitchinterval() == pytest.approx(0.005)
+    monkeypatch.setenv(gil.ENV_VAR, "0.5")
+    gil.set_server_switch_interval(gil.CORE_SWITCH_INTERVAL_S)
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
+
+
 def test_the_environment_overrides_it_in_milliseconds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(gil.ENV_VAR, "5")
     gil.set_server_switch_interval()
