@@ -42,8 +42,10 @@ async def _stream(client: openai.AsyncOpenAI, i: int, hang_up: bool) -> str | No
         if chunk.usage is not None:
             num_tokens = chunk.usage.completion_tokens
         if hang_up and num_chunks:
-            await stream.close()  # closes the connection mid-stream
-            return None
+            break  # (out of the iteration first: closing the stream inside it raced the SDK's own generator)
+    if hang_up and num_chunks:
+        await stream.close()  # closes the connection mid-stream
+        return None
     # A client slower than the engine gets several tokens in one chunk (app/inferlet_run.py), so the chunks
     # are not counted: the usage chunk says whether the whole answer came.
     assert num_chunks >= 1 and num_tokens == MAX_TOKENS, (num_chunks, num_tokens)
