@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,11 @@ def _stage(src: InferletSource, stage: Path) -> None:
     (stage / f"{ENTRY_MODULE}.py").write_text(_ENTRY_TEMPLATE.format(module=src.module))
 
 
+# CPython 3.11 raised "SystemError: AST constructor recursion depth mismatch" when two threads built ASTs at once
+# (python/cpython#106905; seen here in CI, two inferlet builds in a thread pool): builds parse one at a time.
+_PARSE_LOCK = threading.Lock()
+
+
 def _temp_sibling(path: Path) -> Path:
     """A unique temporary name next to path (concurrent builds of one source, from threads or processes,
     each write their own file and os.replace it into place)."""
@@ -170,7 +176,8 @@ def _temp_sibling(path: Path) -> Path:
 def _check_entry(path: Path) -> None:
     """The entry module must parse and define main (or WitWorld) at the top level."""
     try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
+        with _PARSE_LOCK:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
     except SyntaxError as error:
         raise BuildError(f"{path}:{error.lineno}: syntax error: {error.msg}") from None
     names = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}

@@ -239,11 +239,12 @@ def test_a_front_end_exits_while_its_restart_waits_for_the_engine_core(dummy_was
 
 
 def test_an_engine_that_connects_after_the_stop_is_closed(dummy_wasm, tmp_path) -> None:
-    release = threading.Event()
+    release, reconnecting = threading.Event(), threading.Event()
     engines: list[RestartableEngine] = []
 
     def factory() -> RestartableEngine:
         if engines:
+            reconnecting.set()
             release.wait(10)
         engines.append(RestartableEngine())
         return engines[-1]
@@ -253,7 +254,9 @@ def test_an_engine_that_connects_after_the_stop_is_closed(dummy_wasm, tmp_path) 
         await state.start()
         await state.wait_ready()
         engines[0].is_alive = False  # the watcher restarts it
-        while state.status != "restarting":
+        # Stopped once the reconnection is under way (a stop while the dead view still closes, status already
+        # "restarting", rightly starts no reconnection, and the test would wait for an engine never made).
+        while not reconnecting.is_set():
             await asyncio.sleep(0.01)
         await asyncio.wait_for(state.stop(), 5)
 
