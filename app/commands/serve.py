@@ -227,7 +227,8 @@ def _runtime_limits(args: argparse.Namespace, num_front_ends: int) -> dict[str, 
         raise ValueError("--compile-cache-mib must be positive")
     if not 0 < args.inferlet_time_slice_ms <= 1000:
         raise ValueError("--inferlet-time-slice-ms must be in (0, 1000]")
-    return {"time_budget_s": args.inferlet_time_budget, "epoch_tick_s": args.inferlet_time_slice_ms / 1000, "memory_limit_bytes": args.inferlet_memory_mib << 20,
+    return {"time_budget_s": args.inferlet_time_budget, "epoch_tick_s": args.inferlet_time_slice_ms / 1000,
+            "memory_limit_bytes": args.inferlet_memory_mib << 20,
             "max_pages_per_instance": args.inferlet_max_pages, "http_allowed_hosts": list(args.http_allow),
             "max_instances_per_tenant": _share(args.tenant_max_instances, num_front_ends),
             "max_pages_per_tenant": _share(args.tenant_max_pages, num_front_ends),

@@ -115,7 +115,7 @@ def test_a_bad_time_slice_is_a_clean_error(value: str, capsys: pytest.CaptureFix
 
     interval = sys.getswitchinterval()  # main() sets the server's before it validates; not for the other tests
     try:
-            assert main(["serve", "--port", "1", "--inferlet-time-slice-ms", value]) == 2
+        assert main(["serve", "--port", "1", "--inferlet-time-slice-ms", value]) == 2
     finally:
         sys.setswitchinterval(interval)
     assert "--inferlet-time-slice-ms must be in (0, 1000]" in capsys.readouterr().out

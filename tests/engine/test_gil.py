@@ -40,7 +40,8 @@ def test_a_bad_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, raw: str)
         gil.set_server_switch_interval()
 
 
-def test_pie_serve_reports_a_bad_value_and_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pie_serve_reports_a_bad_value_and_exits_2(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from pie_server.app.cli import main
 
     monkeypatch.setenv(gil.ENV_VAR, "fast")
