@@ -5,13 +5,16 @@
 #                client, msgspec, pyzmq, prometheus-client, jsonschema, llguidance, py-spy), Python 3.12 x86_64
 #   .gpu-model/  smollm2/ (the default model's config and tokenizer), llama-3.1-8b/ (Llama-3.1-8B's config and
 #                SmolLM2's tokenizer padded to 128,256 ids, gzipped: random weights emit any id), pie-cache/
-#                inferlets/<key>.wasm.gz (the default and react-agent inferlets built here: nothing is compiled
-#                there), vllm-serve.sh (../shared/peers/vllm/serve.sh)
+#                inferlets/<key>.wasm.gz (the default inferlet, and react-agent with --agentic, built here: nothing
+#                is compiled there), vllm-serve.sh (../shared/peers/vllm/serve.sh)
 #
-#   bash scripts/gpu_prepare.sh          # after `make install`; about a minute with warm caches
+#   bash scripts/gpu_prepare.sh [--agentic]  # after `make install`; about a minute with warm caches
+# Without --agentic the two folders plus the tracked tree stay under the 64 MiB carry limit with room for a
+# .base/tree.tgz (an A/B against an older commit); react-agent's build (6.5 MB) is for `gpu_serving.sh agentic`.
 # Then pass carry [".whl", ".gpu-model"] and start the device command with `bash scripts/gpu_serving.sh setup ...`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+AGENTIC=0; [ "${1:-}" = --agentic ] && AGENTIC=1
 ROOT=$PWD; PY=$ROOT/.venv/bin/python; G=$ROOT/.gpu-model
 [ -x "$PY" ] || { echo "run make install first"; exit 2; }
 for d in /.whl/ /.gpu-model/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
@@ -33,7 +36,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 rm -rf "$G" && mkdir -p "$G/smollm2" "$G/llama-3.1-8b" "$G/pie-cache/inferlets"
 cp ../shared/peers/vllm/serve.sh "$G/vllm-serve.sh"
 # -P: the checkout is not put on sys.path (its kernels/ folder would shadow the `kernels` package transformers probes)
-"$PY" -P - "$G" <<'EOF'
+"$PY" -P - "$G" "$AGENTIC" <<'EOF'
 import gzip, json, shutil, sys
 from pathlib import Path
 
@@ -69,7 +72,7 @@ assert tok.get_vocab_size() == 128256, tok.get_vocab_size()
 with gzip.open(llama / "tokenizer.json.gz", "wt") as f:
     f.write(tok.to_str())
 
-for source in (DEFAULT_INFERLET_SOURCE, CONTRIB_DIR / "react-agent"):
+for source in (DEFAULT_INFERLET_SOURCE, *([CONTRIB_DIR / "react-agent"] if sys.argv[2] == "1" else [])):
     key = source_hash(find_source(source))  # the name the GPU machine's build cache looks for
     built = build_inferlet(source, Path("/tmp") / f"pie-gpu-prepare-{key}.wasm", progress=False)
     with open(built, "rb") as src, gzip.open(out / "pie-cache" / "inferlets" / f"{key}.wasm.gz", "wb") as dst:

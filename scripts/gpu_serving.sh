@@ -9,6 +9,7 @@
 #   bash scripts/gpu_serving.sh tax SHAPE [N]         # bench/programmability_tax.py --api-processes N (default 0)
 #   bash scripts/gpu_serving.sh agentic SHAPE ARGS... # python -m bench.agentic on SHAPE (consumes the rest; ARGS
 #                                                     # override, e.g. --concurrency 1 16 128); $OUT/agentic_SHAPE.json
+#                                                     # (needs react-agent's build: `gpu_prepare.sh --agentic`)
 #   bash scripts/gpu_serving.sh profile SHAPE N C [S] # py-spy over `pie serve --api-processes N` for S seconds (15)
 #                                                     # under bench/http_load.py at concurrency C: $OUT/profile_*.txt
 #   bash scripts/gpu_serving.sh agentic-profile SHAPE C [S] # py-spy over bench.agentic at concurrency C for S seconds
