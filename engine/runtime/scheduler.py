@@ -6,6 +6,14 @@ CPU time). A completed Future posts the instance back to the scheduler, which ad
 the instance again. Thus 1000 instances issue their forward calls in one round and they land in one batch.
 (docs/decisions/execution-model.md has the measurements against one thread per instance.)
 
+Order of polls (a multilevel feedback queue): an instance whose wait ended (a host call answered, a message
+arrived) is polled before any other; the others (new instances, slices that ran out) wait in one queue whose
+head is polled one at a time, with every due event and woken instance served between two such polls. An
+instance keeps the head of that queue while it is young (its polls add up to less than `YOUNG_RUN_S`), so
+instances that start together run their starts one after the other, oldest first, instead of sharing the
+thread in slices until all of them are done; a guest that computes longer falls back to round-robin slices.
+(docs/decisions/execution-model.md, "Who is polled next".)
+
 Invariants: all wasmtime objects and all InstanceState fields are touched only by the scheduler thread;
 other threads talk to it with post(). An instance is stopped only between polls (a kill during a poll is
 deferred); stopping deletes its call future (cancelling the guest), then its store. A background instance (a
@@ -33,6 +41,7 @@ from pie_server.engine.runtime.instance import HostTask, InstanceState
 
 log = logging.getLogger(__name__)
 MAX_GUEST_TAIL_CHARS = 500  # of the guest's own output, quoted in a trap's message
+YOUNG_RUN_S = 0.05  # an instance polled for less than this in all keeps the head of the queue (its start)
 
 
 class Scheduler:
@@ -43,7 +52,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._events: collections.deque[Callable[[], None]] = collections.deque()
         self._sleeping = False  # the loop waits on _cond: a poster must notify (read without the lock)
-        self._runnable: collections.deque[InstanceState] = collections.deque()
+        self._woken: collections.deque[InstanceState] = collections.deque()  # waits that ended: polled first
+        self._runnable: collections.deque[InstanceState] = collections.deque()  # the head is polled, one a turn
         self._background: collections.deque[InstanceState] = collections.deque()  # runnable, polled when idle
         # (instance, future) of lean-path waits whose future completed (appended by any thread)
         self._completed: collections.deque[tuple[InstanceState, Future]] = collections.deque()
@@ -104,12 +114,13 @@ class Scheduler:
             self._stop(inst, False, f"failed to start: {error}")
             return
         self._start_deadline(inst)
-        self._requeue(inst)
+        (self._background if inst.background else self._runnable).append(inst)  # new: the queue's back
 
     def launch_warm(self, inst: InstanceState) -> None:
         """A warm instance was launched (its deadline set): from now on polled as any other, and stopped at
         its deadline."""
         inst.background = False
+        inst.polled_s = 0.0  # its request's start is young again (prepare() ran in idle time)
         if inst in self._background:
             self._background.remove(inst)
             self._runnable.append(inst)
@@ -121,8 +132,17 @@ class Scheduler:
                             lambda: self.kill(inst, inst.over_budget_reason))
 
     def _requeue(self, inst: InstanceState) -> None:
-        """inst can be polled again."""
-        (self._background if inst.background else self._runnable).append(inst)
+        """inst's wait ended: it is polled before the queue's head."""
+        (self._background if inst.background else self._woken).append(inst)
+
+    def _requeue_yielded(self, inst: InstanceState) -> None:
+        """inst is new or its slice ran out: back to the queue, at its head while young."""
+        if inst.background:
+            self._background.append(inst)
+        elif inst.polled_s < YOUNG_RUN_S:
+            self._runnable.appendleft(inst)
+        else:
+            self._runnable.append(inst)
 
     def kill(self, inst: InstanceState, reason: str) -> None:
         if inst.finished:
@@ -268,7 +288,7 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
-            if not self._events and not self._runnable and not self._completed and not self._background:
+            if not (self._events or self._woken or self._runnable or self._completed or self._background):
                 self._wait()
             if self._stopping:
                 break
@@ -279,10 +299,12 @@ class Scheduler:
                 self._take_completions()
             if self._timers:
                 self._fire_timers()
-            runnable = self._runnable
-            for _ in range(len(runnable)):
-                self._step(runnable.popleft())
-            if self._background and not (self._runnable or self._events or self._completed):
+            woken = self._woken
+            for _ in range(len(woken)):
+                self._step(woken.popleft())
+            if self._runnable:
+                self._step(self._runnable.popleft())
+            elif self._background and not (self._woken or self._events or self._completed):
                 self._step(self._background.popleft())
         for inst in list(self._by_slot.values()):
             self._stop(inst, False, "the runtime shut down")
@@ -293,8 +315,8 @@ class Scheduler:
             self._sleeping = True
             self._live.clear()
             try:
-                while not self._events and not self._runnable and not self._completed and not self._stopping \
-                        and not self._background:
+                while not (self._events or self._woken or self._runnable or self._completed or self._stopping
+                           or self._background):
                     timeout = self._timers[0][0] - time.monotonic() if self._timers else None
                     if timeout is not None and timeout <= 0:
                         break
@@ -320,11 +342,13 @@ class Scheduler:
         if inst.phase == "finished" or (task is not None and not task.done):
             return
         self._current = inst
+        started = time.perf_counter()
         try:
             self.num_polls += 1
             finished = inst.call.poll(1)  # a fresh time slice (epoch deadline): no instant yield after a wait
         finally:
             self._current = None
+            inst.polled_s += time.perf_counter() - started
         deferred = self._deferred is inst  # a lean call suspended in this poll: its impl runs now
         self._deferred = None
         if inst.kill_reason is not None:
@@ -338,7 +362,7 @@ class Scheduler:
             if time.monotonic() > inst.deadline:
                 self._stop(inst, False, inst.over_budget_reason)
             else:
-                self._requeue(inst)
+                self._requeue_yielded(inst)
 
     def _finish_call(self, inst: InstanceState) -> None:
         outcome = inst.call_outcome
@@ -364,7 +388,7 @@ class Scheduler:
             return
         inst.call, inst.call_outcome = ffi_async.call_run_async(func, inst.store)
         inst.phase = "running"
-        self._requeue(inst)
+        self._requeue_yielded(inst)  # instantiation is part of the start: young instances go on at once
 
     def _stop(self, inst: InstanceState, ok: bool, error: str | None) -> None:
         if inst.finished:
