@@ -34,6 +34,8 @@ class InstanceHandle(Protocol):
 
     def kill(self) -> None: ...
 
+    def trace_into(self, marks: dict[str, float]) -> None: ...
+
 
 @dataclass(frozen=True)
 class PromptInfo:

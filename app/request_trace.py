@@ -1,11 +1,16 @@
 """Where a request's time to first token goes, one JSON line per request (PIE_REQUEST_TRACE=PATH; each front-end
 process appends to PATH.<pid>). Off by default; for benchmarks (docs/benchmarks.md).
 
-A line: {"in_flight": n, "slot": ms, "launched": ms, "prompt": ms, "admitted": ms, "first_token": ms}: the HTTP
-requests this front end was answering when the request's run began (the load it met), then each phase's time
-since the request arrived at the route: a run slot taken (AppState.run), the instance launched, its "prompt" event read
-(the inferlet's start: instantiation, template, tokenization), its KV pages reserved (admission), its first
-text delta read (prefill and the first step in the engine core, the stream back)."""
+A line: {"in_flight": n, "arrival_s": s, "slot": ms, "launched": ms, "prompt": ms, "admitted": ms, "submitted": ms,
+"received": ms, "first_token": ms}: the HTTP requests this front end was answering when the request's run began
+(the load it met), when it arrived (time.monotonic(), the same clock in every process of the machine), then each
+phase's time since it arrived at the route: a run slot taken (AppState.run), the instance launched, its "prompt"
+event read (the inferlet's start: instantiation, template, tokenization), its KV pages reserved (admission), its
+generation sent to the engine core (the "go" message read and the inferlet's own work until `generate`), the
+first sampled token back in the front end (the engine core: queueing, prefill, the step), its first text delta
+read by the HTTP side (the front end's scheduler thread, detokenization, the outbox). "submitted" and
+"received" come from the runtime's generate path (engine/runtime/api_generate.py); an inferlet that never
+calls `generate` has neither."""
 from __future__ import annotations
 
 import json
@@ -15,7 +20,8 @@ import time
 from typing import TextIO
 
 ENV_VAR = "PIE_REQUEST_TRACE"
-PHASES = ("slot", "launched", "prompt", "admitted", "first_token")
+PHASES = ("slot", "launched", "prompt", "admitted", "submitted", "received", "first_token")
+ENGINE_PHASES = ("submitted", "received")  # marked by the runtime, absent for inferlets without `generate`
 
 
 class RequestTrace:
@@ -41,6 +47,6 @@ class TraceWriter:
 
     def write(self, trace: RequestTrace, arrival: float) -> None:
         phases = {p: round((trace.marks[p] - arrival) * 1e3, 3) for p in PHASES if p in trace.marks}
-        line = json.dumps({"in_flight": trace.in_flight, **phases})
+        line = json.dumps({"in_flight": trace.in_flight, "arrival_s": round(arrival, 4), **phases})
         with self._lock:
             self._file.write(line + "\n")

@@ -327,6 +327,8 @@ class AppState:
             source = self._program_sources.get(program_hash) if program_hash else None
             run = InferletRun(handle, source.name if source else DEFAULT_INFERLET_NAME)
             run.trace.marks["slot"] = launch_started
+            if self.trace_writer is not None:
+                handle.trace_into(run.trace.marks)  # the runtime's marks (submitted, received) join the app's
             run.trace.in_flight = self.num_in_flight
             run.trace.mark("launched")
             self.num_running += 1

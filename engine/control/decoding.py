@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -60,6 +61,7 @@ class DecodeStream:
         self._outputs: list[OutputResult] = []
         self._waiter: list[Future[None]] = []  # at most one; a box, so done's callback holds no reference to self
         self.stop_requested = False
+        self.first_output_at: float | None = None  # time.monotonic() of the first push (request traces)
         # No reference cycle (a bound method here would make one): garbage collection stays rare.
         self.done.add_done_callback(functools.partial(_wake_at_end, self._lock, self._waiter))
 
@@ -68,6 +70,8 @@ class DecodeStream:
         with self._lock:
             self._outputs.append(output)
             waiter = self._waiter.pop() if self._waiter else None
+        if self.first_output_at is None:
+            self.first_output_at = time.monotonic()
         return waiter
 
     def drain(self) -> list[OutputResult]:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -300,6 +301,7 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
     decode; its tokens stream back and are accepted here (stop strings, detokenization, streaming)."""
     control, model = host.control, host.model
     room_tokens = host.config.decode_room_pages * model.page_size
+    marks = inst.trace_marks  # a traced request's (app/request_trace.py): the first decode sent and answered
     while any(s.active for s in seqs):
         active = [s for s in seqs if s.active]
         room = [max(0, min(s.max_tokens - len(s.generated) - 1, room_tokens,
@@ -315,8 +317,12 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
                     grammar=_resumed(seq.grammar_spec, seq.generated))))
             except ControlError as error:
                 _fail(seq, inst, "forward", error)
+        if marks is not None:
+            marks.setdefault("submitted", time.monotonic())
         while streams:
             for key, (seq, stream) in list(streams.items()):
+                if marks is not None and "received" not in marks and stream.first_output_at is not None:
+                    marks["received"] = stream.first_output_at
                 ended = stream.done.done()  # read first: every output is pushed before the end is settled
                 for output in stream.drain():
                     if seq.active:

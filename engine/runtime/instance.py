@@ -61,6 +61,9 @@ class InstanceState:
     launched: Future[None] | None = None
     parked: bool = False  # a warm instance waiting in runtime.arguments for its launch
     background: bool = False  # polled only when nothing else can run (a warm instance until its launch)
+    # A request trace's marks (app/request_trace.py), when the server traces: the generate path adds when its
+    # decodes went to the engine ("submitted") and when their first outputs came back ("received").
+    trace_marks: dict[str, float] | None = None
     polled_s: float = 0.0  # wall time spent in its polls (the scheduler's young/old order; reset at a warm launch)
     counted: bool = True  # in its tenant's live instances (TenantInstances); a warm instance from its launch
     on_exit: list[Callable[["InstanceState"], None]] = field(default_factory=list)

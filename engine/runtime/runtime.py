@@ -94,6 +94,10 @@ class InstanceHandle:
             raise ValueError("the instance's inbox is full")
         self._state.inbox.put(message)
 
+    def trace_into(self, marks: dict[str, float]) -> None:
+        """The generate path adds its marks to marks (app/request_trace.py); set before the instance generates."""
+        self._state.trace_marks = marks
+
     def kill(self, reason: str = "killed by the client") -> None:
         self._runtime._scheduler.post(lambda: self._runtime._scheduler.kill(self._state, reason))
 

@@ -43,6 +43,15 @@ class FakeHandle:
         self.outbox: Mailbox[Message] = Mailbox()
         self.killed = threading.Event()
         self.inbox: Mailbox[str] = Mailbox()
+        self.trace_marks: dict[str, float] | None = None
+
+    def trace_into(self, marks: dict[str, float]) -> None:
+        self.trace_marks = marks
+
+    def mark(self, phase: str) -> None:
+        """What the runtime's generate path marks in a traced request (app/request_trace.py)."""
+        if self.trace_marks is not None:
+            self.trace_marks.setdefault(phase, time.monotonic())
 
     def send(self, message: str) -> None:
         self.inbox.put(message)
@@ -126,6 +135,7 @@ def _fake_inferlet(handle: FakeHandle, request: dict[str, Any], tokenizer: FakeT
         except TimeoutError:
             if handle.killed.is_set():
                 return False
+    handle.mark("submitted")
     choices = []
     n = request["n"]
     for index in range(len(prompt_ids) * n):
@@ -143,6 +153,7 @@ def _fake_inferlet(handle: FakeHandle, request: dict[str, Any], tokenizer: FakeT
             if position == fail_after_tokens:
                 raise _Crash("RuntimeError: generate: the executor failed this step")
             time.sleep(delay_s)
+            handle.mark("received")
             if token < 256:
                 handle.outbox.put(Text(tokenizer.decode([token]), channel=index))
         num_logprobs = request["sampling"]["num_logprobs"]

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +31,30 @@ def test_each_request_writes_its_phases_in_order(make_fake_server: Callable[...,
     assert len(lines) == 2
     for line in lines:
         assert line.pop("in_flight") == 1  # this request, alone
-        assert list(line) == list(PHASES)
+        assert 0 < line.pop("arrival_s") <= time.monotonic()  # the machine's monotonic clock, in seconds
+        assert list(line) == list(PHASES)  # the fake inferlet marks what the runtime's generate path does
         times = [line[p] for p in PHASES]
         assert times == sorted(times) and times[0] >= 0
+
+
+def _summary(path: Path) -> list[str]:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "trace_summary.py"
+    done = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_the_summary_splits_the_time_to_first_token_by_phase(tmp_path: Path) -> None:
+    """Spans between consecutive phases per load band; the runtime's phases only where every line has them."""
+    line = {"in_flight": 1, "arrival_s": 5.0, "slot": 1.0, "launched": 2.0, "prompt": 4.0, "admitted": 5.0,
+            "submitted": 8.0, "received": 16.0, "first_token": 32.0}
+    (tmp_path / "trace.1").write_text(json.dumps(line) + "\n" + json.dumps({**line, "in_flight": 20}) + "\n")
+    header, columns, one, busy = _summary(tmp_path / "trace")
+    assert header.startswith("2 requests") and columns.split()[3:] == list(PHASES)
+    assert [float(v) for v in one.split()[2::3]] == [1.0, 1.0, 2.0, 1.0, 3.0, 8.0, 16.0]
+    assert busy.split()[:2] == ["9-32", "1"]
+    untraced = {k: v for k, v in line.items() if k not in ("submitted", "received")}  # no `generate` call
+    (tmp_path / "trace.2").write_text(json.dumps(untraced) + "\n")
+    _, columns, one, _ = _summary(tmp_path / "trace")
+    assert columns.split()[3:] == ["slot", "launched", "prompt", "admitted", "first_token"]
+    assert one.split()[:2] == ["1", "2"] and float(one.split()[-3]) == 27.0

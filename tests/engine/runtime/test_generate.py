@@ -1,6 +1,7 @@
 """The host-side decode loop (generate / generate-all), driven directly against the fake control."""
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 from typing import Any, Iterator
 
@@ -235,4 +236,30 @@ def test_a_generate_frees_its_room_pages_without_waiting_for_the_reply() -> None
     reply.set_exception(ControlError("instance closing"))  # ... and the expected error is dropped quietly
     control.close_instance(inst.id)
     assert control.num_free_pages == control.info.num_pages
+    control.stop()
+
+
+def test_a_traced_generation_marks_when_its_decode_went_out_and_its_first_token_came_back() -> None:
+    """A request trace's marks (app/request_trace.py) from the generate path: "submitted" when the decode went to
+    the control layer, "received" when its first output arrived (the push's time, not the drain's); an
+    untraced instance gets none."""
+    control = FakeControl(num_pages=64, page_size=PAGE_SIZE)
+    host = Host(control=control, tokenizer=ByteTokenizer(), model=MODEL, config=RuntimeConfig(decode_in_control=True),
+                call_later=lambda delay, fn: None, run_blocking=lambda fn: Future())
+    generate = {f.name: f.impl for f in api_generate.functions(host)}["generate"]
+    for traced in (True, False):
+        inst = InstanceState(id=InstanceId(f"gen-{traced}"), program_hash="", arguments=(), tenant="t", deadline=1e18)
+        control.open_instance(inst.id)
+        marks: dict[str, float] = {"admitted": time.monotonic()}
+        if traced:
+            inst.trace_marks = marks
+        tag, _ = drive(generate(inst, request()))
+        done = time.monotonic()
+        assert tag == "ok"
+        if traced:
+            assert list(marks) == ["admitted", "submitted", "received"]
+            assert marks["admitted"] <= marks["submitted"] <= marks["received"] <= done
+        else:
+            assert list(marks) == ["admitted"]
+        control.close_instance(inst.id)
     control.stop()
