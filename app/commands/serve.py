@@ -11,11 +11,12 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from pie_server.app.config import ServerConfig
-from pie_server.engine.gil import set_server_switch_interval
+from pie_server.engine.gil import server_switch_interval_s, set_server_switch_interval
 
 DEFAULT_PORT = 8000
 CONFIG_ENV_VAR = "PIE_SERVER_CONFIG"  # the ServerConfig of front-end processes
@@ -112,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     try:
-        set_server_switch_interval()  # the one-process server's (front ends and the core set their own)
+        switch_interval_s = server_switch_interval_s()  # set once everything is valid (an error changes nothing)
         engine_config = _engine_config(args)
         num_front_ends = _num_front_ends(args.api_processes, engine_config.device)
         os.environ[RUNTIME_ENV_VAR] = json.dumps(_runtime_limits(args, max(1, num_front_ends)))
@@ -127,6 +128,7 @@ def main(args: argparse.Namespace) -> int:
     if args.default_inferlet is not None and not args.default_inferlet.is_file():
         print(f"pie serve: error: {args.default_inferlet}: no such file")
         return 2
+    sys.setswitchinterval(switch_interval_s)  # the one-process server's (front ends and the core set their own)
     print(f"pie serve: listening on http://{args.host}:{args.port} (GET /health is 200 once the model is loaded)",
           flush=True)
     if num_front_ends == 0:

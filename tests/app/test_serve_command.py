@@ -113,9 +113,7 @@ def test_the_time_slice_reaches_every_front_ends_runtime(monkeypatch: pytest.Mon
 def test_a_bad_time_slice_is_a_clean_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     from pie_server.app.cli import main
 
-    interval = sys.getswitchinterval()  # main() sets the server's before it validates; not for the other tests
-    try:
-        assert main(["serve", "--port", "1", "--inferlet-time-slice-ms", value]) == 2
-    finally:
-        sys.setswitchinterval(interval)
+    interval = sys.getswitchinterval()
+    assert main(["serve", "--port", "1", "--inferlet-time-slice-ms", value]) == 2
     assert "--inferlet-time-slice-ms must be in (0, 1000]" in capsys.readouterr().out
+    assert sys.getswitchinterval() == interval  # an error changes nothing in the calling process
