@@ -9,8 +9,8 @@ event read (the inferlet's start: instantiation, template, tokenization), its KV
 generation sent to the engine core (the "go" message read and the inferlet's own work until `generate`), the
 first sampled token back in the front end (the engine core: queueing, prefill, the step), its first text delta
 read by the HTTP side (the front end's scheduler thread, detokenization, the outbox). "submitted" and
-"received" come from the runtime's generate path (engine/runtime/api_generate.py); an inferlet that never
-calls `generate` has neither."""
+"received" come from the runtime's generate path when it decodes in the control layer, the default
+(engine/runtime/api_generate.py); an inferlet that never calls `generate` has neither."""
 from __future__ import annotations
 
 import json
