@@ -49,12 +49,24 @@ def test_the_summary_splits_the_time_to_first_token_by_phase(tmp_path: Path) -> 
     line = {"in_flight": 1, "arrival_s": 5.0, "slot": 1.0, "launched": 2.0, "prompt": 4.0, "admitted": 5.0,
             "submitted": 8.0, "received": 16.0, "first_token": 32.0}
     (tmp_path / "trace.1").write_text(json.dumps(line) + "\n" + json.dumps({**line, "in_flight": 20}) + "\n")
-    header, columns, one, busy = _summary(tmp_path / "trace")
+    header, columns, one, _, busy, _ = _summary(tmp_path / "trace")
     assert header.startswith("2 requests") and columns.split()[3:] == list(PHASES)
     assert [float(v) for v in one.split()[2::3]] == [1.0, 1.0, 2.0, 1.0, 3.0, 8.0, 16.0]
     assert busy.split()[:2] == ["9-32", "1"]
     untraced = {k: v for k, v in line.items() if k not in ("submitted", "received")}  # no `generate` call
     (tmp_path / "trace.2").write_text(json.dumps(untraced) + "\n")
-    _, columns, one, _ = _summary(tmp_path / "trace")
+    _, columns, one, _, _, _ = _summary(tmp_path / "trace")
     assert columns.split()[3:] == ["slot", "launched", "prompt", "admitted", "first_token"]
     assert one.split()[:2] == ["1", "2"] and float(one.split()[-3]) == 27.0
+
+
+def test_the_summary_shows_where_the_slowest_tenth_waited(tmp_path: Path) -> None:
+    """Below each band, the requests whose first token came at or after the band's p90: here the one whose
+    start (launched -> prompt) took 100 ms more than the other nine's."""
+    fast = {"in_flight": 12, "arrival_s": 1.0, "slot": 1.0, "launched": 2.0, "prompt": 5.0, "admitted": 6.0,
+            "submitted": 7.0, "received": 17.0, "first_token": 18.0}
+    slow = {**fast, **{p: fast[p] + 100.0 for p in PHASES[2:]}}
+    (tmp_path / "trace.1").write_text("".join(json.dumps(r) + "\n" for r in [fast] * 9 + [slow]))
+    _, _, band, tail = _summary(tmp_path / "trace")
+    assert band.split()[:2] == ["9-32", "10"] and tail.split()[:2] == ["tail", "1"]
+    assert [float(v) for v in tail.split()[2::3]] == [1.0, 1.0, 103.0, 1.0, 1.0, 10.0, 1.0]
