@@ -288,7 +288,7 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
-            if not (self._events or self._woken or self._runnable or self._completed or self._background):
+            if not self._has_work():
                 self._wait()
             if self._stopping:
                 break
@@ -309,14 +309,17 @@ class Scheduler:
         for inst in list(self._by_slot.values()):
             self._stop(inst, False, "the runtime shut down")
 
+    def _has_work(self) -> bool:
+        """An event, a completion or an instance to poll (background ones included) waits."""
+        return bool(self._events or self._completed or self._woken or self._runnable or self._background)
+
     def _wait(self) -> None:
         """Sleep until an event is posted, a timer is due or shutdown."""
         with self._cond:
             self._sleeping = True
             self._live.clear()
             try:
-                while not (self._events or self._woken or self._runnable or self._completed or self._stopping
-                           or self._background):
+                while not (self._has_work() or self._stopping):
                     timeout = self._timers[0][0] - time.monotonic() if self._timers else None
                     if timeout is not None and timeout <= 0:
                         break
