@@ -123,9 +123,6 @@ class EngineConfig:
     # CUDA graphs: steps with prefill tokens (up to 512) replay all but attention from per-layer graphs
     # (engine/executor/piecewise_graphs.py). False: they run eagerly (A/B runs).
     piecewise_graphs: bool = True
-    # Steps with decodes leave new prefills queued this long so that they share a mixed step
-    # (ControlConfig.prefill_hold_s). 0: off.
-    prefill_hold_ms: float = 0.0
     seed: int = 0
     # Ranks that split the model Megatron-style (engine/model/parallel.py), one device each: cuda:N..N+P-1 from
     # `device` cuda:N, or P processes on CPU (gloo; for tests). The model's heads, KV heads and MLP width must be
@@ -151,8 +148,6 @@ class EngineConfig:
             raise ValueError(f"unsupported dtype {self.dtype!r}")
         if self.swap_space_gib is not None and not self.swap_space_gib > 0:
             raise ValueError(f"swap_space_gib must be positive, got {self.swap_space_gib}")
-        if not 0 <= self.prefill_hold_ms <= 1000:
-            raise ValueError(f"prefill_hold_ms must be in [0, 1000], got {self.prefill_hold_ms}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and self.device.split(":")[0] not in ("cpu", "cuda"):

@@ -74,9 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-piecewise-graphs", action="store_true",
                         help="run steps with prefill tokens eagerly (default: all but attention from CUDA graphs, "
                              "for steps of up to 512 tokens)")
-    parser.add_argument("--prefill-hold-ms", type=float, default=0.0, metavar="MS",
-                        help="a step with decodes leaves new prompts queued for up to MS so that prompts arriving "
-                             "one by one share one mixed step (default: 0, off; docs/decisions/prefill-hold.md)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                         help="split the model over N GPUs (cuda:0..N-1, or from --device cuda:K), Megatron-style; N "
                              "must divide the model's attention and KV heads (docs/decisions/tensor-parallel.md)")
@@ -264,8 +261,7 @@ def _engine_config(args: argparse.Namespace):  # -> EngineConfig
                         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
                         cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=not args.no_piecewise_graphs,
                         gpu_memory_utilization=args.gpu_memory_utilization,
-                        tensor_parallel_size=args.tensor_parallel_size, swap_space_gib=args.swap_space,
-                        prefill_hold_ms=args.prefill_hold_ms)
+                        tensor_parallel_size=args.tensor_parallel_size, swap_space_gib=args.swap_space)
 
 
 def _cache_root() -> Path:

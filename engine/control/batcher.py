@@ -37,8 +37,6 @@ class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
     # Per instance, how many queue items (from the head) are fully taken; a chunked item stays queued.
     num_consumed: dict[InstanceState, int] = field(default_factory=dict)
-    # Whether a prefill stays queued, whole or in part, after this step (held, or past the budget).
-    prefill_left: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -67,7 +65,6 @@ class _Planner:
         self.budget = config.max_batch_tokens
         self.seats = config.max_batch_size
         self.prefill_taken = False  # whether the prefill pass has taken anything yet
-        self.holding = False  # the prefill pass leaves new prefills queued (plan_step's hold_prefills)
 
     def advance(self, instance: InstanceState, cursor: _Cursor, decodes_only: bool) -> None:
         queue = instance.queue
@@ -81,15 +78,9 @@ class _Planner:
                 cursor.position += 1
                 continue
             remaining = item.num_tokens - item.num_scheduled  # item.num_remaining (no property call)
-            if remaining > self.config.decode_max_tokens:
-                if decodes_only:
-                    return  # the prefill pass takes it (and maybe chunks it)
-                if self.holding and item.num_scheduled == 0:
-                    self.plan.prefill_left = cursor.done = True  # a new prefill waits (a started one goes on)
-                    return
+            if decodes_only and remaining > self.config.decode_max_tokens:
+                return  # the prefill pass takes it (and maybe chunks it)
             if not self._take_forward(instance, cursor, item, remaining, decodes_only):
-                if not decodes_only:
-                    self.plan.prefill_left = True
                 return
 
     def _take_forward(self, instance: InstanceState, cursor: _Cursor, item: ForwardItem, remaining: int,
@@ -137,13 +128,11 @@ class _Planner:
         return any(p in read_ids for p in item.written_ids) or any(p in write_ids for p in item.page_ids)
 
 
-def plan_step(instances: Iterable[InstanceState], config: ControlConfig, hold_prefills: bool = False) -> StepPlan:
-    """instances: those with queued work that may run now (resident, not failed), oldest work first.
-    hold_prefills: if the step has decodes, new prefills stay queued (ControlConfig.prefill_hold_s)."""
+def plan_step(instances: Iterable[InstanceState], config: ControlConfig) -> StepPlan:
+    """instances: those with queued work that may run now (resident, not failed), oldest work first."""
     planner = _Planner(config)
     cursors = {instance: _Cursor() for instance in instances}
     for decodes_only in (True, False):
-        planner.holding = hold_prefills and not decodes_only and bool(planner.plan.chunks)
         for instance, cursor in cursors.items():
             if not cursor.done and cursor.position < len(instance.queue):  # advance's own test, hoisted
                 planner.advance(instance, cursor, decodes_only)

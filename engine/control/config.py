@@ -34,12 +34,6 @@ class ControlConfig:
     # Submit step N + 1 before delivering step N (StepLoop._step_pipelined): the host's work overlaps the
     # device's. Needs an executor with submit(); pays off where the device runs asynchronously (CUDA).
     pipeline: bool = False
-    # Prefill hold: a step that has decodes to run leaves new prefills queued for up to this long after the
-    # first of them was left, so arrivals that come one by one share one mixed step instead of each costing
-    # one (a mixed step runs attention eagerly between per-layer graphs: ~1 ms more host work than a decode
-    # step for a small model, docs/decisions/prefill-hold.md). A prefill left once runs at the latest in the
-    # first step formed after the hold ends; chunks of a prefill already started are never held. 0: off.
-    prefill_hold_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_size", "decode_max_tokens"):
@@ -47,23 +41,19 @@ class ControlConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.gather_max_s < 0 or self.gather_idle_s < 0 or not 0 <= self.gather_fraction <= 1:
             raise ValueError("gather_max_s and gather_idle_s must be >= 0 and gather_fraction in [0, 1]")
-        if not 0 <= self.prefill_hold_s <= 1:
-            raise ValueError(f"prefill_hold_s must be in [0, 1], got {self.prefill_hold_s}")
         for name in ("default_max_pages", "vocab_size", "max_position"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value}")
 
     @classmethod
-    def for_engine(cls, engine: EngineConfig, model: ModelConfig | None = None,
-                   **overrides: int | bool | float | None
+    def for_engine(cls, engine: EngineConfig, model: ModelConfig | None = None, **overrides: int | bool | None
                    ) -> "ControlConfig":
         """The batch budget of an EngineConfig, the token/position bounds of a ModelConfig, and pipelined
         steps on CUDA (on CPU the executor computes inside submit(): nothing would overlap)."""
-        values: dict[str, int | bool | float | None] = dict(max_batch_tokens=engine.max_batch_tokens,
-                                                            max_batch_size=engine.max_batch_size,
-                                                            pipeline=engine.device != "cpu",
-                                                            prefill_hold_s=engine.prefill_hold_ms / 1000)
+        values: dict[str, int | bool | None] = dict(max_batch_tokens=engine.max_batch_tokens,
+                                                    max_batch_size=engine.max_batch_size,
+                                                    pipeline=engine.device != "cpu")
         if model is not None:
             values.update(vocab_size=model.vocab_size, max_position=model.max_position_embeddings)
         values.update(overrides)

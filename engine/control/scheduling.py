@@ -12,8 +12,6 @@ Forming a step, in order:
 """
 from __future__ import annotations
 
-import time
-
 from pie_server.engine.control.api import ControlError
 from pie_server.engine.control.batcher import Chunk, StepPlan, plan_step
 from pie_server.engine.control.instance import Allocation, Demand, InstanceState, SwapIn
@@ -44,7 +42,7 @@ class StepBuilder:
         there queue their next forward now, fed on the device with the token that step samples."""
         if speculate and self.s.running:
             self._speculate(self.s.running[-1])
-        plan = self._plan(self._admit())
+        plan = plan_step(self._admit(), self.s.config)
         copies, forwards, sources = self._apply(plan)
         self.pool.end_batch()
         if not (forwards or copies or self.swap_outs or self.swap_ins):
@@ -53,17 +51,6 @@ class StepBuilder:
         self.s.running.append(RunningStep(sources, self.moved))
         return Batch(forwards=forwards, page_copies=copies, swap_outs=self.swap_outs, swap_ins=self.swap_ins,
                      step_id=self.s.step_id)
-
-    def _plan(self, runnable: list[InstanceState]) -> StepPlan:
-        """plan_step, holding new prefills while the hold that the first one left queued started is on."""
-        state = self.s
-        hold_s = state.config.prefill_hold_s
-        if not hold_s:
-            return plan_step(runnable, state.config)
-        now, since = time.monotonic(), state.prefill_left_since
-        plan = plan_step(runnable, state.config, hold_prefills=since is None or now - since < hold_s)
-        state.prefill_left_since = (now if since is None else since) if plan.prefill_left else None
-        return plan
 
     def _speculate(self, running: RunningStep) -> None:
         """Queues the next forward of every decode in running that may go on after it (decoding.py). The hot

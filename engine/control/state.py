@@ -52,8 +52,6 @@ class ControlState:
         # The steps submitted and not yet delivered, oldest first: one, or two when steps are pipelined.
         self.running: deque[RunningStep] = deque()
         self.step_id = 0
-        # When the oldest prefill still queued was first left out of a step (ControlConfig.prefill_hold_s).
-        self.prefill_left_since: float | None = None
         self.num_evictions = 0
         self.outbox: list[tuple[Future[Any], Any, BaseException | None]] = []
         # Grammar decodes whose token a delivery took: (instance, the forward that sampled it, the token).

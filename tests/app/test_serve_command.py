@@ -117,13 +117,3 @@ def test_a_bad_time_slice_is_a_clean_error(value: str, capsys: pytest.CaptureFix
     assert main(["serve", "--port", "1", "--inferlet-time-slice-ms", value]) == 2
     assert "--inferlet-time-slice-ms must be in (0, 1000]" in capsys.readouterr().out
     assert sys.getswitchinterval() == interval  # an error changes nothing in the calling process
-
-
-def test_the_prefill_hold_reaches_the_engine_config(capsys: pytest.CaptureFixture[str]) -> None:
-    from pie_server.app.cli import build_parser, main
-    from pie_server.app.commands import serve
-
-    assert serve._engine_config(build_parser().parse_args(["serve", "--prefill-hold-ms", "7.5"])).prefill_hold_ms == 7.5
-    assert serve._engine_config(build_parser().parse_args(["serve"])).prefill_hold_ms == 0
-    assert main(["serve", "--port", "1", "--prefill-hold-ms", "5000"]) == 2
-    assert "prefill_hold_ms must be in [0, 1000]" in capsys.readouterr().out
