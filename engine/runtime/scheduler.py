@@ -38,6 +38,7 @@ import wasmtime
 from pie_server.engine.runtime import ffi_async, hostcalls, values
 from pie_server.engine.runtime.hostfn import HostFunction
 from pie_server.engine.runtime.instance import HostTask, InstanceState
+from pie_server.engine.runtime.reaper import StoreReaper
 
 log = logging.getLogger(__name__)
 MAX_GUEST_TAIL_CHARS = 500  # of the guest's own output, quoted in a trap's message
@@ -71,6 +72,7 @@ class Scheduler:
         # sleeps too, so an idle server, warm instances parked in it or not, does not wake 1 / epoch_tick_s
         # times a second for nothing.
         self._live = threading.Event()
+        self._reaper = StoreReaper()
         self._thread = threading.Thread(target=self._loop, name="inferlet-scheduler", daemon=True)
         self._ticker = threading.Thread(target=self._tick, args=(epoch_tick_s,), name="inferlet-epoch",
                                         daemon=True)
@@ -98,6 +100,7 @@ class Scheduler:
         # (the loop re-checks _stopping before every wait)
         self._thread.join(timeout=5)
         self._ticker.join(timeout=5)
+        self._reaper.close()
 
     @property
     def num_instances(self) -> int:
@@ -404,6 +407,8 @@ class Scheduler:
         inst.task = None
         self._lean_tasks.pop(inst.slot, None)
         inst.call = inst.call_outcome = inst.component_instance = None
+        if inst.store is not None:
+            self._reaper.drop(inst.store)  # deleted beside this thread (engine/runtime/reaper.py)
         inst.store = None
         inst.context_ptr = None
         self._by_slot.pop(inst.slot, None)
