@@ -29,6 +29,9 @@ class AttentionStep:
     slot_ids: Sequence[int]  # [T]: flat KV slots (page * page_size + offset) where each new token's K/V goes
     # Per sequence a [q_len][kv_len] boolean mask (True = attend), or None for causal; None overall = all causal.
     custom_masks: Sequence[Sequence[Sequence[bool]] | None] | None = None
+    # [T]: for each new token the first new token that writes the same slot (itself if none before it does), when
+    # the builder knows it; None: the host metadata finds it from slot_ids.
+    source_rows: Sequence[int] | None = None
 
     @property
     def num_seqs(self) -> int:

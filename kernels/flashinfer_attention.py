@@ -99,10 +99,15 @@ def build_host_metadata(step: AttentionStep) -> HostMetadata:
         raise ValueError("slot_ids must hold one slot per new token and kv_page_ids one id per page")
     slots = np.asarray(step.slot_ids, dtype=np.int64)
     mask = _flat_mask(step, q_lens, kv_lens) if step.has_custom_mask else None
-    _, first, inverse = np.unique(slots, return_index=True, return_inverse=True)
+    if step.source_rows is not None:
+        source_rows = np.asarray(step.source_rows, dtype=np.int64)
+        if len(source_rows) != len(slots):
+            raise ValueError("source_rows must hold one row per new token")
+    else:
+        _, first, inverse = np.unique(slots, return_index=True, return_inverse=True)
+        source_rows = first[inverse].astype(np.int64)
     return HostMetadata(page_size, qo_indptr, kv_page_indptr, np.asarray(step.kv_page_ids, dtype=np.int32),
-                        last_lens, np.concatenate([slots // page_size, slots % page_size]),
-                        first[inverse].astype(np.int64), mask)
+                        last_lens, np.concatenate([slots // page_size, slots % page_size]), source_rows, mask)
 
 
 def _flat_mask(step: AttentionStep, q_lens: np.ndarray, kv_lens: np.ndarray) -> np.ndarray:

@@ -175,7 +175,10 @@ class CudaGraphDecoder:
             kv_page_indptr=np.concatenate([page_indptr, page_indptr[-1] + tail]),
             kv_page_ids=np.concatenate([page_ids, np.full(num_pad, page_ids[page_indptr[1] - 1])]),
             kv_last_page_lens=np.concatenate([np.asarray(step.kv_last_page_lens), np.ones(num_pad, np.int64)]),
-            slot_ids=np.concatenate([slot_ids, np.full(num_pad, slot_ids[0])]))
+            slot_ids=np.concatenate([slot_ids, np.full(num_pad, slot_ids[0])]),
+            # the padding rows write sequence 0's slot after it: its first writer is theirs
+            source_rows=None if step.source_rows is None else np.concatenate(
+                [np.asarray(step.source_rows), np.full(num_pad, step.source_rows[0])]))
 
 
 def build_decode_graphs(model: Decoder, kv_caches: list[torch.Tensor], page_size: int,

@@ -31,6 +31,15 @@ class StepInputs:
 
 def build_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, page_size: int,
                       num_pages: int) -> StepInputs:
+    """The step's inputs; ValueError naming the first bad command. Decode steps (one token and no mask in every
+    command) take a shorter way to the same inputs and errors."""
+    if commands and all(len(c.token_ids) == 1 and c.attention_mask is None for c in commands):
+        return _decode_step_inputs(commands, model, page_size, num_pages)
+    return _any_step_inputs(commands, model, page_size, num_pages)
+
+
+def _any_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, page_size: int,
+                     num_pages: int) -> StepInputs:
     cols = _Columns.gather(commands)
     cmd_ids = np.arange(len(commands))
     num_tokens = np.asarray(cols.num_tokens, np.int64)
@@ -67,10 +76,48 @@ def build_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, pa
     _check_range(output_index, num_tokens[output_cmd], output_cmd, "output index")
     step = AttentionStep(page_size=page_size, qo_indptr=qo_indptr, kv_page_indptr=kv_page_indptr,
                          kv_page_ids=page_ids, kv_last_page_lens=last_lens, slot_ids=slot_ids,
-                         custom_masks=cols.masks if cols.has_mask else None)
+                         custom_masks=cols.masks if cols.has_mask else None,
+                         source_rows=np.arange(len(token_ids)))  # slot_ids are distinct (checked above)
     fed_rows = qo_indptr[np.asarray(cols.fed_commands, np.int64) + 1] - 1
     return StepInputs(token_ids, positions, step, output_index + qo_indptr[output_cmd], cols.output_specs,
                       cols.num_outputs, fed_rows, cols.fed_refs)
+
+
+def _decode_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, page_size: int,
+                        num_pages: int) -> StepInputs:
+    """build_step_inputs for commands of one token each and no mask (every decode step): the same inputs and
+    the same errors, from fewer passes (token b is row b, its slot the last of its context)."""
+    num_seqs = len(commands)
+    cmd_ids = np.arange(num_seqs)
+    token_ids = np.fromiter([c.token_ids[0] for c in commands], np.int64, count=num_seqs)
+    num_positions = np.fromiter([len(c.positions) for c in commands], np.int64, count=num_seqs)
+    num_cmd_pages = np.fromiter([len(c.page_ids) for c in commands], np.int64, count=num_seqs)
+    last_lens = np.fromiter([c.last_page_len for c in commands], np.int64, count=num_seqs)
+    _check(num_positions != 1, "needs one position per token")
+    _check(num_cmd_pages == 0, "needs at least one page")
+    _check((last_lens < 1) | (last_lens > page_size), f"needs 1 <= last_page_len <= {page_size}")
+    positions = np.fromiter([c.positions[0] for c in commands], np.int64, count=num_seqs)
+    page_ids = _flat([c.page_ids for c in commands], int(num_cmd_pages.sum()))
+    page_cmd = np.repeat(cmd_ids, num_cmd_pages)
+    _check_range(token_ids, model.vocab_size, cmd_ids, "token id")
+    _check_range(positions, model.max_position_embeddings, cmd_ids, "position")
+    _check_range(page_ids, num_pages, page_cmd, "page id")
+    _check_unique(page_cmd * num_pages + page_ids, page_cmd, "lists a page twice")
+    qo_indptr = np.arange(num_seqs + 1)
+    kv_page_indptr = _indptr(num_cmd_pages)
+    slot_ids = page_ids[kv_page_indptr[1:] - 1] * page_size + last_lens - 1  # the last slot of each context
+    _check_unique(slot_ids, cmd_ids, "writes a KV slot that another command of the batch writes too")
+    output_specs = [o for c in commands for o in c.outputs]
+    num_outputs = [len(c.outputs) for c in commands]
+    output_index = np.fromiter([o.index for o in output_specs], np.int64, count=len(output_specs))
+    output_cmd = np.repeat(cmd_ids, num_outputs)
+    _check_range(output_index, 1, output_cmd, "output index")
+    step = AttentionStep(page_size=page_size, qo_indptr=qo_indptr, kv_page_indptr=kv_page_indptr,
+                         kv_page_ids=page_ids, kv_last_page_lens=last_lens, slot_ids=slot_ids,
+                         source_rows=cmd_ids)  # slot_ids are distinct (checked above)
+    fed = [(b, c.fed_token) for b, c in enumerate(commands) if c.fed_token is not None]
+    return StepInputs(token_ids, positions, step, output_cmd, output_specs, num_outputs,
+                      np.fromiter([b for b, _ in fed], np.int64, count=len(fed)), [ref for _, ref in fed])
 
 
 @dataclass
