@@ -44,6 +44,9 @@ class PagePool:
         self._blocks: dict[BlockId, _Block] = {}
         self._next_block_id: BlockId = 0
         self.num_swapped_blocks = 0
+        # Bumped whenever a live block changes its page (swap out or in): a list of pages() of the same blocks
+        # stays right while it is unchanged (blocks a queued command uses are never freed, see PageTable).
+        self.placement_version = 0
 
     # -- queries ------------------------------------------------------------------------------------------
     @property
@@ -124,6 +127,7 @@ class PagePool:
         if block.page is None or not self._free_slots:
             raise RuntimeError(f"cannot swap out block {block_id}: not resident or no free swap slot")
         swap = PageSwap(page_id=block.page, swap_slot=self._free_slots.pop())
+        self.placement_version += 1
         self._free_pages.append(block.page)
         block.page, block.swap_slot = None, swap.swap_slot
         self.num_swapped_blocks += 1
@@ -135,6 +139,7 @@ class PagePool:
         if block.swap_slot is None or not self._free_pages:
             raise RuntimeError(f"cannot swap in block {block_id}: not swapped or no free page")
         swap = PageSwap(page_id=self._free_pages.pop(), swap_slot=block.swap_slot)
+        self.placement_version += 1
         self._slots_freed_this_batch.append(block.swap_slot)
         block.page, block.swap_slot = swap.page_id, None
         self.num_swapped_blocks -= 1

@@ -202,11 +202,14 @@ class StepBuilder:
             copies.append(PageCopy(page(copy.src_block_id), page(copy.dst_block_id), copy.src_offset,
                                    copy.dst_offset, copy.num_slots))
         forwards, sources = [], []
-        pages = self.pool.pages
+        pool = self.pool
+        version = pool.placement_version
         chunked: set[InstanceState] = set()  # instances in the middle of a chunked prefill
         for chunk in plan.chunks:
             item = chunk.item
-            command, output_ids = item.command(chunk.start, chunk.end, pages(item.block_ids))
+            if item.pages_version != version:
+                item.pages, item.pages_version = pool.pages(item.block_ids), version
+            command, output_ids = item.command(chunk.start, chunk.end, item.pages)  # type: ignore[arg-type]
             item.num_scheduled = end = chunk.end
             if end != item.num_tokens:
                 chunked.add(chunk.instance)

@@ -81,6 +81,10 @@ class ForwardItem:
     decoding: Decoding | None = None  # set on the forwards of a decode (decoding.py): future is its stream's done
     fed: TokenRef | None = None  # the last token comes from the step running before (pipelined decodes)
     wasted: bool = False  # a speculated decode forward past the decode's end: its output is dropped
+    # The physical pages of block_ids as of PagePool.placement_version pages_version (None: not looked up yet);
+    # a decode's next forward over the same blocks takes them over (batch formation's page lookup, once).
+    pages: list[PageId] | None = None
+    pages_version: int = -1
 
     def __post_init__(self) -> None:
         self.num_tokens = len(self.token_ids)
@@ -196,6 +200,7 @@ def next_item(item: ForwardItem, token_id: int, table: PageTable, limits: Limits
         successor = ForwardItem([token_id], [position], item.page_ids, item.block_ids, context_len,
                                 limits.page_size, item.outputs, None, True, item.future)
         successor.decoding = decoding
+        successor.pages, successor.pages_version = item.pages, item.pages_version
         return successor
     return _decode_item(decoding, [token_id], position, item.context_len, table, limits)
 
