@@ -59,6 +59,30 @@ def _request(pages: list[int], max_new_tokens: int, stop: frozenset[int] = froze
                          max_new_tokens=max_new_tokens, stop_token_ids=stop)
 
 
+def test_a_decode_looks_its_pages_up_once_until_a_block_moves(controllers: Controllers, pipeline: bool) -> None:
+    """Batch formation translates a decode's blocks to pages once and hands the same list to its next forwards
+    over the same pages, until PagePool.placement_version says a block moved (a swap): then it looks again."""
+    controller, executor = _make(controllers, pipeline)
+    a, pages_a = _open(controller, "a", 5)
+    stream = controller.decode(a, DecodeRequest(token_ids=list(range(1, 10)), position=0, page_ids=pages_a,
+                                                context_len=0, sampling=GREEDY, max_new_tokens=4))
+    while len(executor.batches) < 3:  # the prefill (9 slots of 3 pages), then decodes at 10 and 11 slots
+        assert controller.step()
+    first, second = (executor.batches[i].forwards[0].page_ids for i in (1, 2))
+    assert second is first and list(first) == pages_a[:3]
+    controller.state.res.pool.placement_version += 1  # as a swap does
+    while len(executor.batches) < 4:  # the decode at 12 slots, still 3 pages
+        assert controller.step()
+    third = executor.batches[3].forwards[0].page_ids
+    assert third is not first and list(third) == list(first)
+    for _ in range(8):  # pipelined: the last steps are delivered later
+        if stream.done.done():
+            break
+        controller.step()
+    assert stream.done.result(timeout=0) == END_LENGTH
+    controller.close_instance(a)
+
+
 def test_decode_equals_forward_per_token_and_needs_one_call(controllers: Controllers, pipeline: bool) -> None:
     controller, executor = _make(controllers, pipeline)
     controller.start()

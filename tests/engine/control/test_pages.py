@@ -38,13 +38,16 @@ def test_swap_out_frees_page_and_swap_in_remaps() -> None:
     pool = PagePool(num_pages=2, num_swap_slots=1)
     [block] = pool.allocate(1)
     old_page = pool.page(block)
+    assert pool.placement_version == 0
     out = pool.swap_out(block)
     assert out.page_id == old_page and not pool.is_resident(block)
     assert pool.num_free_pages == 2 and pool.num_free_swap_slots == 0 and pool.num_swapped_blocks == 1
     with pytest.raises(RuntimeError):
         pool.page(block)
     [other] = pool.allocate(1)  # takes the page the swap-out freed
+    assert pool.placement_version == 1  # a block moved: page lists looked up before are stale (scheduling.py)
     back = pool.swap_in(block)
+    assert pool.placement_version == 2
     assert back.swap_slot == out.swap_slot and back.page_id != pool.page(other)
     assert pool.page(block) == back.page_id and pool.num_free_pages == 0
     assert pool.num_free_swap_slots == 0  # the slot is reusable only once the batch is formed
