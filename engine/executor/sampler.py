@@ -19,6 +19,7 @@ step can consume them there, see batch.TokenRef) and whose results() waits for t
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -131,6 +132,13 @@ class SampledOutputs:
         return self._results
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def greedy_result(token_id: int) -> OutputResult:
+    """The result of a plain greedy row: immutable, so one object per token id serves every step (building 64 a
+    step cost 41 us on the 2-core CPU, taking them from here 3 us; the cache holds at most ~10 MB)."""
+    return OutputResult(token_id=token_id)
+
+
 class Sampler:
     """Samples one step's outputs. Unseeded rows draw their uniforms from this sampler's (CPU) generator."""
 
@@ -150,7 +158,7 @@ class Sampler:
         _check_inputs(logits, specs)
         if all(s.sampling is not None and s.sampling.is_plain_greedy for s in specs):  # (also the empty batch)
             tokens = argmax_rows(logits)
-            return SampledOutputs(tokens, tokens, lambda ids: [OutputResult(token_id=t) for t in ids])
+            return SampledOutputs(tokens, tokens, lambda ids: list(map(greedy_result, ids)))
         plan = _Plan.build(specs)
         vocab_size = logits.shape[1]
         params = [_params(specs[i]) for i in plan.sampling_rows]

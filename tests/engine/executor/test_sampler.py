@@ -465,3 +465,12 @@ def test_chunked_argmax_equals_argmax_with_ties(num_cols: int, chunk: int) -> No
     assert want[1] == 7 and want[2] == chunk - 1 and want[3] == 0
     assert torch.equal(_chunked_argmax(x, chunk), want)
     assert torch.equal(argmax_rows(x), want)  # (CPU: torch's argmax itself)
+
+
+def test_plain_greedy_rows_share_one_result_per_token(device: torch.device) -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 1.0], [5.0, 0.0, 1.0]], device=device)
+    results = Sampler(seed=0).launch(logits, [sampling()] * 3).results()
+    assert results == [OutputResult(token_id=1), OutputResult(token_id=1), OutputResult(token_id=0)]
+    assert results[0] is results[1]  # immutable: one object per token id (sampler.greedy_result)
+    with_logprob = Sampler(seed=0).launch(logits[:1], [sampling(num_logprobs=0)]).results()
+    assert with_logprob[0].token_id == 1 and with_logprob[0].logprob is not None  # not plain greedy: its own
