@@ -5,13 +5,12 @@ the instances, threads and file descriptors are back to what they were before.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import re
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Coroutine, TypeVar
 
 import openai
 
@@ -22,6 +21,7 @@ NUM_STREAMS = 300
 NUM_RUNS = 6
 MAX_TOKENS = 6
 SETTLE_S = 30.0
+T = TypeVar("T")
 
 
 def _chat(i: int) -> dict[str, Any]:
@@ -70,25 +70,25 @@ async def _load(url: str) -> tuple[list[str | None], list[dict[str, Any]]]:
     client = _client(url)
     streams = [_stream(client, i, hang_up=i % 3 == 0) for i in range(NUM_STREAMS)]
     results = await asyncio.gather(*streams, *[_run(url, i) for i in range(NUM_RUNS)])
-    await _finalize_abandoned_generators()
     await client.close()
     return list(results[:NUM_STREAMS]), list(results[NUM_STREAMS:])  # type: ignore[arg-type]
 
 
-async def _finalize_abandoned_generators() -> None:
-    """A hung-up stream leaves the SDK's and httpx's async generators suspended, some in reference cycles. Collected
-    here, their aclose() runs on this loop; collected by a GC pass on another thread (the server's), one raised
-    "async generator already executing" as an unraisable warning. So the loads run with the collector paused
-    (_no_collection) and collect here, on the loop, at their end."""
-    gc.collect()
-    await asyncio.sleep(0.05)
+def _run_collected(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(main) with the cyclic collector paused, and one collection on its loop at its end. A hung-up
+    stream leaves the SDK's and httpx's async generators suspended, some in reference cycles: collected on the
+    loop, their aclose() runs there; collected by a GC pass on another thread (the server's), one raised "async
+    generator already executing" as an unraisable warning."""
+    async def then_collect() -> T:
+        try:
+            return await main
+        finally:
+            gc.collect()
+            await asyncio.sleep(0.05)  # the aclose() calls the collection scheduled
 
-
-@contextlib.contextmanager
-def _no_collection() -> Iterator[None]:
     gc.disable()
     try:
-        yield
+        return asyncio.run(then_collect())
     finally:
         gc.enable()
 
@@ -135,12 +135,11 @@ def _settled(server: ServerThread, before: dict[str, float]) -> dict[str, float]
 
 def test_300_streams_a_third_hanging_up_beside_inferlet_runs(real_server: ServerThread) -> None:
     url = real_server.url
-    with _no_collection():
-        asyncio.run(_load_warm_up(url))  # builds text-completion, grows the thread pools to their size
+    _run_collected(_load_warm_up(url))  # builds text-completion, grows the thread pools to their size
     before = _settled(real_server, _footprint(real_server))
     started = time.monotonic()
-    with HealthWatch(url) as health, _no_collection():
-        texts, runs = asyncio.run(_load(url))
+    with HealthWatch(url) as health:
+        texts, runs = _run_collected(_load(url))
     elapsed = time.monotonic() - started
     completed = [t for t in texts if t is not None]
     assert len(completed) == NUM_STREAMS - NUM_STREAMS // 3 and all(completed)
@@ -155,5 +154,4 @@ def test_300_streams_a_third_hanging_up_beside_inferlet_runs(real_server: Server
 async def _load_warm_up(url: str) -> None:
     client = _client(url)
     await asyncio.gather(*[_stream(client, i, hang_up=i % 3 == 0) for i in range(12)], _run(url, 0))
-    await _finalize_abandoned_generators()
     await client.close()
