@@ -18,6 +18,7 @@
 #   bash scripts/gpu_serving.sh tp                    # tensor parallelism vs TP=1 (pytest -m gpu, needs 2+ GPUs)
 #   bash scripts/gpu_serving.sh tp-bench ARGS...      # python -m bench.tp_decode ARGS (consumes the rest)
 #   bash scripts/gpu_serving.sh gpu-tests             # the whole pytest -m gpu
+#   bash scripts/gpu_serving.sh gpu-test PATH         # pytest -m gpu PATH (a file, or FILE::TEST)
 #   bash scripts/gpu_serving.sh breakdown SHAPE TAG   # python -m bench.gpu_host_breakdown: $OUT/breakdown_SHAPE_TAG.txt
 #   bash scripts/gpu_serving.sh base-breakdown SHAPE TAG # the same over an older commit's code, carried as .base/tree.tgz
 #                                                     # (`git archive --format=tar.gz REV engine kernels bench app
@@ -191,6 +192,8 @@ while [ $# -gt 0 ]; do
     breakdown) breakdown "$2" "$3" "$ROOT"; shift 3 ;;
     base-breakdown) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH breakdown "$2" "base_$3" /tmp/base; shift 3 ;;
     # test_schemathesis.py imports schemathesis, which is not carried (it has no GPU tests)
+    gpu-test) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs "$2" 2>&1 | tail -15 \
+                | tee -a "$OUT/gpu_test.log"; shift 2 ;;
     gpu-tests) timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rs --ignore=tests/app/test_schemathesis.py \
                  tests 2>&1 | tail -25 \
                  | tee "$OUT/gpu_tests.log"; shift ;;

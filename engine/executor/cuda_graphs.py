@@ -16,6 +16,13 @@ How it works:
   after, so capturing never changes the pool.
 - Steps with prefill tokens, custom masks, more sequences than the largest bucket or more pages than the
   static page buffer go to the eager path (supports() says which).
+- With the head (GraphConfig.head; not under tensor parallelism, whose LM head gathers across ranks), each graph
+  also computes the logits of all its rows and their argmax, written into one token buffer shared by every
+  bucket, and starts by taking the rows' fed tokens from that buffer (`feed_src`): a plain greedy decode step
+  is then one replay and one copy of its tokens to the host, with no launches of its own for the feed, the LM
+  head or the argmax (each a few microseconds of host, a step's fixed cost at small batches). Invariant: the
+  buffer holds the tokens of the last replay, row r = command r of that step, until the next replay rewrites it
+  (after its own feed has read it: stream order).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from typing import ContextManager, Protocol
 import numpy as np
 import torch
 
+from pie_server.engine.executor.sampling_filters import argmax_rows
 from pie_server.kernels import triton_attention
 from pie_server.kernels.attention import AttentionBackend, AttentionStep
 from pie_server.kernels.flashinfer_attention import WORKSPACE_BYTES, AttentionShape, FlashInferAttention
@@ -46,6 +54,8 @@ class Decoder(Protocol):
 
     def graph_mode(self, fuse_one_row: bool = True) -> ContextManager[None]: ...
 
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None: ...
+
 
 @dataclass(frozen=True)
 class GraphConfig:
@@ -56,6 +66,8 @@ class GraphConfig:
     # triton_attention.max_batch_size() and the fused one-row forward at batch 1. Off: FlashInfer and the
     # unfused kernels everywhere (for A/B benchmarks).
     fused: bool = True
+    # Logits and greedy tokens inside the graph, fed tokens taken inside it (see the module's docstring).
+    head: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_pages_per_step < 1:
@@ -74,6 +86,16 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     attention: AttentionBackend
     hidden: torch.Tensor  # [S, H], written by each replay
+    logits: torch.Tensor | None  # [S, V] float32 (with the head), likewise
+
+
+@dataclass(frozen=True)
+class GraphStep:
+    """One replay's outputs for its B live rows: views that the next replay overwrites."""
+
+    hidden: torch.Tensor  # [B, H]
+    logits: torch.Tensor | None  # [B, V] float32; None without the head
+    tokens: torch.Tensor | None  # [B] int64 argmax of logits, a view of the shared token buffer; None without
 
 
 class CudaGraphDecoder:
@@ -87,7 +109,12 @@ class CudaGraphDecoder:
         self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._page_ids = torch.zeros(config.max_pages_per_step, dtype=torch.int32, device=device)
         max_size = config.sizes[-1]
-        self._inputs = torch.zeros(2, max_size, dtype=torch.long, device=device)  # token ids; positions
+        # token ids; positions; feed_src (the row of the token buffer whose token a row takes, or -1)
+        self._inputs = torch.zeros(3, max_size, dtype=torch.long, device=device)
+        self._tokens = torch.zeros(max_size, dtype=torch.long, device=device)  # the last replay's argmax
+        # The last replay's logits, one buffer for every bucket (each bucket's own would hold sum(S) x V floats).
+        self._logits = torch.zeros(max_size, model.config.vocab_size, dtype=torch.float32, device=device) \
+            if config.head else None  # type: ignore[attr-defined]
         self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[int, _Graph] = {}
         self.num_replays = 0
@@ -117,43 +144,68 @@ class CudaGraphDecoder:
         raise ValueError(f"{num_seqs} sequences exceed the largest captured batch {self.config.sizes[-1]}")
 
     def forward(self, token_ids: np.ndarray, positions: np.ndarray, step: AttentionStep,
-                fed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """One decode step: returns the final hidden states [B, H] (a view the next replay overwrites).
-        token_ids, positions: [B] int64; fed: ([F] rows, [F] token ids) on the device that replace those rows'
-        token ids (tokens of the previous step that the host has not seen)."""
+                fed: tuple[torch.Tensor, torch.Tensor] | None = None,
+                feed_src: np.ndarray | None = None) -> GraphStep:
+        """One decode step. token_ids, positions: [B] int64; fed: ([F] rows, [F] token ids) on the device that
+        replace those rows' token ids (tokens of the previous step that the host has not seen); feed_src (with
+        the head only): [B] int64, the row of the last replay's tokens that each row takes, -1: its own id."""
         if not self.supports(step):
             raise ValueError("not a decode step this runner can replay (see supports())")
+        if feed_src is not None and not self.config.head:
+            raise ValueError("feed_src needs the graphs' head (GraphConfig.head)")
         num_seqs = step.num_seqs
         size = self.bucket(num_seqs)
         entry = self._graphs[size]
         entry.attention.plan(self._padded(step, size))
         pad = np.zeros(size - num_seqs, np.int64)
-        inputs = pinned(np.concatenate([token_ids, pad + token_ids[0], positions, pad + positions[0]]),
+        src = np.full(size, -1, np.int64) if feed_src is None else np.concatenate([feed_src, pad - 1])
+        inputs = pinned(np.concatenate([token_ids, pad + token_ids[0], positions, pad + positions[0], src]),
                         self.model.device)
-        self._inputs[:, :size].copy_(inputs.view(2, size), non_blocking=True)
+        self._inputs[:, :size].copy_(inputs.view(3, size), non_blocking=True)
         if fed is not None:
             self._inputs[0].index_copy_(0, *fed)
         entry.graph.replay()
         self.num_replays += 1
-        return entry.hidden[:num_seqs]
+        if entry.logits is None:
+            return GraphStep(entry.hidden[:num_seqs], None, None)
+        return GraphStep(entry.hidden[:num_seqs], entry.logits[:num_seqs], self._tokens[:num_seqs])
+
+    def holds(self, tokens: torch.Tensor) -> bool:
+        """Whether tokens is the token buffer's view of the last replay (GraphStep.tokens): its rows can be fed
+        inside the next replay (feed_src)."""
+        return self.config.head and tokens.data_ptr() == self._tokens.data_ptr() and tokens.dim() == 1
 
     # -- capture ----------------------------------------------------------------------------------------
 
     def _capture(self, size: int) -> _Graph:
         attention = self._attention_for(size)
         attention.plan(self._padded(_one_token_step(self.page_size), size))
-        input_ids, positions = self._inputs[0, :size], self._inputs[1, :size]
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
         with self.model.graph_mode(self.config.fused):
             with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits and JIT, allocator growth
                 for _ in range(2):
-                    self.model.forward(input_ids, positions, attention, self.kv_caches)
+                    self._step_body(size, attention)
             torch.cuda.current_stream(self.model.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                hidden = self.model.forward(input_ids, positions, attention, self.kv_caches)
-        return _Graph(graph, attention, hidden)
+                hidden, logits = self._step_body(size, attention)
+        return _Graph(graph, attention, hidden, logits)
+
+    def _step_body(self, size: int, attention: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a replay of the size bucket runs: [S, H] hidden states and (with the head) [S, V] logits."""
+        input_ids, positions = self._inputs[0, :size], self._inputs[1, :size]
+        if self.config.head:  # the fed rows' tokens, from the last replay's argmax
+            src = self._inputs[2, :size]
+            input_ids = torch.where(src >= 0, self._tokens.index_select(0, src.clamp(min=0)), input_ids)
+        hidden = self.model.forward(input_ids, positions, attention, self.kv_caches)
+        if not self.config.head:
+            return hidden, None
+        assert self._logits is not None
+        logits = self.model.logits(hidden, out=self._logits[:size])
+        assert logits is not None  # no tensor parallelism with the head
+        self._tokens[:size].copy_(argmax_rows(logits))
+        return hidden, logits
 
     def _attention_for(self, size: int) -> AttentionBackend:
         if self.config.fused and size <= triton_attention.max_batch_size() and triton_attention.is_available():
@@ -182,13 +234,15 @@ class CudaGraphDecoder:
 
 
 def build_decode_graphs(model: Decoder, kv_caches: list[torch.Tensor], page_size: int,
-                        max_batch_size: int, fused: bool = True) -> CudaGraphDecoder:
-    """Captures decode graphs for a LlamaModel over its KV pool, buckets up to max_batch_size sequences.
-    Safe at any time: capture saves and restores the one page it touches."""
+                        max_batch_size: int, fused: bool = True, head: bool = False) -> CudaGraphDecoder:
+    """Captures decode graphs for a LlamaModel over its KV pool, buckets up to max_batch_size sequences (head:
+    the LM head and greedy tokens inside them). Safe at any time: capture saves and restores the one page it
+    touches."""
     cfg = model.config
     shape = AttentionShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.dtype)  # type: ignore[attr-defined]
     num_pages = kv_caches[0].shape[0]
-    config = GraphConfig(max_batch_size=max_batch_size, max_pages_per_step=num_pages + max_batch_size, fused=fused)
+    config = GraphConfig(max_batch_size=max_batch_size, max_pages_per_step=num_pages + max_batch_size, fused=fused,
+                         head=head)
     return CudaGraphDecoder(model, kv_caches, shape, page_size, config)
 
 

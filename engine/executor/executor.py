@@ -13,6 +13,7 @@ the same forward. Only rank 0 samples.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from types import ModuleType
 from typing import TYPE_CHECKING, MutableMapping
@@ -26,7 +27,7 @@ from pie_server.engine.executor.kv_pool import KVPool, kv_bytes_per_page, plan_n
 from pie_server.engine.executor.memory import MemoryPlan, decode_probe, pieces_probe, prefill_probe, probe_num_pages
 from pie_server.engine.executor.pending import PendingStep, StepOutputs
 from pie_server.engine.executor.piecewise_graphs import PiecewiseConfig, PiecewiseGraphs
-from pie_server.engine.executor.sampler import Sampler
+from pie_server.engine.executor.sampler import SampledOutputs, Sampler, all_plain_greedy, greedy_outputs
 from pie_server.engine.executor.step_inputs import StepInputs, build_step_inputs
 from pie_server.engine.model.llama import LlamaModel
 from pie_server.engine.model.parallel import TensorParallel
@@ -35,6 +36,7 @@ from pie_server.kernels.flashinfer_attention import WORKSPACE_BYTES
 from pie_server.kernels.transfer import to_device
 
 if TYPE_CHECKING:
+    from pie_server.engine.executor.cuda_graphs import CudaGraphDecoder
     from pie_server.engine.executor.tensor_parallel import WorkerRanks
 
 log = logging.getLogger(__name__)
@@ -144,10 +146,7 @@ class Executor:
         self.kv.copy(list(batch.page_copies))
         if inputs is None:
             return PendingStep(batch.step_id, None, [], started)
-        logits = self._logits(inputs, feed, previous)
-        # logits is None on a tensor-parallel rank other than 0 (its start-up probes): only rank 0 samples.
-        sampled = self.sampler.launch(logits, inputs.output_specs) \
-            if len(inputs.output_rows) and logits is not None else None
+        sampled = self._launch(inputs, feed, previous)
         if sampled is not None:
             self._previous = StepOutputs.of(sampled, inputs.output_specs, inputs.num_outputs_per_command)
         return PendingStep(batch.step_id, sampled, inputs.num_outputs_per_command, started)
@@ -176,17 +175,56 @@ class Executor:
             raise ValueError("a forward command takes a token of the previous step, which sampled none")
         return self._previous.rows_of(inputs.fed_refs)
 
+    def _launch(self, inputs: StepInputs, feed: np.ndarray | None,
+                previous: StepOutputs | None) -> SampledOutputs | None:
+        """The step's forward and its sampling, enqueued; None when it has no output rows, or on a
+        tensor-parallel rank other than 0 (its start-up probes: only rank 0 samples)."""
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.config.head and len(inputs.output_rows) and graphs.supports(inputs.attention):
+            return self._launch_in_graph(graphs, inputs, feed, previous)
+        logits = self._logits(inputs, feed, previous)
+        return self.sampler.launch(logits, inputs.output_specs) \
+            if len(inputs.output_rows) and logits is not None else None
+
+    def _launch_in_graph(self, graphs: "CudaGraphDecoder", inputs: StepInputs, feed: np.ndarray | None,
+                         previous: StepOutputs | None) -> SampledOutputs:
+        """A decode step on graphs with the head (cuda_graphs.py): tokens fed from the last replay are taken
+        inside this one, and when every row is one plain greedy output, the graph's argmax is the answer."""
+        feed_src, fed = None, None
+        if feed is not None:
+            assert previous is not None
+            if graphs.holds(previous.tokens):
+                feed_src = np.full(len(inputs.token_ids), -1, np.int64)
+                feed_src[inputs.fed_rows] = feed
+            else:
+                fed = self._fed_tokens(inputs, feed, previous)
+        out = graphs.forward(inputs.token_ids, inputs.positions, inputs.attention, fed, feed_src)
+        assert out.logits is not None and out.tokens is not None
+        rows, specs = inputs.output_rows, inputs.output_specs
+        every_row = len(rows) == len(inputs.token_ids) and bool((rows == np.arange(len(rows))).all())
+        if every_row and all_plain_greedy(specs):
+            return greedy_outputs(out.tokens)
+        logits = out.logits if every_row else out.logits.index_select(0, to_device(rows, self.device))
+        return self.sampler.launch(logits, specs)
+
     def _logits(self, inputs: StepInputs, feed: np.ndarray | None,
                 previous: StepOutputs | None) -> torch.Tensor | None:
         fed = None
         if feed is not None:
             assert previous is not None
-            index = to_device(np.concatenate([inputs.fed_rows, feed]), self.device)
-            rows, sources = index.split(len(feed))
-            fed = (rows, previous.tokens.index_select(0, sources))  # ([F] token rows, [F] token ids)
-            if self.parallel is not None:  # the other ranks take the tokens from rank 0 (tensor_parallel.py)
-                self.parallel.broadcast(fed[1])
+            fed = self._fed_tokens(inputs, feed, previous)
         return self.forward_logits(inputs, fed)
+
+    def _fed_tokens(self, inputs: StepInputs, feed: np.ndarray,
+                    previous: StepOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """([F] token rows, [F] token ids) on the device: the previous step's tokens that this step's fed rows
+        take."""
+        index = to_device(np.concatenate([inputs.fed_rows, feed]), self.device)
+        rows, sources = index.split(len(feed))
+        fed = (rows, previous.tokens.index_select(0, sources))
+        if self.parallel is not None:  # the other ranks take the tokens from rank 0 (tensor_parallel.py)
+            self.parallel.broadcast(fed[1])
+        return fed
 
     def forward_logits(self, inputs: StepInputs,
                        fed: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
@@ -194,7 +232,10 @@ class Executor:
         the tokens that replace those rows' ids. None on tensor-parallel ranks other than 0."""
         graphs, pieces = self.decode_graphs, self.piecewise_graphs
         if graphs is not None and graphs.supports(inputs.attention):
-            hidden = graphs.forward(inputs.token_ids, inputs.positions, inputs.attention, fed)
+            out = graphs.forward(inputs.token_ids, inputs.positions, inputs.attention, fed)
+            if out.logits is not None:  # computed in the graph (a view the next replay overwrites)
+                return out.logits.index_select(0, to_device(inputs.output_rows, self.device))
+            hidden = out.hidden
         elif pieces is not None and pieces.supports(inputs.attention):
             hidden = pieces.forward(inputs.token_ids, inputs.positions, inputs.attention, self.attention, fed)
         else:
@@ -213,7 +254,10 @@ def _decode_graphs(model: LlamaModel, kv: KVPool, attention: AttentionBackend, e
     if model.device.type != "cuda" or not engine.cuda_graphs or not attention.supports_cuda_graphs:
         return None
     from pie_server.engine.executor.cuda_graphs import build_decode_graphs
-    return build_decode_graphs(model, kv.layers, kv.page_size, engine.max_batch_size, engine.fused_decode)
+    # The LM head inside the graphs: not under tensor parallelism (its logits gather across ranks);
+    # PIE_GRAPH_HEAD=0 leaves it out (A/B benchmarks).
+    head = model.parallel is None and os.environ.get("PIE_GRAPH_HEAD", "1") != "0"
+    return build_decode_graphs(model, kv.layers, kv.page_size, engine.max_batch_size, engine.fused_decode, head)
 
 
 def _piecewise_config(model: LlamaModel, attention: AttentionBackend, engine: EngineConfig) -> PiecewiseConfig | None:

@@ -86,7 +86,8 @@ def _one_sequence(model: ModelConfig, engine: EngineConfig, num_tokens: int,
 
 
 def decode_probe(engine: EngineConfig) -> list[ForwardCommand]:
-    """max_batch_size sequences of one token each, sequence i in page i. No outputs: a graph captures the
-    decoder alone (the LM head and sampling run outside it, within the prefill probe's peak)."""
-    return [ForwardCommand(token_ids=[0], positions=[0], page_ids=[i], last_page_len=1)
+    """max_batch_size sequences of one token each, sequence i in page i, each with a greedy output: the graphs
+    capture the LM head and the argmax too (cuda_graphs.py), so their memory counts the logits of every row."""
+    return [ForwardCommand(token_ids=[0], positions=[0], page_ids=[i], last_page_len=1,
+                           outputs=(OutputSpec(index=0, sampling=SamplingParams()),))
             for i in range(engine.max_batch_size)]

@@ -25,28 +25,34 @@ class StepOutputs:
     tokens: torch.Tensor  # [N] int64 on the device
     output_specs: Sequence[OutputSpec]  # [N]
     output_starts: np.ndarray  # [B + 1] int64: command b's outputs are rows output_starts[b]:[b + 1]
+    unsampled_rows: frozenset[int]  # rows that sampled no token (distributions): no reference may name them
 
     @classmethod
     def of(cls, sampled: SampledOutputs, specs: Sequence[OutputSpec], counts: Sequence[int]) -> "StepOutputs":
         starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.asarray(counts, np.int64))])
-        return cls(sampled.tokens, specs, starts)
+        return cls(sampled.tokens, specs, starts, sampled.unsampled_rows)
 
     def rows_of(self, refs: Sequence[TokenRef]) -> np.ndarray:
         """[F] int64 rows of `tokens`; ValueError when a reference names no sampled token of this step."""
         num_commands = len(self.output_starts) - 1
-        rows = np.empty(len(refs), np.int64)
-        for f, ref in enumerate(refs):
-            if ref.command_index >= num_commands:
-                raise ValueError(f"token reference to command {ref.command_index}: the previous step had "
-                                 f"{num_commands} commands")
-            row = int(self.output_starts[ref.command_index]) + ref.output_index
-            if row >= self.output_starts[ref.command_index + 1]:
-                raise ValueError(f"token reference to output {ref.output_index} of command {ref.command_index}, "
-                                 f"which had {row - int(self.output_starts[ref.command_index])} outputs")
-            if self.output_specs[row].sampling is None:
-                raise ValueError(f"token reference to output {ref.output_index} of command {ref.command_index}, "
-                                 "a distribution, not a sampled token")
-            rows[f] = row
+        commands = np.fromiter([ref.command_index for ref in refs], np.int64, count=len(refs))
+        outputs = np.fromiter([ref.output_index for ref in refs], np.int64, count=len(refs))
+        past = np.flatnonzero(commands >= num_commands)
+        if len(past):
+            raise ValueError(f"token reference to command {commands[past[0]]}: the previous step had "
+                             f"{num_commands} commands")
+        starts = self.output_starts[commands]
+        rows = starts + outputs
+        over = np.flatnonzero(rows >= self.output_starts[commands + 1])
+        if len(over):
+            f = over[0]
+            raise ValueError(f"token reference to output {outputs[f]} of command {commands[f]}, which had "
+                             f"{self.output_starts[commands[f] + 1] - starts[f]} outputs")
+        if self.unsampled_rows:
+            for f, row in enumerate(rows.tolist()):
+                if row in self.unsampled_rows:
+                    raise ValueError(f"token reference to output {outputs[f]} of command {commands[f]}, "
+                                     "a distribution, not a sampled token")
         return rows
 
 

@@ -108,8 +108,9 @@ class SampledOutputs:
     """
 
     def __init__(self, tokens: torch.Tensor, packed: torch.Tensor,
-                 decode: Callable[[list], list[OutputResult]]) -> None:
+                 decode: Callable[[list], list[OutputResult]], unsampled_rows: frozenset[int] = frozenset()) -> None:
         self.tokens = tokens
+        self.unsampled_rows = unsampled_rows  # rows that sampled no token (distributions): -1 in tokens
         self._decode = decode
         self._event: torch.cuda.Event | None = None
         if packed.device.type == "cuda":
@@ -139,6 +140,20 @@ def greedy_result(token_id: int) -> OutputResult:
     return OutputResult(token_id=token_id)
 
 
+def all_plain_greedy(specs: Sequence[OutputSpec]) -> bool:
+    """Whether every row's answer is the argmax of its raw logits (SamplingParams.is_plain_greedy)."""
+    return all(s.sampling is not None and s.sampling.is_plain_greedy for s in specs)
+
+
+def greedy_outputs(tokens: torch.Tensor) -> SampledOutputs:
+    """The outputs of plain greedy rows whose argmax is tokens [N] int64 (computed already, on any device)."""
+    return SampledOutputs(tokens, tokens, _greedy_results)
+
+
+def _greedy_results(token_ids: list) -> list[OutputResult]:
+    return list(map(greedy_result, token_ids))
+
+
 class Sampler:
     """Samples one step's outputs. Unseeded rows draw their uniforms from this sampler's (CPU) generator."""
 
@@ -156,9 +171,8 @@ class Sampler:
     def launch(self, logits: torch.Tensor, specs: Sequence[OutputSpec]) -> SampledOutputs:
         """Enqueues sampling of logits [N, V] (row i answers specs[i]); ValueError on bad input."""
         _check_inputs(logits, specs)
-        if all(s.sampling is not None and s.sampling.is_plain_greedy for s in specs):  # (also the empty batch)
-            tokens = argmax_rows(logits)
-            return SampledOutputs(tokens, tokens, lambda ids: list(map(greedy_result, ids)))
+        if all_plain_greedy(specs):  # (also the empty batch)
+            return greedy_outputs(argmax_rows(logits))
         plan = _Plan.build(specs)
         vocab_size = logits.shape[1]
         params = [_params(specs[i]) for i in plan.sampling_rows]
@@ -178,7 +192,8 @@ class Sampler:
         # The one device-to-host transfer: ids are exact in float64.
         packed = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
         all_tokens = _tokens_in_rows(tokens, rows.sampling, plan.num_rows, logits.device)
-        return SampledOutputs(all_tokens, packed, lambda values: _unpack(values, plan, vocab_size))
+        return SampledOutputs(all_tokens, packed, lambda values: _unpack(values, plan, vocab_size),
+                              frozenset(range(plan.num_rows)).difference(plan.sampling_rows))
 
 
 def _tokens_in_rows(tokens: torch.Tensor | None, sampling_rows: torch.Tensor | None, num_rows: int,

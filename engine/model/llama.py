@@ -193,14 +193,17 @@ class LlamaModel:
             self._single_row_kernels, self._fuse_one_row = previous
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """[N, H] -> [N, V] float32. One row (decode at batch 1) reads the whole LM head for one token: the
-        GEMV kernel of ops.single_row_linear, worth its launch cost there. Tensor-parallel: each rank computes
-        its rows of the vocabulary and rank 0 gathers them (the others get None); N is the same on every rank."""
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """[N, H] -> [N, V] float32 (written into out [N, V] float32 when given: a graph's static buffer). One
+        row (decode at batch 1) reads the whole LM head for one token: the GEMV kernel of
+        ops.single_row_linear, worth its launch cost there. Tensor-parallel: each rank computes its rows of the
+        vocabulary and rank 0 gathers them (the others get None); N is the same on every rank."""
         if hidden.shape[0] == 1:
             local = self.ops.single_row_linear(hidden, self.lm_head)
         else:
             local = self.ops.linear(hidden, self.lm_head)
+        if out is not None and self.parallel is None:
+            return out.copy_(local)
         if self.parallel is None:
             return local.float()
         if hidden.shape[0] == 0:  # nothing to gather (a step without sampled rows)
