@@ -10,12 +10,20 @@ RoPE uses `positions`, which need not equal slot indices.
 
 Pipelining: a command may take its last token from the step submitted just before (`fed_token`), still on
 the device, so the next step can be submitted before this one's tokens reach the host.
+
+The messages made per sequence per step (ForwardCommand, CommandResult, OutputResult) are frozen msgspec
+Structs, the others frozen dataclasses: a Struct is built in a seventh of a frozen dataclass's time (a
+ForwardCommand 0.23 against 1.76 us on the 2-core CPU machine), and the control loop builds one of each for
+every running sequence at every step. Same fields, order, defaults, equality and immutability; copy one
+with `msgspec.structs.replace`.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
 from typing import Sequence
+
+import msgspec
 
 from pie_server.engine.types import PageId, Position, TokenId
 
@@ -120,8 +128,7 @@ class TokenRef:
             raise ValueError("a TokenRef's indices must be >= 0")
 
 
-@dataclass(frozen=True)
-class ForwardCommand:
+class ForwardCommand(msgspec.Struct, frozen=True):
     """One sequence's part of a step: a prefill chunk or a decode token (see the module invariant)."""
 
     token_ids: Sequence[TokenId]
@@ -169,16 +176,14 @@ class Batch:
     step_id: int = 0
 
 
-@dataclass(frozen=True)
-class OutputResult:
+class OutputResult(msgspec.Struct, frozen=True):
     token_id: TokenId | None = None  # the sampled token (None for a distribution output)
     logprob: float | None = None  # of token_id, from the unmodified log-softmax (vLLM's default)
     top_logprobs: tuple[tuple[TokenId, float], ...] = ()
     distribution: tuple[tuple[TokenId, float], ...] = ()  # top-K (token, probability), descending
 
 
-@dataclass(frozen=True)
-class CommandResult:
+class CommandResult(msgspec.Struct, frozen=True):
     outputs: tuple[OutputResult, ...] = ()
 
 

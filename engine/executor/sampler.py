@@ -20,9 +20,10 @@ step can consume them there, see batch.TokenRef) and whose results() waits for t
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import msgspec
 import torch
 
 from pie_server.engine.step import OutputResult, OutputSpec, SamplingParams
@@ -119,6 +120,8 @@ class SampledOutputs:
             self._event = torch.cuda.Event()
             self._event.record()
             packed = host
+        else:  # the values as of now, as the device's copy takes them: packed may be a buffer the next step rewrites
+            packed = packed.clone()
         self._packed = packed
         self._results: list[OutputResult] | None = None
 
@@ -269,7 +272,7 @@ def _unpack(values: list[float], plan: _Plan, vocab_size: int) -> list[OutputRes
         for j, (r, n) in enumerate(zip(plan.logprob_rows, plan.num_logprobs)):
             top = tuple((int(top_ids[j * num_top + c]), top_values[j * num_top + c]) for c in range(min(n, num_top)))
             i = plan.sampling_rows[r]
-            results[i] = replace(results[i], logprob=chosen[j], top_logprobs=top)
+            results[i] = msgspec.structs.replace(results[i], logprob=chosen[j], top_logprobs=top)
     if plan.distribution_rows:
         width = min(max(plan.distribution_top_ks), vocab_size)
         probs, ids = take(len(plan.distribution_rows) * width), take(len(plan.distribution_rows) * width)

@@ -14,6 +14,8 @@ import dataclasses
 import time
 from typing import Callable
 
+import msgspec
+
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.step import Batch, CommandResult, ForwardCommand, OutputResult, StepResult
 
@@ -58,7 +60,8 @@ class FakeExecutor:
                 if self._previous is None or ref.command_index >= len(self._previous.results):
                     _require(False, f"fed token {ref} does not name a command of the previous step")
                 token = self._previous.results[ref.command_index].outputs[ref.output_index].token_id  # type: ignore[union-attr]
-                command = dataclasses.replace(command, token_ids=[*command.token_ids[:-1], token], fed_token=None)
+                command = msgspec.structs.replace(command, token_ids=[*command.token_ids[:-1], token],
+                                                  fed_token=None)
             forwards.append(command)
         self._previous = None
         result = self.execute(dataclasses.replace(batch, forwards=forwards))

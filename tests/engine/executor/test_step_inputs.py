@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -67,7 +68,7 @@ def _broken(kind: str) -> list[ForwardCommand]:
         "output": dict(outputs=(OutputSpec(1, GREEDY),)),
         "slot": dict(page_ids=commands[2].page_ids, last_page_len=commands[2].last_page_len),
     }[kind]
-    commands[3] = dataclasses.replace(c, **changed)
+    commands[3] = msgspec.structs.replace(c, **changed)
     return commands
 
 
