@@ -59,6 +59,10 @@ class PageTable:
             raise ControlError(self._unknown(page_id))
         return block_id
 
+    def get_block(self, page_id: VirtualPageId) -> BlockId | None:
+        """The page's block, None for an id this table does not map (block() says why)."""
+        return self._blocks.get(page_id)
+
     def blocks(self, page_ids: Sequence[VirtualPageId], distinct: bool = False) -> list[BlockId]:
         """Validates every id (and, if distinct, that none repeats) before returning their blocks."""
         get = self._blocks.get

@@ -188,21 +188,40 @@ def next_item(item: ForwardItem, token_id: int, table: PageTable, limits: Limits
     assert decoding is not None
     position, context_len = item.positions[-1] + 1, item.context_len + 1
     if decoding.table_version == table.version and item.mask is None and item.num_tokens == 1 \
-            and not decoding.follows_tokens \
-            and context_len <= min(len(item.page_ids) * limits.page_size, limits.max_context_len) \
+            and not decoding.follows_tokens and context_len <= limits.max_context_len \
             and (limits.max_position is None or position < limits.max_position) \
             and 0 <= token_id and (limits.vocab_size is None or token_id < limits.vocab_size):
-        # The common step: the same pages as item, validated at this table version (no page freed or masked
-        # since), so prepare_forward's checks would all pass and give item's blocks again; the same outputs
-        # (unless it follows tokens: a grammar's mask, penalties' output). Positional (see
-        # HOT_FIELD_ORDER): token_ids, positions, page_ids, block_ids, context_len, page_size, outputs, mask,
-        # chunkable, future.
-        successor = ForwardItem([token_id], [position], item.page_ids, item.block_ids, context_len,
-                                limits.page_size, item.outputs, None, True, item.future)
+        # The common step: item's pages, validated at this table version (no page freed or masked since), so
+        # prepare_forward's checks would all pass and give item's blocks again; the same outputs (unless it
+        # follows tokens: a grammar's mask, penalties' output). Positional (see HOT_FIELD_ORDER): token_ids,
+        # positions, page_ids, block_ids, context_len, page_size, outputs, mask, chunkable, future.
+        page_ids, block_ids, pages = item.page_ids, item.block_ids, item.pages
+        if context_len > len(page_ids) * limits.page_size:  # the token opens the decode's next page
+            grown = _grown(decoding, page_ids, block_ids, table)
+            if grown is None:
+                return _decode_item(decoding, [token_id], position, item.context_len, table, limits)
+            page_ids, block_ids, pages = *grown, None
+        successor = ForwardItem([token_id], [position], page_ids, block_ids, context_len, limits.page_size,
+                                item.outputs, None, True, item.future)
         successor.decoding = decoding
-        successor.pages, successor.pages_version = item.pages, item.pages_version
+        if pages is not None:
+            successor.pages, successor.pages_version = pages, item.pages_version
         return successor
     return _decode_item(decoding, [token_id], position, item.context_len, table, limits)
+
+
+def _grown(decoding: Decoding, page_ids: list[VirtualPageId], block_ids: list[BlockId],
+           table: PageTable) -> tuple[list[VirtualPageId], list[BlockId]] | None:
+    """page_ids and their blocks with the decode's next page, checked as prepare_forward checks it (known,
+    listed once, every slot visible); None when it fails, or the decode has no next page (prepare_forward
+    then says why)."""
+    if len(page_ids) >= len(decoding.page_ids):
+        return None
+    page_id = decoding.page_ids[len(page_ids)]
+    block_id = table.get_block(page_id)
+    if block_id is None or page_id in page_ids or table.has_hidden_slots((page_id,)):
+        return None
+    return [*page_ids, page_id], [*block_ids, block_id]
 
 
 def _decode_item(decoding: Decoding, token_ids: list[int], position: int, context_len: int, table: PageTable,

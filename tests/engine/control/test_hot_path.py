@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 from concurrent.futures import Future
 
+import pytest
+
+from pie_server.engine.control.api import ControlError
 from pie_server.engine.control.decoding import DecodeRequest, DecodeStream
 from pie_server.engine.control.page_table import PageTable
 from pie_server.engine.control.config import ControlConfig
@@ -38,6 +41,37 @@ def test_next_item_fast_path_equals_full_validation() -> None:
         for field in dataclasses.fields(ForwardItem):
             assert getattr(fast, field.name) == getattr(slow, field.name), field.name
         item = fast
+
+
+@pytest.mark.parametrize("next_page", ["listed twice", "unknown", "masked"])
+def test_a_bad_next_page_fails_as_full_validation_does(next_page: str) -> None:
+    """The fast path's page crossing (work._grown) refuses what prepare_forward refuses, and the slow path then
+    answers: the same error, or (a masked page) the same item with its mask."""
+    table = PageTable(PAGE_SIZE, None)
+    page_ids = table.add([10, 11, 12])
+    if next_page == "masked":
+        table.set_visibility(page_ids[1], [True, False, True, True])
+    second = {"listed twice": page_ids[0], "unknown": 99, "masked": page_ids[1]}[next_page]
+    limits = Limits(page_size=PAGE_SIZE, max_context_len=64, vocab_size=100, max_position=64)
+    request = DecodeRequest(token_ids=(1, 2, 3), position=0, page_ids=(page_ids[0], second), context_len=0,
+                            sampling=SamplingParams(), max_new_tokens=8)
+    item = first_item(request, DecodeStream(), table, limits)
+    item = next_item(item, 7, table, limits)  # the fourth slot: still the first page
+    assert item.decoding is not None and len(item.page_ids) == 1
+    slow_error = fast_error = None
+    try:
+        slow = _decode_item(item.decoding, [8], item.positions[-1] + 1, item.context_len, table, limits)
+    except ControlError as error:
+        slow_error = str(error)
+    try:
+        fast = next_item(item, 8, table, limits)  # the fifth slot opens the next page
+    except ControlError as error:
+        fast_error = str(error)
+    assert fast_error == slow_error
+    if next_page == "masked":
+        assert fast.mask is not None and fast.mask == slow.mask and fast.block_ids == slow.block_ids
+    else:
+        assert fast_error is not None
 
 
 def test_token_refs_are_the_command_indices() -> None:
