@@ -191,9 +191,9 @@ while [ $# -gt 0 ]; do
               cp bench/results/tp_decode.json "$OUT/" 2>/dev/null; shift $# ;;
     breakdown) breakdown "$2" "$3" "$ROOT"; shift 3 ;;
     base-breakdown) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH breakdown "$2" "base_$3" /tmp/base; shift 3 ;;
-    # test_schemathesis.py imports schemathesis, which is not carried (it has no GPU tests)
     gpu-test) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs "$2" 2>&1 | tail -15 \
                 | tee -a "$OUT/gpu_test.log"; shift 2 ;;
+    # test_schemathesis.py imports schemathesis, which is not carried (it has no GPU tests)
     gpu-tests) timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rs --ignore=tests/app/test_schemathesis.py \
                  tests 2>&1 | tail -25 \
                  | tee "$OUT/gpu_tests.log"; shift ;;

@@ -148,7 +148,7 @@ class Executor:
             return PendingStep(batch.step_id, None, [], started)
         sampled = self._launch(inputs, feed, previous)
         if sampled is not None:
-            self._previous = StepOutputs.of(sampled, inputs.output_specs, inputs.num_outputs_per_command)
+            self._previous = StepOutputs.of(sampled, inputs.num_outputs_per_command)
         return PendingStep(batch.step_id, sampled, inputs.num_outputs_per_command, started)
 
     def logits(self, batch: Batch) -> torch.Tensor | None:

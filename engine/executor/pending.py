@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pie_server.engine.step import CommandResult, OutputResult, OutputSpec, StepResult, TokenRef
+from pie_server.engine.step import CommandResult, OutputResult, StepResult, TokenRef
 from pie_server.engine.executor.sampler import SampledOutputs
 
 
@@ -23,14 +23,13 @@ class StepOutputs:
     """The sampled tokens of one launched step, on the device, with the map from (command, output) to row."""
 
     tokens: torch.Tensor  # [N] int64 on the device
-    output_specs: Sequence[OutputSpec]  # [N]
     output_starts: np.ndarray  # [B + 1] int64: command b's outputs are rows output_starts[b]:[b + 1]
     unsampled_rows: frozenset[int]  # rows that sampled no token (distributions): no reference may name them
 
     @classmethod
-    def of(cls, sampled: SampledOutputs, specs: Sequence[OutputSpec], counts: Sequence[int]) -> "StepOutputs":
+    def of(cls, sampled: SampledOutputs, counts: Sequence[int]) -> "StepOutputs":
         starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.asarray(counts, np.int64))])
-        return cls(sampled.tokens, specs, starts, sampled.unsampled_rows)
+        return cls(sampled.tokens, starts, sampled.unsampled_rows)
 
     def rows_of(self, refs: Sequence[TokenRef]) -> np.ndarray:
         """[F] int64 rows of `tokens`; ValueError when a reference names no sampled token of this step."""
