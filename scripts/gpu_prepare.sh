@@ -6,7 +6,8 @@
 #   .gpu-model/  smollm2/ (the default model's config and tokenizer), llama-3.1-8b/ (Llama-3.1-8B's config and
 #                SmolLM2's tokenizer padded to 128,256 ids, gzipped: random weights emit any id), pie-cache/
 #                inferlets/<key>.wasm.gz (the default inferlet, and react-agent with --agentic, built here: nothing
-#                is compiled there), vllm-serve.sh (../shared/peers/vllm/serve.sh)
+#                is compiled there), vllm-serve.sh and vllm-offline.py
+#                (../shared/peers/vllm/serve.sh, offline.py)
 #
 #   bash scripts/gpu_prepare.sh [--agentic]  # after `make install`; about a minute with warm caches
 # Without --agentic the two folders plus the tracked tree stay under the 64 MiB carry limit with room for a
@@ -35,6 +36,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 
 rm -rf "$G" && mkdir -p "$G/smollm2" "$G/llama-3.1-8b" "$G/pie-cache/inferlets"
 cp ../shared/peers/vllm/serve.sh "$G/vllm-serve.sh"
+cp ../shared/peers/vllm/offline.py "$G/vllm-offline.py"
 # -P: the checkout is not put on sys.path (its kernels/ folder would shadow the `kernels` package transformers probes)
 "$PY" -P - "$G" "$AGENTIC" <<'EOF'
 import gzip, json, shutil, sys

@@ -15,6 +15,9 @@
 #   bash scripts/gpu_serving.sh agentic-profile SHAPE C [S] # py-spy over bench.agentic at concurrency C for S seconds
 #                                                     # (20) after a 35 s warm-up: $OUT/agentic_profile_SHAPE_cC.txt
 #   bash scripts/gpu_serving.sh vllm SHAPE            # after ../shared/peers/vllm's assemble.sh installed vLLM
+#   bash scripts/gpu_serving.sh vllm-offline SHAPE    # vLLM's offline.py: TPOT at batch 1 and 64, 512 x (512 + 256)
+#   bash scripts/gpu_serving.sh offline SHAPE         # python -m bench.gpu_throughput: our 512 x (512 + 256)
+#   bash scripts/gpu_serving.sh decode SHAPE CONTEXT  # python -m bench.gpu_decode at batch 1, 16, 64 (TPOT, floor)
 #   bash scripts/gpu_serving.sh tp                    # tensor parallelism vs TP=1 (pytest -m gpu, needs 2+ GPUs)
 #   bash scripts/gpu_serving.sh tp-bench ARGS...      # python -m bench.tp_decode ARGS (consumes the rest)
 #   bash scripts/gpu_serving.sh gpu-tests             # the whole pytest -m gpu
@@ -163,6 +166,23 @@ agentic_profile() {  # shape concurrency [seconds]: where the agents' time goes 
   wait $bench; grep -E "^(c=|speedup)" "$OUT/$tag.log"
 }
 
+offline() {  # shape: the executor's offline throughput, as vLLM's offline.py measures its own
+  timeout 500 python3 -m bench.gpu_throughput --shapes "$1" --hf-requests 0 2>&1 | grep -v "^pie_server\|^INFO" \
+    | tail -6 | tee "$OUT/offline_$1.txt"
+  cp bench/results/gpu_throughput.json "$OUT/offline_$1.json" 2>/dev/null
+}
+
+decode() {  # shape context: decode TPOT next to the memory-bandwidth floor (vLLM's batch 64: 512-token prompts)
+  timeout 400 python3 -m bench.gpu_decode --shapes "$1" --batches 1 16 64 --context "$2" 2>&1 | tail -8 \
+    | tee "$OUT/decode_$1_ctx$2.txt"
+  cp bench/results/gpu_decode.json "$OUT/decode_$1_ctx$2.json" 2>/dev/null
+}
+
+vllm_offline() {  # shape (vLLM's own environment, in a subshell)
+  (source /tmp/vllm-env.sh && OUT=$OUT timeout 550 python3 $C/.gpu-model/vllm-offline.py "$1" 2>&1 \
+    | grep -v "^INFO\|^(EngineCore\|^WARNING\|^\[" | tail -4 | tee "$OUT/vllm_offline_$1.txt")
+}
+
 tax() {  # shape api_processes
   timeout 400 python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch 1 8 32 64 --max-tokens 64 \
     --repeats 3 --num-pages 2048 --api-processes "$2" --json "$OUT/tax_$1_ap$2.json" 2>&1 | grep "^batch"
@@ -185,6 +205,9 @@ while [ $# -gt 0 ]; do
     agentic-profile) if [[ ${4:-} =~ ^[0-9]+$ ]]; then agentic_profile "$2" "$3" "$4"; shift 4
                      else agentic_profile "$2" "$3" 20; shift 3; fi ;;
     vllm) vllm_http "$2"; shift 2 ;;
+    vllm-offline) vllm_offline "$2"; shift 2 ;;
+    offline) offline "$2"; shift 2 ;;
+    decode) decode "$2" "$3"; shift 3 ;;
     tp) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/engine/model/test_tensor_parallel.py 2>&1 \
           | tail -20 | tee "$OUT/tp_test.log"; shift ;;
     tp-bench) shift; timeout 560 python3 -m bench.tp_decode "$@" 2>&1 | tee -a "$OUT/tp_bench.log"
