@@ -1,8 +1,10 @@
 """The agent's conversation: chat messages, and the one context that holds their tokens.
 
 Invariant: `text` is exactly what the context holds: the rendered prompt, then everything written or
-generated after it, in order. Appending a turn renders the whole conversation with the chat template and
-fills only what follows `text`, so the tokens of every earlier turn keep their KV (nothing is prefilled twice).
+generated after it, in order. Appending a turn fills only what the chat template renders after `text`, so the
+tokens of every earlier turn keep their KV (nothing is prefilled twice). Each appended turn renders the whole
+conversation once (a host call that grows with it): the observation turn's head and tail come from the
+rendering that open_user_turn does while the tool works.
 """
 from pie_sdk import Context, Generation, apply_chat_template, fill_cached
 
@@ -19,6 +21,12 @@ class Transcript:
         self.num_prefilled_tokens = 0  # sent to the engine as input: filled, or the last token of a generation
         self.num_generated_tokens = 0
         self.num_generate_calls = 0
+        # (content_start, tail): what open_user_turn's rendering put after the turn's content (the turn's end,
+        # the assistant's opening), so that add_user_turn writes the rest without rendering again.
+        self._open_turn: tuple[str, str] | None = None
+        # Whether writing a turn's content between that head and tail gives what the template renders: checked
+        # against a full rendering at the first turn (a template may rewrite a turn's content), then trusted.
+        self._splices: bool | None = None
 
     def write(self, text: str) -> None:
         """Text the agent writes itself (its KV is computed with the next generation)."""
@@ -46,22 +54,39 @@ class Transcript:
 
     def open_user_turn(self, content_start: str) -> None:
         """Writes what the chat template renders before a user turn whose content starts with content_start,
-        that start included, and flushes it: add_user_turn(content) then writes only the rest."""
+        that start included, and flushes it: add_user_turn(content) then writes only the rest, and what this
+        rendering put after the content (one rendering per turn: each renders the whole conversation)."""
+        self._open_turn = None
         if not self.templated:
             return
         turn = {"role": "user", "content": content_start + CONTENT_MARK}
         rendered = apply_chat_template([*self.messages, turn])
-        head = rendered[:rendered.find(CONTENT_MARK)]
-        if CONTENT_MARK in rendered and head.startswith(self.text):
+        mark = rendered.find(CONTENT_MARK)
+        head = rendered[:mark]
+        if mark >= 0 and head.startswith(self.text):
             self.write(head[len(self.text):])
             self.flush()
+            if rendered.count(CONTENT_MARK) == 1:  # the content appears once: the tail follows it
+                self._open_turn = (content_start, rendered[mark + len(CONTENT_MARK):])
 
     def add_user_turn(self, content: str) -> None:
-        """A user turn (and the assistant's turn opened after it), filled as the chat template renders it."""
+        """A user turn (and the assistant's turn opened after it), filled as the chat template renders it.
+        After open_user_turn, the rest of the content and the tail it rendered are written without rendering
+        the conversation again, once the first turn showed that this gives the template's own rendering."""
+        opened, self._open_turn = self._open_turn, None
         self.messages.append({"role": "user", "content": content})
+        spliced = None
+        if opened is not None and content.startswith(opened[0]):
+            spliced = content[len(opened[0]):] + opened[1]
+            if self._splices:
+                self.write(spliced)
+                return
         rendered = apply_chat_template(self.messages) if self.templated else ""
         if self.templated and rendered.startswith(self.text):
-            self.write(rendered[len(self.text):])
+            rest = rendered[len(self.text):]
+            if spliced is not None:
+                self._splices = rest == spliced
+            self.write(rest)
         else:  # the template rewrites earlier turns: plain ReAct framing from here on, never a re-prefill
             self.templated = False
             self.write(f"\n{content}\n")

@@ -5,10 +5,14 @@ Its defining behaviour: the tool calls really happen (the server counts them, wi
 the context is never re-prefilled between steps: the executor computes each token's KV exactly once."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
 import re
 import time
 from pathlib import Path
-from typing import Iterator
+from types import ModuleType
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -17,6 +21,7 @@ from pie_server.engine.config import EngineConfig
 from pie_server.engine.engine import Engine
 from pie_server.engine.grammar import GrammarCompiler
 from pie_server.engine.runtime.config import RuntimeConfig
+from pie_server.inferlets import CONTRIB_DIR
 from tests.inferlets.contrib.conftest import PAGE_SIZE, Builder, assert_pages_free, events, ok, run
 from tests.inferlets.loopback import LoopbackServer
 
@@ -24,6 +29,7 @@ NUM_CALLS = 3
 
 pytestmark = pytest.mark.timeout(600)
 INFERLETS = ("react-agent",)  # built in the background (conftest.py)
+REACT_AGENT_DIR = CONTRIB_DIR / "react-agent"
 
 
 class ToolServer:
@@ -158,3 +164,66 @@ def test_a_grammar_is_compiled_once_for_the_runtime_and_the_control_layer(
             "--thought-chars", "0", "--input-chars", "11"]  # one grammar, [a-z ]{11}, new to this engine
     ok(run(agent_engine, program, args))
     assert len(compiled) == 1
+
+
+# -- the transcript in plain CPython against the fake host (tests/inferlets/fake_host.py) --------------------------
+
+@pytest.fixture(scope="module")
+def sdk(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    from tests.inferlets.fake_host import load_sdk
+
+    return load_sdk(tmp_path_factory.mktemp("bindings"))
+
+
+def _transcript_class(sdk: ModuleType, monkeypatch: pytest.MonkeyPatch, render: Callable[[list[dict]], str]
+                      ) -> tuple[type, list[int]]:
+    """react-agent's Transcript over the fake host whose chat template is `render`; also [renders so far]."""
+    from tests.inferlets.fake_host import FakeHost
+
+    FakeHost().install(monkeypatch)
+    sdk.model_info.cache_clear()
+    num_renders = [0]
+
+    def apply_chat_template(messages_json: str, tools_json: str | None, add_generation_prompt: bool) -> str:
+        num_renders[0] += 1
+        return render(json.loads(messages_json)) + ("<assistant>" if add_generation_prompt else "")
+
+    monkeypatch.setattr(importlib.import_module("wit_world.imports.tokenize"), "apply_chat_template",
+                        apply_chat_template)
+    spec = importlib.util.spec_from_file_location("react_agent_transcript", REACT_AGENT_DIR / "transcript.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Transcript, num_renders
+
+
+def _act_and_observe(transcript: Any, step: int) -> None:
+    action = '{"tool": "search", "input": "step %d"}' % step
+    transcript.write(action)
+    transcript.end_turn(action)
+    transcript.open_user_turn("Observation:")
+    transcript.add_user_turn(f"Observation: found {step * 7}")
+
+
+def _plain(messages: list[dict]) -> str:
+    return "".join(f"<{m['role']}>{m['content']}</{m['role']}>\n" for m in messages)
+
+
+@pytest.mark.parametrize("render, splices", [
+    (_plain, True),
+    # a template that rewrites a turn's content: the head and tail of the open turn cannot be trusted
+    (lambda messages: "".join(f"<{m['role']}>{m['content'].replace('found', 'FOUND')}\n" for m in messages), False)],
+    ids=["content-in-place", "content-rewritten"])
+def test_each_turn_renders_the_conversation_once_and_the_context_is_the_templates_rendering(
+        sdk: ModuleType, monkeypatch: pytest.MonkeyPatch, render: Callable[[list[dict]], str], splices: bool) -> None:
+    """After the first observation turn (rendered twice: the open turn's head and tail, then the whole turn, to
+    check that writing the content between them is what the template renders), one rendering per turn, made
+    while the tool works. The context's text is the template's rendering of the conversation at every step."""
+    transcript_class, num_renders = _transcript_class(sdk, monkeypatch, render)
+    transcript = transcript_class([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}])
+    for step in range(1, 5):
+        renders_before = num_renders[0]
+        _act_and_observe(transcript, step)
+        assert transcript.text == render(transcript.messages) + "<assistant>"
+        assert num_renders[0] - renders_before == (1 if splices and step > 1 else 2)
+    assert transcript.templated
