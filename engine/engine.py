@@ -119,7 +119,10 @@ def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineCon
     else:
         executor = start_executor(model_dir, model_config, config, progress)  # rank 0 of --tensor-parallel-size
     grammars = grammars or LazyCompiler(functools.partial(_grammar_compiler, model_dir, model_config.vocab_size))
-    control = Controller(executor, ControlConfig.for_engine(config, model_config), grammars)
+    # PIE_STEP_LOG=PATH: one line per step into PATH (engine/control/step_log.py; for measurements)
+    control = Controller(executor, ControlConfig.for_engine(config, model_config,
+                                                            step_log=os.environ.get("PIE_STEP_LOG") or None),
+                         grammars)
     control.start()
     return executor, control
 

@@ -103,9 +103,9 @@ load() {  # url name tag; LOAD_ARGS: more bench/http_load.py options, LOAD_TAG: 
 pie_http() {  # shape api_processes; PIE_TAG names the results (pie_base for base-pie), PIE_SERVE_ARGS: more
              # `pie serve` flags (e.g. PIE_SERVE_ARGS="--warm-instances 0" PIE_TAG=cold), PIE_SERVE_ENV: its
              # environment (e.g. PIE_SERVE_ENV=PIE_GIL_SWITCH_INTERVAL_MS=5 PIE_TAG=gil5)
-  local port=8000 tag=${PIE_TAG:-pie} trace=/tmp/trace_${PIE_TAG:-pie}_$1_ap$2
-  rm -f $trace.*
-  PIE_REQUEST_TRACE=$trace env ${PIE_SERVE_ENV:-} python3 -m pie_server.app.cli serve --model $M/$1 --device cuda --port $port --served-model-name "$1" \
+  local port=8000 tag=${PIE_TAG:-pie} trace=/tmp/trace_${PIE_TAG:-pie}_$1_ap$2 steps=/tmp/steps_${PIE_TAG:-pie}_$1_ap$2
+  rm -f $trace.* $steps.jsonl
+  PIE_REQUEST_TRACE=$trace PIE_STEP_LOG=$steps.jsonl env ${PIE_SERVE_ENV:-} python3 -m pie_server.app.cli serve --model $M/$1 --device cuda --port $port --served-model-name "$1" \
     --default-inferlet "$WASM" --log-level warning --api-processes "$2" ${PIE_SERVE_ARGS:-} \
     > "$OUT/serve_${tag}_$1_ap$2.log" 2>&1 &
   local pid=$!
@@ -114,6 +114,7 @@ pie_http() {  # shape api_processes; PIE_TAG names the results (pie_base for bas
   load "http://127.0.0.1:$port" "$1" "${tag}_$1_ap$2"
   kill $pid; wait $pid 2>/dev/null
   python3 scripts/trace_summary.py $trace | tee "$OUT/trace_${tag}_$1_ap$2.txt"  # app/request_trace.py
+  python3 scripts/step_log_summary.py $steps.jsonl | tee "$OUT/steps_${tag}_$1_ap$2.txt"  # engine/control/step_log.py
   sleep 2
 }
 

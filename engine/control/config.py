@@ -34,6 +34,8 @@ class ControlConfig:
     # Submit step N + 1 before delivering step N (StepLoop._step_pipelined): the host's work overlaps the
     # device's. Needs an executor with submit(); pays off where the device runs asynchronously (CUDA).
     pipeline: bool = False
+    # A file that gets one JSON line per step (engine/control/step_log.py); None: no log.
+    step_log: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_size", "decode_max_tokens"):
@@ -41,17 +43,19 @@ class ControlConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.gather_max_s < 0 or self.gather_idle_s < 0 or not 0 <= self.gather_fraction <= 1:
             raise ValueError("gather_max_s and gather_idle_s must be >= 0 and gather_fraction in [0, 1]")
+        if self.step_log is not None and not self.step_log:
+            raise ValueError("step_log must be a path or None")
         for name in ("default_max_pages", "vocab_size", "max_position"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value}")
 
     @classmethod
-    def for_engine(cls, engine: EngineConfig, model: ModelConfig | None = None, **overrides: int | bool | None
-                   ) -> "ControlConfig":
+    def for_engine(cls, engine: EngineConfig, model: ModelConfig | None = None,
+                   **overrides: int | bool | str | None) -> "ControlConfig":
         """The batch budget of an EngineConfig, the token/position bounds of a ModelConfig, and pipelined
         steps on CUDA (on CPU the executor computes inside submit(): nothing would overlap)."""
-        values: dict[str, int | bool | None] = dict(max_batch_tokens=engine.max_batch_tokens,
+        values: dict[str, int | bool | str | None] = dict(max_batch_tokens=engine.max_batch_tokens,
                                                     max_batch_size=engine.max_batch_size,
                                                     pipeline=engine.device != "cpu")
         if model is not None:

@@ -27,6 +27,7 @@ from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.instance import InstanceState
 from pie_server.engine.control.scheduling import StepBuilder
 from pie_server.engine.control.state import ControlState
+from pie_server.engine.control.step_log import StepLog
 from pie_server.engine.control.work import ForwardItem
 from pie_server.engine.futures import settle
 from pie_server.engine.step import Batch, StepResult
@@ -68,6 +69,7 @@ class StepLoop:
         self._last_step_s = 0.0
         self._listeners: list[Callable[[], None]] = []
         self._pending: deque[PendingStep] = deque()  # submitted, not delivered (pipelined), oldest first
+        self._step_log = StepLog.open(config.step_log) if config.step_log else None
 
     # -- the Controller's side (the lock held, except locked() and add_listener) ---------------------------
     def locked(self, mutating: bool = True) -> "_Locked":
@@ -108,6 +110,8 @@ class StepLoop:
                     return False
                 resolving = [chunk.instance for chunk in self._state.inflight_chunks() if chunk.is_last]
             started = time.monotonic()
+            if self._step_log is not None:
+                self._step_log.submitted(batch)
             try:
                 result = self._executor.execute(batch)
             except Exception as exc:  # the step's commands fail; the engine keeps going
@@ -119,6 +123,8 @@ class StepLoop:
                 StepBuilder(self._state).deliver(result)
                 self._step_end, self._last_arrival = time.monotonic(), None
                 self._last_step_s = self._step_end - started
+                if self._step_log is not None:
+                    self._step_log.delivered(batch.step_id)
                 self._awaited = {i for i in resolving if not i.closed and i.failure is None
                                  and not i.num_queued_forwards}
             return True
@@ -141,6 +147,8 @@ class StepLoop:
                     self._idle_generation = self._generation
                     return False
             if batch is not None:
+                if self._step_log is not None:
+                    self._step_log.submitted(batch)
                 try:
                     self._pending.append(self._executor.submit(batch))
                 except Exception as exc:
@@ -177,6 +185,8 @@ class StepLoop:
             self._step_end, self._last_arrival = now, None
             self._awaited = {i for i in resolving if not i.closed and i.failure is None
                              and not i.num_queued_forwards}
+        if self._step_log is not None:
+            self._step_log.delivered(pending.step_id)
 
     def _fail_running(self, step_id: int, exc: Exception) -> None:
         """A failed step fails every running step (the later ones were fed from it); the engine goes on."""
@@ -187,6 +197,8 @@ class StepLoop:
             except Exception:
                 pass
         self._pending.clear()
+        if self._step_log is not None:
+            self._step_log.forget_pending()
         error = ControlError(f"the executor failed this step: {exc!r}")
         with self.locked(mutating=False):
             while self._state.running:
@@ -215,6 +227,8 @@ class StepLoop:
             self._changed.notify_all()
         if thread is not None:
             thread.join()
+        if self._step_log is not None:
+            self._step_log.flush()
 
     def _run(self) -> None:
         while True:

@@ -1,0 +1,87 @@
+"""The step log (PIE_STEP_LOG, engine/control/step_log.py): one line per step the executor ran, with what it
+held and when it was submitted and delivered, pipelined or not."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pie_server.engine.control.api import VirtualForward
+from pie_server.engine.control.config import ControlConfig
+from pie_server.engine.control.controller import Controller
+from pie_server.engine.step import OutputSpec, SamplingParams
+from pie_server.engine.types import InstanceId
+from tests.engine.control.fake_executor import FakeExecutor
+
+pytestmark = pytest.mark.timeout(60)
+PAGE_SIZE = 4
+
+
+def _prompt_then_decodes(controller: Controller, prompt: list[int], num_decodes: int) -> None:
+    instance = InstanceId("a")
+    controller.open_instance(instance)
+    pages = controller.allocate_pages(instance, 4).result(timeout=10)
+    greedy = [OutputSpec(0, SamplingParams())]
+    result = controller.forward(instance, VirtualForward(
+        prompt, list(range(len(prompt))), pages[:1], len(prompt), [OutputSpec(len(prompt) - 1, SamplingParams())]
+    )).result(timeout=10)
+    for pos in range(len(prompt), len(prompt) + num_decodes):
+        num_pages = pos // PAGE_SIZE + 1
+        result = controller.forward(instance, VirtualForward(
+            [result.outputs[0].token_id], [pos], pages[:num_pages], pos - (num_pages - 1) * PAGE_SIZE + 1,
+            greedy)).result(timeout=10)
+    controller.close_instance(instance)
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "pipelined"])
+def test_every_executed_step_is_logged_with_its_tokens(tmp_path: Path, pipeline: bool) -> None:
+    path = tmp_path / "steps.jsonl"
+    executor = FakeExecutor(num_pages=16, page_size=PAGE_SIZE)
+    controller = Controller(executor, ControlConfig(pipeline=pipeline, step_log=str(path)))
+    controller.start()
+    try:
+        _prompt_then_decodes(controller, [5, 6, 7], num_decodes=6)
+    finally:
+        controller.stop()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    ran = [b for b in executor.batches if b.forwards]
+    assert [line["step"] for line in lines] == [b.step_id for b in ran]
+    assert [(line["forwards"], line["tokens"]) for line in lines] == \
+        [(len(b.forwards), sum(len(c.token_ids) for c in b.forwards)) for b in ran]
+    assert [(line["prefill_forwards"], line["prefill_tokens"]) for line in lines] == [(1, 3)] + [(0, 0)] * 6
+    assert all(line["submitted"] <= line["delivered"] for line in lines)
+    assert [line["delivered"] for line in lines] == sorted(line["delivered"] for line in lines)
+
+
+def test_no_log_unless_asked() -> None:
+    with pytest.raises(ValueError, match="step_log"):
+        ControlConfig(step_log="")
+    assert ControlConfig().step_log is None
+
+
+def test_the_summary_times_steps_by_rows_and_prefill(tmp_path: Path) -> None:
+    """scripts/step_log_summary.py: a step's time runs from the later of its submission and the previous delivery
+    (pipelined steps wait for the device, idle stretches are not theirs); rows bands and prefill split them."""
+    import subprocess
+    import sys
+
+    def line(step: int, submitted: float, delivered: float, forwards: int, prefill_tokens: int) -> str:
+        return json.dumps({"step": step, "submitted": submitted, "delivered": delivered, "forwards": forwards,
+                           "tokens": forwards + prefill_tokens, "prefill_forwards": int(prefill_tokens > 0),
+                           "prefill_tokens": prefill_tokens})
+
+    path = tmp_path / "steps.jsonl"
+    path.write_text("\n".join([
+        line(1, 0.000, 0.010, 16, 0),  # 10 ms
+        line(2, 0.001, 0.016, 16, 0),  # submitted while 1 ran: 6 ms from 1's delivery
+        line(3, 0.012, 0.030, 16, 40),  # 14 ms, with prefill
+        line(4, 1.000, 1.002, 1, 0)]) + "\n")  # after an idle second: 2 ms
+    script = Path(__file__).resolve().parents[3] / "scripts" / "step_log_summary.py"
+    done = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    header, one, decodes, prefills, total = done.stdout.splitlines()
+    assert one.split()[:3] == ["1-1", "decode", "only"] and float(one.split()[-3]) == pytest.approx(2.0)
+    assert decodes.split()[:4] == ["2-16", "decode", "only", "2"] and float(decodes.split()[-1]) == pytest.approx(16)
+    assert prefills.split()[:4] == ["2-16", "with", "prefill", "1"]
+    assert float(prefills.split()[-3]) == pytest.approx(14.0) and total.startswith("4 steps")
