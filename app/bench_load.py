@@ -77,6 +77,10 @@ class LevelReport:
     num_errors: int = 0
     num_output_tokens: int = 0  # of the completed requests
     first_error: str | None = None
+    # Gaps too rare for the ITL's p90 but long enough to move the TPOT: the p99 of all gaps, and the median over
+    # requests of each one's longest gap.
+    itl_p99_ms: float | None = None
+    max_gap_median_ms: float | None = None
 
     @property
     def num_completed(self) -> int:
@@ -158,7 +162,8 @@ def level_report(concurrency: int, num_requests: int, wall_s: float, samples: li
         tpot_median_ms=_ms(_median(tpots)), tpot_p90_ms=_ms(_p90(tpots)),
         itl_median_ms=_ms(_median(itls)), itl_p90_ms=_ms(_p90(itls)),
         e2e_median_s=_median([s.e2e_s for s in samples]),
-        num_errors=len(errors), num_output_tokens=num_tokens, first_error=errors[0] if errors else None)
+        num_errors=len(errors), num_output_tokens=num_tokens, first_error=errors[0] if errors else None,
+        itl_p99_ms=_ms(_rank(itls, 0.99)), max_gap_median_ms=_ms(_median([max(s.itls_s, default=0.0) for s in samples])))
 
 
 def results_json(max_tokens: int, reports: list[LevelReport]) -> dict[str, Any]:
@@ -180,10 +185,14 @@ def _median(values: list[float]) -> float | None:
 
 def _p90(values: list[float]) -> float | None:
     """The value at rank int(0.9 n) of the sorted values (bench/http_load.py's choice, kept for comparisons)."""
+    return _rank(values, 0.9)
+
+
+def _rank(values: list[float], fraction: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def _ms(seconds: float | None) -> float | None:

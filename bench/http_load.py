@@ -94,7 +94,8 @@ def _line(report: LevelReport) -> str:
     line = (f"c={report.concurrency:>3}  {report.output_tokens_per_s:8.1f} tok/s  "
             f"TTFT {_ms(report.ttft_median_ms, 7)} ms (p90 {_ms(report.ttft_p90_ms, 7)})  "
             f"TPOT {_ms(report.tpot_median_ms, 6)} ms (p90 {_ms(report.tpot_p90_ms, 6)})  "
-            f"ITL {_ms(report.itl_median_ms, 6)} ms (p90 {_ms(report.itl_p90_ms, 6)})")
+            f"ITL {_ms(report.itl_median_ms, 6)} ms (p90 {_ms(report.itl_p90_ms, 6)}, p99 {_ms(report.itl_p99_ms, 6)}, "
+            f"longest per request {_ms(report.max_gap_median_ms, 6)})")
     if report.num_errors:
         line += f"  {report.num_errors} of {report.num_requests} failed, the first: {report.first_error}"
     return line

@@ -163,3 +163,17 @@ def test_serving_table_means_several_runs(tmp_path: Path) -> None:
     assert row["pie"] == {"out_tok_s": 200.0, "tpot_ms": 2.5, "ttft_p90_ms": 10.0}
     assert row["vllm"]["out_tok_s"] == 150.0 and [r["out_tok_s"] for r in row["pie_runs"]] == [100.0, 300.0]
     assert "| smollm2-135m | 1 | 200 | 150 | 1.33 (0.50, 3.00) |" in done.stdout
+
+
+def test_rare_long_gaps_show_beyond_the_itl_p90() -> None:
+    """One 50 ms gap in each request's 20 (the others 5 ms) stays out of the ITL's median and p90 but not out of
+    its p99 or the requests' longest gap, and it moves their TPOT."""
+    from pie_server.app.bench_load import Sample, level_report
+
+    gaps = [0.005] * 19 + [0.050]
+    samples = [Sample(ttft_s=0.01, tpot_s=sum(gaps) / len(gaps), itls_s=list(gaps), num_output_tokens=21,
+                      e2e_s=0.2) for _ in range(10)]
+    report = level_report(concurrency=10, num_requests=10, wall_s=1.0, samples=samples, errors=[])
+    assert report.itl_median_ms == report.itl_p90_ms == pytest.approx(5.0)
+    assert report.itl_p99_ms == pytest.approx(50.0) and report.max_gap_median_ms == pytest.approx(50.0)
+    assert report.tpot_median_ms == pytest.approx(7.25)
