@@ -5,20 +5,20 @@
 #                client, msgspec, pyzmq, prometheus-client, jsonschema, llguidance, py-spy), Python 3.12 x86_64
 #   .gpu-model/  smollm2/ (the default model's config and tokenizer), llama-3.1-8b/ (Llama-3.1-8B's config and
 #                SmolLM2's tokenizer padded to 128,256 ids, gzipped: random weights emit any id), pie-cache/
-#                inferlets/<key>.wasm.gz (the default inferlet, and react-agent with --agentic, built here: nothing
-#                is compiled there), vllm-serve.sh and vllm-offline.py
+#                inferlets/<key>.wasm.gz (the default inferlet, built here: nothing is compiled there), vllm-serve.sh and vllm-offline.py
 #                (../shared/peers/vllm/serve.sh, offline.py)
 #
 #   bash scripts/gpu_prepare.sh [--agentic]  # after `make install`; about a minute with warm caches
-# Without --agentic the two folders plus the tracked tree stay under the 64 MiB carry limit with room for a
-# .base/tree.tgz (an A/B against an older commit); react-agent's build (6.5 MB) is for `gpu_serving.sh agentic`.
+# The two folders plus the tracked tree stay under the 64 MiB carry limit with room for a .base/tree.tgz (an A/B
+# against an older commit). --agentic also builds react-agent (6.5 MB, for `gpu_serving.sh agentic`) into
+# .agentwasm/: carry [".agentwasm"] in the agentic call, after a first call that carried the other two.
 # Then pass carry [".whl", ".gpu-model"] and start the device command with `bash scripts/gpu_serving.sh setup ...`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AGENTIC=0; [ "${1:-}" = --agentic ] && AGENTIC=1
 ROOT=$PWD; PY=$ROOT/.venv/bin/python; G=$ROOT/.gpu-model
 [ -x "$PY" ] || { echo "run make install first"; exit 2; }
-for d in /.whl/ /.gpu-model/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+for d in /.whl/ /.gpu-model/ /.agentwasm/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
 
 # The server's packages at requirements/gpu.lock's versions (fetch-wheels names some unpinned: wasmtime 51 came
 # out on 2026-12-04, and the runtime refuses any wasmtime but its pinned one); .whl/ starts empty, so no
@@ -34,7 +34,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_5_x86_64 -d .whl py-spy==0.4.3  # `gpu_serving.sh profile` (a binary in /tmp/site/bin)
 
-rm -rf "$G" && mkdir -p "$G/smollm2" "$G/llama-3.1-8b" "$G/pie-cache/inferlets"
+rm -rf "$G" .agentwasm && mkdir -p "$G/smollm2" "$G/llama-3.1-8b" "$G/pie-cache/inferlets"
 cp ../shared/peers/vllm/serve.sh "$G/vllm-serve.sh"
 cp ../shared/peers/vllm/offline.py "$G/vllm-offline.py"
 # -P: the checkout is not put on sys.path (its kernels/ folder would shadow the `kernels` package transformers probes)
@@ -74,10 +74,14 @@ assert tok.get_vocab_size() == 128256, tok.get_vocab_size()
 with gzip.open(llama / "tokenizer.json.gz", "wt") as f:
     f.write(tok.to_str())
 
-for source in (DEFAULT_INFERLET_SOURCE, *([CONTRIB_DIR / "react-agent"] if sys.argv[2] == "1" else [])):
+# react-agent's build goes to .agentwasm/ (carried on its own by the `agentic` call: with it .whl/ and .gpu-model/
+# would exceed the carry limit); gpu_serving.sh unpacks both folders' builds into the build cache.
+for source, folder in ((DEFAULT_INFERLET_SOURCE, out / "pie-cache" / "inferlets"),
+                       *([(CONTRIB_DIR / "react-agent", out.parent / ".agentwasm")] if sys.argv[2] == "1" else [])):
     key = source_hash(find_source(source))  # the name the GPU machine's build cache looks for
     built = build_inferlet(source, Path("/tmp") / f"pie-gpu-prepare-{key}.wasm", progress=False)
-    with open(built, "rb") as src, gzip.open(out / "pie-cache" / "inferlets" / f"{key}.wasm.gz", "wb") as dst:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(built, "rb") as src, gzip.open(folder / f"{key}.wasm.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     print(f"{source.name}: {key}")
 EOF

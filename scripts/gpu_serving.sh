@@ -9,7 +9,8 @@
 #   bash scripts/gpu_serving.sh tax SHAPE [N]         # bench/programmability_tax.py --api-processes N (default 0)
 #   bash scripts/gpu_serving.sh agentic SHAPE ARGS... # python -m bench.agentic on SHAPE (consumes the rest; ARGS
 #                                                     # override, e.g. --concurrency 1 16 128); $OUT/agentic_SHAPE.json
-#                                                     # (needs react-agent's build: `gpu_prepare.sh --agentic`)
+#                                                     # (needs react-agent's build: `gpu_prepare.sh --agentic`,
+#                                                     # carry [".agentwasm"] in this call)
 #   bash scripts/gpu_serving.sh profile SHAPE N C [S] # py-spy over `pie serve --api-processes N` for S seconds (15)
 #                                                     # under bench/http_load.py at concurrency C: $OUT/profile_*.txt
 #   bash scripts/gpu_serving.sh agentic-profile SHAPE C [S] # py-spy over bench.agentic at concurrency C for S seconds
@@ -53,6 +54,7 @@ env_setup() {
   # so build_inferlet finds it and never runs componentize-py here.
   export PIE_CACHE_DIR=/tmp/pie-cache; mkdir -p $PIE_CACHE_DIR/inferlets
   local gz wasm
+  if [ -d "$ROOT/.agentwasm" ]; then mkdir -p $C/.gpu-model/pie-cache/inferlets && cp "$ROOT"/.agentwasm/*.wasm.gz $C/.gpu-model/pie-cache/inferlets/; fi
   for gz in $C/.gpu-model/pie-cache/inferlets/*.wasm.gz; do
     wasm=$PIE_CACHE_DIR/inferlets/$(basename "$gz" .gz); [ -f "$wasm" ] || gunzip -c "$gz" > "$wasm"
   done
