@@ -55,9 +55,9 @@ class ControlConfig:
                    **overrides: int | bool | str | None) -> "ControlConfig":
         """The batch budget of an EngineConfig, the token/position bounds of a ModelConfig, and pipelined
         steps on CUDA (on CPU the executor computes inside submit(): nothing would overlap)."""
-        values: dict[str, int | bool | str | None] = dict(max_batch_tokens=engine.max_batch_tokens,
-                                                    max_batch_size=engine.max_batch_size,
-                                                    pipeline=engine.device != "cpu")
+        values: dict[str, int | bool | str | None] = dict(
+            max_batch_tokens=engine.max_batch_tokens, max_batch_size=engine.max_batch_size,
+            pipeline=engine.device != "cpu")
         if model is not None:
             values.update(vocab_size=model.vocab_size, max_position=model.max_position_embeddings)
         values.update(overrides)

@@ -116,6 +116,8 @@ class StepLoop:
                 result = self._executor.execute(batch)
             except Exception as exc:  # the step's commands fail; the engine keeps going
                 log.exception("executor step %d failed", batch.step_id)
+                if self._step_log is not None:
+                    self._step_log.forget_pending()
                 with self.locked(mutating=False):
                     StepBuilder(self._state).fail_inflight(ControlError(f"the executor failed this step: {exc!r}"))
                 return True
