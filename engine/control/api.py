@@ -113,6 +113,11 @@ class Control(Protocol):
         (engine/control/decoding.py); raises ControlError when its first forward is invalid, or when it has a
         grammar and can_decode_grammar is False."""
 
+    def extend_decode(self, instance_id: InstanceId, stream: "DecodeStream", page_ids: Sequence[VirtualPageId],
+                      num_pages_before: int) -> None:
+        """Give a running decode of num_pages_before pages more room: page_ids (allocated to the instance) follow
+        them. One that ended meanwhile, or ends at its old room before this reaches it, ends as before (END_ROOM)."""
+
     def stop_decode(self, instance_id: InstanceId, stream: "DecodeStream") -> None:
         """End a decode early (its stream's done says when nothing of it runs any more)."""
 

@@ -31,7 +31,7 @@ from pie_server.engine.config import EngineInfo
 from pie_server.engine.control.admission import Admission
 from pie_server.engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
 from pie_server.engine.control.config import ControlConfig
-from pie_server.engine.control.decoding import DecodeRequest, DecodeStream
+from pie_server.engine.control.decoding import DecodeRequest, DecodeStream, extend_room
 from pie_server.engine.control.instance import Allocation, InstanceState
 from pie_server.engine.control.page_table import PageTable
 from pie_server.engine.control.resources import Resources
@@ -224,6 +224,25 @@ class Controller:
             return self._grammars.get().matcher(spec)
         except GrammarError as error:
             raise ControlError(str(error)) from None
+
+    def extend_decode(self, instance_id: InstanceId, stream: DecodeStream, page_ids: Sequence[VirtualPageId],
+                      num_pages_before: int) -> None:
+        """More room for a running decode that holds num_pages_before pages: page_ids (the instance's, allocated
+        by the caller) follow them, so it goes on past its old room. A decode that ended, ends at its old room
+        before this reaches it, or holds another count (an extension was lost), ends as before: its caller then
+        decodes again with all the pages."""
+        with self._locked():
+            table = self.state.get(instance_id).table
+            if stream.room is None:
+                raise ControlError("extend_decode takes the stream of a decode this control layer runs")
+            known = set(stream.room)
+            for page_id in page_ids:
+                if table.get_block(page_id) is None:
+                    raise ControlError(f"page {page_id} is not instance {instance_id!r}'s")
+                if page_id in known:
+                    raise ControlError(f"page {page_id} is already in the decode's pages")
+                known.add(page_id)
+            extend_room(stream, page_ids, num_pages_before)
 
     def stop_decode(self, instance_id: InstanceId, stream: DecodeStream) -> None:
         """Ends the decode: at once if its next forward is only queued, else when the running one returns."""

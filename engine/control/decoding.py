@@ -5,7 +5,8 @@ just sampled) is queued at once, while the tokens stream to the caller through a
 
 Decoding ends at a stop token, after `max_new_tokens`, at the model's context limit (the same rule as the
 runtime's), when the pages given have no slot left for the next token ("room": the caller allocates more and
-decodes again), when the caller stops it, or with an error (the instance closed or failed, the executor failed).
+decodes again; a caller that gives more pages while it runs, `extend_decode`, keeps it going), when the caller
+stops it, or with an error (the instance closed or failed, the executor failed).
 The stream's `done` Future gets the end (a reason string, or the error); it is settled only when no forward of
 the decoding is queued or running, so the caller may free the pages once it has seen it.
 
@@ -62,6 +63,8 @@ class DecodeStream:
         self._waiter: list[Future[None]] = []  # at most one; a box, so done's callback holds no reference to self
         self.stop_requested = False
         self.first_output_at: float | None = None  # time.monotonic() of the first push (request traces)
+        # The running decode's pages (its Decoding's own list, set where the decode runs): extend_room grows it.
+        self.room: list[VirtualPageId] | None = None
         # No reference cycle (a bound method here would make one): garbage collection stays rare.
         self.done.add_done_callback(functools.partial(_wake_at_end, self._lock, self._waiter))
 
@@ -86,6 +89,16 @@ class DecodeStream:
                 return False
             self._waiter[:] = [waiter]
             return True
+
+
+def extend_room(stream: DecodeStream, page_ids: Sequence[VirtualPageId], num_pages_before: int) -> None:
+    """Appends pages (checked by the caller: the instance's, none listed twice) to the running decode's room, so
+    it goes on past its old end instead of ending with END_ROOM. Only if the room holds num_pages_before pages
+    (the caller's count): the caller's pages and the decode's stay the same list even if an extension was lost.
+    Call it where the decode's steps are formed (under the control layer's lock): the room is read there.
+    After the end it changes nothing that is read."""
+    if stream.room is not None and not stream.done.done() and len(stream.room) == num_pages_before:
+        stream.room.extend(page_ids)
 
 
 def wait_any(streams: Sequence[DecodeStream]) -> Future[None] | None:
@@ -129,8 +142,11 @@ class Decoding:
     def of(cls, request: DecodeRequest, stream: DecodeStream, grammar: GrammarMatcher | None) -> "Decoding":
         """request's decode (grammar: request.grammar's matcher), streaming into stream."""
         sampling = request.sampling
-        return cls(stream, request.max_new_tokens, request.stop_token_ids, sampling, list(request.page_ids),
-                   grammar=grammar, output_token_ids=list(sampling.output_token_ids) if sampling.is_penalized else None)
+        decoding = cls(stream, request.max_new_tokens, request.stop_token_ids, sampling, list(request.page_ids),
+                       grammar=grammar,
+                       output_token_ids=list(sampling.output_token_ids) if sampling.is_penalized else None)
+        stream.room = decoding.page_ids  # the same list: extend_room grows what forward() and the limits read
+        return decoding
 
     @property
     def follows_tokens(self) -> bool:

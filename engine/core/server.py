@@ -103,7 +103,8 @@ class EngineCore:
         self._parent_pid = os.getppid()
         self._stopping = False
         self._special: dict[str, Callable[[FrontLink, Call], None]] = {
-            "decode": self._decode, "stop_decode": self._stop_decode, "reserve": self._reserve,
+            "decode": self._decode, "extend_decode": self._extend_decode, "stop_decode": self._stop_decode,
+            "reserve": self._reserve,
             "cancel_reserve": self._cancel_reserve, "release": self._release}
         control.add_step_listener(self.flush)
         # Starts decodes under a grammar off the serving loop, in arrival order (a stop_decode that comes first
@@ -220,6 +221,17 @@ class EngineCore:
             link.streams.pop(call.call_id, None)
             link.emit(End(call.call_id, None, error_of(exc)))
             link.flush()  # on the grammar thread, no step or received call may flush it soon
+
+    def _extend_decode(self, link: FrontLink, call: Call) -> None:
+        instance_id, decode_call_id, page_ids, num_pages_before = msgspec.convert(
+            call.args, tuple[str, int, list[int], int])
+        stream = link.streams.get(decode_call_id)
+        if stream is None:  # it ended: the front end decodes again with those pages
+            return
+        if stream.room is None:  # under a grammar, still starting on that thread: extended there, after it
+            self._grammar_starter.submit(self.control.extend_decode, instance_id, stream, page_ids, num_pages_before)
+        else:
+            self.control.extend_decode(instance_id, stream, page_ids, num_pages_before)
 
     def _stop_decode(self, link: FrontLink, call: Call) -> None:
         instance_id, decode_call_id = msgspec.convert(call.args, tuple[str, int])

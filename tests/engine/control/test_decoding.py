@@ -7,7 +7,7 @@ import pytest
 
 from tests.engine.control.fake_executor import FakeExecutor
 from tests.engine.control.conftest import Controllers
-from pie_server.engine.control.api import VirtualForward
+from pie_server.engine.control.api import ControlError, VirtualForward
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.controller import Controller
 from pie_server.engine.control.decoding import (END_CANCELLED, END_LENGTH, END_ROOM, END_STOP, DecodeRequest,
@@ -108,6 +108,43 @@ def test_decode_ends_at_a_stop_token_and_at_the_end_of_its_room(controllers: Con
     # 3 pages: 12 slots hold the 6 prompt tokens and the first 6 new ones; the 7th is sampled, with no slot.
     tokens, end = _drain_all(controller.decode(instance, _request(pages[:3], 100)))
     assert tokens == reference[:7] and end == END_ROOM
+    controller.close_instance(instance)
+
+
+def test_a_decode_given_more_pages_while_it_runs_goes_on_past_its_old_room(controllers: Controllers,
+                                                                           pipeline: bool) -> None:
+    """extend_decode: pages added mid-decode (a few steps in, so pipelined forwards are running) follow its
+    pages; it then equals a decode given them all at the start. An extension that names another count of pages
+    than the decode holds (one was lost) changes nothing: the decode ends at its room, as without it."""
+    controller, _ = _make(controllers, pipeline)
+    instance, pages = _open(controller, "a", 6)
+    reference = controller.decode(instance, _request(pages[:5], 100))  # 20 slots: 6 prompt + 14 new, 15 sampled
+    _step_until_done(controller, reference)
+    reference_tokens, reference_end = [o.token_id for o in reference.drain()], reference.done.result(timeout=0)
+    assert reference_end == END_ROOM and len(reference_tokens) == 15
+
+    extended = controller.decode(instance, _request(pages[:3], 100))
+    for _ in range(3):
+        controller.step()
+    controller.extend_decode(instance, extended, pages[3:5], 3)
+    controller.extend_decode(instance, extended, [pages[5]], 3)  # a stale count: ignored
+    _step_until_done(controller, extended)
+    assert [o.token_id for o in extended.drain()] == reference_tokens and extended.done.result(timeout=0) == END_ROOM
+    controller.close_instance(instance)
+
+
+def test_extend_decode_takes_only_the_instances_pages_each_once(controllers: Controllers, pipeline: bool) -> None:
+    controller, _ = _make(controllers, pipeline)
+    instance, pages = _open(controller, "a", 4)
+    stream = controller.decode(instance, _request(pages[:2], 100))
+    with pytest.raises(ControlError, match="already in the decode's pages"):
+        controller.extend_decode(instance, stream, [pages[2], pages[1]], 2)
+    with pytest.raises(ControlError, match="not instance"):
+        controller.extend_decode(instance, stream, [pages[2], 99], 2)
+    with pytest.raises(ControlError, match="of a decode this control layer runs"):
+        controller.extend_decode(instance, DecodeStream(), [pages[2]], 2)
+    _step_until_done(controller, stream)
+    assert stream.done.result(timeout=0) == END_ROOM and len(stream.drain()) == 3  # 8 slots: nothing was added
     controller.close_instance(instance)
 
 

@@ -150,6 +150,37 @@ def test_stop_decode_ends_a_long_decode(tmp_path: Path) -> None:
         made.close()
 
 
+def test_a_running_decode_is_given_more_room_over_the_wire(tmp_path: Path) -> None:
+    """extend_decode is posted after the allocation it names (served in order): the decode goes on past the
+    room it started with, to its max_new_tokens."""
+    made = Core(tmp_path, FakeExecutor(num_pages=32, page_size=4, step_delay_s=0.02))
+    try:
+        remote = made.remote
+        remote.open_instance("a")
+        pages = remote.allocate_pages("a", 2).result(5)  # 8 slots: the prompt token and 7 more
+        stream = remote.decode("a", DecodeRequest([1], 0, pages, 0, GREEDY, max_new_tokens=12))
+        remote.extend_decode("a", stream, remote.allocate_pages("a", 2).result(5), 2)
+        assert stream.done.result(5) == "length" and [o.token_id for o in stream.drain()] == list(range(2, 14))
+        remote.close_instance("a")
+    finally:
+        made.close()
+
+
+def test_pages_allocated_for_a_cancelled_call_are_given_back(core: Core) -> None:
+    remote = core.remote
+    remote.open_instance("a")
+    kept = remote.allocate_pages("a", 1)
+    with core.controller._lock:  # the core cannot answer until it is released
+        unwanted = remote.allocate_pages("a", 3)
+        assert unwanted.cancel()  # before the reply: the pages it brings are freed
+    assert kept.result(5) == [0]
+    deadline = time.monotonic() + 5
+    while remote.stats().num_free_pages != 31 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert remote.stats().num_free_pages == 31
+    remote.close_instance("a")
+
+
 def test_admission_grants_in_order_and_takes_back_cancelled_waits(core: Core) -> None:
     admission = core.remote.admission
     total = admission.num_pages

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.control.api import ControlError, ControlStats, InstanceClosed, VirtualForward
-from pie_server.engine.control.decoding import DecodeRequest, DecodeStream, decode_by_forwards
+from pie_server.engine.control.decoding import DecodeRequest, DecodeStream, decode_by_forwards, extend_room
 from pie_server.engine.step import CommandResult, OutputResult
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
@@ -44,6 +44,7 @@ class FakeControl:
         self.batch_sizes: list[int] = []
         self.commands: list[tuple[InstanceId, VirtualForward]] = []
         self.closed: list[InstanceId] = []
+        self.extensions: list[tuple[InstanceId, list[int]]] = []  # extend_decode's calls
         self._stopping = False
         self._thread = threading.Thread(target=self._executor, daemon=True)
         self._thread.start()
@@ -53,6 +54,11 @@ class FakeControl:
 
     def decode(self, instance_id: InstanceId, request: DecodeRequest) -> DecodeStream:
         return decode_by_forwards(self, instance_id, request)
+
+    def extend_decode(self, instance_id: InstanceId, stream: DecodeStream, page_ids: list[int],
+                      num_pages_before: int) -> None:
+        self.extensions.append((instance_id, list(page_ids)))
+        extend_room(stream, page_ids, num_pages_before)
 
     def stop_decode(self, instance_id: InstanceId, stream: DecodeStream) -> None:
         stream.stop_requested = True

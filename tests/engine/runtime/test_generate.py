@@ -263,3 +263,37 @@ def test_a_traced_generation_marks_when_its_decode_went_out_and_its_first_token_
             assert list(marks) == ["admitted"]
         control.close_instance(inst.id)
     control.stop()
+
+
+class DecodeCountingControl(FakeControl):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_decodes = 0
+
+    def decode(self, instance_id: InstanceId, request: DecodeRequest) -> Any:
+        self.num_decodes += 1
+        return super().decode(instance_id, request)
+
+
+def test_a_decode_gets_more_room_while_it_runs_so_a_long_generation_is_one_decode() -> None:
+    """Decoding in the control layer, the host allocates a running decode's next room once it has used half of
+    its room (extend_decode), instead of letting it end there and decoding again after an allocation (a round
+    trip that stalls the sequence). Steps slow enough for the host to keep up: one decode for 40 tokens over a
+    room of 16; the tokens, pages and freed pages as without it."""
+    control = DecodeCountingControl(num_pages=64, page_size=PAGE_SIZE, step_delay_s=0.015)
+    host = Host(control=control, tokenizer=ByteTokenizer(), model=MODEL,
+                config=RuntimeConfig(decode_in_control=True, decode_room_pages=4),
+                call_later=lambda delay, fn: None, run_blocking=lambda fn: Future())
+    inst = InstanceState(id=InstanceId("gen"), program_hash="", arguments=(), tenant="t", deadline=1e18)
+    control.open_instance(inst.id)
+    generate = {f.name: f.impl for f in api_generate.functions(host)}["generate"]
+    tag, gen = drive(generate(inst, request(**{"input-token-ids": [10, 11], "max-tokens": 40})))
+    assert tag == "ok" and gen["finish-reason"] == "length"
+    assert gen["token-ids"] == list(range(12, 52))
+    assert control.num_decodes == 1 and control.extensions  # 2 + 16 slots at first, 41 needed
+    # 2 prompt + 39 generated tokens have KV (the last one is pending): 11 pages, the unused room freed
+    assert len(gen["page-ids"]) == 11 and gen["last-page-len"] == 1
+    assert control.num_free_pages == control.info.num_pages - 11
+    control.close_instance(inst.id)
+    assert control.num_free_pages == control.info.num_pages
+    control.stop()
