@@ -21,8 +21,8 @@ from pie_server.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# A round trip to the core (an allocation and a new decode) costs the sequence a step or two: one per 64 tokens
-# (page size 16) rather than per 16. Measured with it: docs/decisions/engine-core.md.
+# A running decode gets its next room when it has used half of this (RuntimeConfig.decode_room_pages): 32 tokens
+# (page size 16), several steps' time for the allocation's round trip to the core. docs/decisions/engine-core.md.
 FRONT_END_DECODE_ROOM_PAGES = 4
 
 
