@@ -69,6 +69,9 @@ class Control(Protocol):
     def close_instance(self, instance_id: InstanceId) -> None:
         """Free every page reference of the instance and fail its pending futures with InstanceClosed."""
 
+    def try_allocate_pages(self, instance_id: InstanceId, num_pages: int) -> list[VirtualPageId]:
+        """num_pages at once if they are free and nobody waits for pages; else none (never a preemption)."""
+
     def allocate_pages(self, instance_id: InstanceId, num_pages: int) -> Future[list[VirtualPageId]]:
         """Resolves once the pages exist; waits (or preempts others) when the pool is full, never fails for that."""
 

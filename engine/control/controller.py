@@ -106,6 +106,18 @@ class Controller:
             self.state.serve_demands()
         return future
 
+    def try_allocate_pages(self, instance_id: InstanceId, num_pages: int) -> list[VirtualPageId]:
+        """num_pages now if they are free (after evicting cache-only pages) and no demand waits; else none. Never
+        a demand, so never a preemption: for pages wanted ahead of need (a running decode's next room)."""
+        with self._locked():
+            instance = self.state.get(instance_id)
+            if not isinstance(num_pages, int) or num_pages < 0:
+                raise ControlError(f"num_pages must be a non-negative int, got {num_pages!r}")
+            instance.table.check_quota(num_pages, instance.num_pages_requested)
+            if len(self.state.demands) or not self.state.res.make_free(num_pages):
+                return []
+            return instance.table.add(self.state.res.pool.allocate(num_pages))
+
     def free_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId]) -> None:
         with self._locked():
             instance = self.state.get(instance_id)

@@ -90,9 +90,10 @@ class RemoteControl:
         self._call("close_instance", [instance_id])
 
     def allocate_pages(self, instance_id: InstanceId, num_pages: int) -> Future[list[VirtualPageId]]:
-        # A caller that cancelled the Future no longer wants the pages: freed when the reply brings them.
-        return self._start_call("allocate_pages", [instance_id, num_pages], list[int],
-                                lambda page_ids: self._post("free_pages", [instance_id, page_ids]))
+        return self._start_call("allocate_pages", [instance_id, num_pages], list[int])
+
+    def try_allocate_pages(self, instance_id: InstanceId, num_pages: int) -> list[VirtualPageId]:
+        return self._call("try_allocate_pages", [instance_id, num_pages], list[int])
 
     def free_pages(self, instance_id: InstanceId, page_ids: Sequence[VirtualPageId]) -> None:
         self._call("free_pages", [instance_id, list(page_ids)])
@@ -174,13 +175,13 @@ class RemoteControl:
         return _wait(self._start_call(method, args, value_type), None, "")
 
     def _start_call(self, method: str, args: list[Any], value_type: Any,
-                    orphaned: Callable[[Any], None] | None = None) -> Future[Any]:
+                    orphaned: Callable[[], None] | None = None) -> Future[Any]:
         """Sends the call; the Future settles with its reply. orphaned() runs if a successful reply finds the
         Future already cancelled (what it got must then be given back)."""
         return self._start(method, args, value_type, orphaned)[1]
 
     def _start(self, method: str, args: list[Any], value_type: Any,
-               orphaned: Callable[[Any], None] | None = None) -> tuple[int, Future[Any]]:
+               orphaned: Callable[[], None] | None = None) -> tuple[int, Future[Any]]:
         future: Future[Any] = Future()
         call_id = next(self._ids)
         self._pending[call_id] = (future, value_type, orphaned)
@@ -235,7 +236,7 @@ class RemoteControl:
             error = _error(event.error)
             value = None if error is not None or value_type is Any else msgspec.convert(event.value, value_type)
             if not settle(waiter, value, error) and error is None and orphaned is not None:
-                orphaned(value)
+                orphaned()
 
     def _fail_all(self, reason: str) -> None:
         self._gone = reason
@@ -258,7 +259,7 @@ class RemoteAdmission:
         if not 0 <= num_pages <= self.num_pages:
             raise ValueError(f"cannot reserve {num_pages} of {self.num_pages} pages")
         control = self._control
-        call_id, future = control._start("reserve", [num_pages], None, lambda _: self.release(num_pages))
+        call_id, future = control._start("reserve", [num_pages], None, lambda: self.release(num_pages))
         future.add_done_callback(lambda done: done.cancelled() and control._post("cancel_reserve", [call_id]))
         return future
 

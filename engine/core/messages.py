@@ -71,6 +71,7 @@ class CoreFacts(msgspec.Struct):
 PLAIN_METHODS: dict[str, Any] = {
     "open_instance": tuple[str, int | None],
     "close_instance": tuple[str],
+    "try_allocate_pages": tuple[str, int],
     "free_pages": tuple[str, list[int]],
     "copy_slots": tuple[str, int, int, int, int, int],
     "mask_slots": tuple[str, int, list[bool]],
@@ -87,6 +88,7 @@ PLAIN_METHODS: dict[str, Any] = {
 }
 # The replies' value types of those that answer more than None.
 PLAIN_VALUES: dict[str, Any] = {
+    "try_allocate_pages": list[int],
     "share_pages": list[int],
     "import_pages": list[int],
     "list_exports": list[str],

@@ -300,11 +300,14 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
     """Each round gives every active sequence pages for up to decode_room_pages more tokens and one control-layer
     decode; its tokens stream back and are accepted here (stop strings, detokenization, streaming). A decode
     that has used half its room is given more while it runs (extend_decode), so it does not stop for the
-    round trip of an allocation and a new decode (one to two steps; every 64 tokens in a front end)."""
+    round trip of an allocation and a new decode (one to two steps; every 64 tokens in a front end). That room
+    is taken only if free (try_allocate_pages: never a wait or a preemption of others); when it is not, the
+    decode ends at its room and the next round allocates as before."""
     control, model = host.control, host.model
     room_tokens = host.config.decode_room_pages * model.page_size
     marks = inst.trace_marks  # a traced request's (app/request_trace.py): the first decode sent and answered
     top_ups: dict[int, tuple[Sequence, Future[list[int]]]] = {}  # id(seq) -> pages being allocated for its decode
+    declined: set[int] = set()  # id(seq) whose room was not free this round: no more tries until the next
     while any(s.active for s in seqs):
         active = [s for s in seqs if s.active]
         room = [max(0, min(s.max_tokens - len(s.generated) - 1, room_tokens,
@@ -340,31 +343,19 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
                         seq.finish_reason = "stop"
                         _end_stream(seq, inst)
                     del streams[key]
-                elif key not in top_ups:
+                elif key not in top_ups and key not in declined:
                     _start_top_up(host, inst, seq, room_tokens, top_ups)
-            _extend_decodes(host, inst, streams, top_ups)
+            _extend_decodes(host, inst, streams, top_ups, declined)
             if streams:
                 waiter = wait_any([stream for _, stream in streams.values()])
                 if waiter is not None:
                     yield waiter
-        yield from _settle_top_ups(host, inst, top_ups)
-
-
-def _settle_top_ups(host: Host, inst: InstanceState, top_ups: dict[int, tuple[Sequence, Future[list[int]]]]
-                    ) -> HostTaskGen:
-    """Before a sequence decodes again or the call ends, its allocations are its pages; one that is still
-    waiting (for free pages) is cancelled if its sequence has finished (RemoteControl frees what comes late)."""
-    waiting = []
-    for seq, future in top_ups.values():
-        if future.done():
-            _take_top_up(host, inst, seq, future.exception() or future.result())
-        elif seq.active or not future.cancel():
-            waiting.append((seq, future))
-    top_ups.clear()
-    if waiting:
-        outcomes = yield [future for _, future in waiting]
-        for (seq, _), pages in zip(waiting, outcomes):
-            _take_top_up(host, inst, seq, pages)
+        if top_ups:  # answered at once by the control layer: every page allocated is the sequence's from here on
+            outcomes = yield [future for _, future in top_ups.values()]
+            for (seq, _), pages in zip(top_ups.values(), outcomes):
+                _take_top_up(host, inst, seq, pages)
+            top_ups.clear()
+        declined.clear()
 
 
 def _start_top_up(host: Host, inst: InstanceState, seq: Sequence, room_tokens: int,
@@ -378,13 +369,13 @@ def _start_top_up(host: Host, inst: InstanceState, seq: Sequence, room_tokens: i
         return
     num_pages = -(-min(num_wanted, room_tokens) // page_size)
     try:
-        top_ups[id(seq)] = (seq, host.control.allocate_pages(inst.id, num_pages))
+        top_ups[id(seq)] = (seq, call_later(host.control, "try_allocate_pages", inst.id, num_pages))
     except ControlError:
         pass  # a quota refused at once: the decode ends at its room, and the next round's allocation says why
 
 
 def _extend_decodes(host: Host, inst: InstanceState, streams: dict[int, tuple[Sequence, DecodeStream]],
-                    top_ups: dict[int, tuple[Sequence, Future[list[int]]]]) -> None:
+                    top_ups: dict[int, tuple[Sequence, Future[list[int]]]], declined: set[int]) -> None:
     """The allocations done: their pages are the sequences', and follow the pages of their running decodes."""
     for key, (seq, future) in list(top_ups.items()):
         if not future.done():
@@ -392,14 +383,16 @@ def _extend_decodes(host: Host, inst: InstanceState, streams: dict[int, tuple[Se
         del top_ups[key]
         pages = future.exception() or future.result()
         num_pages_before = len(seq.pages)  # the running decode's (it was given seq.pages, and every extension)
-        if _take_top_up(host, inst, seq, pages) and key in streams:
+        if not _take_top_up(host, inst, seq, pages):
+            declined.add(key)
+        elif key in streams:
             host.control.extend_decode(inst.id, streams[key][1], pages, num_pages_before)
 
 
 def _take_top_up(host: Host, inst: InstanceState, seq: Sequence, pages: list[int] | BaseException) -> bool:
-    """Whether the allocation's pages are seq's now (a failed one gives none: the next round allocates and
-    reports; pages that came after an eviction dropped the sequence's KV are freed)."""
-    if isinstance(pages, BaseException):
+    """Whether the allocation's pages are seq's now (a failed or declined one gives none: the next round
+    allocates and reports; pages that came after an eviction dropped the sequence's KV are freed)."""
+    if isinstance(pages, BaseException) or not pages:
         return False
     if seq.finish_reason == FINISH_EVICTED:
         call_later(host.control, "free_pages", inst.id, pages).add_done_callback(_drop_closing_error)

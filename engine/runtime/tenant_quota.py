@@ -27,12 +27,14 @@ from pie_server.engine.types import InstanceId
 # Calls that change how many pages an instance maps: (call arguments, result) -> the change.
 _PAGE_CHANGES: dict[str, Callable[[tuple[Any, ...], Any], int]] = {
     "free_pages": lambda args, _result: -len(args[1]),
+    "try_allocate_pages": lambda _args, result: len(result),
     "share_pages": lambda _args, result: len(result),
     "import_pages": lambda _args, result: len(result),
     "prefix_lookup": lambda _args, result: len(result[0]),
 }
 # Calls refused beforehand when they would take the tenant over: call arguments -> pages they add.
-_PAGE_CHECKS: dict[str, Callable[[tuple[Any, ...]], int]] = {"share_pages": lambda args: len(args[1])}
+_PAGE_CHECKS: dict[str, Callable[[tuple[Any, ...]], int]] = {"share_pages": lambda args: len(args[1]),
+                                                            "try_allocate_pages": lambda args: args[1]}
 # Calls QuotaControl passes on as they are (bound once: the hot ones cost no extra lookup).
 _PASSED_ON = ("forward", "decode", "stop_decode", "copy_slots", "mask_slots", "export_pages", "unexport_pages",
               "list_exports", "prefix_publish", "open_instance", "close_instance", "stats")
@@ -178,6 +180,9 @@ class QuotaControl:
 
     def free_pages(self, instance_id: InstanceId, page_ids: Sequence[int]) -> None:
         self._now("free_pages", instance_id, page_ids)
+
+    def try_allocate_pages(self, instance_id: InstanceId, num_pages: int) -> Any:
+        return self._now("try_allocate_pages", instance_id, num_pages)
 
     def share_pages(self, instance_id: InstanceId, page_ids: Sequence[int]) -> Any:
         return self._now("share_pages", instance_id, page_ids)

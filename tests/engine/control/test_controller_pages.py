@@ -59,6 +59,24 @@ def test_allocate_free_and_counts(make: Make) -> None:
     assert controller.stats().num_free_pages == 16
 
 
+def test_try_allocate_takes_free_pages_only_and_never_waits(make: Make) -> None:
+    """For room wanted ahead of need: pages that are free now, or none; never a demand that waits (or preempts),
+    and never ahead of one that does."""
+    controller, _ = make(num_pages=8)
+    controller.open_instance(A)
+    controller.open_instance(B)
+    assert controller.try_allocate_pages(A, 6) == list(range(6))
+    assert controller.try_allocate_pages(B, 3) == []  # 2 free
+    waiting = controller.allocate_pages(B, 3)  # waits for a page
+    assert not waiting.done()
+    assert controller.try_allocate_pages(A, 1) == []  # free, but B waits first
+    controller.free_pages(A, [5])
+    assert waiting.result(timeout=0) == [0, 1, 2]
+    assert controller.stats().num_free_pages == 0
+    for instance in (A, B):
+        controller.close_instance(instance)
+
+
 def test_quota(make: Make) -> None:
     controller, _ = make(default_max_pages=4)
     controller.open_instance(A)

@@ -166,18 +166,13 @@ def test_a_running_decode_is_given_more_room_over_the_wire(tmp_path: Path) -> No
         made.close()
 
 
-def test_pages_allocated_for_a_cancelled_call_are_given_back(core: Core) -> None:
+def test_try_allocate_takes_only_free_pages(core: Core) -> None:
     remote = core.remote
     remote.open_instance("a")
-    kept = remote.allocate_pages("a", 1)
-    with core.controller._lock:  # the core cannot answer until it is released
-        unwanted = remote.allocate_pages("a", 3)
-        assert unwanted.cancel()  # before the reply: the pages it brings are freed
-    assert kept.result(5) == [0]
-    deadline = time.monotonic() + 5
-    while remote.stats().num_free_pages != 31 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert remote.stats().num_free_pages == 31
+    assert remote.try_allocate_pages("a", 30) == list(range(30))
+    assert remote.try_allocate_pages("a", 3) == []  # 2 are free: none, and nothing waits for them
+    assert call_later(remote, "try_allocate_pages", "a", 2).result(5) == [30, 31]
+    assert remote.stats().num_free_pages == 0
     remote.close_instance("a")
 
 

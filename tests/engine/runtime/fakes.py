@@ -122,6 +122,15 @@ class FakeControl:
             self._serve_waiting()
         return future
 
+    def try_allocate_pages(self, instance_id: InstanceId, num_pages: int) -> list[int]:
+        """At once if free and nobody waits, else none (the Controller's rule)."""
+        with self._lock:
+            if self._waiting_alloc or num_pages > self._free:
+                self._table(instance_id)
+                return []
+            future = self.allocate_pages(instance_id, num_pages)
+        return future.result()
+
     def _serve_waiting(self) -> None:
         while self._waiting_alloc and self._waiting_alloc[0][1] <= self._free:
             instance_id, count, future = self._waiting_alloc.pop(0)
