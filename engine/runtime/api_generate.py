@@ -1,9 +1,8 @@
 """Host functions of `generate`: the decode loop in the host.
 
 Per step, every unfinished sequence of the call issues one forward (its pending tokens, one sampled output)
-and the call waits for all of them, so `generate-all` sequences share batches. Pages grow on demand.
-Sequence layout invariant: `pages` hold `context_len` tokens (the last page holds `last_page_len`), and
-`pending` tokens follow them at positions `position, position + 1, ...`.
+and the call waits for all of them, so `generate-all` sequences share batches. Pages grow on demand. A
+sequence's state and layout: sequence.py; a running decode's next room: decode_room.py.
 """
 from __future__ import annotations
 
@@ -12,13 +11,11 @@ import dataclasses
 import json
 import logging
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from pie_server.engine.control.api import KV_EVICTED, ControlError, VirtualForward, call_later
+from pie_server.engine.control.api import KV_EVICTED, ControlError, VirtualForward
 from pie_server.engine.control.decoding import END_STOP, DecodeRequest, DecodeStream, wait_any
-from pie_server.engine.grammar import GrammarError, GrammarMatcher, GrammarSpec
+from pie_server.engine.grammar import GrammarError, GrammarSpec
 from pie_server.engine.step import OutputSpec, SamplingParams
 from pie_server.engine.runtime.api_forward import SAMPLING_PARAMS, as_sampling
 from pie_server.engine.runtime.api_kv import check_token_ids
@@ -28,6 +25,8 @@ from pie_server.engine.runtime.instance import HostTaskGen, InstanceState
 from pie_server.engine.runtime.messages import Event, Text
 from pie_server.engine.runtime.stop_strings import StopMatcher
 from pie_server.engine.runtime.tokenizer import StreamDecoder
+from pie_server.engine.runtime.decode_room import TopUps, extend_decodes, start_top_up, take_top_up
+from pie_server.engine.runtime.sequence import FINISH_EVICTED, Sequence, free_later
 
 log = logging.getLogger(__name__)
 
@@ -48,37 +47,7 @@ GENERATE_OPTIONS = ("record", ("skip-special-tokens", "bool"), ("spaces-between-
 # What generate and generate-all do (they predate the options): special tokens printed, text messages.
 DEFAULT_OPTIONS = {"skip-special-tokens": False, "spaces-between-special-tokens": True, "stream-logprobs": False}
 MAX_STOP_STRINGS = 16
-FINISH_EVICTED = "evicted"  # the last resort of preemption dropped the instance's KV (the WIT's finish-reason)
 MAX_STOP_STRING_CHARS = 256
-
-
-@dataclass
-class Sequence:
-    pages: list[int]
-    context_len: int  # tokens whose KV is in pages (pages cover exactly this, rounded up to a page)
-    pending: list[int]
-    position: int
-    params: SamplingParams
-    max_tokens: int
-    stop_token_ids: frozenset[int]
-    stop: StopMatcher
-    decoder: StreamDecoder
-    stream_channel: int | None
-    penalized: bool  # penalties need the output so far in every step's params
-    page_size: int
-    allocated: list[int] = field(default_factory=list)  # pages this call added (freed again on error)
-    generated: list[int] = field(default_factory=list)
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-    grammar_spec: GrammarSpec | None = None  # a json-schema or regex constraint
-    grammar: GrammarMatcher | None = None  # its matcher, while the host runs it (forward by forward)
-    stream_logprobs: bool = False  # deltas are JSON events with the logprobs of their tokens
-    num_sent_logprobs: int = 0  # logprobs already streamed (invariant: <= len(logprobs))
-
-    @property
-    def active(self) -> bool:
-        return self.finish_reason is None and self.error is None
 
 
 def _new_decoder(host: Host, options: dict[str, Any]) -> StreamDecoder:
@@ -306,7 +275,7 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
     control, model = host.control, host.model
     room_tokens = host.config.decode_room_pages * model.page_size
     marks = inst.trace_marks  # a traced request's (app/request_trace.py): the first decode sent and answered
-    top_ups: dict[int, tuple[Sequence, Future[list[int]]]] = {}  # id(seq) -> pages being allocated for its decode
+    top_ups: TopUps = {}
     declined: set[int] = set()  # id(seq) whose room was not free this round: no more tries until the next
     while any(s.active for s in seqs):
         active = [s for s in seqs if s.active]
@@ -344,8 +313,8 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
                         _end_stream(seq, inst)
                     del streams[key]
                 elif key not in top_ups and key not in declined:
-                    _start_top_up(host, inst, seq, room_tokens, top_ups)
-            _extend_decodes(host, inst, streams, top_ups, declined)
+                    start_top_up(host, inst, seq, room_tokens, top_ups)
+            extend_decodes(host, inst, streams, top_ups, declined)
             if streams:
                 waiter = wait_any([stream for _, stream in streams.values()])
                 if waiter is not None:
@@ -353,53 +322,9 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
         if top_ups:  # answered at once by the control layer: every page allocated is the sequence's from here on
             outcomes = yield [future for _, future in top_ups.values()]
             for (seq, _), pages in zip(top_ups.values(), outcomes):
-                _take_top_up(host, inst, seq, pages)
+                take_top_up(host, inst, seq, pages)
             top_ups.clear()
         declined.clear()
-
-
-def _start_top_up(host: Host, inst: InstanceState, seq: Sequence, room_tokens: int,
-                  top_ups: dict[int, tuple[Sequence, Future[list[int]]]]) -> None:
-    """Allocates seq's next room once its decode has used half of the room it has (and needs more)."""
-    page_size = host.model.page_size
-    num_free = len(seq.pages) * page_size - seq.context_len - len(seq.pending)  # slots after the pending tokens
-    num_wanted = min(seq.max_tokens - len(seq.generated) - 1,
-                     host.model.max_context_len - seq.context_len - len(seq.pending)) - num_free
-    if not seq.active or num_wanted <= 0 or 2 * num_free >= room_tokens:
-        return
-    num_pages = -(-min(num_wanted, room_tokens) // page_size)
-    try:
-        top_ups[id(seq)] = (seq, call_later(host.control, "try_allocate_pages", inst.id, num_pages))
-    except ControlError:
-        pass  # a quota refused at once: the decode ends at its room, and the next round's allocation says why
-
-
-def _extend_decodes(host: Host, inst: InstanceState, streams: dict[int, tuple[Sequence, DecodeStream]],
-                    top_ups: dict[int, tuple[Sequence, Future[list[int]]]], declined: set[int]) -> None:
-    """The allocations done: their pages are the sequences', and follow the pages of their running decodes."""
-    for key, (seq, future) in list(top_ups.items()):
-        if not future.done():
-            continue
-        del top_ups[key]
-        pages = future.exception() or future.result()
-        num_pages_before = len(seq.pages)  # the running decode's (it was given seq.pages, and every extension)
-        if not _take_top_up(host, inst, seq, pages):
-            declined.add(key)
-        elif key in streams:
-            host.control.extend_decode(inst.id, streams[key][1], pages, num_pages_before)
-
-
-def _take_top_up(host: Host, inst: InstanceState, seq: Sequence, pages: list[int] | BaseException) -> bool:
-    """Whether the allocation's pages are seq's now (a failed or declined one gives none: the next round
-    allocates and reports; pages that came after an eviction dropped the sequence's KV are freed)."""
-    if isinstance(pages, BaseException) or not pages:
-        return False
-    if seq.finish_reason == FINISH_EVICTED:
-        call_later(host.control, "free_pages", inst.id, pages).add_done_callback(_drop_closing_error)
-        return False
-    seq.pages.extend(pages)
-    seq.allocated.extend(pages)
-    return True
 
 
 def _with_output(seq: Sequence) -> SamplingParams:
@@ -428,17 +353,7 @@ def _release(host: Host, inst: InstanceState, seqs: list[Sequence]) -> None:
             unused = [p for p in seq.pages[num_kept:] if p in allocated]
             seq.pages = seq.pages[:num_kept]
         if unused:
-            # Not waited for: the scheduler thread serves every instance, and a round trip to an engine core per
-            # generate held all of them (~7 % of that thread in the agentic profile). The core serves a front
-            # end's calls in order, so the instance's next call sees the pages freed; the one expected error
-            # (the instance is closing: its pages go anyway) is dropped.
-            call_later(host.control, "free_pages", inst.id, unused).add_done_callback(_drop_closing_error)
-
-
-def _drop_closing_error(done: Future[None]) -> None:
-    error = None if done.cancelled() else done.exception()
-    if error is not None and not isinstance(error, ControlError):
-        log.error("freeing a generate's unused pages failed", exc_info=error)
+            free_later(host.control, inst.id, unused)
 
 
 def functions(host: Host) -> list[HostFunction]:
