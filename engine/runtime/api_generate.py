@@ -279,8 +279,7 @@ def _decode_in_control(host: Host, inst: InstanceState, seqs: list[Sequence]) ->
     declined: set[int] = set()  # id(seq) whose room was not free this round: no more tries until the next
     while any(s.active for s in seqs):
         active = [s for s in seqs if s.active]
-        room = [max(0, min(s.max_tokens - len(s.generated) - 1, room_tokens,
-                           model.max_context_len - s.context_len - len(s.pending))) for s in active]
+        room = [max(0, min(s.num_slots_wanted(model.max_context_len), room_tokens)) for s in active]
         yield from _allocate(host, inst, active, room)
         streams: dict[int, tuple[Sequence, DecodeStream]] = {}
         for seq in (s for s in active if s.active):

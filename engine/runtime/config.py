@@ -66,10 +66,10 @@ class RuntimeConfig:
     # per token; None: with_decode_choice decides (on; a Runtime made directly decodes in the control layer).
     decode_in_control: bool | None = None
     # Pages of room such a decode gets past its pending tokens, and again (extend_decode, if free) each time it
-    # has used half of its room, while it runs: up to one and a half times this many pages held ahead of need. 1 measured best with
-    # the control layer in this process (2-core CPU, HTTP c=8: 71 tok/s against 58-61 with 4, when a decode
-    # still ended at its room); a front end of an engine core uses 4, so that the allocation's round trip comes
-    # back long before the decode reaches the end of its room (engine/front.py).
+    # has used half of its room, while it runs: up to one and a half times this many pages held ahead of need.
+    # 1 measured best with the control layer in this process (2-core CPU, HTTP c=8: 71 tok/s against 58-61 with
+    # 4, when a decode still ended at its room); a front end of an engine core uses 4, so that the allocation's
+    # round trip comes back long before the decode reaches the end of its room (engine/front.py).
     decode_room_pages: int = 1
     mailbox_capacity: int = 10_000  # undelivered client->inferlet or broadcast messages per instance
     # Bytes of messages to the client not yet read, per instance: a guest's send waits while the outbox holds

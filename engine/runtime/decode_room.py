@@ -20,8 +20,7 @@ def start_top_up(host: Host, inst: InstanceState, seq: Sequence, room_tokens: in
     """Allocates seq's next room once its decode has used half of the room it has (and needs more)."""
     page_size = host.model.page_size
     num_free = len(seq.pages) * page_size - seq.context_len - len(seq.pending)  # slots after the pending tokens
-    num_wanted = min(seq.max_tokens - len(seq.generated) - 1,
-                     host.model.max_context_len - seq.context_len - len(seq.pending)) - num_free
+    num_wanted = seq.num_slots_wanted(host.model.max_context_len) - num_free
     if not seq.active or num_wanted <= 0 or 2 * num_free >= room_tokens:
         return
     num_pages = -(-min(num_wanted, room_tokens) // page_size)

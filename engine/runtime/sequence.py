@@ -48,6 +48,12 @@ class Sequence:
     def active(self) -> bool:
         return self.finish_reason is None and self.error is None
 
+    def num_slots_wanted(self, max_context_len: int) -> int:
+        """Slots the sequence may still fill after its pending tokens: up to max_tokens (the last token sampled
+        needs none) and the model's context."""
+        return min(self.max_tokens - len(self.generated) - 1,
+                   max_context_len - self.context_len - len(self.pending))
+
 
 def free_later(control: Control, instance_id: InstanceId, page_ids: Ids[int]) -> None:
     """Frees pages without waiting: the scheduler thread serves every instance, and a round trip to an engine
