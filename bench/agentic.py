@@ -292,11 +292,14 @@ async def measure(args: argparse.Namespace, server_url: str, workload: Workload,
         order = list(modes.items()) if level % 2 == 0 else list(modes.items())[::-1]
         for mode, one in order:
             calls_before = tools.num_calls
+            window_start = time.monotonic()
             wall_s, results = await run_level(concurrency, num_tasks, next_task, one)
             next_task += num_tasks
             if tools.num_calls - calls_before != num_tasks * workload.calls:
                 raise RuntimeError(f"{mode}: the tool server saw {tools.num_calls - calls_before} calls")
-            row[mode] = summary(wall_s, results, workload)
+            # The mode's span on time.monotonic() (one clock for every process of the machine): the server's
+            # step log (PIE_STEP_LOG) of this mode alone is `scripts/step_log_summary.py LOG --between START END`.
+            row[mode] = {**summary(wall_s, results, workload), "window_s": [window_start, time.monotonic()]}
         row["speedup"] = row["inferlet"]["tasks_per_s"] / row["client"]["tasks_per_s"]
         rows.append(row)
         print(_line(row), flush=True)

@@ -129,10 +129,13 @@ vllm_http() {  # shape
 
 agentic() {  # shape [bench.agentic args...]: react-agent inferlet vs. OpenAI-client loop (docs/benchmarks.md)
   [ -f $M/$1/model.safetensors ] || make_models > /dev/null
-  local shape=$1; shift
-  timeout "${AGENTIC_TIMEOUT_S:-450}" python3 -m bench.agentic --model $M/$shape --device cuda --tasks-per-agent 2 \
-    --concurrency 1 2 4 8 16 32 64 128 "$@" --json "$OUT/agentic_$shape.json" 2>&1 | tee "$OUT/agentic_$shape.log" \
-    | grep -E "^(c=|warm-up|speedup|Traceback|RuntimeError)"
+  local shape=$1 steps=/tmp/steps_agentic_$1.jsonl; shift
+  rm -f $steps
+  PIE_STEP_LOG=$steps timeout "${AGENTIC_TIMEOUT_S:-450}" python3 -m bench.agentic --model $M/$shape --device cuda \
+    --tasks-per-agent 2 --concurrency 1 2 4 8 16 32 64 128 "$@" --json "$OUT/agentic_$shape.json" 2>&1 \
+    | tee "$OUT/agentic_$shape.log" | grep -E "^(c=|warm-up|speedup|Traceback|RuntimeError)"
+  # the engine core's steps in each level's and mode's window (bench.agentic's window_s)
+  python3 scripts/step_log_summary.py $steps --windows "$OUT/agentic_$shape.json" | tee "$OUT/agentic_steps_$shape.txt"
 }
 
 profile() {  # shape api_processes concurrency [seconds]: where the server's host time goes under load

@@ -2,7 +2,7 @@
 steps by their number of rows (a load level's steps have up to its concurrency) and by whether they hold
 prefill tokens, with their count, rows, tokens and time.
 
-    python3 scripts/step_log_summary.py PATH
+    python3 scripts/step_log_summary.py PATH [--between START END | --windows AGENTIC_JSON]
 
 A step's time is from the later of its submission and the previous step's delivery to its own delivery: with
 pipelined steps on a busy device, the device's time for that step (idle stretches between steps are not
@@ -10,9 +10,9 @@ counted in it).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 
@@ -51,9 +51,33 @@ def summary(steps: list[dict]) -> str:
 
 
 def main() -> None:
-    steps = [json.loads(line) for line in Path(sys.argv[1]).read_text().splitlines() if line.strip()]
-    print(summary(steps))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path")
+    parser.add_argument("--between", type=float, nargs=2, metavar=("START", "END"), default=None,
+                        help="only the steps submitted in this span of time.monotonic() seconds")
+    parser.add_argument("--windows", default=None, metavar="AGENTIC_JSON",
+                        help="one summary per level and mode of this bench.agentic result (their window_s)")
+    args = parser.parse_args()
+    steps = [json.loads(line) for line in Path(args.path).read_text().splitlines() if line.strip()]
+    if args.windows is not None:
+        for level in json.loads(Path(args.windows).read_text())["levels"]:
+            for mode, result in level.items():
+                if isinstance(result, dict) and "window_s" in result:
+                    print(f"== concurrency {level['concurrency']}, {mode}: {result['tasks_per_s']:.2f} tasks/s")
+                    print(window_summary(steps, *result["window_s"]))
+    elif args.between is not None:
+        print(window_summary(steps, *args.between))
+    else:
+        print(summary(steps))
 
+
+def window_summary(steps: list[dict], start: float, end: float) -> str:
+    """The steps submitted between start and end (time.monotonic() seconds), and the share of that span in
+    which a step ran."""
+    chosen = sorted((s for s in steps if start <= s["submitted"] <= end), key=lambda s: s["delivered"])
+    busy_s = sum(step_times(chosen)) / 1e3
+    return (f"{len(chosen)} steps in {end - start:.1f} s, a step running {100 * busy_s / (end - start):.0f} % of it\n"
+            + summary(chosen))
 
 if __name__ == "__main__":
     main()

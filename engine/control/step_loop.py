@@ -99,6 +99,8 @@ class StepLoop:
         if ran:
             for listener in self._listeners:
                 listener()
+        elif self._step_log is not None:
+            self._step_log.flush()  # idle: the lines so far are on disk even if the process is killed next
         return ran
 
     def _step(self) -> bool:

@@ -3,6 +3,7 @@ held and when it was submitted and delivered, pipelined or not."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,23 @@ def test_every_executed_step_is_logged_with_its_tokens(tmp_path: Path, pipeline:
     assert [line["delivered"] for line in lines] == sorted(line["delivered"] for line in lines)
 
 
+def test_lines_are_on_disk_once_the_loop_is_idle(tmp_path: Path) -> None:
+    """A server killed after its load (no stop(), as `kill` on the engine core) keeps the log of its last steps:
+    the buffer is written whenever a step finds nothing to do."""
+    path = tmp_path / "steps.jsonl"
+    executor = FakeExecutor(num_pages=16, page_size=PAGE_SIZE)
+    controller = Controller(executor, ControlConfig(pipeline=True, step_log=str(path)))
+    controller.start()
+    try:
+        _prompt_then_decodes(controller, [5, 6, 7], num_decodes=3)
+        deadline = time.monotonic() + 10
+        while len(path.read_text().splitlines()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(path.read_text().splitlines()) == 4  # fewer than FLUSH_LINES, before stop()
+    finally:
+        controller.stop()
+
+
 def test_no_log_unless_asked() -> None:
     with pytest.raises(ValueError, match="step_log"):
         ControlConfig(step_log="")
@@ -85,3 +103,28 @@ def test_the_summary_times_steps_by_rows_and_prefill(tmp_path: Path) -> None:
     assert decodes.split()[:4] == ["2-16", "decode", "only", "2"] and float(decodes.split()[-1]) == pytest.approx(16)
     assert prefills.split()[:4] == ["2-16", "with", "prefill", "1"]
     assert float(prefills.split()[-3]) == pytest.approx(14.0) and total.startswith("4 steps")
+
+
+def test_the_windows_of_an_agentic_run_are_summarised_apart(tmp_path: Path) -> None:
+    """--windows: one summary per level and mode of a bench.agentic JSON, over the steps submitted in its window_s,
+    with the share of the window in which a step ran."""
+    import subprocess
+    import sys
+
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text("\n".join(json.dumps({"step": i, "submitted": t, "delivered": t + 0.1, "forwards": 2,
+                                           "tokens": 2, "prefill_forwards": 0, "prefill_tokens": 0})
+                               for i, t in enumerate([1.0, 1.5, 2.0, 5.0, 5.5])) + "\n")
+    agentic = tmp_path / "agentic.json"
+    agentic.write_text(json.dumps({"levels": [{"concurrency": 2, "num_tasks": 4, "speedup": 1.5,
+                                               "inferlet": {"tasks_per_s": 3.0, "window_s": [0.5, 2.5]},
+                                               "client": {"tasks_per_s": 2.0, "window_s": [4.5, 6.5]}}]}))
+    script = Path(__file__).resolve().parents[3] / "scripts" / "step_log_summary.py"
+    done = subprocess.run([sys.executable, str(script), str(steps), "--windows", str(agentic)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    assert out[0] == "== concurrency 2, inferlet: 3.00 tasks/s"
+    assert out[1] == "3 steps in 2.0 s, a step running 15 % of it"  # 3 x 100 ms of 2 s
+    client = out.index("== concurrency 2, client: 2.00 tasks/s")
+    assert out[client + 1] == "2 steps in 2.0 s, a step running 10 % of it"
