@@ -100,6 +100,9 @@ class TaskResult:
     num_prompt_tokens: int  # (b) prompt tokens sent over all requests; (a) tokens the inferlet prefilled
     num_cached_tokens: int  # (b) of those, served by the prefix cache; (a) the cached prefix
     counts_cached_in_prompt: bool = True  # (b) yes; (a) no: num_prompt_tokens are the prefilled ones only
+    # (a) per tool call, the react-agent's own times (its "step" events): writing the action, the HTTP call with
+    # the prefill made while it ran, appending the observation; (b) none
+    step_ms: tuple[tuple[float, float, float], ...] = ()
 
     @property
     def num_processed_tokens(self) -> int:
@@ -203,8 +206,9 @@ async def inferlet_task(server_url: str, workload: Workload, task: int, tool_url
     if answer.get("num_calls") != workload.calls:
         raise RuntimeError(f"task {task}: {answer.get('num_calls')} tool calls, wanted {workload.calls}")
     actions = [(e["tool"], e["input"]) for e in events[:-1]] + [("finish", answer["answer"])]
+    step_ms = tuple((e["action_ms"], e["tool_ms"], e["append_ms"]) for e in events[:-1])
     return TaskResult(latency, actions, answer["num_generated_tokens"], answer["num_prefilled_tokens"],
-                      answer["num_cached_tokens"], counts_cached_in_prompt=False)
+                      answer["num_cached_tokens"], counts_cached_in_prompt=False, step_ms=step_ms)
 
 
 async def client_task(client: openai.AsyncOpenAI, workload: Workload, task: int, tool_url: str) -> TaskResult:
@@ -267,7 +271,17 @@ def summary(wall_s: float, results: list[TaskResult], workload: Workload) -> dic
             "prompt_tokens_per_task": sum(r.num_prompt_tokens for r in results) / num_tasks,
             "cached_tokens_per_task": sum(r.num_cached_tokens for r in results) / num_tasks,
             # tokens whose KV the engine computed (prefilled or generated): the model's work per task
-            "processed_tokens_per_task": sum(r.num_processed_tokens for r in results) / num_tasks}
+            "processed_tokens_per_task": sum(r.num_processed_tokens for r in results) / num_tasks,
+            **_step_times(results)}
+
+
+def _step_times(results: list[TaskResult]) -> dict[str, float]:
+    """(a) only: the medians of the inferlet's own per-call times (where a task's time goes inside the server)."""
+    steps = [times for r in results for times in r.step_ms]
+    if not steps:
+        return {}
+    return {f"{name}_ms_median": statistics.median(times[i] for times in steps)
+            for i, name in enumerate(("action", "tool", "append"))}
 
 
 async def measure(args: argparse.Namespace, server_url: str, workload: Workload,
@@ -314,7 +328,8 @@ def _line(row: dict[str, Any]) -> str:
             r = row[mode]
             parts.append(f"{mode} {r['tasks_per_s']:.3f} tasks/s, latency {r['latency_median_s']:.2f} s, "
                          f"{r['generated_tokens_per_task']:.0f} gen + {r['processed_tokens_per_task']:.0f} processed "
-                         "tok/task")
+                         "tok/task" + (f" (per call: action {r['action_ms_median']:.0f}, tool {r['tool_ms_median']:.0f},"
+                                       f" append {r['append_ms_median']:.0f} ms)" if "action_ms_median" in r else ""))
     return "  |  ".join(parts) + f"  |  x{row['speedup']:.2f}"
 
 
