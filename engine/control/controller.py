@@ -94,8 +94,7 @@ class Controller:
         future: Future[list[VirtualPageId]] = Future()
         with self._locked():
             instance = self.state.get(instance_id)
-            if not isinstance(num_pages, int) or num_pages < 0:
-                raise ControlError(f"num_pages must be a non-negative int, got {num_pages!r}")
+            _check_num_pages(num_pages)
             num_held = len(instance.table.block_counts()) + instance.num_pages_requested
             if num_held + num_pages > self.info.num_pages:  # it could never run: all must be resident
                 raise ControlError(f"cannot allocate {num_pages} pages: the instance would hold "
@@ -111,8 +110,7 @@ class Controller:
         a demand, so never a preemption: for pages wanted ahead of need (a running decode's next room)."""
         with self._locked():
             instance = self.state.get(instance_id)
-            if not isinstance(num_pages, int) or num_pages < 0:
-                raise ControlError(f"num_pages must be a non-negative int, got {num_pages!r}")
+            _check_num_pages(num_pages)
             instance.table.check_quota(num_pages, instance.num_pages_requested)
             if len(self.state.demands) or not self.state.res.make_free(num_pages):
                 return []
@@ -301,3 +299,8 @@ class Controller:
 
     def stop(self) -> None:
         self._loop.stop()
+
+
+def _check_num_pages(num_pages: object) -> None:
+    if not isinstance(num_pages, int) or num_pages < 0:
+        raise ControlError(f"num_pages must be a non-negative int, got {num_pages!r}")
