@@ -47,18 +47,14 @@ def _any_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, pag
     last_lens = np.asarray(cols.last_page_lens, np.int64)
     _check(num_tokens == 0, "needs at least one token")
     _check(np.asarray(cols.num_positions) != num_tokens, "needs one position per token")
-    _check(num_cmd_pages == 0, "needs at least one page")
-    _check((last_lens < 1) | (last_lens > page_size), f"needs 1 <= last_page_len <= {page_size}")
+    _check_pages(num_cmd_pages, last_lens, page_size)
     context_lens = (num_cmd_pages - 1) * page_size + last_lens
     _check(context_lens < num_tokens, "has more tokens than context slots")
 
     token_ids, positions, page_ids = cols.token_ids, cols.positions, cols.page_ids
     token_cmd = np.repeat(cmd_ids, num_tokens)
     page_cmd = np.repeat(cmd_ids, num_cmd_pages)
-    _check_range(token_ids, model.vocab_size, token_cmd, "token id")
-    _check_range(positions, model.max_position_embeddings, token_cmd, "position")
-    _check_range(page_ids, num_pages, page_cmd, "page id")
-    _check_unique(page_cmd * num_pages + page_ids, page_cmd, "lists a page twice")
+    _check_ids(token_ids, positions, token_cmd, page_ids, page_cmd, model, num_pages)
 
     qo_indptr = _indptr(num_tokens)
     kv_page_indptr = _indptr(num_cmd_pages)
@@ -94,15 +90,11 @@ def _decode_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, 
     num_cmd_pages = np.fromiter([len(c.page_ids) for c in commands], np.int64, count=num_seqs)
     last_lens = np.fromiter([c.last_page_len for c in commands], np.int64, count=num_seqs)
     _check(num_positions != 1, "needs one position per token")
-    _check(num_cmd_pages == 0, "needs at least one page")
-    _check((last_lens < 1) | (last_lens > page_size), f"needs 1 <= last_page_len <= {page_size}")
+    _check_pages(num_cmd_pages, last_lens, page_size)
     positions = np.fromiter([c.positions[0] for c in commands], np.int64, count=num_seqs)
     page_ids = _flat([c.page_ids for c in commands], int(num_cmd_pages.sum()))
     page_cmd = np.repeat(cmd_ids, num_cmd_pages)
-    _check_range(token_ids, model.vocab_size, cmd_ids, "token id")
-    _check_range(positions, model.max_position_embeddings, cmd_ids, "position")
-    _check_range(page_ids, num_pages, page_cmd, "page id")
-    _check_unique(page_cmd * num_pages + page_ids, page_cmd, "lists a page twice")
+    _check_ids(token_ids, positions, cmd_ids, page_ids, page_cmd, model, num_pages)
     qo_indptr = np.arange(num_seqs + 1)
     kv_page_indptr = _indptr(num_cmd_pages)
     slot_ids = page_ids[kv_page_indptr[1:] - 1] * page_size + last_lens - 1  # the last slot of each context
@@ -174,6 +166,21 @@ def _check(bad: np.ndarray, what: str) -> None:
     """bad: [B] bool per command."""
     if bad.any():
         raise ValueError(f"forward command {int(np.argmax(bad))} {what}")
+
+
+def _check_pages(num_cmd_pages: np.ndarray, last_lens: np.ndarray, page_size: int) -> None:
+    """[B] pages and last page lengths per command."""
+    _check(num_cmd_pages == 0, "needs at least one page")
+    _check((last_lens < 1) | (last_lens > page_size), f"needs 1 <= last_page_len <= {page_size}")
+
+
+def _check_ids(token_ids: np.ndarray, positions: np.ndarray, token_cmd: np.ndarray, page_ids: np.ndarray,
+               page_cmd: np.ndarray, model: ModelConfig, num_pages: int) -> None:
+    """Ids within their ranges and no page twice in a command; *_cmd: the command of each token or page."""
+    _check_range(token_ids, model.vocab_size, token_cmd, "token id")
+    _check_range(positions, model.max_position_embeddings, token_cmd, "position")
+    _check_range(page_ids, num_pages, page_cmd, "page id")
+    _check_unique(page_cmd * num_pages + page_ids, page_cmd, "lists a page twice")
 
 
 def _check_range(values: np.ndarray, limit: int | np.ndarray, owner: np.ndarray, what: str) -> None:
