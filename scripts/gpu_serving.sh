@@ -95,8 +95,9 @@ wait_health() {  # port pid
 }
 
 load() {  # url name tag; LOAD_ARGS: more bench/http_load.py options, LOAD_TAG: appended to the tag (e.g.
-          # LOAD_ARGS=--json-schema LOAD_TAG=_json: structured output, into *_json_{lo,hi}.json)
-  timeout 150 python3 bench/http_load.py --url "$1" --model "$2" --concurrency 1 16 --requests-per-level "${LO_REQUESTS:-32}" \
+          # LOAD_ARGS=--json-schema LOAD_TAG=_json: structured output, into *_json_{lo,hi}.json);
+          # LOAD_LEVELS=hi: only concurrency 64 and 256 (repeated A/B runs of the high levels)
+  [ "${LOAD_LEVELS:-}" = hi ] || timeout 150 python3 bench/http_load.py --url "$1" --model "$2" --concurrency 1 16 --requests-per-level "${LO_REQUESTS:-32}" \
     --max-tokens 128 --json "$OUT/$3${LOAD_TAG:-}_lo.json" ${LOAD_ARGS:-} | tail -2
   timeout 240 python3 bench/http_load.py --url "$1" --model "$2" --concurrency 64 256 \
     --requests-per-level "$(requests_high "$2")" --max-tokens 128 --json "$OUT/$3${LOAD_TAG:-}_hi.json" ${LOAD_ARGS:-} | tail -2
@@ -202,7 +203,7 @@ while [ $# -gt 0 ]; do
            timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/control/test_pipeline_gpu.py 2>&1 | tail -3
            shift ;;
     pie) pie_http "$2" "${3:-1}"; shift 3 ;;
-    base-pie) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH PIE_TAG=pie_base pie_http "$2" "${3:-1}"; shift 3 ;;
+    base-pie) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH PIE_TAG=${BASE_TAG:-pie_base} pie_http "$2" "${3:-1}"; shift 3 ;;
     models) make_models; shift ;;
     tax) tax "$2" "${3:-0}"; shift 3 ;;
     profile) if [[ ${5:-} =~ ^[0-9]+$ ]]; then profile "$2" "$3" "$4" "$5"; shift 5
