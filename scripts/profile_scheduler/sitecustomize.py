@@ -82,8 +82,14 @@ if os.environ.get("PIE_PROF"):
         callbacks_before = state["callbacks_s"]
         usage_before = resource.getrusage(resource.RUSAGE_THREAD)
         state["last"] = started = time.perf_counter()
+        phase = inst.phase  # before the poll: "instantiating" or "running"
         real_step(self, inst)
-        _count("guest>(poll end)", time.perf_counter() - state["last"])
+        # the poll's last stretch, by the instance's phase and whether a callback ran in the poll (one without
+        # is all guest, e.g. instantiation; the scheduler's own work after the poll, lean impls and the teardown
+        # of a finished instance included)
+        tail = time.perf_counter() - state["last"]
+        _count("guest>(poll end)", tail)
+        _count(f"guest>(poll end):{phase}:{'cb' if state['callbacks_s'] > callbacks_before else 'no cb'}", tail)
         elapsed = time.perf_counter() - started
         usage = resource.getrusage(resource.RUSAGE_THREAD)
         _count("step_total", elapsed)
