@@ -6,7 +6,8 @@ prefill tokens, with their count, rows, tokens and time.
 
 A step's time is from the later of its submission and the previous step's delivery to its own delivery: with
 pipelined steps on a busy device, the device's time for that step (idle stretches between steps are not
-counted in it).
+counted in it). The last columns split the control loop's own time per step (engine/control/step_log.py):
+forming it, submitting it, blocked on its result, delivering it.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ ROW_BANDS = ((1, 1), (2, 16), (17, 64), (65, 256), (257, 1 << 30))  # rows per s
 def summary(steps: list[dict]) -> str:
     steps = sorted(steps, key=lambda s: s["delivered"])
     times = step_times(steps)
-    rows = ["rows      kind            steps   rows (median)   tokens (median)   ms median   ms p90   ms total"]
+    rows = ["rows      kind            steps   rows (median)   tokens (median)   ms median   ms p90   ms total"
+            "   form / submit / wait / deliver ms (median)"]
     for low, high in ROW_BANDS:
         for kind, with_prefill in (("decode only", False), ("with prefill", True)):
             chosen = [(s, t) for s, t in zip(steps, times)
@@ -44,10 +46,19 @@ def summary(steps: list[dict]) -> str:
             rows.append(f"{band:<9} {kind:<13} {len(chosen):>7}   "
                         f"{statistics.median(s['forwards'] for s, _ in chosen):>13}   "
                         f"{statistics.median(s['tokens'] for s, _ in chosen):>15}   {statistics.median(ms):>9.2f}   "
-                        f"{ms[min(len(ms) - 1, int(0.9 * len(ms)))]:>6.2f}   {sum(ms):>8.0f}")
+                        f"{ms[min(len(ms) - 1, int(0.9 * len(ms)))]:>6.2f}   {sum(ms):>8.0f}   "
+                        + _host_parts([s for s, _ in chosen]))
     span = steps[-1]["delivered"] - steps[0]["submitted"] if steps else 0.0
     rows.append(f"{len(steps)} steps over {span:.1f} s")
     return "\n".join(rows)
+
+
+def _host_parts(steps: list[dict]) -> str:
+    """The control loop's own time per step, median of each part (logs before these fields: -)."""
+    parts = ("form_ms", "submit_ms", "wait_ms", "deliver_ms")
+    if not all(p in s for s in steps for p in parts):
+        return "-"
+    return " / ".join(f"{statistics.median(s[p] for s in steps):.2f}" for p in parts)
 
 
 def main() -> None:

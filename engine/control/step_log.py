@@ -7,7 +7,10 @@ step's delivery-to-delivery interval is its time on the device whenever the devi
 
 Line fields: step (the Batch's step_id), submitted and delivered (time.monotonic() seconds), forwards,
 tokens, prefill_forwards and prefill_tokens (forwards with more than one token: prompts, chunks, written
-text). Lines are buffered and written every FLUSH_LINES steps and when the control loop stops.
+text), and the control loop's own time for the step in ms: form_ms (StepBuilder.form: gathering, grammar masks,
+the batch), submit_ms (the executor's submit: inputs, launches; 0 unpipelined), wait_ms (blocked on the result:
+the device, or the whole execute unpipelined) and deliver_ms (StepBuilder.deliver: tokens to their decodes and
+callers). Lines are buffered and written every FLUSH_LINES steps, whenever the loop goes idle and when it stops.
 """
 from __future__ import annotations
 
@@ -23,14 +26,15 @@ FLUSH_LINES = 256
 class StepLog:
     def __init__(self, out: TextIO) -> None:
         self._out = out
-        self._submitted: dict[int, tuple[float, int, int, int, int]] = {}  # step id -> (time, counts...)
+        self._submitted: dict[int, tuple] = {}  # step id -> (time, counts..., form_ms, submit_ms)
         self._lines: list[str] = []  # all touched on the control loop's thread (stop() joins it first)
 
     @classmethod
     def open(cls, path: str) -> "StepLog":
         return cls(open(path, "a", encoding="utf-8"))
 
-    def submitted(self, batch: Batch) -> None:
+    def submitted(self, batch: Batch, at: float, form_s: float, submit_s: float) -> None:
+        """batch was submitted at `at` (time.monotonic()), formed in form_s and submitted in submit_s."""
         num_tokens = num_prefill_forwards = num_prefill_tokens = 0
         for command in batch.forwards:
             n = len(command.token_ids)
@@ -38,19 +42,22 @@ class StepLog:
             if n > 1:
                 num_prefill_forwards += 1
                 num_prefill_tokens += n
-        self._submitted[batch.step_id] = (time.monotonic(), len(batch.forwards), num_tokens,
-                                          num_prefill_forwards, num_prefill_tokens)
+        self._submitted[batch.step_id] = (at, len(batch.forwards), num_tokens, num_prefill_forwards,
+                                          num_prefill_tokens, form_s, submit_s)
 
-    def delivered(self, step_id: int) -> None:
-        """step_id's results reached their callers (a step never submitted to this log is ignored)."""
+    def delivered(self, step_id: int, wait_s: float, deliver_s: float) -> None:
+        """step_id's results reached their callers, after wait_s blocked on them and deliver_s handing them out
+        (a step never submitted to this log is ignored)."""
         entry = self._submitted.pop(step_id, None)
         if entry is None:
             return
-        submitted, forwards, tokens, prefill_forwards, prefill_tokens = entry
+        submitted, forwards, tokens, prefill_forwards, prefill_tokens, form_s, submit_s = entry
         self._lines.append(json.dumps({
             "step": step_id, "submitted": round(submitted, 6), "delivered": round(time.monotonic(), 6),
             "forwards": forwards, "tokens": tokens, "prefill_forwards": prefill_forwards,
-            "prefill_tokens": prefill_tokens}))
+            "prefill_tokens": prefill_tokens, "form_ms": round(form_s * 1e3, 3),
+            "submit_ms": round(submit_s * 1e3, 3), "wait_ms": round(wait_s * 1e3, 3),
+            "deliver_ms": round(deliver_s * 1e3, 3)}))
         if len(self._lines) >= FLUSH_LINES:
             self.flush()
 

@@ -105,6 +105,7 @@ class StepLoop:
 
     def _step(self) -> bool:
         with self._step_lock:
+            forming = time.monotonic()
             with self.locked(mutating=False):
                 batch = StepBuilder(self._state).form()
                 if batch is None:
@@ -113,7 +114,7 @@ class StepLoop:
                 resolving = [chunk.instance for chunk in self._state.inflight_chunks() if chunk.is_last]
             started = time.monotonic()
             if self._step_log is not None:
-                self._step_log.submitted(batch)
+                self._step_log.submitted(batch, started, started - forming, 0.0)
             try:
                 result = self._executor.execute(batch)
             except Exception as exc:  # the step's commands fail; the engine keeps going
@@ -123,12 +124,13 @@ class StepLoop:
                 with self.locked(mutating=False):
                     StepBuilder(self._state).fail_inflight(ControlError(f"the executor failed this step: {exc!r}"))
                 return True
+            executed = time.monotonic()
             with self.locked(mutating=False):
                 StepBuilder(self._state).deliver(result)
                 self._step_end, self._last_arrival = time.monotonic(), None
                 self._last_step_s = self._step_end - started
                 if self._step_log is not None:
-                    self._step_log.delivered(batch.step_id)
+                    self._step_log.delivered(batch.step_id, executed - started, self._step_end - executed)
                 self._awaited = {i for i in resolving if not i.closed and i.failure is None
                                  and not i.num_queued_forwards}
             return True
@@ -145,19 +147,21 @@ class StepLoop:
                 # alternate between two half batches (each token two steps). Deliver first and gather instead.
                 self._deliver_oldest()
                 return True
+            forming = time.monotonic()
             with self.locked(mutating=False):
                 batch = StepBuilder(self._state).form(speculate=True)
                 if batch is None and not self._pending:
                     self._idle_generation = self._generation
                     return False
             if batch is not None:
-                if self._step_log is not None:
-                    self._step_log.submitted(batch)
+                submitting = time.monotonic()
                 try:
                     self._pending.append(self._executor.submit(batch))
                 except Exception as exc:
                     self._fail_running(batch.step_id, exc)
                     return True
+                if self._step_log is not None:
+                    self._step_log.submitted(batch, submitting, submitting - forming, time.monotonic() - submitting)
             if len(self._pending) > 1 or batch is None:
                 self._deliver_oldest()
             return True
@@ -172,11 +176,13 @@ class StepLoop:
 
     def _deliver_oldest(self) -> None:
         pending = self._pending.popleft()
+        waiting = time.monotonic()
         try:
             result = pending.result()
         except Exception as exc:
             self._fail_running(pending.step_id, exc)
             return
+        delivering = time.monotonic()
         with self.locked(mutating=False):
             # Forwards of the API resolved by this step: their callers answer with the next one while the
             # step after it runs, so gathering waits for them before forming the step after that (without,
@@ -190,7 +196,7 @@ class StepLoop:
             self._awaited = {i for i in resolving if not i.closed and i.failure is None
                              and not i.num_queued_forwards}
         if self._step_log is not None:
-            self._step_log.delivered(pending.step_id)
+            self._step_log.delivered(pending.step_id, delivering - waiting, time.monotonic() - delivering)
 
     def _fail_running(self, step_id: int, exc: Exception) -> None:
         """A failed step fails every running step (the later ones were fed from it); the engine goes on."""

@@ -52,6 +52,9 @@ def test_every_executed_step_is_logged_with_its_tokens(tmp_path: Path, pipeline:
         [(len(b.forwards), sum(len(c.token_ids) for c in b.forwards)) for b in ran]
     assert [(line["prefill_forwards"], line["prefill_tokens"]) for line in lines] == [(1, 3)] + [(0, 0)] * 6
     assert all(line["submitted"] <= line["delivered"] for line in lines)
+    parts = ("form_ms", "submit_ms", "wait_ms", "deliver_ms")
+    assert all(line[p] >= 0 for line in lines for p in parts)
+    assert all(line["wait_ms"] <= (line["delivered"] - line["submitted"]) * 1e3 + 1e-3 for line in lines)
     assert [line["delivered"] for line in lines] == sorted(line["delivered"] for line in lines)
 
 
@@ -99,10 +102,12 @@ def test_the_summary_times_steps_by_rows_and_prefill(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     header, one, decodes, prefills, total = done.stdout.splitlines()
-    assert one.split()[:3] == ["1-1", "decode", "only"] and float(one.split()[-3]) == pytest.approx(2.0)
-    assert decodes.split()[:4] == ["2-16", "decode", "only", "2"] and float(decodes.split()[-1]) == pytest.approx(16)
+    # columns: band, kind (2 words), steps, rows, tokens, ms median, p90, total, then the host parts ("-": none)
+    assert one.split()[:3] == ["1-1", "decode", "only"] and float(one.split()[6]) == pytest.approx(2.0)
+    assert decodes.split()[:4] == ["2-16", "decode", "only", "2"] and float(decodes.split()[8]) == pytest.approx(16)
     assert prefills.split()[:4] == ["2-16", "with", "prefill", "1"]
-    assert float(prefills.split()[-3]) == pytest.approx(14.0) and total.startswith("4 steps")
+    assert float(prefills.split()[6]) == pytest.approx(14.0) and total.startswith("4 steps")
+    assert one.split()[-1] == "-"
 
 
 def test_the_windows_of_an_agentic_run_are_summarised_apart(tmp_path: Path) -> None:
@@ -113,7 +118,8 @@ def test_the_windows_of_an_agentic_run_are_summarised_apart(tmp_path: Path) -> N
 
     steps = tmp_path / "steps.jsonl"
     steps.write_text("\n".join(json.dumps({"step": i, "submitted": t, "delivered": t + 0.1, "forwards": 2,
-                                           "tokens": 2, "prefill_forwards": 0, "prefill_tokens": 0})
+                                           "tokens": 2, "prefill_forwards": 0, "prefill_tokens": 0,
+                                           "form_ms": 1.0 + i, "submit_ms": 2.0, "wait_ms": 90.0, "deliver_ms": 3.0})
                                for i, t in enumerate([1.0, 1.5, 2.0, 5.0, 5.5])) + "\n")
     agentic = tmp_path / "agentic.json"
     agentic.write_text(json.dumps({"levels": [{"concurrency": 2, "num_tasks": 4, "speedup": 1.5,
@@ -126,5 +132,6 @@ def test_the_windows_of_an_agentic_run_are_summarised_apart(tmp_path: Path) -> N
     out = done.stdout.splitlines()
     assert out[0] == "== concurrency 2, inferlet: 3.00 tasks/s"
     assert out[1] == "3 steps in 2.0 s, a step running 15 % of it"  # 3 x 100 ms of 2 s
+    assert out[3].split()[-7:] == ["2.00", "/", "2.00", "/", "90.00", "/", "3.00"]  # form 1, 2, 3: median 2
     client = out.index("== concurrency 2, client: 2.00 tasks/s")
     assert out[client + 1] == "2 steps in 2.0 s, a step running 10 % of it"
