@@ -8,9 +8,13 @@ tokens each over a fake executor that computes nothing, driven two ways:
   the previous one is delivered, decodes fed their token by the executor);
 - engine-core: decode-pipelined through the engine core's wire (docs/decisions/engine-core.md): an EngineCore
   serving the Controller and a RemoteControl calling it over ZMQ, both in this process (so the CPU time counts
-  both ends: the core's loop, encoding, and the front end's decoding of the token messages).
+  both ends: the core's loop, encoding, and the front end's decoding of the token messages);
+- grammar-pipelined (with --grammar-model DIR): decode-pipelined under a regex, `[a-z ]+`, with that model's
+  tokenizer and vocabulary (the masks of a structured output or an agent's constrained values; the fake
+  executor samples the first token the mask allows).
 
-    python -m bench.control_loop [--sequences 1 64 256] [--tokens 64] [--repeats 3] [--json PATH]
+    python -m bench.control_loop [--sequences 1 64 256] [--tokens 64] [--repeats 3] [--grammar-model DIR]
+        [--modes ...] [--json PATH]
 
 Reports the median over repeats of wall time and process CPU time, each divided by sequences x tokens: what the
 control layer costs per token on the host (in series with the GPU unless pipelined).
@@ -22,6 +26,7 @@ import contextlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -36,7 +41,9 @@ from pie_server.engine.core.client import RemoteControl
 from pie_server.engine.core.messages import CoreFacts
 from pie_server.engine.core.process import core_address_of
 from pie_server.engine.core.server import EngineCore
+from pie_server.engine.grammar import GrammarCompiler, GrammarSpec, LazyCompiler
 from pie_server.engine.step import CommandResult, OutputSpec, SamplingParams
+from pie_server.engine.tokenizer import Tokenizer
 from pie_server.engine.types import InstanceId
 from tests.engine.control.fake_executor import FakeExecutor
 
@@ -44,16 +51,18 @@ PAGE_SIZE, PROMPT_TOKENS = 16, 16
 GREEDY = SamplingParams()
 
 
-MODES = ("forward", "decode", "decode-pipelined", "engine-core")
+MODES = ("forward", "decode", "decode-pipelined", "engine-core", "grammar-pipelined")
+GRAMMAR = GrammarSpec("regex", "[a-z ]+")  # --grammar-regex replaces it
 
 
-def _controller(num_seqs: int, num_tokens: int, pipeline: bool) -> Controller:
+def _controller(num_seqs: int, num_tokens: int, pipeline: bool, grammars: LazyCompiler | None = None,
+                vocab_size: int = 1000) -> Controller:
     pages_per_seq = -(-(PROMPT_TOKENS + num_tokens + 1) // PAGE_SIZE)
     executor = FakeExecutor(num_pages=num_seqs * pages_per_seq + 8, page_size=PAGE_SIZE, simulate_kv=False,
-                            record=False, check=False)
+                            record=False, check=False, vocab_size=vocab_size)
     controller = Controller(executor, ControlConfig(max_batch_size=max(num_seqs, 1),
                                                     max_batch_tokens=max(num_seqs * PROMPT_TOKENS, 256),
-                                                    pipeline=pipeline))
+                                                    pipeline=pipeline), grammars)
     controller.start()
     return controller
 
@@ -96,27 +105,40 @@ def run_forward(controller: Controller, opened: list[tuple[InstanceId, list[int]
     assert done.wait(timeout=600)
 
 
-def run_decode(controller: Any, opened: list[tuple[InstanceId, list[int]]], num_tokens: int) -> None:
+def run_decode(controller: Any, opened: list[tuple[InstanceId, list[int]]], num_tokens: int,
+               grammar: GrammarSpec | None = None) -> int:
+    """The tokens decoded in all (a grammar that can only end stops its decode early)."""
     streams = [controller.decode(instance, DecodeRequest(
         token_ids=tuple(range(1, PROMPT_TOKENS + 1)), position=0, page_ids=tuple(pages), context_len=0,
-        sampling=GREEDY, max_new_tokens=num_tokens)) for instance, pages in opened]
+        sampling=GREEDY, max_new_tokens=num_tokens, grammar=grammar)) for instance, pages in opened]
+    total = 0
     for stream in streams:
         stream.done.result(timeout=600)
-        assert len(stream.drain()) == num_tokens
+        num_decoded = len(stream.drain())
+        assert num_decoded == num_tokens or grammar is not None
+        total += num_decoded
+    return total
 
 
-def measure(mode: str, num_seqs: int, num_tokens: int) -> tuple[float, float]:
-    controller = _controller(num_seqs, num_tokens, pipeline=mode != "forward" and mode != "decode")
+def measure(mode: str, num_seqs: int, num_tokens: int, grammar_compiler: tuple[LazyCompiler, int] | None = None,
+            grammar: GrammarSpec = GRAMMAR) -> tuple[float, float]:
+    grammars, vocab_size = grammar_compiler if mode == "grammar-pipelined" and grammar_compiler else (None, 1000)
+    controller = _controller(num_seqs, num_tokens, pipeline=mode != "forward" and mode != "decode",
+                             grammars=grammars, vocab_size=vocab_size)
     with contextlib.ExitStack() as stack:
         stack.callback(controller.stop)
         control = stack.enter_context(_through_core(controller)) if mode == "engine-core" else controller
         opened = _open(control, num_seqs, num_tokens)
         wall, cpu = time.perf_counter(), time.process_time()
-        (run_forward if mode == "forward" else run_decode)(control, opened, num_tokens)
+        if mode == "forward":
+            run_forward(control, opened, num_tokens)
+            num_decoded = num_seqs * num_tokens
+        else:
+            num_decoded = run_decode(control, opened, num_tokens, grammar if grammars is not None else None)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         for instance, _ in opened:
             control.close_instance(instance)
-    per = 1e6 / (num_seqs * num_tokens)
+    per = 1e6 / num_decoded
     return wall * per, cpu * per
 
 
@@ -138,24 +160,59 @@ def _through_core(controller: Controller) -> Iterator[RemoteControl]:
             core.close()
 
 
+def _grammar_compiler(model_dir: str, grammar: GrammarSpec) -> tuple[LazyCompiler, int]:
+    """The model's tokenizer as llguidance's vocabulary, compiled now (not inside a timed run), and its size."""
+    with _without_repo_root():
+        tokenizer = Tokenizer.from_dir(model_dir)
+    compiler = GrammarCompiler.for_tokenizer(tokenizer, tokenizer.vocab_size)
+    compiler.check(grammar)
+    return LazyCompiler(lambda: compiler), tokenizer.vocab_size
+
+
+@contextlib.contextmanager
+def _without_repo_root() -> Iterator[None]:
+    """`python -m bench...` puts the repository root on sys.path, where this project's kernels/ folder hides the
+    PyPI package `kernels` that transformers imports when it is installed (AutoTokenizer then fails); the server
+    and the tests never have the root there (console script, pytest's importlib mode)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sequences", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--grammar-model", default=None,
+                        help="a model folder whose tokenizer the grammar-pipelined mode uses (its vocabulary)")
+    parser.add_argument("--grammar-regex", default=GRAMMAR.text,
+                        help="the grammar-pipelined mode's regex (a decode that can only end stops early: the figures "
+                             "are per token decoded)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None, help="default: every mode that can run")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    grammar = GrammarSpec("regex", args.grammar_regex)
+    grammar_compiler = _grammar_compiler(args.grammar_model, grammar) if args.grammar_model else None
+    modes = args.modes or [m for m in MODES if m != "grammar-pipelined" or grammar_compiler]
+    if "grammar-pipelined" in modes and grammar_compiler is None:
+        parser.error("grammar-pipelined needs --grammar-model")
     rows = []
     print("| sequences | mode | wall us / seq / token | CPU us / seq / token |\n|---|---|---|---|")
     for num_seqs in args.sequences:
-        for mode in MODES:
-            runs = [measure(mode, num_seqs, args.tokens) for _ in range(args.repeats)]
+        for mode in modes:
+            runs = [measure(mode, num_seqs, args.tokens, grammar_compiler, grammar) for _ in range(args.repeats)]
             wall, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
             rows.append({"sequences": num_seqs, "mode": mode, "wall_us": wall, "cpu_us": cpu})
             print(f"| {num_seqs} | {mode} | {wall:.1f} | {cpu:.1f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"benchmark": "control_loop", "tokens": args.tokens, "rows": rows}, f, indent=2)
+            json.dump({"benchmark": "control_loop", "command": " ".join(["python -m bench.control_loop", *sys.argv[1:]]),
+                       "tokens": args.tokens, "cpu_count": os.cpu_count(), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

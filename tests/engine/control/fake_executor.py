@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 import msgspec
+import numpy as np
 
 from pie_server.engine.config import EngineInfo
 from pie_server.engine.step import Batch, CommandResult, ForwardCommand, OutputResult, StepResult
@@ -179,9 +180,13 @@ class FakeExecutor:
 
 def _first_allowed(mask: bytes, token_id: int, vocab_size: int) -> int:
     """The first token from token_id on (wrapping around) that mask allows: bit t % 8 of byte t // 8."""
-    for t in (*range(token_id, vocab_size), *range(token_id)):
-        if mask[t // 8] >> (t % 8) & 1:
-            return t
+    allowed = np.unpackbits(np.frombuffer(mask, np.uint8), bitorder="little")[:vocab_size].astype(bool)
+    later = np.flatnonzero(allowed[token_id:])
+    if len(later):
+        return token_id + int(later[0])
+    earlier = np.flatnonzero(allowed[:token_id])
+    if len(earlier):
+        return int(earlier[0])
     raise ValueError("the mask allows no token")
 
 
