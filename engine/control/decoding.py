@@ -170,9 +170,11 @@ class Decoding:
                                f"slots; its context and pending tokens need {num_slots}")
         return VirtualForward(token_ids=token_ids, positions=list(range(position, position + len(token_ids))),
                               page_ids=self.page_ids[:num_pages], last_page_len=num_slots - (num_pages - 1) * page_size,
-                              outputs=[OutputSpec(index=len(token_ids) - 1, sampling=self._next_sampling())])
+                              outputs=[OutputSpec(index=len(token_ids) - 1, sampling=self.next_sampling())])
 
-    def _next_sampling(self) -> SamplingParams:
+    def next_sampling(self) -> SamplingParams:
+        """The next forward's sampling parameters: with the tokens so far (penalties) and the grammar's next mask
+        (taken: call once per forward; ControlError if the grammar allows nothing)."""
         changes: dict[str, Any] = {}
         if self.output_token_ids is not None:
             changes["output_token_ids"] = tuple(self.output_token_ids)

@@ -188,21 +188,24 @@ def next_item(item: ForwardItem, token_id: int, table: PageTable, limits: Limits
     assert decoding is not None
     position, context_len = item.positions[-1] + 1, item.context_len + 1
     if decoding.table_version == table.version and item.mask is None and item.num_tokens == 1 \
-            and not decoding.follows_tokens and context_len <= limits.max_context_len \
+            and context_len <= limits.max_context_len \
             and (limits.max_position is None or position < limits.max_position) \
             and 0 <= token_id and (limits.vocab_size is None or token_id < limits.vocab_size):
         # The common step: item's pages, validated at this table version (no page freed or masked since), so
-        # prepare_forward's checks would all pass and give item's blocks again; the same outputs (unless it
-        # follows tokens: a grammar's mask, penalties' output). Positional (see HOT_FIELD_ORDER): token_ids,
-        # positions, page_ids, block_ids, context_len, page_size, outputs, mask, chunkable, future.
+        # prepare_forward's checks would all pass and give item's blocks again; the same outputs, or for a decode
+        # that follows tokens (a grammar's mask, penalties' output) its one output with the next sampling
+        # parameters (ControlError if the grammar allows nothing, as from _decode_item). Positional (see
+        # HOT_FIELD_ORDER): token_ids, positions, page_ids, block_ids, context_len, page_size, outputs, mask,
+        # chunkable, future.
         page_ids, block_ids, pages = item.page_ids, item.block_ids, item.pages
         if context_len > len(page_ids) * limits.page_size:  # the token opens the decode's next page
             grown = _grown(decoding, page_ids, block_ids, table)
             if grown is None:
                 return _decode_item(decoding, [token_id], position, item.context_len, table, limits)
             page_ids, block_ids, pages = *grown, None
+        outputs = (OutputSpec(0, decoding.next_sampling()),) if decoding.follows_tokens else item.outputs
         successor = ForwardItem([token_id], [position], page_ids, block_ids, context_len, limits.page_size,
-                                item.outputs, None, True, item.future)
+                                outputs, None, True, item.future)
         successor.decoding = decoding
         if pages is not None:
             successor.pages, successor.pages_version = pages, item.pages_version
