@@ -35,12 +35,18 @@ def _prompt_then_decodes(controller: Controller, prompt: list[int], num_decodes:
     controller.close_instance(instance)
 
 
-@pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "pipelined"])
-def test_every_executed_step_is_logged_with_its_tokens(tmp_path: Path, pipeline: bool) -> None:
-    path = tmp_path / "steps.jsonl"
+def _logging(path: Path, pipeline: bool) -> tuple[Controller, FakeExecutor]:
+    """A started Controller whose steps are logged to path."""
     executor = FakeExecutor(num_pages=16, page_size=PAGE_SIZE)
     controller = Controller(executor, ControlConfig(pipeline=pipeline, step_log=str(path)))
     controller.start()
+    return controller, executor
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "pipelined"])
+def test_every_executed_step_is_logged_with_its_tokens(tmp_path: Path, pipeline: bool) -> None:
+    path = tmp_path / "steps.jsonl"
+    controller, executor = _logging(path, pipeline)
     try:
         _prompt_then_decodes(controller, [5, 6, 7], num_decodes=6)
     finally:
@@ -62,9 +68,7 @@ def test_lines_are_on_disk_once_the_loop_is_idle(tmp_path: Path) -> None:
     """A server killed after its load (no stop(), as `kill` on the engine core) keeps the log of its last steps:
     the buffer is written whenever a step finds nothing to do."""
     path = tmp_path / "steps.jsonl"
-    executor = FakeExecutor(num_pages=16, page_size=PAGE_SIZE)
-    controller = Controller(executor, ControlConfig(pipeline=True, step_log=str(path)))
-    controller.start()
+    controller, _ = _logging(path, pipeline=True)
     try:
         _prompt_then_decodes(controller, [5, 6, 7], num_decodes=3)
         deadline = time.monotonic() + 10
