@@ -13,8 +13,12 @@ tokens each over a fake executor that computes nothing, driven two ways:
   tokenizer and vocabulary (the masks of a structured output or an agent's constrained values; the fake
   executor samples the first token the mask allows).
 
+With --device-ms D each step runs D ms on an emulated device (one step at a time, from its submission): the wall
+time then shows the host work that runs in series with the device (a step whose decodes all need their tokens first
+is delivered before the next one is formed).
+
     python -m bench.control_loop [--sequences 1 64 256] [--tokens 64] [--repeats 3] [--grammar-model DIR]
-        [--modes ...] [--json PATH]
+        [--grammar-regex R] [--modes ...] [--device-ms D] [--json PATH]
 
 Reports the median over repeats of wall time and process CPU time, each divided by sequences x tokens: what the
 control layer costs per token on the host (in series with the GPU unless pipelined).
@@ -55,11 +59,43 @@ MODES = ("forward", "decode", "decode-pipelined", "engine-core", "grammar-pipeli
 GRAMMAR = GrammarSpec("regex", "[a-z ]+")  # --grammar-regex replaces it
 
 
+class _DeviceTime:
+    """The fake executor with a device: each step runs device_s on it, one step after another, from its
+    submission on; its results wait for that (a sleep, which releases the GIL as waiting for a GPU does), so host
+    work in series with the device shows."""
+
+    def __init__(self, executor: FakeExecutor, device_s: float) -> None:
+        self._executor, self._device_s = executor, device_s
+        self._free_at = 0.0  # perf_counter() when the device has run every step submitted so far (one at a time)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._executor, name)
+
+    def submit(self, batch: Any) -> Any:
+        self._free_at = max(time.perf_counter(), self._free_at) + self._device_s
+        return _Ready(self._executor.submit(batch), self._free_at)
+
+    def execute(self, batch: Any) -> Any:
+        time.sleep(self._device_s)
+        return self._executor.execute(batch)
+
+
+class _Ready:
+    def __init__(self, done: Any, at: float) -> None:
+        self._done, self._at, self.step_id = done, at, done.step_id
+
+    def result(self) -> Any:
+        time.sleep(max(0.0, self._at - time.perf_counter()))
+        return self._done.result()
+
+
 def _controller(num_seqs: int, num_tokens: int, pipeline: bool, grammars: LazyCompiler | None = None,
-                vocab_size: int = 1000) -> Controller:
+                vocab_size: int = 1000, device_s: float = 0.0) -> Controller:
     pages_per_seq = -(-(PROMPT_TOKENS + num_tokens + 1) // PAGE_SIZE)
-    executor = FakeExecutor(num_pages=num_seqs * pages_per_seq + 8, page_size=PAGE_SIZE, simulate_kv=False,
-                            record=False, check=False, vocab_size=vocab_size)
+    executor: Any = FakeExecutor(num_pages=num_seqs * pages_per_seq + 8, page_size=PAGE_SIZE, simulate_kv=False,
+                                 record=False, check=False, vocab_size=vocab_size)
+    if device_s:
+        executor = _DeviceTime(executor, device_s)
     controller = Controller(executor, ControlConfig(max_batch_size=max(num_seqs, 1),
                                                     max_batch_tokens=max(num_seqs * PROMPT_TOKENS, 256),
                                                     pipeline=pipeline), grammars)
@@ -121,10 +157,10 @@ def run_decode(controller: Any, opened: list[tuple[InstanceId, list[int]]], num_
 
 
 def measure(mode: str, num_seqs: int, num_tokens: int, grammar_compiler: tuple[LazyCompiler, int] | None = None,
-            grammar: GrammarSpec = GRAMMAR) -> tuple[float, float]:
+            grammar: GrammarSpec = GRAMMAR, device_s: float = 0.0) -> tuple[float, float]:
     grammars, vocab_size = grammar_compiler if mode == "grammar-pipelined" and grammar_compiler else (None, 1000)
     controller = _controller(num_seqs, num_tokens, pipeline=mode != "forward" and mode != "decode",
-                             grammars=grammars, vocab_size=vocab_size)
+                             grammars=grammars, vocab_size=vocab_size, device_s=device_s)
     with contextlib.ExitStack() as stack:
         stack.callback(controller.stop)
         control = stack.enter_context(_through_core(controller)) if mode == "engine-core" else controller
@@ -194,6 +230,9 @@ def main() -> None:
                         help="the grammar-pipelined mode's regex (a decode that can only end stops early: the figures "
                              "are per token decoded)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=None, help="default: every mode that can run")
+    parser.add_argument("--device-ms", type=float, default=0.0,
+                        help="each step's results come this long after its submission (an emulated GPU step: "
+                             "what the host does in series with it shows in the wall time)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     grammar = GrammarSpec("regex", args.grammar_regex)
@@ -205,7 +244,8 @@ def main() -> None:
     print("| sequences | mode | wall us / seq / token | CPU us / seq / token |\n|---|---|---|---|")
     for num_seqs in args.sequences:
         for mode in modes:
-            runs = [measure(mode, num_seqs, args.tokens, grammar_compiler, grammar) for _ in range(args.repeats)]
+            runs = [measure(mode, num_seqs, args.tokens, grammar_compiler, grammar, args.device_ms / 1e3)
+                    for _ in range(args.repeats)]
             wall, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
             rows.append({"sequences": num_seqs, "mode": mode, "wall_us": wall, "cpu_us": cpu})
             print(f"| {num_seqs} | {mode} | {wall:.1f} | {cpu:.1f} |", flush=True)
