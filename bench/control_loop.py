@@ -231,8 +231,8 @@ def main() -> None:
                              "are per token decoded)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=None, help="default: every mode that can run")
     parser.add_argument("--device-ms", type=float, default=0.0,
-                        help="each step's results come this long after its submission (an emulated GPU step: "
-                             "what the host does in series with it shows in the wall time)")
+                        help="each step runs this long on an emulated device, one step at a time from its "
+                             "submission (what the host does in series with it shows in the wall time)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     grammar = GrammarSpec("regex", args.grammar_regex)

@@ -90,5 +90,6 @@ def window_summary(steps: list[dict], start: float, end: float) -> str:
     return (f"{len(chosen)} steps in {end - start:.1f} s, a step running {100 * busy_s / (end - start):.0f} % of it\n"
             + summary(chosen))
 
+
 if __name__ == "__main__":
     main()

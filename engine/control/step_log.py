@@ -26,7 +26,8 @@ FLUSH_LINES = 256
 class StepLog:
     def __init__(self, out: TextIO) -> None:
         self._out = out
-        self._submitted: dict[int, tuple] = {}  # step id -> (time, counts..., form_ms, submit_ms)
+        # step id -> (submitted at, forwards, tokens, prefill forwards, prefill tokens, form s, submit s)
+        self._submitted: dict[int, tuple[float, int, int, int, int, float, float]] = {}
         self._lines: list[str] = []  # all touched on the control loop's thread (stop() joins it first)
 
     @classmethod
