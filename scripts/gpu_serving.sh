@@ -54,9 +54,11 @@ env_setup() {
   # so build_inferlet finds it and never runs componentize-py here.
   export PIE_CACHE_DIR=/tmp/pie-cache; mkdir -p $PIE_CACHE_DIR/inferlets
   local gz wasm
-  if [ -d "$ROOT/.agentwasm" ]; then mkdir -p $C/.gpu-model/pie-cache/inferlets && cp "$ROOT"/.agentwasm/*.wasm.gz $C/.gpu-model/pie-cache/inferlets/; fi
-  for gz in $C/.gpu-model/pie-cache/inferlets/*.wasm.gz; do
-    wasm=$PIE_CACHE_DIR/inferlets/$(basename "$gz" .gz); [ -f "$wasm" ] || gunzip -c "$gz" > "$wasm"
+  # Builds come as <key>.wasm.gz, or as <key>.wasm.xz (a third smaller: room in the carry for py-spy's wheel).
+  if [ -d "$ROOT/.agentwasm" ]; then mkdir -p $C/.gpu-model/pie-cache/inferlets && cp "$ROOT"/.agentwasm/*.wasm.?z $C/.gpu-model/pie-cache/inferlets/; fi
+  for gz in $C/.gpu-model/pie-cache/inferlets/*.wasm.?z; do
+    wasm=$PIE_CACHE_DIR/inferlets/$(basename "${gz%.*}"); [ -f "$wasm" ] || python3 -c "import gzip, lzma, shutil, sys
+with (lzma if sys.argv[1].endswith('.xz') else gzip).open(sys.argv[1]) as src, open(sys.argv[2], 'wb') as dst: shutil.copyfileobj(src, dst)" "$gz" "$wasm"
   done
   WASM=$PIE_CACHE_DIR/inferlets/$(python3 -c "from pie_server.app.inferlet_build import find_source, source_hash
 from pie_server.inferlets import DEFAULT_INFERLET_SOURCE as s; print(source_hash(find_source(s)))").wasm
