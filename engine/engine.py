@@ -17,6 +17,7 @@ from pie_server.engine.config import EngineConfig, EngineInfo, ModelConfig
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.controller import Controller
 from pie_server.engine.core.messages import CoreFacts
+from pie_server.engine.executor.emulated import EmulatedExecutor
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.executor.tensor_parallel import start_executor
 from pie_server.engine.grammar import GrammarCompiler, LazyCompiler
@@ -114,15 +115,20 @@ def start_core_parts(model: str | Path | None, config: EngineConfig, model_name:
 def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineConfig, progress: bool,
                    grammars: LazyCompiler | None = None) -> tuple[Executor, Controller]:
     """grammars: for decodes under a grammar; None: a compiler of its own, made on the first such decode."""
-    if config.device == "cpu":  # as ControlConfig.for_engine tells the CPU apart
+    emulated_ms = os.environ.get("PIE_EMULATED_DEVICE_MS")
+    if emulated_ms:  # no model: steps of that many ms on an emulated device (engine/executor/emulated.py)
+        executor = EmulatedExecutor(model_config, config, float(emulated_ms) / 1000,
+                                    sorted(Tokenizer.from_dir(model_dir).eos_token_ids))
+    elif config.device == "cpu":  # as ControlConfig.for_engine tells the CPU apart
         executor = _load_on_a_passing_thread(model_dir, model_config, config, progress)
     else:
         executor = start_executor(model_dir, model_config, config, progress)  # rank 0 of --tensor-parallel-size
     grammars = grammars or LazyCompiler(functools.partial(_grammar_compiler, model_dir, model_config.vocab_size))
     # PIE_STEP_LOG=PATH: one line per step into PATH (engine/control/step_log.py; for measurements)
-    control = Controller(executor, ControlConfig.for_engine(config, model_config,
-                                                            step_log=os.environ.get("PIE_STEP_LOG") or None),
-                         grammars)
+    control_config = ControlConfig.for_engine(config, model_config, step_log=os.environ.get("PIE_STEP_LOG") or None)
+    if emulated_ms:  # pipelined steps, as on a GPU
+        control_config = dataclasses.replace(control_config, pipeline=True)
+    control = Controller(executor, control_config, grammars)
     control.start()
     return executor, control
 

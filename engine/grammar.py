@@ -8,6 +8,7 @@ only end stops the generation. A GrammarSpec is a constraint as plain data (what
 """
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections import OrderedDict
@@ -260,6 +261,12 @@ class LazyCompiler:
             return self._compiler
 
 
+# Strings llguidance tokenizes, kept with their ids. It calls back into Python whenever a grammar forces text (the
+# rest of a tool name, a JSON schema's next key): 2-3 times a mask under `(search|calculate)`, each a trip through
+# transformers' encode (~50 us); agents and clients force the same few strings again and again.
+MAX_CACHED_ENCODINGS = 4096
+
+
 class _Vocabulary:
     """What llguidance.TokenizerWrapper reads: token bytes, eos/bos, and a str -> ids encoder."""
 
@@ -268,7 +275,7 @@ class _Vocabulary:
         self.eos_token_id = eos_token_id
         self.bos_token_id = bos_token_id
         self.special_token_ids: list[int] = []
-        self._encode = encode
+        self._encode = functools.lru_cache(maxsize=MAX_CACHED_ENCODINGS)(lambda text: tuple(encode(text)))
 
     def __call__(self, text: str) -> list[int]:
         return list(self._encode(text))

@@ -49,3 +49,30 @@ def test_a_cpu_model_loads_on_a_thread_that_is_gone_before_the_control_loop_star
         assert loader is not threading.current_thread() and not loader.is_alive()
     else:
         assert loader is threading.current_thread()
+
+
+def test_an_emulated_device_replaces_the_model_and_pipelines_its_steps(
+        tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PIE_EMULATED_DEVICE_MS (engine/executor/emulated.py): no model is loaded, steps take that long, pipelined
+    as on a GPU even with --device cpu; a decode runs on it to its end."""
+    from pie_server.engine.control.decoding import DecodeRequest
+    from pie_server.engine.executor.emulated import EmulatedExecutor
+    from pie_server.engine.model.loader import load_model_config
+    from pie_server.engine.step import SamplingParams
+
+    monkeypatch.setattr(engine_module, "start_executor", None)  # never called
+    monkeypatch.setenv("PIE_EMULATED_DEVICE_MS", "2")
+    executor, control = engine_module._start_control(tiny_llama_dir, load_model_config(tiny_llama_dir),
+                                                     EngineConfig(device="cpu", num_pages=64), progress=False)
+    try:
+        assert isinstance(executor, EmulatedExecutor) and executor.step_s == 0.002
+        assert control.config.pipeline is True
+        control.open_instance("emulated")
+        [page] = control.allocate_pages("emulated", 1).result(timeout=10)
+        stream = control.decode("emulated", DecodeRequest(
+            token_ids=[1, 2, 3], position=0, page_ids=[page], context_len=0, sampling=SamplingParams(),
+            max_new_tokens=5))
+        assert stream.done.result(timeout=10) == "length"
+        assert len(stream.drain()) == 5
+    finally:
+        control.stop()

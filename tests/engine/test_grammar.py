@@ -137,3 +137,30 @@ def test_fill_masks_equals_each_matchers_own_mask_or_error(compiler, num_matcher
     expected = [m.allowed_token_mask() for i, m in enumerate(matchers) if i != 1]
     assert [m for i, m in enumerate(masks) if i != 1] == expected
     assert len(set(expected)) >= 2  # the matchers were in different states
+
+
+def test_forced_text_is_tokenized_once_per_string(tiny_llama_dir: Path) -> None:
+    """llguidance tokenizes the text a grammar forces (the rest of a tool name) through the compiler's encoder; a
+    string it saw before is not encoded again, and the masks stay those of the uncached encoder."""
+    tokenizer = Tokenizer.from_dir(tiny_llama_dir)
+    eos = sorted(tokenizer.eos_token_ids)
+    encoded: list[str] = []
+
+    def encode(text: str) -> list[int]:
+        encoded.append(text)
+        return tokenizer.encode(text)
+
+    grammars = GrammarCompiler(tokenizer.token_bytes(), tokenizer.vocab_size, eos, tokenizer.bos_token_id, encode)
+    reference = GrammarCompiler(tokenizer.token_bytes(), tokenizer.vocab_size, eos, tokenizer.bos_token_id,
+                                tokenizer.encode)
+    for seed in range(6):
+        cached, plain = grammars.regex("(search|calculate)"), reference.regex("(search|calculate)")
+        rng = random.Random(seed)
+        while not cached.stopped:
+            allowed = allowed_ids(cached)
+            assert allowed == allowed_ids(plain)
+            token = rng.choice([t for t in allowed if t not in eos])
+            cached.accept(token)
+            plain.accept(token)
+    assert encoded, "the grammar forced no text: the test exercises nothing"
+    assert len(encoded) == len(set(encoded))
