@@ -162,11 +162,12 @@ profile() {  # shape api_processes concurrency [seconds]: where the server's hos
   sleep 2
 }
 
-agentic_profile() {  # shape concurrency [seconds]: where the agents' time goes (both modes run; the inferlet first)
+agentic_profile() {  # shape concurrency [seconds]: where the agents' time goes (both modes run, the inferlet first;
+                    # AGENTIC_MODES=client: only that mode, into agentic_profile_SHAPE_cC_client.*)
   [ -f $M/$1/model.safetensors ] || make_models > /dev/null
-  local tag=agentic_profile_$1_c$2
+  local tag=agentic_profile_$1_c$2${AGENTIC_MODES:+_${AGENTIC_MODES// /_}}
   python3 -m bench.agentic --model $M/$1 --device cuda --tasks-per-agent 4 --concurrency "$2" \
-    > "$OUT/$tag.log" 2>&1 &
+    ${AGENTIC_MODES:+--modes $AGENTIC_MODES} > "$OUT/$tag.log" 2>&1 &
   local bench=$!
   sleep "${PROFILE_WARMUP_S:-35}"
   /tmp/site/bin/py-spy record --pid $bench --subprocesses --threads --rate 100 --duration "${3:-20}" \
