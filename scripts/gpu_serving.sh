@@ -163,7 +163,7 @@ profile() {  # shape api_processes concurrency [seconds]: where the server's hos
 }
 
 agentic_profile() {  # shape concurrency [seconds]: where the agents' time goes (both modes run, the inferlet first;
-                    # AGENTIC_MODES=client: only that mode, into agentic_profile_SHAPE_cC_client.*)
+                    # AGENTIC_MODES="client inferlet": the client first, into agentic_profile_SHAPE_cC_client_inferlet.*)
   [ -f $M/$1/model.safetensors ] || make_models > /dev/null
   local tag=agentic_profile_$1_c$2${AGENTIC_MODES:+_${AGENTIC_MODES// /_}}
   python3 -m bench.agentic --model $M/$1 --device cuda --tasks-per-agent 4 --concurrency "$2" \
