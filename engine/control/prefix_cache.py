@@ -99,6 +99,33 @@ class PrefixCache:
                         break
         return evicted
 
+    def evict_lru(self, is_evictable: Callable[[BlockId], bool], num_blocks: int) -> list[BlockId] | None:
+        """Removes num_blocks entries as evict() would (evictable leaves, least recently used first, a chain
+        counting whole) and returns their blocks; None, removing nothing, when fewer can be removed. One pass
+        over the least recently used entries, stopping at num_blocks: it costs what it frees, not the cache's
+        size (evict() and count_evictable() walk every entry, ~1 us each: 5 ms a call for a cache of 5,000
+        pages, which every allocation paid once the pool was full of cached pages).
+
+        One pass is enough because of the LRU order's invariant: every touch moves a chain from its root,
+        deepest entry first, so an entry's descendants are all less recently used than it; by the time the pass
+        reaches an entry, every child that can go has been chosen."""
+        if num_blocks <= 0:
+            return []
+        chosen: list[int] = []
+        num_chosen_children: dict[int, int] = {}
+        for key, entry in self._entries.items():
+            if entry.num_children == num_chosen_children.get(key, 0) and is_evictable(entry.block_id):
+                chosen.append(key)
+                num_chosen_children[entry.parent_key] = num_chosen_children.get(entry.parent_key, 0) + 1
+                if len(chosen) == num_blocks:
+                    break
+        else:
+            return None
+        block_ids = [self._entries[key].block_id for key in chosen]
+        for key in chosen:
+            self._remove(key)
+        return block_ids
+
     def count_evictable(self, is_evictable: Callable[[BlockId], bool]) -> int:
         """Entries evict() could remove (leaves first, so a chain of evictable entries counts whole)."""
         pinned_keys = {key for key, e in self._entries.items() if not is_evictable(e.block_id)}

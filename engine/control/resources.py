@@ -33,9 +33,10 @@ class Resources:
         missing = num_pages - self.pool.num_free_pages
         if missing <= 0:
             return True
-        if self.cache.num_blocks < missing or self.cache.count_evictable(self._cache_only) < missing:
+        evicted = self.cache.evict_lru(self._cache_only, missing) if self.cache.num_blocks >= missing else None
+        if evicted is None:
             return False
-        self.drop(self.cache.evict(self._cache_only, missing))
+        self.drop(evicted)
         return True
 
     def reclaim_swap_slots(self, num_slots: int) -> None:

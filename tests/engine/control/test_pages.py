@@ -141,3 +141,38 @@ def test_prefix_cache_colliding_keys_are_misses(monkeypatch: pytest.MonkeyPatch)
     assert cache.lookup([2]) == []  # same key, other tokens: a miss, never block 10
     assert cache.publish([2], [11]) == []
     assert cache.lookup([1]) == [10]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_prefix_cache_one_pass_eviction_takes_what_the_full_scan_would(seed: int) -> None:
+    """evict_lru (one pass, stopping when it has enough) removes exactly the blocks evict() would, or nothing
+    when count_evictable() says too few can go, after random publishes, lookups and evictions of branching
+    chains; and the LRU order it relies on holds: every entry comes before its parent."""
+    import copy
+    import random
+
+    rng = random.Random(seed)
+    cache = PrefixCache(page_size=1)
+    next_block = iter(range(10_000))
+    for _ in range(60):
+        chain = [rng.randrange(3) for _ in range(rng.randrange(1, 7))]  # few token values: shared prefixes
+        if rng.random() < 0.6:
+            cache.publish(chain, [next(next_block) for _ in chain])
+        else:
+            cache.lookup(chain)
+        order = list(cache._entries)
+        for position, key in enumerate(order):
+            parent = cache._entries[key].parent_key
+            assert parent not in cache._entries or order.index(parent) > position
+        pinned = set(rng.sample(cache.blocks(), k=min(len(cache.blocks()), rng.randrange(4))))
+        is_evictable = lambda block: block not in pinned  # noqa: E731
+        wanted = rng.randrange(1, 6)
+        reference = copy.deepcopy(cache)
+        can = reference.count_evictable(is_evictable) >= wanted
+        expected = reference.evict(is_evictable, wanted) if can else None
+        before = cache.blocks()
+        assert cache.evict_lru(is_evictable, wanted) == expected
+        if expected is None:
+            assert cache.blocks() == before
+        else:
+            assert cache.blocks() == reference.blocks()
