@@ -11,6 +11,8 @@
 #                                                     # override, e.g. --concurrency 1 16 128); $OUT/agentic_SHAPE.json
 #                                                     # (needs react-agent's build: `gpu_prepare.sh --agentic`,
 #                                                     # carry [".agentwasm"] in this call)
+#   bash scripts/gpu_serving.sh base-agentic SHAPE ARGS... # the same over .base/tree.tgz's code (see base-breakdown;
+#                                                     # archive scripts/ too): $OUT/agentic_SHAPE_base.json
 #   bash scripts/gpu_serving.sh profile SHAPE N C [S] # py-spy over `pie serve --api-processes N` for S seconds (15)
 #                                                     # under bench/http_load.py at concurrency C: $OUT/profile_*.txt
 #   bash scripts/gpu_serving.sh agentic-profile SHAPE C [S] # py-spy over bench.agentic at concurrency C for S seconds
@@ -132,13 +134,13 @@ vllm_http() {  # shape
 
 agentic() {  # shape [bench.agentic args...]: react-agent inferlet vs. OpenAI-client loop (docs/benchmarks.md)
   [ -f $M/$1/model.safetensors ] || make_models > /dev/null
-  local shape=$1 steps=/tmp/steps_agentic_$1.jsonl; shift
+  local shape=$1 tag=$1${AGENTIC_TAG:-} steps=/tmp/steps_agentic_$1${AGENTIC_TAG:-}.jsonl; shift
   rm -f $steps
   PIE_STEP_LOG=$steps timeout "${AGENTIC_TIMEOUT_S:-450}" python3 -m bench.agentic --model $M/$shape --device cuda \
-    --tasks-per-agent 2 --concurrency 1 2 4 8 16 32 64 128 "$@" --json "$OUT/agentic_$shape.json" 2>&1 \
-    | tee "$OUT/agentic_$shape.log" | grep -E "^(c=|warm-up|speedup|Traceback|RuntimeError)"
+    --tasks-per-agent 2 --concurrency 1 2 4 8 16 32 64 128 "$@" --json "$OUT/agentic_$tag.json" 2>&1 \
+    | tee "$OUT/agentic_$tag.log" | grep -E "^(c=|warm-up|speedup|Traceback|RuntimeError)"
   # the engine core's steps in each level's and mode's window (bench.agentic's window_s)
-  python3 scripts/step_log_summary.py $steps --windows "$OUT/agentic_$shape.json" | tee "$OUT/agentic_steps_$shape.txt"
+  python3 "$ROOT/scripts/step_log_summary.py" $steps --windows "$OUT/agentic_$tag.json" | tee "$OUT/agentic_steps_$tag.txt"
 }
 
 profile() {  # shape api_processes concurrency [seconds]: where the server's host time goes under load
@@ -212,6 +214,8 @@ while [ $# -gt 0 ]; do
     profile) if [[ ${5:-} =~ ^[0-9]+$ ]]; then profile "$2" "$3" "$4" "$5"; shift 5
              else profile "$2" "$3" "$4" 15; shift 4; fi ;;
     agentic) shift; agentic "$@"; shift $# ;;
+    base-agentic) shift; base_site; (cd /tmp/base && PYTHONPATH=/tmp/sitebase:$PYTHONPATH AGENTIC_TAG=_base agentic "$@")
+                  shift $# ;;
     agentic-profile) if [[ ${4:-} =~ ^[0-9]+$ ]]; then agentic_profile "$2" "$3" "$4"; shift 4
                      else agentic_profile "$2" "$3" 20; shift 3; fi ;;
     vllm) vllm_http "$2"; shift 2 ;;
