@@ -38,9 +38,10 @@ from pie_server.kernels.transfer import pinned
 if TYPE_CHECKING:
     from pie_server.engine.model.llama import LlamaModel
 
-# Up to 2,048 tokens: a step past the largest bucket runs the whole decoder eagerly, which on the H200 took an agentic
-# run's ~680-token steps (128 agents appending turns, SmolLM2 shape) 26 ms of host time to launch.
-DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+# A step past the largest bucket runs the whole decoder eagerly: on the H200 an agentic run's ~680-token steps
+# (128 agents appending turns, SmolLM2 shape) took 26 ms of host time to launch. Buckets up to 2,048 were tried
+# and taken back unmeasured (docs/decisions/piecewise-graphs.md).
+DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 class PiecewiseDecoder(Protocol):
