@@ -100,30 +100,37 @@ class PrefixCache:
         return evicted
 
     def evict_lru(self, is_evictable: Callable[[BlockId], bool], num_blocks: int) -> list[BlockId] | None:
-        """Removes num_blocks entries as evict() would (evictable leaves, least recently used first, a chain
-        counting whole) and returns their blocks; None, removing nothing, when fewer can be removed. One pass
-        over the least recently used entries, stopping at num_blocks: it costs what it frees, not the cache's
-        size (evict() and count_evictable() walk every entry, ~1 us each: 5 ms a call for a cache of 5,000
-        pages, which every allocation paid once the pool was full of cached pages).
+        """Removes num_blocks evictable leaves (least recently used first, a chain counting whole: the entries
+        evict() may take) and returns their blocks; None, removing nothing, when fewer can be removed. One pass
+        over the least recently used entries that stops at num_blocks, so it costs about what it frees, not the
+        cache's size (evict() and count_evictable() walk every entry, ~1 us each: 2.4 ms a call for a cache of
+        5,700 pages, which every allocation paid once the pool was full of cached pages).
 
         One pass is enough because of the LRU order's invariant: every touch moves a chain from its root,
         deepest entry first, so an entry's descendants are all less recently used than it; by the time the pass
-        reaches an entry, every child that can go has been chosen."""
+        reaches an entry, every child that can go has been chosen. The entries in use that the pass meets go to
+        the most recently used end with their chains (see _touch_chains), so the next pass does not walk them
+        again: a running agent's prompt pages would otherwise sit at the head of the order for its whole task."""
         if num_blocks <= 0:
             return []
         chosen: list[int] = []
+        in_use: list[int] = []
         num_chosen_children: dict[int, int] = {}
         for key, entry in self._entries.items():
-            if entry.num_children == num_chosen_children.get(key, 0) and is_evictable(entry.block_id):
+            if not is_evictable(entry.block_id):
+                in_use.append(key)
+            elif entry.num_children == num_chosen_children.get(key, 0):
                 chosen.append(key)
                 num_chosen_children[entry.parent_key] = num_chosen_children.get(entry.parent_key, 0) + 1
                 if len(chosen) == num_blocks:
                     break
         else:
+            self._touch_chains(in_use)
             return None
         block_ids = [self._entries[key].block_id for key in chosen]
-        for key in chosen:
+        for key in chosen:  # never an ancestor of an entry in use: its count of children kept it out
             self._remove(key)
+        self._touch_chains(in_use)
         return block_ids
 
     def count_evictable(self, is_evictable: Callable[[BlockId], bool]) -> int:
@@ -150,6 +157,23 @@ class PrefixCache:
         parent = self._entries.get(entry.parent_key)
         if parent is not None:
             parent.num_children -= 1
+
+    def _touch_chains(self, keys: list[int]) -> None:
+        """Moves each key's entry and all its ancestors to the most recently used end, deeper entries first (the
+        order's invariant). For entries in use: eviction must skip them, so they count as recently used (as in
+        vLLM, whose queue of evictable blocks holds only blocks nobody uses)."""
+        depth: dict[int, int] = {}
+        for key in keys:
+            path = []
+            while key in self._entries and key not in depth:
+                path.append(key)
+                key = self._entries[key].parent_key
+            level = depth.get(key, -1)  # -1 above a root
+            for step in reversed(path):
+                level += 1
+                depth[step] = level
+        for key in sorted(depth, key=depth.__getitem__, reverse=True):
+            self._entries.move_to_end(key)
 
     def _touch(self, keys: list[int]) -> None:
         # Deepest first, so the root of a chain ends most recently used and leaves go first.
