@@ -132,7 +132,9 @@ vllm_http() {  # shape
   kill "$pid"; wait "$pid" 2>/dev/null; pkill -f vllm.entrypoints 2>/dev/null; sleep 5
 }
 
-agentic() {  # shape [bench.agentic args...]: react-agent inferlet vs. OpenAI-client loop (docs/benchmarks.md)
+agentic() {  # shape [bench.agentic args...]: react-agent inferlet vs. OpenAI-client loop (docs/benchmarks.md).
+            # A fresh machine's first server start compiles FlashInfer's and Triton's kernels (about two minutes):
+            # give that run AGENTIC_TIMEOUT_S and agentic-profile's PROFILE_WARMUP_S room for it.
   [ -f $M/$1/model.safetensors ] || make_models > /dev/null
   local shape=$1 tag=$1${AGENTIC_TAG:-} steps=/tmp/steps_agentic_$1${AGENTIC_TAG:-}.jsonl; shift
   rm -f $steps
