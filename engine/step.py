@@ -79,6 +79,20 @@ class SamplingParams:
             if self.allowed_token_mask.count(0) == len(self.allowed_token_mask):
                 raise ValueError("allowed_token_mask allows no token")
 
+    def with_allowed_mask(self, mask: bytes) -> "SamplingParams":
+        """These parameters with allowed_token_mask = mask, built without __post_init__'s checks: for the control
+        layer's grammar decodes, whose base parameters were checked when made and whose masks come from
+        engine/grammar.py, which never hands out one that allows nothing (the one check that could fail; the
+        sampler checks a mask's length and range again). A decode makes one per token: dataclasses.replace
+        costs several times this. Not with allowed_token_ids set (the two exclude each other)."""
+        assert self.allowed_token_ids is None
+        params = object.__new__(SamplingParams)
+        state = params.__dict__
+        state.update(self.__dict__)
+        state.pop("is_plain_greedy", None)  # cached from the base's fields: it depends on the mask
+        state["allowed_token_mask"] = mask
+        return params
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0

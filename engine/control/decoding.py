@@ -175,12 +175,13 @@ class Decoding:
     def next_sampling(self) -> SamplingParams:
         """The next forward's sampling parameters: with the tokens so far (penalties) and the grammar's next mask
         (taken: call once per forward; ControlError if the grammar allows nothing)."""
-        changes: dict[str, Any] = {}
-        if self.output_token_ids is not None:
-            changes["output_token_ids"] = tuple(self.output_token_ids)
+        if self.output_token_ids is None:
+            return self.sampling if self.grammar is None else self.sampling.with_allowed_mask(
+                self._next_mask(self.grammar))
+        changes: dict[str, Any] = {"output_token_ids": tuple(self.output_token_ids)}
         if self.grammar is not None:
             changes["allowed_token_mask"] = self._next_mask(self.grammar)
-        return dataclasses.replace(self.sampling, **changes) if changes else self.sampling
+        return dataclasses.replace(self.sampling, **changes)
 
     def _next_mask(self, grammar: GrammarMatcher) -> bytes:
         """The mask computed with others' (next_mask, taken), else the matcher's own; ControlError if none."""

@@ -26,3 +26,15 @@ def test_the_cached_answer_stays_outside_the_fields() -> None:
     assert not changed.is_plain_greedy
     assert params == SamplingParams() and hash(params) == hash(SamplingParams())
     assert pickle.loads(pickle.dumps(params)) == params
+
+
+def test_with_allowed_mask_equals_a_checked_replace_and_forgets_the_cached_greediness() -> None:
+    """The grammar decode's unchecked copy (SamplingParams.with_allowed_mask) is the same value as
+    dataclasses.replace's, and its is_plain_greedy is its own (a masked row is not plain greedy)."""
+    base = SamplingParams(temperature=0.0, seed=3, num_logprobs=None)
+    assert base.is_plain_greedy  # cached in the base's __dict__ now
+    mask = bytes([0b101, 0, 1])
+    masked = base.with_allowed_mask(mask)
+    assert masked == dataclasses.replace(base, allowed_token_mask=mask)
+    assert not masked.is_plain_greedy and base.is_plain_greedy
+    assert masked.with_allowed_mask(b"\x01").allowed_token_mask == b"\x01" and masked.allowed_token_mask == mask
