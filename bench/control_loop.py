@@ -45,6 +45,7 @@ from pie_server.engine.core.client import RemoteControl
 from pie_server.engine.core.messages import CoreFacts
 from pie_server.engine.core.process import core_address_of
 from pie_server.engine.core.server import EngineCore
+from pie_server.engine.executor.emulated import DeviceClock, EmulatedStep
 from pie_server.engine.grammar import GrammarCompiler, GrammarSpec, LazyCompiler
 from pie_server.engine.step import CommandResult, OutputSpec, SamplingParams
 from pie_server.engine.tokenizer import Tokenizer
@@ -60,33 +61,24 @@ GRAMMAR = GrammarSpec("regex", "[a-z ]+")  # --grammar-regex replaces it
 
 
 class _DeviceTime:
-    """The fake executor with a device: each step runs device_s on it, one step after another, from its
-    submission on; its results wait for that (a sleep, which releases the GIL as waiting for a GPU does), so host
-    work in series with the device shows."""
+    """The fake executor with a device (engine/executor/emulated.py's clock): each step runs device_s on it, one
+    step after another, from its submission on; its results wait for that (a sleep, which releases the GIL as
+    waiting for a GPU does), so host work in series with the device shows."""
 
     def __init__(self, executor: FakeExecutor, device_s: float) -> None:
-        self._executor, self._device_s = executor, device_s
-        self._free_at = 0.0  # perf_counter() when the device has run every step submitted so far (one at a time)
+        self._executor, self._device = executor, DeviceClock(device_s)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._executor, name)
 
-    def submit(self, batch: Any) -> Any:
-        self._free_at = max(time.perf_counter(), self._free_at) + self._device_s
-        return _Ready(self._executor.submit(batch), self._free_at)
+    def submit(self, batch: Any) -> EmulatedStep:
+        ends_at = self._device.start_step()
+        done = self._executor.submit(batch)
+        return EmulatedStep(done.step_id, done.result(), ends_at)
 
     def execute(self, batch: Any) -> Any:
-        time.sleep(self._device_s)
+        time.sleep(self._device.step_s)
         return self._executor.execute(batch)
-
-
-class _Ready:
-    def __init__(self, done: Any, at: float) -> None:
-        self._done, self._at, self.step_id = done, at, done.step_id
-
-    def result(self) -> Any:
-        time.sleep(max(0.0, self._at - time.perf_counter()))
-        return self._done.result()
 
 
 def _controller(num_seqs: int, num_tokens: int, pipeline: bool, grammars: LazyCompiler | None = None,

@@ -28,6 +28,22 @@ EMULATED_NUM_PAGES = 8192  # without --num-pages: a GPU-sized pool (no memory is
 EMULATED_SWAP_SLOTS = 1024
 
 
+class DeviceClock:
+    """One emulated device's timeline: each step occupies it for step_s from its submission or from the end of the
+    step before, whichever is later. Callers submit one step at a time."""
+
+    def __init__(self, step_s: float) -> None:
+        if step_s < 0:
+            raise ValueError("an emulated step takes >= 0 seconds")
+        self.step_s = step_s
+        self._free_at = 0.0  # time.monotonic() when every step submitted so far has run
+
+    def start_step(self) -> float:
+        """Takes the device for a step submitted now; returns when that step ends (time.monotonic())."""
+        self._free_at = max(time.monotonic(), self._free_at) + self.step_s
+        return self._free_at
+
+
 class EmulatedStep:
     """A submitted step: its results are known at once and handed out when the emulated device is done."""
 
@@ -47,8 +63,6 @@ class EmulatedStep:
 class EmulatedExecutor:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, step_s: float,
                  eos_token_ids: Sequence[int] = (), seed: int = 0) -> None:
-        if step_s < 0:
-            raise ValueError("an emulated step takes >= 0 seconds")
         num_pages = engine_config.num_pages or EMULATED_NUM_PAGES
         page_size = engine_config.page_size
         self.info = EngineInfo(num_pages=num_pages, page_size=page_size,
@@ -56,12 +70,15 @@ class EmulatedExecutor:
                                kv_bytes_per_page=1)
         self.num_swap_slots = EMULATED_SWAP_SLOTS
         self.vocab_size = model_config.vocab_size
-        self.step_s = step_s
+        self._device = DeviceClock(step_s)
         self._plain_ids = np.setdiff1d(np.arange(self.vocab_size), np.asarray(list(eos_token_ids), np.int64))
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()  # one step at a time
-        self._device_free_at = 0.0  # monotonic
         self._previous: StepResult | None = None  # the last submitted step's (fed tokens)
+
+    @property
+    def step_s(self) -> float:
+        return self._device.step_s
 
     def execute(self, batch: Batch) -> StepResult:
         return self.submit(batch).result()
@@ -72,9 +89,7 @@ class EmulatedExecutor:
             results = tuple(self._run(command, previous) for command in batch.forwards)
             result = StepResult(results=results, step_id=batch.step_id)
             self._previous = result
-            now = time.monotonic()
-            self._device_free_at = max(now, self._device_free_at) + self.step_s
-            return EmulatedStep(batch.step_id, result, self._device_free_at)
+            return EmulatedStep(batch.step_id, result, self._device.start_step())
 
     def close(self) -> None:
         pass
