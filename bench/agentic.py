@@ -383,13 +383,15 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({
                 "command": " ".join(["python -m bench.agentic", *sys.argv[1:]]), "workload": asdict(workload),
                 "device": args.device, "model": args.model or "SmolLM2-135M-Instruct", "cpu_count": os.cpu_count(),
-                "load_average_before": load_before, "levels": rows}, indent=1) + "\n")
+                "load_average_before": load_before, "server_ready_s": round(server.ready_s, 1),
+                "levels": rows}, indent=1) + "\n")
 
     # SIGTERM (`timeout`) unwinds like an exception, so the finally below stops the server subprocess.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     wasm = build_inferlet(CONTRIB_DIR / INFERLET_NAME, Path("/tmp/pie-bench-react-agent.wasm"), progress=False)
     serve_args = ["--device", args.device, "--http-allow", "127.0.0.1", *args.serve_args.split()]
     server = LocalServer(args.model, args.num_pages or max(1024, 48 * max(args.concurrency)), serve_args)
+    print(f"server ready in {server.ready_s:.1f} s", flush=True)
     try:
         request = urllib.request.Request(f"{server.url}/v1/inferlets?name={UPLOAD_NAME}", data=wasm.read_bytes(),
                                          headers={"content-type": "application/wasm"}, method="POST")

@@ -120,9 +120,10 @@ class EngineConfig:
     # CUDA graphs: Triton kernels that fuse RoPE, the KV append, norms, SiLU and residual adds into their
     # neighbours at small batches (engine/executor/cuda_graphs.py). False: the unfused kernels (A/B runs).
     fused_decode: bool = True
-    # CUDA graphs: steps with prefill tokens (up to 512) replay all but attention from per-layer graphs
-    # (engine/executor/piecewise_graphs.py). False: they run eagerly (A/B runs).
+    # CUDA graphs: steps with prefill tokens (up to piecewise_max_tokens) replay all but attention from per-layer
+    # graphs (engine/executor/piecewise_graphs.py). False: they run eagerly (A/B runs).
     piecewise_graphs: bool = True
+    piecewise_max_tokens: int = 512
     seed: int = 0
     # Ranks that split the model Megatron-style (engine/model/parallel.py), one device each: cuda:N..N+P-1 from
     # `device` cuda:N, or P processes on CPU (gloo; for tests). The model's heads, KV heads and MLP width must be
@@ -144,6 +145,8 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.max_batch_tokens <= 0 or self.max_batch_size <= 0:
             raise ValueError("max_batch_tokens and max_batch_size must be positive")
+        if self.piecewise_max_tokens <= 0:
+            raise ValueError("piecewise_max_tokens must be positive")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
         if self.swap_space_gib is not None and not self.swap_space_gib > 0:

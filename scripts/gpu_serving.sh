@@ -140,7 +140,7 @@ agentic() {  # shape [bench.agentic args...]: react-agent inferlet vs. OpenAI-cl
   rm -f $steps
   PIE_STEP_LOG=$steps timeout "${AGENTIC_TIMEOUT_S:-450}" python3 -m bench.agentic --model $M/$shape --device cuda \
     --tasks-per-agent 2 --concurrency 1 2 4 8 16 32 64 128 "$@" --json "$OUT/agentic_$tag.json" 2>&1 \
-    | tee "$OUT/agentic_$tag.log" | grep -E "^(c=|warm-up|speedup|Traceback|RuntimeError)"
+    | tee "$OUT/agentic_$tag.log" | grep -E "^(c=|warm-up|server ready|speedup|Traceback|RuntimeError)"
   # the engine core's steps in each level's and mode's window (bench.agentic's window_s)
   python3 "$ROOT/scripts/step_log_summary.py" $steps --windows "$OUT/agentic_$tag.json" | tee "$OUT/agentic_steps_$tag.txt"
 }

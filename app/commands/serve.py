@@ -73,7 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run every step without CUDA graphs")
     parser.add_argument("--no-piecewise-graphs", action="store_true",
                         help="run steps with prefill tokens eagerly (default: all but attention from CUDA graphs, "
-                             "for steps of up to 512 tokens)")
+                             "for steps of up to --piecewise-max-tokens tokens)")
+    parser.add_argument("--piecewise-max-tokens", type=int, default=512, metavar="N",
+                        help="the largest step (tokens) whose layers replay from CUDA graphs; larger ones run "
+                             "eagerly (each bucket up to it is captured at start-up; default: 512)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                         help="split the model over N GPUs (cuda:0..N-1, or from --device cuda:K), Megatron-style; N "
                              "must divide the model's attention and KV heads (docs/decisions/tensor-parallel.md)")
@@ -260,6 +263,7 @@ def _engine_config(args: argparse.Namespace):  # -> EngineConfig
     return EngineConfig(device=args.device, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
                         max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
                         cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=not args.no_piecewise_graphs,
+                        piecewise_max_tokens=args.piecewise_max_tokens,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         tensor_parallel_size=args.tensor_parallel_size, swap_space_gib=args.swap_space)
 

@@ -265,7 +265,7 @@ def _piecewise_config(model: LlamaModel, attention: AttentionBackend, engine: En
     (every rank would have to capture and replay the same pieces). None: eager steps."""
     if model.device.type == "cuda" and engine.cuda_graphs and engine.piecewise_graphs and \
             attention.supports_cuda_graphs and model.parallel is None:
-        return PiecewiseConfig.for_step_budget(engine.max_batch_tokens)
+        return PiecewiseConfig.for_step_budget(engine.max_batch_tokens, engine.piecewise_max_tokens)
     return None
 
 

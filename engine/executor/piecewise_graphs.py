@@ -38,10 +38,13 @@ from pie_server.kernels.transfer import pinned
 if TYPE_CHECKING:
     from pie_server.engine.model.llama import LlamaModel
 
-# A step past the largest bucket runs the whole decoder eagerly: on the H200 an agentic run's ~680-token steps
-# (128 agents appending turns, SmolLM2 shape) took 26 ms of host time to launch. Buckets up to 2,048 were tried
-# and taken back unmeasured (docs/decisions/piecewise-graphs.md).
-DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Bucket sizes (tokens) up to the largest a step may have. A step past the largest captured bucket runs the whole
+# decoder eagerly: on the H200 an agentic run's ~680-token steps (128 agents appending turns, SmolLM2 shape) took
+# 26 ms of host time to launch. EngineConfig.piecewise_max_tokens (`pie serve --piecewise-max-tokens`) says where
+# capture stops (docs/decisions/piecewise-graphs.md).
+BUCKET_SIZES = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_BUCKETS = tuple(b for b in BUCKET_SIZES if b <= DEFAULT_MAX_TOKENS)
 
 
 class PiecewiseDecoder(Protocol):
@@ -79,10 +82,10 @@ class PiecewiseConfig:
         return self.buckets[-1]
 
     @classmethod
-    def for_step_budget(cls, max_batch_tokens: int) -> "PiecewiseConfig":
-        """The default buckets, none larger than a step can be."""
-        limit = min(max_batch_tokens, DEFAULT_BUCKETS[-1])
-        return cls(tuple(sorted({b for b in DEFAULT_BUCKETS if b < limit} | {limit})))
+    def for_step_budget(cls, max_batch_tokens: int, max_tokens: int = DEFAULT_MAX_TOKENS) -> "PiecewiseConfig":
+        """The bucket sizes up to max_tokens, none larger than a step can be."""
+        limit = min(max_batch_tokens, max_tokens)
+        return cls(tuple(sorted({b for b in BUCKET_SIZES if b < limit} | {limit})))
 
 
 @dataclass

@@ -116,3 +116,7 @@ def test_config_validation_and_step_budget() -> None:
     assert PiecewiseConfig.for_step_budget(4096).buckets == (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
     assert PiecewiseConfig.for_step_budget(100).buckets == (16, 32, 48, 64, 96, 100)
     assert PiecewiseConfig.for_step_budget(8).buckets == (8,)
+    # --piecewise-max-tokens: capture stops there, or at the step budget if that is smaller
+    assert PiecewiseConfig.for_step_budget(4096, 2048).buckets[-5:] == (512, 768, 1024, 1536, 2048)
+    assert PiecewiseConfig.for_step_budget(1200, 2048).buckets[-3:] == (768, 1024, 1200)
+    assert PiecewiseConfig.for_step_budget(4096, 40).buckets == (16, 32, 40)
