@@ -20,7 +20,7 @@ step can consume them there, see batch.TokenRef) and whose results() waits for t
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import msgspec
@@ -28,7 +28,7 @@ import torch
 
 from pie_server.engine.step import OutputResult, OutputSpec, SamplingParams
 from pie_server.engine.executor.sampling_filters import Draws, argmax_rows, draw_tokens, filtered_weights, take_rows
-from pie_server.engine.executor.sampling_penalties import Penalties, apply_penalties, ship
+from pie_server.engine.executor.sampling_penalties import Penalties, apply_penalties, byte_bias_on, ship
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,12 @@ class Sampler:
             self._generator.seed()
         else:
             self._generator.manual_seed(seed)
+        self._byte_bias: torch.Tensor | None = None  # BYTE_BIAS on the logits' device, for grammar masks
+
+    def _byte_bias_on(self, device: torch.device) -> torch.Tensor:
+        if self._byte_bias is None or self._byte_bias.device != device:
+            self._byte_bias = byte_bias_on(device)
+        return self._byte_bias
 
     def sample(self, logits: torch.Tensor, specs: Sequence[OutputSpec]) -> list[OutputResult]:
         """One OutputResult per row of logits [N, V] (row i answers specs[i]); ValueError on bad input."""
@@ -179,9 +185,11 @@ class Sampler:
         plan = _Plan.build(specs)
         vocab_size = logits.shape[1]
         params = [_params(specs[i]) for i in plan.sampling_rows]
-        penalties = Penalties.build(params, vocab_size)
+        penalties = Penalties.build(params, vocab_size, pin=logits.device.type == "cuda")
         draws = Draws.build([params[r] for r in plan.random_rows], vocab_size, self._generator)
         rows, penalties, draws = ship([_RowIndex.build(plan), penalties, draws], logits.device)
+        if penalties.allowed_masks is not None:
+            penalties = replace(penalties, mask_byte_bias=self._byte_bias_on(logits.device))
         parts: list[torch.Tensor] = []
         tokens = None
         if plan.sampling_rows:
