@@ -37,6 +37,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
+from bench.imports import without_repo_root
 from pie_server.engine.control.api import VirtualForward
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.controller import Controller
@@ -190,25 +191,11 @@ def _through_core(controller: Controller) -> Iterator[RemoteControl]:
 
 def _grammar_compiler(model_dir: str, grammar: GrammarSpec) -> tuple[LazyCompiler, int]:
     """The model's tokenizer as llguidance's vocabulary, compiled now (not inside a timed run), and its size."""
-    with _without_repo_root():
+    with without_repo_root():
         tokenizer = Tokenizer.from_dir(model_dir)
     compiler = GrammarCompiler.for_tokenizer(tokenizer, tokenizer.vocab_size)
     compiler.check(grammar)
     return LazyCompiler(lambda: compiler), tokenizer.vocab_size
-
-
-@contextlib.contextmanager
-def _without_repo_root() -> Iterator[None]:
-    """`python -m bench...` puts the repository root on sys.path, where this project's kernels/ folder hides the
-    PyPI package `kernels` that transformers imports when it is installed (AutoTokenizer then fails); the server
-    and the tests never have the root there (console script, pytest's importlib mode)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
 
 
 def main() -> None:

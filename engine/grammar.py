@@ -101,14 +101,28 @@ class GrammarMatcher:
 
 # From this many matchers on, fill_masks computes their masks in llguidance's thread pool (native threads, the
 # GIL released); below, one by one (2-core CPU, masks inside a JSON string value: 8 masks 0.04 ms one by one
-# against 0.07 ms in the pool; 32: 0.15 against 0.11; 128: 0.60 against 0.20).
+# against 0.07 ms in the pool; 32: 0.15 against 0.11; 128: 0.60 against 0.20). `python -m bench.grammar_masks`
+# measures both on a host.
 MIN_POOLED_MASKS = 16
+
+
+def min_pooled_masks() -> int:
+    return MIN_POOLED_MASKS
 
 
 def fill_masks(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]:
     """Each matcher's allowed_token_mask(), or the GrammarError it would raise. Matchers of one compiler."""
-    if len(matchers) < MIN_POOLED_MASKS:
-        return [_mask_or_error(m) for m in matchers]
+    if len(matchers) < min_pooled_masks():
+        return fill_masks_one_by_one(matchers)
+    return fill_masks_pooled(matchers)
+
+
+def fill_masks_one_by_one(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]:
+    return [_mask_or_error(m) for m in matchers]
+
+
+def fill_masks_pooled(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]:
+    """fill_masks in llguidance's thread pool (the GIL released while it works)."""
     import llguidance.numpy as lln
 
     masks: list[bytes | GrammarError | None] = [None] * len(matchers)
