@@ -23,6 +23,7 @@
 #   bash scripts/gpu_serving.sh decode SHAPE CONTEXT  # python -m bench.gpu_decode at batch 1, 16, 64 (TPOT, floor)
 #   bash scripts/gpu_serving.sh tp                    # tensor parallelism vs TP=1 (pytest -m gpu, needs 2+ GPUs)
 #   bash scripts/gpu_serving.sh tp-bench ARGS...      # python -m bench.tp_decode ARGS (consumes the rest)
+#   bash scripts/gpu_serving.sh grammar-masks SHAPE   # python -m bench.grammar_masks (this host's CPUs): $OUT/grammar_masks_SHAPE.txt
 #   bash scripts/gpu_serving.sh gpu-tests             # the whole pytest -m gpu
 #   bash scripts/gpu_serving.sh gpu-test PATH         # pytest -m gpu PATH (a file, or FILE::TEST)
 #   bash scripts/gpu_serving.sh breakdown SHAPE TAG   # python -m bench.gpu_host_breakdown: $OUT/breakdown_SHAPE_TAG.txt
@@ -230,6 +231,7 @@ while [ $# -gt 0 ]; do
               cp bench/results/tp_decode.json "$OUT/" 2>/dev/null; shift $# ;;
     breakdown) breakdown "$2" "$3" "$ROOT"; shift 3 ;;
     base-breakdown) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH breakdown "$2" "base_$3" /tmp/base; shift 3 ;;
+    grammar-masks) timeout 200 python3 -m bench.grammar_masks --model $M/$2 2>&1 | tee "$OUT/grammar_masks_$2.txt"; shift 2 ;;
     gpu-test) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs "$2" 2>&1 | tail -15 \
                 | tee -a "$OUT/gpu_test.log"; shift 2 ;;
     # test_schemathesis.py imports schemathesis, which is not carried (it has no GPU tests)
