@@ -106,13 +106,9 @@ class GrammarMatcher:
 MIN_POOLED_MASKS = 16
 
 
-def min_pooled_masks() -> int:
-    return MIN_POOLED_MASKS
-
-
 def fill_masks(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]:
     """Each matcher's allowed_token_mask(), or the GrammarError it would raise. Matchers of one compiler."""
-    if len(matchers) < min_pooled_masks():
+    if len(matchers) < MIN_POOLED_MASKS:
         return fill_masks_one_by_one(matchers)
     return fill_masks_pooled(matchers)
 

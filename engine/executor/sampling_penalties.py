@@ -47,12 +47,14 @@ def ship(items: Sequence[_T], device: torch.device) -> list[_T]:
     found = [(i, f.name, getattr(item, f.name)) for i, item in enumerate(items) for f in fields(item)]
     found = [(i, name, value) for i, name, value in found if isinstance(value, torch.Tensor)]
     updates: list[dict[str, torch.Tensor]] = [{} for _ in items]
-    staged = [entry for entry in found if entry[2].is_pinned()]
-    for i, name, value in staged:
-        updates[i][name] = value.to(device, non_blocking=True)
-    found = [entry for entry in found if not entry[2].is_pinned()]
-    for dtype in {value.dtype for _, _, value in found}:
-        group = [(i, name, value) for i, name, value in found if value.dtype == dtype]
+    pageable = []
+    for i, name, value in found:
+        if value.is_pinned():
+            updates[i][name] = value.to(device, non_blocking=True)
+        else:
+            pageable.append((i, name, value))
+    for dtype in {value.dtype for _, _, value in pageable}:
+        group = [(i, name, value) for i, name, value in pageable if value.dtype == dtype]
         flat = torch.cat([value.reshape(-1) for _, _, value in group])
         moved = flat.pin_memory().to(device, non_blocking=True)
         for (i, name, value), part in zip(group, moved.split([v.numel() for _, _, v in group])):
