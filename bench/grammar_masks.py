@@ -2,9 +2,11 @@
 host: where MIN_POOLED_MASKS should be.
 
 N matchers of the agentic benchmark's action schema (bench/agentic.py: `{"tool": ..., "input": "[a-z ]{16}"}`)
-are advanced to one position, then their next masks are computed both ways; medians of `--repeats`. Two
+are advanced to one position, then their next masks are computed each way; medians of `--repeats`. Two
 positions: inside the input value (a mask walks every lowercase token: the expensive case) and right after the
-first key (a few tokens allowed: the cheap case).
+first key (a few tokens allowed: the cheap case). Then the react-agent's way, the value alone under its regex
+`[a-z ]{16}`, whose masks come from the cache by DFA state (engine/grammar_states.py) after the first repeat, one
+by one (each matcher's allowed_token_mask) and through fill_masks; the pool column is llguidance's own cost.
 
     python -m bench.grammar_masks --model DIR [--counts 1 2 4 8 16 32 128] [--repeats 20]
 """
@@ -25,25 +27,32 @@ SCHEMA = {"type": "object", "properties": {"tool": {"enum": ["search", "calculat
           "required": ["tool", "input"], "additionalProperties": False}
 ACTION = '{"tool": "search", "input": "abc defgh ijklmn"}'
 POSITIONS = {"inside the value": ACTION.index("abc") + 3, "after the first key": len('{"tool":')}
+# The react-agent decodes the same value under a regex instead: its masks are cached by DFA state
+# (engine/grammar_states.py), so after the first repeat every mask is a lookup.
+VALUE_REGEX, VALUE = "[a-z ]{16}", "abc defgh ijklmn"
 
 
-def _matchers(compiler: grammar.GrammarCompiler, prefix_ids: list[int], count: int) -> list[grammar.GrammarMatcher]:
-    matchers = [compiler.json_schema(json.dumps(SCHEMA)) for _ in range(count)]
+def _matchers(compiler: grammar.GrammarCompiler, prefix_ids: list[int], count: int,
+              spec: grammar.GrammarSpec) -> list[grammar.GrammarMatcher]:
+    matchers = [compiler.matcher(spec) for _ in range(count)]
     for matcher in matchers:
         matcher.accept_all(prefix_ids)
     return matchers
 
 
-def _time_ms(compiler: grammar.GrammarCompiler, prefix_ids: list[int], count: int, pooled: bool,
-             repeats: int) -> float:
+# How a step's masks are computed: llguidance one by one, llguidance's pool, or fill_masks (what the server
+# calls: a regex's cached masks first, the rest one by one or pooled by MIN_POOLED_MASKS).
+WAYS = {"one by one": grammar.fill_masks_one_by_one, "pool": grammar.fill_masks_pooled,
+        "fill_masks": grammar.fill_masks}
+
+
+def _time_ms(compiler: grammar.GrammarCompiler, prefix_ids: list[int], count: int, way: str,
+             repeats: int, spec: grammar.GrammarSpec) -> float:
     times = []
     for _ in range(repeats):
-        matchers = _matchers(compiler, prefix_ids, count)
+        matchers = _matchers(compiler, prefix_ids, count, spec)
         start = time.perf_counter()
-        if pooled:
-            grammar.fill_masks_pooled(matchers)
-        else:
-            grammar.fill_masks_one_by_one(matchers)
+        WAYS[way](matchers)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -58,14 +67,16 @@ def main() -> None:
         tokenizer = Tokenizer.from_dir(args.model)
     compiler = grammar.GrammarCompiler.for_tokenizer(tokenizer, tokenizer.vocab_size)
     print(f"{os.cpu_count()} CPUs; MIN_POOLED_MASKS = {grammar.MIN_POOLED_MASKS}")
-    print("| position | matchers | one by one ms | pool ms |\n|---|---|---|---|")
-    ids = tokenizer.encode(ACTION)
-    for label, num_chars in POSITIONS.items():
+    print("| position | matchers | " + " | ".join(f"{way} ms" for way in WAYS) + " |\n|---|---|---|---|---|")
+    schema = grammar.GrammarSpec("json-schema", json.dumps(SCHEMA))
+    cases = [(label, schema, ACTION, num_chars) for label, num_chars in POSITIONS.items()]
+    cases.append(("regex value, cached by DFA state", grammar.GrammarSpec("regex", VALUE_REGEX), VALUE, 3))
+    for label, spec, text, num_chars in cases:
+        ids = tokenizer.encode(text)
         prefix = next(ids[:k] for k in range(len(ids) + 1) if len(tokenizer.decode(ids[:k])) >= num_chars)
         for count in args.counts:
-            serial = _time_ms(compiler, prefix, count, False, args.repeats)
-            pooled = _time_ms(compiler, prefix, count, True, args.repeats)
-            print(f"| {label} | {count} | {serial:.3f} | {pooled:.3f} |", flush=True)
+            times = [_time_ms(compiler, prefix, count, way, args.repeats, spec) for way in WAYS]
+            print(f"| {label} | {count} | " + " | ".join(f"{ms:.3f}" for ms in times) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from pie_server.engine.grammar_states import MaskCache, StateTracker
+
 # JSON is written compactly but readably ({"a": 1, "b": [2, 3]}): a free-whitespace grammar lets small
 # models wander into endless whitespace.
 JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False, "lenient": True}
@@ -63,7 +65,8 @@ def json_schema_problem(schema: dict[str, Any]) -> str | None:
 
 
 class GrammarMatcher:
-    def __init__(self, matcher: Any, vocab_size: int, pool: Callable[[], Any]) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, pool: Callable[[], Any], masks: MaskCache,
+                 tracker: StateTracker | None, token_bytes: Sequence[bytes]) -> None:
         import llguidance.numpy as lln
 
         self._matcher = matcher
@@ -71,6 +74,10 @@ class GrammarMatcher:
         self._pool = pool  # its compiler's llguidance.LLExecutor (made on first use), for fill_masks
         self._bitmask = lln.allocate_token_bitmask(1, vocab_size)
         self._fill = lln.fill_next_token_bitmask
+        # A regex's masks by DFA state (engine/grammar_states.py); no tracker: every mask from llguidance.
+        self._masks = masks
+        self._tracker = tracker
+        self._token_bytes = token_bytes
 
     @property
     def stopped(self) -> bool:
@@ -80,19 +87,43 @@ class GrammarMatcher:
     def allowed_token_mask(self) -> bytes:
         """The tokens allowed next as SamplingParams.allowed_token_mask: llguidance's int32 bitmask (token t is
         bit t % 32 of word t // 32) read as little-endian bytes, which is bit t % 8 of byte t // 8."""
-        self._check()
+        mask = self.cached_mask()
+        if mask is not None:
+            return mask
         self._fill(self._matcher, self._bitmask)
         if not self._bitmask.any():
             raise GrammarError(NO_TOKEN_ALLOWED)
-        return self._bitmask[0].astype("<i4", copy=False).tobytes()
+        mask = self._bitmask[0].astype("<i4", copy=False).tobytes()
+        self.remember(mask)
+        return mask
+
+    def cached_mask(self) -> bytes | None:
+        """The mask another matcher of this regex computed in this state, if any (GrammarError in an error
+        state)."""
+        self._check()
+        key = None if self._tracker is None else self._tracker.key
+        return None if key is None else self._masks.get(key)
+
+    def remember(self, mask: bytes) -> None:
+        key = None if self._tracker is None else self._tracker.key
+        if key is not None:
+            self._masks.put(key, mask)
 
     def accept(self, token_id: int) -> None:
         self._matcher.consume_token(token_id)
         self._check()
+        self._advance_tracker((token_id,))
 
     def accept_all(self, token_ids: Sequence[int]) -> None:
         self._matcher.consume_tokens(list(token_ids))
         self._check()
+        self._advance_tracker(token_ids)
+
+    def _advance_tracker(self, token_ids: Sequence[int]) -> None:
+        if self._tracker is None:
+            return
+        for token_id in token_ids:  # an id past the tokenizer's (never allowed) ends the tracking: not UTF-8
+            self._tracker.advance(self._token_bytes[token_id] if token_id < len(self._token_bytes) else b"\xff")
 
     def _check(self) -> None:
         if self._matcher.is_error():
@@ -107,10 +138,28 @@ MIN_POOLED_MASKS = 16
 
 
 def fill_masks(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]:
-    """Each matcher's allowed_token_mask(), or the GrammarError it would raise. Matchers of one compiler."""
-    if len(matchers) < MIN_POOLED_MASKS:
-        return fill_masks_one_by_one(matchers)
-    return fill_masks_pooled(matchers)
+    """Each matcher's allowed_token_mask(), or the GrammarError it would raise. Matchers of one compiler: those
+    whose state's mask is cached take it, the others compute theirs (and cache it)."""
+    masks: list[bytes | GrammarError | None] = [_cached_or_error(m) for m in matchers]
+    missing = [i for i, mask in enumerate(masks) if mask is None]
+    if missing:
+        computing = [matchers[i] for i in missing]
+        if len(computing) < MIN_POOLED_MASKS:
+            computed = fill_masks_one_by_one(computing)
+        else:
+            computed = fill_masks_pooled(computing)
+        for i, mask in zip(missing, computed):
+            masks[i] = mask
+            if not isinstance(mask, GrammarError):
+                matchers[i].remember(mask)
+    return masks  # type: ignore[return-value]
+
+
+def _cached_or_error(matcher: GrammarMatcher) -> bytes | GrammarError | None:
+    try:
+        return matcher.cached_mask()
+    except GrammarError as error:
+        return error
 
 
 def fill_masks_one_by_one(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]:
@@ -160,6 +209,7 @@ class GrammarCompiler:
         self._pristine: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._pristine_lock = threading.Lock()
         self._executor: Any = None  # llguidance.LLExecutor, made on first use (_pool)
+        self._masks = MaskCache()
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, vocab_size: int) -> "GrammarCompiler":
@@ -176,7 +226,10 @@ class GrammarCompiler:
 
     def matcher(self, spec: GrammarSpec) -> GrammarMatcher:
         """A matcher for spec, past its accepted tokens (GrammarError if the grammar rejects one)."""
-        matcher = GrammarMatcher(self._pristine_of(spec).deep_copy(), self._vocab_size, self._pool)
+        pristine = self._pristine_of(spec)
+        tracker = self._masks.tracker(spec.text) if spec.kind == "regex" else None
+        matcher = GrammarMatcher(pristine.deep_copy(), self._vocab_size, self._pool, self._masks, tracker,
+                                 self._token_bytes)
         if spec.accepted_token_ids:
             matcher.accept_all(spec.accepted_token_ids)
         return matcher

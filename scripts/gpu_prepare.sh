@@ -2,7 +2,7 @@
 # On the CPU machine, before a GPU session: builds what scripts/gpu_serving.sh and scripts/gpu_session.sh carry
 # (both git-ignored, so a fresh checkout has neither):
 #   .whl/        ../shared/gpu/fetch-wheels with the extra wheels the benchmarks and tests use there (the OpenAI
-#                client, msgspec, pyzmq, prometheus-client, jsonschema, llguidance, py-spy), Python 3.12 x86_64
+#                client, msgspec, pyzmq, prometheus-client, jsonschema, llguidance, interegular, py-spy), Python 3.12 x86_64
 #   .gpu-model/  smollm2/ (the default model's config and tokenizer), llama-3.1-8b/ (Llama-3.1-8B's config and
 #                SmolLM2's tokenizer padded to 128,256 ids, gzipped: random weights emit any id), pie-cache/
 #                inferlets/<key>.wasm.gz (the default inferlet, built here: nothing is compiled there), vllm-serve.sh and vllm-offline.py
@@ -26,7 +26,7 @@ for d in /.whl/ /.gpu-model/ /.agentwasm/; do grep -qxF "$d" .git/info/exclude 2
 pinned() { for name in "$@"; do grep -m1 -i "^$name==" requirements/gpu.lock | cut -d' ' -f1; done; }
 rm -rf .whl
 ../shared/gpu/fetch-wheels $(pinned wasmtime starlette uvicorn sse-starlette h11 anyio sniffio msgspec pyzmq \
-  prometheus-client jsonschema jsonschema-specifications referencing rpds-py attrs) \
+  prometheus-client jsonschema jsonschema-specifications referencing rpds-py attrs interegular) \
   openai==3.57.0 httpx2==2.16.2 httpcore2==2.16.2 truststore pydantic==2.14.4 pydantic-core==2.50.5 jiter \
   annotated-types typing-inspection idna click
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

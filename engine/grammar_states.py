@@ -1,0 +1,165 @@
+"""Masks of regex constraints kept by the regex's DFA state, for every matcher of a process.
+
+The tokens a regex allows next depend only on the strings that may still follow, that is on the state of the
+regex's minimal DFA after the text so far: two matchers of one regex in one state (two agents four letters into
+their `[a-z ]{16}` values) have the same mask. llguidance computes a mask by walking the vocabulary (~0.5 ms
+inside `[a-z ]{16}` over 49k tokens) and keeps only each matcher's last one; this cache keeps one per (regex,
+state), so a state's mask is computed once per process. interegular builds the DFA (Brzozowski's minimisation);
+llguidance stays the grammar's authority: it accepts the tokens, says when the grammar stops, and computes each
+state's first mask.
+
+Only regexes whose meaning is the same in both dialects are tracked (literals, character classes with explicit
+members, groups, alternation, bounded repetition): CACHEABLE_ESCAPES and the checks of `RegexStates.of` keep
+out shorthand classes (`\\d`, `\\w`: Unicode in one, maybe ASCII in the other), anchors, `.`, flags and large
+counts (the DFA of `{0,2000}` takes long to build). Any other regex, or a JSON schema, runs uncached as before.
+"""
+from __future__ import annotations
+
+import codecs
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+
+# Escapes with one meaning in Python's re (interegular) and Rust's regex (llguidance): escaped punctuation, the
+# control characters and \xHH.
+CACHEABLE_ESCAPES = frozenset('\\"\'.-[](){}|*+?^$/ntr') | {"x"}
+MAX_PATTERN_CHARS = 512
+MAX_REPEAT = 256  # the largest count in {m,n}
+# Masks are vocab_size / 8 bytes (6 KB for 49k tokens, 16 KB for 128k): at most 16 MB.
+MAX_CACHED_MASKS = 1024
+
+_COUNTS = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+_HEX2 = re.compile(r"[0-9a-fA-F]{2}")
+
+DfaState = int
+
+
+def _is_cacheable(pattern: str) -> bool:
+    """Whether pattern uses only constructs with the same meaning for interegular and llguidance."""
+    if len(pattern) > MAX_PATTERN_CHARS or "(?" in pattern:
+        return False
+    if any(int(n) > MAX_REPEAT for match in _COUNTS.finditer(pattern) for n in match.groups() if n):
+        return False
+    in_class, i = False, 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            escaped = pattern[i + 1:i + 2]
+            if escaped not in CACHEABLE_ESCAPES or (escaped == "x" and not _HEX2.fullmatch(pattern[i + 2:i + 4])):
+                return False  # also Rust's \x{...}
+            i += 4 if escaped == "x" else 2
+            continue
+        if in_class:
+            # Rust nests classes and has set operations inside them ([a[b]], &&, --, ~~); Python has neither.
+            if char == "[" or pattern[i:i + 2] in ("&&", "--", "~~"):
+                return False
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            i += 2 if pattern[i + 1:i + 2] == "^" else 1
+            if pattern[i:i + 1] == "]":  # `[]...]`: a literal ] in Python, an error in Rust
+                return False
+            continue
+        elif char in ".^$":
+            return False
+        i += 1
+    return not in_class
+
+
+class RegexStates:
+    """A regex's minimal DFA over characters: its start state and the state after a text (None: no string of the
+    regex continues it)."""
+
+    def __init__(self, fsm: Any) -> None:
+        self._fsm = fsm
+        self.start: DfaState = fsm.initial
+
+    @classmethod
+    def of(cls, pattern: str) -> "RegexStates | None":
+        """None for a regex outside the cacheable subset, or one interegular cannot parse."""
+        if not _is_cacheable(pattern):
+            return None
+        import interegular
+
+        try:
+            return cls(interegular.parse_pattern(pattern).to_fsm().reduce())
+        except (interegular.Unsupported, interegular.InvalidSyntax, ValueError, KeyError, RecursionError):
+            return None
+
+    def after(self, state: DfaState | None, text: str) -> DfaState | None:
+        alphabet, transitions = self._fsm.alphabet, self._fsm.map
+        for char in text:
+            if state is None:
+                return None
+            key = alphabet[char]
+            state = None if key is None else transitions[state].get(key)
+        return state
+
+
+class StateTracker:
+    """One matcher's DFA state, advanced by the bytes of the tokens it accepts. `key` is None while a token has
+    left half a UTF-8 character (the DFA reads characters) or once the text has left the regex."""
+
+    def __init__(self, pattern: str, states: RegexStates) -> None:
+        self._pattern = pattern
+        self._states = states
+        self._state: DfaState | None = states.start
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+
+    @property
+    def key(self) -> tuple[str, DfaState] | None:
+        if self._state is None or self._decoder.getstate()[0]:
+            return None
+        return self._pattern, self._state
+
+    def advance(self, data: bytes) -> None:
+        if self._state is None:
+            return
+        try:
+            text = self._decoder.decode(data)
+        except UnicodeDecodeError:
+            self._state = None
+            return
+        self._state = self._states.after(self._state, text)
+
+
+class MaskCache:
+    """(regex, DFA state) -> the state's mask bytes (SamplingParams.allowed_token_mask), least recently used
+    first out. Thread-safe: the control loop and the runtime's threads share a process's compiler."""
+
+    def __init__(self, max_masks: int = MAX_CACHED_MASKS) -> None:
+        self._max_masks = max_masks
+        self._masks: OrderedDict[tuple[str, DfaState], bytes] = OrderedDict()
+        self._states: dict[str, RegexStates | None] = {}
+        self._lock = threading.Lock()
+
+    def tracker(self, pattern: str) -> StateTracker | None:
+        """A tracker at the regex's start (None if the regex is not cacheable); the DFA is built once."""
+        with self._lock:
+            known = pattern in self._states
+            states = self._states.get(pattern)
+        if not known:
+            states = RegexStates.of(pattern)  # outside the lock: ~2-5 ms for the agents' value regexes
+            with self._lock:
+                self._states[pattern] = states
+                if len(self._states) > self._max_masks:
+                    self._states.pop(next(iter(self._states)))
+        return None if states is None else StateTracker(pattern, states)
+
+    def get(self, key: tuple[str, DfaState]) -> bytes | None:
+        with self._lock:
+            mask = self._masks.get(key)
+            if mask is not None:
+                self._masks.move_to_end(key)
+            return mask
+
+    def put(self, key: tuple[str, DfaState], mask: bytes) -> None:
+        with self._lock:
+            self._masks[key] = mask
+            self._masks.move_to_end(key)
+            while len(self._masks) > self._max_masks:
+                self._masks.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._masks)

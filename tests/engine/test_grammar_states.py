@@ -1,0 +1,128 @@
+"""Regex masks kept by DFA state (engine/grammar_states.py): a cached mask is the one llguidance computes for
+that matcher itself, along random walks of many matchers; regexes outside the shared dialect stay uncached."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from pie_server.engine.grammar import GrammarCompiler, GrammarSpec, fill_masks
+from pie_server.engine.grammar_states import MaskCache, RegexStates
+from pie_server.engine.tokenizer import Tokenizer
+
+from tests.engine.test_grammar import allowed_ids
+
+PATTERNS = [
+    "[a-z ]{16}",                      # react-agent's uniform values
+    "(search|calculate)",              # a tool name
+    '[^"\\\\\\x00-\\x1f]{0,12}"',      # a free string value closed by its quote (non-ASCII: partial characters)
+    "(yes|no|maybe)( [0-9]{1,3})?",
+    "[A-Z][a-z]+(, [A-Z][a-z]+)*",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir: Path) -> Tokenizer:
+    return Tokenizer.from_dir(tiny_llama_dir)
+
+
+def make_compiler(tokenizer: Tokenizer) -> GrammarCompiler:
+    return GrammarCompiler(tokenizer.token_bytes(), tokenizer.vocab_size, sorted(tokenizer.eos_token_ids),
+                           tokenizer.bos_token_id, tokenizer.encode)
+
+
+def uncached_mask(compiler: GrammarCompiler, pattern: str, token_ids: list[int]) -> bytes:
+    """What llguidance alone gives after token_ids: a matcher of a fresh cache that replays them."""
+    fresh = GrammarCompiler(compiler._token_bytes, compiler._vocab_size, compiler._eos_token_ids,
+                            compiler._bos_token_id, compiler._encode)
+    fresh._tokenizer, fresh._pristine = compiler._tokenizer, compiler._pristine  # same grammars, empty mask cache
+    return fresh.matcher(GrammarSpec("regex", pattern, tuple(token_ids))).allowed_token_mask()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_cached_masks_equal_llguidance_own(tokenizer: Tokenizer, pattern: str) -> None:
+    compiler = make_compiler(tokenizer)
+    eos = set(tokenizer.eos_token_ids)
+    rng = random.Random(pattern)
+    num_hits = 0
+    for _ in range(12):  # walks through one cache: later walks meet the states of earlier ones
+        matcher, token_ids = compiler.regex(pattern), []
+        for _ in range(40):
+            hit = matcher.cached_mask() is not None
+            mask = matcher.allowed_token_mask()
+            if hit:
+                num_hits += 1
+                assert mask == uncached_mask(compiler, pattern, token_ids), (pattern, token_ids)
+            choices = [t for t in allowed_ids(matcher) if t not in eos]
+            if not choices:
+                break
+            token_ids.append(rng.choice(choices))
+            matcher.accept(token_ids[-1])
+            if matcher.stopped:
+                break
+    assert num_hits >= 10  # the walks did meet cached states
+
+
+def test_matchers_of_one_state_share_one_mask(tokenizer: Tokenizer) -> None:
+    compiler = make_compiler(tokenizer)
+    first, second = compiler.regex("[a-z ]{16}"), compiler.regex("[a-z ]{16}")
+    first.accept_all(tokenizer.encode("ab cd"))
+    second.accept_all(tokenizer.encode("xy zw"))  # other letters, same length: the same DFA state
+    assert first.cached_mask() is None
+    masks = fill_masks([first, second])
+    assert masks[0] == masks[1] and len(compiler._masks) == 1
+    third = compiler.regex("[a-z ]{16}")
+    third.accept_all(tokenizer.encode("qrstu"))
+    assert third.cached_mask() == masks[0]
+
+
+def test_half_a_character_is_not_a_state(tokenizer: Tokenizer) -> None:
+    states = RegexStates.of('[^"]{0,4}"')
+    assert states is not None
+    tracker = MaskCache().tracker('[^"]{0,4}"')
+    assert tracker is not None and tracker.key is not None
+    tracker.advance("é".encode()[:1])
+    assert tracker.key is None  # the DFA reads characters: no key until the character is whole
+    tracker.advance("é".encode()[1:])
+    assert tracker.key == ('[^"]{0,4}"', states.after(states.start, "é"))
+    tracker.advance(b"\xff")  # not UTF-8: nothing is cached for this matcher any more
+    tracker.advance(b"a")
+    assert tracker.key is None
+
+
+def test_leaving_the_regex_ends_the_key() -> None:
+    tracker = MaskCache().tracker("(search|calculate)")
+    assert tracker is not None
+    tracker.advance(b"sea")
+    assert tracker.key is not None
+    tracker.advance(b"x")
+    assert tracker.key is None
+
+
+@pytest.mark.parametrize("pattern", [
+    r"\d{3}", r"\w+", r"\s", r"a.b", "^abc$", "(?i)abc", "[a[b]]", "[a&&b]", "[a--b]", "[]a]", r"\x{41}",
+    "a{0,1000}", r"\bword", r"\p{L}",
+])
+def test_regexes_outside_the_shared_dialect_are_not_tracked(pattern: str) -> None:
+    assert RegexStates.of(pattern) is None
+    assert MaskCache().tracker(pattern) is None
+
+
+@pytest.mark.parametrize("pattern", [r"[a-z ]{16}", r"[^\"\\\x00-\x1f]{0,48}\"", r"\.\-\[x\]", "[-a]"])
+def test_common_value_regexes_are_tracked(pattern: str) -> None:
+    assert RegexStates.of(pattern) is not None
+
+
+def test_json_schemas_are_not_tracked(tokenizer: Tokenizer) -> None:
+    compiler = make_compiler(tokenizer)
+    matcher = compiler.json_schema('{"type": "string", "pattern": "^[a-z]{4}$"}')
+    matcher.allowed_token_mask()
+    assert matcher.cached_mask() is None and len(compiler._masks) == 0
+
+
+def test_cache_keeps_the_most_recent_masks() -> None:
+    cache = MaskCache(max_masks=2)
+    for state in range(3):
+        cache.put(("p", state), bytes([state]))
+    assert cache.get(("p", 0)) is None and cache.get(("p", 2)) == b"\x02" and len(cache) == 2
