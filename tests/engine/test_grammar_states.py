@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pie_server.engine.grammar import GrammarCompiler, GrammarSpec, fill_masks
+from pie_server.engine.grammar import MIN_POOLED_MASKS, GrammarCompiler, GrammarSpec, fill_masks
 from pie_server.engine.grammar_states import MaskCache, RegexStates
 from pie_server.engine.tokenizer import Tokenizer
 
@@ -75,6 +75,16 @@ def test_matchers_of_one_state_share_one_mask(tokenizer: Tokenizer) -> None:
     third = compiler.regex("[a-z ]{16}")
     third.accept_all(tokenizer.encode("qrstu"))
     assert third.cached_mask() == masks[0]
+
+
+def test_masks_computed_in_the_pool_are_cached_too(tokenizer: Tokenizer) -> None:
+    compiler = make_compiler(tokenizer)
+    matchers = [compiler.regex("[a-z ]{16}") for _ in range(MIN_POOLED_MASKS + 2)]
+    for i, matcher in enumerate(matchers):  # two states: 2 and 4 letters in
+        matcher.accept_all(tokenizer.encode("ab" if i % 2 else "abcd"))
+    masks = fill_masks(matchers)  # enough misses for llguidance's pool
+    assert len(compiler._masks) == 2 and len(set(masks)) == 2
+    assert [m.cached_mask() for m in matchers] == masks
 
 
 def test_half_a_character_is_not_a_state(tokenizer: Tokenizer) -> None:
