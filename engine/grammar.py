@@ -97,15 +97,20 @@ class GrammarMatcher:
         self.remember(mask)
         return mask
 
+    @property
+    def cache_key(self) -> tuple[str, int] | None:
+        """(regex, DFA state): matchers with one key have one mask; None for a matcher whose masks are not cached."""
+        return None if self._tracker is None else self._tracker.key
+
     def cached_mask(self) -> bytes | None:
         """The mask another matcher of this regex computed in this state, if any (GrammarError in an error
         state)."""
         self._check()
-        key = None if self._tracker is None else self._tracker.key
+        key = self.cache_key
         return None if key is None else self._masks.get(key)
 
     def remember(self, mask: bytes) -> None:
-        key = None if self._tracker is None else self._tracker.key
+        key = self.cache_key
         if key is not None:
             self._masks.put(key, mask)
 
@@ -141,17 +146,21 @@ def fill_masks(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]
     """Each matcher's allowed_token_mask(), or the GrammarError it would raise. Matchers of one compiler: those
     whose state's mask is cached take it, the others compute theirs (and cache it)."""
     masks: list[bytes | GrammarError | None] = [_cached_or_error(m) for m in matchers]
+    # One computation per uncached state: a burst of agents entering the same value shares its first masks.
+    first_of_key: dict[Any, int] = {}
     missing = [i for i, mask in enumerate(masks) if mask is None]
-    if missing:
-        computing = [matchers[i] for i in missing]
+    computing = [i for i in missing if first_of_key.setdefault(matchers[i].cache_key or i, i) == i]
+    if computing:
         if len(computing) < MIN_POOLED_MASKS:
-            computed = fill_masks_one_by_one(computing)
+            computed = fill_masks_one_by_one([matchers[i] for i in computing])
         else:
-            computed = fill_masks_pooled(computing)
-        for i, mask in zip(missing, computed):
+            computed = fill_masks_pooled([matchers[i] for i in computing])
+        for i, mask in zip(computing, computed):
             masks[i] = mask
             if not isinstance(mask, GrammarError):
                 matchers[i].remember(mask)
+        for i in missing:
+            masks[i] = masks[first_of_key[matchers[i].cache_key or i]]
     return masks  # type: ignore[return-value]
 
 

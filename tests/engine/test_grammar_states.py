@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pie_server.engine import grammar as grammar_module
 from pie_server.engine.grammar import MIN_POOLED_MASKS, GrammarCompiler, GrammarSpec, fill_masks
 from pie_server.engine.grammar_states import MaskCache, RegexStates
 from pie_server.engine.tokenizer import Tokenizer
@@ -77,13 +78,20 @@ def test_matchers_of_one_state_share_one_mask(tokenizer: Tokenizer) -> None:
     assert third.cached_mask() == masks[0]
 
 
-def test_masks_computed_in_the_pool_are_cached_too(tokenizer: Tokenizer) -> None:
+def test_a_step_computes_each_uncached_state_once_and_caches_it(tokenizer: Tokenizer,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     compiler = make_compiler(tokenizer)
-    matchers = [compiler.regex("[a-z ]{16}") for _ in range(MIN_POOLED_MASKS + 2)]
-    for i, matcher in enumerate(matchers):  # two states: 2 and 4 letters in
-        matcher.accept_all(tokenizer.encode("ab" if i % 2 else "abcd"))
-    masks = fill_masks(matchers)  # enough misses for llguidance's pool
-    assert len(compiler._masks) == 2 and len(set(masks)) == 2
+    num_states = MIN_POOLED_MASKS  # enough distinct states for llguidance's pool
+    matchers = [compiler.regex("[a-z ]{16}") for _ in range(2 * num_states)]
+    for i, matcher in enumerate(matchers):  # states 0 ... num_states - 1 letters in, two matchers each
+        matcher.accept_all(tokenizer.encode("a b c d e f g h i j k l m n o p"[:i % num_states]))
+    pooled: list[int] = []
+    real_pooled = grammar_module.fill_masks_pooled
+    monkeypatch.setattr(grammar_module, "fill_masks_pooled", lambda ms: pooled.append(len(ms)) or real_pooled(ms))
+    masks = fill_masks(matchers)
+    assert pooled == [num_states]  # one computation per state, in the pool
+    assert masks[:num_states] == masks[num_states:] and len(set(masks)) == num_states
+    assert len(compiler._masks) == num_states
     assert [m.cached_mask() for m in matchers] == masks
 
 
