@@ -5,7 +5,7 @@
 #                client, msgspec, pyzmq, prometheus-client, jsonschema, llguidance, interegular, py-spy), Python 3.12 x86_64
 #   .gpu-model/  smollm2/ (the default model's config and tokenizer), llama-3.1-8b/ (Llama-3.1-8B's config and
 #                SmolLM2's tokenizer padded to 128,256 ids, gzipped: random weights emit any id), pie-cache/
-#                inferlets/<key>.wasm.gz (the default inferlet, built here: nothing is compiled there), vllm-serve.sh and vllm-offline.py
+#                inferlets/<key>.wasm.xz (the default inferlet, built here: nothing is compiled there), vllm-serve.sh and vllm-offline.py
 #                (../shared/peers/vllm/serve.sh, offline.py)
 #
 #   bash scripts/gpu_prepare.sh [--agentic]  # after `make install`; about a minute with warm caches
@@ -39,7 +39,7 @@ cp ../shared/peers/vllm/serve.sh "$G/vllm-serve.sh"
 cp ../shared/peers/vllm/offline.py "$G/vllm-offline.py"
 # -P: the checkout is not put on sys.path (its kernels/ folder would shadow the `kernels` package transformers probes)
 "$PY" -P - "$G" "$AGENTIC" <<'EOF'
-import gzip, json, shutil, sys
+import gzip, json, lzma, shutil, sys
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
@@ -74,14 +74,15 @@ assert tok.get_vocab_size() == 128256, tok.get_vocab_size()
 with gzip.open(llama / "tokenizer.json.gz", "wt") as f:
     f.write(tok.to_str())
 
-# react-agent's build goes to .agentwasm/ (carried on its own by the `agentic` call: with it .whl/ and .gpu-model/
-# would exceed the carry limit); gpu_serving.sh unpacks both folders' builds into the build cache.
+# react-agent's build goes to .agentwasm/ (carried by the `agentic` call); gpu_serving.sh unpacks both folders'
+# builds into the build cache.
 for source, folder in ((DEFAULT_INFERLET_SOURCE, out / "pie-cache" / "inferlets"),
                        *([(CONTRIB_DIR / "react-agent", out.parent / ".agentwasm")] if sys.argv[2] == "1" else [])):
     key = source_hash(find_source(source))  # the name the GPU machine's build cache looks for
     built = build_inferlet(source, Path("/tmp") / f"pie-gpu-prepare-{key}.wasm", progress=False)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(built, "rb") as src, gzip.open(folder / f"{key}.wasm.gz", "wb") as dst:
+    # xz, a third smaller than gzip: .whl/, .gpu-model/, .agentwasm/ and a .base/tree.tgz then fit one carry
+    with open(built, "rb") as src, lzma.open(folder / f"{key}.wasm.xz", "wb", preset=9 | lzma.PRESET_EXTREME) as dst:
         shutil.copyfileobj(src, dst)
     print(f"{source.name}: {key}")
 EOF

@@ -35,7 +35,7 @@
 # `bash scripts/gpu_prepare.sh` builds both carried folders on the CPU machine. The first call carries .whl/
 # (../shared/gpu/fetch-wheels with the client wheels of docs/benchmarks.md, msgspec,
 # pyzmq; llguidance 1.9.1 by pip download, manylinux_2_31) and .gpu-model/ (smollm2/ config and tokenizer,
-# llama-3.1-8b/ config and a gzipped tokenizer of 128,256 ids, pie-cache/inferlets/<hash>.wasm.gz of the default
+# llama-3.1-8b/ config and a gzipped tokenizer of 128,256 ids, pie-cache/inferlets/<hash>.wasm.xz of the default
 # and react-agent inferlets (built here; the key covers the SDK and WIT, so rebuild them after changing those),
 # vllm-serve.sh = ../shared/peers/vllm/serve.sh); they are copied to /tmp/carry, which later calls of the same
 # warm machine use. Results: $OUT/{pie,vllm}_SHAPE*_{lo,hi}.json, $OUT/agentic_SHAPE.json.
@@ -57,7 +57,7 @@ env_setup() {
   # so build_inferlet finds it and never runs componentize-py here.
   export PIE_CACHE_DIR=/tmp/pie-cache; mkdir -p $PIE_CACHE_DIR/inferlets
   local gz wasm
-  # Builds come as <key>.wasm.gz, or as <key>.wasm.xz (a third smaller: room in the carry for py-spy's wheel).
+  # Builds come as <key>.wasm.xz (gpu_prepare.sh; a third smaller than gzip) or, from older preparations, .wasm.gz.
   if [ -d "$ROOT/.agentwasm" ]; then mkdir -p $C/.gpu-model/pie-cache/inferlets && cp "$ROOT"/.agentwasm/*.wasm.?z $C/.gpu-model/pie-cache/inferlets/; fi
   for gz in $C/.gpu-model/pie-cache/inferlets/*.wasm.?z; do
     wasm=$PIE_CACHE_DIR/inferlets/$(basename "${gz%.*}"); [ -f "$wasm" ] || python3 -c "import gzip, lzma, shutil, sys
