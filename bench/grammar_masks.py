@@ -4,9 +4,11 @@ host: where MIN_POOLED_MASKS should be.
 N matchers of the agentic benchmark's action schema (bench/agentic.py: `{"tool": ..., "input": "[a-z ]{16}"}`)
 are advanced to one position, then their next masks are computed each way; medians of `--repeats`. Two
 positions: inside the input value (a mask walks every lowercase token: the expensive case) and right after the
-first key (a few tokens allowed: the cheap case). Then the react-agent's way, the value alone under its regex
-`[a-z ]{16}`, whose masks come from the cache by DFA state (engine/grammar_states.py) after the first repeat, one
-by one (each matcher's allowed_token_mask) and through fill_masks; the pool column is llguidance's own cost.
+first key (a few tokens allowed: the cheap case). The schema is regular (engine/json_regex.py), so the server
+decodes it as a regex whose masks are cached by DFA state (engine/grammar_states.py): after the first repeat the
+one-by-one (each matcher's allowed_token_mask) and fill_masks columns are cache hits, and the pool column
+(llguidance's pool, no cache) is llguidance's own cost. Then the react-agent's way, the value alone under its
+regex `[a-z ]{16}`.
 
     python -m bench.grammar_masks --model DIR [--counts 1 2 4 8 16 32 128] [--repeats 20]
 """

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from pie_server.engine.grammar_states import MaskCache, StateTracker
+from pie_server.engine.json_regex import schema_regex
 
 # JSON is written compactly but readably ({"a": 1, "b": [2, 3]}): a free-whitespace grammar lets small
 # models wander into endless whitespace.
@@ -235,6 +236,7 @@ class GrammarCompiler:
 
     def matcher(self, spec: GrammarSpec) -> GrammarMatcher:
         """A matcher for spec, past its accepted tokens (GrammarError if the grammar rejects one)."""
+        spec = self._regular_form(spec)
         pristine = self._pristine_of(spec)
         tracker = self._masks.tracker(spec.text) if spec.kind == "regex" else None
         matcher = GrammarMatcher(pristine.deep_copy(), self._vocab_size, self._pool, self._masks, tracker,
@@ -242,6 +244,14 @@ class GrammarCompiler:
         if spec.accepted_token_ids:
             matcher.accept_all(spec.accepted_token_ids)
         return matcher
+
+    def _regular_form(self, spec: GrammarSpec) -> GrammarSpec:
+        """A JSON schema whose documents are a regular language as the regex of their text (engine/json_regex.py):
+        the same documents, with masks cached by DFA state. Other specs as they are."""
+        if spec.kind != "json-schema":
+            return spec
+        regex = _cached_schema_regex(spec.text)
+        return spec if regex is None else GrammarSpec("regex", regex, spec.accepted_token_ids)
 
     def check(self, spec: GrammarSpec) -> None:
         """GrammarError unless spec's grammar compiles; compiles it into the cache (no matcher is made)."""
@@ -297,6 +307,9 @@ class GrammarCompiler:
                 self._tokenizer = llguidance.LLTokenizer(wrapper, n_vocab=self._vocab_size,
                                                          eos_token=self._eos_token_ids)
             return self._tokenizer
+
+
+_cached_schema_regex = functools.lru_cache(maxsize=MAX_CACHED_GRAMMARS)(schema_regex)
 
 
 def _grammar_of(spec: GrammarSpec) -> str:

@@ -11,7 +11,8 @@ state's first mask.
 Only regexes whose meaning is the same in both dialects are tracked (literals, character classes with explicit
 members, groups, alternation, bounded repetition): CACHEABLE_ESCAPES and the checks of `RegexStates.of` keep
 out shorthand classes (`\\d`, `\\w`: Unicode in one, maybe ASCII in the other), anchors, `.`, flags and large
-counts (the DFA of `{0,2000}` takes long to build). Any other regex, or a JSON schema, runs uncached as before.
+counts (the DFA of `{0,2000}` takes long to build). Any other regex runs uncached, as does a JSON schema that
+engine/json_regex.py cannot write as a regex.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import codecs
 import re
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 # Escapes with one meaning in Python's re (interegular) and Rust's regex (llguidance): escaped punctuation, the
 # control characters and \xHH.
@@ -35,7 +36,7 @@ _HEX2 = re.compile(r"[0-9a-fA-F]{2}")
 DfaState = int
 
 
-def _is_cacheable(pattern: str) -> bool:
+def is_cacheable(pattern: str) -> bool:
     """Whether pattern uses only constructs with the same meaning for interegular and llguidance."""
     if len(pattern) > MAX_PATTERN_CHARS or "(?" in pattern:
         return False
@@ -78,7 +79,7 @@ class RegexStates:
     @classmethod
     def of(cls, pattern: str) -> "RegexStates | None":
         """None for a regex outside the cacheable subset, or one interegular cannot parse."""
-        if not _is_cacheable(pattern):
+        if not is_cacheable(pattern):
             return None
         import interegular
 
@@ -86,6 +87,13 @@ class RegexStates:
             return cls(interegular.parse_pattern(pattern).to_fsm().reduce())
         except (interegular.Unsupported, interegular.InvalidSyntax, ValueError, KeyError, RecursionError):
             return None
+
+    def only_reads(self, allowed: Callable[[str], bool]) -> bool:
+        """Whether every string of the regex is made of characters for which allowed is true (the minimal DFA
+        has no dead states: every transition lies on some string's way)."""
+        by_key = self._fsm.alphabet.by_transition
+        return all(isinstance(char, str) and allowed(char)
+                   for transitions in self._fsm.map.values() for key in transitions for char in by_key[key])
 
     def after(self, state: DfaState | None, text: str) -> DfaState | None:
         alphabet, transitions = self._fsm.alphabet, self._fsm.map

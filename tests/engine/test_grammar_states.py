@@ -132,13 +132,6 @@ def test_common_value_regexes_are_tracked(pattern: str) -> None:
     assert RegexStates.of(pattern) is not None
 
 
-def test_json_schemas_are_not_tracked(tokenizer: Tokenizer) -> None:
-    compiler = make_compiler(tokenizer)
-    matcher = compiler.json_schema('{"type": "string", "pattern": "^[a-z]{4}$"}')
-    matcher.allowed_token_mask()
-    assert matcher.cached_mask() is None and len(compiler._masks) == 0
-
-
 def test_cache_keeps_the_most_recent_masks() -> None:
     cache = MaskCache(max_masks=2)
     for state in range(3):
