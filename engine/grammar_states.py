@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import codecs
 import re
+import sys
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -34,6 +36,33 @@ _COUNTS = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 _HEX2 = re.compile(r"[0-9a-fA-F]{2}")
 
 DfaState = int
+# A DFA can be exponentially larger than its regex (`[ab]*a[ab]{20}` needs 2^20 states); its construction runs
+# where a grammar is opened (the control loop's thread, the runtime's), once per regex and process, so it is cut
+# off after this long and the regex runs uncached (the masks are the same either way: only caching depends on the
+# clock). The agents' value regexes take 2-5 ms, `[a-z ]{256}` ~20-55 ms, the agent's whole action with 48-letter
+# thought and input as one regex (a JSON schema, engine/json_regex.py) ~0.1 s.
+MAX_BUILD_S = 0.2
+
+
+class _TooLong(Exception):
+    pass
+
+
+def _within(max_s: float, build: Callable[[], Any]) -> Any:
+    """build() (pure Python), or _TooLong once it has run max_s: a trace function that sees every Python call
+    in this thread (not each line: little overhead) checks the clock."""
+    deadline = time.perf_counter() + max_s
+
+    def on_call(frame: Any, event: str, arg: Any) -> None:
+        if time.perf_counter() > deadline:
+            raise _TooLong
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        return build()
+    finally:
+        sys.settrace(previous)
 
 
 def is_cacheable(pattern: str) -> bool:
@@ -77,23 +106,18 @@ class RegexStates:
         self.start: DfaState = fsm.initial
 
     @classmethod
-    def of(cls, pattern: str) -> "RegexStates | None":
-        """None for a regex outside the cacheable subset, or one interegular cannot parse."""
+    def of(cls, pattern: str, max_build_s: float = MAX_BUILD_S) -> "RegexStates | None":
+        """None for a regex outside the cacheable subset, one interegular cannot parse, or one whose DFA takes
+        longer than max_build_s to build."""
         if not is_cacheable(pattern):
             return None
         import interegular
 
         try:
-            return cls(interegular.parse_pattern(pattern).to_fsm().reduce())
-        except (interegular.Unsupported, interegular.InvalidSyntax, ValueError, KeyError, RecursionError):
+            return cls(_within(max_build_s, lambda: interegular.parse_pattern(pattern).to_fsm().reduce()))
+        except (interegular.Unsupported, interegular.InvalidSyntax, ValueError, KeyError, RecursionError,
+                _TooLong):
             return None
-
-    def only_reads(self, allowed: Callable[[str], bool]) -> bool:
-        """Whether every string of the regex is made of characters for which allowed is true (the minimal DFA
-        has no dead states: every transition lies on some string's way)."""
-        by_key = self._fsm.alphabet.by_transition
-        return all(isinstance(char, str) and allowed(char)
-                   for transitions in self._fsm.map.values() for key in transitions for char in by_key[key])
 
     def after(self, state: DfaState | None, text: str) -> DfaState | None:
         alphabet, transitions = self._fsm.alphabet, self._fsm.map

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pie_server.engine.grammar_states import RegexStates, is_cacheable
+from pie_server.engine.grammar_states import is_cacheable
 
 ANNOTATIONS = frozenset({"title", "description"})  # keywords that do not constrain a document
 _REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$")
@@ -92,10 +92,45 @@ def _string(schema: dict[str, Any]) -> str:
     if not (pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")):
         raise _NotRegular  # an unanchored pattern matches anywhere in the string
     inner = pattern[1:-1]
-    states = RegexStates.of(inner)
-    if states is None or not states.only_reads(lambda c: " " <= c <= "~" and c not in '"\\'):
+    if not is_cacheable(inner) or not _reads_plain_chars(inner):
         raise _NotRegular
     return f'"({inner})"'
+
+
+def _reads_plain_chars(pattern: str) -> bool:
+    """Whether every character pattern can match is printable ASCII other than `"` and `\\` (none needs an escape
+    in JSON). Read from the pattern's text, not its DFA: the decision must not depend on how long a build takes,
+    since every process that opens the schema must decode the same grammar. pattern is_cacheable (no shorthand
+    classes, no `.`)."""
+    i, in_class = 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            escaped = pattern[i + 1]
+            if escaped in '\\"ntrx':
+                return False  # a backslash, a quote, a control character, or any \xHH
+            low, i = escaped, i + 2
+        elif in_class and char == "]":
+            in_class, i = False, i + 1
+            continue
+        elif not in_class and char == "[":
+            if pattern[i + 1] == "^":
+                return False  # a negated class holds the quote, the backslash and the control characters
+            in_class, i = True, i + 1
+            continue
+        elif not in_class and char in "(){}|*+?,0123456789":
+            i += 1  # syntax (and counts); a digit or comma as a literal is plain anyway
+            continue
+        else:
+            low, i = char, i + 1
+        high = low
+        if in_class and pattern[i:i + 1] == "-" and pattern[i + 1:i + 2] not in ("]", ""):
+            high, i = pattern[i + 1], i + 2  # a range low-high
+            if high == "\\":
+                high, i = pattern[i], i + 1
+        if not (" " <= low <= high <= "~") or low <= '"' <= high or low <= "\\" <= high:
+            return False
+    return True
 
 
 def _literal(text: str) -> str:

@@ -3,6 +3,8 @@ that matcher itself, along random walks of many matchers; regexes outside the sh
 from __future__ import annotations
 
 import random
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,16 @@ def test_regexes_outside_the_shared_dialect_are_not_tracked(pattern: str) -> Non
 @pytest.mark.parametrize("pattern", [r"[a-z ]{16}", r"[^\"\\\x00-\x1f]{0,48}\"", r"\.\-\[x\]", "[-a]"])
 def test_common_value_regexes_are_tracked(pattern: str) -> None:
     assert RegexStates.of(pattern) is not None
+
+
+@pytest.mark.parametrize("pattern", ["[ab]*a[ab]{20}", "(x[a-z]{0,30}){0,30}"])
+def test_regexes_whose_dfa_explodes_are_cut_off(pattern: str) -> None:
+    """Their DFAs have millions of states: the build stops at its time limit and the regex runs uncached."""
+    trace, start = sys.gettrace(), time.perf_counter()
+    assert RegexStates.of(pattern, max_build_s=0.05) is None
+    assert time.perf_counter() - start < 2.0
+    assert sys.gettrace() is trace  # the time limit's trace function is gone
+    assert RegexStates.of("[a-z ]{8}", max_build_s=0.05) is not None
 
 
 def test_cache_keeps_the_most_recent_masks() -> None:

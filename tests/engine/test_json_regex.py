@@ -80,6 +80,9 @@ def test_the_agents_action_masks_are_cached(compiler: GrammarCompiler, tokenizer
     {"type": "string", "pattern": "[a-z]{3}"},                            # unanchored: matches anywhere
     {"type": "string", "pattern": "^[^x]{3}$"},                           # may need escapes (", \\, controls)
     {"type": "string", "pattern": "^[ -~]{3}$"},                          # the range holds " and \\
+    {"type": "string", "pattern": '^[a-z\\"]{3}$'},                        # an escaped quote
+    {"type": "string", "pattern": "^[a-z\\x01]{3}$"},                      # a control character
+    {"type": "string", "pattern": "^caf\u00e9$"},                          # not ASCII
     {"type": "string", "pattern": "^[a-z]{3}$", "maxLength": 2},
     {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]},  # extra properties allowed
     {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": [], "additionalProperties": False},
@@ -94,6 +97,11 @@ def test_the_agents_action_masks_are_cached(compiler: GrammarCompiler, tokenizer
 ])
 def test_schemas_outside_the_regular_subset_stay_json(schema: dict) -> None:
     assert schema_regex(json.dumps(schema)) is None
+
+
+@pytest.mark.parametrize("pattern", ["^[A-Z][a-z0-9_-]{1,8}$", "^(yes|no)$", r"^[a-f\.\-]{2}( [0-9]+)?$"])
+def test_plain_patterns_become_regexes(pattern: str) -> None:
+    assert schema_regex(json.dumps({"type": "string", "pattern": pattern})) == f'"({pattern[1:-1]})"'
 
 
 def test_other_schemas_keep_llguidance_json_grammar(compiler: GrammarCompiler) -> None:
