@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import codecs
 import re
-import sys
 import threading
-import time
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -36,33 +34,63 @@ _COUNTS = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 _HEX2 = re.compile(r"[0-9a-fA-F]{2}")
 
 DfaState = int
-# A DFA can be exponentially larger than its regex (`[ab]*a[ab]{20}` needs 2^20 states); its construction runs
-# where a grammar is opened (the control loop's thread, the runtime's), once per regex and process, so it is cut
-# off after this long and the regex runs uncached (the masks are the same either way: only caching depends on the
-# clock). The agents' value regexes take 2-5 ms, `[a-z ]{256}` ~20-55 ms, the agent's whole action with 48-letter
-# thought and input as one regex (a JSON schema, engine/json_regex.py) ~0.1 s.
-MAX_BUILD_S = 0.2
+# A DFA can be exponentially larger than its regex (`[ab]*a[ab]{20}` needs 2^20 states), and it is built where a
+# grammar is opened (the control loop's thread, the runtime's). interegular builds every automaton, the
+# intermediate ones too, by crawling its states breadth first; the crawl used here stops at this many states and
+# the regex runs uncached. A count, not a clock, so that every process decides alike. The agent's whole action
+# with 48-letter thought and input as one regex (a JSON schema, engine/json_regex.py) needs ~300.
+MAX_CRAWLED_STATES = 4096
+_build_lock = threading.Lock()  # the crawl is swapped into interegular's module for one build at a time
 
 
-class _TooLong(Exception):
+class _TooManyStates(Exception):
     pass
 
 
-def _within(max_s: float, build: Callable[[], Any]) -> Any:
-    """build() (pure Python), or _TooLong once it has run max_s: a trace function that sees every Python call
-    in this thread (not each line: little overhead) checks the clock."""
-    deadline = time.perf_counter() + max_s
+def _bounded_crawl(alphabet: Any, initial: Any, final: Callable[[Any], bool], follow: Callable[[Any, Any], Any]) -> Any:
+    """interegular.fsm.crawl's contract (states reached from initial through follow, OblivionError for none),
+    indexed by a dict instead of a list scan, and bounded by MAX_CRAWLED_STATES."""
+    from interegular.fsm import FSM, OblivionError
 
-    def on_call(frame: Any, event: str, arg: Any) -> None:
-        if time.perf_counter() > deadline:
-            raise _TooLong
+    def key(state: Any) -> Any:  # crawled states are sets, frozensets, tuples or dicts of ints
+        if isinstance(state, dict):
+            return frozenset(state.items())
+        return frozenset(state) if isinstance(state, set) else state
 
-    previous = sys.gettrace()
-    sys.settrace(on_call)
-    try:
-        return build()
-    finally:
-        sys.settrace(previous)
+    states, index = [initial], {key(initial): 0}
+    finals: set[int] = set()
+    transitions: dict[int, dict[Any, int]] = {}
+    for i, state in enumerate(states):  # grows while it runs
+        if final(state):
+            finals.add(i)
+        transitions[i] = {}
+        for symbol in alphabet.by_transition:
+            try:
+                reached = follow(state, symbol)
+            except OblivionError:
+                continue
+            j = index.get(key(reached))
+            if j is None:
+                if len(states) >= MAX_CRAWLED_STATES:
+                    raise _TooManyStates
+                j = index[key(reached)] = len(states)
+                states.append(reached)
+            transitions[i][symbol] = j
+    return FSM(alphabet=alphabet, states=range(len(states)), initial=0, finals=finals, map=transitions,
+               __no_validation__=True)
+
+
+def _build_dfa(pattern: str) -> Any:
+    """The regex's minimal DFA (interegular, Brzozowski), _TooManyStates if any automaton on the way is too big."""
+    import interegular
+    import interegular.fsm
+
+    with _build_lock:
+        original, interegular.fsm.crawl = interegular.fsm.crawl, _bounded_crawl
+        try:
+            return interegular.parse_pattern(pattern).to_fsm().reduce()
+        finally:
+            interegular.fsm.crawl = original
 
 
 def is_cacheable(pattern: str) -> bool:
@@ -106,17 +134,17 @@ class RegexStates:
         self.start: DfaState = fsm.initial
 
     @classmethod
-    def of(cls, pattern: str, max_build_s: float = MAX_BUILD_S) -> "RegexStates | None":
-        """None for a regex outside the cacheable subset, one interegular cannot parse, or one whose DFA takes
-        longer than max_build_s to build."""
+    def of(cls, pattern: str) -> "RegexStates | None":
+        """None for a regex outside the cacheable subset, one interegular cannot parse, or one whose automata
+        outgrow MAX_CRAWLED_STATES."""
         if not is_cacheable(pattern):
             return None
         import interegular
 
         try:
-            return cls(_within(max_build_s, lambda: interegular.parse_pattern(pattern).to_fsm().reduce()))
+            return cls(_build_dfa(pattern))
         except (interegular.Unsupported, interegular.InvalidSyntax, ValueError, KeyError, RecursionError,
-                _TooLong):
+                _TooManyStates):
             return None
 
     def after(self, state: DfaState | None, text: str) -> DfaState | None:
