@@ -7,8 +7,8 @@ positions: inside the input value (a mask walks every lowercase token: the expen
 first key (a few tokens allowed: the cheap case). The schema is regular (engine/json_regex.py), so the server
 decodes it as a regex whose masks are cached by DFA state (engine/grammar_states.py): after the first repeat the
 one-by-one (each matcher's allowed_token_mask) and fill_masks columns are cache hits, and the pool column
-(llguidance's pool, no cache) is llguidance's own cost. Then the react-agent's way, the value alone under its
-regex `[a-z ]{16}`.
+(llguidance's pool, which never reads the cache) is llguidance's own cost. Then the react-agent's way, the value
+alone under its regex `[a-z ]{16}`.
 
     python -m bench.grammar_masks --model DIR [--counts 1 2 4 8 16 32 128] [--repeats 20]
 """

@@ -146,7 +146,7 @@ MIN_POOLED_MASKS = 16
 def fill_masks(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]:
     """Each matcher's allowed_token_mask(), or the GrammarError it would raise. Matchers of one compiler: those
     whose state's mask is cached take it, the others compute theirs (and cache it)."""
-    masks: list[bytes | GrammarError | None] = [_cached_or_error(m) for m in matchers]
+    masks: list[bytes | GrammarError | None] = [_or_error(m.cached_mask) for m in matchers]
     # One computation per uncached state: a burst of agents entering the same value shares its first masks.
     first_of_key: dict[Any, int] = {}
     missing = [i for i, mask in enumerate(masks) if mask is None]
@@ -158,26 +158,25 @@ def fill_masks(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]
             computed = fill_masks_pooled([matchers[i] for i in computing])
         for i, mask in zip(computing, computed):
             masks[i] = mask
-            if not isinstance(mask, GrammarError):
-                matchers[i].remember(mask)
         for i in missing:
             masks[i] = masks[first_of_key[matchers[i].cache_key or i]]
     return masks  # type: ignore[return-value]
 
 
-def _cached_or_error(matcher: GrammarMatcher) -> bytes | GrammarError | None:
+def _or_error(mask_of: Callable[[], bytes | None]) -> bytes | GrammarError | None:
     try:
-        return matcher.cached_mask()
+        return mask_of()
     except GrammarError as error:
         return error
 
 
 def fill_masks_one_by_one(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]:
-    return [_mask_or_error(m) for m in matchers]
+    """Each matcher's allowed_token_mask() (which caches what it computes), or its GrammarError."""
+    return [_or_error(m.allowed_token_mask) for m in matchers]  # type: ignore[misc]
 
 
 def fill_masks_pooled(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]:
-    """fill_masks in llguidance's thread pool (the GIL released while it works)."""
+    """The masks computed in llguidance's thread pool (the GIL released while it works), and cached."""
     import llguidance.numpy as lln
 
     masks: list[bytes | GrammarError | None] = [None] * len(matchers)
@@ -194,15 +193,13 @@ def fill_masks_pooled(matchers: Sequence[GrammarMatcher]) -> list[bytes | Gramma
     empty = ~bitmask.any(axis=1)
     words = bitmask.astype("<i4", copy=False)
     for _, row, i in rows:
-        masks[i] = GrammarError(NO_TOKEN_ALLOWED) if empty[row] else words[row].tobytes()
+        if empty[row]:
+            masks[i] = GrammarError(NO_TOKEN_ALLOWED)
+        else:
+            mask = words[row].tobytes()
+            matchers[i].remember(mask)
+            masks[i] = mask
     return masks  # type: ignore[return-value]
-
-
-def _mask_or_error(matcher: GrammarMatcher) -> bytes | GrammarError:
-    try:
-        return matcher.allowed_token_mask()
-    except GrammarError as error:
-        return error
 
 
 class GrammarCompiler:
@@ -254,8 +251,9 @@ class GrammarCompiler:
         return spec if regex is None else GrammarSpec("regex", regex, spec.accepted_token_ids)
 
     def check(self, spec: GrammarSpec) -> None:
-        """GrammarError unless spec's grammar compiles; compiles it into the cache (no matcher is made)."""
-        self._pristine_of(spec)
+        """GrammarError unless spec's grammar compiles; compiles it into the cache (no matcher is made), in the
+        form matcher() decodes it."""
+        self._pristine_of(self._regular_form(spec))
 
     def _pristine_of(self, spec: GrammarSpec) -> Any:
         key = (spec.kind, spec.text)  # a hit costs no JSON parsing or grammar building

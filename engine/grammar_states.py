@@ -69,11 +69,12 @@ def _bounded_crawl(alphabet: Any, initial: Any, final: Callable[[Any], bool], fo
                 reached = follow(state, symbol)
             except OblivionError:
                 continue
-            j = index.get(key(reached))
+            reached_key = key(reached)
+            j = index.get(reached_key)
             if j is None:
                 if len(states) >= MAX_CRAWLED_STATES:
                     raise _TooManyStates
-                j = index[key(reached)] = len(states)
+                j = index[reached_key] = len(states)
                 states.append(reached)
             transitions[i][symbol] = j
     return FSM(alphabet=alphabet, states=range(len(states)), initial=0, finals=finals, map=transitions,
