@@ -20,6 +20,7 @@ import codecs
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 # Escapes with one meaning in Python's re (interegular) and Rust's regex (llguidance): escaped punctuation, the
@@ -29,13 +30,15 @@ MAX_PATTERN_CHARS = 512
 MAX_REPEAT = 256  # the largest count in {m,n}
 # Masks are vocab_size / 8 bytes (6 KB for 49k tokens, 16 KB for 128k): at most 16 MB.
 MAX_CACHED_MASKS = 1024
+# DFAs kept, least recently opened first out: the agents' value regexes need tens to hundreds of states each.
+MAX_TRACKED_REGEXES = 256
 
 _COUNTS = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 _HEX2 = re.compile(r"[0-9a-fA-F]{2}")
 
 DfaState = int
-# A DFA can be exponentially larger than its regex (`[ab]*a[ab]{20}` needs 2^20 states), and it is built where a
-# grammar is opened (the control loop's thread, the runtime's). interegular builds every automaton, the
+# A DFA can be exponentially larger than its regex (`[ab]*a[ab]{20}` needs 2^20 states); it is built in a thread
+# of its own (MaskCache.build), which still shares the GIL with serving. interegular builds every automaton, the
 # intermediate ones too, by crawling its states breadth first; the crawl used here stops at this many states and
 # the regex runs uncached. A count, not a clock, so that every process decides alike. The agent's whole action
 # with 48-letter thought and input as one regex (a JSON schema, engine/json_regex.py) needs ~300.
@@ -160,53 +163,83 @@ class RegexStates:
 
 class StateTracker:
     """One matcher's DFA state, advanced by the bytes of the tokens it accepts. `key` is None while a token has
-    left half a UTF-8 character (the DFA reads characters) or once the text has left the regex."""
+    left half a UTF-8 character (the DFA reads characters), once the text has left the regex, and while the DFA
+    is still being built (the text so far is kept and read through it when the build is done)."""
 
-    def __init__(self, pattern: str, states: RegexStates) -> None:
+    def __init__(self, pattern: str, built: Future[RegexStates | None]) -> None:
         self._pattern = pattern
-        self._states = states
-        self._state: DfaState | None = states.start
+        self._built = built
+        self._states: RegexStates | None = None
+        self._state: DfaState | None = None
+        self._text_before_build: list[str] | None = []  # None once the build is done
         self._decoder = codecs.getincrementaldecoder("utf-8")()
 
     @property
     def key(self) -> tuple[str, DfaState] | None:
+        if self._text_before_build is not None and not self._take_build():
+            return None
         if self._state is None or self._decoder.getstate()[0]:
             return None
         return self._pattern, self._state
 
     def advance(self, data: bytes) -> None:
-        if self._state is None:
+        if self._text_before_build is None and self._state is None:
             return
         try:
             text = self._decoder.decode(data)
         except UnicodeDecodeError:
-            self._state = None
+            self._states = self._state = None
+            self._text_before_build = None
             return
-        self._state = self._states.after(self._state, text)
+        if self._text_before_build is not None and not self._take_build():
+            self._text_before_build.append(text)
+        elif self._states is not None:
+            self._state = self._states.after(self._state, text)
+
+    def _take_build(self) -> bool:
+        """Whether the DFA's build is done; when it just got done, the state after the text so far."""
+        if not self._built.done():
+            return False
+        self._states = None if self._built.exception() is not None else self._built.result()
+        if self._states is not None:
+            self._state = self._states.after(self._states.start, "".join(self._text_before_build or ()))
+        self._text_before_build = None
+        return True
 
 
 class MaskCache:
     """(regex, DFA state) -> the state's mask bytes (SamplingParams.allowed_token_mask), least recently used
     first out. Thread-safe: the control loop and the runtime's threads share a process's compiler."""
 
-    def __init__(self, max_masks: int = MAX_CACHED_MASKS) -> None:
+    def __init__(self, max_masks: int = MAX_CACHED_MASKS, max_regexes: int = MAX_TRACKED_REGEXES) -> None:
         self._max_masks = max_masks
+        self._max_regexes = max_regexes
         self._masks: OrderedDict[tuple[str, DfaState], bytes] = OrderedDict()
-        self._states: dict[str, RegexStates | None] = {}
+        self._builds: OrderedDict[str, Future[RegexStates | None]] = OrderedDict()
+        self._builder: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def tracker(self, pattern: str) -> StateTracker | None:
-        """A tracker at the regex's start (None if the regex is not cacheable); the DFA is built once."""
+        """A tracker at the regex's start (None if the regex is not cacheable). The DFA is built once, in a thread
+        of its own (a build may take ~70 ms before it gives up): the matchers that open the regex meanwhile get
+        their masks from llguidance until it is done."""
+        if not is_cacheable(pattern):
+            return None
+        return StateTracker(pattern, self.build(pattern))
+
+    def build(self, pattern: str) -> Future[RegexStates | None]:
+        """The build of pattern's DFA (started here if it is not known); None as its result: not cacheable."""
         with self._lock:
-            known = pattern in self._states
-            states = self._states.get(pattern)
-        if not known:
-            states = RegexStates.of(pattern)  # outside the lock: ~2-5 ms for the agents' value regexes
-            with self._lock:
-                self._states[pattern] = states
-                if len(self._states) > self._max_masks:
-                    self._states.pop(next(iter(self._states)))
-        return None if states is None else StateTracker(pattern, states)
+            built = self._builds.get(pattern)
+            if built is not None:
+                self._builds.move_to_end(pattern)
+                return built
+            if self._builder is None:
+                self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regex-dfa")
+            built = self._builds[pattern] = self._builder.submit(RegexStates.of, pattern)
+            while len(self._builds) > self._max_regexes:
+                self._builds.popitem(last=False)
+            return built
 
     def get(self, key: tuple[str, DfaState]) -> bytes | None:
         with self._lock:

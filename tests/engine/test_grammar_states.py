@@ -3,6 +3,7 @@ that matcher itself, along random walks of many matchers; regexes outside the sh
 from __future__ import annotations
 
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from pie_server.engine import grammar as grammar_module
 from pie_server.engine import grammar_states
-from pie_server.engine.grammar import MIN_POOLED_MASKS, GrammarCompiler, GrammarSpec, fill_masks
+from pie_server.engine.grammar import MIN_POOLED_MASKS, GrammarCompiler, GrammarMatcher, GrammarSpec, fill_masks
 from pie_server.engine.grammar_states import MaskCache, RegexStates
 from pie_server.engine.tokenizer import Tokenizer
 
@@ -36,6 +37,12 @@ def make_compiler(tokenizer: Tokenizer) -> GrammarCompiler:
                            tokenizer.bos_token_id, tokenizer.encode)
 
 
+def built_regex(compiler: GrammarCompiler, pattern: str) -> GrammarMatcher:
+    """A matcher of pattern once its DFA is built (the build runs in a thread of its own)."""
+    assert compiler._masks.build(pattern).result(timeout=30) is not None
+    return compiler.regex(pattern)
+
+
 def uncached_mask(compiler: GrammarCompiler, pattern: str, token_ids: list[int]) -> bytes:
     """What llguidance alone gives after token_ids: a matcher of a fresh cache that replays them."""
     fresh = GrammarCompiler(compiler._token_bytes, compiler._vocab_size, compiler._eos_token_ids,
@@ -51,7 +58,7 @@ def test_cached_masks_equal_llguidance_own(tokenizer: Tokenizer, pattern: str) -
     rng = random.Random(pattern)
     num_hits = 0
     for _ in range(12):  # walks through one cache: later walks meet the states of earlier ones
-        matcher, token_ids = compiler.regex(pattern), []
+        matcher, token_ids = built_regex(compiler, pattern), []
         for _ in range(40):
             hit = matcher.cached_mask() is not None
             mask = matcher.allowed_token_mask()
@@ -70,7 +77,7 @@ def test_cached_masks_equal_llguidance_own(tokenizer: Tokenizer, pattern: str) -
 
 def test_matchers_of_one_state_share_one_mask(tokenizer: Tokenizer) -> None:
     compiler = make_compiler(tokenizer)
-    first, second = compiler.regex("[a-z ]{16}"), compiler.regex("[a-z ]{16}")
+    first, second = built_regex(compiler, "[a-z ]{16}"), compiler.regex("[a-z ]{16}")
     first.accept_all(tokenizer.encode("ab cd"))
     second.accept_all(tokenizer.encode("xy zw"))  # other letters, same length: the same DFA state
     assert first.cached_mask() is None
@@ -85,7 +92,7 @@ def test_a_step_computes_each_uncached_state_once_and_caches_it(tokenizer: Token
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     compiler = make_compiler(tokenizer)
     num_states = MIN_POOLED_MASKS  # enough distinct states for llguidance's pool
-    matchers = [compiler.regex("[a-z ]{16}") for _ in range(2 * num_states)]
+    matchers = [built_regex(compiler, "[a-z ]{16}") for _ in range(2 * num_states)]
     for i, matcher in enumerate(matchers):  # states 0 ... num_states - 1 letters in, two matchers each
         matcher.accept_all(tokenizer.encode("a b c d e f g h i j k l m n o p"[:i % num_states]))
     pooled: list[int] = []
@@ -101,7 +108,9 @@ def test_a_step_computes_each_uncached_state_once_and_caches_it(tokenizer: Token
 def test_half_a_character_is_not_a_state(tokenizer: Tokenizer) -> None:
     states = RegexStates.of('[^"]{0,4}"')
     assert states is not None
-    tracker = MaskCache().tracker('[^"]{0,4}"')
+    cache = MaskCache()
+    cache.build('[^"]{0,4}"').result(timeout=30)
+    tracker = cache.tracker('[^"]{0,4}"')
     assert tracker is not None and tracker.key is not None
     tracker.advance("é".encode()[:1])
     assert tracker.key is None  # the DFA reads characters: no key until the character is whole
@@ -113,7 +122,9 @@ def test_half_a_character_is_not_a_state(tokenizer: Tokenizer) -> None:
 
 
 def test_leaving_the_regex_ends_the_key() -> None:
-    tracker = MaskCache().tracker("(search|calculate)")
+    cache = MaskCache()
+    cache.build("(search|calculate)").result(timeout=30)
+    tracker = cache.tracker("(search|calculate)")
     assert tracker is not None
     tracker.advance(b"sea")
     assert tracker.key is not None
@@ -141,7 +152,11 @@ def test_regexes_whose_dfa_explodes_are_left_uncached(pattern: str) -> None:
     start = time.perf_counter()
     assert RegexStates.of(pattern) is None
     assert time.perf_counter() - start < 5.0
-    assert MaskCache().tracker(pattern) is None
+    cache = MaskCache()
+    tracker = cache.tracker(pattern)  # the syntax is cacheable: a build starts, and gives up
+    assert tracker is not None and cache.build(pattern).result(timeout=30) is None
+    tracker.advance(b"a")
+    assert tracker.key is None
     assert interegular.fsm.crawl is not grammar_states._bounded_crawl  # interegular's own crawl is back
 
 
@@ -150,3 +165,31 @@ def test_cache_keeps_the_most_recent_masks() -> None:
     for state in range(3):
         cache.put(("p", state), bytes([state]))
     assert cache.get(("p", 0)) is None and cache.get(("p", 2)) == b"\x02" and len(cache) == 2
+
+
+def test_matchers_opened_during_the_build_get_keys_once_it_is_done(tokenizer: Tokenizer,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until the DFA is built a matcher has no key (llguidance computes its masks); then its key is the state
+    after all the text it accepted meanwhile, the key of a matcher that took the same text after the build."""
+    release = threading.Event()
+    real_of = RegexStates.of
+    monkeypatch.setattr(RegexStates, "of", staticmethod(lambda pattern: release.wait(30) and real_of(pattern)))
+    compiler = make_compiler(tokenizer)
+    early = compiler.regex("[a-z ]{16}")
+    early.accept_all(tokenizer.encode("ab c"))
+    assert early.cache_key is None and early.cached_mask() is None
+    mask = early.allowed_token_mask()  # llguidance's own; not stored under any key
+    assert len(compiler._masks) == 0
+    release.set()
+    compiler._masks.build("[a-z ]{16}").result(timeout=30)
+    late = compiler.regex("[a-z ]{16}")
+    late.accept_all(tokenizer.encode("xy z"))
+    assert early.cache_key is not None and early.cache_key == late.cache_key
+    assert fill_masks([early, late]) == [mask, mask]
+
+
+def test_cache_keeps_the_most_recently_opened_regexes() -> None:
+    cache = MaskCache(max_regexes=2)
+    builds = [cache.build(pattern) for pattern in ("a", "b", "c")]
+    assert cache.build("c") is builds[2] and cache.build("b") is builds[1]
+    assert cache.build("a") is not builds[0]  # dropped, built again

@@ -52,7 +52,8 @@ def walk(matcher, eos: set[int], rng: random.Random) -> list[int]:  # noqa: ANN0
 def test_documents_are_valid_and_llguidance_json_grammar_accepts_them(compiler: GrammarCompiler,
                                                                       tokenizer: Tokenizer, schema: dict) -> None:
     text = json.dumps(schema)
-    assert schema_regex(text) is not None
+    regex = schema_regex(text)
+    assert regex is not None and compiler._masks.build(regex).result(timeout=30) is not None  # its DFA, built
     json_grammar = compiler._compile(_grammar_of(GrammarSpec("json-schema", text)))  # llguidance's own, unconverted
     rng = random.Random(0)
     for _ in range(6):
@@ -68,6 +69,7 @@ def test_documents_are_valid_and_llguidance_json_grammar_accepts_them(compiler: 
 
 
 def test_the_agents_action_masks_are_cached(compiler: GrammarCompiler, tokenizer: Tokenizer) -> None:
+    compiler._masks.build(schema_regex(json.dumps(ACTION))).result(timeout=30)
     first, second = compiler.json_schema(json.dumps(ACTION)), compiler.json_schema(json.dumps(ACTION))
     first.accept_all(tokenizer.encode('{"tool": "search", "input": "ab'))
     second.accept_all(tokenizer.encode('{"tool": "finish", "input": "xy'))
