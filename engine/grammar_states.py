@@ -9,7 +9,7 @@ llguidance stays the grammar's authority: it accepts the tokens, says when the g
 state's first mask.
 
 Only regexes whose meaning is the same in both dialects are tracked (literals, character classes with explicit
-members, groups, alternation, bounded repetition): CACHEABLE_ESCAPES and the checks of `RegexStates.of` keep
+members, groups, alternation, bounded repetition): engine/regex_syntax.py's pieces and `is_cacheable` keep
 out shorthand classes (`\\d`, `\\w`: Unicode in one, maybe ASCII in the other), anchors, `.`, flags and large
 counts (the DFA of `{0,2000}` takes long to build). Any other regex runs uncached, as does a JSON schema that
 engine/json_regex.py cannot write as a regex.
@@ -17,15 +17,13 @@ engine/json_regex.py cannot write as a regex.
 from __future__ import annotations
 
 import codecs
-import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-# Escapes with one meaning in Python's re (interegular) and Rust's regex (llguidance): escaped punctuation, the
-# control characters and \xHH.
-CACHEABLE_ESCAPES = frozenset('\\"\'.-[](){}|*+?^$/ntr') | {"x"}
+from pie_server.engine.regex_syntax import COUNT, FOREIGN, SYNTAX, regex_pieces
+
 MAX_PATTERN_CHARS = 512
 MAX_REPEAT = 256  # the largest count in {m,n}
 # Masks are vocab_size / 8 bytes (6 KB for 49k tokens, 16 KB for 128k): at most 16 MB.
@@ -33,8 +31,6 @@ MAX_CACHED_MASKS = 1024
 # DFAs kept, least recently opened first out: the agents' value regexes need tens to hundreds of states each.
 MAX_TRACKED_REGEXES = 256
 
-_COUNTS = re.compile(r"\{(\d+)(?:,(\d*))?\}")
-_HEX2 = re.compile(r"[0-9a-fA-F]{2}")
 
 DfaState = int
 # A DFA can be exponentially larger than its regex (`[ab]*a[ab]{20}` needs 2^20 states); it is built in a thread
@@ -98,35 +94,16 @@ def _build_dfa(pattern: str) -> Any:
 
 
 def is_cacheable(pattern: str) -> bool:
-    """Whether pattern uses only constructs with the same meaning for interegular and llguidance."""
-    if len(pattern) > MAX_PATTERN_CHARS or "(?" in pattern:
+    """Whether pattern uses only constructs with the same meaning for interegular and llguidance, without `.`,
+    anchors or counts over MAX_REPEAT."""
+    if len(pattern) > MAX_PATTERN_CHARS:
         return False
-    if any(int(n) > MAX_REPEAT for match in _COUNTS.finditer(pattern) for n in match.groups() if n):
-        return False
-    in_class, i = False, 0
-    while i < len(pattern):
-        char = pattern[i]
-        if char == "\\":
-            escaped = pattern[i + 1:i + 2]
-            if escaped not in CACHEABLE_ESCAPES or (escaped == "x" and not _HEX2.fullmatch(pattern[i + 2:i + 4])):
-                return False  # also Rust's \x{...}
-            i += 4 if escaped == "x" else 2
-            continue
-        if in_class:
-            # Rust nests classes and has set operations inside them ([a[b]], &&, --, ~~); Python has neither.
-            if char == "[" or pattern[i:i + 2] in ("&&", "--", "~~"):
-                return False
-            in_class = char != "]"
-        elif char == "[":
-            in_class = True
-            i += 2 if pattern[i + 1:i + 2] == "^" else 1
-            if pattern[i:i + 1] == "]":  # `[]...]`: a literal ] in Python, an error in Rust
-                return False
-            continue
-        elif char in ".^$":
+    for piece in regex_pieces(pattern):
+        if piece.kind == FOREIGN or (piece.kind == SYNTAX and piece.low in ".^$"):
             return False
-        i += 1
-    return not in_class
+        if piece.kind == COUNT and max(int(piece.low), int(piece.high or 0)) > MAX_REPEAT:
+            return False
+    return True
 
 
 class RegexStates:

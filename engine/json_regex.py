@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from pie_server.engine.grammar_states import is_cacheable
+from pie_server.engine.regex_syntax import CHARS, NEGATED_CLASS, regex_pieces
 
 ANNOTATIONS = frozenset({"title", "description"})  # keywords that do not constrain a document
 _REGEX_SPECIAL = frozenset("\\.+*?()|[]{}^$")
@@ -102,33 +103,11 @@ def _reads_plain_chars(pattern: str) -> bool:
     in JSON). Read from the pattern's text, not its DFA: the decision must not depend on how long a build takes,
     since every process that opens the schema must decode the same grammar. pattern is_cacheable (no shorthand
     classes, no `.`)."""
-    i, in_class = 0, False
-    while i < len(pattern):
-        char = pattern[i]
-        if char == "\\":
-            escaped = pattern[i + 1]
-            if escaped in '\\"ntrx':
-                return False  # a backslash, a quote, a control character, or any \xHH
-            low, i = escaped, i + 2
-        elif in_class and char == "]":
-            in_class, i = False, i + 1
-            continue
-        elif not in_class and char == "[":
-            if pattern[i + 1] == "^":
-                return False  # a negated class holds the quote, the backslash and the control characters
-            in_class, i = True, i + 1
-            continue
-        elif not in_class and char in "(){}|*+?,0123456789":
-            i += 1  # syntax (and counts); a digit or comma as a literal is plain anyway
-            continue
-        else:
-            low, i = char, i + 1
-        high = low
-        if in_class and pattern[i:i + 1] == "-" and pattern[i + 1:i + 2] not in ("]", ""):
-            high, i = pattern[i + 1], i + 2  # a range low-high
-            if high == "\\":
-                high, i = pattern[i], i + 1
-        if not (" " <= low <= high <= "~") or low <= '"' <= high or low <= "\\" <= high:
+    for piece in regex_pieces(pattern):
+        if piece.kind == NEGATED_CLASS:
+            return False  # it holds the quote, the backslash and the control characters
+        if piece.kind == CHARS and not (" " <= piece.low <= piece.high <= "~" and not piece.low <= '"' <= piece.high
+                                        and not piece.low <= "\\" <= piece.high):
             return False
     return True
 
