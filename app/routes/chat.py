@@ -65,6 +65,7 @@ async def _stream(chat: ChatRequest, meta: R.ResponseMeta, prompt: PromptInfo, r
     def chunk(choices: list[dict[str, Any]]) -> str:
         return R.sse({**R.chat_chunk(meta, choices), **usage_field})
 
+    content_chunk = R.TextChunks(lambda index, text: chunk([R.chat_chunk_choice(index, {"content": text})]))
     tools = {i: ToolCallStream(chat.tools) for i in range(chat.params.n)} if chat.tools is not None else None
     logprobs_streamed: set[int] = set()  # choices whose logprobs came with their deltas
     try:
@@ -73,6 +74,9 @@ async def _stream(chat: ChatRequest, meta: R.ResponseMeta, prompt: PromptInfo, r
         result: RunResult | None = None
         async for item in relay.outputs():
             if isinstance(item, TextDelta):
+                if item.text and tools is None and (item.logprobs is None or not chat.logprobs):
+                    yield content_chunk(item.index, item.text)  # the per-token case, pre-rendered
+                    continue
                 logprobs = None
                 if item.logprobs is not None and chat.logprobs:
                     logprobs_streamed.add(item.index)

@@ -85,6 +85,7 @@ async def _stream(completion: CompletionRequest, meta: R.ResponseMeta, prompt: P
         body = R.completion(meta, choices, None, chunk=True)
         return R.sse({**body, "usage": None} if params.include_usage else body)
 
+    text_chunk = R.TextChunks(lambda index, text: chunk([R.completion_choice(index, text, None, None)]))
     try:
         for index, echo in enumerate(echoes):
             if echo and not echo_waits:
@@ -95,6 +96,9 @@ async def _stream(completion: CompletionRequest, meta: R.ResponseMeta, prompt: P
                 for index in range(item.prompt * n, (item.prompt + 1) * n):
                     yield chunk([_first_choice(completion, index, echoes[index], item, token_text)])
             elif isinstance(item, TextDelta):
+                if item.text and (item.logprobs is None or not wants_logprobs):
+                    yield text_chunk(item.index, item.text)  # the per-token case, pre-rendered
+                    continue
                 logprobs = None
                 if item.logprobs is not None and wants_logprobs:
                     logprobs_streamed.add(item.index)
