@@ -150,7 +150,9 @@ def fill_masks(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]
     # One computation per uncached state: a burst of agents entering the same value shares its first masks.
     first_of_key: dict[Any, int] = {}
     missing = [i for i, mask in enumerate(masks) if mask is None]
-    computing = [i for i in missing if first_of_key.setdefault(matchers[i].cache_key or i, i) == i]
+    # Read once: a key appears when its regex's DFA build ends (grammar_states.py), maybe while this runs.
+    keys = {i: matchers[i].cache_key or i for i in missing}
+    computing = [i for i in missing if first_of_key.setdefault(keys[i], i) == i]
     if computing:
         if len(computing) < MIN_POOLED_MASKS:
             computed = fill_masks_one_by_one([matchers[i] for i in computing])
@@ -159,7 +161,7 @@ def fill_masks(matchers: Sequence[GrammarMatcher]) -> list[bytes | GrammarError]
         for i, mask in zip(computing, computed):
             masks[i] = mask
         for i in missing:
-            masks[i] = masks[first_of_key[matchers[i].cache_key or i]]
+            masks[i] = masks[first_of_key[keys[i]]]
     return masks  # type: ignore[return-value]
 
 

@@ -193,3 +193,24 @@ def test_cache_keeps_the_most_recently_opened_regexes() -> None:
     builds = [cache.build(pattern) for pattern in ("a", "b", "c")]
     assert cache.build("c") is builds[2] and cache.build("b") is builds[1]
     assert cache.build("a") is not builds[0]  # dropped, built again
+
+
+def test_a_build_that_ends_during_fill_masks_changes_nothing_it_returns(tokenizer: Tokenizer,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys appear when the build ends, which may be between fill_masks' reads of them."""
+    release = threading.Event()
+    real_of, real_one_by_one = RegexStates.of, grammar_module.fill_masks_one_by_one
+    monkeypatch.setattr(RegexStates, "of", staticmethod(lambda pattern: release.wait(30) and real_of(pattern)))
+    compiler = make_compiler(tokenizer)
+    matchers = [compiler.regex("[a-z ]{16}") for _ in range(3)]
+    for matcher in matchers:
+        matcher.accept_all(tokenizer.encode("ab"))
+
+    def build_ends_meanwhile(ms):  # noqa: ANN001, ANN202
+        release.set()
+        compiler._masks.build("[a-z ]{16}").result(timeout=30)
+        return real_one_by_one(ms)
+
+    monkeypatch.setattr(grammar_module, "fill_masks_one_by_one", build_ends_meanwhile)
+    masks = fill_masks(matchers)
+    assert masks == [matchers[0].allowed_token_mask()] * 3 and matchers[0].cache_key is not None
