@@ -1,8 +1,7 @@
-"""Requests -> the default inferlet's launch argument (one JSON object; format in
-inferlets/builtin/default/README.md)."""
+"""Requests -> the default inferlet's launch argument (one JSON object, format in inferlets/builtin/default/README.md;
+app/openai/prompt_fit.py turns its prompts into token ids and writes it)."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pie_server.app.openai.chat_request import ChatRequest
@@ -21,17 +20,16 @@ def _common(params: GenerationParams) -> dict[str, Any]:
             "spaces_between_special_tokens": params.spaces_between_special_tokens}
 
 
-def chat_arguments(request: ChatRequest) -> str:
+def chat_arguments(request: ChatRequest) -> dict[str, Any]:
     prompt: dict[str, Any] = {"messages": list(request.messages),
                               "add_generation_prompt": request.add_generation_prompt}
     if request.tools is not None:
         prompt["tools"] = list(request.tools.tools)
-    return json.dumps({**_common(request.params), "prompts": [prompt]})
+    return {**_common(request.params), "prompts": [prompt]}
 
 
-def completion_arguments(request: CompletionRequest, special_prefix_ids: list[int]) -> str:
+def completion_arguments(request: CompletionRequest, special_prefix_ids: list[int]) -> dict[str, Any]:
     """special_prefix_ids: what the tokenizer adds in front of a text prompt (e.g. BOS)."""
     prompts = [{"text": p, "prefix_token_ids": special_prefix_ids} if isinstance(p, str) else {"token_ids": p}
                for p in request.prompts]
-    return json.dumps({**_common(request.params), "prompts": prompts,
-                       "prompt_logprobs": request.num_prompt_logprobs})
+    return {**_common(request.params), "prompts": prompts, "prompt_logprobs": request.num_prompt_logprobs}

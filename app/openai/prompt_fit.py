@@ -1,11 +1,10 @@
-"""Requests too big to pass to the inferlet as its argument: an answer or a 400, never a 500.
-
-The runtime takes at most MAX_ARGUMENTS_BYTES of arguments per instance. Below that (every ordinary request)
-nothing happens here: the inferlet tokenizes and checks the context itself. Above it the prompts are
-tokenized here (off the event loop), as vLLM's front end does: a prompt that cannot fit the model's context
-gets vLLM's 400 (`context_length_exceeded`); one that fits is passed as token ids, which are shorter than
-the text that makes up a context. A text too long to fit even at the vocabulary's longest token is refused
-without tokenizing it (the message then gives a lower bound on its tokens).
+"""Prompts as token ids before the launch: tokenized in the front end (off the event loop), as vLLM's front end
+does, so that the default inferlet's start (the time to first token under load) holds no chat template or
+tokenizer call. A prompt that cannot fit the model's context gets vLLM's 400 (`context_length_exceeded`) here; a
+text too long to fit even at the vocabulary's longest token is refused without tokenizing it (the message then
+gives a lower bound on its tokens). Token ids are also shorter than the text that makes up a context, so every
+prompt that fits the context fits the runtime's MAX_ARGUMENTS_BYTES of launch arguments (up to about 150,000
+tokens).
 """
 from __future__ import annotations
 
@@ -17,6 +16,10 @@ from typing import Any
 from pie_server.app.engine_view import EngineView
 from pie_server.app.errors import ApiError
 from pie_server.engine.runtime.runtime import MAX_ARGUMENTS_BYTES
+
+# Prompts up to this many characters are tokenized on the event loop (about 0.1-0.5 ms: a thread's hop and its
+# wait for the GIL under load cost more), longer ones in a worker thread.
+MAX_INLINE_CHARS = 16384
 
 
 def context_length_error(limit: int, num_prompt: int, max_tokens: int | None, param: str,
@@ -30,23 +33,34 @@ def context_length_error(limit: int, num_prompt: int, max_tokens: int | None, pa
         f"Please reduce the length of the messages or completion.", 400, param=param, code="context_length_exceeded")
 
 
-async def fit_arguments(arguments: str, view: EngineView, param: str) -> str:
-    """arguments as they are when small enough; else with every prompt as token ids (or an ApiError)."""
-    if len(arguments.encode()) <= MAX_ARGUMENTS_BYTES:
-        return arguments
-    request = json.loads(arguments)
+async def fit_arguments(request: dict[str, Any], view: EngineView, param: str) -> str:
+    """The default inferlet's launch argument for request (app/openai/inferlet_args.py) with every prompt as
+    token ids, or an ApiError."""
     limit, max_tokens = view.max_context_len, request["max_tokens"]
-    prompts = []
-    for prompt in request["prompts"]:
-        ids = await asyncio.to_thread(_prompt_ids, prompt, view, limit, max_tokens, param)
+    prompts = request["prompts"]
+    if sum(_num_chars(prompt) for prompt in prompts) <= MAX_INLINE_CHARS:
+        all_ids = _all_prompt_ids(prompts, view, limit, max_tokens, param)
+    else:
+        all_ids = await asyncio.to_thread(_all_prompt_ids, prompts, view, limit, max_tokens, param)
+    for ids in all_ids:
         if len(ids) + (max_tokens or 1) > limit:
             raise context_length_error(limit, len(ids), max_tokens, param)
-        prompts.append({"token_ids": ids})
-    fitted = json.dumps({**request, "prompts": prompts}, separators=(",", ":"))
-    if len(fitted.encode()) > MAX_ARGUMENTS_BYTES:  # only with a context of about 150,000 tokens or more
+    fitted = json.dumps({**request, "prompts": [{"token_ids": ids} for ids in all_ids]}, separators=(",", ":"))
+    if len(fitted) > MAX_ARGUMENTS_BYTES:  # ASCII; only with a context of about 150,000 tokens or more
         raise ApiError(f"the request is too large: its prompts take more than {MAX_ARGUMENTS_BYTES} bytes even as "
                        f"token ids", 400, param=param, code="request_too_large")
     return fitted
+
+
+def _num_chars(prompt: dict[str, Any]) -> int:
+    if "messages" in prompt:
+        return sum(len(str(m.get("content") or "")) for m in prompt["messages"]) + len(json.dumps(prompt.get("tools")))
+    return len(prompt.get("text", ""))
+
+
+def _all_prompt_ids(prompts: list[dict[str, Any]], view: EngineView, limit: int, max_tokens: int | None,
+                    param: str) -> list[list[int]]:
+    return [_prompt_ids(prompt, view, limit, max_tokens, param) for prompt in prompts]
 
 
 def _prompt_ids(prompt: dict[str, Any], view: EngineView, limit: int, max_tokens: int | None,
@@ -57,8 +71,8 @@ def _prompt_ids(prompt: dict[str, Any], view: EngineView, limit: int, max_tokens
         try:
             text = view.apply_chat_template(prompt["messages"], prompt.get("tools"),
                                             prompt.get("add_generation_prompt", True))
-        except ValueError as exc:
-            raise ApiError(f"the chat template rejected the conversation: {exc}", 400, param="messages") from None
+        except ValueError as exc:  # the tokenizer's wording (engine/tokenizer.py)
+            raise ApiError(str(exc), 400, param="messages") from None
         prefix: list[int] = []
     else:
         text, prefix = prompt["text"], list(prompt.get("prefix_token_ids", []))

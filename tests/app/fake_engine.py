@@ -118,7 +118,7 @@ def _fake_inferlet(handle: FakeHandle, request: dict[str, Any], tokenizer: FakeT
         if "messages" in prompt:
             prompt_ids.append(tokenizer.encode(tokenizer.apply_chat_template(prompt["messages"])))
         else:
-            prompt_ids.append(prompt.get("token_ids") or tokenizer.encode(prompt["text"]))
+            prompt_ids.append(list(prompt["token_ids"]) if "token_ids" in prompt else tokenizer.encode(prompt["text"]))
     for ids in prompt_ids:
         if len(ids) + (request["max_tokens"] or 1) > max_context_len:
             handle.outbox.put(Event(json.dumps({
