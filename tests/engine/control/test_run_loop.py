@@ -54,20 +54,31 @@ def _steps_per_token(config: ControlConfig) -> float:
     return num_steps / NUM_TOKENS
 
 
+def _fewest_steps_per_token(config: ControlConfig, attempts: int = 3) -> float:
+    """The best of a few runs: eight threads on a loaded 2-core machine may miss a 5 ms gather window once (1.42
+    steps per token seen in one CI run); a loop that does not gather splits every time (~2.0, the test below)."""
+    best = float("inf")
+    for _ in range(attempts):
+        best = min(best, _steps_per_token(config))
+        if best <= 1.35:
+            break
+    return best
+
+
 def test_gathering_keeps_one_step_per_token() -> None:
-    assert _steps_per_token(ControlConfig(gather_max_s=0.005)) <= 1.35
+    assert _fewest_steps_per_token(ControlConfig(gather_max_s=0.005)) <= 1.35
 
 
 def test_pipelined_steps_gather_callers_too() -> None:
     """Pipelined, a step formed before the running one is delivered would lack that step's callers: with only
     forwards of callers running (nothing to continue on the device), the loop delivers first and gathers.
     Without that, the callers split into two cohorts in alternate steps (2.0 steps per token)."""
-    assert _steps_per_token(ControlConfig(pipeline=True, gather_max_s=0.005)) <= 1.35
+    assert _fewest_steps_per_token(ControlConfig(pipeline=True, gather_max_s=0.005)) <= 1.35
 
 
 def test_without_gathering_the_batch_splits() -> None:
     """The failure the gather fixes, shown with it off (so the test above can fail)."""
-    assert _steps_per_token(ControlConfig(gather_max_s=0.0)) >= 1.5
+    assert _fewest_steps_per_token(ControlConfig(gather_max_s=0.0)) >= 1.5
 
 
 def test_gather_settings_are_validated() -> None:
