@@ -192,7 +192,7 @@ class MaskCache:
         self._max_masks = max_masks
         self._max_regexes = max_regexes
         self._masks: OrderedDict[tuple[str, DfaState], bytes] = OrderedDict()
-        self._builds: OrderedDict[str, Future[RegexStates | None]] = OrderedDict()
+        self._builds: OrderedDict[str, Future[RegexStates | None] | None] = OrderedDict()  # None: not cacheable
         self._builder: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -200,23 +200,26 @@ class MaskCache:
         """A tracker at the regex's start (None if the regex is not cacheable). The DFA is built once, in a thread
         of its own (a build may take ~70 ms before it gives up): the matchers that open the regex meanwhile get
         their masks from llguidance until it is done."""
-        if not is_cacheable(pattern):
-            return None
-        return StateTracker(pattern, self.build(pattern))
+        built = self.build(pattern)
+        return None if built is None else StateTracker(pattern, built)
 
-    def build(self, pattern: str) -> Future[RegexStates | None]:
-        """The build of pattern's DFA (started here if it is not known); None as its result: not cacheable."""
+    def build(self, pattern: str) -> Future[RegexStates | None] | None:
+        """The build of pattern's DFA (started here if it is not known; its result None: the DFA outgrew the
+        bound or interegular refused it); None for a regex that is not cacheable. Both are decided once per
+        pattern: reading a pattern's syntax costs ~0.1 ms per 100 characters, and every matcher asks."""
         with self._lock:
-            built = self._builds.get(pattern)
-            if built is not None:
+            if pattern in self._builds:
                 self._builds.move_to_end(pattern)
-                return built
-            if self._builder is None:
-                self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regex-dfa")
-            built = self._builds[pattern] = self._builder.submit(RegexStates.of, pattern)
-            while len(self._builds) > self._max_regexes:
-                self._builds.popitem(last=False)
-            return built
+                return self._builds[pattern]
+        cacheable = is_cacheable(pattern)  # outside the lock
+        with self._lock:
+            if pattern not in self._builds:
+                if cacheable and self._builder is None:
+                    self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="regex-dfa")
+                self._builds[pattern] = self._builder.submit(RegexStates.of, pattern) if cacheable else None
+                while len(self._builds) > self._max_regexes:
+                    self._builds.popitem(last=False)
+            return self._builds[pattern]
 
     def get(self, key: tuple[str, DfaState]) -> bytes | None:
         with self._lock:

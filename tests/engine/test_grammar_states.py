@@ -214,3 +214,21 @@ def test_a_build_that_ends_during_fill_masks_changes_nothing_it_returns(tokenize
     monkeypatch.setattr(grammar_module, "fill_masks_one_by_one", build_ends_meanwhile)
     masks = fill_masks(matchers)
     assert masks == [matchers[0].allowed_token_mask()] * 3 and matchers[0].cache_key is not None
+
+
+def test_a_patterns_syntax_is_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every matcher opening a regex asks for its tracker: the dialect check runs once per pattern, not per ask
+    (counted in the asking thread; the build checks again in its own, RegexStates.of being public)."""
+    calls: list[str] = []
+    real_is_cacheable, asking = grammar_states.is_cacheable, threading.current_thread()
+
+    def counted(pattern: str) -> bool:
+        if threading.current_thread() is asking:
+            calls.append(pattern)
+        return real_is_cacheable(pattern)
+
+    monkeypatch.setattr(grammar_states, "is_cacheable", counted)
+    cache = MaskCache()
+    for _ in range(3):
+        assert cache.tracker("[a-z]{4}") is not None and cache.tracker(r"\d+") is None
+    assert calls == ["[a-z]{4}", r"\d+"]
