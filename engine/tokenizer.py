@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from pie_server.engine.byte_level import ByteLevelStream, byte_level_table
 from pie_server.engine.types import TokenId
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -44,6 +45,7 @@ class Tokenizer:
             i: str(getattr(token, "content", token)) for i, token in added.items()}
         self.chat_template: str | None = getattr(hf_tokenizer, "chat_template", None) or None
         self._token_bytes: list[bytes] | None = None  # built on first vocab() call
+        self._byte_level: list[bytes] | None | bool = False  # byte_level_table(): False until asked
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
@@ -65,6 +67,9 @@ class Tokenizer:
         """The ids as a list of ints; ValueError naming the first one that is not a token of this vocabulary."""
         if type(token_ids) is int and 0 <= token_ids < self.vocab_size:
             return [token_ids]  # the hot path: one sampled token (no exception raised to tell a list from an int)
+        if type(token_ids) is list and len(token_ids) == 1 and type(token_ids[0]) is int \
+                and 0 <= token_ids[0] < self.vocab_size:
+            return [token_ids[0]]  # a streamed token, as a list: no generator to set up
         if type(token_ids) is list and all(type(t) is int and 0 <= t < self.vocab_size for t in token_ids):
             return list(token_ids)
         if isinstance(token_ids, (str, bytes)):
@@ -102,6 +107,16 @@ class Tokenizer:
         if self._token_bytes is None:
             self._token_bytes = _token_bytes_table(self._hf, self.vocab_size, self._decoder_kinds())
         return list(self._token_bytes)
+
+    def byte_level_table(self) -> list[bytes] | None:
+        """token_bytes() when streams may be decoded from it byte by byte (engine/byte_level.py: a byte-level
+        BPE decoder, no clean-up, checked on a sample), else None. Built on the first call, then kept."""
+        if self._byte_level is False:
+            kinds = self._decoder_kinds() if self._backend is not None else set()
+            self._byte_level = byte_level_table(lambda ids: self._decode_checked(ids, False),
+                                                self.token_bytes() if kinds == {"ByteLevel"} else [],
+                                                set(self.added_token_contents), kinds)
+        return self._byte_level  # type: ignore[return-value]
 
     def _decoder_kinds(self) -> set[str]:
         backend = getattr(self._hf, "backend_tokenizer", None)
@@ -215,12 +230,51 @@ class IncrementalDecoder:
         self._window: list[TokenId] = self._trimmed_context(tokenizer.check_ids(context_ids))
         self._num_read = len(self._window)
         self._read_text = self._decode(self._window)
+        # The byte-level fast path (engine/byte_level.py) while the stream holds no added token to print; the
+        # window above stays as it was, and is rebuilt from the last ids if the stream leaves the fast path.
+        table = tokenizer.byte_level_table()
+        self._fast = None if table is None else ByteLevelStream(table, b"".join(table[i] for i in self._window))
+        self._added = tokenizer.added_token_contents
+        self._special = tokenizer.special_token_ids
+        self._recent: list[TokenId] = list(self._window)  # the last ids fed to the fast path (and context)
 
     def add(self, token_ids: int | Iterable[int]) -> str:
         """The new complete text these ids add ('' while a character is still incomplete)."""
         new_ids = self._tokenizer.check_ids(token_ids)  # validated before any state changes
         if not new_ids:
             return ""
+        if self._fast is not None:
+            return self._add_fast(new_ids)
+        return self._add_slow(new_ids)
+
+    def _add_fast(self, new_ids: list[TokenId]) -> str:
+        fast, added, pieces = self._fast, self._added, []
+        assert fast is not None
+        for index, token_id in enumerate(new_ids):
+            if token_id in added:
+                if self._skip_special_tokens and token_id in self._special:
+                    continue  # dropped before decoding, as the tokenizer does: the bytes around it join
+                pieces.append(self._leave_fast_path(new_ids[:index]))
+                pieces.append(self._add_slow(new_ids[index:]))
+                return "".join(pieces)
+            pieces.append(fast.add(token_id))
+        recent = self._recent
+        recent.extend(new_ids)
+        if len(recent) > 4 * self.NUM_CONTEXT_IDS:
+            del recent[:-2 * self.NUM_CONTEXT_IDS]
+        return pieces[0] if len(pieces) == 1 else "".join(pieces)
+
+    def _leave_fast_path(self, last_ids: list[TokenId]) -> str:
+        """An added token to print: the slow path from here on, its window the last ids (all emitted; an
+        incomplete character they end in is emitted as U+FFFD, as the tokenizer prints it before the token)."""
+        assert self._fast is not None
+        text, self._fast = self._fast.flush(), None
+        self._window = self._trimmed_context([*self._recent, *last_ids])
+        self._num_read = len(self._window)
+        self._read_text = self._decode(self._window)
+        return text
+
+    def _add_slow(self, new_ids: list[TokenId]) -> str:
         self._window.extend(new_ids)
         text = self._decode(self._window)
         if not text.endswith(REPLACEMENT_CHAR):
@@ -229,6 +283,8 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         """Whatever is pending, complete or not (call at the end of the stream)."""
+        if self._fast is not None:
+            return self._fast.flush()
         if len(self._window) == self._num_read:
             return ""
         return self._emit(len(self._window), self._decode(self._window))
