@@ -24,14 +24,15 @@ NUM_CHECKED_IDS = 512  # single ids decoded both ways when the table is built
 NUM_CHECKED_RUNS = 64  # and runs of random ids (invalid byte sequences included)
 
 
-def byte_level_table(decode: Callable[[list[TokenId]], str], token_bytes: Sequence[bytes],
+def byte_level_table(decode: Callable[[list[TokenId]], str], token_bytes: Callable[[], Sequence[bytes]],
                      added_ids: set[TokenId], decoder_kinds: set[str], seed: int = 0) -> list[bytes] | None:
-    """token_bytes when the stream of a vocabulary may be decoded from it (decoder_kinds: its tokenizer.json
-    decoder steps, only {'ByteLevel'} qualifies; decode: the tokenizer's, without clean-up), else None. A
-    sample of ids and runs is decoded both ways: one difference and the fast path stays off."""
+    """token_bytes() when the stream of a vocabulary may be decoded from it (decoder_kinds: its tokenizer.json
+    decoder steps, only {'ByteLevel'} qualifies, and only then is token_bytes called; decode: the tokenizer's,
+    without clean-up), else None. A sample of ids and runs is decoded both ways: one difference and the fast path
+    stays off."""
     if decoder_kinds != {"ByteLevel"}:
         return None
-    table = list(token_bytes)
+    table = list(token_bytes())
     regular = [i for i in range(len(table)) if i not in added_ids and table[i]]
     if not regular:
         return None

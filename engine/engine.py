@@ -54,7 +54,6 @@ class Engine:
         model_dir = resolve_model_dir(model)
         model_config = load_model_config(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
-        tokenizer.byte_level_table()  # streams' fast detokenization, built before the first request needs it
         # one compiler for the control layer's grammar decodes and the runtime's checks of them
         grammars = LazyCompiler(functools.partial(GrammarCompiler.for_tokenizer, tokenizer, model_config.vocab_size))
         executor, control = _start_control(model_dir, model_config, config, progress, grammars)

@@ -53,7 +53,6 @@ class FrontEngine:
             raise RuntimeError(core.load_error() or str(gone)) from None
         facts = control.facts
         tokenizer = Tokenizer.from_dir(Path(facts.model_dir))
-        tokenizer.byte_level_table()  # streams' fast detokenization, built before the first request needs it
         config = dataclasses.replace(with_decode_choice(runtime_config or RuntimeConfig()),
                                      decode_room_pages=FRONT_END_DECODE_ROOM_PAGES)
         runtime = Runtime(control, EngineTokenizerAdapter(tokenizer),

@@ -113,8 +113,7 @@ class Tokenizer:
         BPE decoder, no clean-up, checked on a sample), else None. Built on the first call, then kept."""
         if self._byte_level is False:
             kinds = self._decoder_kinds() if self._backend is not None else set()
-            self._byte_level = byte_level_table(lambda ids: self._decode_checked(ids, False),
-                                                self.token_bytes() if kinds == {"ByteLevel"} else [],
+            self._byte_level = byte_level_table(lambda ids: self._decode_checked(ids, False), self.token_bytes,
                                                 set(self.added_token_contents), kinds)
         return self._byte_level  # type: ignore[return-value]
 

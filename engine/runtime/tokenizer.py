@@ -42,6 +42,10 @@ class EngineTokenizerAdapter:
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
         self._vocabulary: list[bytes] | None = None
+        # new_decoder's byte-level table (engine/byte_level.py), built with the runtime, not by its first request
+        build_table = getattr(tokenizer, "byte_level_table", None)
+        if callable(build_table):
+            build_table()
 
     def encode(self, text: str) -> list[TokenId]:
         return list(self._tokenizer.encode(text))

@@ -83,10 +83,10 @@ def test_only_a_vocabulary_that_decodes_byte_by_byte_qualifies(tokenizer: Tokeni
     table = tokenizer.vocab()
     added = set(tokenizer.added_token_contents)
     decode = tokenizer.decode
-    assert byte_level_table(decode, table, added, {"ByteLevel"}) == table
-    assert byte_level_table(decode, table, added, {"Replace:▁", "ByteFallback"}) is None
-    assert byte_level_table(decode, table, added, {"ByteLevel", "Strip"}) is None
-    assert byte_level_table(lambda ids: decode(ids).strip(), table, added, {"ByteLevel"}) is None  # a clean-up
+    assert byte_level_table(decode, lambda: table, added, {"ByteLevel"}) == table
+    assert byte_level_table(decode, lambda: table, added, {"Replace:▁", "ByteFallback"}) is None
+    assert byte_level_table(decode, lambda: table, added, {"ByteLevel", "Strip"}) is None
+    assert byte_level_table(lambda ids: decode(ids).strip(), lambda: table, added, {"ByteLevel"}) is None  # clean-up
 
 
 def test_a_sentencepiece_tokenizer_keeps_the_slow_path(tmp_path: Path) -> None:
