@@ -224,18 +224,28 @@ class IncrementalDecoder:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._spaces_between_special_tokens = spaces_between_special_tokens
-        # Invariant: _window[:_num_read] was emitted (or is context) and decodes to _read_text, which does not
-        # end inside a character; _window[_num_read:] is pending.
-        self._window: list[TokenId] = self._trimmed_context(tokenizer.check_ids(context_ids))
-        self._num_read = len(self._window)
-        self._read_text = self._decode(self._window)
-        # The byte-level fast path (engine/byte_level.py) while the stream holds no added token to print; the
-        # window above stays as it was, and is rebuilt from the last ids if the stream leaves the fast path.
-        table = tokenizer.byte_level_table()
-        self._fast = None if table is None else ByteLevelStream(table, b"".join(table[i] for i in self._window))
+        context = tokenizer.check_ids(context_ids)
         self._added = tokenizer.added_token_contents
         self._special = tokenizer.special_token_ids
-        self._recent: list[TokenId] = list(self._window)  # the last ids fed to the fast path (and context)
+        # The byte-level fast path (engine/byte_level.py) while the stream holds no added token to print; the
+        # slow path's window is set up only when the stream leaves it (from the last ids) or never takes it.
+        table = tokenizer.byte_level_table()
+        self._fast = None if table is None else ByteLevelStream(
+            table, b"".join(table[i] for i in context[-self.NUM_CONTEXT_IDS:]))
+        self._recent: list[TokenId] = context[-2 * self.NUM_CONTEXT_IDS:]  # the last ids fed to the fast path
+        # Invariant (slow path): _window[:_num_read] was emitted (or is context) and decodes to _read_text, which
+        # does not end inside a character; _window[_num_read:] is pending.
+        self._window: list[TokenId] = []
+        self._num_read = 0
+        self._read_text = ""
+        if self._fast is None:
+            self._start_window(context)
+
+    def _start_window(self, read_ids: list[TokenId]) -> None:
+        """The slow path's window: the last of read_ids (emitted or context) as left context, nothing pending."""
+        self._window = self._trimmed_context(read_ids)
+        self._num_read = len(self._window)
+        self._read_text = self._decode(self._window)
 
     def add(self, token_ids: int | Iterable[int]) -> str:
         """The new complete text these ids add ('' while a character is still incomplete)."""
@@ -268,9 +278,7 @@ class IncrementalDecoder:
         incomplete character they end in is emitted as U+FFFD, as the tokenizer prints it before the token)."""
         assert self._fast is not None
         text, self._fast = self._fast.flush(), None
-        self._window = self._trimmed_context([*self._recent, *last_ids])
-        self._num_read = len(self._window)
-        self._read_text = self._decode(self._window)
+        self._start_window([*self._recent, *last_ids])
         return text
 
     def _add_slow(self, new_ids: list[TokenId]) -> str:
