@@ -5,8 +5,17 @@ runtime + control layer, the path every OpenAI request takes, minus HTTP) vs. th
     .venv/bin/python bench/programmability_tax.py [--model PATH] [--batch 1 8 32] [--prompt-tokens 64]
         [--max-tokens 64] [--repeats 3] [--json bench/results/programmability_tax.json] [--api-processes 1]
 
-TPOT(direct) = wall time of the decode steps / (max_tokens - 1), prefill excluded. TPOT(inferlet) = per
-instance (last text message - first text message) / (max_tokens - 1), median over instances. The baseline
+TPOT(direct) = wall time of the decode steps / (max_tokens - 1), prefill excluded. TPOT(inferlet), two ways:
+- span: per instance (last text message - first text message) / (max_tokens - 1), median over instances. The
+  instances start one after another (each is instantiated and runs to its prompt in the front end), so the first
+  ones' spans hold steps that prefill the later ones' prompts beside their decodes;
+- steady: over the window in which every instance decodes (from the last instance's first token to the first
+  instance's last one), per instance the time between its first and last token inside the window over their
+  count - 1, median over instances: the decode steps of the whole batch, as the baseline times them (its prompts
+  are prefilled in one step, before its clock starts). Token times are taken where the front end's generate
+  loop accepts each token (a hook on api_generate._accept: text messages cannot be counted as tokens, since a
+  token that ends inside a UTF-8 character sends none). The tax is the steady one; the span tax says what
+  staggered starts add. The baseline
 runs on its own executor with the same weights; the two paths alternate (never at the same time) so that
 drifting machine load hits both alike. Distinct prompts, so the prefix cache cannot skip work the baseline
 does. steps/token: the engine's executor steps per generated token of the batch, prefill included (about
@@ -16,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import json
 import statistics
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -28,6 +40,7 @@ from pie_server.engine.step import SamplingParams
 from pie_server.engine.executor.direct import DirectGenerator
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.model.loader import load_model_config, load_weights, resolve_model_dir
+from pie_server.engine.runtime import api_generate
 from pie_server.engine.runtime.messages import Event, Terminated, Text
 
 
@@ -56,28 +69,65 @@ def direct_tpot(executor: Executor, prompts: list[list[int]], max_tokens: int, p
     return elapsed / (max_tokens - 1)
 
 
-async def inferlet_tpot(engine, program_hash: str, prompts: list[list[int]], max_tokens: int) -> float:  # noqa: ANN001
-    async def one(prompt: list[int]) -> float:
-        args = {"version": 1, "prompts": [{"token_ids": prompt}], "n": 1, "max_tokens": max_tokens,
-                "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": None,
-                             "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-                             "logit_bias": [], "num_logprobs": None},
-                "stop": [], "stop_token_ids": [], "ignore_eos": True, "constraint": None}
-        handle = engine.runtime.launch(program_hash, [json.dumps(args)], "bench")
-        stamps: list[float] = []
-        while True:
-            message = await handle.next_message()
-            if isinstance(message, Event) and json.loads(message.json)["type"] == "prompt":
-                handle.send("go")
-            elif isinstance(message, Text) and message.text:
-                stamps.append(time.perf_counter())
-            elif isinstance(message, Terminated):
-                if not message.ok:
-                    raise RuntimeError(message.error)
-                break
-        return (stamps[-1] - stamps[0]) / (max_tokens - 1)
+@contextlib.contextmanager
+def token_clock() -> Iterator[dict[str, list[float]]]:
+    """Per instance id, the time each generated token reached the front end's generate loop (runs on the
+    runtime's scheduler thread, in this process whatever --api-processes says)."""
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    accept = api_generate._accept
 
-    return statistics.median(await asyncio.gather(*[one(p) for p in prompts]))
+    def timed(seq, inst, *rest):  # noqa: ANN001, ANN002, ANN202
+        times[inst.id].append(time.perf_counter())
+        return accept(seq, inst, *rest)
+
+    api_generate._accept = timed
+    try:
+        yield times
+    finally:
+        api_generate._accept = accept
+
+
+async def inferlet_tpot(engine, program_hash: str, prompts: list[list[int]],  # noqa: ANN001
+                        max_tokens: int) -> tuple[float, float]:
+    """(steady TPOT, span TPOT) in seconds (see the module's doc)."""
+    with token_clock() as token_times:
+        spans = await asyncio.gather(*[_one(engine, program_hash, p, max_tokens) for p in prompts])
+    return steady_tpot(list(token_times.values())), statistics.median(spans)
+
+
+async def _one(engine, program_hash: str, prompt: list[int], max_tokens: int) -> float:  # noqa: ANN001
+    """One instance's span TPOT (text messages as the client gets them)."""
+    args = {"version": 1, "prompts": [{"token_ids": prompt}], "n": 1, "max_tokens": max_tokens,
+            "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": None,
+                         "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                         "logit_bias": [], "num_logprobs": None},
+            "stop": [], "stop_token_ids": [], "ignore_eos": True, "constraint": None}
+    handle = engine.runtime.launch(program_hash, [json.dumps(args)], "bench")
+    stamps: list[float] = []
+    while True:
+        message = await handle.next_message()
+        if isinstance(message, Event) and json.loads(message.json)["type"] == "prompt":
+            handle.send("go")
+        elif isinstance(message, Text) and message.text:
+            stamps.append(time.perf_counter())
+        elif isinstance(message, Terminated):
+            if not message.ok:
+                raise RuntimeError(message.error)
+            break
+    return (stamps[-1] - stamps[0]) / (max_tokens - 1)
+
+
+def steady_tpot(token_times: list[list[float]]) -> float:
+    """Median over instances of the time per token inside the window where all decode (an instance with fewer
+    than two tokens there counts its whole span)."""
+    opened, closed = max(t[0] for t in token_times), min(t[-1] for t in token_times)
+    tpots = []
+    for times in token_times:
+        inside = [t for t in times if opened <= t <= closed]
+        if len(inside) < 2:
+            inside = times
+        tpots.append((inside[-1] - inside[0]) / (len(inside) - 1))
+    return statistics.median(tpots)
 
 
 def _start_engine(model: str | None, config: EngineConfig, api_processes: int):  # noqa: ANN202
@@ -141,22 +191,25 @@ def main() -> None:
             pipelined = config.device != "cpu"  # as ControlConfig.for_engine decides
             direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, 99), 4, pipelined)  # warm-ups
             asyncio.run(inferlet_tpot(engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 98), 4))
-            directs, inferlets = [], []
+            directs, steadies, spans = [], [], []
             steps[0] = 0
             for r in range(args.repeats):
                 directs.append(direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, r), args.max_tokens,
                                            pipelined))
-                inferlets.append(asyncio.run(inferlet_tpot(
-                    engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 10 + r), args.max_tokens)))
-            direct, inferlet = statistics.median(directs), statistics.median(inferlets)
-            tax = inferlet / direct - 1
+                steady, span = asyncio.run(inferlet_tpot(
+                    engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 10 + r), args.max_tokens))
+                steadies.append(steady)
+                spans.append(span)
+            direct, inferlet, span = statistics.median(directs), statistics.median(steadies), statistics.median(spans)
+            tax, span_tax = inferlet / direct - 1, span / direct - 1
             steps_per_token = steps[0] / (args.repeats * args.max_tokens)
             rows.append({"batch": batch, "tpot_direct_ms": 1000 * direct, "tpot_inferlet_ms": 1000 * inferlet,
-                         "tax_percent": 100 * tax,
+                         "tax_percent": 100 * tax, "tpot_inferlet_span_ms": 1000 * span,
+                         "span_tax_percent": 100 * span_tax,
                          "engine_steps_per_token": steps_per_token if core is None else None})
             print(f"batch {batch:>3}: TPOT direct {1000 * direct:7.2f} ms   default inferlet "
-                  f"{1000 * inferlet:7.2f} ms   tax {100 * tax:+6.1f}%   steps/token {steps_per_token:.2f}",
-                  flush=True)
+                  f"{1000 * inferlet:7.2f} ms   tax {100 * tax:+6.1f}%   (whole span {1000 * span:7.2f} ms, "
+                  f"{100 * span_tax:+6.1f}%)   steps/token {steps_per_token:.2f}", flush=True)
     finally:
         engine.close()
         if core is not None:
