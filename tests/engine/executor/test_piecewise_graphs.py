@@ -120,3 +120,59 @@ def test_config_validation_and_step_budget() -> None:
     assert PiecewiseConfig.for_step_budget(4096, 2048).buckets[-5:] == (512, 768, 1024, 1536, 2048)
     assert PiecewiseConfig.for_step_budget(1200, 2048).buckets[-3:] == (768, 1024, 1200)
     assert PiecewiseConfig.for_step_budget(4096, 40).buckets == (16, 32, 40)
+
+
+class _WholeAttention:
+    """A whole-step attention on CPU (the GPU's is FlashInfer's graph mode): the real rows through TorchAttention
+    planned for the step, the padding rows' outputs set to a large value (they must never reach a real row);
+    fits() only below `max_seqs` sequences, so larger steps take the pieces."""
+
+    def __init__(self, max_seqs: int) -> None:
+        self.max_seqs = max_seqs
+        self.planned: list[AttentionStep | None] = []
+        self._torch = TorchAttention()
+        self._num_tokens = 0
+
+    def fits(self, step: AttentionStep) -> bool:
+        return step.num_seqs <= self.max_seqs
+
+    def plan(self, step: AttentionStep | None) -> None:
+        self.planned.append(step)
+        if step is not None:
+            self._torch.plan(step)
+        self._num_tokens = 0 if step is None else step.num_tokens
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        t = self._num_tokens
+        out[t:] = 1e4
+        if t:
+            self._torch.attend(q[:t], kv_cache, out=out[:t])
+        return out
+
+
+def test_whole_steps_equal_the_regular_forward_and_others_take_the_pieces(model: LlamaModel) -> None:
+    whole_caches, eager_caches = _caches(model), _caches(model)
+    attentions: dict[int, _WholeAttention] = {}
+
+    def make(num_rows: int) -> _WholeAttention:
+        attentions[num_rows] = _WholeAttention(max_seqs=1)
+        return attentions[num_rows]
+
+    runner = PiecewiseGraphs.for_model(model, whole_caches, PiecewiseConfig(BUCKETS, capture=False), make)
+    assert sorted(attentions) == list(BUCKETS)
+    assert all(a.planned == [None] for a in attentions.values())  # planned with padding only, for the capture
+    rng = np.random.default_rng(1)
+    # One sequence (whole, bucket 16 with 3 padding rows), two sequences (pieces: fits() says no), one again
+    # (whole, bucket 4, full).
+    steps = [[([0, 1, 2, 3], 13, 13)], [([0, 1, 2, 3], 16, 3), ([5], 2, 2)], [([5, 6], 6, 4)]]
+    for sequences in steps:
+        step, positions = _step(sequences)
+        token_ids = rng.integers(0, model.config.vocab_size, len(positions))
+        want = _eager(model, token_ids, positions, step, eager_caches)
+        got = runner.forward(token_ids, positions, step, TorchAttention())
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(whole_caches, eager_caches))
+    assert (runner.num_replays, runner.num_whole_replays) == (3, 2)
+    assert [s.num_tokens for s in attentions[16].planned[1:]] == [13]
+    assert [s.num_tokens for s in attentions[4].planned[1:]] == [4]
+    assert attentions[8].planned == [None]  # the two-sequence step was not planned on the whole path
