@@ -9,9 +9,6 @@ the tokens back on the host), median of --steps steps after warm-up, in one proc
 - mixed B: one sequence appends 32 tokens beside B sequences decoding one token each (all at --context);
 - decode B: B sequences decode one token each (the decode graphs; the reference a mixed step is compared to).
 
-graphs_ms: as the executor runs it (whole-step graphs where a step fits them); pieces_ms: the pieces with the
-attention run eagerly between them (whole-step graphs unused); eager_ms: no piecewise graphs at all.
-
 Random bf16 weights of real shapes (speed does not depend on values; K/V left at zero), FlashInfer attention.
 
     python -m bench.gpu_mixed_steps --shapes smollm2-135m llama-3.1-8b --save gpu_mixed_steps_h200
@@ -67,15 +64,12 @@ def bench_shape(name: str, args: argparse.Namespace) -> list[dict]:
     for label, num_tokens, batch in _scenarios(args, pages_per_seq):
         step = functools.partial(executor.execute, batch)
         graphed_ms = median_ms(step, args.steps, warmup=3)
-        pieces.use_whole = False
-        pieces_ms = median_ms(step, args.steps, warmup=3)
-        pieces.use_whole = True
         executor.piecewise_graphs = None
         eager_ms = median_ms(step, args.steps, warmup=3)
         executor.piecewise_graphs = pieces
         rows.append({"shape": name, "step": label, "tokens": num_tokens, "context": args.context,
-                     "graphs_ms": graphed_ms, "pieces_ms": pieces_ms, "eager_ms": eager_ms,
-                     "speedup": eager_ms / graphed_ms, "setup_s": setup_s})
+                     "graphs_ms": graphed_ms, "eager_ms": eager_ms, "speedup": eager_ms / graphed_ms,
+                     "setup_s": setup_s})
     del executor, pieces
     gc.collect()
     torch.cuda.empty_cache()
@@ -92,7 +86,7 @@ def main() -> None:
     parser.add_argument("--save", default=None, help="write bench/results/SAVE.json")
     args = parser.parse_args()
     rows = [row for name in args.shapes for row in bench_shape(name, args)]
-    headers = ["shape", "step", "tokens", "graphs_ms", "pieces_ms", "eager_ms", "speedup"]
+    headers = ["shape", "step", "tokens", "graphs_ms", "eager_ms", "speedup"]
     print(f"device: {device_info()['card']}")
     print(format_table(headers, [[row[h] for h in headers] for row in rows]))
     if args.save:

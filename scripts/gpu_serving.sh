@@ -21,7 +21,6 @@
 #   bash scripts/gpu_serving.sh vllm-offline SHAPE    # vLLM's offline.py: TPOT at batch 1 and 64, 512 x (512 + 256)
 #   bash scripts/gpu_serving.sh offline SHAPE         # python -m bench.gpu_throughput: our 512 x (512 + 256)
 #   bash scripts/gpu_serving.sh decode SHAPE CONTEXT  # python -m bench.gpu_decode at batch 1, 16, 64 (TPOT, floor)
-#   bash scripts/gpu_serving.sh mixed SHAPE           # python -m bench.gpu_mixed_steps: whole-step graphs, pieces, eager
 #   bash scripts/gpu_serving.sh tp                    # tensor parallelism vs TP=1 (pytest -m gpu, needs 2+ GPUs)
 #   bash scripts/gpu_serving.sh tp-bench ARGS...      # python -m bench.tp_decode ARGS (consumes the rest)
 #   bash scripts/gpu_serving.sh grammar-masks SHAPE   # python -m bench.grammar_masks (this host's CPUs): $OUT/grammar_masks_SHAPE.txt
@@ -232,8 +231,6 @@ while [ $# -gt 0 ]; do
               cp bench/results/tp_decode.json "$OUT/" 2>/dev/null; shift $# ;;
     breakdown) breakdown "$2" "$3" "$ROOT"; shift 3 ;;
     base-breakdown) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH breakdown "$2" "base_$3" /tmp/base; shift 3 ;;
-    mixed) timeout 300 python3 -m bench.gpu_mixed_steps --shapes "$2" 2>&1 | tail -16 | tee "$OUT/mixed_steps_$2.txt"
-           shift 2 ;;
     grammar-masks) timeout 200 python3 -m bench.grammar_masks --model $M/$2 2>&1 | tee "$OUT/grammar_masks_$2.txt"; shift 2 ;;
     gpu-test) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs "$2" 2>&1 | tail -15 \
                 | tee -a "$OUT/gpu_test.log"; shift 2 ;;

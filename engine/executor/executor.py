@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from types import ModuleType
-from typing import TYPE_CHECKING, Callable, MutableMapping
+from typing import TYPE_CHECKING, MutableMapping
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from pie_server.engine.step import Batch, StepResult
 from pie_server.engine.executor.kv_pool import KVPool, kv_bytes_per_page, plan_num_pages, plan_num_swap_slots
 from pie_server.engine.executor.memory import MemoryPlan, decode_probe, pieces_probe, prefill_probe, probe_num_pages
 from pie_server.engine.executor.pending import PendingStep, StepOutputs
-from pie_server.engine.executor.piecewise_graphs import PiecewiseConfig, PiecewiseGraphs, WholeStepAttention
+from pie_server.engine.executor.piecewise_graphs import PiecewiseConfig, PiecewiseGraphs
 from pie_server.engine.executor.sampler import SampledOutputs, Sampler, all_plain_greedy, greedy_outputs
 from pie_server.engine.executor.step_inputs import StepInputs, build_step_inputs
 from pie_server.engine.model.llama import LlamaModel
@@ -272,31 +272,7 @@ def _piecewise_config(model: LlamaModel, attention: AttentionBackend, engine: En
 def _piecewise_graphs(model: LlamaModel, kv: KVPool, attention: AttentionBackend,
                       engine: EngineConfig) -> PiecewiseGraphs | None:
     config = _piecewise_config(model, attention, engine)
-    if config is None:
-        return None
-    return PiecewiseGraphs.for_model(model, kv.layers, config, _whole_step_attention(model, kv, attention, config,
-                                                                                    engine))
-
-
-def _whole_step_attention(model: LlamaModel, kv: KVPool, attention: AttentionBackend, pieces: PiecewiseConfig,
-                          engine: EngineConfig) -> Callable[[int], WholeStepAttention] | None:
-    """Each bucket's FlashInfer prefill in CUDA-graph mode for whole-step graphs (piecewise_graphs.py), sharing
-    the eager backend's workspace (steps run one at a time) and one page-id buffer; PIE_WHOLE_STEP_GRAPHS=0
-    leaves them out (A/B benchmarks)."""
-    workspace = getattr(attention, "workspace", None)
-    if os.environ.get("PIE_WHOLE_STEP_GRAPHS", "1") == "0" or workspace is None:
-        return None
-    from pie_server.kernels.flashinfer_attention import AttentionShape
-    from pie_server.kernels.flashinfer_graph_prefill import GraphPrefillAttention
-    cfg = model.config
-    shape = AttentionShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, model.dtype)
-    max_seqs = engine.max_batch_size + 1  # the step's sequences and one over its padding rows
-    page_ids = torch.zeros(kv.num_pages + max_seqs + pieces.max_tokens, dtype=torch.int32, device=model.device)
-
-    def make(num_rows: int) -> WholeStepAttention:
-        return GraphPrefillAttention(shape, workspace, kv.page_size, num_rows, min(num_rows, max_seqs - 1) + 1,
-                                     page_ids, model.device)
-    return make
+    return None if config is None else PiecewiseGraphs.for_model(model, kv.layers, config)
 
 
 def _kernels_for(device: torch.device) -> tuple[ModuleType, AttentionBackend]:

@@ -23,11 +23,6 @@ Invariants:
 - Pieces of all buckets share one memory pool; only one piece runs at a time (one stream).
 
 `capture=False` runs the same pieces without graphs (CPU tests check padding and order against forward()).
-
-Whole steps (given a `whole` attention factory, FlashInfer's prefill kernel in CUDA-graph mode:
-kernels/flashinfer_graph_prefill.py): each bucket also captures one graph of all its pieces with the attention
-kernels between them, so a step that fits (no custom mask, at most the bucket's sequences) is one replay and one
-attention plan instead of L + 1 replays and L attention calls from Python. Other steps take the pieces.
 """
 from __future__ import annotations
 
@@ -50,18 +45,6 @@ if TYPE_CHECKING:
 BUCKET_SIZES = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_BUCKETS = tuple(b for b in BUCKET_SIZES if b <= DEFAULT_MAX_TOKENS)
-
-
-class WholeStepAttention(Protocol):
-    """One bucket's attention inside a whole-step graph (kernels/flashinfer_graph_prefill.py)."""
-
-    def fits(self, step: AttentionStep) -> bool: ...
-
-    def plan(self, step: AttentionStep | None) -> None:
-        """For step (None: padding only, before the capture)."""
-
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """q, out: the bucket's [N, Hq, D] rows."""
 
 
 class PiecewiseDecoder(Protocol):
@@ -123,9 +106,8 @@ class PiecewiseGraphs:
     """Runs steps of up to config.max_tokens tokens as pieces; supports() says which, forward() runs one."""
 
     def __init__(self, model: PiecewiseDecoder, kv_caches: list[torch.Tensor], hidden_size: int,
-                 q_shape: tuple[int, int], config: PiecewiseConfig = PiecewiseConfig(),
-                 whole: Callable[[int], WholeStepAttention] | None = None) -> None:
-        """q_shape: (Hq, D); whole: a bucket's attention for whole-step graphs, by its number of rows."""
+                 q_shape: tuple[int, int], config: PiecewiseConfig = PiecewiseConfig()) -> None:
+        """q_shape: (Hq, D)."""
         self.model, self.kv_caches, self.config = model, kv_caches, config
         rows, device, dtype = config.max_tokens, model.device, model.dtype
         # Bucket N's int64 inputs, its first 5N entries: token ids, positions, K/V pages, offsets, source rows (all
@@ -136,33 +118,24 @@ class PiecewiseGraphs:
         self._attended = torch.zeros(rows, q_shape[0] * q_shape[1], dtype=dtype, device=device)
         self._hidden = torch.zeros(rows, hidden_size, dtype=dtype, device=device)
         self.num_replays = 0
-        self.num_whole_replays = 0  # of num_replays, those of a whole-step graph
-        self.use_whole = whole is not None  # False: whole-step graphs stay unused (in-process A/B benchmarks)
         self._pieces: dict[int, list[Callable[[], None]]] = {}
-        self._whole: dict[int, tuple[WholeStepAttention, Callable[[], None]]] = {}
         pool = torch.cuda.graph_pool_handle() if config.capture else None
         warm_up = torch.cuda.Stream(device) if config.capture else None
         saved = [cache[0].clone() for cache in kv_caches] if config.capture else []
         for size in reversed(config.buckets):  # largest first: later captures reuse its memory
-            carried = self._carried(size)
-            pieces = self._pieces_of(carried)
+            pieces = self._pieces_of(self._carried(size))
             self._pieces[size] = [self._capture(piece, pool, warm_up) for piece in pieces] if config.capture \
                 else pieces
-            if whole is not None:
-                attention = whole(size)
-                attention.plan(None)
-                step = self._whole_step(pieces, attention, carried)
-                self._whole[size] = (attention, self._capture(step, pool, warm_up) if config.capture else step)
         for cache, page in zip(kv_caches, saved):
             cache[0].copy_(page)
         if config.capture:
             torch.cuda.synchronize(device)
 
     @classmethod
-    def for_model(cls, model: "LlamaModel", kv_caches: list[torch.Tensor], config: PiecewiseConfig,
-                  whole: Callable[[int], WholeStepAttention] | None = None) -> "PiecewiseGraphs":
+    def for_model(cls, model: "LlamaModel", kv_caches: list[torch.Tensor],
+                  config: PiecewiseConfig) -> "PiecewiseGraphs":
         cfg = model.config
-        return cls(model, kv_caches, cfg.hidden_size, (cfg.num_heads, cfg.head_dim), config, whole)
+        return cls(model, kv_caches, cfg.hidden_size, (cfg.num_heads, cfg.head_dim), config)
 
     def supports(self, step: AttentionStep) -> bool:
         return 1 <= step.num_tokens <= self.config.max_tokens
@@ -183,12 +156,7 @@ class PiecewiseGraphs:
         if not self.supports(step) or num_tokens != step.num_tokens:
             raise ValueError(f"a step of {num_tokens} tokens is not one this runner takes (see supports())")
         size = self.bucket(num_tokens)
-        whole = self._whole.get(size) if self.use_whole else None
-        if whole is not None and whole[0].fits(step):
-            whole[0].plan(step)
-        else:
-            whole = None
-            attention.plan(step)
+        attention.plan(step)
         pad = np.zeros(size - num_tokens, np.int64)
         slots = np.concatenate([np.asarray(step.slot_ids, np.int64), pad + step.slot_ids[0]])
         rows = np.concatenate([token_ids, pad, positions, pad, slots // step.page_size, slots % step.page_size,
@@ -196,17 +164,13 @@ class PiecewiseGraphs:
         self._inputs[:5 * size].copy_(pinned(rows, self.model.device), non_blocking=True)
         if fed is not None:
             self._inputs.index_copy_(0, *fed)  # token ids come first
-        self.num_replays += 1
-        if whole is not None:
-            whole[1]()
-            self.num_whole_replays += 1
-            return self._hidden[:num_tokens]
         pieces, q = self._pieces[size], self._q[:num_tokens]
         attended = self._attended[:num_tokens].view(q.shape)  # [T, Hq, D]: the backend writes into it
         pieces[0]()
         for index, kv_cache in enumerate(self.kv_caches):
             attention.attend(q, kv_cache, out=attended)
             pieces[index + 1]()
+        self.num_replays += 1
         return self._hidden[:num_tokens]
 
     # -- pieces -----------------------------------------------------------------------------------------
@@ -240,20 +204,6 @@ class PiecewiseGraphs:
             _store(carried.hidden, model.final_norm(hidden, residual))
 
         return [first, *(between(i) for i in range(1, len(kv_caches))), last]
-
-    def _whole_step(self, pieces: list[Callable[[], None]], attention: WholeStepAttention,
-                    carried: _Carried) -> Callable[[], None]:
-        """All of a bucket's pieces with the attention over all its rows between them (padding rows included:
-        the padded plan gives them a sequence of their own)."""
-        kv_caches, q = self.kv_caches, carried.q
-        attended = carried.attended.view(q.shape)
-
-        def step() -> None:
-            pieces[0]()
-            for index, kv_cache in enumerate(kv_caches):
-                attention.attend(q, kv_cache, out=attended)
-                pieces[index + 1]()
-        return step
 
     def _capture(self, piece: Callable[[], None], pool: object, stream: torch.cuda.Stream) -> Callable[[], None]:
         device = self.model.device

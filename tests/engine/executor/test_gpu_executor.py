@@ -197,14 +197,10 @@ def test_a_16_bucket_decode_graph_equals_eager(hf_model: torch.nn.Module, triton
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("whole", [True, False], ids=["whole-step graphs", "pieces"])
-def test_piecewise_graph_steps_equal_eager(hf_model: torch.nn.Module, whole: bool,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prompt chunks, and chunks beside decode rows, replayed from piecewise graphs (engine/executor/
-    piecewise_graphs.py: whole-step graphs with FlashInfer's prefill captured, or the pieces with it run eagerly)
+def test_piecewise_graph_steps_equal_eager(hf_model: torch.nn.Module) -> None:
+    """Prompt chunks, and chunks beside decode rows, replayed as pieces (engine/executor/piecewise_graphs.py)
     give the eager forward's logits at every row, and the same greedy continuation."""
     from pie_server.engine.executor.direct import DirectGenerator
-    monkeypatch.setenv("PIE_WHOLE_STEP_GRAPHS", "1" if whole else "0")
     prompts = _prompts()
     runs = []
     for piecewise in (True, False):
@@ -228,7 +224,6 @@ def test_piecewise_graph_steps_equal_eager(hf_model: torch.nn.Module, whole: boo
         runs.append((torch.cat(chunks), executor))
     (pieces, graphed), (eager, _) = runs
     assert graphed.piecewise_graphs.num_replays == -(-max(PROMPT_LENS) // 24)
-    assert graphed.piecewise_graphs.num_whole_replays == (graphed.piecewise_graphs.num_replays if whole else 0)
     assert _relative_error(pieces, eager) < 1e-2
     assert (pieces.argmax(-1) == eager.argmax(-1)).float().mean().item() > 0.97
     for prompt, got, want in zip(prompts, _generate(_executor(hf_model), prompts),
