@@ -6,7 +6,8 @@
 #   bash scripts/gpu_serving.sh pie SHAPE [N]         # pie serve --api-processes N (default 1)
 #   bash scripts/gpu_serving.sh base-pie SHAPE N      # the same over .base/tree.tgz's code (see base-breakdown)
 #   bash scripts/gpu_serving.sh models                # only the model folders
-#   bash scripts/gpu_serving.sh tax SHAPE [N]         # bench/programmability_tax.py --api-processes N (default 0)
+#   bash scripts/gpu_serving.sh tax SHAPE [N]         # bench/programmability_tax.py --api-processes N (default 0;
+#                                                     # TAX_REPEATS=9: more repeats than 3)
 #   bash scripts/gpu_serving.sh agentic SHAPE ARGS... # python -m bench.agentic on SHAPE (consumes the rest; ARGS
 #                                                     # override, e.g. --concurrency 1 16 128); $OUT/agentic_SHAPE.json
 #                                                     # (needs react-agent's build: `gpu_prepare.sh --agentic`,
@@ -21,6 +22,7 @@
 #   bash scripts/gpu_serving.sh vllm-offline SHAPE    # vLLM's offline.py: TPOT at batch 1 and 64, 512 x (512 + 256)
 #   bash scripts/gpu_serving.sh offline SHAPE         # python -m bench.gpu_throughput: our 512 x (512 + 256)
 #   bash scripts/gpu_serving.sh decode SHAPE CONTEXT  # python -m bench.gpu_decode at batch 1, 16, 64 (TPOT, floor)
+#   bash scripts/gpu_serving.sh mixed SHAPE           # python -m bench.gpu_mixed_steps (piecewise graphs vs eager)
 #   bash scripts/gpu_serving.sh tp                    # tensor parallelism vs TP=1 (pytest -m gpu, needs 2+ GPUs)
 #   bash scripts/gpu_serving.sh tp-bench ARGS...      # python -m bench.tp_decode ARGS (consumes the rest)
 #   bash scripts/gpu_serving.sh grammar-masks SHAPE   # python -m bench.grammar_masks (this host's CPUs): $OUT/grammar_masks_SHAPE.txt
@@ -200,7 +202,7 @@ vllm_offline() {  # shape (vLLM's own environment, in a subshell)
 
 tax() {  # shape api_processes
   timeout 400 python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch 1 8 32 64 --max-tokens 64 \
-    --repeats 3 --num-pages 2048 --api-processes "$2" --json "$OUT/tax_$1_ap$2.json" 2>&1 | grep "^batch"
+    --repeats "${TAX_REPEATS:-3}" --num-pages 2048 --api-processes "$2" --json "$OUT/tax_$1_ap$2.json" 2>&1 | grep "^batch"
 }
 
 env_setup
@@ -231,6 +233,8 @@ while [ $# -gt 0 ]; do
               cp bench/results/tp_decode.json "$OUT/" 2>/dev/null; shift $# ;;
     breakdown) breakdown "$2" "$3" "$ROOT"; shift 3 ;;
     base-breakdown) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH breakdown "$2" "base_$3" /tmp/base; shift 3 ;;
+    mixed) timeout 300 python3 -m bench.gpu_mixed_steps --shapes "$2" 2>&1 | tail -16 | tee "$OUT/mixed_steps_$2.txt"
+           shift 2 ;;
     grammar-masks) timeout 200 python3 -m bench.grammar_masks --model $M/$2 2>&1 | tee "$OUT/grammar_masks_$2.txt"; shift 2 ;;
     gpu-test) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs "$2" 2>&1 | tail -15 \
                 | tee -a "$OUT/gpu_test.log"; shift 2 ;;
