@@ -3,7 +3,7 @@ executor with continuous batching, next to Hugging Face transformers on the same
 
     python -m bench.gpu_throughput [--shapes llama-3.1-8b smollm2-135m] [--requests 512] [--prompt 512]
                                    [--output 256] [--token-budget 8192] [--hf-requests 64] [--hf-output 128]
-                                   [--sync-baseline] [--profile]
+                                   [--sync-baseline] [--profile] [--cuda-profile]
 
 The loop here is a minimal scheduler driving the executor directly (no control layer): each step feeds
 one token to every decoding sequence, then fills the rest of the token budget with prompt chunks, admitting
@@ -219,6 +219,27 @@ def run_hf(cfg: ModelConfig, prompts: list[list[int]], num_output: int, batch: i
             "wall_s": wall, "output_tok_s": len(prompts) * num_output / wall}
 
 
+def cuda_profile(executor: Executor, prompts: list[list[int]], num_output: int, token_budget: int,
+                 max_running: int) -> None:
+    """Prints the run's GPU kernel time next to its wall time (one stream: what is not kernel time is the GPU
+    waiting for the host) and the kernels by total time (names cut to 90 characters)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        stats, _ = run_engine(executor, prompts, num_output, token_budget, max_running)
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name[:90], [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+    total_us = sum(t for _, t in kernels.values())
+    print(f"cuda profile: wall {stats['wall_s']:.2f} s (under the profiler), GPU kernels {total_us / 1e6:.2f} s "
+          f"({100 * total_us / 1e6 / stats['wall_s']:.1f} %)")
+    for name, (count, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"  {100 * us / total_us:5.1f} %  {us / 1e3:9.1f} ms  {count:7d}x  {name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(MODEL_SHAPES), choices=list(MODEL_SHAPES))
@@ -232,6 +253,9 @@ def main() -> None:
     parser.add_argument("--hf-output", type=int, default=128)
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="cProfile the engine run (host hot spots)")
+    parser.add_argument("--cuda-profile", action="store_true",
+                        help="run the engine once more under torch.profiler: GPU kernel time against wall time, and "
+                             "the kernels that take it")
     parser.add_argument("--sync-baseline", action="store_true",
                         help="also run the engine without overlap (each step waits for the previous one's tokens)")
     args = parser.parse_args()
@@ -255,6 +279,8 @@ def main() -> None:
         if profiler is not None:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        if args.cuda_profile:
+            cuda_profile(executor, prompts, args.output, args.token_budget, args.max_running)
         ours["setup_s"], ours["warmup_s"] = setup_s, warm["wall_s"]
         if executor.memory_plan is not None:
             ours["memory_plan"] = executor.memory_plan.describe()
