@@ -228,16 +228,33 @@ def cuda_profile(executor: Executor, prompts: list[list[int]], num_output: int, 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         stats, _ = run_engine(executor, prompts, num_output, token_budget, max_running)
     kernels: dict[str, list[float]] = {}
+    spans = []  # (start us, end us, name) of every kernel and copy on the device
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             entry = kernels.setdefault(event.name[:90], [0, 0.0])
             entry[0] += 1
             entry[1] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+            spans.append((event.time_range.start, event.time_range.end, event.name[:60]))
     total_us = sum(t for _, t in kernels.values())
+    _print_gaps(sorted(spans))
     print(f"cuda profile: wall {stats['wall_s']:.2f} s (under the profiler), GPU kernels {total_us / 1e6:.2f} s "
           f"({100 * total_us / 1e6 / stats['wall_s']:.1f} %)")
     for name, (count, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]:
         print(f"  {100 * us / total_us:5.1f} %  {us / 1e3:9.1f} ms  {count:7d}x  {name}")
+
+
+def _print_gaps(spans: list[tuple[float, float, str]], min_gap_us: float = 50.0) -> None:
+    """The device's idle time between kernels: the total of gaps over min_gap_us, and the largest ones with the
+    kernels on either side."""
+    gaps, end = [], spans[0][1] if spans else 0.0
+    for i in range(1, len(spans)):
+        if spans[i][0] - end > min_gap_us:
+            gaps.append((spans[i][0] - end, i))
+        end = max(end, spans[i][1])
+    print(f"idle gaps over {min_gap_us:.0f} us: {len(gaps)}, {sum(g for g, _ in gaps) / 1e3:.1f} ms in all")
+    for gap, i in sorted(gaps, reverse=True)[:12]:
+        print(f"  {gap / 1e3:7.2f} ms at {(spans[i][0] - spans[0][0]) / 1e6:6.2f} s  after {spans[i - 1][2]!r}"
+              f"  before {spans[i][2]!r}")
 
 
 def main() -> None:
