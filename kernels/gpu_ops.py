@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from pie_server.kernels import gemv as _gemv  # noqa: E402
 from pie_server.kernels import gemv_fused as _fused  # noqa: E402
-from pie_server.kernels.flashinfer_attention import append_kv as _append_kv  # noqa: E402
+from pie_server.kernels.kv_append import append_kv as _append_kv  # noqa: E402
 
 from pie_server.kernels.ops import rope_cos_sin_cache, rope_inv_freq  # noqa: F401  (host-side, shared with the reference)
 

@@ -23,7 +23,8 @@ import torch
 
 from pie_server.kernels import decode_triton
 from pie_server.kernels.attention import AttentionBackend, AttentionStep, RopeFn
-from pie_server.kernels.flashinfer_attention import AttentionShape, append_kv, build_host_metadata
+from pie_server.kernels.flashinfer_attention import AttentionShape, build_host_metadata
+from pie_server.kernels.kv_append import append_kv
 from pie_server.kernels.transfer import pinned
 
 # Buckets up to this size use these kernels; larger ones go to FlashInfer. H100, 2026-12-05,

@@ -22,7 +22,7 @@ import pie_server.kernels.ops as torch_ops
 from pie_server.engine.config import ModelConfig
 from pie_server.engine.model.parallel import Shard, TensorParallel
 from pie_server.kernels.attention import AttentionBackend
-from pie_server.kernels.flashinfer_attention import append_kv
+from pie_server.kernels.kv_append import append_kv
 
 
 @dataclass

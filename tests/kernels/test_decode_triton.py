@@ -20,7 +20,7 @@ import pie_server.kernels.ops as torch_ops
 from pie_server.engine.config import RopeConfig
 from pie_server.kernels.attention import AttentionStep, TorchAttention
 from pie_server.kernels.decode_triton import choose_num_splits, decode_attention, rope_append
-from pie_server.kernels.flashinfer_attention import append_kv
+from pie_server.kernels.kv_append import append_kv_indexed as append_kv
 from tests.kernels.triton_interpreter import run_interpreted
 
 PAGE_SIZE = 16

@@ -15,7 +15,8 @@ import torch
 import pie_server.kernels.ops as torch_ops
 from pie_server.engine.config import RopeConfig
 from pie_server.kernels.attention import AttentionStep, TorchAttention
-from pie_server.kernels.flashinfer_attention import AttentionShape, FlashInferAttention, append_kv, build_host_metadata
+from pie_server.kernels.flashinfer_attention import AttentionShape, FlashInferAttention, build_host_metadata
+from pie_server.kernels.kv_append import append_kv
 
 PAGE_SIZE = 16
 
