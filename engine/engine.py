@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from pie_server.engine.core.messages import CoreFacts
 from pie_server.engine.executor.emulated import EmulatedExecutor
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.executor.tensor_parallel import start_executor
+from pie_server.engine.gc_pauses import freeze_heap
 from pie_server.engine.grammar import GrammarCompiler, LazyCompiler
 from pie_server.engine.model.default_model import DEFAULT_MODEL_NAME
 from pie_server.engine.model.loader import load_model_config, resolve_model_dir
@@ -63,7 +63,7 @@ class Engine:
                           with_decode_choice(runtime_config or RuntimeConfig()), grammars)
         log.info("engine ready: %s, %d KV pages of %d tokens", name, executor.info.num_pages,
                  executor.info.page_size)
-        _freeze_heap()
+        freeze_heap()
         return cls(name, model_dir, model_config, tokenizer, executor, control, runtime)
 
     def alive(self) -> bool:
@@ -108,7 +108,7 @@ def start_core_parts(model: str | Path | None, config: EngineConfig, model_name:
     facts = CoreFacts(model_name=model_name_of(model, model_name), model_dir=str(model_dir),
                       vocab_size=model_config.vocab_size, info=executor.info,
                       admission_pages=control.admission.num_pages, can_decode_grammar=control.can_decode_grammar)
-    _freeze_heap()
+    freeze_heap()
     return control, facts
 
 
@@ -148,10 +148,3 @@ def _load_on_a_passing_thread(model_dir: Path, model_config: ModelConfig, config
     pool dies with its thread: the control loop's thread is left the only one computing."""
     with ThreadPoolExecutor(1, thread_name_prefix="load") as loader:
         return loader.submit(start_executor, model_dir, model_config, config, progress).result()
-
-
-def _freeze_heap() -> None:
-    """Start-up leaves a large long-lived heap (torch, transformers, wasmtime, the model): freezing it keeps
-    the per-token garbage of the decode loop from triggering full collections that walk all of it."""
-    gc.collect()
-    gc.freeze()

@@ -13,6 +13,7 @@ from pie_server.engine.config import EngineInfo
 from pie_server.engine.core.client import CoreGone, RemoteControl
 from pie_server.engine.core.process import CoreAddress
 from pie_server.engine.engine import model_info, with_decode_choice
+from pie_server.engine.gc_pauses import freeze_heap
 from pie_server.engine.processes import is_alive
 from pie_server.engine.runtime.config import RuntimeConfig
 from pie_server.engine.runtime.runtime import Runtime
@@ -58,6 +59,7 @@ class FrontEngine:
         runtime = Runtime(control, EngineTokenizerAdapter(tokenizer),
                           model_info(facts.model_name, tokenizer, facts.info, facts.vocab_size), config)
         log.info("front end ready: %s through the engine core (process %d)", facts.model_name, core.pid)
+        freeze_heap()  # as the engine core's: its collections walk only what serving keeps
         return cls(facts.model_name, Path(facts.model_dir), facts.vocab_size, tokenizer, control, runtime)
 
     # The serving process restarts a dead engine core (engine/core/supervisor.py): a new FrontEngine connects to it.
