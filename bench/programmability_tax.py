@@ -209,7 +209,8 @@ def main() -> None:
                          "engine_steps_per_token": steps_per_token if core is None else None})
             print(f"batch {batch:>3}: TPOT direct {1000 * direct:7.2f} ms   default inferlet "
                   f"{1000 * inferlet:7.2f} ms   tax {100 * tax:+6.1f}%   (whole span {1000 * span:7.2f} ms, "
-                  f"{100 * span_tax:+6.1f}%)   steps/token {steps_per_token:.2f}", flush=True)
+                  f"{100 * span_tax:+6.1f}%)   steps/token "
+                  f"{'-' if core is not None else format(steps_per_token, '.2f')}", flush=True)
     finally:
         engine.close()
         if core is not None:
