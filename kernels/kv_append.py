@@ -1,4 +1,5 @@
-"""A step's new K/V into the paged cache in one Triton launch (the eager steps of FlashInferAttention).
+"""A step's new K/V into the paged cache in one Triton launch: every path that appends K/V itself (eager steps,
+the piecewise graphs' pieces, FlashInfer's and Triton's graph-mode decode where no fused RoPE kernel does it).
 
 Assigning through two index tensors (`kv_cache[pages, :, offsets] = pair`) launches PyTorch's elementwise index
 kernel, which computes a destination per element: on an H100 it took 122 us a layer for an 8192-token prefill of
