@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from pie_server.engine.control.api import ControlError, VirtualForward
-from pie_server.engine.futures import settle
+from pie_server.engine.futures import Signal, settle
 from pie_server.engine.grammar import GrammarError, GrammarMatcher, GrammarSpec
 from pie_server.engine.step import CommandResult, OutputResult, OutputSpec, SamplingParams
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
@@ -102,8 +102,9 @@ def extend_room(stream: DecodeStream, page_ids: Sequence[VirtualPageId], num_pag
 
 
 def wait_any(streams: Sequence[DecodeStream]) -> Future[None] | None:
-    """A Future settled at the next output or end of any of the streams; None when one has something already."""
-    waiter: Future[None] = Future()
+    """A Future settled at the next output or end of any of the streams; None when one has something already.
+    A Signal: one is made per streaming request per token (futures.py)."""
+    waiter: Future[None] = Signal()
     for stream in streams:
         if not stream.install_waiter(waiter):
             return None
