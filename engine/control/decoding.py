@@ -57,7 +57,8 @@ class DecodeStream:
     """Sampled outputs in order, pushed by the control layer, drained by the caller. Thread-safe."""
 
     def __init__(self) -> None:
-        self.done: Future[str] = Future()  # the end reason (END_*), or the error
+        # The end reason (END_*), or the error. A Signal (futures.py): its caller asks done() at every token.
+        self.done: Future[str] = Signal()
         self._lock = threading.Lock()
         self._outputs: list[OutputResult] = []
         self._waiter: list[Future[None]] = []  # at most one; a box, so done's callback holds no reference to self
