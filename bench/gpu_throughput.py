@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.common_gpu import MODEL_SHAPES, format_table, save_result
+from pie_server.engine import gc_pauses
 from pie_server.engine.config import EngineConfig, ModelConfig
 from pie_server.engine.step import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
 from pie_server.engine.executor.executor import Executor
@@ -225,21 +226,8 @@ def cuda_profile(executor: Executor, prompts: list[list[int]], num_output: int, 
     waiting for the host) and the kernels by total time (names cut to 90 characters)."""
     from torch.profiler import ProfilerActivity, profile
 
-    pauses: list[tuple[int, float]] = []  # (generation, seconds) of each collection the run triggered
-    started: list[float] = []
-
-    def timed(phase: str, info: dict) -> None:
-        if phase == "start":
-            started[:] = [time.perf_counter()]
-        elif started:
-            pauses.append((info["generation"], time.perf_counter() - started[0]))
-
-    gc.callbacks.append(timed)
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            stats, _ = run_engine(executor, prompts, num_output, token_budget, max_running)
-    finally:
-        gc.callbacks.remove(timed)
+    with gc_pauses.recording() as pauses, profile(activities=[ProfilerActivity.CUDA]) as prof:
+        stats, _ = run_engine(executor, prompts, num_output, token_budget, max_running)
     for generation in (0, 1, 2):
         times = [t for g, t in pauses if g == generation]
         print(f"gc generation {generation}: {len(times)} collections, {1e3 * sum(times):.1f} ms in all, longest "
@@ -291,7 +279,7 @@ def main() -> None:
                         help="run the engine once more under torch.profiler: GPU kernel time against wall time, and "
                              "the kernels that take it")
     parser.add_argument("--no-freeze", action="store_true",
-                        help="leave the start-up heap to the garbage collector (the engine freezes it, engine.py)")
+                        help="leave the start-up heap to the garbage collector (the engine freezes it: engine/gc_pauses.py)")
     parser.add_argument("--sync-baseline", action="store_true",
                         help="also run the engine without overlap (each step waits for the previous one's tokens)")
     args = parser.parse_args()
@@ -308,9 +296,8 @@ def main() -> None:
         executor = Executor(cfg, engine)  # random_weights(cfg, seed=SEED), as transformers gets below
         setup_s = time.perf_counter() - started
         warm, _ = run_engine(executor, prompts[:8], 8, args.token_budget, args.max_running)  # first-use costs
-        if not args.no_freeze:  # as the engine does after start-up (engine.py's _freeze_heap)
-            gc.collect()
-            gc.freeze()
+        if not args.no_freeze:  # as the engine's processes do after start-up
+            gc_pauses.freeze_heap()
         profiler = cProfile.Profile() if args.profile else None
         if profiler is not None:
             profiler.enable()

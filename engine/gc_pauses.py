@@ -15,10 +15,12 @@ collected); unset or empty, nothing is watched.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import time
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 ENV_VAR = "PIE_GC_WARN_MS"
@@ -47,21 +49,53 @@ def warn_threshold_ms() -> float | None:
     return threshold_ms
 
 
-class _Watch:
-    """A gc callback: times each collection, logs those longer than the threshold."""
+class _Timer:
+    """A gc callback that times each collection and hands it to paused()."""
 
-    def __init__(self, threshold_ms: float) -> None:
-        self.threshold_ms = threshold_ms
+    def __init__(self) -> None:
         self._started = 0.0
 
     def __call__(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._started = time.perf_counter()
             return
-        elapsed_ms = 1e3 * (time.perf_counter() - self._started)
-        if elapsed_ms > self.threshold_ms:
+        self.paused(info.get("generation", -1), time.perf_counter() - self._started, info.get("collected", 0))
+
+    def paused(self, generation: int, seconds: float, num_collected: int) -> None:
+        raise NotImplementedError
+
+
+class _Watch(_Timer):
+    """Logs the collections longer than the threshold."""
+
+    def __init__(self, threshold_ms: float) -> None:
+        super().__init__()
+        self.threshold_ms = threshold_ms
+
+    def paused(self, generation: int, seconds: float, num_collected: int) -> None:
+        if 1e3 * seconds > self.threshold_ms:
             log.warning("garbage collection of generation %d took %.1f ms (%d objects collected, process %d)",
-                        info.get("generation", -1), elapsed_ms, info.get("collected", 0), os.getpid())
+                        generation, 1e3 * seconds, num_collected, os.getpid())
+
+
+class _Recorder(_Timer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pauses: list[tuple[int, float]] = []
+
+    def paused(self, generation: int, seconds: float, num_collected: int) -> None:
+        self.pauses.append((generation, seconds))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[int, float]]]:
+    """(generation, seconds) of every collection while the block runs (benchmarks)."""
+    recorder = _Recorder()
+    gc.callbacks.append(recorder)
+    try:
+        yield recorder.pauses
+    finally:
+        gc.callbacks.remove(recorder)
 
 
 def watch(threshold_ms: float) -> None:

@@ -56,7 +56,7 @@ def _runs_here(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
 
 
 def append_kv_indexed(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_index: torch.Tensor,
-                    source_rows: torch.Tensor | None) -> torch.Tensor:
+                      source_rows: torch.Tensor | None) -> torch.Tensor:
     """append_kv through PyTorch's indexed assignment (one kernel, two with source_rows, when v directly follows
     k in memory, as in the decoder's qkv output): the fallback, and the tests' reference."""
     num_tokens = k.shape[0]

@@ -46,3 +46,12 @@ def test_a_bad_threshold_is_refused(monkeypatch: pytest.MonkeyPatch, raw: str) -
     monkeypatch.setenv(gc_pauses.ENV_VAR, raw)
     with pytest.raises(ValueError, match=gc_pauses.ENV_VAR):
         gc_pauses.warn_threshold_ms()
+
+
+def test_recording_gives_each_collection_s_generation_and_length() -> None:
+    with gc_pauses.recording() as pauses:
+        gc.collect(1)
+        gc.collect()
+    gc.collect()  # after the block: not recorded
+    assert [generation for generation, _ in pauses] == [1, 2] and all(s >= 0 for _, s in pauses)
+    assert not any(isinstance(c, gc_pauses._Timer) and not isinstance(c, gc_pauses._Watch) for c in gc.callbacks)
