@@ -128,9 +128,12 @@ class _Planner:
         return any(p in read_ids for p in item.written_ids) or any(p in write_ids for p in item.page_ids)
 
 
-def plan_step(instances: Iterable[InstanceState], config: ControlConfig) -> StepPlan:
-    """instances: those with queued work that may run now (resident, not failed), oldest work first."""
+def plan_step(instances: Iterable[InstanceState], config: ControlConfig, num_reserved: int = 0) -> StepPlan:
+    """instances: those with queued work that may run now (resident, not failed), oldest work first.
+    num_reserved: seats (and one token each) already taken by decodes that join the step without the planner."""
     planner = _Planner(config)
+    planner.seats -= num_reserved
+    planner.budget -= num_reserved
     cursors = {instance: _Cursor() for instance in instances}
     for decodes_only in (True, False):
         for instance, cursor in cursors.items():

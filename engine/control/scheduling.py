@@ -40,10 +40,9 @@ class StepBuilder:
         """The next step (appended to state.running), or None when there is nothing to do. speculate: the
         step is submitted before the newest running one is delivered (pipelined), so the decodes running
         there queue their next forward now, fed on the device with the token that step samples."""
-        if speculate and self.s.running:
-            self._speculate(self.s.running[-1])
-        plan = plan_step(self._admit(), self.s.config)
-        copies, forwards, sources = self._apply(plan)
+        direct = self._speculate(self.s.running[-1]) if speculate and self.s.running else []
+        plan = plan_step(self._admit(), self.s.config, num_reserved=len(direct))
+        copies, forwards, sources = self._apply(plan, direct)
         self.pool.end_batch()
         if not (forwards or copies or self.swap_outs or self.swap_ins):
             return None
@@ -52,12 +51,14 @@ class StepBuilder:
         return Batch(forwards=forwards, page_copies=copies, swap_outs=self.swap_outs, swap_ins=self.swap_ins,
                      step_id=self.s.step_id)
 
-    def _speculate(self, running: RunningStep) -> None:
+    def _speculate(self, running: RunningStep) -> list[Chunk]:
         """Queues the next forward of every decode in running that may go on after it (decoding.py). The hot
-        loop of pipelined decoding: one pass, locals, no property or helper call a plain test can replace."""
+        loop of pipelined decoding: one pass, locals, no property or helper call a plain test can replace.
+        Returns those that join this step directly (_split_successors); queues the rest."""
         state, limits, pool = self.s, self.s.limits, self.pool
         page_size, max_context_len = limits.page_size, limits.max_context_len
         refs = state.token_refs(len(running.sources))
+        successors: list[Chunk] = []
         for command_index, (chunk, _) in enumerate(running.sources):
             item = chunk.item
             decoding = item.decoding
@@ -76,7 +77,37 @@ class StepBuilder:
                 continue  # a written page got shared (state.check_writable): the same, as for a freed page
             successor.fed = refs[command_index]
             decoding.speculated = successor
-            state.enqueue(instance, successor)
+            successors.append(Chunk(instance, successor, 0, 1))
+        direct, queued = self._split_successors(successors)
+        enqueue = state.enqueue
+        for successor_chunk in queued:
+            enqueue(successor_chunk.instance, successor_chunk.item)
+        return direct
+
+    def _split_successors(self, successors: list[Chunk]) -> tuple[list[Chunk], list[Chunk]]:
+        """(direct, queued): direct join this step without a round through the queues and the planner: the
+        successors of instances with nothing else queued and no other successor, when the step is sure to take
+        every decode anyway (no page demand waits, nothing is swapped out, seats and tokens for all decodes).
+        The plan is then the planner's own, its decodes in another order."""
+        state, config = self.s, self.s.config
+        num_active = len(state.active)
+        if state.demands or self.pool.num_swapped_blocks or not successors \
+                or len(successors) + num_active > config.max_batch_size \
+                or len(successors) + num_active * config.decode_max_tokens > config.max_batch_tokens:
+            return [], successors
+        repeated: set[InstanceState] = set()  # instances with two decodes: the planner checks their pages
+        if len({successor_chunk.instance for successor_chunk in successors}) < len(successors):
+            seen: set[InstanceState] = set()
+            for successor_chunk in successors:
+                (repeated if successor_chunk.instance in seen else seen).add(successor_chunk.instance)
+        direct, queued = [], []
+        for successor_chunk in successors:
+            instance = successor_chunk.instance
+            if instance.queue or instance in repeated or instance.table.has_retired:
+                queued.append(successor_chunk)
+            else:
+                direct.append(successor_chunk)
+        return direct, queued
 
     def swap_in(self, instance: InstanceState, block_ids: list[BlockId]) -> None:
         """Brings the blocks back to the device (the caller has made the pages free)."""
@@ -193,8 +224,9 @@ class StepBuilder:
             self.s.fail_instance(instance, f"instance {instance.instance_id!r} was preempted and cannot be "
                                           f"swapped back in: {reason}")
 
-    def _apply(self, plan: StepPlan) -> tuple[list[PageCopy], list[ForwardCommand], Sources]:
-        """Translates the plan to physical pages and takes its commands off the queues."""
+    def _apply(self, plan: StepPlan, direct: list[Chunk]) -> tuple[list[PageCopy], list[ForwardCommand], Sources]:
+        """Translates the plan, after the decodes that join directly (never queued), to physical pages and takes
+        its commands off the queues."""
         copies = []
         page = self.pool.page
         for instance, copy in plan.copies:
@@ -205,7 +237,8 @@ class StepBuilder:
         pool = self.pool
         version = pool.placement_version
         chunked: set[InstanceState] = set()  # instances in the middle of a chunked prefill
-        for chunk in plan.chunks:
+        direct.extend(plan.chunks)
+        for chunk in direct:
             item = chunk.item
             if item.pages_version != version:
                 item.pages, item.pages_version = pool.pages(item.block_ids), version
