@@ -8,6 +8,8 @@
 #   bash scripts/gpu_serving.sh models                # only the model folders
 #   bash scripts/gpu_serving.sh tax SHAPE [N]         # bench/programmability_tax.py --api-processes N (default 0;
 #                                                     # TAX_REPEATS=9: more repeats than 3)
+#   bash scripts/gpu_serving.sh tax-profile SHAPE B   # py-spy over the tax bench at batch B (ap 1, 256 tokens):
+#                                                     # $OUT/tax_profile_SHAPE_bB.{txt,raw,json}
 #   bash scripts/gpu_serving.sh agentic SHAPE ARGS... # python -m bench.agentic on SHAPE (consumes the rest; ARGS
 #                                                     # override, e.g. --concurrency 1 16 128); $OUT/agentic_SHAPE.json
 #                                                     # (needs react-agent's build: `gpu_prepare.sh --agentic`,
@@ -200,6 +202,16 @@ vllm_offline() {  # shape (vLLM's own environment, in a subshell)
     | grep -v "^INFO\|^(EngineCore\|^WARNING\|^\[" | tail -4 | tee "$OUT/vllm_offline_$1.txt")
 }
 
+tax_profile() {  # shape batch: py-spy over bench/programmability_tax.py (both paths, the core's process too) at one
+                # batch, 256 tokens, 2 repeats: where the default inferlet's steady decode loses to the direct one
+  local tag=tax_profile_$1_b$2
+  /tmp/site/bin/py-spy record --subprocesses --threads --rate 200 --format raw -o "$OUT/$tag.raw" -- \
+    python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch "$2" --max-tokens 256 --repeats 2 \
+    --num-pages 2048 --api-processes 1 --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
+  grep "^batch" "$OUT/$tag.log"
+  python3 scripts/profile_summary.py "$OUT/$tag.raw" --top 40 > "$OUT/$tag.txt" && grep -E "==|thread" "$OUT/$tag.txt"
+}
+
 tax() {  # shape api_processes
   timeout 400 python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch 1 8 32 64 --max-tokens 64 \
     --repeats "${TAX_REPEATS:-3}" --num-pages 2048 --api-processes "$2" --json "$OUT/tax_$1_ap$2.json" 2>&1 | grep "^batch"
@@ -216,6 +228,7 @@ while [ $# -gt 0 ]; do
     base-pie) base_site; PYTHONPATH=/tmp/sitebase:$PYTHONPATH PIE_TAG=${BASE_TAG:-pie_base} pie_http "$2" "${3:-1}"; shift 3 ;;
     models) make_models; shift ;;
     tax) tax "$2" "${3:-0}"; shift 3 ;;
+    tax-profile) tax_profile "$2" "$3"; shift 3 ;;
     profile) if [[ ${5:-} =~ ^[0-9]+$ ]]; then profile "$2" "$3" "$4" "$5"; shift 5
              else profile "$2" "$3" "$4" 15; shift 4; fi ;;
     agentic) shift; agentic "$@"; shift $# ;;
