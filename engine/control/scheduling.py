@@ -86,9 +86,10 @@ class StepBuilder:
 
     def _split_successors(self, successors: list[Chunk]) -> tuple[list[Chunk], list[Chunk]]:
         """(direct, queued): direct join this step without a round through the queues and the planner: the
-        successors of instances with nothing else queued and no other successor, when the step is sure to take
-        every decode anyway (no page demand waits, nothing is swapped out, seats and tokens for all decodes).
-        The plan is then the planner's own, its decodes in another order."""
+        successors of instances with nothing else queued and no other successor, when no page demand waits,
+        nothing is swapped out, and seats and tokens remain for them and a decode of every other active
+        instance. The planner would then have taken them too (it takes decodes first); only an active instance
+        with several decodes queued could have had seats before them, and now has them after."""
         state, config = self.s, self.s.config
         num_active = len(state.active)
         if state.demands or self.pool.num_swapped_blocks or not successors \
