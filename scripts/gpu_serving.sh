@@ -8,6 +8,8 @@
 #   bash scripts/gpu_serving.sh models                # only the model folders
 #   bash scripts/gpu_serving.sh tax SHAPE [N]         # bench/programmability_tax.py --api-processes N (default 0;
 #                                                     # TAX_REPEATS=9: more repeats than 3)
+#   bash scripts/gpu_serving.sh base-tax SHAPE [N]    # the tax over .base/tree.tgz's code (see base-breakdown):
+#                                                     # $OUT/tax_SHAPE_apN_base.json
 #   bash scripts/gpu_serving.sh tax-profile SHAPE B   # py-spy over the tax bench at batch B (ap 1, 256 tokens):
 #                                                     # $OUT/tax_profile_SHAPE_bB.{txt,raw,json}
 #   bash scripts/gpu_serving.sh agentic SHAPE ARGS... # python -m bench.agentic on SHAPE (consumes the rest; ARGS
@@ -214,7 +216,8 @@ tax_profile() {  # shape batch: py-spy over bench/programmability_tax.py (both p
 
 tax() {  # shape api_processes
   timeout 400 python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch 1 8 32 64 --max-tokens 64 \
-    --repeats "${TAX_REPEATS:-3}" --num-pages 2048 --api-processes "$2" --json "$OUT/tax_$1_ap$2.json" 2>&1 | grep "^batch"
+    --repeats "${TAX_REPEATS:-3}" --num-pages 2048 --api-processes "$2" --json "$OUT/tax_$1_ap$2${tax_tag:-}.json" 2>&1 \
+    | grep "^batch"
 }
 
 env_setup
@@ -229,6 +232,7 @@ while [ $# -gt 0 ]; do
     models) make_models; shift ;;
     tax) tax "$2" "${3:-0}"; shift 3 ;;
     tax-profile) tax_profile "$2" "$3"; shift 3 ;;
+    base-tax) base_site; (export PYTHONPATH=/tmp/sitebase:$PYTHONPATH; tax_tag=_base tax "$2" "${3:-0}"); shift 3 ;;
     profile) if [[ ${5:-} =~ ^[0-9]+$ ]]; then profile "$2" "$3" "$4" "$5"; shift 5
              else profile "$2" "$3" "$4" 15; shift 4; fi ;;
     agentic) shift; agentic "$@"; shift $# ;;
