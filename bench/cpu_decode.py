@@ -1,7 +1,7 @@
 """CPU decode throughput on the default model: single stream and 16 sequences decoded together through the
 executor, next to Hugging Face `generate` one sequence at a time, same process, same weights, same threads.
 
-    .venv/bin/python bench/cpu_decode.py [--model PATH] [--new-tokens 64] [--repeats 3] [--json bench/results/cpu_decode.json]
+    .venv/bin/python -m bench.cpu_decode [--model PATH] [--new-tokens 64] [--repeats 3] [--json bench/results/cpu_decode.json]
 
 Decode tokens/s = generated tokens / wall time of the whole generate call (prefill of a short prompt included,
 identically for both). Medians over repeats.
@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from bench.imports import without_repo_root
 from bench.timing import median_rate
 from pie_server.engine.config import EngineConfig
 from pie_server.engine.executor.direct import DirectGenerator
@@ -81,4 +82,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with without_repo_root():  # transformers imports the PyPI package `kernels`, which kernels/ would hide
+        main()

@@ -10,6 +10,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from pie_server.kernels.cpu_linear import CpuLinear
+
 
 class RopeParams(Protocol):
     """The RoPE parameters these kernels read (engine.config.RopeConfig has them; kernels import nothing from
@@ -23,31 +25,14 @@ class RopeParams(Protocol):
     original_max_position_embeddings: int
 
 
-# float32 CPU matmuls of up to this many rows go through weight @ x.T, larger ones through oneDNN (see linear).
-MAX_TRANSPOSED_ROWS = 4
-_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_DEFAULT_LINEAR = CpuLinear()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [M, K], weight [N, K] -> [M, N] (contiguous).
-
-    Every step streams all the weights from memory, and F.linear (MKL's x @ weight.T) does not do it well in
-    float32 on CPU: at one row it is a GEMV on one thread, at 2 to 256 rows it reaches a third to two thirds of
-    the memory bandwidth or of the compute. Instead: up to 4 rows weight @ x.T (MKL's GEMM the other way round,
-    near the bandwidth; one row goes as two), beyond that oneDNN's linear (what torch.compile's CPU backend calls).
-    SmolLM2's 30 layers and LM head on 2 cores: bench/cpu_matmul.py, table in docs/benchmarks.md.
+    """F.linear(x, weight, bias) for x [M, K], weight [N, K] -> [M, N] (contiguous): on CPU in float32 by the
+    default ways of kernels/cpu_linear.py (the executor gives the model the ways measured on its machine);
     bf16 and CUDA keep F.linear."""
-    num_rows = x.shape[0]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or num_rows == 0:
-        return F.linear(x, weight, bias)
-    if num_rows > MAX_TRANSPOSED_ROWS:
-        if _ONEDNN_LINEAR is None:
-            return F.linear(x, weight, bias)
-        return _ONEDNN_LINEAR(x.contiguous(), weight, bias, "none", [], "")
-    # x.T must be a transposed view of a row-major x: for a row-major x.T MKL takes the slow path again.
-    rows = x.contiguous() if num_rows > 1 else x.repeat(2, 1)
-    out = torch.mm(weight, rows.t()).t()[:num_rows].contiguous()  # collectives (all-reduce) need contiguous
-    return out if bias is None else out.add_(bias)
+    return _DEFAULT_LINEAR(x, weight, bias)
 
 
 def single_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

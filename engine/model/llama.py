@@ -13,7 +13,7 @@ from collections.abc import MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,9 @@ class LlamaModel:
         self.device = device
         self.dtype = dtype
         self.ops = ops
+        # The matmul of the projections and the LM head (outside one-row kernels): ops.linear, or on CPU the
+        # ways measured on the machine (kernels/cpu_linear.py; the executor sets it).
+        self.linear: Callable[..., torch.Tensor] = ops.linear
         w = _Weights(weights, device, dtype)
         self.embed_tokens = w.take("model.embed_tokens.weight")
         self.layers = [_layer(w, local, i) for i in range(local.num_layers)]
@@ -159,6 +162,11 @@ class LlamaModel:
         out = attention.rope_and_forward(q, k, v, positions, self.cos_sin_cache, kv_cache, self.ops.apply_rope)
         return out.reshape(qkv.shape[0], self._q_size)
 
+    def matmul_weights(self) -> list[torch.Tensor]:
+        """The weights of every step's matmuls: each layer's qkv, o, gate_up and down projections, the LM head."""
+        return [w for layer in self.layers for w in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj,
+                                                     layer.down_proj)] + [self.lm_head]
+
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qkv [T, (Hq + 2 Hkv) D] -> views q [T, Hq, D], k and v [T, Hkv, D]."""
         cfg, num_tokens = self.config, qkv.shape[0]
@@ -169,7 +177,7 @@ class LlamaModel:
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._single_row_kernels and x.shape[0] == 1:
             return self.ops.single_row_linear(x, weight, bias)
-        return self.ops.linear(x, weight, bias)
+        return self.linear(x, weight, bias)
 
     def _row_parallel_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """o and down projections: each rank's product over its input columns is a partial sum; the all-reduce
@@ -198,10 +206,10 @@ class LlamaModel:
         row (decode at batch 1) reads the whole LM head for one token: the GEMV kernel of
         ops.single_row_linear, worth its launch cost there. Tensor-parallel: each rank computes its rows of the
         vocabulary and rank 0 gathers them (the others get None); N is the same on every rank."""
-        if hidden.shape[0] == 1:
+        if hidden.shape[0] == 1 and self.device.type == "cuda":
             local = self.ops.single_row_linear(hidden, self.lm_head)
         else:
-            local = self.ops.linear(hidden, self.lm_head)
+            local = self.linear(hidden, self.lm_head)
         if out is not None and self.parallel is None:
             return out.copy_(local)
         if self.parallel is None:
