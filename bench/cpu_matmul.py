@@ -32,11 +32,6 @@ from pie_server.kernels.cpu_linear import ROUTE_ROWS, CpuLinear
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _weights(model: LlamaModel) -> list[torch.Tensor]:
-    per_layer = [[layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj] for layer in model.layers]
-    return [w for ws in per_layer for w in ws] + [model.lm_head]
-
-
 def _one_pass(weights: list[torch.Tensor], linear: Linear, num_rows: int) -> Callable[[], None]:
     inputs = {k: torch.randn(num_rows, k) for k in {w.shape[1] for w in weights}}
 
@@ -58,7 +53,7 @@ def main() -> None:
     config = load_model_config(model_dir)
     model = LlamaModel(config, load_weights(model_dir, torch.float32, "cpu", progress=False), torch.device("cpu"),
                        torch.float32)
-    weights = _weights(model)
+    weights = model.matmul_weights()
     num_bytes = sum(w.numel() * w.element_size() for w in weights)
     stream = torch.cat([w.reshape(-1) for w in weights])
     floor_ms = median_ms(stream.sum, args.repeats)
