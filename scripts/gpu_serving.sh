@@ -12,6 +12,8 @@
 #                                                     # $OUT/tax_SHAPE_apN_base.json
 #   bash scripts/gpu_serving.sh tax-profile SHAPE B   # py-spy over the tax bench at batch B (ap 1, 256 tokens):
 #                                                     # $OUT/tax_profile_SHAPE_bB.{txt,raw,json}
+#   bash scripts/gpu_serving.sh tax-steps SHAPE B     # the tax bench at batch B with the engine core's step log
+#                                                     # (base-tax-steps: over .base/tree.tgz): $OUT/tax_steps_*.txt
 #   bash scripts/gpu_serving.sh agentic SHAPE ARGS... # python -m bench.agentic on SHAPE (consumes the rest; ARGS
 #                                                     # override, e.g. --concurrency 1 16 128); $OUT/agentic_SHAPE.json
 #                                                     # (needs react-agent's build: `gpu_prepare.sh --agentic`,
@@ -214,6 +216,15 @@ tax_profile() {  # shape batch: py-spy over bench/programmability_tax.py (both p
   python3 scripts/profile_summary.py "$OUT/$tag.raw" --top 40 > "$OUT/$tag.txt" && grep -E "==|thread" "$OUT/$tag.txt"
 }
 
+tax_steps() {  # shape batch: the tax bench at one batch (256 tokens, 3 repeats) with the engine core's step log: how
+                # its loop splits a step (form / submit / wait / deliver), $OUT/tax_steps_SHAPE_bB${tax_tag}.{log,txt}
+  local tag=tax_steps_$1_b$2${tax_tag:-}
+  PIE_STEP_LOG=$OUT/$tag.jsonl timeout 300 python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch "$2" \
+    --max-tokens 256 --repeats 3 --num-pages 2048 --api-processes 1 > "$OUT/$tag.log" 2>&1
+  grep "^batch" "$OUT/$tag.log"
+  python3 scripts/step_log_summary.py "$OUT/$tag.jsonl" | tee "$OUT/$tag.txt"; rm -f "$OUT/$tag.jsonl"
+}
+
 tax() {  # shape api_processes
   timeout 400 python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch 1 8 32 64 --max-tokens 64 \
     --repeats "${TAX_REPEATS:-3}" --num-pages 2048 --api-processes "$2" --json "$OUT/tax_$1_ap$2${tax_tag:-}.json" 2>&1 \
@@ -232,6 +243,8 @@ while [ $# -gt 0 ]; do
     models) make_models; shift ;;
     tax) tax "$2" "${3:-0}"; shift 3 ;;
     tax-profile) tax_profile "$2" "$3"; shift 3 ;;
+    tax-steps) tax_steps "$2" "$3"; shift 3 ;;
+    base-tax-steps) base_site; (export PYTHONPATH=/tmp/sitebase:$PYTHONPATH; tax_tag=_base tax_steps "$2" "$3"); shift 3 ;;
     base-tax) base_site; (export PYTHONPATH=/tmp/sitebase:$PYTHONPATH; tax_tag=_base tax "$2" "${3:-0}"); shift 3 ;;
     profile) if [[ ${5:-} =~ ^[0-9]+$ ]]; then profile "$2" "$3" "$4" "$5"; shift 5
              else profile "$2" "$3" "$4" 15; shift 4; fi ;;
