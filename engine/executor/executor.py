@@ -30,9 +30,10 @@ from pie_server.engine.executor.piecewise_graphs import PiecewiseConfig, Piecewi
 from pie_server.engine.executor.sampler import SampledOutputs, Sampler, all_plain_greedy, greedy_outputs
 from pie_server.engine.executor.step_inputs import StepInputs, build_step_inputs
 from pie_server.engine.model.llama import LlamaModel
+from pie_server.engine.model.loader import cache_root
 from pie_server.engine.model.parallel import TensorParallel
 from pie_server.kernels.attention import AttentionBackend, TorchAttention
-from pie_server.kernels.cpu_linear import CpuLinear
+from pie_server.kernels.cpu_linear import RECORD_NAME, CpuLinear
 from pie_server.kernels.flashinfer_attention import WORKSPACE_BYTES
 from pie_server.kernels.transfer import to_device
 
@@ -63,7 +64,8 @@ class Executor:
             self.model = LlamaModel(model_config, weights, self.device, self.dtype, ops, parallel)
             weights.clear()  # consumed: the unfused copies must be gone before the KV pool is sized
         if self.device.type == "cpu" and self.dtype == torch.float32 and parallel is None and ops is kernel_ops:
-            self.model.linear = CpuLinear.measured(self.model.matmul_weights())  # kernels/cpu_linear.py
+            # kernels/cpu_linear.py: the ways recorded for this machine, or measured once and recorded
+            self.model.linear = CpuLinear.measured(self.model.matmul_weights(), record=cache_root() / RECORD_NAME)
         local_config = self.model.config  # this rank's heads (all of them without tensor parallelism)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
