@@ -7,15 +7,19 @@ runtime + control layer, the path every OpenAI request takes, minus HTTP) vs. th
 
 TPOT(direct) = wall time of the decode steps / (max_tokens - 1), prefill excluded. TPOT(inferlet), two ways:
 - span: per instance (last text message - first text message) / (max_tokens - 1), median over instances. The
-  instances start one after another (each is instantiated and runs to its prompt in the front end), so the first
-  ones' spans hold steps that prefill the later ones' prompts beside their decodes;
+  instances are instantiated one after another and each runs to its prompt in the front end; the bench holds
+  each at its prompt event until all have reached theirs, then lets them all go, so their prefills and decodes
+  start together as the baseline's do (`--staggered`: each goes as soon as it is ready, the default before
+  2026-12-07; then the first ones' spans hold steps that prefill the later ones' prompts beside their decodes,
+  and on the H100 host the stagger of 32-64 instances outlasted a 64-token decode, leaving no steady window);
 - steady: over the window in which every instance decodes (from the last instance's first token to the first
   instance's last one), per instance the time between its first and last token inside the window over their
   count - 1, median over instances: the decode steps of the whole batch, as the baseline times them (its prompts
   are prefilled in one step, before its clock starts). Token times are taken where the front end's generate
   loop accepts each token (a hook on api_generate._accept: text messages cannot be counted as tokens, since a
   token that ends inside a UTF-8 character sends none). The tax is the steady one; the span tax says what
-  staggered starts add. The baseline
+  staggered starts add. `window`: the median tokens per instance inside the steady window (0: it was empty
+  and steady fell back to whole spans). The baseline
 runs on its own executor with the same weights; the two paths alternate (never at the same time) so that
 drifting machine load hits both alike. Distinct prompts, so the prefix cache cannot skip work the baseline
 does. steps/token: the engine's executor steps per generated token of the batch, prefill included (about
@@ -87,15 +91,33 @@ def token_clock() -> Iterator[dict[str, list[float]]]:
         api_generate._accept = accept
 
 
+class StartTogether:
+    """Holds every instance at its prompt event until all have sent theirs: their prefills and decodes then start
+    together, as the baseline's do (see the module's doc)."""
+
+    def __init__(self, num_instances: int) -> None:
+        self._num_waiting, self._all_here = num_instances, asyncio.Event()
+
+    async def arrive(self) -> None:
+        self._num_waiting -= 1
+        if self._num_waiting <= 0:
+            self._all_here.set()
+        await self._all_here.wait()
+
+
 async def inferlet_tpot(engine, program_hash: str, prompts: list[list[int]],  # noqa: ANN001
-                        max_tokens: int) -> tuple[float, float]:
-    """(steady TPOT, span TPOT) in seconds (see the module's doc)."""
+                        max_tokens: int, together: bool = True) -> tuple[float, float, float]:
+    """(steady TPOT, span TPOT) in seconds and the median tokens per instance inside the steady window (see the
+    module's doc). together: the instances start decoding together (StartTogether), else each when it is ready."""
+    start = StartTogether(len(prompts)) if together else None
     with token_clock() as token_times:
-        spans = await asyncio.gather(*[_one(engine, program_hash, p, max_tokens) for p in prompts])
-    return steady_tpot(list(token_times.values())), statistics.median(spans)
+        spans = await asyncio.gather(*[_one(engine, program_hash, p, max_tokens, start) for p in prompts])
+    times = list(token_times.values())
+    return steady_tpot(times), statistics.median(spans), window_tokens(times)
 
 
-async def _one(engine, program_hash: str, prompt: list[int], max_tokens: int) -> float:  # noqa: ANN001
+async def _one(engine, program_hash: str, prompt: list[int], max_tokens: int,  # noqa: ANN001
+               start: StartTogether | None) -> float:
     """One instance's span TPOT (text messages as the client gets them)."""
     args = {"version": 1, "prompts": [{"token_ids": prompt}], "n": 1, "max_tokens": max_tokens,
             "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": None,
@@ -107,6 +129,8 @@ async def _one(engine, program_hash: str, prompt: list[int], max_tokens: int) ->
     while True:
         message = await handle.next_message()
         if isinstance(message, Event) and json.loads(message.json)["type"] == "prompt":
+            if start is not None:
+                await start.arrive()
             handle.send("go")
         elif isinstance(message, Text) and message.text:
             stamps.append(time.perf_counter())
@@ -115,6 +139,13 @@ async def _one(engine, program_hash: str, prompt: list[int], max_tokens: int) ->
                 raise RuntimeError(message.error)
             break
     return (stamps[-1] - stamps[0]) / (max_tokens - 1)
+
+
+def window_tokens(token_times: list[list[float]]) -> float:
+    """Median over instances of their tokens inside the steady window (0 when it is empty: steady_tpot then
+    falls back to whole spans)."""
+    opened, closed = max(t[0] for t in token_times), min(t[-1] for t in token_times)
+    return statistics.median(sum(opened <= t <= closed for t in times) for times in token_times)
 
 
 def steady_tpot(token_times: list[list[float]]) -> float:
@@ -171,6 +202,9 @@ def main() -> None:
     parser.add_argument("--api-processes", type=int, default=0,
                         help="0: the engine in this process; 1: the runtime here, the control layer and its executor "
                              "in an engine-core process (as `pie serve --api-processes 1` runs them)")
+    parser.add_argument("--staggered", action="store_true",
+                        help="each instance decodes as soon as it is ready (before 2026-12-07: the default), instead "
+                             "of all together")
     args = parser.parse_args()
     model_dir = resolve_model_dir(args.model)
     config = EngineConfig(num_pages=args.num_pages, device=args.device)
@@ -190,26 +224,30 @@ def main() -> None:
         for batch in args.batch:
             pipelined = config.device != "cpu"  # as ControlConfig.for_engine decides
             direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, 99), 4, pipelined)  # warm-ups
-            asyncio.run(inferlet_tpot(engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 98), 4))
-            directs, steadies, spans = [], [], []
+            together = not args.staggered
+            asyncio.run(inferlet_tpot(engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 98), 4,
+                                      together))
+            directs, steadies, spans, windows = [], [], [], []
             steps[0] = 0
             for r in range(args.repeats):
                 directs.append(direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, r), args.max_tokens,
                                            pipelined))
-                steady, span = asyncio.run(inferlet_tpot(
-                    engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 10 + r), args.max_tokens))
+                steady, span, window = asyncio.run(inferlet_tpot(
+                    engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 10 + r), args.max_tokens,
+                    together))
                 steadies.append(steady)
                 spans.append(span)
+                windows.append(window)
             direct, inferlet, span = statistics.median(directs), statistics.median(steadies), statistics.median(spans)
             tax, span_tax = inferlet / direct - 1, span / direct - 1
             steps_per_token = steps[0] / (args.repeats * args.max_tokens)
             rows.append({"batch": batch, "tpot_direct_ms": 1000 * direct, "tpot_inferlet_ms": 1000 * inferlet,
                          "tax_percent": 100 * tax, "tpot_inferlet_span_ms": 1000 * span,
-                         "span_tax_percent": 100 * span_tax,
+                         "span_tax_percent": 100 * span_tax, "steady_window_tokens": statistics.median(windows),
                          "engine_steps_per_token": steps_per_token if core is None else None})
             print(f"batch {batch:>3}: TPOT direct {1000 * direct:7.2f} ms   default inferlet "
                   f"{1000 * inferlet:7.2f} ms   tax {100 * tax:+6.1f}%   (whole span {1000 * span:7.2f} ms, "
-                  f"{100 * span_tax:+6.1f}%)   steps/token "
+                  f"{100 * span_tax:+6.1f}%)   window {statistics.median(windows):.0f} tok   steps/token "
                   f"{'-' if core is not None else format(steps_per_token, '.2f')}", flush=True)
     finally:
         engine.close()
@@ -218,7 +256,7 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-                                              "rows": rows}, indent=2))
+                                              "start_together": not args.staggered, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
