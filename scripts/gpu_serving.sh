@@ -10,7 +10,8 @@
 #                                                     # TAX_REPEATS=9: more repeats than 3)
 #   bash scripts/gpu_serving.sh base-tax SHAPE [N]    # the tax over .base/tree.tgz's code (see base-breakdown):
 #                                                     # $OUT/tax_SHAPE_apN_base.json
-#   bash scripts/gpu_serving.sh tax-profile SHAPE B   # py-spy over the tax bench at batch B (ap 1, 256 tokens):
+#   bash scripts/gpu_serving.sh tax-profile SHAPE B   # py-spy over the tax bench at batch B (ap 1, 256 tokens,
+#                                                     # after a 45 s warm-up):
 #                                                     # $OUT/tax_profile_SHAPE_bB.{txt,raw,json}
 #   bash scripts/gpu_serving.sh tax-steps SHAPE B     # the tax bench at batch B with the engine core's step log
 #                                                     # (base-tax-steps: over .base/tree.tgz): $OUT/tax_steps_*.txt
@@ -206,13 +207,18 @@ vllm_offline() {  # shape (vLLM's own environment, in a subshell)
     | grep -v "^INFO\|^(EngineCore\|^WARNING\|^\[" | tail -4 | tee "$OUT/vllm_offline_$1.txt")
 }
 
-tax_profile() {  # shape batch: py-spy over bench/programmability_tax.py (both paths, the core's process too) at one
-                # batch, 256 tokens, 2 repeats: where the default inferlet's steady decode loses to the direct one
+tax_profile() {  # shape batch: py-spy over bench/programmability_tax.py at one batch (both paths, the core's process
+                # too; 256 tokens, 30 repeats), attached after PROFILE_WARMUP_S (45 s: imports, graph capture and
+                # the first repeats) for 15 s at 100 Hz: where the default inferlet's steady decode loses to the direct
+                # one. From the start at 200 Hz (before 2026-12-07) py-spy fell 7 s behind and saw only the start-up.
   local tag=tax_profile_$1_b$2
-  /tmp/site/bin/py-spy record --subprocesses --threads --rate 200 --format raw -o "$OUT/$tag.raw" -- \
-    python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch "$2" --max-tokens 256 --repeats 2 \
-    --num-pages 2048 --api-processes 1 --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
-  grep "^batch" "$OUT/$tag.log"
+  python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch "$2" --max-tokens 256 --repeats 30 \
+    --num-pages 2048 --api-processes 1 --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1 &
+  local bench=$!
+  sleep "${PROFILE_WARMUP_S:-45}"
+  /tmp/site/bin/py-spy record --pid $bench --subprocesses --threads --rate 100 --duration 15 \
+    --format raw -o "$OUT/$tag.raw" > "$OUT/$tag.pyspy.log" 2>&1 || tail -3 "$OUT/$tag.pyspy.log"
+  wait $bench; grep "^batch" "$OUT/$tag.log"
   python3 scripts/profile_summary.py "$OUT/$tag.raw" --top 40 > "$OUT/$tag.txt" && grep -E "==|thread" "$OUT/$tag.txt"
 }
 
