@@ -117,8 +117,9 @@ def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineCon
     """grammars: for decodes under a grammar; None: a compiler of its own, made on the first such decode."""
     emulated_ms = os.environ.get("PIE_EMULATED_DEVICE_MS")
     if emulated_ms:  # no model: steps of that many ms on an emulated device (engine/executor/emulated.py)
+        submit_ms = float(os.environ.get("PIE_EMULATED_SUBMIT_MS") or 0)  # host work per step (emulated.py)
         executor = EmulatedExecutor(model_config, config, float(emulated_ms) / 1000,
-                                    sorted(Tokenizer.from_dir(model_dir).eos_token_ids))
+                                    sorted(Tokenizer.from_dir(model_dir).eos_token_ids), submit_s=submit_ms / 1000)
     elif config.device == "cpu":  # as ControlConfig.for_engine tells the CPU apart
         executor = _load_on_a_passing_thread(model_dir, model_config, config, progress)
     else:

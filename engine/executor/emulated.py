@@ -8,6 +8,10 @@ end. So a pipelined control loop (ControlConfig.pipeline, on for every device bu
 behind the steps as it would on a GPU, and whatever runs in series with them shows in the wall time: the GPU
 machine's host-bound regime, reproduced on a CPU.
 
+`PIE_EMULATED_SUBMIT_MS=H` adds H ms of host work to each submit (a Python spin: it holds the GIL as the real
+executor's step building and launches do, ~0.5-1.0 ms a SmolLM2 step on the H100 hosts), so the engine core's
+host time per step can be brought near the step's as on the GPU machine, where the SmolLM2 tax comes from.
+
 Tokens are drawn, not computed: a seeded generator picks each sampled token among those the output may take (its
 allowed-token mask or ids, else any id below the vocabulary size that is not an eos id), so constrained outputs
 take tokens of every length as a model's would. Logprobs are 0.0. Nothing checks KV placement beyond what fed
@@ -62,7 +66,10 @@ class EmulatedStep:
 
 class EmulatedExecutor:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, step_s: float,
-                 eos_token_ids: Sequence[int] = (), seed: int = 0) -> None:
+                 eos_token_ids: Sequence[int] = (), seed: int = 0, submit_s: float = 0.0) -> None:
+        if submit_s < 0:
+            raise ValueError("an emulated submit takes >= 0 seconds")
+        self.submit_s = submit_s
         num_pages = engine_config.num_pages or EMULATED_NUM_PAGES
         page_size = engine_config.page_size
         self.info = EngineInfo(num_pages=num_pages, page_size=page_size,
@@ -89,6 +96,7 @@ class EmulatedExecutor:
             results = tuple(self._run(command, previous) for command in batch.forwards)
             result = StepResult(results=results, step_id=batch.step_id)
             self._previous = result
+            _spin(self.submit_s)
             return EmulatedStep(batch.step_id, result, self._device.start_step())
 
     def close(self) -> None:
@@ -125,3 +133,11 @@ class EmulatedExecutor:
         byte = int(nonzero[self._rng.integers(len(nonzero))])
         bits = [bit for bit in range(8) if mask[byte] >> bit & 1]  # none at or past the vocabulary (step.py)
         return byte * 8 + bits[self._rng.integers(len(bits))]
+
+
+def _spin(seconds: float) -> None:
+    """Busy host work for `seconds`, holding the GIL (yielding it only at the switch interval) as Python does."""
+    if seconds > 0:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass

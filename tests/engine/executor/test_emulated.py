@@ -15,10 +15,11 @@ VOCAB = 1000
 EOS = 7
 
 
-def _executor(step_s: float = 0.0) -> EmulatedExecutor:
+def _executor(step_s: float = 0.0, submit_s: float = 0.0) -> EmulatedExecutor:
     model = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16, max_position_embeddings=4096)
-    return EmulatedExecutor(model, EngineConfig(device="cpu", num_pages=64, page_size=16), step_s, [EOS])
+    return EmulatedExecutor(model, EngineConfig(device="cpu", num_pages=64, page_size=16), step_s, [EOS],
+                            submit_s=submit_s)
 
 
 def _command(sampling: SamplingParams = SamplingParams(), fed: TokenRef | None = None) -> ForwardCommand:
@@ -41,6 +42,19 @@ def test_steps_take_their_time_one_after_another() -> None:
     assert 0.045 <= time.monotonic() - started < 0.09
     second.result()
     assert time.monotonic() - started >= 0.095  # the second step ran after the first, not beside it
+
+
+def test_submit_does_its_host_work_before_the_step_starts() -> None:
+    """PIE_EMULATED_SUBMIT_MS: each submit spins (host work) before its step takes the device, so host work and
+    device time add up when the host does not run ahead."""
+    executor = _executor(step_s=0.02, submit_s=0.03)
+    started = time.monotonic()
+    pending = executor.submit(Batch(forwards=[_command()]))
+    assert time.monotonic() - started >= 0.03
+    pending.result()
+    assert time.monotonic() - started >= 0.05
+    with pytest.raises(ValueError):
+        _executor(submit_s=-0.001)
 
 
 def test_tokens_are_drawn_among_the_allowed_ones() -> None:
