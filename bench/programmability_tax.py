@@ -11,7 +11,8 @@ TPOT(direct) = wall time of the decode steps / (max_tokens - 1), prefill exclude
   each at its prompt event until all have reached theirs, then lets them all go, so their prefills and decodes
   start together as the baseline's do (`--staggered`: each goes as soon as it is ready, the default before
   2026-12-07; then the first ones' spans hold steps that prefill the later ones' prompts beside their decodes,
-  and on the H100 host the stagger of 32-64 instances outlasted a 64-token decode, leaving no steady window);
+  and on the H100 host the stagger of 32-64 instances likely outlasted a 64-token decode, leaving a short or
+  empty steady window: not confirmed, the `window` column now says);
 - steady: over the window in which every instance decodes (from the last instance's first token to the first
   instance's last one), per instance the time between its first and last token inside the window over their
   count - 1, median over instances: the decode steps of the whole batch, as the baseline times them (its prompts
@@ -141,17 +142,23 @@ async def _one(engine, program_hash: str, prompt: list[int], max_tokens: int,  #
     return (stamps[-1] - stamps[0]) / (max_tokens - 1)
 
 
+def steady_window(token_times: list[list[float]]) -> tuple[float, float]:
+    """(opened, closed): from the last instance's first token to the first instance's last one (empty when
+    opened > closed)."""
+    return max(t[0] for t in token_times), min(t[-1] for t in token_times)
+
+
 def window_tokens(token_times: list[list[float]]) -> float:
     """Median over instances of their tokens inside the steady window (0 when it is empty: steady_tpot then
     falls back to whole spans)."""
-    opened, closed = max(t[0] for t in token_times), min(t[-1] for t in token_times)
+    opened, closed = steady_window(token_times)
     return statistics.median(sum(opened <= t <= closed for t in times) for times in token_times)
 
 
 def steady_tpot(token_times: list[list[float]]) -> float:
     """Median over instances of the time per token inside the window where all decode (an instance with fewer
     than two tokens there counts its whole span)."""
-    opened, closed = max(t[0] for t in token_times), min(t[-1] for t in token_times)
+    opened, closed = steady_window(token_times)
     tpots = []
     for times in token_times:
         inside = [t for t in times if opened <= t <= closed]
