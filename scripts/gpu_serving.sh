@@ -223,12 +223,12 @@ tax_profile() {  # shape batch: py-spy over bench/programmability_tax.py at one 
 }
 
 tax_steps() {  # shape batch: the tax bench at one batch (256 tokens, 3 repeats) with the engine core's step log: how
-                # its loop splits a step (form / submit / wait / deliver), $OUT/tax_steps_SHAPE_bB${tax_tag}.{log,txt,jsonl.gz}
+                # its loop splits a step (form / submit / wait / deliver; the loop's cycles, --cycles), $OUT/tax_steps_SHAPE_bB${tax_tag}.{log,txt,jsonl.gz}
   local tag=tax_steps_$1_b$2${tax_tag:-}
   PIE_STEP_LOG=$OUT/$tag.jsonl timeout 300 python3 bench/programmability_tax.py --model $M/$1 --device cuda --batch "$2" \
     --max-tokens 256 --repeats 3 --num-pages 2048 --api-processes 1 > "$OUT/$tag.log" 2>&1
   grep "^batch" "$OUT/$tag.log"
-  python3 scripts/step_log_summary.py "$OUT/$tag.jsonl" | tee "$OUT/$tag.txt"; gzip -f "$OUT/$tag.jsonl"
+  python3 scripts/step_log_summary.py "$OUT/$tag.jsonl" --cycles | tee "$OUT/$tag.txt"; gzip -f "$OUT/$tag.jsonl"
 }
 
 tax() {  # shape api_processes

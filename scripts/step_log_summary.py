@@ -2,12 +2,16 @@
 steps by their number of rows (a load level's steps have up to its concurrency) and by whether they hold
 prefill tokens, with their count, rows, tokens and time.
 
-    python3 scripts/step_log_summary.py PATH [--between START END | --windows AGENTIC_JSON]
+    python3 scripts/step_log_summary.py PATH [--between START END | --windows AGENTIC_JSON] [--cycles]
 
 A step's time is from the later of its submission and the previous step's delivery to its own delivery: with
 pipelined steps on a busy device, the device's time for that step (idle stretches between steps are not
 counted in it). The last columns split the control loop's own time per step (engine/control/step_log.py):
 forming it, submitting it, blocked on its result, delivering it.
+
+--cycles adds, for pipelined decode-only steps of 17 or more rows, the loop's cycle (one submission to the next)
+split into those parts and the rest (listeners, gathering, waits for the GIL or the control layer's lock between
+parts), at the median, p90 and over the slowest tenth of cycles: where the slow steps' time goes.
 """
 from __future__ import annotations
 
@@ -68,6 +72,7 @@ def main() -> None:
                         help="only the steps submitted in this span of time.monotonic() seconds")
     parser.add_argument("--windows", default=None, metavar="AGENTIC_JSON",
                         help="one summary per level and mode of this bench.agentic result (their window_s)")
+    parser.add_argument("--cycles", action="store_true", help="the pipelined loop's cycles, split (see above)")
     args = parser.parse_args()
     steps = [json.loads(line) for line in Path(args.path).read_text().splitlines() if line.strip()]
     if args.windows is not None:
@@ -80,6 +85,8 @@ def main() -> None:
         print(window_summary(steps, *args.between))
     else:
         print(summary(steps))
+    if args.cycles:
+        print(cycle_summary(steps))
 
 
 def window_summary(steps: list[dict], start: float, end: float) -> str:
@@ -89,6 +96,45 @@ def window_summary(steps: list[dict], start: float, end: float) -> str:
     busy_s = sum(step_times(chosen)) / 1e3
     return (f"{len(chosen)} steps in {end - start:.1f} s, a step running {100 * busy_s / (end - start):.0f} % of it\n"
             + summary(chosen))
+
+
+CYCLE_PARTS = ("form", "submit", "wait", "deliver", "rest")
+
+
+def cycles(steps: list[dict], min_rows: int = 17) -> list[dict[str, float]]:
+    """ms per part of each cycle of the pipelined loop between two decode-only steps of min_rows or more: from
+    step i's submission to step i + 1's, the loop submits i (submit), takes step i - 1's result (wait, deliver),
+    runs its listeners and gathers (rest), then forms i + 1 (form)."""
+    steps = sorted(steps, key=lambda s: s["submitted"])
+    found = []
+    for before, step, after in zip(steps, steps[1:], steps[2:]):
+        if any(s["forwards"] < min_rows or s["prefill_forwards"] for s in (before, step, after)):
+            continue
+        total = (after["submitted"] - step["submitted"]) * 1e3
+        parts = {"form": after["form_ms"], "submit": step["submit_ms"], "wait": before["wait_ms"],
+                 "deliver": before["deliver_ms"]}
+        found.append({**parts, "rest": total - sum(parts.values()), "total": total})
+    return found
+
+
+def cycle_summary(steps: list[dict]) -> str:
+    found = cycles(steps)
+    if not found:
+        return "no pipelined cycles of decode-only steps with 17 or more rows"
+    ordered = sorted(found, key=lambda c: c["total"])
+    slowest = ordered[-max(1, len(ordered) // 10):]
+    header = "cycles of decode-only steps (17+ rows), ms: " + " / ".join(CYCLE_PARTS) + " = total"
+
+    def line(name: str, values: list[dict[str, float]], pick) -> str:  # noqa: ANN001
+        return f"{name:<22} " + " / ".join(f"{pick([c[p] for c in values]):.2f}" for p in CYCLE_PARTS) \
+            + f" = {pick([c['total'] for c in values]):.2f}"
+
+    def p90(values: list[float]) -> float:
+        return sorted(values)[int(0.9 * (len(values) - 1))]
+
+    return "\n".join([header, line(f"median ({len(found)})", found, statistics.median),
+                      line("p90 (each part)", found, p90),
+                      line(f"slowest tenth, mean ({len(slowest)})", slowest, statistics.fmean)])
 
 
 if __name__ == "__main__":

@@ -139,3 +139,36 @@ def test_the_windows_of_an_agentic_run_are_summarised_apart(tmp_path: Path) -> N
     assert out[3].split()[-7:] == ["2.00", "/", "2.00", "/", "90.00", "/", "3.00"]  # form 1, 2, 3: median 2
     client = out.index("== concurrency 2, client: 2.00 tasks/s")
     assert out[client + 1] == "2 steps in 2.0 s, a step running 10 % of it"
+
+
+def test_cycles_split_the_pipelined_loop_between_submissions(tmp_path: Path) -> None:
+    """--cycles: from one decode-only step's submission to the next, the parts the loop logs (this step's submit,
+    the step before's wait and deliver, the next one's form) and the rest; steps with prefill or under 17 rows
+    are left out, and the slowest tenth is shown apart."""
+    import subprocess
+    import sys
+
+    def step(i: int, submitted: float, forwards: int = 32, prefill: int = 0, form: float = 0.1) -> str:
+        return json.dumps({"step": i, "submitted": submitted, "delivered": submitted + 0.002, "forwards": forwards,
+                           "tokens": forwards + prefill, "prefill_forwards": int(prefill > 0),
+                           "prefill_tokens": prefill, "form_ms": form, "submit_ms": 0.5, "wait_ms": 0.0,
+                           "deliver_ms": 0.2})
+
+    # submissions 1 ms apart, one 3 ms gap (before step 12); step 3 holds prefill, step 8 has 4 rows
+    times = [0.001 * i + (0.002 if i >= 12 else 0.0) for i in range(20)]
+    lines = [step(i, t, forwards=4 if i == 8 else 32, prefill=64 if i == 3 else 0) for i, t in enumerate(times)]
+    path = tmp_path / "steps.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    script = Path(__file__).resolve().parents[3] / "scripts" / "step_log_summary.py"
+    done = subprocess.run([sys.executable, str(script), str(path), "--cycles"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    start = next(k for k, text in enumerate(out) if text.startswith("cycles of decode-only steps"))
+    median, _, slowest = out[start + 1:start + 4]
+    # 20 steps -> 18 triples; those touching step 3 (3) or step 8 (3) are left out: 12 cycles
+    assert median.split()[:2] == ["median", "(12)"]
+    # form 0.1 + submit 0.5 + wait 0 + deliver 0.2 = 0.8 of a 1 ms cycle: the rest 0.2
+    assert median.split()[2:] == ["0.10", "/", "0.50", "/", "0.00", "/", "0.20", "/", "0.20", "=", "1.00"]
+    # the slowest tenth of 12 is one cycle: the 3 ms one, its extra 2 ms in the rest
+    assert slowest.split()[-3:] == ["2.20", "=", "3.00"]
