@@ -25,7 +25,7 @@ from pie_server.engine.control.decoding import DecodeRequest, DecodeStream
 from pie_server.engine.processes import is_alive as _is_alive
 from pie_server.engine.futures import settle
 from pie_server.engine.core.messages import (ENCODER, EVENTS_DECODER, PLAIN_METHODS, PLAIN_VALUES, Call, CoreFacts,
-                                             End, Output, Reply)
+                                             End, Output, Reply, Tokens)
 from pie_server.engine.step import CommandResult, OutputResult
 from pie_server.engine.types import InstanceId, TokenId, VirtualPageId
 
@@ -216,7 +216,10 @@ class RemoteControl:
                 except Exception:  # a bug here must not stop every other call's replies
                     log.exception("could not deliver a reply from the engine core")
 
-    def _settle(self, event: Reply | Output | End) -> None:
+    def _settle(self, event: Reply | Output | Tokens | End) -> None:
+        if isinstance(event, Tokens):
+            self._push_tokens(event.pairs)
+            return
         if isinstance(event, Output):
             stream = self._pending[event.call_id][0]
             assert isinstance(stream, DecodeStream)
@@ -237,6 +240,16 @@ class RemoteControl:
             value = None if error is not None or value_type is Any else msgspec.convert(event.value, value_type)
             if not settle(waiter, value, error) and error is None and orphaned is not None:
                 orphaned()
+
+    def _push_tokens(self, pairs: list[int]) -> None:
+        pending = self._pending
+        for k in range(0, len(pairs), 2):
+            entry = pending.get(pairs[k])
+            if entry is None:  # failed here meanwhile (_fail_all): nobody reads its tokens
+                continue
+            waiter = entry[0].push(OutputResult(pairs[k + 1]))
+            if waiter is not None:
+                settle(waiter, None, None)
 
     def _fail_all(self, reason: str) -> None:
         self._gone = reason

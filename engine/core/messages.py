@@ -2,7 +2,8 @@
 
 Front end -> core: one `Call` per Control method call (method name + its arguments as plain data; the core
 converts them to the method's types, so a malformed call is a validation error, not a crash).
-Core -> front end: a list of `Event`s per message, in the order they happened; the core sends at most one
+Core -> front end: a list of `Event`s per message, in the order they happened (a decode's plain tokens, those
+without logprobs, travel together as one `Tokens` array at the message's head); the core sends at most one
 message per front end per engine step (all of that step's sampled tokens together), plus replies to calls
 as they are served.
 
@@ -45,6 +46,14 @@ class Output(msgspec.Struct, array_like=True, tag=2):
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
+class Tokens(msgspec.Struct, array_like=True, tag=4):
+    """Sampled tokens of decodes that asked for no logprobs, in the order they were sampled: flat pairs
+    [call_id, token_id, call_id, token_id, ...]. One per message at most, before its other events: a decode's
+    tokens then always come before its End (FrontLink.flush)."""
+
+    pairs: list[int]
+
+
 class End(msgspec.Struct, array_like=True, tag=3):
     """The decode started by call_id has ended: nothing of it runs any more."""
 
@@ -53,7 +62,7 @@ class End(msgspec.Struct, array_like=True, tag=3):
     error: list[str] | None = None
 
 
-Event = Union[Reply, Output, End]
+Event = Union[Reply, Output, Tokens, End]
 
 
 class CoreFacts(msgspec.Struct):

@@ -25,7 +25,7 @@ from pie_server.engine.control.controller import Controller
 from pie_server.engine.control.decoding import DecodeRequest, DecodeStream
 from pie_server.engine.processes import is_alive as _is_alive
 from pie_server.engine.core.messages import (CALL_DECODER, ENCODER, FUTURE_METHODS, PLAIN_METHODS, Call, CoreFacts,
-                                             End, Event, Output, Reply, error_of)
+                                             End, Event, Output, Reply, Tokens, error_of)
 from pie_server.engine.step import OutputResult
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ class FrontLink:
         self._socket.connect(address)
         self._lock = threading.Lock()
         self._events: list[Event] = []
+        # Plain tokens as flat (call_id, token_id) pairs, appended without the lock (emit_token) and taken by
+        # flush as a prefix: list.extend and the slice and del of a prefix are each one step under the GIL.
+        self._token_pairs: list[int] = []
         self.closed = False
         self.instance_ids: set[str] = set()
         self.streams: dict[int, RelayStream] = {}  # running decodes by their call id
@@ -55,11 +58,24 @@ class FrontLink:
             if not self.closed:  # a gone front end's late replies are dropped
                 self._events.append(event)
 
+    def emit_token(self, call_id: int, token_id: int) -> None:
+        """A decode's plain token: the hot path of delivery (one per running decode per step), so no lock and no
+        event object; flush sends a step's tokens as one Tokens array."""
+        if not self.closed:  # a gone front end's tokens are dropped
+            self._token_pairs.extend((call_id, token_id))
+
     def flush(self) -> None:
         with self._lock:
-            if not self._events or self.closed:
+            if self.closed or not (self._events or self._token_pairs):
                 return
+            # Events first, then tokens: an End taken now was emitted after its decode's last token, which is
+            # then in the tokens taken after it; the message puts the tokens first.
             events, self._events = self._events, []
+            pairs = self._token_pairs
+            num_taken = len(pairs)
+            if num_taken:
+                events.insert(0, Tokens(pairs[:num_taken]))
+                del pairs[:num_taken]
             try:
                 self._socket.send(ENCODER.encode(events), zmq.NOBLOCK)
             except zmq.Again:
@@ -69,19 +85,24 @@ class FrontLink:
         with self._lock:
             self.closed = True
             self._events = []
+            self._token_pairs.clear()
             self._socket.close()
 
 
 class RelayStream(DecodeStream):
     """The core's end of a decode: its outputs and its end become events for the front end that asked."""
 
-    def __init__(self, link: FrontLink, call_id: int) -> None:
+    def __init__(self, link: FrontLink, call_id: int, plain: bool = False) -> None:
+        """plain: the decode asked for no logprobs, so its outputs are bare tokens (sent in Tokens arrays)."""
         super().__init__()
-        self.link, self.call_id = link, call_id
+        self.link, self.call_id, self.plain = link, call_id, plain
         self.done.add_done_callback(self._ended)
 
     def push(self, output: OutputResult) -> None:
-        self.link.emit(Output(self.call_id, output.token_id or 0, output.logprob, output.top_logprobs))
+        if self.plain:
+            self.link.emit_token(self.call_id, output.token_id or 0)
+        else:
+            self.link.emit(Output(self.call_id, output.token_id or 0, output.logprob, output.top_logprobs))
         return None
 
     def _ended(self, done: Future[str]) -> None:
@@ -206,7 +227,7 @@ class EngineCore:
 
     def _decode(self, link: FrontLink, call: Call) -> None:
         instance_id, request = msgspec.convert(call.args, tuple[str, DecodeRequest])
-        stream = RelayStream(link, call.call_id)
+        stream = RelayStream(link, call.call_id, plain=request.sampling.num_logprobs is None)
         link.streams[call.call_id] = stream
         if request.grammar is not None:  # compiling it may take a while (the first one loads the tokenizer)
             self._grammar_starter.submit(self._start_decode, link, call, instance_id, request, stream)

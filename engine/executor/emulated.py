@@ -14,8 +14,9 @@ host time per step can be brought near the step's as on the GPU machine, where t
 
 Tokens are drawn, not computed: a seeded generator picks each sampled token among those the output may take (its
 allowed-token mask or ids, else any id below the vocabulary size that is not an eos id), so constrained outputs
-take tokens of every length as a model's would. Logprobs are 0.0. Nothing checks KV placement beyond what fed
-tokens need (tests/engine/control/fake_executor.py does that for the control layer).
+take tokens of every length as a model's would. Logprobs are 0.0, where asked (as the sampler gives them).
+Nothing checks KV placement beyond what fed tokens need (tests/engine/control/fake_executor.py does that for
+the control layer).
 """
 from __future__ import annotations
 
@@ -121,6 +122,8 @@ class EmulatedExecutor:
             token = int(params.allowed_token_ids[self._rng.integers(len(params.allowed_token_ids))])
         else:
             token = int(self._plain_ids[self._rng.integers(len(self._plain_ids))])
+        if params.num_logprobs is None:  # as the sampler: a logprob only where asked
+            return OutputResult(token_id=token)
         top = ((token, 0.0),) if params.num_logprobs else ()
         return OutputResult(token_id=token, logprob=0.0, top_logprobs=top)
 

@@ -106,6 +106,57 @@ def test_decode_streams_every_token_then_the_end(core: Core) -> None:
     remote.close_instance("a")
 
 
+def test_tokens_without_logprobs_travel_as_arrays_and_logprobs_as_asked(core: Core) -> None:
+    """A decode that asks for no logprobs gets bare tokens (the core's Tokens arrays; the fake executor's
+    logprob is not sent); one that asks gets them, token by token."""
+    remote = core.remote
+    remote.open_instance("a")
+    pages = remote.allocate_pages("a", 8).result(5)
+    plain = remote.decode("a", DecodeRequest([10], 0, pages[:4], 0, GREEDY, max_new_tokens=6))
+    asked = remote.decode("a", DecodeRequest([30], 0, pages[4:], 0, SamplingParams(num_logprobs=0),
+                                             max_new_tokens=3))
+    assert plain.done.result(5) == "length" and asked.done.result(5) == "length"
+    assert [(o.token_id, o.logprob) for o in plain.drain()] == [(t, None) for t in range(11, 17)]
+    assert [(o.token_id, o.logprob) for o in asked.drain()] == [(31, 0.0), (32, 0.0), (33, 0.0)]
+    remote.close_instance("a")
+
+
+def test_a_flush_sends_tokens_before_the_events_taken_with_them(tmp_path: Path) -> None:
+    """FrontLink: plain tokens are taken after the events and put first, so a decode's End never overtakes its
+    tokens; a closed link takes no more."""
+    import zmq
+
+    from pie_server.engine.core.messages import EVENTS_DECODER, End, Reply, Tokens
+    from pie_server.engine.core.server import FrontLink
+
+    context = zmq.Context()
+    inbox = context.socket(zmq.PULL)
+    address = f"ipc://{tmp_path}/front"
+    inbox.bind(address)
+    link = FrontLink(context, os.getpid(), address)
+    try:
+        link.emit_token(7, 100)
+        link.emit(Reply(3, [1, 2]))
+        link.emit_token(8, 200)
+        link.emit_token(7, 101)
+        link.emit(End(7, "length"))
+        link.flush()
+        assert inbox.poll(5000)
+        assert EVENTS_DECODER.decode(inbox.recv()) == [Tokens([7, 100, 8, 200, 7, 101]), Reply(3, [1, 2]),
+                                                        End(7, "length")]
+        link.emit_token(8, 201)
+        link.flush()
+        assert inbox.poll(5000) and EVENTS_DECODER.decode(inbox.recv()) == [Tokens([8, 201])]
+        link.flush()  # nothing left: nothing sent
+        link.close()
+        link.emit_token(8, 202)
+        link.flush()
+        assert not inbox.poll(100)
+    finally:
+        inbox.close()
+        context.term()
+
+
 def test_a_decode_under_a_grammar_crosses_the_wire(tmp_path: Path) -> None:
     made = Core(tmp_path, FakeExecutor(num_pages=32, page_size=4, vocab_size=VOCAB_SIZE), GRAMMARS)
     remote = made.remote
