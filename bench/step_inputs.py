@@ -5,17 +5,23 @@ process. Pure numpy: runs anywhere (the GPU host's numbers differ in scale, not 
     .venv/bin/python -m bench.step_inputs [--batches 16 64 256] [--pages 8] [--repeats 7] [--json PATH]
 
 Each row: the median over repeats of the mean time per call (1,000 calls) of build_step_inputs on B decode
-commands of --pages pages each, then of build_host_metadata on its attention step (with the builder's source
-rows, and as before without them: np.unique over the slots).
+commands of --pages pages each over a cycle of steady decode steps (page tuples passed on from step to step, one
+row in 16 taking a new tuple each step), converted every step, then as the executor runs them with its PageArrays
+(kept from KEEP_MIN_PAGES pages per command on; the general way: one step's commands again and again), then of
+build_host_metadata on its attention step (with the builder's source rows, and as before without them: np.unique
+over the slots).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import timeit
 from typing import Callable
+
+import msgspec
 
 from pie_server.engine.executor import step_inputs
 from pie_server.engine.step import ForwardCommand, OutputSpec, SamplingParams, TokenRef
@@ -34,6 +40,21 @@ def decode_commands(num_seqs: int, num_pages: int) -> list[ForwardCommand]:
                            7, (OutputSpec(0, SamplingParams()),), None, TokenRef(1, b)) for b in range(num_seqs)]
 
 
+def steady_steps(num_seqs: int, num_pages: int, num_steps: int = 160) -> list[list[ForwardCommand]]:
+    """Decode steps as the control layer hands them on: each row's page tuple is passed on from step to step and
+    replaced by a new one once every PAGE_SIZE steps (a decode opening its next page), the rows staggered."""
+    versions: dict[tuple[int, int], tuple[int, ...]] = {}
+    steps = []
+    for step in range(num_steps):
+        commands = []
+        for b, c in enumerate(decode_commands(num_seqs, num_pages)):
+            key = (b, (step + b) // PAGE_SIZE)
+            pages = versions.setdefault(key, tuple(list(c.page_ids)))
+            commands.append(msgspec.structs.replace(c, page_ids=pages))
+        steps.append(commands)
+    return steps
+
+
 def _us(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(timeit.repeat(fn, number=CALLS, repeat=repeats)) / CALLS * 1e6
 
@@ -43,9 +64,13 @@ def measure(num_seqs: int, num_pages: int, repeats: int) -> dict[str, float | in
     total_pages = num_seqs * num_pages + 8
     args = (commands, Model, PAGE_SIZE, total_pages)
     step = step_inputs.build_step_inputs(*args).attention
+    steady, arrays = itertools.cycle(steady_steps(num_seqs, num_pages)), step_inputs.PageArrays()
     return {
         "batch": num_seqs,
-        "inputs_decode_us": _us(lambda: step_inputs.build_step_inputs(*args), repeats),
+        "inputs_decode_us": _us(lambda: step_inputs.build_step_inputs(next(steady), Model, PAGE_SIZE, total_pages),
+                                repeats),
+        "inputs_kept_pages_us": _us(lambda: step_inputs.build_step_inputs(next(steady), Model, PAGE_SIZE, total_pages,
+                                                                          arrays), repeats),
         "inputs_general_us": _us(lambda: step_inputs._any_step_inputs(*args), repeats),
         "metadata_given_rows_us": _us(lambda: build_host_metadata(step), repeats),
         "metadata_unique_us": _us(lambda: build_host_metadata(dataclasses.replace(step, source_rows=None)), repeats),
@@ -60,10 +85,12 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows = [measure(b, args.pages, args.repeats) for b in args.batches]
-    print("| batch | inputs: decode way us | general way us | host metadata: given rows us | np.unique us |")
-    print("|---|---|---|---|---|")
+    print("| batch | inputs: decode way us | decode way, kept page tuples us | general way us | "
+          "host metadata: given rows us | np.unique us |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['inputs_decode_us']:.1f} | {r['inputs_general_us']:.1f} | "
+        print(f"| {r['batch']} | {r['inputs_decode_us']:.1f} | {r['inputs_kept_pages_us']:.1f} | "
+              f"{r['inputs_general_us']:.1f} | "
               f"{r['metadata_given_rows_us']:.1f} | {r['metadata_unique_us']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:

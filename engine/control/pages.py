@@ -81,10 +81,12 @@ class PagePool:
             raise RuntimeError(f"block {block_id} is swapped out; swap it in before using its page")
         return page
 
-    def pages(self, block_ids: list[BlockId]) -> list[PageId]:
-        """The physical pages of resident blocks (the hot path of batch formation)."""
+    def pages(self, block_ids: list[BlockId]) -> tuple[PageId, ...]:
+        """The physical pages of resident blocks (the hot path of batch formation). A tuple: a decode's steps
+        pass the same one on while its blocks stay put, and the executor converts and checks it once
+        (engine/executor/step_inputs.py, PageArrays)."""
         blocks = self._blocks
-        pages = [blocks[block_id].page for block_id in block_ids]
+        pages = tuple([blocks[block_id].page for block_id in block_ids])
         if None in pages:
             raise RuntimeError("a block is swapped out; swap it in before using its page")
         return pages  # type: ignore[return-value]

@@ -83,7 +83,7 @@ class ForwardItem:
     wasted: bool = False  # a speculated decode forward past the decode's end: its output is dropped
     # The physical pages of block_ids as of PagePool.placement_version pages_version (None: not looked up yet);
     # a decode's next forward over the same blocks takes them over (batch formation's page lookup, once).
-    pages: list[PageId] | None = None
+    pages: tuple[PageId, ...] | None = None
     pages_version: int = -1
 
     def __post_init__(self) -> None:

@@ -28,7 +28,7 @@ from pie_server.engine.executor.memory import MemoryPlan, decode_probe, pieces_p
 from pie_server.engine.executor.pending import PendingStep, StepOutputs
 from pie_server.engine.executor.piecewise_graphs import PiecewiseConfig, PiecewiseGraphs
 from pie_server.engine.executor.sampler import SampledOutputs, Sampler, all_plain_greedy, greedy_outputs
-from pie_server.engine.executor.step_inputs import StepInputs, build_step_inputs
+from pie_server.engine.executor.step_inputs import PageArrays, StepInputs, build_step_inputs
 from pie_server.engine.model.llama import LlamaModel
 from pie_server.engine.model.loader import cache_root
 from pie_server.engine.model.parallel import TensorParallel
@@ -72,6 +72,7 @@ class Executor:
         self.attention = attention or default_attention
         self.sampler = Sampler(seed=engine_config.seed)
         self._previous: StepOutputs | None = None  # the last launched step's tokens (see pending.py)
+        self._page_arrays = PageArrays()  # decode steps' page lists, converted once (step_inputs.py)
         self.memory_plan: MemoryPlan | None = None
         self.decode_graphs = None  # captured once the pool exists
         self.piecewise_graphs = None  # likewise
@@ -136,8 +137,8 @@ class Executor:
         """Validates the whole batch first (an invalid batch raises ValueError and changes nothing), then
         enqueues its work on the device without waiting for it: the host may build the next step meanwhile."""
         started = time.perf_counter()
-        inputs = build_step_inputs(batch.forwards, self.model_config, self.kv.page_size, self.kv.num_pages) \
-            if batch.forwards else None
+        inputs = build_step_inputs(batch.forwards, self.model_config, self.kv.page_size, self.kv.num_pages,
+                                   self._page_arrays) if batch.forwards else None
         feed = self._feed_rows(inputs)
         for swap in (*batch.swap_outs, *batch.swap_ins):
             self.kv.check_swap(swap)
@@ -159,7 +160,8 @@ class Executor:
     def logits(self, batch: Batch) -> torch.Tensor | None:
         """Runs the batch's forwards and returns the raw logits [N, V] of the requested rows (no sampling).
         Only its forwards: swaps and page copies are not applied. None on tensor-parallel ranks other than 0."""
-        inputs = build_step_inputs(batch.forwards, self.model_config, self.kv.page_size, self.kv.num_pages)
+        inputs = build_step_inputs(batch.forwards, self.model_config, self.kv.page_size, self.kv.num_pages,
+                                   self._page_arrays)
         feed = self._feed_rows(inputs)
         previous, self._previous = self._previous, None
         if self.worker_ranks is not None:
