@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 AGENTIC=0; [ "${1:-}" = --agentic ] && AGENTIC=1
 ROOT=$PWD; PY=$ROOT/.venv/bin/python; G=$ROOT/.gpu-model
 [ -x "$PY" ] || { echo "run make install first"; exit 2; }
-for d in /.whl/ /.gpu-model/ /.agentwasm/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+for d in /.whl/ /.gpu-model/ /.agentwasm/ /.base/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
 
 # The server's packages at requirements/gpu.lock's versions (fetch-wheels names some unpinned: wasmtime 51 came
 # out on 2026-12-04, and the runtime refuses any wasmtime but its pinned one); .whl/ starts empty, so no
