@@ -50,11 +50,16 @@ def summary(steps: list[dict]) -> str:
             rows.append(f"{band:<9} {kind:<13} {len(chosen):>7}   "
                         f"{statistics.median(s['forwards'] for s, _ in chosen):>13}   "
                         f"{statistics.median(s['tokens'] for s, _ in chosen):>15}   {statistics.median(ms):>9.2f}   "
-                        f"{ms[min(len(ms) - 1, int(0.9 * len(ms)))]:>6.2f}   {sum(ms):>8.0f}   "
+                        f"{p90(ms):>6.2f}   {sum(ms):>8.0f}   "
                         + _host_parts([s for s, _ in chosen]))
     span = steps[-1]["delivered"] - steps[0]["submitted"] if steps else 0.0
     rows.append(f"{len(steps)} steps over {span:.1f} s")
     return "\n".join(rows)
+
+
+def p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
 
 def _host_parts(steps: list[dict]) -> str:
@@ -117,20 +122,17 @@ def cycles(steps: list[dict], min_rows: int = 17) -> list[dict[str, float]]:
     return found
 
 
-def cycle_summary(steps: list[dict]) -> str:
-    found = cycles(steps)
+def cycle_summary(steps: list[dict], min_rows: int = 17) -> str:
+    found = cycles(steps, min_rows)
     if not found:
-        return "no pipelined cycles of decode-only steps with 17 or more rows"
+        return f"no pipelined cycles of decode-only steps with {min_rows} or more rows"
     ordered = sorted(found, key=lambda c: c["total"])
     slowest = ordered[-max(1, len(ordered) // 10):]
-    header = "cycles of decode-only steps (17+ rows), ms: " + " / ".join(CYCLE_PARTS) + " = total"
+    header = f"cycles of decode-only steps ({min_rows}+ rows), ms: " + " / ".join(CYCLE_PARTS) + " = total"
 
     def line(name: str, values: list[dict[str, float]], pick) -> str:  # noqa: ANN001
         return f"{name:<22} " + " / ".join(f"{pick([c[p] for c in values]):.2f}" for p in CYCLE_PARTS) \
             + f" = {pick([c['total'] for c in values]):.2f}"
-
-    def p90(values: list[float]) -> float:
-        return sorted(values)[int(0.9 * (len(values) - 1))]
 
     return "\n".join([header, line(f"median ({len(found)})", found, statistics.median),
                       line("p90 (each part)", found, p90),

@@ -223,9 +223,7 @@ class RemoteControl:
         if isinstance(event, Output):
             stream = self._pending[event.call_id][0]
             assert isinstance(stream, DecodeStream)
-            waiter = stream.push(OutputResult(event.token_id, event.logprob, event.top_logprobs))
-            if waiter is not None:
-                settle(waiter, None, None)
+            _push(stream, OutputResult(event.token_id, event.logprob, event.top_logprobs))
             return
         entry = self._pending.pop(event.call_id, None)
         if entry is None:
@@ -245,11 +243,8 @@ class RemoteControl:
         pending = self._pending
         for k in range(0, len(pairs), 2):
             entry = pending.get(pairs[k])
-            if entry is None:  # failed here meanwhile (_fail_all): nobody reads its tokens
-                continue
-            waiter = entry[0].push(OutputResult(pairs[k + 1]))
-            if waiter is not None:
-                settle(waiter, None, None)
+            if entry is not None:  # else failed here meanwhile (_fail_all): nobody reads its tokens
+                _push(entry[0], OutputResult(pairs[k + 1]))  # type: ignore[arg-type]
 
     def _fail_all(self, reason: str) -> None:
         self._gone = reason
@@ -278,6 +273,13 @@ class RemoteAdmission:
 
     def release(self, num_pages: int) -> None:
         self._control._post("release", [num_pages])
+
+
+def _push(stream: DecodeStream, output: OutputResult) -> None:
+    """A decode's output into its stream, waking the reader that waits for it."""
+    waiter = stream.push(output)
+    if waiter is not None:
+        settle(waiter, None, None)
 
 
 def _wait(future: Future[Any], timeout_s: float | None, what: str) -> Any:

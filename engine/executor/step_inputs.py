@@ -50,8 +50,8 @@ class PageArrays:
         self._held: list[Sequence[PageId]] = []
 
     def take(self, page_lists: list[Sequence[PageId]], num_pages: int) -> np.ndarray:
-        """[sum of their lengths] int64, the lists one after another; ValueError as _check_ids' page checks
-        (command b = index b of page_lists), for the lists converted now."""
+        """[sum of their lengths] int64, the lists one after another; ValueError from _check_page_ids (command b =
+        index b of page_lists) for the lists converted now."""
         kept = self._arrays.get
         arrays = [kept(id(pages)) for pages in page_lists]
         new_rows = [b for b, array in enumerate(arrays) if array is None]
@@ -59,10 +59,8 @@ class PageArrays:
             pages = page_lists[b]
             arrays[b] = np.fromiter(pages, np.int64, count=len(pages))
         if new_rows:
-            new = np.concatenate([arrays[b] for b in new_rows])
             owner = np.repeat(np.asarray(new_rows, np.int64), [len(arrays[b]) for b in new_rows])
-            _check_range(new, num_pages, owner, "page id")
-            _check_unique(owner * num_pages + new, owner, "lists a page twice")
+            _check_page_ids(np.concatenate([arrays[b] for b in new_rows]), owner, num_pages)
         # Only after the checks: a kept array is a checked one.
         self._arrays = {id(pages): array for pages, array in zip(page_lists, arrays) if type(pages) is tuple}
         self._held = page_lists
@@ -223,13 +221,17 @@ def _check_ids(token_ids: np.ndarray, positions: np.ndarray, token_cmd: np.ndarr
                page_cmd: np.ndarray, model: ModelConfig, num_pages: int) -> None:
     """Ids within their ranges and no page twice in a command; *_cmd: the command of each token or page."""
     _check_token_ids(token_ids, positions, token_cmd, model)
-    _check_range(page_ids, num_pages, page_cmd, "page id")
-    _check_unique(page_cmd * num_pages + page_ids, page_cmd, "lists a page twice")
+    _check_page_ids(page_ids, page_cmd, num_pages)
 
 
 def _check_token_ids(token_ids: np.ndarray, positions: np.ndarray, token_cmd: np.ndarray, model: ModelConfig) -> None:
     _check_range(token_ids, model.vocab_size, token_cmd, "token id")
     _check_range(positions, model.max_position_embeddings, token_cmd, "position")
+
+
+def _check_page_ids(page_ids: np.ndarray, page_cmd: np.ndarray, num_pages: int) -> None:
+    _check_range(page_ids, num_pages, page_cmd, "page id")
+    _check_unique(page_cmd * num_pages + page_ids, page_cmd, "lists a page twice")
 
 
 def _check_range(values: np.ndarray, limit: int | np.ndarray, owner: np.ndarray, what: str) -> None:
