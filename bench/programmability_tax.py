@@ -212,6 +212,9 @@ def main() -> None:
     parser.add_argument("--staggered", action="store_true",
                         help="each instance decodes as soon as it is ready (before 2026-12-07: the default), instead "
                              "of all together")
+    parser.add_argument("--inferlet-only", action="store_true",
+                        help="no baseline, only the default inferlet's TPOT: for an engine core without a model "
+                             "(PIE_EMULATED_DEVICE_MS=D [PIE_EMULATED_SUBMIT_MS=H] with --api-processes 1)")
     args = parser.parse_args()
     model_dir = resolve_model_dir(args.model)
     config = EngineConfig(num_pages=args.num_pages, device=args.device)
@@ -219,8 +222,8 @@ def main() -> None:
 
     from pie_server.app.config import DEFAULT_INFERLET_SOURCE
     from pie_server.app.inferlet_build import build_inferlet
-    executor = Executor(model_config, config, load_weights(model_dir, getattr(torch, config.resolved_dtype),
-                                                           progress=False))
+    executor = None if args.inferlet_only else Executor(
+        model_config, config, load_weights(model_dir, getattr(torch, config.resolved_dtype), progress=False))
     engine, core = _start_engine(args.model, config, args.api_processes)
     steps = _count_steps(engine) if core is None else [0]  # the core's steps are counted in its own process
     rows = []
@@ -230,27 +233,31 @@ def main() -> None:
         vocab = model_config.vocab_size
         for batch in args.batch:
             pipelined = config.device != "cpu"  # as ControlConfig.for_engine decides
-            direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, 99), 4, pipelined)  # warm-ups
+            if executor is not None:  # warm-ups
+                direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, 99), 4, pipelined)
             together = not args.staggered
             asyncio.run(inferlet_tpot(engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 98), 4,
                                       together))
             directs, steadies, spans, windows = [], [], [], []
             steps[0] = 0
             for r in range(args.repeats):
-                directs.append(direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, r), args.max_tokens,
-                                           pipelined))
+                if executor is not None:
+                    directs.append(direct_tpot(executor, prompts_for(batch, args.prompt_tokens, vocab, r),
+                                               args.max_tokens, pipelined))
                 steady, span, window = asyncio.run(inferlet_tpot(
                     engine, program_hash, prompts_for(batch, args.prompt_tokens, vocab, 10 + r), args.max_tokens,
                     together))
                 steadies.append(steady)
                 spans.append(span)
                 windows.append(window)
-            direct, inferlet, span = statistics.median(directs), statistics.median(steadies), statistics.median(spans)
+            direct = statistics.median(directs) if directs else float("nan")  # nan: --inferlet-only
+            inferlet, span = statistics.median(steadies), statistics.median(spans)
             tax, span_tax = inferlet / direct - 1, span / direct - 1
             steps_per_token = steps[0] / (args.repeats * args.max_tokens)
-            rows.append({"batch": batch, "tpot_direct_ms": 1000 * direct, "tpot_inferlet_ms": 1000 * inferlet,
-                         "tax_percent": 100 * tax, "tpot_inferlet_span_ms": 1000 * span,
-                         "span_tax_percent": 100 * span_tax, "steady_window_tokens": statistics.median(windows),
+            rows.append({"batch": batch, "tpot_direct_ms": 1000 * direct if directs else None,
+                         "tpot_inferlet_ms": 1000 * inferlet, "tax_percent": 100 * tax if directs else None,
+                         "tpot_inferlet_span_ms": 1000 * span, "span_tax_percent": 100 * span_tax if directs else None,
+                         "steady_window_tokens": statistics.median(windows),
                          "engine_steps_per_token": steps_per_token if core is None else None})
             print(f"batch {batch:>3}: TPOT direct {1000 * direct:7.2f} ms   default inferlet "
                   f"{1000 * inferlet:7.2f} ms   tax {100 * tax:+6.1f}%   (whole span {1000 * span:7.2f} ms, "
