@@ -11,7 +11,9 @@ forming it, submitting it, blocked on its result, delivering it.
 
 --cycles adds, for pipelined decode-only steps of 17 or more rows, the loop's cycle (one submission to the next)
 split into those parts and the rest (listeners, gathering, waits for the GIL or the control layer's lock between
-parts), at the median, p90 and over the slowest tenth of cycles: where the slow steps' time goes.
+parts), at the median, p90 and over the slowest tenth of cycles: where the slow steps' time goes. Logs with the
+loop thread's CPU time (cpu_ms, gc_ms) add, per cycle: that CPU time, the time it was off the CPU other than
+blocked on the device (total - cpu - wait: GIL or lock waits, descheduled) and the garbage collections' time.
 """
 from __future__ import annotations
 
@@ -118,7 +120,10 @@ def cycles(steps: list[dict], min_rows: int = 17) -> list[dict[str, float]]:
         total = (after["submitted"] - step["submitted"]) * 1e3
         parts = {"form": after["form_ms"], "submit": step["submit_ms"], "wait": before["wait_ms"],
                  "deliver": before["deliver_ms"]}
-        found.append({**parts, "rest": total - sum(parts.values()), "total": total})
+        cycle = {**parts, "rest": total - sum(parts.values()), "total": total}
+        if "cpu_ms" in after:  # the loop thread's CPU time from step's submission (logged) to after's
+            cycle.update(cpu=after["cpu_ms"], off_cpu=total - after["cpu_ms"] - parts["wait"], gc=after["gc_ms"])
+        found.append(cycle)
     return found
 
 
@@ -130,9 +135,16 @@ def cycle_summary(steps: list[dict], min_rows: int = 17) -> str:
     slowest = ordered[-max(1, len(ordered) // 10):]
     header = f"cycles of decode-only steps ({min_rows}+ rows), ms: " + " / ".join(CYCLE_PARTS) + " = total"
 
+    timed = all("cpu" in c for c in found)
+    if timed:
+        header += "   | loop CPU / off CPU (not the wait) / gc"
+
     def line(name: str, values: list[dict[str, float]], pick) -> str:  # noqa: ANN001
-        return f"{name:<22} " + " / ".join(f"{pick([c[p] for c in values]):.2f}" for p in CYCLE_PARTS) \
+        text = f"{name:<22} " + " / ".join(f"{pick([c[p] for c in values]):.2f}" for p in CYCLE_PARTS) \
             + f" = {pick([c['total'] for c in values]):.2f}"
+        if timed:
+            text += "   | " + " / ".join(f"{pick([c[p] for c in values]):.2f}" for p in ("cpu", "off_cpu", "gc"))
+        return text
 
     return "\n".join([header, line(f"median ({len(found)})", found, statistics.median),
                       line("p90 (each part)", found, p90),

@@ -238,7 +238,7 @@ class StepLoop:
         if thread is not None:
             thread.join()
         if self._step_log is not None:
-            self._step_log.flush()
+            self._step_log.stop()
 
     def _run(self) -> None:
         while True:

@@ -64,6 +64,44 @@ def test_every_executed_step_is_logged_with_its_tokens(tmp_path: Path, pipeline:
     assert [line["delivered"] for line in lines] == sorted(line["delivered"] for line in lines)
 
 
+def test_each_line_has_the_loop_threads_cpu_time_and_the_collections_since_the_last_submission() -> None:
+    """cpu_ms counts the logging thread's CPU only (a sleep adds none, a busy loop does); gc_ms the collections
+    run in between; stop() stops timing them."""
+    import gc
+    import io
+
+    from pie_server.engine.control.step_log import StepLog
+    from pie_server.engine.step import Batch, ForwardCommand
+
+    out = io.StringIO()
+    log = StepLog(out)
+    one = [ForwardCommand(token_ids=[1], positions=[0], page_ids=[0], last_page_len=1, outputs=[])]
+
+    def step(step_id: int) -> None:
+        log.submitted(Batch(forwards=one, step_id=step_id), time.monotonic(), 0.0, 0.0)
+        log.delivered(step_id, 0.0, 0.0)
+
+    step(1)
+    time.sleep(0.1)  # off the CPU
+    step(2)
+    busy_until = time.thread_time() + 0.05
+    while time.thread_time() < busy_until:
+        pass
+    gc.collect()
+    step(3)
+    log.stop()
+    gc.collect()
+    step(4)
+    log.flush()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert lines[0]["cpu_ms"] == 0.0 and lines[0]["gc_ms"] == 0.0  # the first: no cycle before it
+    assert lines[1]["cpu_ms"] < 50  # 100 ms of wall time, asleep
+    assert lines[1]["gc_ms"] == 0.0
+    assert lines[2]["cpu_ms"] >= 50
+    assert lines[2]["gc_ms"] > 0.0
+    assert lines[3]["gc_ms"] == 0.0  # stopped
+
+
 def test_lines_are_on_disk_once_the_loop_is_idle(tmp_path: Path) -> None:
     """A server killed after its load (no stop(), as `kill` on the engine core) keeps the log of its last steps:
     the buffer is written whenever a step finds nothing to do."""
@@ -172,3 +210,34 @@ def test_cycles_split_the_pipelined_loop_between_submissions(tmp_path: Path) -> 
     assert median.split()[2:] == ["0.10", "/", "0.50", "/", "0.00", "/", "0.20", "/", "0.20", "=", "1.00"]
     # the slowest tenth of 12 is one cycle: the 3 ms one, its extra 2 ms in the rest
     assert slowest.split()[-3:] == ["2.20", "=", "3.00"]
+
+
+def test_cycles_split_the_loop_threads_time_on_and_off_the_cpu(tmp_path: Path) -> None:
+    """With cpu_ms and gc_ms in the log, each cycle also says how much of it the loop thread ran, how long it was
+    off the CPU other than waiting for the device, and the collections' time."""
+    import subprocess
+    import sys
+
+    def step(i: int, submitted: float, cpu: float) -> str:
+        return json.dumps({"step": i, "submitted": submitted, "delivered": submitted + 0.002, "forwards": 32,
+                           "tokens": 32, "prefill_forwards": 0, "prefill_tokens": 0, "form_ms": 0.1,
+                           "submit_ms": 0.5, "wait_ms": 0.1, "deliver_ms": 0.2, "cpu_ms": cpu,
+                           "gc_ms": 0.3 if i == 15 else 0.0})
+
+    # 1 ms cycles with 0.8 ms of the loop's CPU; the cycle ending at step 15 is 3 ms, of which the loop ran 1.0
+    times = [0.001 * i + (0.002 if i >= 15 else 0.0) for i in range(20)]
+    lines = [step(i, t, cpu=1.0 if i == 15 else 0.8) for i, t in enumerate(times)]
+    path = tmp_path / "steps.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    script = Path(__file__).resolve().parents[3] / "scripts" / "step_log_summary.py"
+    done = subprocess.run([sys.executable, str(script), str(path), "--cycles"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    start = next(k for k, text in enumerate(out) if text.startswith("cycles of decode-only steps"))
+    assert out[start].endswith("| loop CPU / off CPU (not the wait) / gc")
+    median, _, slowest = out[start + 1:start + 4]
+    # 1.00 total - 0.80 on the CPU - 0.10 waiting for the device: 0.10 off the CPU otherwise
+    assert median.split("|")[1].split() == ["0.80", "/", "0.10", "/", "0.00"]
+    # the slowest cycle: 3.00 - 1.00 - 0.10
+    assert slowest.split("|")[1].split() == ["1.00", "/", "1.90", "/", "0.30"]
