@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,16 @@ log = logging.getLogger(__name__)
 # A running decode gets its next room when it has used half of this (RuntimeConfig.decode_room_pages): 32 tokens
 # (page size 16), several steps' time for the allocation's round trip to the core. docs/decisions/engine-core.md.
 FRONT_END_DECODE_ROOM_PAGES = 4
+ROOM_ENV_VAR = "PIE_DECODE_ROOM_PAGES"  # overrides it (A/B runs: fewer top-ups against pages held ahead)
+
+
+def decode_room_pages() -> int:
+    raw = os.environ.get(ROOM_ENV_VAR, "")
+    if raw == "":
+        return FRONT_END_DECODE_ROOM_PAGES
+    if not raw.isdigit() or not 1 <= int(raw) <= 1024:
+        raise ValueError(f"{ROOM_ENV_VAR}={raw!r}: must be a whole number of pages from 1 to 1024")
+    return int(raw)
 
 
 @dataclass
@@ -55,7 +66,7 @@ class FrontEngine:
         facts = control.facts
         tokenizer = Tokenizer.from_dir(Path(facts.model_dir))
         config = dataclasses.replace(with_decode_choice(runtime_config or RuntimeConfig()),
-                                     decode_room_pages=FRONT_END_DECODE_ROOM_PAGES)
+                                     decode_room_pages=decode_room_pages())
         runtime = Runtime(control, EngineTokenizerAdapter(tokenizer),
                           model_info(facts.model_name, tokenizer, facts.info, facts.vocab_size), config)
         log.info("front end ready: %s through the engine core (process %d)", facts.model_name, core.pid)

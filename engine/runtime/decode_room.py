@@ -2,7 +2,13 @@
 has used half of its room, the host takes pages for the next room if they are free (try_allocate_pages: never a
 waiting demand, so never a preemption of others) and gives them to the running decode (extend_decode), so it does
 not stop at its room for the round trip of an allocation and a new decode. Declined, the decode ends at its room
-and the loop allocates (and waits) as before."""
+and the loop allocates (and waits) as before.
+
+A room grows with its decode (next_room_tokens): as large as what the sequence has generated, from the first room up
+to MAX_ROOM_GROWTH times it, so a long decode asks for room geometrically less often (each top-up is a call and a
+reply, then another call, that the engine core serves between its steps: on the 2-core CPU with the emulated device,
+batch 64 over one front end, fixed rooms of 16 pages instead of 4 cut the engine core's loop's slowest tenth of
+cycles off the CPU from 0.38-0.58 to 0.15-0.27 ms), while a short one holds no more pages ahead than before."""
 from __future__ import annotations
 
 from concurrent.futures import Future
@@ -14,16 +20,25 @@ from pie_server.engine.runtime.instance import InstanceState
 from pie_server.engine.runtime.sequence import FINISH_EVICTED, Sequence, free_later
 
 TopUps = dict[int, tuple[Sequence, Future[list[int]]]]  # id(seq) -> the pages being taken for its decode
+MAX_ROOM_GROWTH = 8  # a decode's room grows up to this many times the first one (4 pages -> 32: 512 tokens)
+
+
+def next_room_tokens(room_tokens: int, num_generated: int) -> int:
+    """The next room of a decode whose sequence has generated num_generated tokens, given a first room of
+    room_tokens: as many as it generated, at least room_tokens, at most MAX_ROOM_GROWTH times that."""
+    return min(max(room_tokens, num_generated), MAX_ROOM_GROWTH * room_tokens)
 
 
 def start_top_up(host: Host, inst: InstanceState, seq: Sequence, room_tokens: int, top_ups: TopUps) -> None:
-    """Allocates seq's next room once its decode has used half of the room it has (and needs more)."""
+    """Allocates seq's next room (next_room_tokens) once fewer than half of its slots are free (and it needs
+    more); room_tokens: the first room's."""
     page_size = host.model.page_size
     num_free = len(seq.pages) * page_size - seq.context_len - len(seq.pending)  # slots after the pending tokens
     num_wanted = seq.num_slots_wanted(host.model.max_context_len) - num_free
-    if not seq.active or num_wanted <= 0 or 2 * num_free >= room_tokens:
+    room = next_room_tokens(room_tokens, len(seq.generated))
+    if not seq.active or num_wanted <= 0 or 2 * num_free >= room:
         return
-    num_pages = -(-min(num_wanted, room_tokens) // page_size)
+    num_pages = -(-min(num_wanted, room) // page_size)
     try:
         top_ups[id(seq)] = (seq, call_later(host.control, "try_allocate_pages", inst.id, num_pages))
     except ControlError:

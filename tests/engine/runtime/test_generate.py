@@ -297,3 +297,31 @@ def test_a_decode_gets_more_room_while_it_runs_so_a_long_generation_is_one_decod
     control.close_instance(inst.id)
     assert control.num_free_pages == control.info.num_pages
     control.stop()
+
+
+def test_a_long_decodes_room_grows_so_it_asks_for_room_geometrically_less_often() -> None:
+    """Each next room is as large as what the sequence has generated (from the first room up to MAX_ROOM_GROWTH
+    times it): 160 tokens from a first room of one page take a handful of extensions, not one per page, and the
+    unused room is still freed at the end."""
+    from pie_server.engine.runtime.decode_room import MAX_ROOM_GROWTH
+
+    control = DecodeCountingControl(num_pages=128, page_size=PAGE_SIZE, step_delay_s=0.004)
+    host = Host(control=control, tokenizer=ByteTokenizer(), model=MODEL,
+                config=RuntimeConfig(decode_in_control=True, decode_room_pages=1),
+                call_later=lambda delay, fn: None, run_blocking=lambda fn: Future())
+    inst = InstanceState(id=InstanceId("gen"), program_hash="", arguments=(), tenant="t", deadline=1e18)
+    control.open_instance(inst.id)
+    generate = {f.name: f.impl for f in api_generate.functions(host)}["generate"]
+    tag, gen = drive(generate(inst, request(**{"input-token-ids": [10, 11], "max-tokens": 160})))
+    assert tag == "ok" and gen["finish-reason"] == "length"
+    assert gen["token-ids"] == [12 + k for k in range(160)]
+    sizes = [len(pages) for _, pages in control.extensions]
+    assert control.num_decodes == 1
+    # growing up to the cap (in pages of one); the last one only what max-tokens still needs
+    assert sizes[:-1] == sorted(sizes[:-1]) and max(sizes) == MAX_ROOM_GROWTH, sizes
+    assert len(sizes) <= 12, sizes  # a room of one page each time: about 40
+    # 2 prompt + 159 generated tokens have KV: the pages that hold them, the unused room freed
+    assert len(gen["page-ids"]) == -(-161 // PAGE_SIZE)
+    assert control.num_free_pages == control.info.num_pages - len(gen["page-ids"])
+    control.close_instance(inst.id)
+    control.stop()
