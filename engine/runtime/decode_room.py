@@ -20,7 +20,7 @@ from pie_server.engine.runtime.instance import InstanceState
 from pie_server.engine.runtime.sequence import FINISH_EVICTED, Sequence, free_later
 
 TopUps = dict[int, tuple[Sequence, Future[list[int]]]]  # id(seq) -> the pages being taken for its decode
-MAX_ROOM_GROWTH = 8  # a decode's room grows up to this many times the first one (4 pages -> 32: 512 tokens)
+MAX_ROOM_GROWTH = 8  # a decode's room grows up to this many times the first (a front end's 8 pages: 1,024 tokens)
 
 
 def next_room_tokens(room_tokens: int, num_generated: int) -> int:
