@@ -179,12 +179,25 @@ def test_the_windows_of_an_agentic_run_are_summarised_apart(tmp_path: Path) -> N
     assert out[client + 1] == "2 steps in 2.0 s, a step running 10 % of it"
 
 
+def _cycle_lines(tmp_path: Path, lines: list[str]) -> list[str]:
+    """scripts/step_log_summary.py --cycles over a log of these lines: its output from the cycles' header on."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "steps.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    script = Path(__file__).resolve().parents[3] / "scripts" / "step_log_summary.py"
+    done = subprocess.run([sys.executable, str(script), str(path), "--cycles"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    return out[next(k for k, text in enumerate(out) if text.startswith("cycles of decode-only steps")):]
+
+
 def test_cycles_split_the_pipelined_loop_between_submissions(tmp_path: Path) -> None:
     """--cycles: from one decode-only step's submission to the next, the parts the loop logs (this step's submit,
     the step before's wait and deliver, the next one's form) and the rest; steps with prefill or under 17 rows
     are left out, and the slowest tenth is shown apart."""
-    import subprocess
-    import sys
 
     def step(i: int, submitted: float, forwards: int = 32, prefill: int = 0, form: float = 0.1) -> str:
         return json.dumps({"step": i, "submitted": submitted, "delivered": submitted + 0.002, "forwards": forwards,
@@ -195,15 +208,8 @@ def test_cycles_split_the_pipelined_loop_between_submissions(tmp_path: Path) -> 
     # submissions 1 ms apart, one 3 ms gap (before step 12); step 3 holds prefill, step 8 has 4 rows
     times = [0.001 * i + (0.002 if i >= 12 else 0.0) for i in range(20)]
     lines = [step(i, t, forwards=4 if i == 8 else 32, prefill=64 if i == 3 else 0) for i, t in enumerate(times)]
-    path = tmp_path / "steps.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    script = Path(__file__).resolve().parents[3] / "scripts" / "step_log_summary.py"
-    done = subprocess.run([sys.executable, str(script), str(path), "--cycles"], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    out = done.stdout.splitlines()
-    start = next(k for k, text in enumerate(out) if text.startswith("cycles of decode-only steps"))
-    median, _, slowest = out[start + 1:start + 4]
+    out = _cycle_lines(tmp_path, lines)
+    median, _, slowest = out[1:4]
     # 20 steps -> 18 triples; those touching step 3 (3) or step 8 (3) are left out: 12 cycles
     assert median.split()[:2] == ["median", "(12)"]
     # form 0.1 + submit 0.5 + wait 0 + deliver 0.2 = 0.8 of a 1 ms cycle: the rest 0.2
@@ -215,9 +221,6 @@ def test_cycles_split_the_pipelined_loop_between_submissions(tmp_path: Path) -> 
 def test_cycles_split_the_loop_threads_time_on_and_off_the_cpu(tmp_path: Path) -> None:
     """With cpu_ms and gc_ms in the log, each cycle also says how much of it the loop thread ran, how long it was
     off the CPU other than waiting for the device, and the collections' time."""
-    import subprocess
-    import sys
-
     def step(i: int, submitted: float, cpu: float) -> str:
         return json.dumps({"step": i, "submitted": submitted, "delivered": submitted + 0.002, "forwards": 32,
                            "tokens": 32, "prefill_forwards": 0, "prefill_tokens": 0, "form_ms": 0.1,
@@ -227,16 +230,9 @@ def test_cycles_split_the_loop_threads_time_on_and_off_the_cpu(tmp_path: Path) -
     # 1 ms cycles with 0.8 ms of the loop's CPU; the cycle ending at step 15 is 3 ms, of which the loop ran 1.0
     times = [0.001 * i + (0.002 if i >= 15 else 0.0) for i in range(20)]
     lines = [step(i, t, cpu=1.0 if i == 15 else 0.8) for i, t in enumerate(times)]
-    path = tmp_path / "steps.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    script = Path(__file__).resolve().parents[3] / "scripts" / "step_log_summary.py"
-    done = subprocess.run([sys.executable, str(script), str(path), "--cycles"], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    out = done.stdout.splitlines()
-    start = next(k for k, text in enumerate(out) if text.startswith("cycles of decode-only steps"))
-    assert out[start].endswith("| loop CPU / off CPU (not the wait) / gc")
-    median, _, slowest = out[start + 1:start + 4]
+    out = _cycle_lines(tmp_path, lines)
+    assert out[0].endswith("| loop CPU / off CPU (not the wait) / gc")
+    median, _, slowest = out[1:4]
     # 1.00 total - 0.80 on the CPU - 0.10 waiting for the device: 0.10 off the CPU otherwise
     assert median.split("|")[1].split() == ["0.80", "/", "0.10", "/", "0.00"]
     # the slowest cycle: 3.00 - 1.00 - 0.10

@@ -275,19 +275,25 @@ class DecodeCountingControl(FakeControl):
         return super().decode(instance_id, request)
 
 
+def _generate_in_control(control: FakeControl, room_pages: int, max_tokens: int) -> tuple[InstanceState, Any]:
+    """A generate of max_tokens after the prompt [10, 11], decoding in the control layer with a first room of
+    room_pages pages: its instance and its (tag, value)."""
+    host = Host(control=control, tokenizer=ByteTokenizer(), model=MODEL,
+                config=RuntimeConfig(decode_in_control=True, decode_room_pages=room_pages),
+                call_later=lambda delay, fn: None, run_blocking=lambda fn: Future())
+    inst = InstanceState(id=InstanceId("gen"), program_hash="", arguments=(), tenant="t", deadline=1e18)
+    control.open_instance(inst.id)
+    generate = {f.name: f.impl for f in api_generate.functions(host)}["generate"]
+    return inst, drive(generate(inst, request(**{"input-token-ids": [10, 11], "max-tokens": max_tokens})))
+
+
 def test_a_decode_gets_more_room_while_it_runs_so_a_long_generation_is_one_decode() -> None:
     """Decoding in the control layer, the host allocates a running decode's next room once it has used half of
     its room (extend_decode), instead of letting it end there and decoding again after an allocation (a round
     trip that stalls the sequence). Steps slow enough for the host to keep up: one decode for 40 tokens over a
     room of 16; the tokens, pages and freed pages as without it."""
     control = DecodeCountingControl(num_pages=64, page_size=PAGE_SIZE, step_delay_s=0.015)
-    host = Host(control=control, tokenizer=ByteTokenizer(), model=MODEL,
-                config=RuntimeConfig(decode_in_control=True, decode_room_pages=4),
-                call_later=lambda delay, fn: None, run_blocking=lambda fn: Future())
-    inst = InstanceState(id=InstanceId("gen"), program_hash="", arguments=(), tenant="t", deadline=1e18)
-    control.open_instance(inst.id)
-    generate = {f.name: f.impl for f in api_generate.functions(host)}["generate"]
-    tag, gen = drive(generate(inst, request(**{"input-token-ids": [10, 11], "max-tokens": 40})))
+    inst, (tag, gen) = _generate_in_control(control, room_pages=4, max_tokens=40)
     assert tag == "ok" and gen["finish-reason"] == "length"
     assert gen["token-ids"] == list(range(12, 52))
     assert control.num_decodes == 1 and control.extensions  # 2 + 16 slots at first, 41 needed
@@ -306,13 +312,7 @@ def test_a_long_decodes_room_grows_so_it_asks_for_room_geometrically_less_often(
     from pie_server.engine.runtime.decode_room import MAX_ROOM_GROWTH
 
     control = DecodeCountingControl(num_pages=128, page_size=PAGE_SIZE, step_delay_s=0.004)
-    host = Host(control=control, tokenizer=ByteTokenizer(), model=MODEL,
-                config=RuntimeConfig(decode_in_control=True, decode_room_pages=1),
-                call_later=lambda delay, fn: None, run_blocking=lambda fn: Future())
-    inst = InstanceState(id=InstanceId("gen"), program_hash="", arguments=(), tenant="t", deadline=1e18)
-    control.open_instance(inst.id)
-    generate = {f.name: f.impl for f in api_generate.functions(host)}["generate"]
-    tag, gen = drive(generate(inst, request(**{"input-token-ids": [10, 11], "max-tokens": 160})))
+    inst, (tag, gen) = _generate_in_control(control, room_pages=1, max_tokens=160)
     assert tag == "ok" and gen["finish-reason"] == "length"
     assert gen["token-ids"] == [12 + k for k in range(160)]
     sizes = [len(pages) for _, pages in control.extensions]
