@@ -30,8 +30,8 @@ def next_room_tokens(room_tokens: int, num_generated: int) -> int:
 
 
 def start_top_up(host: Host, inst: InstanceState, seq: Sequence, room_tokens: int, top_ups: TopUps) -> None:
-    """Allocates seq's next room (next_room_tokens) once fewer than half of its slots are free (and it needs
-    more); room_tokens: the first room's."""
+    """Allocates seq's next room (next_room_tokens) once its free slots are fewer than half of that room (and it
+    needs more); room_tokens: the first room's."""
     page_size = host.model.page_size
     num_free = len(seq.pages) * page_size - seq.context_len - len(seq.pending)  # slots after the pending tokens
     num_wanted = seq.num_slots_wanted(host.model.max_context_len) - num_free
