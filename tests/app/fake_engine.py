@@ -78,6 +78,7 @@ class FakeRuntime:
         self.launched: list[FakeHandle] = []
         self.arguments: list[dict[str, Any]] = []
         self.num_live = 0
+        self.max_live = 0  # the most instances live at once so far
         self._lock = threading.Lock()
         self._ids = itertools.count()
 
@@ -92,6 +93,7 @@ class FakeRuntime:
         self.arguments.append(json.loads(arguments[0]))
         with self._lock:
             self.num_live += 1
+            self.max_live = max(self.max_live, self.num_live)
         threading.Thread(target=self._run, args=(handle, json.loads(arguments[0])), daemon=True).start()
         return handle
 

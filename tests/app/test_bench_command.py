@@ -52,8 +52,9 @@ def test_the_table_and_the_json_count_what_was_asked(make_fake_server, tmp_path:
         assert level["num_output_tokens"] == NUM_REQUESTS * MAX_TOKENS  # ignore_eos: every token generated
         assert level["output_tokens_per_s"] == pytest.approx(level["num_output_tokens"] / level["wall_s"])
         assert level["tpot_median_ms"] >= 1000 * TOKEN_DELAY_S * 0.9  # the engine's pace shows through
-    one, four = levels
-    assert four["wall_s"] < one["wall_s"] / 2  # four in flight at a time
+    # Four in flight at a time: the server saw them (a wall-time ratio of the levels flaked when a slow moment of
+    # the CI machine stretched the short one). At least four: an ended instance may count until its thread is done.
+    assert server.engine.runtime.max_live >= 4
     # What the server was sent: the warm-up, then every request streamed with ignore_eos and max_tokens.
     sent = server.engine.runtime.arguments
     assert len(sent) == 1 + 2 * NUM_REQUESTS
