@@ -49,7 +49,7 @@ def steady_steps(num_seqs: int, num_pages: int, num_steps: int = 160) -> list[li
         commands = []
         for b, c in enumerate(decode_commands(num_seqs, num_pages)):
             key = (b, (step + b) // PAGE_SIZE)
-            pages = versions.setdefault(key, tuple(list(c.page_ids)))
+            pages = versions.setdefault(key, tuple(c.page_ids))
             commands.append(msgspec.structs.replace(c, page_ids=pages))
         steps.append(commands)
     return steps

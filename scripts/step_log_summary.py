@@ -13,7 +13,9 @@ forming it, submitting it, blocked on its result, delivering it.
 split into those parts and the rest (listeners, gathering, waits for the GIL or the control layer's lock between
 parts), at the median, p90 and over the slowest tenth of cycles: where the slow steps' time goes. Logs with the
 loop thread's CPU time (cpu_ms, gc_ms) add, per cycle: that CPU time, the time it was off the CPU other than
-blocked on the device (total - cpu - wait: GIL or lock waits, descheduled) and the garbage collections' time.
+blocked on the device (total - cpu - wait: GIL or lock waits, descheduled) and the garbage collections' time. That
+middle column assumes the wait blocks (the emulated device sleeps); on CUDA the executor's wait is an event's
+synchronize, which spins on the CPU, so there it reads low by up to the wait (at the median it can be negative).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ the batch), submit_ms (the executor's submit: inputs, launches; 0 unpipelined), 
 the device, or the whole execute unpipelined) and deliver_ms (StepBuilder.deliver: tokens to their decodes and
 callers); and since the loop last logged a submission (one pipelined cycle), cpu_ms, the loop thread's CPU time
 (time.thread_time(): the rest of the cycle it was off the CPU: blocked on the device, or waiting for the GIL or
-a lock, or descheduled), and gc_ms, the process's garbage collections (any thread's). Lines are buffered and
+a lock, or descheduled; a CUDA event's synchronize spins, so waiting for a GPU counts as CPU time), and gc_ms, the process's garbage collections (any thread's). Lines are buffered and
 written every FLUSH_LINES steps, whenever the loop goes idle and when it stops.
 """
 from __future__ import annotations
