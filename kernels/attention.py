@@ -32,6 +32,9 @@ class AttentionStep:
     # [T]: for each new token the first new token that writes the same slot (itself if none before it does), when
     # the builder knows it; None: the host metadata finds it from slot_ids.
     source_rows: Sequence[int] | None = None
+    # True when built by the executor's step inputs (engine/executor/step_inputs.py): every field an int64 numpy
+    # array, checked against the others and the pool's ids, source_rows given. A backend may skip its own checks.
+    validated: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -64,6 +67,9 @@ class AttentionBackend(ABC):
     # Whether the executor may replay decode steps of this backend's kind from CUDA graphs (it then builds
     # graph-mode instances itself: engine/executor/cuda_graphs.py).
     supports_cuda_graphs: bool = False
+    # Whether plan() takes a validated decode step (AttentionStep.validated) of fewer sequences than a graph's
+    # batch and pads it itself as engine/executor/cuda_graphs.py pads (copies of row 0's token into its slot).
+    pads_decode_steps: bool = False
 
     @abstractmethod
     def plan(self, step: AttentionStep) -> None: ...

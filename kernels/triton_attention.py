@@ -49,6 +49,7 @@ class TritonDecodeAttention(AttentionBackend):
     """Decode steps of exactly `batch_size` sequences over at most `max_pages` pages in all."""
 
     supports_cuda_graphs = True
+    pads_decode_steps = True
 
     def __init__(self, device: torch.device | str, shape: AttentionShape, batch_size: int, max_pages: int,
                  num_sms: int | None = None) -> None:
@@ -68,9 +69,18 @@ class TritonDecodeAttention(AttentionBackend):
         self._last_lens = self._int32[batch_size + 1:2 * batch_size + 1]
         self._page_ids = self._int32[2 * batch_size + 1:]
         self._write_index, self._source_rows = self._int64[:2 * batch_size], self._int64[2 * batch_size:]
+        # Host staging for the validated way (_plan_validated): the same layouts, rewritten each step.
+        self._host32 = np.zeros(len(self._int32), np.int32)
+        self._host64 = np.zeros(len(self._int64), np.int64)
+        self._pad_ramp = np.arange(1, batch_size + 1)
         self._planned = False
 
     def plan(self, step: AttentionStep) -> None:
+        """A validated decode step (AttentionStep.validated) of up to batch_size sequences is padded here (see
+        pads_decode_steps) and not checked again; any other step must have exactly batch_size sequences."""
+        if step.validated and step.num_tokens == step.num_seqs <= self.batch_size and step.custom_masks is None:
+            self._plan_validated(step)
+            return
         meta = build_host_metadata(step)
         if not meta.is_decode or step.num_seqs != self.batch_size:
             raise ValueError(f"this backend runs decode steps of exactly {self.batch_size} sequences")
@@ -81,6 +91,36 @@ class TritonDecodeAttention(AttentionBackend):
         host64 = np.concatenate([meta.write_index, meta.source_rows]).astype(np.int64)
         # In place: a captured graph reads these very buffers. Page ids past this step's are never read.
         self._int32[:len(host32)].copy_(pinned(host32, self.device), non_blocking=True)
+        self._int64.copy_(pinned(host64, self.device), non_blocking=True)
+        self._planned = True
+
+    def _plan_validated(self, step: AttentionStep) -> None:
+        """plan() for a validated decode step of B <= S = batch_size sequences: the same buffers as plan() of
+        cuda_graphs' padded step, written in place into this backend's host arrays (no concatenations, no checks)."""
+        num_seqs, size, page_size = step.num_seqs, self.batch_size, step.page_size
+        page_indptr, page_ids = step.kv_page_indptr, step.kv_page_ids
+        slots, source_rows = step.slot_ids, step.source_rows
+        assert isinstance(page_ids, np.ndarray) and isinstance(slots, np.ndarray) and source_rows is not None
+        num_pages = int(page_indptr[-1])
+        num_padded_pages = num_pages + size - num_seqs  # a padding row attends to one slot of row 0's last page
+        if num_padded_pages > self.max_pages:
+            raise ValueError(f"the step uses {num_padded_pages} pages, more than this backend's {self.max_pages}")
+        host32, host64 = self._host32, self._host64
+        host32[:num_seqs + 1] = page_indptr
+        host32[num_seqs + 1:size + 1] = self._pad_ramp[:size - num_seqs] + num_pages
+        host32[size + 1:size + 1 + num_seqs] = step.kv_last_page_lens
+        host32[size + 1 + num_seqs:2 * size + 1] = 1
+        pages = host32[2 * size + 1:2 * size + 1 + num_padded_pages]
+        pages[:num_pages] = page_ids
+        pages[num_pages:] = page_ids[page_indptr[1] - 1]
+        write_pages, write_offsets, rows = host64[:size], host64[size:2 * size], host64[2 * size:]
+        np.floor_divide(slots, page_size, out=write_pages[:num_seqs])
+        np.remainder(slots, page_size, out=write_offsets[:num_seqs])
+        write_pages[num_seqs:], write_offsets[num_seqs:] = write_pages[0], write_offsets[0]
+        rows[:num_seqs] = source_rows
+        rows[num_seqs:] = source_rows[0]  # the padding rows write row 0's K/V into its slot after it
+        self._int32[:2 * size + 1 + num_padded_pages].copy_(
+            pinned(host32[:2 * size + 1 + num_padded_pages], self.device), non_blocking=True)
         self._int64.copy_(pinned(host64, self.device), non_blocking=True)
         self._planned = True
 

@@ -26,6 +26,7 @@ How it works:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ContextManager, Protocol
 
@@ -75,9 +76,10 @@ class GraphConfig:
         if not self.buckets or any(b < 1 for b in self.buckets) or list(self.buckets) != sorted(set(self.buckets)):
             raise ValueError("buckets must be distinct positive sizes in increasing order")
 
-    @property
+    @functools.cached_property
     def sizes(self) -> tuple[int, ...]:
-        """The bucket sizes to capture: those below max_batch_size, plus max_batch_size itself."""
+        """The bucket sizes to capture: those below max_batch_size, plus max_batch_size itself (cached: every
+        decode step asks)."""
         return tuple(sorted({b for b in self.buckets if b < self.max_batch_size} | {self.max_batch_size}))
 
 
@@ -111,6 +113,7 @@ class CudaGraphDecoder:
         max_size = config.sizes[-1]
         # token ids; positions; feed_src (the row of the token buffer whose token a row takes, or -1)
         self._inputs = torch.zeros(3, max_size, dtype=torch.long, device=device)
+        self._host_inputs = np.zeros(3 * max_size, np.int64)  # staged here, then copied through pinned memory
         self._tokens = torch.zeros(max_size, dtype=torch.long, device=device)  # the last replay's argmax
         # The last replay's logits, one buffer for every bucket (each bucket's own would hold sum(S) x V floats).
         self._logits = torch.zeros(max_size, model.config.vocab_size, dtype=torch.float32, device=device) \
@@ -156,12 +159,15 @@ class CudaGraphDecoder:
         num_seqs = step.num_seqs
         size = self.bucket(num_seqs)
         entry = self._graphs[size]
-        entry.attention.plan(self._padded(step, size))
-        pad = np.zeros(size - num_seqs, np.int64)
-        src = np.full(size, -1, np.int64) if feed_src is None else np.concatenate([feed_src, pad - 1])
-        inputs = pinned(np.concatenate([token_ids, pad + token_ids[0], positions, pad + positions[0], src]),
-                        self.model.device)
-        self._inputs[:, :size].copy_(inputs.view(3, size), non_blocking=True)
+        pads_itself = step.validated and entry.attention.pads_decode_steps
+        entry.attention.plan(step if pads_itself else self._padded(step, size))
+        host = self._host_inputs[:3 * size].reshape(3, size)  # token ids, positions, feed_src; padding copies row 0
+        host[0, :num_seqs], host[0, num_seqs:] = token_ids, token_ids[0]
+        host[1, :num_seqs], host[1, num_seqs:] = positions, positions[0]
+        host[2] = -1
+        if feed_src is not None:
+            host[2, :num_seqs] = feed_src
+        self._inputs[:, :size].copy_(pinned(host, self.model.device), non_blocking=True)
         if fed is not None:
             self._inputs[0].index_copy_(0, *fed)
         entry.graph.replay()

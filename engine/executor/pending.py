@@ -7,6 +7,7 @@ that writes it.
 """
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -16,6 +17,8 @@ import torch
 
 from pie_server.engine.step import CommandResult, OutputResult, StepResult, TokenRef
 from pie_server.engine.executor.sampler import SampledOutputs
+
+_COMMAND_INDEX, _OUTPUT_INDEX = operator.attrgetter("command_index"), operator.attrgetter("output_index")
 
 
 @dataclass(frozen=True)
@@ -28,14 +31,17 @@ class StepOutputs:
 
     @classmethod
     def of(cls, sampled: SampledOutputs, counts: Sequence[int]) -> "StepOutputs":
-        starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.asarray(counts, np.int64))])
+        if len(counts) == list(counts).count(1):  # one output per command (every decode step)
+            starts = np.arange(len(counts) + 1)
+        else:
+            starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.asarray(counts, np.int64))])
         return cls(sampled.tokens, starts, sampled.unsampled_rows)
 
     def rows_of(self, refs: Sequence[TokenRef]) -> np.ndarray:
         """[F] int64 rows of `tokens`; ValueError when a reference names no sampled token of this step."""
         num_commands = len(self.output_starts) - 1
-        commands = np.fromiter([ref.command_index for ref in refs], np.int64, count=len(refs))
-        outputs = np.fromiter([ref.output_index for ref in refs], np.int64, count=len(refs))
+        commands = np.fromiter(map(_COMMAND_INDEX, refs), np.int64, count=len(refs))
+        outputs = np.fromiter(map(_OUTPUT_INDEX, refs), np.int64, count=len(refs))
         past = np.flatnonzero(commands >= num_commands)
         if len(past):
             raise ValueError(f"token reference to command {commands[past[0]]}: the previous step had "

@@ -20,6 +20,7 @@ step can consume them there, see batch.TokenRef) and whose results() waits for t
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -143,9 +144,16 @@ def greedy_result(token_id: int) -> OutputResult:
     return OutputResult(token_id=token_id)
 
 
+_PLAIN_GREEDY = operator.attrgetter("sampling.is_plain_greedy")
+
+
 def all_plain_greedy(specs: Sequence[OutputSpec]) -> bool:
-    """Whether every row's answer is the argmax of its raw logits (SamplingParams.is_plain_greedy)."""
-    return all(s.sampling is not None and s.sampling.is_plain_greedy for s in specs)
+    """Whether every row's answer is the argmax of its raw logits (SamplingParams.is_plain_greedy); read at C
+    speed, every decode step asks it of every row."""
+    try:
+        return all(map(_PLAIN_GREEDY, specs))
+    except AttributeError:  # a distribution row: no sampling
+        return False
 
 
 def greedy_outputs(tokens: torch.Tensor) -> SampledOutputs:

@@ -2,8 +2,13 @@
 reference backend under Triton's CPU interpreter (the kernels themselves: tests/kernels/test_decode_triton.py)."""
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
+
+from pie_server.engine.executor.cuda_graphs import CudaGraphDecoder
 
 from pie_server.kernels import decode_triton, triton_attention
 from pie_server.kernels.attention import AttentionStep
@@ -45,6 +50,35 @@ def test_plan_takes_only_decode_steps_of_its_batch_size_within_its_pages() -> No
     assert backend._page_ids[:5].tolist() == [1, 5, 3, 7, 11]
     with pytest.raises(ValueError, match="rows"):
         backend.forward(torch.zeros(3, 4, 16), torch.zeros(3, 2, 16), torch.zeros(3, 2, 16), torch.zeros(1))
+
+
+def _validated(step: AttentionStep) -> AttentionStep:
+    """The step as the executor's step inputs hand it on: int64 arrays, source rows given, validated."""
+    arrays = {name: np.asarray(getattr(step, name), np.int64) for name in
+              ("qo_indptr", "kv_page_indptr", "kv_page_ids", "kv_last_page_lens", "slot_ids")}
+    return dataclasses.replace(step, **arrays, source_rows=np.arange(step.num_seqs), validated=True)
+
+
+@pytest.mark.parametrize("kv_lens", [[5], [5, 9, 1], [13, 4, 4, 8, 1], [3, 7, 2, 16, 5, 1, 9, 4]])
+def test_a_validated_decode_step_is_padded_into_the_buffers_of_the_padded_step(kv_lens: list[int]) -> None:
+    """plan() of a validated step of B <= 8 sequences (no copies, no checks) fills the device buffers exactly as
+    plan() of the step that cuda_graphs pads to the bucket, on two backends whose buffers start differently."""
+    step = _validated(_decode_step(kv_lens))
+    padded = CudaGraphDecoder._padded(dataclasses.replace(step, validated=False), 8)
+    fast, reference = (TritonDecodeAttention("cpu", SHAPE, batch_size=8, max_pages=40, num_sms=8) for _ in range(2))
+    fast._int32.fill_(-7)
+    fast.plan(step)
+    reference.plan(padded)
+    used = 2 * 8 + 1 + len(padded.kv_page_ids)
+    assert torch.equal(fast._int32[:used], reference._int32[:used])
+    assert torch.equal(fast._int64, reference._int64)
+    assert fast.kv_write_index() is None and fast._planned
+
+
+def test_a_validated_step_over_the_pages_is_refused() -> None:
+    backend = TritonDecodeAttention("cpu", SHAPE, batch_size=4, max_pages=6, num_sms=8)
+    with pytest.raises(ValueError, match="more than"):  # 4 + 2 pages, and 2 padding rows take one page each
+        backend.plan(_validated(_decode_step([13, 5])))
 
 
 _SCRIPT = r"""
