@@ -276,6 +276,9 @@ def _check_page_ids(page_ids: np.ndarray, page_cmd: np.ndarray, num_pages: int) 
 
 def _check_range(values: np.ndarray, limit: int | np.ndarray, owner: np.ndarray, what: str) -> None:
     """limit: one bound for all values, or one per value."""
+    if np.isscalar(limit) and values.dtype == np.int64:  # one comparison: a negative value reads as a huge one
+        if not (values.view(np.uint64) >= limit).any():
+            return
     bad = (values < 0) | (values >= limit)
     if bad.any():
         i = int(np.argmax(bad))
