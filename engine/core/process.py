@@ -22,9 +22,6 @@ from pie_server.engine.gil import CORE_SWITCH_INTERVAL_S, set_server_switch_inte
 
 ENV_VAR = "PIE_ENGINE_CORE"
 PID_FILE = "core.pid"
-# CPUs for the core process and all its threads, as taskset writes them ("3", "3,11", "2-5"): unset, the OS places
-# it. For measurements of where the core's host time varies (its loop is the bound for small models).
-CPUS_ENV_VAR = "PIE_CORE_CPUS"
 
 
 @dataclass(frozen=True)
@@ -78,28 +75,12 @@ def start_core(spec: CoreSpec) -> tuple[multiprocessing.process.BaseProcess, Cor
     return process, CoreAddress(core_address_of(spec.run_dir), process.pid, spec.run_dir)
 
 
-def parse_cpus(text: str) -> set[int]:
-    """CPU numbers written as taskset's list form: "3", "3,11", "2-5,9"; ValueError if malformed or empty."""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        first, _, last = part.strip().partition("-")
-        low, high = int(first), int(last or first)
-        if low < 0 or high < low:
-            raise ValueError(f"bad CPU range {part!r} in {text!r}")
-        cpus.update(range(low, high + 1))
-    return cpus
-
-
 def run_core(spec: CoreSpec) -> None:
     """The core process's main: load, then serve until the process that started it is gone."""
     # Ctrl-C reaches the whole process group: the serving process stops the core once its front ends drained.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_server_switch_interval(CORE_SWITCH_INTERVAL_S)
     logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
-    cpus = os.environ.get(CPUS_ENV_VAR)
-    if cpus:  # before any thread starts: they inherit it
-        os.sched_setaffinity(0, parse_cpus(cpus))
-        logging.getLogger(__name__).info("engine core pinned to CPUs %s", sorted(os.sched_getaffinity(0)))
     from pie_server.engine.core.server import EngineCore
     from pie_server.engine.engine import start_core_parts
 
