@@ -14,62 +14,33 @@ CPU tensor copies, not asynchronous pinned ones, so read ratios between trees, n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import timeit
 
-import numpy as np
 import torch
 
 from bench.common_gpu import MODEL_SHAPES, format_table
-from pie_server.engine.executor.cuda_graphs import CudaGraphDecoder, GraphConfig, _Graph
+from pie_server.engine.config import EngineConfig
+from pie_server.engine.executor.cuda_graphs import CudaGraphDecoder, GraphConfig
 from pie_server.engine.executor.executor import Executor
-from pie_server.engine.executor.sampler import Sampler
-from pie_server.engine.executor.step_inputs import PageArrays
 from pie_server.engine.step import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
 from pie_server.kernels.flashinfer_attention import AttentionShape
-from pie_server.kernels.triton_attention import TritonDecodeAttention
 
 PAGE_SIZE = 16
 GREEDY = SamplingParams()
 
 
-class _NoReplay:
-    def replay(self) -> None:
-        pass
-
-
-class _Pool:
-    def __init__(self, num_pages: int) -> None:
-        self.page_size, self.num_pages = PAGE_SIZE, num_pages
-
-    def swap_out(self, swaps: list) -> None:
-        pass
-
-    swap_in = copy = swap_out
-
-
-def stub_executor(shape: str, batch: int, num_pages: int) -> Executor:
-    """An Executor on the CPU whose decode graphs (one bucket of `batch`, Triton attention, the head) replay
-    nothing: everything submit does on the host, nothing on a device."""
-    config = MODEL_SHAPES[shape]
-    device = torch.device("cpu")
-    graphs = object.__new__(CudaGraphDecoder)
-    graphs.config = GraphConfig(max_batch_size=batch, max_pages_per_step=num_pages + batch, head=True)
-    graphs.page_size, graphs.num_replays = PAGE_SIZE, 0
-    graphs.model = type("Model", (), {"device": device})()
-    graphs._inputs = torch.zeros(3, batch, dtype=torch.long)
-    graphs._host_inputs = np.zeros(3 * batch, np.int64)
-    graphs._tokens = torch.zeros(batch, dtype=torch.long)
-    attention = TritonDecodeAttention(device, AttentionShape(config.num_heads, config.num_kv_heads,
-                                                             config.head_dim, torch.bfloat16),
-                                      batch, num_pages + batch, num_sms=132)
-    graphs._graphs = {batch: _Graph(_NoReplay(), attention, torch.zeros(batch, 1),  # type: ignore[arg-type]
-                                    torch.zeros(batch, 1))}
-    executor = object.__new__(Executor)
-    executor.model_config, executor.device, executor.parallel = config, device, None
-    executor.kv, executor.decode_graphs, executor.piecewise_graphs = _Pool(num_pages), graphs, None
-    executor.worker_ranks, executor._previous, executor._page_arrays = None, None, PageArrays()
-    executor.sampler = Sampler(seed=0)
+def host_only_executor(shape: str, batch: int, num_pages: int) -> Executor:
+    """An Executor on the CPU (the shape's vocabulary and heads, one thin layer: the model never runs) whose decode
+    graphs are host-only (CudaGraphDecoder(host_only=True): Triton attention's plan, the head, no replay)."""
+    config = dataclasses.replace(MODEL_SHAPES[shape], hidden_size=64, intermediate_size=64, num_layers=1,
+                                 dtype="float32")
+    executor = Executor(config, EngineConfig(page_size=PAGE_SIZE, num_pages=num_pages, max_batch_size=batch))
+    graph_config = GraphConfig(max_batch_size=batch, max_pages_per_step=num_pages + batch, head=True)
+    attention_shape = AttentionShape(config.num_heads, config.num_kv_heads, config.head_dim, torch.bfloat16)
+    executor.decode_graphs = CudaGraphDecoder(executor.model, executor.kv.layers, attention_shape, PAGE_SIZE,
+                                              graph_config, host_only=True)
     return executor
 
 
@@ -85,7 +56,7 @@ def steady_batches(batch: int, pages: int) -> list[Batch]:
 
 def measure(shape: str, batch: int, pages: int, calls: int, repeats: int) -> float:
     """Median over repeats of the mean us per submit."""
-    executor = stub_executor(shape, batch, batch * pages + 8)
+    executor = host_only_executor(shape, batch, batch * pages + 8)
     batches = steady_batches(batch, pages)
     executor.submit(batches[0])  # a step before: the rest take its tokens
     step = iter(range(1 << 62))

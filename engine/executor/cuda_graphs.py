@@ -85,10 +85,17 @@ class GraphConfig:
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | _NoReplay
     attention: AttentionBackend
     hidden: torch.Tensor  # [S, H], written by each replay
     logits: torch.Tensor | None  # [S, V] float32 (with the head), likewise
+
+
+class _NoReplay:
+    """A host-only bucket's graph (CudaGraphDecoder(host_only=True))."""
+
+    def replay(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -104,11 +111,14 @@ class CudaGraphDecoder:
     """Replays captured decode steps; supports() says which steps it takes, forward() runs one."""
 
     def __init__(self, model: Decoder, kv_caches: list[torch.Tensor], shape: AttentionShape, page_size: int,
-                 config: GraphConfig) -> None:
+                 config: GraphConfig, host_only: bool = False) -> None:
+        """host_only: capture nothing; every bucket plans with Triton decode attention and its replay runs
+        nothing, so the host's side of a step (staging, planning) runs on any device, CPU included (tests and
+        bench/submit_host.py)."""
         self.model, self.kv_caches, self.shape, self.config = model, kv_caches, shape, config
         self.page_size = page_size
         device = model.device
-        self._workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self._workspace = None if host_only else torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self._page_ids = torch.zeros(config.max_pages_per_step, dtype=torch.int32, device=device)
         max_size = config.sizes[-1]
         # token ids; positions; feed_src (the row of the token buffer whose token a row takes, or -1)
@@ -118,9 +128,12 @@ class CudaGraphDecoder:
         # The last replay's logits, one buffer for every bucket (each bucket's own would hold sum(S) x V floats).
         self._logits = torch.zeros(max_size, model.config.vocab_size, dtype=torch.float32, device=device) \
             if config.head else None  # type: ignore[attr-defined]
-        self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[int, _Graph] = {}
         self.num_replays = 0
+        if host_only:
+            self._graphs = {size: self._host_only(size) for size in config.sizes}
+            return
+        self._pool = torch.cuda.graph_pool_handle()
         saved = [cache[0].clone() for cache in kv_caches]
         for size in reversed(config.sizes):  # largest first: later captures reuse its memory
             self._graphs[size] = self._capture(size)
@@ -197,6 +210,12 @@ class CudaGraphDecoder:
             with torch.cuda.graph(graph, pool=self._pool):
                 hidden, logits = self._step_body(size, attention)
         return _Graph(graph, attention, hidden, logits)
+
+    def _host_only(self, size: int) -> _Graph:
+        attention = TritonDecodeAttention(self.model.device, self.shape, size, self.config.max_pages_per_step,
+                                          num_sms=132)
+        hidden = torch.zeros(size, 1, device=self.model.device)
+        return _Graph(_NoReplay(), attention, hidden, None if self._logits is None else self._logits[:size])
 
     def _step_body(self, size: int, attention: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What a replay of the size bucket runs: [S, H] hidden states and (with the head) [S, V] logits."""
