@@ -33,9 +33,11 @@ class StepInputs:
 
 
 # Pages per command (on average over a decode step) from which PageArrays pays: below, converting every list
-# again costs less than finding the kept ones (bench.step_inputs, 2-core CPU, batch 16-256: even at 32 pages,
-# 2x faster at 128).
-KEEP_MIN_PAGES = 48
+# again costs less than finding the kept ones. 2-core CPU, steady steps as bench.step_inputs makes them, build
+# us converted -> kept, since both ways read at C speed: at 16 pages batch 16 / 64 / 256 57-62 -> 64-68,
+# 109-117 -> 115-128, 277-290 -> 296-298; at 24 61-66 -> 67-68, 125-136 -> 119-126, 341-368 -> 318-319; at 32
+# 68-69 -> 69, 139-154 -> 121-131, 389-406 -> 321-346 (was 48 before).
+KEEP_MIN_PAGES = 32
 
 
 class PageArrays:
@@ -54,9 +56,9 @@ class PageArrays:
     def take(self, page_lists: list[Sequence[PageId]], num_pages: int) -> np.ndarray:
         """[sum of their lengths] int64, the lists one after another; ValueError from _check_page_ids (command b =
         index b of page_lists) for the lists converted now."""
-        kept = self._arrays.get
-        arrays = [kept(id(pages)) for pages in page_lists]
-        new_rows = [b for b, array in enumerate(arrays) if array is None]
+        ids = list(map(id, page_lists))
+        arrays = list(map(self._arrays.get, ids))
+        new_rows = [b for b, array in enumerate(arrays) if array is None] if any(map(_IS_NONE, arrays)) else []
         for b in new_rows:
             pages = page_lists[b]
             arrays[b] = np.fromiter(pages, np.int64, count=len(pages))
@@ -64,7 +66,10 @@ class PageArrays:
             owner = np.repeat(np.asarray(new_rows, np.int64), [len(arrays[b]) for b in new_rows])
             _check_page_ids(np.concatenate([arrays[b] for b in new_rows]), owner, num_pages)
         # Only after the checks: a kept array is a checked one.
-        self._arrays = {id(pages): array for pages, array in zip(page_lists, arrays) if type(pages) is tuple}
+        if set(map(type, page_lists)) == {tuple}:  # every list a tuple (as the control layer hands them on)
+            self._arrays = dict(zip(ids, arrays))  # type: ignore[arg-type]
+        else:
+            self._arrays = {id(pages): array for pages, array in zip(page_lists, arrays) if type(pages) is tuple}
         self._held = page_lists
         return np.concatenate(arrays)  # type: ignore[arg-type]
 
