@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from pie_server.engine.config import EngineConfig, ModelConfig
-from pie_server.engine.step import Batch, ForwardCommand, OutputSpec, SamplingParams, TokenRef
+from pie_server.engine.step import Batch, ForwardCommand, OutputResult, OutputSpec, SamplingParams, TokenRef
 from pie_server.engine.executor.direct import DirectGenerator
 from pie_server.engine.executor.executor import Executor
+from pie_server.engine.executor.pending import PendingStep
+from pie_server.engine.executor.sampler import greedy_outputs
 
 PAGE_SIZE = 4
 GREEDY = SamplingParams()
@@ -87,3 +89,12 @@ def test_pipelined_decode_needs_one_uncached_token() -> None:
     seq = generator.start([1, 2, 3])
     with pytest.raises(ValueError, match="one uncached token"):
         generator.decode_pipelined([seq], GREEDY, 2)
+
+
+@pytest.mark.parametrize("counts", [[1, 1, 1], [2, 0, 1], [0, 3, 0], [1, 2], []])
+def test_a_steps_outputs_split_into_their_commands_in_order(counts: list[int]) -> None:
+    outputs = [OutputResult(token_id=t) for t in range(sum(counts))]
+    done = PendingStep(7, greedy_outputs(torch.arange(sum(counts))), counts, 0.0).result()
+    assert all(isinstance(r.outputs, tuple) for r in done.results) and done.step_id == 7
+    assert [list(r.outputs) for r in done.results] == \
+        [outputs[sum(counts[:b]):sum(counts[:b + 1])] for b in range(len(counts))]
