@@ -212,8 +212,7 @@ class CudaGraphDecoder:
         return _Graph(graph, attention, hidden, logits)
 
     def _host_only(self, size: int) -> _Graph:
-        attention = TritonDecodeAttention(self.model.device, self.shape, size, self.config.max_pages_per_step,
-                                          num_sms=132)
+        attention = TritonDecodeAttention(self.model.device, self.shape, size, self.config.max_pages_per_step)
         hidden = torch.zeros(size, 1, device=self.model.device)
         return _Graph(_NoReplay(), attention, hidden, None if self._logits is None else self._logits[:size])
 

@@ -31,7 +31,7 @@ class StepOutputs:
 
     @classmethod
     def of(cls, sampled: SampledOutputs, counts: Sequence[int]) -> "StepOutputs":
-        if len(counts) == list(counts).count(1):  # one output per command (every decode step)
+        if _one_each(counts):
             starts = np.arange(len(counts) + 1)
         else:
             starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.asarray(counts, np.int64))])
@@ -84,10 +84,15 @@ class PendingStep:
 
 
 def _split(outputs: list[OutputResult], counts: Sequence[int]) -> tuple[CommandResult, ...]:
-    if counts.count(1) == len(counts) == len(outputs):  # one output per command (every decode step): at C
-        return tuple(map(CommandResult, zip(outputs)))  # speed, the 1-tuples made by zip
+    if _one_each(counts) and len(outputs) == len(counts):  # at C speed, the 1-tuples made by zip
+        return tuple(map(CommandResult, zip(outputs)))
     results, start = [], 0
     for n in counts:
         results.append(CommandResult(outputs=tuple(outputs[start:start + n])))
         start += n
     return tuple(results)
+
+
+def _one_each(counts: Sequence[int]) -> bool:
+    """Whether every command has exactly one output (every decode step): its rows are its commands."""
+    return counts.count(1) == len(counts)

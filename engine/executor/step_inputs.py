@@ -79,9 +79,7 @@ def build_step_inputs(commands: Sequence[ForwardCommand], model: ModelConfig, pa
     """The step's inputs; ValueError naming the first bad command. Decode steps (one token and no mask in every
     command) take a shorter way to the same inputs and errors; page_arrays: the executor's, kept between steps
     (PageArrays), for that way."""
-    if not commands:
-        return _any_step_inputs(commands, model, page_size, num_pages)
-    fields = _DecodeFields.of(commands)
+    fields = _DecodeFields.of(commands) if commands else None
     if fields is not None:
         return _decode_step_inputs(fields, model, page_size, num_pages, page_arrays)
     return _any_step_inputs(commands, model, page_size, num_pages)
@@ -185,8 +183,7 @@ def _decode_step_inputs(fields: _DecodeFields, model: ModelConfig, page_size: in
     output_specs = list(itertools.chain.from_iterable(fields.output_lists))
     num_outputs = list(map(len, fields.output_lists))
     output_index = np.fromiter(map(_INDEX, output_specs), np.int64, count=len(output_specs))
-    output_cmd = np.arange(num_seqs) if len(output_specs) == num_seqs and num_outputs.count(1) == num_seqs \
-        else np.repeat(cmd_ids, num_outputs)
+    output_cmd = np.arange(num_seqs) if num_outputs.count(1) == num_seqs else np.repeat(cmd_ids, num_outputs)
     _check_range(output_index, 1, output_cmd, "output index")
     step = AttentionStep(page_size=page_size, qo_indptr=qo_indptr, kv_page_indptr=kv_page_indptr,
                          kv_page_ids=page_ids, kv_last_page_lens=last_lens, slot_ids=slot_ids,
