@@ -190,10 +190,12 @@ agentic_profile() {  # shape concurrency [seconds]: where the agents' time goes 
   wait $bench; grep -E "^(c=|speedup)" "$OUT/$tag.log"
 }
 
-offline() {  # shape: the executor's offline throughput, as vLLM's offline.py measures its own
-  timeout 500 python3 -m bench.gpu_throughput --shapes "$1" --hf-requests 0 2>&1 | grep -v "^pie_server\|^INFO" \
-    | tail -6 | tee "$OUT/offline_$1.txt"
-  cp bench/results/gpu_throughput.json "$OUT/offline_$1.json" 2>/dev/null
+offline() {  # shape: the executor's offline throughput, as vLLM's offline.py measures its own (OFFLINE_ARGS: more
+             # bench.gpu_throughput arguments, e.g. "--token-budget 16384"; OFFLINE_TAG: a suffix of the result files)
+  local tag=offline_$1${OFFLINE_TAG:-}
+  timeout 500 python3 -m bench.gpu_throughput --shapes "$1" --hf-requests 0 ${OFFLINE_ARGS:-} 2>&1 \
+    | grep -v "^pie_server\|^INFO" | tail -6 | tee "$OUT/$tag.txt"
+  cp bench/results/gpu_throughput.json "$OUT/$tag.json" 2>/dev/null
 }
 
 decode() {  # shape context: decode TPOT next to the memory-bandwidth floor (vLLM's batch 64: 512-token prompts)
