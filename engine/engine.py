@@ -126,12 +126,24 @@ def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineCon
         executor = start_executor(model_dir, model_config, config, progress)  # rank 0 of --tensor-parallel-size
     grammars = grammars or LazyCompiler(functools.partial(_grammar_compiler, model_dir, model_config.vocab_size))
     # PIE_STEP_LOG=PATH: one line per step into PATH (engine/control/step_log.py; for measurements)
-    control_config = ControlConfig.for_engine(config, model_config, step_log=os.environ.get("PIE_STEP_LOG") or None)
+    control_config = ControlConfig.for_engine(config, model_config, step_log=os.environ.get("PIE_STEP_LOG") or None,
+                                              **_speculation_depth_override())
     if emulated_ms:  # pipelined steps, as on a GPU
         control_config = dataclasses.replace(control_config, pipeline=True)
     control = Controller(executor, control_config, grammars)
     control.start()
     return executor, control
+
+
+def _speculation_depth_override() -> dict[str, int]:
+    """PIE_SPECULATION_DEPTH=1|2: ControlConfig.speculation_depth for pipelined steps (A/B runs); unset: the
+    default."""
+    raw = os.environ.get("PIE_SPECULATION_DEPTH", "")
+    if not raw:
+        return {}
+    if raw not in ("1", "2"):
+        raise ValueError(f"PIE_SPECULATION_DEPTH={raw!r}: must be 1 or 2")
+    return {"speculation_depth": int(raw)}
 
 
 def _grammar_compiler(model_dir: Path, vocab_size: int) -> GrammarCompiler:

@@ -34,6 +34,11 @@ class ControlConfig:
     # Submit step N + 1 before delivering step N (StepLoop._step_pipelined): the host's work overlaps the
     # device's. Needs an executor with submit(); pays off where the device runs asynchronously (CUDA).
     pipeline: bool = False
+    # With pipeline: how many forwards of a decode may be queued ahead of its delivered tokens. 1: step N + 1 is
+    # formed and submitted, then step N delivered (the chain deliver N -> form N + 2 -> submit N + 2 must fit in
+    # one device step). 2: step N + 2 too, so that chain has two device steps (docs/decisions/pipelined-steps.md);
+    # a stop then wastes up to two forwards of the decode instead of one.
+    speculation_depth: int = 1
     # A file that gets one JSON line per step (engine/control/step_log.py); None: no log.
     step_log: str | None = None
 
@@ -41,6 +46,8 @@ class ControlConfig:
         for name in ("max_batch_tokens", "max_batch_size", "decode_max_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.speculation_depth not in (1, 2):
+            raise ValueError(f"speculation_depth must be 1 or 2, got {self.speculation_depth}")
         if self.gather_max_s < 0 or self.gather_idle_s < 0 or not 0 <= self.gather_fraction <= 1:
             raise ValueError("gather_max_s and gather_idle_s must be >= 0 and gather_fraction in [0, 1]")
         if self.step_log is not None and not self.step_log:

@@ -23,7 +23,7 @@ import functools
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from pie_server.engine.control.api import ControlError, VirtualForward
@@ -129,10 +129,11 @@ class Decoding:
     sampling: SamplingParams
     page_ids: list[VirtualPageId]  # the context's pages and the room after it
     num_generated: int = 0
-    # Pipelined steps (scheduling.py): chunks of this decode in running steps, the next forward queued ahead
-    # of its token (fed on the device) while the one before it runs, and the end found while that one ran.
+    # Pipelined steps (scheduling.py): chunks of this decode in running steps, the next forwards queued ahead
+    # of their tokens (each fed on the device from the one before it; at most ControlConfig.speculation_depth,
+    # oldest first) while the forward before them runs, and the end found while that one ran.
     num_in_flight: int = 0
-    speculated: Any = None  # ForwardItem | None (work.py imports this module)
+    speculated: list[Any] = field(default_factory=list)  # [ForwardItem] (work.py imports this module)
     end_reason: str | None = None
     table_version: int = -1  # the page table's version when this decode's last forward was fully validated
     grammar: GrammarMatcher | None = None  # at the state after the last accepted token
@@ -157,11 +158,14 @@ class Decoding:
         return self.grammar is not None or self.output_token_ids is not None
 
     def can_continue_after(self, position: int, context_len: int, page_size: int, max_context_len: int) -> bool:
-        """Whether a decode whose forward at position (over context_len slots) is running may go on after it,
-        unless it samples a stop token: accept's test, made before the output is known. Never when it follows
-        tokens: the next forward's parameters depend on that output."""
+        """Whether a decode whose newest forward, at position (over context_len slots), is running may go on after
+        it, unless it samples a stop token: accept's test, made before the output is known (that forward's output
+        is the decode's next token after those of the forwards before it still running: the one being delivered
+        next and the speculated ones). Never when it follows tokens: the next forward's parameters depend on that
+        output."""
         return not self.follows_tokens and not self.stream.stop_requested and self._limit_after(
-            self.num_generated + 1, position + 1, context_len, len(self.page_ids) * page_size, max_context_len) is None
+            self.num_generated + len(self.speculated) + 1, position + 1, context_len, len(self.page_ids) * page_size,
+            max_context_len) is None
 
     def forward(self, token_ids: list[TokenId], position: int, context_len: int, page_size: int) -> VirtualForward:
         """The forward writing token_ids after context_len tokens, over the pages their slots need."""

@@ -47,7 +47,9 @@ class StepBuilder:
         if not (forwards or copies or self.swap_outs or self.swap_ins):
             return None
         self.s.step_id += 1
-        self.s.running.append(RunningStep(sources, self.moved))
+        awaits = any(chunk.item.decoding is None or chunk.item.decoding.follows_tokens for chunk, _ in sources) \
+            if self.s.config.speculation_depth > 1 else False
+        self.s.running.append(RunningStep(sources, self.moved, awaits))
         return Batch(forwards=forwards, page_copies=copies, swap_outs=self.swap_outs, swap_ins=self.swap_ins,
                      step_id=self.s.step_id)
 
@@ -57,13 +59,16 @@ class StepBuilder:
         Returns those that join this step directly (_split_successors); queues the rest."""
         state, limits, pool = self.s, self.s.limits, self.pool
         page_size, max_context_len = limits.page_size, limits.max_context_len
+        depth = state.config.speculation_depth
         refs = state.token_refs(len(running.sources))
         successors: list[Chunk] = []
         for command_index, (chunk, _) in enumerate(running.sources):
             item = chunk.item
             decoding = item.decoding
-            if decoding is None or chunk.end != item.num_tokens or item.cancelled or item.wasted \
-                    or decoding.speculated is not None:
+            if decoding is None or chunk.end != item.num_tokens or item.cancelled or item.wasted:
+                continue
+            speculated = decoding.speculated  # item must be the decode's newest forward, with room for one more
+            if speculated and (len(speculated) >= depth or speculated[-1] is not item):
                 continue
             instance = chunk.instance
             if instance.closed or instance.failure is not None or not decoding.can_continue_after(
@@ -76,7 +81,7 @@ class StepBuilder:
             if pool.first_shared(successor.block_ids, successor.write_start) >= 0:
                 continue  # a written page got shared (state.check_writable): the same, as for a freed page
             successor.fed = refs[command_index]
-            decoding.speculated = successor
+            speculated.append(successor)
             successors.append(Chunk(instance, successor, 0, 1))
         direct, queued = self._split_successors(successors)
         enqueue = state.enqueue
@@ -309,9 +314,11 @@ class StepBuilder:
             if not instance.closed and instance.failure is None:
                 self.s.fail_instance(instance, f"instance {instance.instance_id!r} lost its KV cache: {error}")
         for chunk, _ in step.sources:
-            successor = chunk.item.decoding.speculated if chunk.item.decoding is not None else None
-            if successor is not None and successor.num_scheduled == 0 and not successor.cancelled:
-                chunk.item.decoding.speculated = None  # type: ignore[union-attr]
+            decoding = chunk.item.decoding
+            if decoding is None:
+                continue
+            for successor in [s for s in decoding.speculated if s.num_scheduled == 0 and not s.cancelled]:
+                decoding.speculated.remove(successor)
                 self.s.cancel(successor, error)
                 self.s.withdraw(chunk.instance, successor)
 

@@ -36,6 +36,9 @@ Sources = list[tuple[Chunk, list[int] | None]]
 class RunningStep:
     sources: Sources
     moved: list[InstanceState]  # instances whose KV the step swaps or copies
+    # Some forward's next one waits for this step's delivery: an API forward (its caller answers) or a decode that
+    # follows tokens (its next mask or penalties). The loop then delivers it as early as one step ahead allows.
+    awaits_delivery: bool = False
 
 
 class ControlState:
@@ -167,7 +170,8 @@ class ControlState:
                     and item.num_scheduled == 0 and not item.cancelled:
                 self.withdraw(instance, item)
                 decoding = item.decoding
-                decoding.speculated = None
+                if item in decoding.speculated:  # queued behind a running one (speculated ahead of it)
+                    decoding.speculated.remove(item)
                 if decoding.num_in_flight == 0:
                     self.settle(stream.done, END_CANCELLED)
                 return
@@ -186,10 +190,13 @@ class ControlState:
                                       self.limits.max_context_len)
         if waiter is not None:
             self.settle(waiter)
-        successor, decoding.speculated = decoding.speculated, None
+        speculated = decoding.speculated
         if end is not None or instance.closed or instance.failure is not None:
-            self._end_decode(instance, decoding, successor, end or END_CANCELLED)
-        elif successor is not None:
+            decoding.speculated = []
+            self._end_decode(instance, decoding, speculated, end or END_CANCELLED)
+            return
+        successor = speculated.pop(0) if speculated else None  # the forward this output feeds
+        if successor is not None:
             successor.token_ids[-1] = output.token_id
             if successor.num_scheduled == 0:  # still queued: it takes the token from the host after all
                 successor.fed = None
@@ -214,12 +221,17 @@ class ControlState:
         except ControlError as error:  # a page of the decode was freed meanwhile, or its grammar allows nothing
             self.settle(item.decoding.stream.done, error=error)  # type: ignore[union-attr]
 
-    def _end_decode(self, instance: InstanceState, decoding: Decoding, successor: ForwardItem | None,
+    def _end_decode(self, instance: InstanceState, decoding: Decoding, successors: list[ForwardItem],
                     reason: str) -> None:
-        if successor is not None and successor.num_scheduled == 0:
-            self.withdraw(instance, successor)
-        elif successor is not None:
-            successor.wasted = True  # it runs; the end is said when it comes back
+        """successors: the decode's forwards speculated past this output, oldest first."""
+        running = False
+        for successor in successors:
+            if successor.num_scheduled == 0:
+                self.withdraw(instance, successor)
+            else:
+                successor.wasted = True  # it runs; the end is said when the last comes back
+                running = True
+        if running:
             decoding.end_reason = reason
             return
         if decoding.failure is not None:  # a grammar decode (never speculated, so no successor) whose grammar broke

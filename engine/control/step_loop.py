@@ -139,7 +139,9 @@ class StepLoop:
         """Step N + 1 is formed and submitted before step N's results are delivered, so the host's work of
         both overlaps the device's (docs/decisions/pipelined-steps.md); decodes running in step N continue
         in step N + 1 with the token it samples, fed on the device. A forward of the API resolved by step N
-        is gathered (see _gather) into step N + 2, formed while N + 1 runs."""
+        is gathered (see _gather) into step N + 2, formed while N + 1 runs. With speculation_depth 2, step
+        N + 2 is also formed and submitted before step N is delivered, unless some running step holds a forward
+        whose next one waits for that step's delivery (RunningStep.awaits_delivery)."""
         with self._step_lock:
             if self._pending and self._nothing_to_speculate():
                 # The running step's forwards all go back to their callers, whose next ones come after it is
@@ -153,6 +155,11 @@ class StepLoop:
                 if batch is None and not self._pending:
                     self._idle_generation = self._generation
                     return False
+                # Two steps ahead only while no running step resolves a forward whose next one waits for it: its
+                # caller's next forward would otherwise land a step later (three steps per token, not two).
+                depth = self._config.speculation_depth
+                if depth > 1 and any(step.awaits_delivery for step in self._state.running):
+                    depth = 1
             if batch is not None:
                 submitting = time.monotonic()
                 try:
@@ -162,7 +169,9 @@ class StepLoop:
                     return True
                 if self._step_log is not None:
                     self._step_log.submitted(batch, submitting, submitting - forming, time.monotonic() - submitting)
-            if len(self._pending) > 1 or batch is None:
+            if batch is None:
+                self._deliver_oldest()
+            while len(self._pending) > depth:  # (more than once only when the depth just fell to 1)
                 self._deliver_oldest()
             return True
 

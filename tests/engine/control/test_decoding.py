@@ -15,18 +15,21 @@ from pie_server.engine.control.decoding import (END_CANCELLED, END_LENGTH, END_R
 from pie_server.engine.step import OutputSpec, SamplingParams
 from pie_server.engine.types import InstanceId
 
-# Every test runs with steps one after the other and pipelined (step N + 1 submitted before N is delivered,
-# decodes fed on the device): the same tokens and ends either way.
-pytestmark = [pytest.mark.timeout(60), pytest.mark.parametrize("pipeline", [False, True], ids=["serial", "pipelined"])]
+# Every test runs with steps one after the other, pipelined (step N + 1 submitted before N is delivered, decodes
+# fed on the device) and pipelined two steps ahead (ControlConfig.speculation_depth 2: N + 2 submitted too): the
+# same tokens and ends every way. `pipeline` is the depth (0: serial).
+pytestmark = [pytest.mark.timeout(60),
+              pytest.mark.parametrize("pipeline", [0, 1, 2], ids=["serial", "pipelined", "depth2"])]
 PAGE_SIZE = 4
 GREEDY = SamplingParams()
 PROMPT = [5, 6, 7, 8, 9, 10]
 
 
-def _make(controllers: Controllers, pipeline: bool, **kwargs: float) -> tuple[Controller, FakeExecutor]:
+def _make(controllers: Controllers, pipeline: int, **kwargs: float) -> tuple[Controller, FakeExecutor]:
     kwargs.setdefault("num_pages", 32)
     executor = FakeExecutor(page_size=PAGE_SIZE, **kwargs)  # type: ignore[arg-type]
-    return controllers.make(executor, ControlConfig(pipeline=pipeline)), executor
+    config = ControlConfig(pipeline=pipeline > 0, speculation_depth=max(1, pipeline))
+    return controllers.make(executor, config), executor
 
 
 def _by_forwards(controller: Controller, instance: InstanceId, pages: list[int], num_tokens: int) -> list[int]:
@@ -59,7 +62,7 @@ def _request(pages: list[int], max_new_tokens: int, stop: frozenset[int] = froze
                          max_new_tokens=max_new_tokens, stop_token_ids=stop)
 
 
-def test_a_decode_looks_its_pages_up_once_until_a_block_moves(controllers: Controllers, pipeline: bool) -> None:
+def test_a_decode_looks_its_pages_up_once_until_a_block_moves(controllers: Controllers, pipeline: int) -> None:
     """Batch formation translates a decode's blocks to pages once and hands the same list to its next forwards
     over the same pages, until PagePool.placement_version says a block moved (a swap): then it looks again."""
     controller, executor = _make(controllers, pipeline)
@@ -84,7 +87,7 @@ def test_a_decode_looks_its_pages_up_once_until_a_block_moves(controllers: Contr
     controller.close_instance(a)
 
 
-def test_decode_equals_forward_per_token_and_needs_one_call(controllers: Controllers, pipeline: bool) -> None:
+def test_decode_equals_forward_per_token_and_needs_one_call(controllers: Controllers, pipeline: int) -> None:
     controller, executor = _make(controllers, pipeline)
     controller.start()
     a, pages_a = _open(controller, "a", 5)
@@ -94,12 +97,12 @@ def test_decode_equals_forward_per_token_and_needs_one_call(controllers: Control
     tokens, end = _drain_all(controller.decode(b, _request(pages_b, 12)))
     assert tokens == expected and end == END_LENGTH
     assert executor.num_commands - num_commands == 12  # one forward per token, all queued by the controller
-    assert (executor.num_fed >= 10) == pipeline  # pipelined: each next token was fed on the device
+    assert (executor.num_fed >= 10) == (pipeline > 0)  # pipelined: each next token was fed on the device
     for instance in (a, b):
         controller.close_instance(instance)
 
 
-def test_decode_ends_at_a_stop_token_and_at_the_end_of_its_room(controllers: Controllers, pipeline: bool) -> None:
+def test_decode_ends_at_a_stop_token_and_at_the_end_of_its_room(controllers: Controllers, pipeline: int) -> None:
     controller, _ = _make(controllers, pipeline)
     controller.start()
     instance, pages = _open(controller, "a", 5)
@@ -113,7 +116,7 @@ def test_decode_ends_at_a_stop_token_and_at_the_end_of_its_room(controllers: Con
 
 
 def test_a_decode_given_more_pages_while_it_runs_goes_on_past_its_old_room(controllers: Controllers,
-                                                                           pipeline: bool) -> None:
+                                                                           pipeline: int) -> None:
     """extend_decode: pages added mid-decode (a few steps in, so pipelined forwards are running) follow its
     pages; it then equals a decode given them all at the start. An extension that names another count of pages
     than the decode holds (one was lost) changes nothing: the decode ends at its room, as without it."""
@@ -134,7 +137,7 @@ def test_a_decode_given_more_pages_while_it_runs_goes_on_past_its_old_room(contr
     controller.close_instance(instance)
 
 
-def test_extend_decode_takes_only_the_instances_pages_each_once(controllers: Controllers, pipeline: bool) -> None:
+def test_extend_decode_takes_only_the_instances_pages_each_once(controllers: Controllers, pipeline: int) -> None:
     controller, _ = _make(controllers, pipeline)
     instance, pages = _open(controller, "a", 4)
     stream = controller.decode(instance, _request(pages[:2], 100))
@@ -149,7 +152,7 @@ def test_extend_decode_takes_only_the_instances_pages_each_once(controllers: Con
     controller.close_instance(instance)
 
 
-def test_stop_decode_ends_it_and_queues_nothing_more(controllers: Controllers, pipeline: bool) -> None:
+def test_stop_decode_ends_it_and_queues_nothing_more(controllers: Controllers, pipeline: int) -> None:
     controller, executor = _make(controllers, pipeline, step_delay_s=0.01)
     controller.start()
     instance, pages = _open(controller, "a", 8)
@@ -166,7 +169,7 @@ def test_stop_decode_ends_it_and_queues_nothing_more(controllers: Controllers, p
     controller.close_instance(instance)
 
 
-def test_closing_the_instance_fails_its_decode(controllers: Controllers, pipeline: bool) -> None:
+def test_closing_the_instance_fails_its_decode(controllers: Controllers, pipeline: int) -> None:
     controller, _ = _make(controllers, pipeline)
     instance, pages = _open(controller, "a", 8)
     stream = controller.decode(instance, _request(pages, 100))
@@ -177,7 +180,7 @@ def test_closing_the_instance_fails_its_decode(controllers: Controllers, pipelin
     assert wait_any([stream]) is None  # ended: nothing to wait for
 
 
-def test_decode_validates_like_forward(controllers: Controllers, pipeline: bool) -> None:
+def test_decode_validates_like_forward(controllers: Controllers, pipeline: int) -> None:
     controller, _ = _make(controllers, pipeline)
     instance, pages = _open(controller, "a", 1)
     with pytest.raises(Exception, match="pages hold 4 slots"):
@@ -185,7 +188,7 @@ def test_decode_validates_like_forward(controllers: Controllers, pipeline: bool)
     controller.close_instance(instance)
 
 
-def test_concurrent_decodes_with_different_ends(controllers: Controllers, pipeline: bool) -> None:
+def test_concurrent_decodes_with_different_ends(controllers: Controllers, pipeline: int) -> None:
     """Decodes that end at different steps (length, stop token, room) next to per-token forwards: each gets
     exactly its reference tokens; pipelined, a decode that stops on a token wastes at most one forward."""
     controller, executor = _make(controllers, pipeline, num_pages=64)
@@ -212,7 +215,7 @@ def _step_until_done(controller: Controller, stream: DecodeStream, max_steps: in
     raise AssertionError("the decode did not end")
 
 
-def test_a_page_freed_mid_decode_ends_it_with_an_error(controllers: Controllers, pipeline: bool) -> None:
+def test_a_page_freed_mid_decode_ends_it_with_an_error(controllers: Controllers, pipeline: int) -> None:
     """A decode's later forwards reuse the blocks its earlier ones validated only while no page of the
     instance was freed since (PageTable.version)."""
     controller, _ = _make(controllers, pipeline)
@@ -229,7 +232,7 @@ def test_a_page_freed_mid_decode_ends_it_with_an_error(controllers: Controllers,
 
 
 def test_slots_masked_mid_decode_are_hidden_from_its_later_forwards(controllers: Controllers,
-                                                                     pipeline: bool) -> None:
+                                                                     pipeline: int) -> None:
     controller, executor = _make(controllers, pipeline)
     instance, pages = _open(controller, "a", 8)
     stream = controller.decode(instance, _request(pages, 12))
@@ -246,7 +249,7 @@ def test_slots_masked_mid_decode_are_hidden_from_its_later_forwards(controllers:
 
 
 def test_a_decode_with_penalties_gives_each_forward_its_output_so_far(controllers: Controllers,
-                                                                      pipeline: bool) -> None:
+                                                                      pipeline: int) -> None:
     controller, executor = _make(controllers, pipeline)
     controller.start()
     instance, pages = _open(controller, "a", 5)
