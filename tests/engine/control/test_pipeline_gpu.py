@@ -17,10 +17,11 @@ PROMPT_LENS = (5, 37, 100, 16)
 MAX_NEW = (40, 25, 33, 17)  # ends at different steps, none by a stop token (which pipelined wastes a row on)
 
 
-def _decode_all(executor, pipeline: bool) -> list[list[int]]:  # type: ignore[no-untyped-def]
+def _decode_all(executor, pipeline: bool, depth: int = 1) -> list[list[int]]:  # type: ignore[no-untyped-def]
     import torch
 
-    controller = Controller(executor, ControlConfig(pipeline=pipeline, vocab_size=1024, max_position=2048))
+    controller = Controller(executor, ControlConfig(pipeline=pipeline, speculation_depth=depth, vocab_size=1024,
+                                                    max_position=2048))
     gen = torch.Generator().manual_seed(3)
     streams = []
     for k, (length, max_new) in enumerate(zip(PROMPT_LENS, MAX_NEW)):
@@ -55,3 +56,4 @@ def test_pipelined_decodes_equal_serial_ones_on_cuda() -> None:
     pipelined = _decode_all(executor, pipeline=True)
     assert [len(t) for t in pipelined] == list(MAX_NEW)
     assert pipelined == serial
+    assert _decode_all(executor, pipeline=True, depth=2) == serial  # two steps ahead (speculation_depth 2)
