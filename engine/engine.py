@@ -18,6 +18,7 @@ from pie_server.engine.control.controller import Controller
 from pie_server.engine.core.messages import CoreFacts
 from pie_server.engine.executor.emulated import EmulatedExecutor
 from pie_server.engine.executor.executor import Executor
+from pie_server.engine.executor.remote import EmulatedSpec, RemoteExecutor, WorkerSpec, remote_executor_wanted
 from pie_server.engine.executor.tensor_parallel import start_executor
 from pie_server.engine.gc_pauses import freeze_heap
 from pie_server.engine.grammar import GrammarCompiler, LazyCompiler
@@ -115,11 +116,18 @@ def start_core_parts(model: str | Path | None, config: EngineConfig, model_name:
 def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineConfig, progress: bool,
                    grammars: LazyCompiler | None = None) -> tuple[Executor, Controller]:
     """grammars: for decodes under a grammar; None: a compiler of its own, made on the first such decode."""
+    depth = _speculation_depth_override()  # the environment's choices are checked before anything starts
+    remote = remote_executor_wanted()  # PIE_EXECUTOR_PROCESS=1: in a worker process (engine/executor/remote.py)
     emulated_ms = os.environ.get("PIE_EMULATED_DEVICE_MS")
     if emulated_ms:  # no model: steps of that many ms on an emulated device (engine/executor/emulated.py)
         submit_ms = float(os.environ.get("PIE_EMULATED_SUBMIT_MS") or 0)  # host work per step (emulated.py)
-        executor = EmulatedExecutor(model_config, config, float(emulated_ms) / 1000,
-                                    sorted(Tokenizer.from_dir(model_dir).eos_token_ids), submit_s=submit_ms / 1000)
+        emulated = EmulatedSpec(float(emulated_ms) / 1000, tuple(sorted(Tokenizer.from_dir(model_dir).eos_token_ids)),
+                                submit_ms / 1000)
+        executor = RemoteExecutor(WorkerSpec(model_dir, model_config, config, emulated)) if remote else \
+            EmulatedExecutor(model_config, config, emulated.step_s, list(emulated.eos_token_ids),
+                             submit_s=emulated.submit_s)
+    elif remote:
+        executor = RemoteExecutor(WorkerSpec(model_dir, model_config, config))
     elif config.device == "cpu":  # as ControlConfig.for_engine tells the CPU apart
         executor = _load_on_a_passing_thread(model_dir, model_config, config, progress)
     else:
@@ -127,7 +135,7 @@ def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineCon
     grammars = grammars or LazyCompiler(functools.partial(_grammar_compiler, model_dir, model_config.vocab_size))
     # PIE_STEP_LOG=PATH: one line per step into PATH (engine/control/step_log.py; for measurements)
     control_config = ControlConfig.for_engine(config, model_config, step_log=os.environ.get("PIE_STEP_LOG") or None,
-                                              **_speculation_depth_override())
+                                              **depth)
     if emulated_ms:  # pipelined steps, as on a GPU
         control_config = dataclasses.replace(control_config, pipeline=True)
     control = Controller(executor, control_config, grammars)

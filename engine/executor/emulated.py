@@ -91,6 +91,11 @@ class EmulatedExecutor:
     def execute(self, batch: Batch) -> StepResult:
         return self.submit(batch).result()
 
+    def forget_previous(self) -> None:
+        """No later step may take a token from the steps submitted so far (Executor.forget_previous)."""
+        with self._lock:
+            self._previous = None
+
     def submit(self, batch: Batch) -> EmulatedStep:
         with self._lock:
             previous, self._previous = self._previous, None

@@ -168,6 +168,11 @@ class Executor:
             self.worker_ranks.send_step(Batch(forwards=batch.forwards), inputs)
         return self._logits(inputs, feed, previous)
 
+    def forget_previous(self) -> None:
+        """No later step may take a token from the steps launched so far (one submitted after them failed where
+        this executor did not see it: engine/executor/remote.py)."""
+        self._previous = None
+
     def close(self) -> None:
         """Stops the other tensor-parallel ranks (if any); nothing else is released."""
         if self.worker_ranks is not None:

@@ -76,3 +76,37 @@ def test_an_emulated_device_replaces_the_model_and_pipelines_its_steps(
         assert len(stream.drain()) == 5
     finally:
         control.stop()
+
+
+def test_the_environment_chooses_the_speculation_depth_and_the_executor_process(
+        tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PIE_SPECULATION_DEPTH=2 and PIE_EXECUTOR_PROCESS=1 (A/B runs): decodes two steps ahead, on an executor in a
+    worker process (here the emulated device's); anything else than their values is refused."""
+    from pie_server.engine.control.decoding import DecodeRequest
+    from pie_server.engine.executor.remote import RemoteExecutor
+    from pie_server.engine.model.loader import load_model_config
+    from pie_server.engine.step import SamplingParams
+
+    monkeypatch.setenv("PIE_EMULATED_DEVICE_MS", "1")
+    for name, value in (("PIE_SPECULATION_DEPTH", "3"), ("PIE_EXECUTOR_PROCESS", "yes")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=name):
+            engine_module._start_control(tiny_llama_dir, load_model_config(tiny_llama_dir),
+                                         EngineConfig(device="cpu", num_pages=64), progress=False)
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PIE_SPECULATION_DEPTH", "2")
+    monkeypatch.setenv("PIE_EXECUTOR_PROCESS", "1")
+    executor, control = engine_module._start_control(tiny_llama_dir, load_model_config(tiny_llama_dir),
+                                                     EngineConfig(device="cpu", num_pages=64), progress=False)
+    try:
+        assert isinstance(executor, RemoteExecutor) and control.config.speculation_depth == 2
+        control.open_instance("remote")
+        [page] = control.allocate_pages("remote", 1).result(timeout=10)
+        stream = control.decode("remote", DecodeRequest(
+            token_ids=[1, 2, 3], position=0, page_ids=[page], context_len=0, sampling=SamplingParams(),
+            max_new_tokens=6))
+        assert stream.done.result(timeout=10) == "length"
+        assert len(stream.drain()) == 6
+    finally:
+        control.stop()
+        executor.close()
