@@ -148,6 +148,8 @@ class RemoteExecutor:
     worker process."""
 
     def __init__(self, spec: WorkerSpec, on_lost: Callable[[BaseException], None] | None = None) -> None:
+        if spec.config.tensor_parallel_size > 1:  # the worker is a daemon process, which may not start the ranks
+            raise ValueError(f"{ENV_VAR}=1 does not work with tensor parallelism yet")
         context = multiprocessing.get_context("spawn")
         self._steps_out, steps_in = context.Pipe(duplex=False)  # (reader, writer): the worker reads steps
         answers_in, self._answers_out = context.Pipe(duplex=False)

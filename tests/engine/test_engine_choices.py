@@ -55,10 +55,8 @@ def test_an_emulated_device_replaces_the_model_and_pipelines_its_steps(
         tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """PIE_EMULATED_DEVICE_MS (engine/executor/emulated.py): no model is loaded, steps take that long, pipelined
     as on a GPU even with --device cpu; a decode runs on it to its end."""
-    from pie_server.engine.control.decoding import DecodeRequest
     from pie_server.engine.executor.emulated import EmulatedExecutor
     from pie_server.engine.model.loader import load_model_config
-    from pie_server.engine.step import SamplingParams
 
     monkeypatch.setattr(engine_module, "start_executor", None)  # never called
     monkeypatch.setenv("PIE_EMULATED_DEVICE_MS", "2")
@@ -67,13 +65,7 @@ def test_an_emulated_device_replaces_the_model_and_pipelines_its_steps(
     try:
         assert isinstance(executor, EmulatedExecutor) and executor.step_s == 0.002
         assert control.config.pipeline is True
-        control.open_instance("emulated")
-        [page] = control.allocate_pages("emulated", 1).result(timeout=10)
-        stream = control.decode("emulated", DecodeRequest(
-            token_ids=[1, 2, 3], position=0, page_ids=[page], context_len=0, sampling=SamplingParams(),
-            max_new_tokens=5))
-        assert stream.done.result(timeout=10) == "length"
-        assert len(stream.drain()) == 5
+        assert _decodes_to_its_length(control, "emulated", 5)
     finally:
         control.stop()
 
@@ -82,10 +74,8 @@ def test_the_environment_chooses_the_speculation_depth_and_the_executor_process(
         tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """PIE_SPECULATION_DEPTH=2 and PIE_EXECUTOR_PROCESS=1 (A/B runs): decodes two steps ahead, on an executor in a
     worker process (here the emulated device's); anything else than their values is refused."""
-    from pie_server.engine.control.decoding import DecodeRequest
     from pie_server.engine.executor.remote import RemoteExecutor
     from pie_server.engine.model.loader import load_model_config
-    from pie_server.engine.step import SamplingParams
 
     monkeypatch.setenv("PIE_EMULATED_DEVICE_MS", "1")
     for name, value in (("PIE_SPECULATION_DEPTH", "3"), ("PIE_EXECUTOR_PROCESS", "yes")):
@@ -100,13 +90,20 @@ def test_the_environment_chooses_the_speculation_depth_and_the_executor_process(
                                                      EngineConfig(device="cpu", num_pages=64), progress=False)
     try:
         assert isinstance(executor, RemoteExecutor) and control.config.speculation_depth == 2
-        control.open_instance("remote")
-        [page] = control.allocate_pages("remote", 1).result(timeout=10)
-        stream = control.decode("remote", DecodeRequest(
-            token_ids=[1, 2, 3], position=0, page_ids=[page], context_len=0, sampling=SamplingParams(),
-            max_new_tokens=6))
-        assert stream.done.result(timeout=10) == "length"
-        assert len(stream.drain()) == 6
+        assert _decodes_to_its_length(control, "remote", 6)
     finally:
         control.stop()
         executor.close()
+
+
+def _decodes_to_its_length(control: object, instance: str, max_new_tokens: int) -> bool:
+    """A three-token prompt decoded on control (a started Controller) until max_new_tokens."""
+    from pie_server.engine.control.decoding import DecodeRequest
+    from pie_server.engine.step import SamplingParams
+
+    control.open_instance(instance)  # type: ignore[attr-defined]
+    [page] = control.allocate_pages(instance, 1).result(timeout=10)  # type: ignore[attr-defined]
+    stream = control.decode(instance, DecodeRequest(  # type: ignore[attr-defined]
+        token_ids=[1, 2, 3], position=0, page_ids=[page], context_len=0, sampling=SamplingParams(),
+        max_new_tokens=max_new_tokens))
+    return stream.done.result(timeout=10) == "length" and len(stream.drain()) == max_new_tokens

@@ -7,10 +7,7 @@ import pytest
 
 from pie_server.engine.config import EngineConfig, ModelConfig, RopeConfig
 from pie_server.engine.control.config import ControlConfig
-from pie_server.engine.control.controller import Controller
-from pie_server.engine.control.decoding import DecodeRequest
-from pie_server.engine.step import SamplingParams
-from pie_server.engine.types import InstanceId
+from tests.engine.control.decodes import decode_all
 
 PAGE_SIZE = 16
 PROMPT_LENS = (5, 37, 100, 16)
@@ -20,24 +17,10 @@ MAX_NEW = (40, 25, 33, 17)  # ends at different steps, none by a stop token (whi
 def _decode_all(executor, pipeline: bool, depth: int = 1) -> list[list[int]]:  # type: ignore[no-untyped-def]
     import torch
 
-    controller = Controller(executor, ControlConfig(pipeline=pipeline, speculation_depth=depth, vocab_size=1024,
-                                                    max_position=2048))
     gen = torch.Generator().manual_seed(3)
-    streams = []
-    for k, (length, max_new) in enumerate(zip(PROMPT_LENS, MAX_NEW)):
-        instance = InstanceId(f"seq-{k}")
-        controller.open_instance(instance)
-        pages = controller.allocate_pages(instance, -(-(length + max_new) // PAGE_SIZE)).result(10)
-        prompt = torch.randint(0, 1024, (length,), generator=gen).tolist()
-        streams.append(controller.decode(instance, DecodeRequest(prompt, 0, pages, 0, SamplingParams(), max_new)))
-    while controller.step():
-        pass
-    tokens = []
-    for k, stream in enumerate(streams):
-        assert stream.done.result(10) == "length"
-        tokens.append([output.token_id for output in stream.drain()])
-        controller.close_instance(InstanceId(f"seq-{k}"))
-    return tokens
+    prompts = [torch.randint(0, 1024, (length,), generator=gen).tolist() for length in PROMPT_LENS]
+    config = ControlConfig(pipeline=pipeline, speculation_depth=depth, vocab_size=1024, max_position=2048)
+    return decode_all(executor, config, prompts, MAX_NEW, PAGE_SIZE)
 
 
 @pytest.mark.gpu

@@ -8,12 +8,10 @@ import pytest
 
 from pie_server.engine.config import EngineConfig
 from pie_server.engine.control.config import ControlConfig
-from pie_server.engine.control.controller import Controller
-from pie_server.engine.control.decoding import DecodeRequest
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.executor.remote import RemoteExecutor, WorkerSpec
 from pie_server.engine.step import Batch, ForwardCommand, OutputSpec, SamplingParams, StepResult, TokenRef
-from pie_server.engine.types import InstanceId
+from tests.engine.control.decodes import decode_all
 from tests.engine.executor.test_executor import PAGE_SIZE, TINY
 
 pytestmark = pytest.mark.timeout(120)
@@ -71,26 +69,11 @@ def test_a_bad_step_is_answered_with_its_error_and_nothing_is_fed_from_it(remote
 
 
 def test_decodes_two_steps_ahead_through_the_worker_equal_serial_ones(remote: RemoteExecutor) -> None:
-    def decode_all(executor: object, pipeline: bool, depth: int) -> list[list[int]]:
-        controller = Controller(executor, ControlConfig(pipeline=pipeline, speculation_depth=depth))  # type: ignore[arg-type]
-        streams = []
-        for k, prompt in enumerate(([3, 9, 4], [5, 1, 7, 2, 8])):
-            instance = InstanceId(f"seq-{k}")
-            controller.open_instance(instance)
-            pages = controller.allocate_pages(instance, 4).result(10)
-            streams.append(controller.decode(instance, DecodeRequest(prompt, 0, pages, 0, GREEDY, 9 + k)))
-        while controller.step():
-            pass
-        tokens = []
-        for k, stream in enumerate(streams):
-            assert stream.done.result(10) == "length"
-            tokens.append([output.token_id for output in stream.drain()])
-            controller.close_instance(InstanceId(f"seq-{k}"))
-        return tokens
-
-    serial = decode_all(Executor(TINY, CONFIG), pipeline=False, depth=1)
+    prompts, max_new = ([3, 9, 4], [5, 1, 7, 2, 8]), (9, 10)
+    serial = decode_all(Executor(TINY, CONFIG), ControlConfig(), prompts, max_new, PAGE_SIZE)
     assert [len(tokens) for tokens in serial] == [9, 10]
-    assert decode_all(remote, pipeline=True, depth=2) == serial
+    ahead = ControlConfig(pipeline=True, speculation_depth=2)
+    assert decode_all(remote, ahead, prompts, max_new, PAGE_SIZE) == serial
 
 
 def test_a_worker_that_dies_is_reported_not_waited_for() -> None:
@@ -109,3 +92,8 @@ def test_a_worker_that_dies_is_reported_not_waited_for() -> None:
 def test_a_worker_that_cannot_start_says_why(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(RuntimeError, match="failed to start"):
         RemoteExecutor(WorkerSpec(tmp_path / "no-such-model", TINY, CONFIG))
+
+
+def test_tensor_parallelism_is_refused() -> None:
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        RemoteExecutor(WorkerSpec(None, TINY, EngineConfig(page_size=PAGE_SIZE, num_pages=32, tensor_parallel_size=2)))
