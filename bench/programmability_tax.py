@@ -33,6 +33,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -47,6 +48,10 @@ from pie_server.engine.executor.executor import Executor
 from pie_server.engine.model.loader import load_model_config, load_weights, resolve_model_dir
 from pie_server.engine.runtime import api_generate
 from pie_server.engine.runtime.messages import Event, Terminated, Text
+
+# The engine's A/B choices a run records in its JSON when they are set (docs/configuration.md).
+CHOICE_VARIABLES = ("PIE_SPECULATION_DEPTH", "PIE_EXECUTOR_PROCESS", "PIE_DECODE_IN_CONTROL", "PIE_EMULATED_DEVICE_MS",
+                    "PIE_EMULATED_SUBMIT_MS")
 
 
 def prompts_for(batch: int, prompt_tokens: int, vocab_size: int, repeat: int) -> list[list[int]]:
@@ -269,8 +274,10 @@ def main() -> None:
             core.terminate()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        choices = {name: os.environ.get(name) for name in CHOICE_VARIABLES if os.environ.get(name) is not None}
         Path(args.json).write_text(json.dumps({"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-                                              "start_together": not args.staggered, "rows": rows}, indent=2))
+                                              "start_together": not args.staggered, "environment": choices,
+                                              "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
