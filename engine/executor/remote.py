@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -241,6 +242,7 @@ def remote_executor_wanted() -> bool:
 
 def _serve(spec: WorkerSpec, steps: Connection, answers: Connection) -> None:
     """The worker's main: build the executor, then submit steps as they come until the core closes the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the core ends this one
     logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s [executor]: %(message)s")
     try:
         executor = spec.start()
