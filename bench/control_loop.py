@@ -83,7 +83,7 @@ class _DeviceTime:
 
 
 def _controller(num_seqs: int, num_tokens: int, pipeline: bool, grammars: LazyCompiler | None = None,
-                vocab_size: int = 1000, device_s: float = 0.0) -> Controller:
+                vocab_size: int = 1000, device_s: float = 0.0, depth: int = 1) -> Controller:
     pages_per_seq = -(-(PROMPT_TOKENS + num_tokens + 1) // PAGE_SIZE)
     executor: Any = FakeExecutor(num_pages=num_seqs * pages_per_seq + 8, page_size=PAGE_SIZE, simulate_kv=False,
                                  record=False, check=False, vocab_size=vocab_size)
@@ -91,7 +91,7 @@ def _controller(num_seqs: int, num_tokens: int, pipeline: bool, grammars: LazyCo
         executor = _DeviceTime(executor, device_s)
     controller = Controller(executor, ControlConfig(max_batch_size=max(num_seqs, 1),
                                                     max_batch_tokens=max(num_seqs * PROMPT_TOKENS, 256),
-                                                    pipeline=pipeline), grammars)
+                                                    pipeline=pipeline, speculation_depth=depth), grammars)
     controller.start()
     return controller
 
@@ -150,10 +150,10 @@ def run_decode(controller: Any, opened: list[tuple[InstanceId, list[int]]], num_
 
 
 def measure(mode: str, num_seqs: int, num_tokens: int, grammar_compiler: tuple[LazyCompiler, int] | None = None,
-            grammar: GrammarSpec = GRAMMAR, device_s: float = 0.0) -> tuple[float, float]:
+            grammar: GrammarSpec = GRAMMAR, device_s: float = 0.0, depth: int = 1) -> tuple[float, float]:
     grammars, vocab_size = grammar_compiler if mode == "grammar-pipelined" and grammar_compiler else (None, 1000)
     controller = _controller(num_seqs, num_tokens, pipeline=mode != "forward" and mode != "decode",
-                             grammars=grammars, vocab_size=vocab_size, device_s=device_s)
+                             grammars=grammars, vocab_size=vocab_size, device_s=device_s, depth=depth)
     with contextlib.ExitStack() as stack:
         stack.callback(controller.stop)
         control = stack.enter_context(_through_core(controller)) if mode == "engine-core" else controller
@@ -212,6 +212,8 @@ def main() -> None:
     parser.add_argument("--device-ms", type=float, default=0.0,
                         help="each step runs this long on an emulated device, one step at a time from its "
                              "submission (what the host does in series with it shows in the wall time)")
+    parser.add_argument("--speculation-depth", type=int, choices=[1, 2], default=1,
+                        help="pipelined modes: decodes one or two steps ahead (ControlConfig.speculation_depth)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     grammar = GrammarSpec("regex", args.grammar_regex)
@@ -223,15 +225,16 @@ def main() -> None:
     print("| sequences | mode | wall us / seq / token | CPU us / seq / token |\n|---|---|---|---|")
     for num_seqs in args.sequences:
         for mode in modes:
-            runs = [measure(mode, num_seqs, args.tokens, grammar_compiler, grammar, args.device_ms / 1e3)
-                    for _ in range(args.repeats)]
+            runs = [measure(mode, num_seqs, args.tokens, grammar_compiler, grammar, args.device_ms / 1e3,
+                            args.speculation_depth) for _ in range(args.repeats)]
             wall, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
             rows.append({"sequences": num_seqs, "mode": mode, "wall_us": wall, "cpu_us": cpu})
             print(f"| {num_seqs} | {mode} | {wall:.1f} | {cpu:.1f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "control_loop", "command": " ".join(["python -m bench.control_loop", *sys.argv[1:]]),
-                       "tokens": args.tokens, "cpu_count": os.cpu_count(), "rows": rows}, f, indent=2)
+                       "tokens": args.tokens, "speculation_depth": args.speculation_depth,
+                       "cpu_count": os.cpu_count(), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
