@@ -75,6 +75,7 @@ class _Batch(msgspec.Struct):
 class _Answer(msgspec.Struct, array_like=True):
     """One per submitted step, in order: its result, or (error_type, message)."""
 
+    step_id: int
     result: StepResult | None = None
     error: tuple[str, str] | None = None
 
@@ -141,7 +142,7 @@ class RemotePending:
         self.step_id, self._executor = step_id, executor
 
     def result(self) -> StepResult:
-        return self._executor._next_result()
+        return self._executor._next_result(self.step_id)
 
 
 class RemoteExecutor:
@@ -195,12 +196,15 @@ class RemoteExecutor:
     def execute(self, batch: Batch) -> StepResult:
         return self.submit(batch).result()
 
-    def _next_result(self) -> StepResult:
+    def _next_result(self, step_id: int) -> StepResult:
+        """The next answer, which must be step_id's: the step loop reads every step's once, in order."""
         try:
             answer = self._answer_decoder.decode(self._answers_in.recv_bytes())
         except (EOFError, OSError) as exc:
             self._lost(exc)
             raise RuntimeError("the executor process has exited") from exc
+        if answer.step_id != step_id:
+            raise RuntimeError(f"the executor process answered step {answer.step_id} where step {step_id} was due")
         if answer.error is not None:
             kind, message = answer.error
             raise (ValueError if kind == "ValueError" else RuntimeError)(message)
@@ -261,10 +265,14 @@ def _serve(spec: WorkerSpec, steps: Connection, answers: Connection) -> None:
             break  # the core is gone, or closed the pipe
         try:
             batch = _decoded(decoder, specs, raw)
-            submitted.put(executor.submit(batch))  # type: ignore[arg-type]
+        except Exception as exc:  # cannot happen with the core's encoder; answered, so the order holds
+            submitted.put((-1, exc))
+            continue
+        try:
+            submitted.put((batch.step_id, executor.submit(batch)))  # type: ignore[arg-type]
         except Exception as exc:  # this step's answer; no later step may take a token from it
             executor.forget_previous()
-            submitted.put(exc)
+            submitted.put((batch.step_id, exc))
     submitted.put(None)
     sender.join()
     executor.close()
@@ -281,13 +289,14 @@ def _send_answers(submitted: "queue.Queue[Any]", answers: Connection) -> None:
     """In submission order: each step's result once its tokens are on the host, or its error."""
     encoder = msgspec.msgpack.Encoder()
     while (item := submitted.get()) is not None:
-        if isinstance(item, Exception):
-            answer = _Answer(error=(type(item).__name__, str(item)))
+        step_id, pending = item
+        if isinstance(pending, Exception):
+            answer = _Answer(step_id, error=(type(pending).__name__, str(pending)))
         else:
             try:
-                answer = _Answer(result=item.result())
+                answer = _Answer(step_id, result=pending.result())
             except Exception as exc:
-                answer = _Answer(error=(type(exc).__name__, str(exc)))
+                answer = _Answer(step_id, error=(type(exc).__name__, str(exc)))
         try:
             answers.send_bytes(encoder.encode(answer))
         except OSError:

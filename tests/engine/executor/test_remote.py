@@ -97,3 +97,16 @@ def test_a_worker_that_cannot_start_says_why(tmp_path) -> None:  # type: ignore[
 def test_tensor_parallelism_is_refused() -> None:
     with pytest.raises(ValueError, match="tensor parallelism"):
         RemoteExecutor(WorkerSpec(None, TINY, EngineConfig(page_size=PAGE_SIZE, num_pages=32, tensor_parallel_size=2)))
+
+
+def test_an_answer_read_for_another_step_is_refused() -> None:
+    """Every step's answer is read once, in order (the step loop's contract): one read for a later step fails
+    rather than hand it the earlier step's tokens."""
+    executor = RemoteExecutor(WorkerSpec(None, TINY, CONFIG), on_lost=lambda error: None)
+    try:
+        executor.submit(Batch(forwards=[_prefill([1, 2], 0)], step_id=1))
+        second = executor.submit(Batch(forwards=[_prefill([3], 1)], step_id=2))
+        with pytest.raises(RuntimeError, match="answered step 1 where step 2 was due"):
+            second.result()
+    finally:
+        executor.close()
