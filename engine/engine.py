@@ -16,7 +16,6 @@ from pie_server.engine.config import EngineConfig, EngineInfo, ModelConfig
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.controller import Controller
 from pie_server.engine.core.messages import CoreFacts
-from pie_server.engine.executor.emulated import EmulatedExecutor
 from pie_server.engine.executor.executor import Executor
 from pie_server.engine.executor.remote import EmulatedSpec, RemoteExecutor, WorkerSpec, remote_executor_wanted
 from pie_server.engine.executor.tensor_parallel import start_executor
@@ -124,8 +123,7 @@ def _start_control(model_dir: Path, model_config: ModelConfig, config: EngineCon
         emulated = EmulatedSpec(float(emulated_ms) / 1000, tuple(sorted(Tokenizer.from_dir(model_dir).eos_token_ids)),
                                 submit_ms / 1000)
         executor = RemoteExecutor(WorkerSpec(model_dir, model_config, config, emulated)) if remote else \
-            EmulatedExecutor(model_config, config, emulated.step_s, list(emulated.eos_token_ids),
-                             submit_s=emulated.submit_s)
+            emulated.executor(model_config, config)
     elif remote:
         executor = RemoteExecutor(WorkerSpec(model_dir, model_config, config))
     elif config.device == "cpu":  # as ControlConfig.for_engine tells the CPU apart

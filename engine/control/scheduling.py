@@ -16,7 +16,7 @@ from pie_server.engine.control.api import ControlError
 from pie_server.engine.control.batcher import Chunk, StepPlan, plan_step
 from pie_server.engine.control.instance import Allocation, Demand, InstanceState, SwapIn
 from pie_server.engine.control.pages import BlockId
-from pie_server.engine.control.state import ControlState, RunningStep, Sources
+from pie_server.engine.control.state import ControlState, RunningStep, Sources, awaits_delivery
 from pie_server.engine.control.work import next_item
 from pie_server.engine.control.swap import choose_hoarder, choose_victim, nonresident_blocks, swappable_blocks
 from pie_server.engine.step import Batch, CommandResult, ForwardCommand, PageCopy, PageSwap, StepResult
@@ -47,8 +47,7 @@ class StepBuilder:
         if not (forwards or copies or self.swap_outs or self.swap_ins):
             return None
         self.s.step_id += 1
-        awaits = any(chunk.item.decoding is None or chunk.item.decoding.follows_tokens for chunk, _ in sources) \
-            if self.s.config.speculation_depth > 1 else False
+        awaits = self.s.config.speculation_depth > 1 and any(awaits_delivery(chunk) for chunk, _ in sources)
         self.s.running.append(RunningStep(sources, self.moved, awaits))
         return Batch(forwards=forwards, page_copies=copies, swap_outs=self.swap_outs, swap_ins=self.swap_ins,
                      step_id=self.s.step_id)

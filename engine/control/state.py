@@ -36,9 +36,16 @@ Sources = list[tuple[Chunk, list[int] | None]]
 class RunningStep:
     sources: Sources
     moved: list[InstanceState]  # instances whose KV the step swaps or copies
-    # Some forward's next one waits for this step's delivery: an API forward (its caller answers) or a decode that
-    # follows tokens (its next mask or penalties). The loop then delivers it as early as one step ahead allows.
+    # Some forward's next one waits for this step's delivery (awaits_delivery below): the loop then delivers it as
+    # early as one step ahead allows. Computed only with speculation_depth > 1, the one place it is read.
     awaits_delivery: bool = False
+
+
+def awaits_delivery(chunk: Chunk) -> bool:
+    """Whether the chunk's next forward waits for its step's delivery: an API forward (its caller answers) or a
+    decode that follows tokens (its next mask or penalties, decoding.py): nothing of it continues on the device."""
+    decoding = chunk.item.decoding
+    return decoding is None or decoding.follows_tokens
 
 
 class ControlState:

@@ -26,7 +26,7 @@ from pie_server.engine.control.api import ControlError
 from pie_server.engine.control.config import ControlConfig
 from pie_server.engine.control.instance import InstanceState
 from pie_server.engine.control.scheduling import StepBuilder
-from pie_server.engine.control.state import ControlState
+from pie_server.engine.control.state import ControlState, awaits_delivery
 from pie_server.engine.control.step_log import StepLog
 from pie_server.engine.control.work import ForwardItem
 from pie_server.engine.futures import settle
@@ -180,8 +180,7 @@ class StepLoop:
         follows tokens needs it first: decoding.py), so nothing continues on the device."""
         with self.locked(mutating=False):
             newest = self._state.running[-1] if self._state.running else None
-            return newest is not None and all(chunk.item.decoding is None or chunk.item.decoding.follows_tokens
-                                              for chunk, _ in newest.sources)
+            return newest is not None and all(awaits_delivery(chunk) for chunk, _ in newest.sources)
 
     def _deliver_oldest(self) -> None:
         pending = self._pending.popleft()

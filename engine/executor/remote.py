@@ -114,6 +114,10 @@ class EmulatedSpec:
     eos_token_ids: tuple[int, ...]
     submit_s: float = 0.0
 
+    def executor(self, model_config: ModelConfig, config: EngineConfig) -> Any:
+        from pie_server.engine.executor.emulated import EmulatedExecutor
+        return EmulatedExecutor(model_config, config, self.step_s, list(self.eos_token_ids), submit_s=self.submit_s)
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -126,10 +130,7 @@ class WorkerSpec:
     def start(self) -> Any:
         """The worker's executor."""
         if self.emulated is not None:
-            from pie_server.engine.executor.emulated import EmulatedExecutor
-            emulated = self.emulated
-            return EmulatedExecutor(self.model_config, self.config, emulated.step_s, list(emulated.eos_token_ids),
-                                    submit_s=emulated.submit_s)
+            return self.emulated.executor(self.model_config, self.config)
         from pie_server.engine.executor.tensor_parallel import start_executor
         return start_executor(self.model_dir, self.model_config, self.config, progress=False)
 
@@ -263,16 +264,14 @@ def _serve(spec: WorkerSpec, steps: Connection, answers: Connection) -> None:
             raw = steps.recv_bytes()
         except (EOFError, OSError):
             break  # the core is gone, or closed the pipe
+        step_id = -1  # (a step that cannot be decoded: the core's encoder never sends one)
         try:
             batch = _decoded(decoder, specs, raw)
-        except Exception as exc:  # cannot happen with the core's encoder; answered, so the order holds
-            submitted.put((-1, exc))
-            continue
-        try:
-            submitted.put((batch.step_id, executor.submit(batch)))  # type: ignore[arg-type]
+            step_id = batch.step_id
+            submitted.put((step_id, executor.submit(batch)))  # type: ignore[arg-type]
         except Exception as exc:  # this step's answer; no later step may take a token from it
             executor.forget_previous()
-            submitted.put((batch.step_id, exc))
+            submitted.put((step_id, exc))
     submitted.put(None)
     sender.join()
     executor.close()
